@@ -1,0 +1,40 @@
+# One command surface for humans, CI and hooks.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: install run lint typecheck test test-unit bench clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+install: $(PY)
+	$(PIP) install -c constraints.txt torch==2.13.0
+	$(PIP) install -c constraints.txt -e '.[all,dev]'
+	@# Only the BPE vocabulary file is used; --no-deps keeps torchvision out (see ML notes in README).
+	$(PIP) install -c constraints.txt --no-deps 'open_clip_torch>=2.20'
+
+run: install
+	$(VENV)/bin/sdswarm up $(ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+typecheck: install
+	$(VENV)/bin/mypy
+
+# pytest exits 5 when it collects nothing: the suite went missing, which is a failure.
+test: lint typecheck
+	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+test-unit: install
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+bench: install
+	$(PY) bench/txt2img_cpu.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache build *.egg-info

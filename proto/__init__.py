@@ -1,0 +1,35 @@
+"""The wire contract of sdswarm: pure data, no I/O.
+
+Every message on NATS is a msgspec Struct defined here, and every name on the bus
+(subject, stream, consumer, bucket, header) is built by :mod:`proto.names`.
+"""
+
+from proto.commands import GenerateImage
+from proto.enums import ModelFamily, ModelStatus, ModelType, TaskKind, TaskStatus
+from proto.events import (
+    TaskCancelled,
+    TaskEvent,
+    TaskFailed,
+    TaskProgressed,
+    TaskStarted,
+    TaskSucceeded,
+)
+from proto.requests import ExtraImagesRequest, Img2ImgRequest, Txt2ImgRequest
+
+__all__ = [
+    "ExtraImagesRequest",
+    "GenerateImage",
+    "Img2ImgRequest",
+    "ModelFamily",
+    "ModelStatus",
+    "ModelType",
+    "TaskCancelled",
+    "TaskEvent",
+    "TaskFailed",
+    "TaskKind",
+    "TaskProgressed",
+    "TaskStarted",
+    "TaskStatus",
+    "TaskSucceeded",
+    "Txt2ImgRequest",
+]

@@ -1,0 +1,31 @@
+"""Commands: imperative messages that ask a service to do something."""
+
+from __future__ import annotations
+
+from msgspec import Struct
+
+from proto.enums import TaskKind
+from proto.requests import Img2ImgRequest, Txt2ImgRequest
+
+# Bumped only for a change old workers cannot read; fields are otherwise added with defaults.
+SCHEMA_VERSION = 1
+
+
+class GenerateImage(Struct, kw_only=True, frozen=True, omit_defaults=True):
+    """Published to ``sd.task.<model_key>`` with ``Nats-Msg-Id = task_id``."""
+
+    task_id: str
+    """Minted once by the gateway; Mongo ``_id``, message id and part of every object key."""
+    user: str
+    """Owner; object keys are built from it server-side."""
+    model_name: str
+    """Registered checkpoint name (as the client sent it)."""
+    model_key: str
+    kind: TaskKind = TaskKind.TXT2IMG
+    txt2img: Txt2ImgRequest | None = None
+    img2img: Img2ImgRequest | None = None
+    input_keys: list[str] = []
+    """Claim checks: object keys of uploaded input images (img2img), never the bytes."""
+    submitted_at: float = 0.0
+    """Unix time the gateway accepted the task (queue-age metrics, ETA)."""
+    schema_version: int = SCHEMA_VERSION

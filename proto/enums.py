@@ -1,0 +1,69 @@
+"""Enumerations shared by every service (the seed's vocabulary where it had one)."""
+
+from __future__ import annotations
+
+import enum
+
+
+class TaskStatus(enum.StrEnum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in _TERMINAL
+
+    @property
+    def rank(self) -> int:
+        """Statuses only move forward: a fold never lowers the rank."""
+        return _RANK[self]
+
+
+_TERMINAL = frozenset({TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED})
+_RANK = {
+    TaskStatus.WAITING: 0,
+    TaskStatus.RUNNING: 1,
+    TaskStatus.SUCCEEDED: 2,
+    TaskStatus.FAILED: 2,
+    TaskStatus.CANCELLED: 2,
+}
+
+
+class TaskKind(enum.StrEnum):
+    TXT2IMG = "txt2img"
+    IMG2IMG = "img2img"
+    EXTRAS = "extras"
+
+
+class ModelType(enum.StrEnum):
+    """The seed's model types, plus upscalers and embeddings."""
+
+    STABLE_DIFFUSION = "stableDiffusion"
+    SD_VAE = "sdVae"
+    LORA = "lora"
+    CONTROL_NET = "controlNet"
+    UPSCALER = "upscaler"
+    EMBEDDING = "embedding"
+
+
+class ModelStatus(enum.StrEnum):
+    REGISTERING = "registering"
+    UNLOADED = "unloaded"
+    LOADING = "loading"
+    LOADED = "loaded"
+    DELETED = "deleted"
+    FAILED = "failed"
+
+
+class ModelFamily(enum.StrEnum):
+    """Checkpoint architecture, detected from tensor names and shapes, never file names."""
+
+    SD1 = "sd1"
+    SD1_INPAINT = "sd1_inpaint"
+    SD2 = "sd2"
+    SD2_INPAINT = "sd2_inpaint"
+    SDXL = "sdxl"
+    SDXL_INPAINT = "sdxl_inpaint"

@@ -1,0 +1,96 @@
+"""Every name on the bus, built in one place.
+
+Subjects, streams, consumers, KV buckets and headers are derived here and nowhere
+else, so a grep for a literal ``"sd.`` outside this module finds nothing and an
+operator can predict every name from a model key or a task id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+
+# Work-queue stream holding every queued generation command, one subject per checkpoint,
+# so that each checkpoint's durable consumer sees only its own backlog.
+TASK_STREAM = "SD_TASKS"
+TASK_SUBJECT_PREFIX = "sd.task"
+TASK_SUBJECTS = f"{TASK_SUBJECT_PREFIX}.>"
+
+# Limits-retention stream of task events; SSE replays from it, the storage sink folds it.
+EVENT_STREAM = "SD_EVENTS"
+EVENT_SUBJECT_PREFIX = "sd.event"
+EVENT_SUBJECTS = f"{EVENT_SUBJECT_PREFIX}.>"
+
+# Core-NATS subject a worker listens on to stop a running task between steps.
+CANCEL_SUBJECT_PREFIX = "sd.cancel"
+# KV bucket holding one key per cancelled task: a queued task is skipped when fetched.
+CANCEL_BUCKET = "sd_cancel"
+
+# Durable consumer of the storage service on EVENT_STREAM.
+STORAGE_CONSUMER = "storage"
+CONSUMER_PREFIX = "sd_"
+
+# Header JetStream uses for de-duplication; we set it to the task id.
+MSG_ID_HEADER = "Nats-Msg-Id"
+
+_MODEL_KEY_RE = re.compile(r"^[a-z0-9_]{1,40}-[0-9a-f]{6}$")
+_TASK_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def model_key(name: str) -> str:
+    """Map a registered model name to a stable, subject-safe, human-readable key.
+
+    The slug makes ``nats consumer ls`` readable; the hash of the full name keeps two
+    names that slug alike (``a b.safetensors`` and ``sub/a_b.safetensors``) apart.
+    """
+    stem = name.rsplit("/", 1)[-1]
+    for suffix in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
+        if stem.lower().endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    ascii_stem = unicodedata.normalize("NFKD", stem).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^a-z0-9]+", "_", ascii_stem.lower()).strip("_")[:40].strip("_")
+    digest = hashlib.sha256(name.encode()).hexdigest()[:6]
+    return f"{slug or 'model'}-{digest}"
+
+
+def is_model_key(value: str) -> bool:
+    return bool(_MODEL_KEY_RE.fullmatch(value))
+
+
+def check_task_id(task_id: str) -> str:
+    """Task ids become subject tokens and object-key parts: refuse anything else."""
+    if not _TASK_ID_RE.fullmatch(task_id):
+        raise ValueError(f"task id {task_id!r} must match {_TASK_ID_RE.pattern}")
+    return task_id
+
+
+def task_subject(key: str) -> str:
+    return f"{TASK_SUBJECT_PREFIX}.{key}"
+
+
+def consumer_name(key: str) -> str:
+    return f"{CONSUMER_PREFIX}{key}"
+
+
+def event_subject(task_id: str, kind: str) -> str:
+    return f"{EVENT_SUBJECT_PREFIX}.{check_task_id(task_id)}.{kind}"
+
+
+def task_events_filter(task_id: str) -> str:
+    """All events of one task (replay for SSE, wait for sync requests)."""
+    return f"{EVENT_SUBJECT_PREFIX}.{check_task_id(task_id)}.>"
+
+
+def cancel_subject(task_id: str) -> str:
+    return f"{CANCEL_SUBJECT_PREFIX}.{check_task_id(task_id)}"
+
+
+def image_key(user: str, task_id: str, n: int) -> str:
+    """Object key of the n-th output image (1-based, as in the seed)."""
+    return f"images/{user}/{check_task_id(task_id)}_{n}.png"
+
+
+def preview_key(user: str, task_id: str) -> str:
+    return f"images/{user}/{check_task_id(task_id)}_progress.png"

@@ -1,0 +1,154 @@
+"""Client request bodies: the seed's ``Txt2ImgRequest`` / ``Img2ImgRequest`` /
+``ExtraImagesRequest``, field for field, typed the way AUTOMATIC1111 types them.
+
+The seed typed ``eta``, ``s_*``, ``hr_scale`` and ``initial_noise_multiplier`` as integers
+and rejected real clients sending ``0.5``; here they are floats. Unknown fields are
+ignored (msgspec's default), so a newer A1111 client never gets a 4xx for a field we
+do not know yet. Only structural rules live here (types, signs, multiples of 8);
+operator-configurable limits (max pixels, steps, batch) are checked by the gateway.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta, Struct
+
+PositiveInt = Annotated[int, Meta(ge=1)]
+NonNegInt = Annotated[int, Meta(ge=0)]
+NonNegFloat = Annotated[float, Meta(ge=0)]
+UnitFloat = Annotated[float, Meta(ge=0, le=1)]
+# Latents are 1/8 of the image: A1111 and diffusers both need multiples of 8.
+Dimension = Annotated[int, Meta(ge=8, multiple_of=8)]
+# -1 means "pick one at random" (A1111).
+Seed = Annotated[int, Meta(ge=-1, le=2**32 - 1)]
+ModelName = Annotated[str, Meta(min_length=1, max_length=512)]
+
+
+class _Processing(Struct, kw_only=True, frozen=True, omit_defaults=True):
+    """Fields common to txt2img and img2img (A1111 ``StableDiffusionProcessing``)."""
+
+    stable_diffusion_model: ModelName
+    """Checkpoint name as registered (seed extension); picks the worker pool."""
+    sd_vae: str | None = None
+    """Seed extension: VAE name, copied into ``override_settings.sd_vae``."""
+    save_dir: str | None = None
+    """Seed extension, accepted for compatibility; outputs always go under ``images/{user}/``."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    styles: list[str] = []
+    seed: Seed = -1
+    subseed: Seed = -1
+    subseed_strength: UnitFloat = 0.0
+    seed_resize_from_h: int = -1
+    seed_resize_from_w: int = -1
+    sampler_name: str | None = None
+    """A1111 sampler name (``Euler a``, ``DPM++ 2M`` …); falls back to ``sampler_index``."""
+    sampler_index: str = "Euler"
+    """Legacy A1111 field, read when ``sampler_name`` is absent."""
+    scheduler: str | None = None
+    """A1111 >= 1.9 schedule type (``Automatic``, ``Karras``, ``Exponential`` …)."""
+    batch_size: PositiveInt = 1
+    n_iter: PositiveInt = 1
+    steps: PositiveInt = 20
+    cfg_scale: NonNegFloat = 7.0
+    width: Dimension = 512
+    height: Dimension = 512
+    restore_faces: bool | None = None
+    tiling: bool | None = None
+    do_not_save_samples: bool = False
+    do_not_save_grid: bool = False
+    eta: NonNegFloat | None = None
+    denoising_strength: UnitFloat | None = None
+    s_min_uncond: NonNegFloat | None = None
+    s_churn: NonNegFloat | None = None
+    s_tmax: NonNegFloat | None = None
+    s_tmin: NonNegFloat | None = None
+    s_noise: NonNegFloat | None = None
+    override_settings: dict[str, Any] | None = None
+    override_settings_restore_afterwards: bool = True
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: UnitFloat | None = None
+    disable_extra_networks: bool = False
+    comments: dict[str, Any] | None = None
+    script_name: str | None = None
+    script_args: list[Any] = []
+    send_images: bool = True
+    save_images: bool = False
+    alwayson_scripts: dict[str, Any] = {}
+    force_task_id: str | None = None
+    infotext: str | None = None
+
+    @property
+    def effective_sampler(self) -> str:
+        return self.sampler_name or self.sampler_index
+
+
+class Txt2ImgRequest(_Processing, kw_only=True, frozen=True, omit_defaults=True):
+    enable_hr: bool = False
+    firstphase_width: NonNegInt = 0
+    firstphase_height: NonNegInt = 0
+    hr_scale: NonNegFloat = 2.0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: NonNegInt = 0
+    hr_resize_x: NonNegInt = 0
+    hr_resize_y: NonNegInt = 0
+    hr_checkpoint_name: str | None = None
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+    firstpass_image: str | None = None
+
+
+class Img2ImgRequest(_Processing, kw_only=True, frozen=True, omit_defaults=True):
+    init_images: list[str] = []
+    """Base64 images or object keys of earlier uploads."""
+    resize_mode: Annotated[int, Meta(ge=0, le=3)] = 0
+    image_cfg_scale: NonNegFloat | None = None
+    mask: str | None = None
+    mask_blur: NonNegInt | None = None
+    mask_blur_x: NonNegInt = 4
+    mask_blur_y: NonNegInt = 4
+    mask_round: bool = True
+    inpainting_fill: Annotated[int, Meta(ge=0, le=3)] = 0
+    inpaint_full_res: bool = True
+    inpaint_full_res_padding: NonNegInt = 0
+    inpainting_mask_invert: Annotated[int, Meta(ge=0, le=1)] = 0
+    initial_noise_multiplier: NonNegFloat | None = None
+    latent_mask: str | None = None
+    include_init_images: bool = False
+
+
+class ExtraImagesRequest(Struct, kw_only=True, frozen=True, omit_defaults=True):
+    """The seed's ``/extra_images`` body (A1111 ``extra-single-image``)."""
+
+    image: str
+    resize_mode: Annotated[int, Meta(ge=0, le=1)] = 0
+    stable_diffusion_model: str | None = None
+    show_extras_results: bool = True
+    gfpgan_visibility: UnitFloat = 0.0
+    codeformer_visibility: UnitFloat = 0.0
+    codeformer_weight: UnitFloat = 0.0
+    upscaling_resize: NonNegFloat = 2.0
+    upscaling_resize_w: NonNegInt = 512
+    upscaling_resize_h: NonNegInt = 512
+    upscaling_crop: bool = True
+    upscaler_1: str = "None"
+    upscaler_2: str = "None"
+    extras_upscaler_2_visibility: UnitFloat = 0.0
+    upscale_first: bool = False
+
+
+def to_builtins(request: Struct) -> dict[str, Any]:
+    """Every field of the request, defaults included, as plain JSON data.
+
+    This is A1111's ``parameters``: clients read defaults back from it, so
+    ``omit_defaults`` (right for the bus) must not apply here.
+    """
+    fields = {name: getattr(request, name) for name in request.__struct_fields__}
+    out = msgspec.to_builtins(fields)
+    assert isinstance(out, dict)
+    return out
