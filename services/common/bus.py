@@ -1,0 +1,109 @@
+"""JetStream streams, consumers and buckets, declared idempotently.
+
+Every service that needs a stream declares it at start: declaring is idempotent, and
+no service then depends on another having started first.
+"""
+
+from __future__ import annotations
+
+import nats
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
+
+from proto import names
+from services.common.settings import BusSettings
+
+
+async def connect(url: str, name: str) -> Client:
+    # Reconnect forever: a NATS restart must not kill a worker or the gateway.
+    return await nats.connect(
+        url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=5
+    )
+
+
+def task_stream_config(settings: BusSettings) -> StreamConfig:
+    return StreamConfig(
+        name=names.TASK_STREAM,
+        subjects=[names.TASK_SUBJECTS],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        max_msgs=settings.task_stream_max_msgs,
+        discard=DiscardPolicy.NEW,
+        duplicate_window=settings.dedupe_window_s,
+    )
+
+
+def event_stream_config(settings: BusSettings) -> StreamConfig:
+    return StreamConfig(
+        name=names.EVENT_STREAM,
+        subjects=[names.EVENT_SUBJECTS],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=settings.event_max_age_s,
+        duplicate_window=min(settings.dedupe_window_s, settings.event_max_age_s),
+    )
+
+
+async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    try:
+        await js.stream_info(config.name or "")
+    except NotFoundError:
+        await js.add_stream(config)
+        return
+    await js.update_stream(config)
+
+
+async def ensure_streams(js: JetStreamContext, settings: BusSettings) -> None:
+    await _ensure_stream(js, task_stream_config(settings))
+    await _ensure_stream(js, event_stream_config(settings))
+
+
+def task_consumer_config(
+    model_key: str, settings: BusSettings, max_ack_pending: int = 1
+) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=names.consumer_name(model_key),
+        filter_subject=names.task_subject(model_key),
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=settings.ack_wait_s,
+        max_deliver=settings.max_deliver,
+        # The checkpoint's share of the GPU budget: the scheduler raises and lowers it.
+        max_ack_pending=max_ack_pending,
+    )
+
+
+async def ensure_task_consumer(
+    js: JetStreamContext, model_key: str, settings: BusSettings, max_ack_pending: int = 1
+) -> None:
+    name = names.consumer_name(model_key)
+    try:
+        await js.consumer_info(names.TASK_STREAM, name)
+    except NotFoundError:
+        try:
+            await js.add_consumer(
+                names.TASK_STREAM, task_consumer_config(model_key, settings, max_ack_pending)
+            )
+        except BadRequestError:
+            # Created concurrently by another service: fine, it has the same config.
+            await js.consumer_info(names.TASK_STREAM, name)
+
+
+async def cancel_bucket(js: JetStreamContext, settings: BusSettings) -> KeyValue:
+    try:
+        return await js.key_value(names.CANCEL_BUCKET)
+    except BucketNotFoundError:
+        return await js.create_key_value(
+            bucket=names.CANCEL_BUCKET, ttl=settings.event_max_age_s, history=1
+        )

@@ -1,0 +1,80 @@
+"""Settings: one msgspec Struct per service, built once from an injectable environ.
+
+Business code never reads ``os.environ``; tests build settings from a dict.
+Every field ``foo`` is read from ``SDSWARM_FOO``; values are converted by msgspec with
+``strict=False`` so ``"30"`` becomes ``30`` and ``"true"`` becomes ``True``; lists are
+comma-separated.
+"""
+
+from __future__ import annotations
+
+import os
+import typing
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+import msgspec
+
+PREFIX = "SDSWARM_"
+T = TypeVar("T", bound=msgspec.Struct)
+
+
+def _is_list(annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        return True
+    return any(typing.get_origin(arg) is list for arg in typing.get_args(annotation))
+
+
+def from_environ(cls: type[T], environ: Mapping[str, str] | None = None, **overrides: Any) -> T:
+    """Build ``cls`` from ``SDSWARM_*`` variables; keyword overrides win (CLI flags)."""
+    env = os.environ if environ is None else environ
+    hints = typing.get_type_hints(cls, include_extras=True)
+    values: dict[str, Any] = {}
+    for name in cls.__struct_fields__:
+        raw = env.get(PREFIX + name.upper())
+        if raw is None:
+            continue
+        values[name] = (
+            [p.strip() for p in raw.split(",") if p.strip()] if _is_list(hints[name]) else raw
+        )
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return msgspec.convert(values, cls, strict=False)
+    except msgspec.ValidationError as exc:
+        raise SystemExit(f"invalid setting: {exc} (environment prefix {PREFIX})") from exc
+
+
+class BusSettings(msgspec.Struct, kw_only=True, frozen=True):
+    """What every service needs to reach NATS."""
+
+    nats_url: str = "nats://127.0.0.1:4222"
+    task_stream_max_msgs: int = 10_000
+    """Queue bound: a full stream answers 429 instead of growing without limit."""
+    event_max_age_s: float = 24 * 3600
+    """How long task events stay replayable for SSE clients."""
+    dedupe_window_s: float = 600
+    """JetStream de-duplication window for task ids (``Nats-Msg-Id``)."""
+    ack_wait_s: float = 60
+    """No ack or in-progress ack for this long means the worker is gone: redeliver."""
+    max_deliver: int = 3
+
+
+class StoreSettings(BusSettings, kw_only=True, frozen=True):
+    """What a service needs to reach MongoDB and the object store."""
+
+    mongodb_url: str = "mongodb://127.0.0.1:27017"
+    mongodb_db: str = "sdswarm"
+    store_dir: str = "./data/objects"
+    """Local-folder object store root, used when ``s3_endpoint_url`` is empty."""
+    s3_endpoint_url: str = ""
+    s3_bucket: str = "sdswarm"
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
+    s3_region: str = "us-east-1"
+    public_url: str = "http://127.0.0.1:7860"
+    """Base URL clients reach the gateway at; local-store download links point there."""
+    url_secret: str = ""
+    """HMAC key signing local-store download links; random per process when empty."""
+    presign_ttl_s: int = 3600
+    """Lifetime of result URLs in seconds (the seed's were ~125 days by a unit bug)."""

@@ -1,0 +1,162 @@
+"""The gateway: ``create_app(settings)`` and the routes it serves."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+
+from proto import ModelType
+from services.common import bus
+from services.gateway import tasks_api, waiting
+from services.gateway.auth import caller, check_exposure, parse_api_keys
+from services.gateway.errors import ApiError, error_middleware
+from services.gateway.resources import RESOURCES, SETTINGS, Resources, resources
+from services.gateway.settings import GatewaySettings
+from services.storage.models import ModelStore
+from services.storage.mongo import Document, database, open_client
+from services.storage.objects import LocalObjectStore, ObjectNotFoundError, open_object_store
+from services.storage.tasks import TaskStore
+
+log = logging.getLogger(__name__)
+
+
+async def _open_resources(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    async with contextlib.AsyncExitStack() as stack:
+        nc = await bus.connect(settings.nats_url, "sdswarm-gateway")
+        stack.push_async_callback(nc.drain)
+        js = nc.jetstream()
+        await bus.ensure_streams(js, settings)
+        mongo = open_client(settings.mongodb_url)
+        stack.push_async_callback(mongo.close)
+        db = database(mongo, settings.mongodb_db)
+        tasks, models = TaskStore(db), ModelStore(db)
+        await tasks.ensure_indexes()
+        await models.ensure_indexes()
+        objects = await open_object_store(settings)
+        stack.push_async_callback(objects.aclose)
+        app[RESOURCES] = Resources(
+            settings=settings,
+            nc=nc,
+            js=js,
+            mongo=mongo,
+            tasks=tasks,
+            models=models,
+            objects=objects,
+            api_keys=parse_api_keys(settings.api_keys),
+        )
+        yield
+
+
+def model_attributes(doc: Document) -> dict[str, Any]:
+    """A registry document in the seed's ``ModelAttributes`` shape (plus our fields)."""
+    return {
+        "type": doc["type"],
+        "name": doc["_id"],
+        "ossPath": doc.get("path", ""),
+        "etag": doc.get("sha256") or "",
+        "status": doc["status"],
+        "registeredTime": doc["registered_at"].isoformat(),
+        "lastModificationTime": doc["modified_at"].isoformat(),
+        "family": doc.get("family"),
+        "modelKey": doc["model_key"],
+        "sizeBytes": doc.get("size_bytes"),
+        "error": doc.get("error"),
+    }
+
+
+async def list_models(request: web.Request) -> web.StreamResponse:
+    res = resources(request)
+    caller(request, res.api_keys)
+    kind = request.query.get("type")
+    try:
+        model_type = ModelType(kind) if kind else None
+    except ValueError as exc:
+        valid = ", ".join(t.value for t in ModelType)
+        raise ApiError(422, "invalid_field", f"type must be one of {valid}", field="type") from exc
+    return web.json_response([model_attributes(d) for d in await res.models.list(model_type)])
+
+
+async def get_model(request: web.Request) -> web.StreamResponse:
+    res = resources(request)
+    caller(request, res.api_keys)
+    name = request.match_info["model_name"]
+    doc = await res.models.get(name)
+    if doc is None:
+        raise ApiError(404, "model_not_found", f"model {name!r} is not registered")
+    return web.json_response(model_attributes(doc))
+
+
+async def healthz(request: web.Request) -> web.StreamResponse:
+    """200 only when NATS, MongoDB and the object store all answer."""
+    res = resources(request)
+    checks: dict[str, str] = {}
+
+    async def probe(name: str, check: Any) -> None:
+        try:
+            await asyncio.wait_for(check, 3)
+            checks[name] = "ok"
+        except Exception as exc:
+            checks[name] = f"error: {type(exc).__name__}: {exc}"
+
+    await asyncio.gather(
+        probe("nats", res.nc.flush(timeout=2)),
+        probe("mongodb", res.mongo.admin.command("ping")),
+        probe("objects", res.objects.ping()),
+    )
+    healthy = all(v == "ok" for v in checks.values())
+    return web.json_response(
+        {"status": "ok" if healthy else "unavailable", "checks": checks},
+        status=200 if healthy else 503,
+    )
+
+
+async def download(request: web.Request) -> web.StreamResponse:
+    """Signed download links of the local-folder object store."""
+    res = resources(request)
+    if not isinstance(res.objects, LocalObjectStore):
+        raise ApiError(404, "not_found", "downloads are served by the object store")
+    key = request.match_info["key"]
+    expires = request.query.get("expires", "")
+    signature = request.query.get("signature", "")
+    if not expires.isdigit() or not res.objects.verify(key, int(expires), signature):
+        raise ApiError(403, "invalid_signature", "the link is invalid or has expired")
+    try:
+        data = await res.objects.get(key)
+    except (ObjectNotFoundError, ValueError) as exc:
+        raise ApiError(404, "not_found", "no such object") from exc
+    content_type = "image/png" if key.endswith(".png") else "application/octet-stream"
+    return web.Response(body=data, content_type=content_type)
+
+
+def create_app(settings: GatewaySettings) -> web.Application:
+    check_exposure(settings)
+    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
+    app[SETTINGS] = settings
+    app.cleanup_ctx.append(_open_resources)
+    app.router.add_post("/txt2img", tasks_api.txt2img)
+    app.router.add_get("/tasks/{task_id}/result", tasks_api.task_result)
+    app.router.add_get("/tasks/{task_id}/progress", tasks_api.task_progress)
+    app.router.add_get("/tasks/{task_id}/events", waiting.task_events)
+    app.router.add_get("/models", list_models)
+    app.router.add_get("/models/{model_name:.+}", get_model)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/files/{key:.+}", download)
+    return app
+
+
+def main() -> None:
+    from services.common.settings import from_environ
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = from_environ(GatewaySettings)
+    web.run_app(create_app(settings), host=settings.host, port=settings.port)
+
+
+if __name__ == "__main__":
+    main()

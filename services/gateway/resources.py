@@ -1,0 +1,37 @@
+"""Typed application keys for the resources the gateway opens at start."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from pymongo import AsyncMongoClient
+
+from services.gateway.settings import GatewaySettings
+from services.storage.models import ModelStore
+from services.storage.mongo import Document
+from services.storage.objects import ObjectStore
+from services.storage.tasks import TaskStore
+
+
+@dataclass(frozen=True)
+class Resources:
+    settings: GatewaySettings
+    nc: Client
+    js: JetStreamContext
+    mongo: AsyncMongoClient[Document]
+    tasks: TaskStore
+    models: ModelStore
+    objects: ObjectStore
+    api_keys: dict[str, str]
+    """API key → user."""
+
+
+SETTINGS = web.AppKey("settings", GatewaySettings)
+RESOURCES = web.AppKey("resources", Resources)
+
+
+def resources(request: web.Request) -> Resources:
+    return request.app[RESOURCES]

@@ -1,0 +1,30 @@
+"""Gateway settings (``SDSWARM_*``); every client-facing limit is here and configurable."""
+
+from __future__ import annotations
+
+import msgspec
+
+from services.common.settings import StoreSettings
+
+
+class GatewaySettings(StoreSettings, kw_only=True, frozen=True):
+    host: str = "127.0.0.1"
+    port: int = 7860
+    """7860 is where AUTOMATIC1111 clients look by default."""
+    api_keys: list[str] = msgspec.field(default_factory=list)
+    """``user:key`` pairs. Required whenever ``host`` is not a loopback address."""
+    sync_timeout_s: float = 600
+    """A sync request still unfinished after this answers 202 with its task id."""
+
+    # Limits: bad input is refused at the edge and costs nothing.
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_width: int = 2048
+    max_height: int = 2048
+    max_pixels: int = 2048 * 2048
+    """Per image, ``width × height``."""
+    max_steps: int = 150
+    max_batch_size: int = 8
+    max_n_iter: int = 16
+    max_images: int = 32
+    """``batch_size × n_iter`` per task."""
+    max_prompt_chars: int = 20_000

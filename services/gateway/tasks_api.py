@@ -1,0 +1,196 @@
+"""The seed's task API: submit, result, progress.
+
+Submission order makes bad input free and a task never half-exists: decode and
+validate → resolve the model (unknown → 404, never a new worker) → insert the task
+document → publish with ``Nats-Msg-Id = task_id``. If the publish fails the document
+is removed again and the client gets a 429/503 it can retry.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from typing import Any
+
+from aiohttp import web
+from nats.errors import Error as NatsError
+from nats.js.errors import APIError
+
+from proto import GenerateImage, TaskKind, TaskStatus, names
+from proto.codec import encode
+from proto.requests import Txt2ImgRequest, to_builtins
+from services.gateway import waiting
+from services.gateway.auth import caller
+from services.gateway.errors import ApiError
+from services.gateway.resources import Resources, resources
+from services.gateway.validation import check_limits, decode
+from services.storage.mongo import Document
+from services.storage.tasks import new_task_document
+
+TASK_ID_HEADER = "taskId"
+REQUEST_TYPE_HEADER = "Request-Type"
+
+
+def new_task_id() -> str:
+    # 96 random bits from the OS CSPRNG: unguessable, subject- and key-safe.
+    return secrets.token_hex(12)
+
+
+async def txt2img(request: web.Request) -> web.StreamResponse:
+    res = resources(request)
+    user = caller(request, res.api_keys)
+    body = decode(await request.read(), Txt2ImgRequest)
+    check_limits(body, res.settings)
+    model = await res.models.get(body.stable_diffusion_model)
+    if model is None or model.get("type") != "stableDiffusion":
+        raise ApiError(
+            404,
+            "model_not_found",
+            f"model {body.stable_diffusion_model!r} is not registered",
+            field="stable_diffusion_model",
+        )
+    task_id = new_task_id()
+    command = GenerateImage(
+        task_id=task_id,
+        user=user,
+        model_name=model["_id"],
+        model_key=model["model_key"],
+        kind=TaskKind.TXT2IMG,
+        txt2img=body,
+        submitted_at=time.time(),
+    )
+    document = new_task_document(
+        task_id=task_id,
+        user=user,
+        kind=TaskKind.TXT2IMG.value,
+        model_name=model["_id"],
+        model_key=model["model_key"],
+        parameters=to_builtins(body),
+        total_steps=body.steps,
+        job_count=body.n_iter,
+    )
+    sync = request.headers.get(REQUEST_TYPE_HEADER, "sync").strip().lower() != "async"
+    # Subscribe before publishing so a fast worker's terminal event cannot be missed.
+    waiter = await waiting.TerminalWaiter.start(res.nc, task_id) if sync else None
+    try:
+        await res.tasks.insert(document)
+        await _publish(res, command)
+        headers = {TASK_ID_HEADER: task_id}
+        if waiter is None:
+            return web.json_response(
+                {"taskId": task_id, "status": TaskStatus.WAITING.value}, status=202, headers=headers
+            )
+        outcome = await waiter.wait(res.tasks, res.settings.sync_timeout_s)
+    finally:
+        if waiter is not None:
+            await waiter.close()
+    return await _sync_response(res, task_id, outcome, headers)
+
+
+async def _publish(res: Resources, command: GenerateImage) -> None:
+    try:
+        await res.js.publish(
+            names.task_subject(command.model_key),
+            encode(command),
+            stream=names.TASK_STREAM,
+            headers={names.MSG_ID_HEADER: command.task_id},
+        )
+    except APIError as exc:
+        await res.tasks.delete(command.task_id)
+        if "maximum" in (exc.description or "").lower():
+            raise ApiError(
+                429,
+                "queue_full",
+                "the task queue is full, retry later",
+                headers={"Retry-After": "5"},
+            ) from exc
+        raise ApiError(503, "queue_unavailable", f"cannot queue the task: {exc}") from exc
+    except NatsError as exc:
+        await res.tasks.delete(command.task_id)
+        raise ApiError(503, "queue_unavailable", f"cannot queue the task: {exc}") from exc
+
+
+async def _sync_response(
+    res: Resources, task_id: str, outcome: Document | None, headers: dict[str, str]
+) -> web.StreamResponse:
+    if outcome is None:
+        # Deadline passed: the task goes on; the client polls or follows the SSE stream.
+        document = await res.tasks.get(task_id)
+        status = document["status"] if document else TaskStatus.WAITING.value
+        return web.json_response({"taskId": task_id, "status": status}, status=202, headers=headers)
+    status = outcome["status"]
+    body: dict[str, Any] = {"taskId": task_id, "status": status, "message": outcome["message"]}
+    if status == TaskStatus.SUCCEEDED.value:
+        body["ossUrl"] = [
+            await res.objects.presign(key, res.settings.presign_ttl_s) for key in outcome["images"]
+        ]
+        body["images"] = outcome["images"]
+        return web.json_response(body, headers=headers)
+    if status == TaskStatus.FAILED.value:
+        body["code"] = outcome.get("code")
+        return web.json_response(body, status=500, headers=headers)
+    return web.json_response(body, headers=headers)
+
+
+async def _owned_task(request: web.Request) -> tuple[Resources, Document]:
+    res = resources(request)
+    user = caller(request, res.api_keys)
+    task_id = request.match_info["task_id"]
+    document = await res.tasks.get(task_id, user)
+    if document is None:
+        # The same answer for "absent" and "someone else's": ids are not an oracle.
+        raise ApiError(404, "task_not_found", f"task {task_id!r} not found")
+    return res, document
+
+
+async def task_result(request: web.Request) -> web.StreamResponse:
+    res, document = await _owned_task(request)
+    status = document["status"]
+    succeeded = status == TaskStatus.SUCCEEDED.value
+    images: list[str] = document["images"] if succeeded else []
+    info: Any = {}
+    if succeeded and document["info"]:
+        info = json.loads(document["info"])
+    return web.json_response(
+        {
+            "taskId": document["_id"],
+            "status": status,
+            "images": images,
+            "ossUrl": [await res.objects.presign(k, res.settings.presign_ttl_s) for k in images],
+            "parameters": document["parameters"] if succeeded else {},
+            "info": info,
+            "message": document["message"],
+            "code": document["code"],
+        }
+    )
+
+
+async def task_progress(request: web.Request) -> web.StreamResponse:
+    _res, document = await _owned_task(request)
+    status = TaskStatus(document["status"])
+    progress = document["progress"]
+    # Seed semantics: 1 once finished, never 1 before (capped at 0.99).
+    fraction = 1.0 if status.terminal else min(float(progress["progress"]), 0.99)
+    preview = progress.get("preview_key")
+    started = document.get("started_at")
+    return web.json_response(
+        {
+            "taskId": document["_id"],
+            "status": status.value,
+            "progress": fraction,
+            "etaRelative": progress.get("eta_seconds") or 0.0,
+            "state": {
+                "interrupted": status is TaskStatus.CANCELLED,
+                "skipped": False,
+                "job": f"task({document['_id']})" if status is TaskStatus.RUNNING else "",
+                "job_count": progress["job_count"],
+                "job_no": progress["job_no"],
+                "job_timestamp": started.strftime("%Y%m%d%H%M%S") if started else "0",
+                "sampling_step": progress["step"],
+                "sampling_steps": progress["total_steps"],
+            },
+            "currentImage": preview or "",
+            "message": document["message"],
+        }
+    )

@@ -1,0 +1,67 @@
+"""Request validation at the edge: decode into the proto Struct, then apply the limits.
+
+Structural rules (types, multiples of 8, ranges) are in the Structs; the limits an
+operator configures are here. Errors name the field and the rule, e.g. ``steps must be
+at most 150 but is 500``.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import msgspec
+
+from proto.requests import Img2ImgRequest, Txt2ImgRequest
+from proto.samplers import split_sampler
+from services.gateway.errors import ApiError, invalid_body
+from services.gateway.settings import GatewaySettings
+
+T = TypeVar("T", bound=msgspec.Struct)
+
+
+def decode(body: bytes, cls: type[T]) -> T:
+    try:
+        return msgspec.json.decode(body, type=cls)
+    except msgspec.DecodeError as exc:
+        raise invalid_body(exc) from exc
+
+
+def _at_most(field: str, value: int | float, limit: int | float, rule: str = "") -> None:
+    if value > limit:
+        raise ApiError(
+            422,
+            "limit_exceeded",
+            f"`{field}` must be at most {limit}{rule} but is {value}",
+            field=field,
+        )
+
+
+def check_limits(request: Txt2ImgRequest | Img2ImgRequest, settings: GatewaySettings) -> None:
+    _at_most("width", request.width, settings.max_width)
+    _at_most("height", request.height, settings.max_height)
+    _at_most(
+        "width",
+        request.width * request.height,
+        settings.max_pixels,
+        " pixels (width × height)",
+    )
+    _at_most("steps", request.steps, settings.max_steps)
+    _at_most("batch_size", request.batch_size, settings.max_batch_size)
+    _at_most("n_iter", request.n_iter, settings.max_n_iter)
+    _at_most(
+        "n_iter",
+        request.batch_size * request.n_iter,
+        settings.max_images,
+        " images (batch_size × n_iter)",
+    )
+    _at_most("prompt", len(request.prompt), settings.max_prompt_chars, " characters")
+    _at_most(
+        "negative_prompt", len(request.negative_prompt), settings.max_prompt_chars, " characters"
+    )
+    field = "sampler_name" if request.sampler_name else "sampler_index"
+    try:
+        split_sampler(request.effective_sampler, request.scheduler)
+    except ValueError as exc:
+        if "scheduler" in str(exc).split(";")[0]:
+            field = "scheduler"
+        raise ApiError(422, "invalid_field", str(exc), field=field) from exc

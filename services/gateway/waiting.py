@@ -1,0 +1,173 @@
+"""Waiting for a task to end (sync requests) and following it live (SSE).
+
+Both read ``sd.event.<task_id>.>``. Sync requests use a core-NATS subscription made
+before publishing (events reach core subscribers as they are stored); MongoDB is
+re-read periodically, so an event missed during a reconnect only delays the answer.
+SSE uses a JetStream ordered consumer over ``SD_EVENTS``: it replays the task's
+history first, and ``Last-Event-ID`` (the stream sequence) resumes after a reconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+import msgspec
+from aiohttp import web
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.api import DeliverPolicy
+
+from proto import TaskStatus, names
+from proto.events import (
+    TaskCancelled,
+    TaskEvent,
+    TaskFailed,
+    TaskSucceeded,
+    decode_event,
+    event_kind,
+    event_to_builtins,
+)
+from services.gateway.auth import caller
+from services.gateway.errors import ApiError
+from services.gateway.resources import resources
+from services.storage.mongo import Document
+from services.storage.tasks import TaskStore
+
+RECHECK_S = 5.0
+"""How often a waiter re-reads MongoDB in case an event was missed."""
+
+
+def outcome_of(event: TaskSucceeded | TaskFailed | TaskCancelled) -> Document:
+    """The parts of a finished task a sync response needs, from its terminal event."""
+    match event:
+        case TaskSucceeded():
+            return {"status": TaskStatus.SUCCEEDED.value, "images": event.images, "message": ""}
+        case TaskFailed():
+            return {
+                "status": TaskStatus.FAILED.value,
+                "images": [],
+                "message": event.message,
+                "code": event.code,
+            }
+        case TaskCancelled():
+            return {"status": TaskStatus.CANCELLED.value, "images": [], "message": event.reason}
+
+
+class TerminalWaiter:
+    def __init__(self, task_id: str) -> None:
+        self.task_id = task_id
+        self._done: asyncio.Future[Document] = asyncio.get_running_loop().create_future()
+        self._subscription: Subscription | None = None
+
+    @classmethod
+    async def start(cls, nc: Client, task_id: str) -> TerminalWaiter:
+        waiter = cls(task_id)
+        waiter._subscription = await nc.subscribe(
+            names.task_events_filter(task_id), cb=waiter._on_message
+        )
+        return waiter
+
+    async def _on_message(self, message: Msg) -> None:
+        try:
+            event = decode_event(message.data)
+        except msgspec.DecodeError:
+            return
+        if isinstance(event, TaskSucceeded | TaskFailed | TaskCancelled) and not self._done.done():
+            self._done.set_result(outcome_of(event))
+
+    async def wait(self, tasks: TaskStore, timeout_s: float) -> Document | None:
+        """The outcome, or None when ``timeout_s`` passes first."""
+        deadline = time.monotonic() + timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            with contextlib.suppress(TimeoutError):
+                return await asyncio.wait_for(asyncio.shield(self._done), min(left, RECHECK_S))
+            document = await tasks.get(self.task_id)
+            if document is not None and TaskStatus(document["status"]).terminal:
+                return document
+        return None
+
+    async def close(self) -> None:
+        if self._subscription is not None:
+            with contextlib.suppress(Exception):
+                await self._subscription.unsubscribe()
+
+
+def _sse_frame(event_name: str, data: dict[str, Any], event_id: int | None = None) -> bytes:
+    lines = [f"event: {event_name}"]
+    if event_id is not None:
+        lines.append(f"id: {event_id}")
+    lines.append("data: " + msgspec.json.encode(data).decode())
+    return ("\n".join(lines) + "\n\n").encode()
+
+
+def _terminal_from_document(document: Document) -> dict[str, Any]:
+    return {
+        "kind": document["status"],
+        "task_id": document["_id"],
+        "images": document["images"],
+        "message": document["message"],
+    }
+
+
+async def task_events(request: web.Request) -> web.StreamResponse:
+    """``GET /tasks/{task_id}/events``: progress then the terminal event, as SSE."""
+    res = resources(request)
+    user = caller(request, res.api_keys)
+    task_id = request.match_info["task_id"]
+    document = await res.tasks.get(task_id, user)
+    if document is None:
+        raise ApiError(404, "task_not_found", f"task {task_id!r} not found")
+    last_id = request.headers.get("Last-Event-ID", "")
+    options: dict[str, Any] = {"deliver_policy": DeliverPolicy.ALL}
+    if last_id.isdigit():
+        options = {
+            "deliver_policy": DeliverPolicy.BY_START_SEQUENCE,
+            "opt_start_seq": int(last_id) + 1,
+        }
+    subscription = await res.js.subscribe(
+        names.task_events_filter(task_id),
+        stream=names.EVENT_STREAM,
+        ordered_consumer=True,
+        **options,
+    )
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+        }
+    )
+    await response.prepare(request)
+    try:
+        while True:
+            try:
+                message = await subscription.next_msg(timeout=RECHECK_S)
+            except NatsTimeoutError:
+                # Quiet: keep the connection alive, and finish from MongoDB if the task
+                # ended while its events were already gone from the stream.
+                document = await res.tasks.get(task_id, user)
+                if document is not None and TaskStatus(document["status"]).terminal:
+                    frame = _terminal_from_document(document)
+                    await response.write(_sse_frame(document["status"], frame))
+                    break
+                await response.write(b": keep-alive\n\n")
+                continue
+            try:
+                event: TaskEvent = decode_event(message.data)
+            except msgspec.DecodeError:
+                continue
+            sequence = message.metadata.sequence.stream
+            await response.write(_sse_frame(event_kind(event), event_to_builtins(event), sequence))
+            if isinstance(event, TaskSucceeded | TaskFailed | TaskCancelled):
+                break
+    except ConnectionResetError:
+        pass  # the client went away
+    finally:
+        with contextlib.suppress(Exception):
+            await subscription.unsubscribe()
+    return response

@@ -1,0 +1,183 @@
+"""Object store: images, uploaded inputs and previews.
+
+Two backends behind one protocol: a local folder (embedded default; download links
+are HMAC-signed URLs served by the gateway, so local mode has working result URLs,
+unlike the seed's) and any S3-compatible endpoint through aioboto3. Keys are always
+built server-side (:mod:`proto.names`); both backends still refuse keys that could
+escape their prefix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import re
+import secrets
+import time
+import urllib.parse
+from contextlib import AsyncExitStack, suppress
+from pathlib import Path
+from typing import Any, Protocol
+
+import aioboto3
+
+from services.common.settings import StoreSettings
+
+_KEY_RE = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_\-./]{0,511}$")
+
+
+class ObjectNotFoundError(LookupError):
+    pass
+
+
+def check_key(key: str) -> str:
+    if not _KEY_RE.fullmatch(key) or ".." in key.split("/") or "//" in key:
+        raise ValueError(f"invalid object key {key!r}")
+    return key
+
+
+class ObjectStore(Protocol):
+    async def put(self, key: str, data: bytes, content_type: str = "image/png") -> None: ...
+    async def get(self, key: str) -> bytes: ...
+    async def exists(self, key: str) -> bool: ...
+    async def presign(self, key: str, ttl_s: int) -> str: ...
+    async def ping(self) -> None: ...
+    async def aclose(self) -> None: ...
+
+
+class LocalObjectStore:
+    """Objects as files under ``root``; links signed with HMAC-SHA256 over key and expiry."""
+
+    def __init__(self, root: Path, public_url: str, secret: str) -> None:
+        self.root = root.resolve()
+        self.public_url = public_url.rstrip("/")
+        self._secret = secret.encode() or secrets.token_bytes(32)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / check_key(key)).resolve()
+        if not path.is_relative_to(self.root):
+            raise ValueError(f"invalid object key {key!r}")
+        return path
+
+    async def put(self, key: str, data: bytes, content_type: str = "image/png") -> None:
+        path = self._path(key)
+        await asyncio.to_thread(_atomic_write, path, data)
+
+    async def get(self, key: str) -> bytes:
+        path = self._path(key)
+        try:
+            return await asyncio.to_thread(path.read_bytes)
+        except FileNotFoundError as exc:
+            raise ObjectNotFoundError(key) from exc
+
+    async def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def signature(self, key: str, expires: int) -> str:
+        return hmac.new(self._secret, f"{key}\n{expires}".encode(), hashlib.sha256).hexdigest()
+
+    def verify(self, key: str, expires: int, signature: str) -> bool:
+        if expires < time.time():
+            return False
+        return hmac.compare_digest(self.signature(key, expires), signature)
+
+    async def presign(self, key: str, ttl_s: int) -> str:
+        check_key(key)
+        expires = int(time.time()) + ttl_s
+        query = urllib.parse.urlencode(
+            {"expires": expires, "signature": self.signature(key, expires)}
+        )
+        return f"{self.public_url}/files/{urllib.parse.quote(key)}?{query}"
+
+    async def ping(self) -> None:
+        if not self.root.is_dir():
+            raise OSError(f"object store folder {self.root} is missing")
+
+    async def aclose(self) -> None:
+        return None
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    # Write then rename: a reader never sees half an image, a crash leaves no partial file.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+class S3ObjectStore:
+    """Any S3-compatible endpoint (SeaweedFS, MinIO, AWS S3, Alibaba OSS)."""
+
+    def __init__(self, client: Any, bucket: str, stack: AsyncExitStack) -> None:
+        self._client = client
+        self.bucket = bucket
+        self._stack = stack
+
+    @classmethod
+    async def open(cls, settings: StoreSettings) -> S3ObjectStore:
+        stack = AsyncExitStack()
+        session = aioboto3.Session()
+        client = await stack.enter_async_context(
+            session.client(
+                "s3",
+                endpoint_url=settings.s3_endpoint_url,
+                aws_access_key_id=settings.s3_access_key or None,
+                aws_secret_access_key=settings.s3_secret_key or None,
+                region_name=settings.s3_region,
+            )
+        )
+        store = cls(client, settings.s3_bucket, stack)
+        try:
+            await store._ensure_bucket()
+        except BaseException:
+            await stack.aclose()
+            raise
+        return store
+
+    async def _ensure_bucket(self) -> None:
+        try:
+            await self._client.head_bucket(Bucket=self.bucket)
+        except self._client.exceptions.ClientError:
+            with suppress(self._client.exceptions.BucketAlreadyOwnedByYou):
+                await self._client.create_bucket(Bucket=self.bucket)
+
+    async def put(self, key: str, data: bytes, content_type: str = "image/png") -> None:
+        await self._client.put_object(
+            Bucket=self.bucket, Key=check_key(key), Body=data, ContentType=content_type
+        )
+
+    async def get(self, key: str) -> bytes:
+        try:
+            response = await self._client.get_object(Bucket=self.bucket, Key=check_key(key))
+        except self._client.exceptions.NoSuchKey as exc:
+            raise ObjectNotFoundError(key) from exc
+        async with response["Body"] as body:
+            data: bytes = await body.read()
+        return data
+
+    async def exists(self, key: str) -> bool:
+        try:
+            await self._client.head_object(Bucket=self.bucket, Key=check_key(key))
+        except self._client.exceptions.ClientError:
+            return False
+        return True
+
+    async def presign(self, key: str, ttl_s: int) -> str:
+        url: str = await self._client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": check_key(key)}, ExpiresIn=ttl_s
+        )
+        return url
+
+    async def ping(self) -> None:
+        await self._client.head_bucket(Bucket=self.bucket)
+
+    async def aclose(self) -> None:
+        await self._stack.aclose()
+
+
+async def open_object_store(settings: StoreSettings) -> ObjectStore:
+    if settings.s3_endpoint_url:
+        return await S3ObjectStore.open(settings)
+    return LocalObjectStore(Path(settings.store_dir), settings.public_url, settings.url_secret)

@@ -1,0 +1,71 @@
+"""The event sink: folds ``sd.event.>`` into task documents.
+
+A durable pull consumer (``storage``) on ``SD_EVENTS``; the fold is idempotent
+(:meth:`TaskStore.apply`), so redelivery after a crash, several sink replicas and
+duplicate events are all harmless. Ack comes after the MongoDB write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import msgspec
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from pymongo.errors import PyMongoError
+
+from proto import names
+from proto.events import decode_event
+from services.storage.tasks import TaskStore
+
+log = logging.getLogger(__name__)
+BATCH = 64
+
+
+def sink_consumer_config() -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=names.STORAGE_CONSUMER,
+        filter_subject=names.EVENT_SUBJECTS,
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=30,
+        max_ack_pending=10_000,
+    )
+
+
+async def run_sink(js: JetStreamContext, tasks: TaskStore, stop: asyncio.Event) -> None:
+    subscription = await js.pull_subscribe(
+        names.EVENT_SUBJECTS,
+        durable=names.STORAGE_CONSUMER,
+        stream=names.EVENT_STREAM,
+        config=sink_consumer_config(),
+    )
+    folded = 0
+    try:
+        while not stop.is_set():
+            try:
+                messages = await subscription.fetch(BATCH, timeout=1)
+            except NatsTimeoutError:
+                continue
+            for message in messages:
+                try:
+                    event = decode_event(message.data)
+                except msgspec.DecodeError:
+                    # Poison message: no retry can ever decode it.
+                    log.error("undecodable event on %s, terminating it", message.subject)
+                    await message.term()
+                    continue
+                try:
+                    await tasks.apply(event)
+                except PyMongoError as exc:
+                    # MongoDB is down or failing over: keep the event, retry it shortly.
+                    log.warning("cannot fold %s yet: %s", message.subject, exc)
+                    await message.nak(delay=1)
+                    continue
+                await message.ack()
+                folded += 1
+    finally:
+        log.info("event sink stopped after folding %d events", folded)
+        await subscription.unsubscribe()

@@ -1,0 +1,185 @@
+"""Task store: one MongoDB document per task, ``_id`` = task id.
+
+Events are folded in idempotently. Every update is a single conditional
+``update_one`` whose filter encodes the rules, so concurrent sinks and duplicate or
+late deliveries are safe without transactions:
+
+- the status only moves forward (``waiting`` → ``running`` → terminal) and terminal
+  states are final;
+- an event from an older delivery attempt never overwrites a newer attempt's state;
+- progress only increases within an attempt (``progress.order``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from pymongo import ASCENDING, DESCENDING
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+
+from proto import TaskStatus
+from proto.events import (
+    TaskCancelled,
+    TaskEvent,
+    TaskFailed,
+    TaskProgressed,
+    TaskStarted,
+    TaskSucceeded,
+)
+from services.storage.mongo import Document
+
+_OPEN = [TaskStatus.WAITING.value, TaskStatus.RUNNING.value]
+
+
+def _utc(ts: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(ts, dt.UTC) if ts else dt.datetime.now(dt.UTC)
+
+
+def progress_order(attempt: int, job_no: int, step: int) -> int:
+    """A number that grows with every real progress step across jobs and attempts."""
+    return attempt * 1_000_000_000 + job_no * 1_000_000 + step
+
+
+def new_task_document(
+    *,
+    task_id: str,
+    user: str,
+    kind: str,
+    model_name: str,
+    model_key: str,
+    parameters: dict[str, Any],
+    total_steps: int,
+    job_count: int,
+) -> Document:
+    return {
+        "_id": task_id,
+        "user": user,
+        "status": TaskStatus.WAITING.value,
+        "kind": kind,
+        "model_name": model_name,
+        "model_key": model_key,
+        "parameters": parameters,
+        "created_at": dt.datetime.now(dt.UTC),
+        "started_at": None,
+        "finished_at": None,
+        "attempt": 0,
+        "progress": {
+            "order": 0,
+            "step": 0,
+            "total_steps": total_steps,
+            "job_no": 0,
+            "job_count": job_count,
+            "progress": 0.0,
+            "eta_seconds": None,
+            "preview_key": None,
+        },
+        "images": [],
+        "info": "",
+        "seeds": [],
+        "code": None,
+        "message": "",
+        "worker": None,
+    }
+
+
+class TaskStore:
+    def __init__(self, db: AsyncDatabase[Document]) -> None:
+        self.collection: AsyncCollection[Document] = db["tasks"]
+
+    async def ensure_indexes(self) -> None:
+        await self.collection.create_index([("user", ASCENDING), ("created_at", DESCENDING)])
+        await self.collection.create_index([("status", ASCENDING)])
+
+    async def insert(self, document: Document) -> None:
+        await self.collection.insert_one(document)
+
+    async def get(self, task_id: str, user: str | None = None) -> Document | None:
+        """One task; with ``user`` the query is scoped to its owner (others get None)."""
+        query: Document = {"_id": task_id}
+        if user is not None:
+            query["user"] = user
+        return await self.collection.find_one(query)
+
+    async def delete(self, task_id: str) -> None:
+        await self.collection.delete_one({"_id": task_id})
+
+    async def apply(self, event: TaskEvent) -> bool:
+        """Fold one event into its task; False when the rules say it changes nothing."""
+        match event:
+            case TaskStarted():
+                query, update = self._started(event)
+            case TaskProgressed():
+                query, update = self._progressed(event)
+            case TaskSucceeded() | TaskFailed() | TaskCancelled():
+                query, update = self._finished(event)
+        result = await self.collection.update_one(query, update)
+        return result.modified_count == 1
+
+    @staticmethod
+    def _started(event: TaskStarted) -> tuple[Document, Document]:
+        query = {"_id": event.task_id, "status": {"$in": _OPEN}, "attempt": {"$lt": event.attempt}}
+        update = {
+            "$set": {
+                "status": TaskStatus.RUNNING.value,
+                "attempt": event.attempt,
+                "started_at": _utc(event.at),
+                "worker": event.worker,
+                "progress.order": progress_order(event.attempt, 0, 0),
+                "progress.step": 0,
+                "progress.job_no": 0,
+                "progress.progress": 0.0,
+            }
+        }
+        return query, update
+
+    @staticmethod
+    def _progressed(event: TaskProgressed) -> tuple[Document, Document]:
+        order = progress_order(event.attempt, event.job_no, event.step)
+        query = {
+            "_id": event.task_id,
+            "status": {"$in": _OPEN},
+            "attempt": {"$lte": event.attempt},
+            "progress.order": {"$lt": order},
+        }
+        update = {
+            "$set": {
+                "status": TaskStatus.RUNNING.value,
+                "attempt": event.attempt,
+                "progress": {
+                    "order": order,
+                    "step": event.step,
+                    "total_steps": event.total_steps,
+                    "job_no": event.job_no,
+                    "job_count": event.job_count,
+                    "progress": event.progress,
+                    "eta_seconds": event.eta_seconds,
+                    "preview_key": event.preview_key,
+                },
+            }
+        }
+        return query, update
+
+    @staticmethod
+    def _finished(event: TaskSucceeded | TaskFailed | TaskCancelled) -> tuple[Document, Document]:
+        fields: Document = {"finished_at": _utc(event.at), "attempt": event.attempt}
+        match event:
+            case TaskSucceeded():
+                fields |= {
+                    "status": TaskStatus.SUCCEEDED.value,
+                    "images": event.images,
+                    "info": event.info,
+                    "seeds": event.seeds,
+                    "progress.progress": 1.0,
+                }
+            case TaskFailed():
+                fields |= {
+                    "status": TaskStatus.FAILED.value,
+                    "code": event.code,
+                    "message": event.message,
+                }
+            case TaskCancelled():
+                fields |= {"status": TaskStatus.CANCELLED.value, "message": event.reason}
+        query = {"_id": event.task_id, "status": {"$in": _OPEN}, "attempt": {"$lte": event.attempt}}
+        return query, {"$set": fields}
