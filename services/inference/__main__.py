@@ -1,0 +1,78 @@
+"""``python -m services.inference``: one worker process for one checkpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+from services.common import bus
+from services.common.settings import from_environ
+from services.inference.pipeline import DiffusersPipeline, GenerationError, Pipeline
+from services.inference.settings import WorkerSettings
+from services.inference.worker import Worker
+from services.storage.objects import open_object_store
+
+log = logging.getLogger("services.inference")
+
+
+def pick_device(setting: str) -> str:
+    import torch
+
+    if setting != "auto":
+        return setting
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_pipeline_factory(settings: WorkerSettings):  # type: ignore[no-untyped-def]
+    def factory() -> Pipeline:
+        import torch
+
+        from services.inference.loader import CheckpointError, load_pipeline
+
+        device = pick_device(settings.device)
+        if device == "cpu":
+            # Random or tiny weights hit denormals and run 10-50x slower without this.
+            torch.set_flush_denormal(True)
+        try:
+            pipe = load_pipeline(
+                Path(settings.checkpoint_path),
+                device=device,
+                cache_dir=Path(settings.cache_dir),
+                allow_pickle=settings.allow_pickle,
+            )
+        except CheckpointError as exc:
+            raise GenerationError("model_load_failed", str(exc)) from exc
+        pipe.set_progress_bar_config(disable=True)
+        return DiffusersPipeline(
+            pipe, model_name=settings.model_name, model_hash=settings.model_hash, device=device
+        )
+
+    return factory
+
+
+async def amain(settings: WorkerSettings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    nc = await bus.connect(settings.nats_url, f"sdswarm-worker-{settings.model_key}")
+    objects = await open_object_store(settings)
+    try:
+        worker = Worker(settings, nc, objects, make_pipeline_factory(settings))
+        await worker.run(stop)
+    finally:
+        await objects.aclose()
+        await nc.drain()
+
+
+def main() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    asyncio.run(amain(from_environ(WorkerSettings)))
+
+
+if __name__ == "__main__":
+    main()

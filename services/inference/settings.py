@@ -1,0 +1,34 @@
+"""Worker settings (``SDSWARM_*``): one process serves one checkpoint."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import msgspec
+
+from services.common.settings import StoreSettings
+
+
+def _default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class WorkerSettings(StoreSettings, kw_only=True, frozen=True):
+    model_name: str
+    """Registered name of the checkpoint this worker serves."""
+    model_key: str
+    checkpoint_path: str
+    """A single-file checkpoint or a diffusers folder."""
+    model_hash: str = ""
+    """Short hash shown in infotexts (A1111's ``Model hash``)."""
+    cache_dir: str = "./data/cache"
+    """Materialised config folders and tokenizer files."""
+    device: str = "auto"
+    """``auto`` picks CUDA when present, else the CPU."""
+    allow_pickle: bool = False
+    """Load ``.ckpt`` pickles (weights-only). Off: a pickle can execute code."""
+    worker_id: str = msgspec.field(default_factory=_default_worker_id)
+    fetch_timeout_s: float = 5.0
+    idle_exit_s: float = 0.0
+    """Exit after this long without work (0: never); the scheduler also stops idle workers."""

@@ -1,0 +1,249 @@
+"""The worker: pulls its checkpoint's consumer and runs one task at a time.
+
+This loop alone owns ack semantics; the pipeline raises typed errors:
+
+- undecodable command → ``term`` (poison: no retry can help);
+- cancelled before start or between steps → ``TaskCancelled``, ack;
+- :class:`GenerationError` (bad request for this model) → ``TaskFailed``, ack;
+- any other error → ``nak`` with a delay while deliveries remain, else ``TaskFailed``;
+- success → upload images, ``TaskSucceeded``, then ack — ack is last, so a crash
+  before it means redelivery, never loss.
+
+Every progress step publishes ``TaskProgressed`` and sends an in-progress ack, so a
+hung kernel stops the in-progress acks and the task is redelivered after ``ack_wait``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import msgspec
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError
+from nats.js.kv import KeyValue
+
+from proto import GenerateImage, names
+from proto.codec import decode_generate
+from proto.events import (
+    TaskCancelled,
+    TaskEvent,
+    TaskFailed,
+    TaskProgressed,
+    TaskStarted,
+    TaskSucceeded,
+    encode_event,
+    event_kind,
+)
+from services.common import bus
+from services.inference.pipeline import (
+    GenerationError,
+    Pipeline,
+    TaskCancelledError,
+    info_json,
+)
+from services.inference.settings import WorkerSettings
+from services.storage.objects import ObjectStore
+
+log = logging.getLogger(__name__)
+NAK_DELAY_S = 2.0
+
+
+class Progress(msgspec.Struct, frozen=True):
+    job_no: int
+    step: int
+    total_steps: int
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        nc: Client,
+        objects: ObjectStore,
+        pipeline_factory: Callable[[], Pipeline],
+    ) -> None:
+        self.settings = settings
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream()
+        self.objects = objects
+        self._factory = pipeline_factory
+        self._pipeline: Pipeline | None = None
+        self._load_error: GenerationError | None = None
+        self._cancels: KeyValue | None = None
+        self.completed = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await bus.ensure_streams(self.js, self.settings)
+        await bus.ensure_task_consumer(self.js, self.settings.model_key, self.settings)
+        self._cancels = await bus.cancel_bucket(self.js, self.settings)
+        subscription = await self.js.pull_subscribe_bind(
+            durable=names.consumer_name(self.settings.model_key), stream=names.TASK_STREAM
+        )
+        log.info("worker %s serving %s", self.settings.worker_id, self.settings.model_name)
+        idle_since = time.monotonic()
+        try:
+            while not stop.is_set():
+                try:
+                    messages = await subscription.fetch(1, timeout=self.settings.fetch_timeout_s)
+                except NatsTimeoutError:
+                    idle = time.monotonic() - idle_since
+                    if self.settings.idle_exit_s and idle > self.settings.idle_exit_s:
+                        log.info("idle for %.0f s, exiting", idle)
+                        break
+                    continue
+                for message in messages:
+                    await self.handle(message)
+                idle_since = time.monotonic()
+        finally:
+            log.info("worker stopping after %d tasks", self.completed)
+            with contextlib.suppress(Exception):
+                await subscription.unsubscribe()
+
+    async def _pipeline_or_error(self) -> Pipeline:
+        if self._load_error is not None:
+            raise self._load_error
+        if self._pipeline is None:
+            try:
+                self._pipeline = await asyncio.to_thread(self._factory)
+            except GenerationError as exc:
+                self._load_error = exc
+                raise
+        return self._pipeline
+
+    async def _publish(self, event: TaskEvent, dedupe_suffix: str = "") -> None:
+        kind = event_kind(event)
+        await self.js.publish(
+            names.event_subject(event.task_id, kind),
+            encode_event(event),
+            stream=names.EVENT_STREAM,
+            headers={
+                names.MSG_ID_HEADER: f"{event.task_id}.{kind}.{event.attempt}{dedupe_suffix}"
+            },
+        )
+
+    async def _is_cancelled(self, task_id: str) -> bool:
+        assert self._cancels is not None
+        try:
+            await self._cancels.get(task_id)
+        except KeyNotFoundError:
+            return False
+        return True
+
+    async def handle(self, message: Msg) -> None:
+        try:
+            command = decode_generate(message.data)
+        except msgspec.DecodeError:
+            log.error("undecodable command on %s, terminating it", message.subject)
+            await message.term()
+            return
+        attempt = message.metadata.num_delivered
+        common = {"task_id": command.task_id, "attempt": attempt, "worker": self.settings.worker_id}
+        if await self._is_cancelled(command.task_id):
+            await self._publish(TaskCancelled(**common, at=time.time()))
+            await message.ack()
+            return
+        await self._publish(
+            TaskStarted(**common, at=time.time(), model_key=self.settings.model_key)
+        )
+        try:
+            event = await self._run(command, message, attempt)
+        except Exception as exc:
+            log.exception("task %s attempt %d crashed", command.task_id, attempt)
+            if attempt < self.settings.max_deliver:
+                await message.nak(delay=NAK_DELAY_S)
+                return
+            event = TaskFailed(
+                **common,
+                at=time.time(),
+                code="worker_error",
+                message=f"failed after {attempt} attempts: {type(exc).__name__}: {exc}",
+            )
+        await self._publish(event)
+        await message.ack()
+        self.completed += 1
+
+    async def _run(self, command: GenerateImage, message: Msg, attempt: int) -> TaskEvent:
+        common = {"task_id": command.task_id, "attempt": attempt, "worker": self.settings.worker_id}
+        loop = asyncio.get_running_loop()
+        steps: asyncio.Queue[Progress | None] = asyncio.Queue()
+        stop_flag = threading.Event()
+
+        async def on_cancel(_: Msg) -> None:
+            stop_flag.set()
+
+        cancel_sub = await self.nc.subscribe(names.cancel_subject(command.task_id), cb=on_cancel)
+        reporter = asyncio.create_task(self._report(command, message, attempt, steps))
+        started = time.monotonic()
+        try:
+            pipeline = await self._pipeline_or_error()
+            generation = await asyncio.to_thread(
+                pipeline.generate,
+                command,
+                lambda job, step, total: loop.call_soon_threadsafe(
+                    steps.put_nowait, Progress(job, step, total)
+                ),
+                stop_flag.is_set,
+            )
+        except TaskCancelledError:
+            return TaskCancelled(**common, at=time.time())
+        except GenerationError as exc:
+            return TaskFailed(**common, at=time.time(), code=exc.code, message=exc.message)
+        finally:
+            steps.put_nowait(None)
+            await reporter
+            await cancel_sub.unsubscribe()
+        keys = [
+            names.image_key(command.user, command.task_id, n)
+            for n in range(1, len(generation.images) + 1)
+        ]
+        for key, png in zip(keys, generation.images, strict=True):
+            await self.objects.put(key, png)
+        log.info(
+            "task %s: %d images in %.2f s", command.task_id, len(keys), time.monotonic() - started
+        )
+        return TaskSucceeded(
+            **common,
+            at=time.time(),
+            images=keys,
+            info=info_json(generation.info),
+            seeds=generation.seeds,
+        )
+
+    async def _report(
+        self,
+        command: GenerateImage,
+        message: Msg,
+        attempt: int,
+        steps: asyncio.Queue[Progress | None],
+    ) -> None:
+        """Publish progress in order, with an in-progress ack per real step."""
+        job_count = command.txt2img.n_iter if command.txt2img else 1
+        started = time.monotonic()
+        while (item := await steps.get()) is not None:
+            done = (item.job_no * item.total_steps + item.step) / (item.total_steps * job_count)
+            elapsed = time.monotonic() - started
+            eta = elapsed * (1 - done) / done if done > 0 else None
+            await message.in_progress()
+            await self._publish(
+                TaskProgressed(
+                    task_id=command.task_id,
+                    attempt=attempt,
+                    worker=self.settings.worker_id,
+                    at=time.time(),
+                    step=item.step,
+                    total_steps=item.total_steps,
+                    job_no=item.job_no,
+                    job_count=job_count,
+                    progress=round(done, 4),
+                    eta_seconds=round(eta, 2) if eta is not None else None,
+                ),
+                dedupe_suffix=f".{item.job_no}.{item.step}",
+            )

@@ -1,0 +1,119 @@
+"""Local-process worker backend: worker subprocesses on this machine.
+
+Each worker is ``python -m services.inference`` with its settings in ``SDSWARM_*``
+variables. Crashed workers are reaped on every reconcile and replaced while demand
+lasts; scale-down sends SIGTERM (the worker finishes its step loop and naks or
+completes) and SIGKILL after a grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+
+from services.common.settings import PREFIX, StoreSettings
+from services.scheduler.settings import SchedulerSettings
+from services.storage.mongo import Document
+
+log = logging.getLogger(__name__)
+STOP_GRACE_S = 30.0
+
+
+def worker_environ(settings: SchedulerSettings, model: Document) -> dict[str, str]:
+    """The environment of a worker for ``model``: connections plus its checkpoint."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(PREFIX)}
+    for name in StoreSettings.__struct_fields__:
+        value = getattr(settings, name)
+        env[PREFIX + name.upper()] = value if isinstance(value, str) else msgspec.json.encode(
+            value
+        ).decode()
+    env |= {
+        f"{PREFIX}MODEL_NAME": model["_id"],
+        f"{PREFIX}MODEL_KEY": model["model_key"],
+        f"{PREFIX}CHECKPOINT_PATH": model["path"],
+        f"{PREFIX}MODEL_HASH": (model.get("sha256") or "")[:10],
+        f"{PREFIX}CACHE_DIR": settings.cache_dir,
+        f"{PREFIX}DEVICE": settings.device,
+        f"{PREFIX}ALLOW_PICKLE": "true" if settings.allow_pickle else "false",
+    }
+    return env
+
+
+@dataclass
+class _Pool:
+    processes: list[asyncio.subprocess.Process] = field(default_factory=list)
+
+
+class LocalBackend:
+    def __init__(self, settings: SchedulerSettings) -> None:
+        self.settings = settings
+        self._pools: dict[str, _Pool] = {}
+        self.started = 0
+        self.crashed = 0
+
+    def _reap(self, key: str) -> list[asyncio.subprocess.Process]:
+        pool = self._pools.setdefault(key, _Pool())
+        alive = []
+        for process in pool.processes:
+            if process.returncode is None:
+                alive.append(process)
+            elif process.returncode != 0:
+                self.crashed += 1
+                log.warning("worker %s for %s exited with %s", process.pid, key, process.returncode)
+        pool.processes = alive
+        return alive
+
+    def replicas(self) -> dict[str, int]:
+        return {key: len(self._reap(key)) for key in list(self._pools)}
+
+    async def ensure(self, model: Document, replicas: int) -> None:
+        key = model["model_key"]
+        alive = self._reap(key)
+        while len(alive) < replicas:
+            alive.append(await self._spawn(model))
+        while len(alive) > replicas:
+            await self._stop(alive.pop())
+
+    async def _spawn(self, model: Document) -> asyncio.subprocess.Process:
+        log_dir = Path(self.settings.worker_log_dir)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        with open(log_dir / f"worker-{model['model_key']}.log", "ab") as log_file:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "services.inference",
+                env=worker_environ(self.settings, model),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=log_file,
+            )
+        self.started += 1
+        log.info("started worker %s for %s", process.pid, model["model_key"])
+        return process
+
+    async def _stop(self, process: asyncio.subprocess.Process) -> None:
+        if process.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), STOP_GRACE_S)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+        log.info("stopped worker %s", process.pid)
+
+    async def aclose(self) -> None:
+        processes = [p for pool in self._pools.values() for p in pool.processes]
+        await asyncio.gather(*(self._stop(p) for p in processes))
+        self._pools.clear()
+        log.info("local backend closed: %d started, %d crashed", self.started, self.crashed)

@@ -1,0 +1,16 @@
+"""Scheduler settings (``SDSWARM_*``)."""
+
+from __future__ import annotations
+
+from services.common.settings import StoreSettings
+
+
+class SchedulerSettings(StoreSettings, kw_only=True, frozen=True):
+    poll_interval_s: float = 1.0
+    idle_timeout_s: float = 300.0
+    """A checkpoint without backlog for this long goes to zero workers."""
+    cache_dir: str = "./data/cache"
+    device: str = "auto"
+    """Device setting handed to local workers (``auto``, ``cpu``, ``cuda``)."""
+    allow_pickle: bool = False
+    worker_log_dir: str = "./data/logs"

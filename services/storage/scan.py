@@ -1,0 +1,71 @@
+"""Register checkpoints found in an A1111-layout models folder.
+
+``<models>/Stable-diffusion/**`` holds single files (``.safetensors``; ``.ckpt`` only
+when pickles are allowed) and diffusers folders (a directory with
+``model_index.json``). A checkpoint's name is its path relative to that folder with
+``/`` separators, as A1111 names them, so two files of the same name in different
+sub-folders stay distinct. Each file's family is detected from its tensors; a file
+that cannot be read is registered as ``failed`` with the reason, never loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from proto import ModelStatus, ModelType
+from services.storage.modelfiles import ModelFileError, inspect_checkpoint
+from services.storage.models import ModelStore, model_document
+
+log = logging.getLogger(__name__)
+CHECKPOINT_DIR = "Stable-diffusion"
+
+
+def find_checkpoints(models_dir: Path, allow_pickle: bool = False) -> list[Path]:
+    root = models_dir / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    suffixes = {".safetensors"} | ({".ckpt"} if allow_pickle else set())
+    found: list[Path] = []
+    for path in sorted(root.rglob("*")):
+        if any(parent in found for parent in path.parents):
+            continue  # a file inside a diffusers folder
+        if path.is_dir() and (path / "model_index.json").is_file():
+            found.append(path)
+        elif path.is_file() and path.suffix.lower() in suffixes:
+            found.append(path)
+    return found
+
+
+async def register_checkpoints(
+    models_dir: Path, store: ModelStore, allow_pickle: bool = False
+) -> list[str]:
+    """Upsert every checkpoint found; returns their names."""
+    root = models_dir / CHECKPOINT_DIR
+    registered = []
+    for path in find_checkpoints(models_dir, allow_pickle):
+        name = path.relative_to(root).as_posix()
+        size = path.stat().st_size if path.is_file() else 0
+        error: str | None = None
+        family: str | None = None
+        try:
+            info = await asyncio.to_thread(inspect_checkpoint, path)
+            family = info.family.value if info.family else None
+            if family is None:
+                error = "not a Stable Diffusion checkpoint this server can run (unknown layout)"
+        except ModelFileError as exc:
+            error = str(exc)
+        document = model_document(
+            name=name,
+            model_type=ModelType.STABLE_DIFFUSION,
+            path=str(path.resolve()),
+            family=family,
+            size_bytes=size,
+        )
+        await store.upsert(document)
+        if error:
+            log.warning("cannot use checkpoint %s: %s", name, error)
+            await store.set_status(name, ModelStatus.FAILED, error)
+        registered.append(name)
+    return registered

@@ -1,0 +1,72 @@
+import msgspec
+import pytest
+
+from proto.requests import Txt2ImgRequest
+from services.gateway.auth import check_exposure, is_loopback, parse_api_keys
+from services.gateway.errors import ApiError
+from services.gateway.settings import GatewaySettings
+from services.gateway.validation import check_limits, decode
+
+
+def _request(**fields: object) -> Txt2ImgRequest:
+    return msgspec.convert({"stable_diffusion_model": "m", **fields}, Txt2ImgRequest)
+
+
+def test_not_json_is_400() -> None:
+    with pytest.raises(ApiError) as info:
+        decode(b"{not json", Txt2ImgRequest)
+    assert 400 == info.value.status
+
+
+def test_rule_violation_is_422_naming_the_field() -> None:
+    with pytest.raises(ApiError) as info:
+        decode(b'{"stable_diffusion_model": "m", "width": 513}', Txt2ImgRequest)
+    assert (422, "width") == (info.value.status, info.value.field)
+    assert "multiple of 8" in info.value.message
+
+
+def test_missing_required_field_is_named() -> None:
+    with pytest.raises(ApiError) as info:
+        decode(b'{"prompt": "x"}', Txt2ImgRequest)
+    assert (422, "stable_diffusion_model") == (info.value.status, info.value.field)
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "text"),
+    [
+        ({"steps": 151}, "steps", "`steps` must be at most 150 but is 151"),
+        ({"width": 4096}, "width", "at most 2048"),
+        ({"batch_size": 9}, "batch_size", "at most 8"),
+        ({"batch_size": 8, "n_iter": 5}, "n_iter", "images (batch_size × n_iter)"),
+        ({"prompt": "x" * 20_001}, "prompt", "characters"),
+        ({"sampler_name": "Nope"}, "sampler_name", "valid samplers"),
+        ({"sampler_name": "Euler", "scheduler": "Bogus"}, "scheduler", "valid schedule types"),
+    ],
+)
+def test_limits(fields: dict[str, object], field: str, text: str) -> None:
+    with pytest.raises(ApiError) as info:
+        check_limits(_request(**fields), GatewaySettings())
+    assert (422, field) == (info.value.status, info.value.field)
+    assert text in info.value.message
+
+
+def test_limits_are_configurable() -> None:
+    check_limits(_request(steps=500), GatewaySettings(max_steps=500))
+    with pytest.raises(ApiError):
+        check_limits(_request(width=1024, height=1024), GatewaySettings(max_pixels=512 * 512))
+
+
+def test_auth_required_beyond_loopback() -> None:
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    check_exposure(GatewaySettings(host="127.0.0.1"))
+    with pytest.raises(SystemExit, match="without authentication"):
+        check_exposure(GatewaySettings(host="0.0.0.0"))
+    check_exposure(GatewaySettings(host="0.0.0.0", api_keys=["alice:" + "k" * 16]))
+
+
+def test_api_keys_are_parsed_and_checked() -> None:
+    assert {"k" * 16: "alice"} == parse_api_keys(["alice:" + "k" * 16])
+    with pytest.raises(SystemExit):
+        parse_api_keys(["alice:short"])
+    with pytest.raises(SystemExit):
+        parse_api_keys(["../evil:" + "k" * 16])
