@@ -14,8 +14,10 @@ import contextlib
 import logging
 import os
 import signal
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -29,7 +31,7 @@ from services.scheduler.local import LocalBackend
 from services.scheduler.settings import SchedulerSettings
 from services.storage.models import ModelStore
 from services.storage.mongo import database, open_client
-from services.storage.scan import find_checkpoints, register_checkpoints
+from services.storage.scan import CHECKPOINT_DIR, find_checkpoints, register_checkpoints
 from services.storage.sink import run_sink
 from services.storage.tasks import TaskStore
 
@@ -57,25 +59,27 @@ async def up(options: UpOptions) -> None:
         from services.inference.demo import write_demo_checkpoint
 
         path = await asyncio.to_thread(write_demo_checkpoint, options.models_dir)
-        log.info("no checkpoint in %s: wrote a tiny random-weight demo model %s (it draws noise)",
-                 options.models_dir / "Stable-diffusion", path)
-
+        log.info(
+            "no checkpoint in %s: wrote a tiny random-weight demo model %s (it draws noise)",
+            options.models_dir / CHECKPOINT_DIR,
+            path,
+        )
     async with contextlib.AsyncExitStack() as stack:
         nats_server = NatsServer(data / "nats", port=options.nats_port)
         await nats_server.start()
         stack.push_async_callback(nats_server.stop)
-        overrides: dict[str, object] = {
-            "nats_url": nats_server.url,
-            "store_dir": str(data / "objects"),
-            "public_url": f"http://{_url_host(options.host)}:{options.port}",
-        }
-        mongodb_url = os.environ.get("MONGODB_URL")
+        mongodb_url = os.environ.get("MONGODB_URL", "")
         if not mongodb_url:
             mongo_server = MongoServer(data / "mongo")
             await mongo_server.start()
             stack.push_async_callback(mongo_server.stop)
             mongodb_url = mongo_server.url
-        overrides["mongodb_url"] = mongodb_url
+        overrides: dict[str, Any] = {
+            "nats_url": nats_server.url,
+            "mongodb_url": mongodb_url,
+            "store_dir": str(data / "objects"),
+            "public_url": f"http://{_url_host(options.host)}:{options.port}",
+        }
         gateway_settings = from_environ(
             GatewaySettings, host=options.host, port=options.port, **overrides
         )
@@ -86,16 +90,43 @@ async def up(options: UpOptions) -> None:
             device=options.device,
             **overrides,
         )
+        await stack.enter_async_context(
+            running_system(gateway_settings, scheduler_settings, options.models_dir)
+        )
+        log.info(
+            "sdswarm is up: %s (NATS %s, MongoDB %s, objects %s)",
+            gateway_settings.public_url,
+            nats_server.url,
+            mongodb_url,
+            gateway_settings.s3_endpoint_url or gateway_settings.store_dir,
+        )
+        await stop.wait()
+        log.info("stopping")
 
-        mongo = open_client(mongodb_url)
+
+@contextlib.asynccontextmanager
+async def running_system(
+    gateway_settings: GatewaySettings,
+    scheduler_settings: SchedulerSettings,
+    models_dir: Path,
+) -> AsyncIterator[None]:
+    """Gateway, storage sink and scheduler (with local workers) against given servers.
+
+    Registers the checkpoints of ``models_dir`` first. Used by ``sdswarm up`` and by
+    the end-to-end tests, so both run the same wiring.
+    """
+    stop = asyncio.Event()
+    async with contextlib.AsyncExitStack() as stack:
+        mongo = open_client(scheduler_settings.mongodb_url)
         stack.push_async_callback(mongo.close)
-        db = database(mongo, gateway_settings.mongodb_db)
-        models = ModelStore(db)
+        db = database(mongo, scheduler_settings.mongodb_db)
+        models, tasks = ModelStore(db), TaskStore(db)
         await models.ensure_indexes()
-        names = await register_checkpoints(options.models_dir, models)
+        await tasks.ensure_indexes()
+        names = await register_checkpoints(models_dir, models, scheduler_settings.allow_pickle)
         log.info("registered checkpoints: %s", ", ".join(names) or "none")
 
-        nc = await bus.connect(nats_server.url, "sdswarm-embedded")
+        nc = await bus.connect(scheduler_settings.nats_url, "sdswarm-embedded")
         stack.push_async_callback(nc.drain)
         js = nc.jetstream()
         await bus.ensure_streams(js, scheduler_settings)
@@ -103,24 +134,21 @@ async def up(options: UpOptions) -> None:
         backend = LocalBackend(scheduler_settings)
         stack.push_async_callback(backend.aclose)
         scheduler = Scheduler(scheduler_settings, js, models, backend)
-        tasks = TaskStore(db)
-        await tasks.ensure_indexes()
         background = [
             asyncio.create_task(scheduler.run(stop), name="scheduler"),
             asyncio.create_task(run_sink(js, tasks, stop), name="storage-sink"),
         ]
 
+        async def stop_background() -> None:
+            stop.set()
+            await asyncio.gather(*background, return_exceptions=True)
+
+        stack.push_async_callback(stop_background)
         runner = web.AppRunner(create_app(gateway_settings), handle_signals=False)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
-        await web.TCPSite(runner, options.host, options.port).start()
-        log.info("sdswarm is up: http://%s:%d (NATS %s, MongoDB %s, objects %s)",
-                 _url_host(options.host), options.port, nats_server.url, mongodb_url,
-                 gateway_settings.s3_endpoint_url or gateway_settings.store_dir)
-        await stop.wait()
-        log.info("stopping")
-        stop.set()
-        await asyncio.gather(*background, return_exceptions=True)
+        await web.TCPSite(runner, gateway_settings.host, gateway_settings.port).start()
+        yield
 
 
 def _url_host(host: str) -> str:

@@ -111,9 +111,7 @@ class DiffusersPipeline:
         first_seed = resolve_seed(request.seed)
         count = request.batch_size * request.n_iter
         seeds = [(first_seed + i) % (MAX_SEED + 1) for i in range(count)]
-        infotexts = [
-            infotext(request, seed, self.model_name, self.model_hash) for seed in seeds
-        ]
+        infotexts = [infotext(request, seed, self.model_name, self.model_hash) for seed in seeds]
         pngs: list[bytes] = []
         for job_no in range(request.n_iter):
             batch_seeds = seeds[job_no * request.batch_size : (job_no + 1) * request.batch_size]

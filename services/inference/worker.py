@@ -21,6 +21,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import TypedDict
 
 import msgspec
 from nats.aio.client import Client
@@ -54,6 +55,14 @@ from services.storage.objects import ObjectStore
 
 log = logging.getLogger(__name__)
 NAK_DELAY_S = 2.0
+
+
+class _Origin(TypedDict):
+    """Fields every event of one delivery attempt shares."""
+
+    task_id: str
+    attempt: int
+    worker: str
 
 
 class Progress(msgspec.Struct, frozen=True):
@@ -124,9 +133,7 @@ class Worker:
             names.event_subject(event.task_id, kind),
             encode_event(event),
             stream=names.EVENT_STREAM,
-            headers={
-                names.MSG_ID_HEADER: f"{event.task_id}.{kind}.{event.attempt}{dedupe_suffix}"
-            },
+            headers={names.MSG_ID_HEADER: f"{event.task_id}.{kind}.{event.attempt}{dedupe_suffix}"},
         )
 
     async def _is_cancelled(self, task_id: str) -> bool:
@@ -145,7 +152,7 @@ class Worker:
             await message.term()
             return
         attempt = message.metadata.num_delivered
-        common = {"task_id": command.task_id, "attempt": attempt, "worker": self.settings.worker_id}
+        common = _Origin(task_id=command.task_id, attempt=attempt, worker=self.settings.worker_id)
         if await self._is_cancelled(command.task_id):
             await self._publish(TaskCancelled(**common, at=time.time()))
             await message.ack()
@@ -171,7 +178,7 @@ class Worker:
         self.completed += 1
 
     async def _run(self, command: GenerateImage, message: Msg, attempt: int) -> TaskEvent:
-        common = {"task_id": command.task_id, "attempt": attempt, "worker": self.settings.worker_id}
+        common = _Origin(task_id=command.task_id, attempt=attempt, worker=self.settings.worker_id)
         loop = asyncio.get_running_loop()
         steps: asyncio.Queue[Progress | None] = asyncio.Queue()
         stop_flag = threading.Event()
@@ -182,15 +189,15 @@ class Worker:
         cancel_sub = await self.nc.subscribe(names.cancel_subject(command.task_id), cb=on_cancel)
         reporter = asyncio.create_task(self._report(command, message, attempt, steps))
         started = time.monotonic()
+
+        def on_step(job_no: int, step: int, total: int) -> None:
+            # Called from the pipeline thread: hand over to the event loop.
+            loop.call_soon_threadsafe(steps.put_nowait, Progress(job_no, step, total))
+
         try:
             pipeline = await self._pipeline_or_error()
             generation = await asyncio.to_thread(
-                pipeline.generate,
-                command,
-                lambda job, step, total: loop.call_soon_threadsafe(
-                    steps.put_nowait, Progress(job, step, total)
-                ),
-                stop_flag.is_set,
+                pipeline.generate, command, on_step, stop_flag.is_set
             )
         except TaskCancelledError:
             return TaskCancelled(**common, at=time.time())

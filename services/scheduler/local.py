@@ -32,9 +32,9 @@ def worker_environ(settings: SchedulerSettings, model: Document) -> dict[str, st
     env = {k: v for k, v in os.environ.items() if not k.startswith(PREFIX)}
     for name in StoreSettings.__struct_fields__:
         value = getattr(settings, name)
-        env[PREFIX + name.upper()] = value if isinstance(value, str) else msgspec.json.encode(
-            value
-        ).decode()
+        env[PREFIX + name.upper()] = (
+            value if isinstance(value, str) else msgspec.json.encode(value).decode()
+        )
     env |= {
         f"{PREFIX}MODEL_NAME": model["_id"],
         f"{PREFIX}MODEL_KEY": model["model_key"],

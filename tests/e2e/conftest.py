@@ -1,0 +1,105 @@
+"""The whole system (gateway, sink, scheduler, real worker processes) on real servers."""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from services.common.servers import NatsServer, free_port
+from services.common.settings import from_environ
+from services.embedded import running_system
+from services.gateway.settings import GatewaySettings
+from services.scheduler.settings import SchedulerSettings
+from services.storage.mongo import Document, database, open_client
+from services.storage.objects import ObjectStore, open_object_store
+
+
+@dataclass
+class System:
+    url: str
+    http: aiohttp.ClientSession
+    settings: GatewaySettings
+    objects: ObjectStore
+    db: Any
+    nats_url: str
+
+    async def task(self, task_id: str) -> Document | None:
+        doc: Document | None = await self.db["tasks"].find_one({"_id": task_id})
+        return doc
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    target = root / "Stable-diffusion" / "tiny.safetensors"
+    target.parent.mkdir(parents=True)
+    shutil.copy(tiny_checkpoint, target)
+    return root
+
+
+@pytest.fixture(scope="module", params=["local", "s3"])
+async def system(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    models_dir: Path,
+    mongo_server: Any,
+) -> AsyncIterator[System]:
+    data = tmp_path_factory.mktemp(f"system-{request.param}")
+    port = free_port()
+    store: dict[str, Any] = {"store_dir": str(data / "objects")}
+    if request.param == "s3":
+        s3 = request.getfixturevalue("s3_server")
+        store = {
+            "s3_endpoint_url": s3.endpoint_url,
+            "s3_access_key": s3.access_key,
+            "s3_secret_key": s3.secret_key,
+            "s3_region": s3.region,
+            "s3_bucket": f"e2e-{secrets.token_hex(4)}",
+        }
+    # A NATS server per system: the two backends must not share streams or consumers.
+    nats_server = NatsServer(data / "nats")
+    await nats_server.start()
+    common: dict[str, Any] = {
+        "nats_url": nats_server.url,
+        "mongodb_url": mongo_server.url,
+        "mongodb_db": f"e2e_{request.param}_{secrets.token_hex(4)}",
+        "public_url": f"http://127.0.0.1:{port}",
+        "ack_wait_s": 30,
+        **store,
+    }
+    environ: dict[str, str] = {}
+    gateway = from_environ(GatewaySettings, environ, port=port, sync_timeout_s=120, **common)
+    scheduler = from_environ(
+        SchedulerSettings,
+        environ,
+        cache_dir=str(data / "cache"),
+        worker_log_dir=str(data / "logs"),
+        device="cpu",
+        poll_interval_s=0.2,
+        **common,
+    )
+    mongo = open_client(mongo_server.url)
+    objects = await open_object_store(gateway)
+    try:
+        async with running_system(gateway, scheduler, models_dir), aiohttp.ClientSession() as http:
+            yield System(
+                url=f"http://127.0.0.1:{port}",
+                http=http,
+                settings=gateway,
+                objects=objects,
+                db=database(mongo, gateway.mongodb_db),
+                nats_url=nats_server.url,
+            )
+    finally:
+        for log in sorted((data / "logs").glob("*.log")):
+            print(f"--- {log.name} ---\n{log.read_text()[-4000:]}")
+        await objects.aclose()
+        await mongo.close()
+        await nats_server.stop()

@@ -1,0 +1,88 @@
+"""The event fold against a real MongoDB-wire server: forward-only, fenced, idempotent."""
+
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from proto.events import (
+    TaskCancelled,
+    TaskFailed,
+    TaskProgressed,
+    TaskStarted,
+    TaskSucceeded,
+)
+from services.storage.mongo import database, open_client
+from services.storage.tasks import TaskStore, new_task_document
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def store(mongo_server: Any) -> AsyncIterator[TaskStore]:
+    client = open_client(mongo_server.url)
+    name = f"test_{secrets.token_hex(4)}"
+    store = TaskStore(database(client, name))
+    await store.ensure_indexes()
+    yield store
+    await client.drop_database(name)
+    await client.close()
+
+
+async def _new_task(store: TaskStore) -> str:
+    task_id = secrets.token_hex(6)
+    await store.insert(
+        new_task_document(
+            task_id=task_id, user="alice", kind="txt2img", model_name="m", model_key="m-000000",
+            parameters={"steps": 4}, total_steps=4, job_count=1,
+        )
+    )
+    return task_id
+
+
+async def test_happy_path_moves_forward(store: TaskStore) -> None:
+    task_id = await _new_task(store)
+    assert await store.apply(TaskStarted(task_id=task_id, attempt=1, at=1.0))
+    assert await store.apply(TaskProgressed(task_id=task_id, step=2, total_steps=4, progress=0.5))
+    assert await store.apply(TaskSucceeded(task_id=task_id, images=["k1"], info="{}", at=2.0))
+    doc = await store.get(task_id)
+    assert doc is not None
+    assert ("succeeded", ["k1"], 1.0) == (doc["status"], doc["images"], doc["progress"]["progress"])
+    assert doc["started_at"] is not None and doc["finished_at"] is not None
+
+
+async def test_duplicates_and_late_events_change_nothing(store: TaskStore) -> None:
+    task_id = await _new_task(store)
+    await store.apply(TaskStarted(task_id=task_id, attempt=1))
+    assert await store.apply(TaskProgressed(task_id=task_id, step=3, total_steps=4))
+    assert not await store.apply(TaskProgressed(task_id=task_id, step=3, total_steps=4))
+    assert not await store.apply(TaskProgressed(task_id=task_id, step=2, total_steps=4))
+    await store.apply(TaskSucceeded(task_id=task_id, images=["k"]))
+    # Terminal is final: nothing after it lands, not even another terminal event.
+    assert not await store.apply(TaskFailed(task_id=task_id, code="x", message="late"))
+    assert not await store.apply(TaskStarted(task_id=task_id, attempt=2))
+    assert not await store.apply(TaskProgressed(task_id=task_id, attempt=2, step=1, total_steps=4))
+    doc = await store.get(task_id)
+    assert doc is not None
+    assert ("succeeded", 3) == (doc["status"], doc["progress"]["step"])
+
+
+async def test_an_older_attempt_never_overwrites_a_newer_one(store: TaskStore) -> None:
+    task_id = await _new_task(store)
+    await store.apply(TaskStarted(task_id=task_id, attempt=1))
+    await store.apply(TaskStarted(task_id=task_id, attempt=2))
+    # The zombie first attempt wakes up and reports.
+    assert not await store.apply(TaskProgressed(task_id=task_id, attempt=1, step=4, total_steps=4))
+    assert not await store.apply(TaskSucceeded(task_id=task_id, attempt=1, images=["old"]))
+    assert await store.apply(TaskProgressed(task_id=task_id, attempt=2, step=1, total_steps=4))
+    assert await store.apply(TaskCancelled(task_id=task_id, attempt=2))
+    doc = await store.get(task_id)
+    assert doc is not None
+    assert ("cancelled", 2, []) == (doc["status"], doc["attempt"], doc["images"])
+
+
+async def test_queries_are_scoped_to_the_owner(store: TaskStore) -> None:
+    task_id = await _new_task(store)
+    assert await store.get(task_id, "alice") is not None
+    assert await store.get(task_id, "mallory") is None
