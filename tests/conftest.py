@@ -1,0 +1,72 @@
+"""Fixtures shared by every test tier: real servers and the tiny checkpoint."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Generator
+from pathlib import Path
+
+import pytest
+
+from services.common.servers import MongoServer, NatsServer, SeaweedS3
+from tests import servers
+from tests.servers import MongoInfo, NatsInfo, S3Info
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.failed:
+        for server in servers.STARTED:
+            report.sections.append((f"{server.name} log (tail)", server.tail_log(60)))
+    return report
+
+
+@pytest.fixture(scope="session")
+async def nats_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[NatsInfo]:
+    external = servers.external_nats()
+    if external:
+        yield external
+        return
+    async with NatsServer(tmp_path_factory.mktemp("nats")) as server:
+        servers.STARTED.append(server)
+        assert isinstance(server, NatsServer)
+        yield NatsInfo(server.url)
+
+
+@pytest.fixture(scope="session")
+async def mongo_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[MongoInfo]:
+    external = servers.external_mongo()
+    if external:
+        yield external
+        return
+    async with MongoServer(tmp_path_factory.mktemp("mongo")) as server:
+        servers.STARTED.append(server)
+        assert isinstance(server, MongoServer)
+        yield MongoInfo(server.url)
+
+
+@pytest.fixture(scope="session")
+async def s3_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[S3Info]:
+    external = servers.external_s3()
+    if external:
+        yield external
+        return
+    async with SeaweedS3(tmp_path_factory.mktemp("seaweedfs")) as server:
+        servers.STARTED.append(server)
+        assert isinstance(server, SeaweedS3)
+        yield S3Info(
+            endpoint_url=server.endpoint_url,
+            access_key=server.access_key,
+            secret_key=server.secret_key,
+            region=server.region,
+        )
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight SD1.x checkpoint as an A1111 single-file ``.safetensors``."""
+    from services.inference.tiny import build_tiny_sd1
+
+    return build_tiny_sd1(tmp_path_factory.mktemp("tiny")).single_file
