@@ -25,7 +25,6 @@ import secrets
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import sysconfig
 import time
@@ -76,7 +75,7 @@ class ManagedServer:
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.log_path = self.data_dir / f"{self.name}.log"
-        self._process: subprocess.Popen[bytes] | None = None
+        self._process: asyncio.subprocess.Process | None = None
         self._log: IO[bytes] | None = None
 
     def command(self) -> list[str]:
@@ -90,22 +89,23 @@ class ManagedServer:
         return self._process.pid if self._process else None
 
     async def start(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self._process = subprocess.Popen(
-            self.command(),
-            stdin=subprocess.DEVNULL,
+        await asyncio.to_thread(self.data_dir.mkdir, parents=True, exist_ok=True)
+        self._log = await asyncio.to_thread(open, self.log_path, "ab")
+        command = await asyncio.to_thread(self.command)
+        self._process = process = await asyncio.create_subprocess_exec(
+            *command,
+            stdin=asyncio.subprocess.DEVNULL,
             stdout=self._log,
-            stderr=subprocess.STDOUT,
+            stderr=asyncio.subprocess.STDOUT,
             cwd=self.data_dir,
             start_new_session=True,  # its own process group: stop() kills all of it
         )
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
-            if self._process.poll() is not None:
+            if process.returncode is not None:
                 await self.stop()
                 raise RuntimeError(
-                    f"{self.name} exited with {self._process.returncode}:\n{self.tail_log()}"
+                    f"{self.name} exited with {process.returncode}:\n{self.tail_log()}"
                 )
             if await self.ready():
                 return
@@ -115,16 +115,15 @@ class ManagedServer:
 
     async def stop(self) -> None:
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
+        if process is not None and process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGTERM)
-            deadline = time.monotonic() + self.stop_grace_s
-            while process.poll() is None and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            if process.poll() is None:
+            try:
+                await asyncio.wait_for(process.wait(), self.stop_grace_s)
+            except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)
-                await asyncio.to_thread(process.wait)
+                await process.wait()
         # Children of the server (if any) share its process group.
         if process is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):

@@ -83,9 +83,10 @@ class LocalBackend:
             await self._stop(alive.pop())
 
     async def _spawn(self, model: Document) -> asyncio.subprocess.Process:
-        log_dir = Path(self.settings.worker_log_dir)
-        log_dir.mkdir(parents=True, exist_ok=True)
-        with open(log_dir / f"worker-{model['model_key']}.log", "ab") as log_file:
+        log_path = Path(self.settings.worker_log_dir) / f"worker-{model['model_key']}.log"
+        await asyncio.to_thread(log_path.parent.mkdir, parents=True, exist_ok=True)
+        log_file = await asyncio.to_thread(open, log_path, "ab")
+        with log_file:
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",

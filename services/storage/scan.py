@@ -31,9 +31,8 @@ def find_checkpoints(models_dir: Path, allow_pickle: bool = False) -> list[Path]
     for path in sorted(root.rglob("*")):
         if any(parent in found for parent in path.parents):
             continue  # a file inside a diffusers folder
-        if path.is_dir() and (path / "model_index.json").is_file():
-            found.append(path)
-        elif path.is_file() and path.suffix.lower() in suffixes:
+        is_diffusers_folder = path.is_dir() and (path / "model_index.json").is_file()
+        if is_diffusers_folder or (path.is_file() and path.suffix.lower() in suffixes):
             found.append(path)
     return found
 

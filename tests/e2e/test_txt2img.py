@@ -76,7 +76,8 @@ async def test_async_txt2img_progress_sse_and_result(system: System) -> None:
     kinds = [name for name, _ in events]
     assert "succeeded" == kinds[-1], kinds
     steps = [data["step"] for name, data in events if name == "progress"]
-    assert steps == sorted(steps) and len(steps) >= 2, steps
+    assert sorted(steps) == steps
+    assert len(steps) >= 2, steps
     assert 4 == steps[-1]
     assert kinds.index("started") < kinds.index("progress")
 
@@ -140,8 +141,11 @@ async def test_same_seed_gives_byte_identical_images(system: System) -> None:
     [
         (json.dumps({**BODY, "width": 513}).encode(), 422, "width"),
         (b"{this is not json", 400, None),
-        (json.dumps({**BODY, "stable_diffusion_model": "nope.safetensors"}).encode(), 404,
-         "stable_diffusion_model"),
+        (
+            json.dumps({**BODY, "stable_diffusion_model": "nope.safetensors"}).encode(),
+            404,
+            "stable_diffusion_model",
+        ),
         (json.dumps({**BODY, "steps": 100_000}).encode(), 422, "steps"),
     ],
 )

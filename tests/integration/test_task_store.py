@@ -34,8 +34,14 @@ async def _new_task(store: TaskStore) -> str:
     task_id = secrets.token_hex(6)
     await store.insert(
         new_task_document(
-            task_id=task_id, user="alice", kind="txt2img", model_name="m", model_key="m-000000",
-            parameters={"steps": 4}, total_steps=4, job_count=1,
+            task_id=task_id,
+            user="alice",
+            kind="txt2img",
+            model_name="m",
+            model_key="m-000000",
+            parameters={"steps": 4},
+            total_steps=4,
+            job_count=1,
         )
     )
     return task_id
@@ -49,7 +55,8 @@ async def test_happy_path_moves_forward(store: TaskStore) -> None:
     doc = await store.get(task_id)
     assert doc is not None
     assert ("succeeded", ["k1"], 1.0) == (doc["status"], doc["images"], doc["progress"]["progress"])
-    assert doc["started_at"] is not None and doc["finished_at"] is not None
+    assert doc["started_at"] is not None
+    assert doc["finished_at"] is not None
 
 
 async def test_duplicates_and_late_events_change_nothing(store: TaskStore) -> None:

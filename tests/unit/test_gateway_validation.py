@@ -57,7 +57,8 @@ def test_limits_are_configurable() -> None:
 
 
 def test_auth_required_beyond_loopback() -> None:
-    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert all(is_loopback(host) for host in ("127.0.0.1", "::1", "localhost"))
+    assert not is_loopback("0.0.0.0")
     check_exposure(GatewaySettings(host="127.0.0.1"))
     with pytest.raises(SystemExit, match="without authentication"):
         check_exposure(GatewaySettings(host="0.0.0.0"))
