@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             asyncio.run(up(options))
         case "demo-model":
-            from services.inference.demo import write_demo_checkpoint
+            from services.inference.tiny import write_demo_checkpoint
 
             print(write_demo_checkpoint(args.models_dir))
         case "gateway":

@@ -56,7 +56,7 @@ async def up(options: UpOptions) -> None:
     data = options.data_dir.resolve()
     data.mkdir(parents=True, exist_ok=True)
     if not find_checkpoints(options.models_dir):
-        from services.inference.demo import write_demo_checkpoint
+        from services.inference.tiny import write_demo_checkpoint
 
         path = await asyncio.to_thread(write_demo_checkpoint, options.models_dir)
         log.info(

@@ -1,0 +1,261 @@
+"""Load a checkpoint offline: A1111 single files and diffusers folders.
+
+Single files go through ``from_single_file(config=<folder>, local_files_only=True)``;
+without ``config`` diffusers would ask the Hub. The folder is the shipped config of the
+checkpoint's family (``configs/<family>``) with the component configs *patched with the
+dimensions read from the tensors* and the tokenizer files added, materialised once per
+checkpoint in a cache folder. For a real checkpoint the patched values equal the shipped
+ones; the same path also loads the tiny checkpoints the tests build.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from proto import ModelFamily
+from services.inference.tokenizer import BOS, EOS, write_tokenizer_files
+from services.storage.modelfiles import (
+    UNET,
+    ModelFileError,
+    TensorInfo,
+    detect_family,
+    inspect_checkpoint,
+    read_safetensors_header,
+)
+
+CONFIGS = Path(__file__).parent / "configs"
+SD1_TEXT = "cond_stage_model.transformer.text_model."
+SD2_TEXT = "cond_stage_model.model."
+XL_TEXT_1 = "conditioner.embedders.0.transformer.text_model."
+XL_TEXT_2 = "conditioner.embedders.1.model."
+VAE = "first_stage_model."
+CONFIG_VERSION = "1"
+"""Bump when the derivation changes, so cached config folders are rebuilt."""
+
+
+class CheckpointError(Exception):
+    """The checkpoint cannot be loaded; the message says why, for the task's ``message``."""
+
+
+def _count(tensors: dict[str, TensorInfo], pattern: str) -> int:
+    regex = re.compile(pattern)
+    return len({m[1] for name in tensors if (m := regex.match(name))})
+
+
+def _shape(tensors: dict[str, TensorInfo], name: str) -> tuple[int, ...]:
+    info = tensors.get(name)
+    if info is None:
+        raise CheckpointError(f"missing tensor {name}: the file is not a complete checkpoint")
+    return info.shape
+
+
+def derive_unet(tensors: dict[str, TensorInfo], base: dict[str, Any], family: ModelFamily) -> None:
+    inputs = _count(tensors, re.escape(UNET) + r"input_blocks\.(\d+)\.")
+    downsamplers = sorted(
+        int(m[1])
+        for name in tensors
+        if (m := re.match(re.escape(UNET) + r"input_blocks\.(\d+)\.0\.op\.weight", name))
+    )
+    per = downsamplers[0] if downsamplers else inputs
+    blocks = inputs // per
+    layers = per - 1
+    channels, down_types, depth = [], [], []
+    for b in range(blocks):
+        first = f"{UNET}input_blocks.{1 + b * per}"
+        channels.append(_shape(tensors, f"{first}.0.in_layers.2.weight")[0])
+        depth.append(_count(tensors, re.escape(first) + r"\.1\.transformer_blocks\.(\d+)\.") or 1)
+        has_attention = f"{first}.1.proj_in.weight" in tensors
+        down_types.append("CrossAttnDownBlock2D" if has_attention else "DownBlock2D")
+    attn_key = next((n for n in tensors if n.endswith("attn2.to_k.weight")), None)
+    proj_in = next((n for n in tensors if n.endswith(".proj_in.weight")), None)
+    base.update(
+        in_channels=_shape(tensors, UNET + "input_blocks.0.0.weight")[1],
+        out_channels=_shape(tensors, UNET + "out.2.weight")[0],
+        block_out_channels=channels,
+        layers_per_block=layers,
+        down_block_types=down_types,
+        up_block_types=[t.replace("Down", "Up") for t in reversed(down_types)],
+    )
+    if attn_key:
+        base["cross_attention_dim"] = tensors[attn_key].shape[1]
+    if proj_in:
+        base["use_linear_projection"] = len(tensors[proj_in].shape) == 2
+    if family not in (ModelFamily.SD1, ModelFamily.SD1_INPAINT):
+        # SD2 and SDXL use 64-channel attention heads (SD1 uses 8 heads of any width).
+        base["attention_head_dim"] = [max(1, c // 64) for c in channels]
+        base["transformer_layers_per_block"] = depth
+    if UNET + "label_emb.0.0.weight" in tensors:
+        base["projection_class_embeddings_input_dim"] = _shape(
+            tensors, UNET + "label_emb.0.0.weight"
+        )[1]
+
+
+def derive_vae(tensors: dict[str, TensorInfo], base: dict[str, Any]) -> None:
+    blocks = _count(tensors, re.escape(VAE) + r"encoder\.down\.(\d+)\.")
+    channels = [
+        _shape(tensors, f"{VAE}encoder.down.{i}.block.0.conv1.weight")[0] for i in range(blocks)
+    ]
+    base.update(
+        block_out_channels=channels,
+        layers_per_block=_count(tensors, re.escape(VAE) + r"encoder\.down\.0\.block\.(\d+)\."),
+        latent_channels=_shape(tensors, VAE + "post_quant_conv.weight")[0],
+        down_block_types=["DownEncoderBlock2D"] * blocks,
+        up_block_types=["UpDecoderBlock2D"] * blocks,
+    )
+
+
+def derive_clip(tensors: dict[str, TensorInfo], prefix: str, base: dict[str, Any]) -> None:
+    """HF-layout CLIP text encoders (SD1, SDXL's first)."""
+    vocab, hidden = _shape(tensors, prefix + "embeddings.token_embedding.weight")
+    base.update(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        max_position_embeddings=_shape(tensors, prefix + "embeddings.position_embedding.weight")[0],
+        num_hidden_layers=_count(tensors, re.escape(prefix) + r"encoder\.layers\.(\d+)\."),
+        intermediate_size=_shape(tensors, prefix + "encoder.layers.0.mlp.fc1.weight")[0],
+        num_attention_heads=max(1, hidden // 64),
+    )
+
+
+def derive_open_clip(
+    tensors: dict[str, TensorInfo], prefix: str, base: dict[str, Any], *, penultimate: bool
+) -> None:
+    """OpenCLIP-layout text encoders (SD2, SDXL's second)."""
+    vocab, hidden = _shape(tensors, prefix + "token_embedding.weight")
+    layers = _count(tensors, re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.")
+    base.update(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        max_position_embeddings=_shape(tensors, prefix + "positional_embedding")[0],
+        # SD2 conditions on the penultimate layer; diffusers' converter drops the last.
+        num_hidden_layers=layers - 1 if penultimate else layers,
+        intermediate_size=_shape(tensors, prefix + "transformer.resblocks.0.mlp.c_fc.weight")[0],
+        num_attention_heads=max(1, hidden // 64),
+    )
+    if prefix + "text_projection" in tensors:
+        base["projection_dim"] = _shape(tensors, prefix + "text_projection")[1]
+
+
+def _patch(folder: Path, component: str, name: str, derive: Any) -> None:
+    path = folder / component / name
+    config = json.loads(path.read_text())
+    derive(config)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def materialise_config(
+    checkpoint: Path, tensors: dict[str, TensorInfo], family: ModelFamily, cache_dir: Path
+) -> Path:
+    """A config folder for this checkpoint (cached by its header)."""
+    digest = hashlib.sha256(
+        json.dumps({k: v.shape for k, v in sorted(tensors.items())}).encode()
+        + CONFIG_VERSION.encode()
+    ).hexdigest()[:16]
+    folder = cache_dir / "configs" / f"{family.value}-{digest}"
+    if (folder / "model_index.json").is_file():
+        return folder
+    staging = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(CONFIGS / family.value, staging)
+    _patch(staging, "unet", "config.json", lambda c: derive_unet(tensors, c, family))
+    _patch(staging, "vae", "config.json", lambda c: derive_vae(tensors, c))
+    pad = EOS
+    if family in (ModelFamily.SD1, ModelFamily.SD1_INPAINT):
+        _patch(staging, "text_encoder", "config.json", lambda c: derive_clip(tensors, SD1_TEXT, c))
+    elif family in (ModelFamily.SD2, ModelFamily.SD2_INPAINT):
+        _patch(
+            staging,
+            "text_encoder",
+            "config.json",
+            lambda c: derive_open_clip(tensors, SD2_TEXT, c, penultimate=True),
+        )
+        pad = "!"  # OpenCLIP pads with id 0, which is "!"
+    else:
+        _patch(staging, "text_encoder", "config.json", lambda c: derive_clip(tensors, XL_TEXT_1, c))
+        _patch(
+            staging,
+            "text_encoder_2",
+            "config.json",
+            lambda c: derive_open_clip(tensors, XL_TEXT_2, c, penultimate=False),
+        )
+        write_tokenizer_files(staging / "tokenizer_2", pad_token="!")
+    write_tokenizer_files(staging / "tokenizer", pad_token=pad)
+    assert BOS  # the tokenizer module's special tokens are the CLIP ones
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)
+    return folder
+
+
+def _pipeline_class(family: ModelFamily) -> Any:
+    import diffusers
+
+    return {
+        ModelFamily.SD1: diffusers.StableDiffusionPipeline,
+        ModelFamily.SD2: diffusers.StableDiffusionPipeline,
+        ModelFamily.SD1_INPAINT: diffusers.StableDiffusionInpaintPipeline,
+        ModelFamily.SD2_INPAINT: diffusers.StableDiffusionInpaintPipeline,
+        ModelFamily.SDXL: diffusers.StableDiffusionXLPipeline,
+        ModelFamily.SDXL_INPAINT: diffusers.StableDiffusionXLInpaintPipeline,
+    }[family]
+
+
+def load_pipeline(
+    checkpoint: Path,
+    *,
+    cache_dir: Path,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    allow_pickle: bool = False,
+) -> Any:
+    """A ready diffusers pipeline on ``device``; never contacts a model hub."""
+    if dtype is None:
+        # fp16 on CPU is ~100x slower than fp32 (ML notes); GPUs get fp16.
+        dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    try:
+        if checkpoint.is_dir():
+            info = inspect_checkpoint(checkpoint)
+            if info.family is None:
+                raise CheckpointError(f"{checkpoint.name}: unknown diffusers pipeline")
+            return (
+                _pipeline_class(info.family)
+                .from_pretrained(
+                    checkpoint, local_files_only=True, torch_dtype=dtype, safety_checker=None
+                )
+                .to(device)
+            )
+        if checkpoint.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
+            if not allow_pickle:
+                raise CheckpointError(
+                    f"{checkpoint.name}: pickle checkpoints can run code when loaded and are"
+                    " refused; convert it to .safetensors or set SDSWARM_ALLOW_PICKLE=true"
+                )
+            raise CheckpointError(f"{checkpoint.name}: pickle loading is not implemented yet")
+        tensors, _ = read_safetensors_header(checkpoint)
+        family = detect_family(tensors)
+        if family is None:
+            raise CheckpointError(
+                f"{checkpoint.name}: not a Stable Diffusion 1.x, 2.x or XL checkpoint"
+            )
+        config = materialise_config(checkpoint, tensors, family, cache_dir)
+        options: dict[str, Any] = {}
+        if family not in (ModelFamily.SDXL, ModelFamily.SDXL_INPAINT):
+            options["safety_checker"] = None
+        pipe = _pipeline_class(family).from_single_file(
+            str(checkpoint),
+            config=str(config),
+            local_files_only=True,
+            torch_dtype=dtype,
+            **options,
+        )
+        return pipe.to(device)
+    except (ModelFileError, OSError, ValueError, KeyError, RuntimeError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"{checkpoint.name}: cannot load: {exc}") from exc
