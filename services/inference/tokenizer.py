@@ -14,6 +14,7 @@ import importlib.util
 import json
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 MERGES = 49152 - 256 - 2
@@ -74,9 +75,11 @@ def write_tokenizer_files(target: Path, *, pad_token: str = EOS) -> Path:
     (target / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (target / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     # transformers 5: pass the data, not vocab_file=/merges_file= (those give wrong ids).
+    # Pairs, not "a b" strings; the annotation in transformers says list[str], wrongly.
+    pairs: Any = [tuple(m.split(" ", 1)) for m in merges]
     tokenizer = CLIPTokenizer(
         vocab=vocab,
-        merges=[tuple(m.split()) for m in merges],
+        merges=pairs,
         model_max_length=77,
         bos_token=BOS,
         eos_token=EOS,

@@ -50,12 +50,13 @@ async def system(
     tmp_path_factory: pytest.TempPathFactory,
     models_dir: Path,
     mongo_server: Any,
+    s3_server: Any,
 ) -> AsyncIterator[System]:
     data = tmp_path_factory.mktemp(f"system-{request.param}")
     port = free_port()
     store: dict[str, Any] = {"store_dir": str(data / "objects")}
     if request.param == "s3":
-        s3 = request.getfixturevalue("s3_server")
+        s3 = s3_server
         store = {
             "s3_endpoint_url": s3.endpoint_url,
             "s3_access_key": s3.access_key,

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from nats.js.errors import NotFoundError
 from PIL import Image
+from PIL.PngImagePlugin import PngImageFile
 
 from proto import names
 from services.common import bus
@@ -89,7 +90,8 @@ async def test_async_txt2img_progress_sse_and_result(system: System) -> None:
     assert 2 == len(result["ossUrl"])
     for key in result["images"]:
         image = Image.open(io.BytesIO(await system.objects.get(key)))
-        assert ("PNG", (64, 64)) == (image.format, image.size)
+        assert isinstance(image, PngImageFile)
+        assert (64, 64) == image.size
         assert "Steps: 4, Sampler: Euler a" in image.text["parameters"]
     for url in result["ossUrl"]:
         async with system.http.get(url) as download:
