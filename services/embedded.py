@@ -24,6 +24,7 @@ from aiohttp import web
 from services.common import bus
 from services.common.servers import MongoServer, NatsServer
 from services.common.settings import from_environ
+from services.common.supervise import supervised
 from services.gateway.app import create_app
 from services.gateway.settings import GatewaySettings
 from services.scheduler.app import Scheduler
@@ -135,8 +136,13 @@ async def running_system(
         stack.push_async_callback(backend.aclose)
         scheduler = Scheduler(scheduler_settings, js, models, backend)
         background = [
-            asyncio.create_task(scheduler.run(stop), name="scheduler"),
-            asyncio.create_task(run_sink(js, tasks, stop), name="storage-sink"),
+            asyncio.create_task(
+                supervised("scheduler", lambda: scheduler.run(stop), stop), name="scheduler"
+            ),
+            asyncio.create_task(
+                supervised("storage sink", lambda: run_sink(js, tasks, stop), stop),
+                name="storage-sink",
+            ),
         ]
 
         async def stop_background() -> None:

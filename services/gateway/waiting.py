@@ -19,7 +19,6 @@ from aiohttp import web
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import DeliverPolicy
 
 from proto import TaskStatus, names
@@ -147,7 +146,7 @@ async def task_events(request: web.Request) -> web.StreamResponse:
         while True:
             try:
                 message = await subscription.next_msg(timeout=RECHECK_S)
-            except NatsTimeoutError:
+            except TimeoutError:  # nats raises its own subclass or the builtin, by code path
                 # Quiet: keep the connection alive, and finish from MongoDB if the task
                 # ended while its events were already gone from the stream.
                 document = await res.tasks.get(task_id, user)

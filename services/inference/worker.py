@@ -26,7 +26,6 @@ from typing import TypedDict
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
@@ -102,7 +101,7 @@ class Worker:
             while not stop.is_set():
                 try:
                     messages = await subscription.fetch(1, timeout=self.settings.fetch_timeout_s)
-                except NatsTimeoutError:
+                except TimeoutError:  # nats raises its own subclass or the builtin, by code path
                     idle = time.monotonic() - idle_since
                     if self.settings.idle_exit_s and idle > self.settings.idle_exit_s:
                         log.info("idle for %.0f s, exiting", idle)

@@ -11,7 +11,6 @@ import asyncio
 import logging
 
 import msgspec
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from pymongo.errors import PyMongoError
@@ -47,7 +46,7 @@ async def run_sink(js: JetStreamContext, tasks: TaskStore, stop: asyncio.Event) 
         while not stop.is_set():
             try:
                 messages = await subscription.fetch(BATCH, timeout=1)
-            except NatsTimeoutError:
+            except TimeoutError:  # nats raises its own subclass or the builtin, by code path
                 continue
             for message in messages:
                 try:
