@@ -34,7 +34,7 @@ test-unit: install
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 bench: install
-	$(PY) bench/txt2img_cpu.py
+	$(PY) bench/system_overhead.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache build *.egg-info
