@@ -48,6 +48,7 @@ async def _open_resources(app: web.Application) -> AsyncIterator[None]:
             tasks=tasks,
             models=models,
             objects=objects,
+            cancels=await bus.cancel_bucket(js, settings),
             api_keys=parse_api_keys(settings.api_keys),
         )
         yield
@@ -143,6 +144,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app.router.add_get("/tasks/{task_id}/result", tasks_api.task_result)
     app.router.add_get("/tasks/{task_id}/progress", tasks_api.task_progress)
     app.router.add_get("/tasks/{task_id}/events", waiting.task_events)
+    app.router.add_post("/tasks/{task_id}/cancellation", tasks_api.cancel_task)
     app.router.add_get("/models", list_models)
     app.router.add_get("/models/{model_name:.+}", get_model)
     app.router.add_get("/healthz", healthz)

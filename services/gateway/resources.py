@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from nats.aio.client import Client
 from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
 from pymongo import AsyncMongoClient
 
 from services.gateway.settings import GatewaySettings
@@ -25,6 +26,8 @@ class Resources:
     tasks: TaskStore
     models: ModelStore
     objects: ObjectStore
+    cancels: KeyValue
+    """Cancellation flags: a queued task whose id is here is skipped when fetched."""
     api_keys: dict[str, str]
     """API key → user."""
 

@@ -19,6 +19,7 @@ from nats.js.errors import APIError
 
 from proto import GenerateImage, TaskKind, TaskStatus, names
 from proto.codec import encode
+from proto.events import TaskCancelled, encode_event, event_kind
 from proto.requests import Txt2ImgRequest, to_builtins
 from services.gateway import waiting
 from services.gateway.auth import caller
@@ -193,4 +194,36 @@ async def task_progress(request: web.Request) -> web.StreamResponse:
             "currentImage": preview or "",
             "message": document["message"],
         }
+    )
+
+
+async def cancel_task(request: web.Request) -> web.StreamResponse:
+    """Stop a task: a waiting one never starts, a running one stops at its next step.
+
+    The flag in the cancel bucket covers a task still in the queue (the worker skips it
+    when fetched); the ``sd.cancel.<id>`` message reaches the worker running it. A
+    waiting task is marked ``cancelled`` at once by a ``TaskCancelled`` event of attempt
+    0, which the fold ignores if a worker has started it meanwhile (the running worker
+    then ends it ``cancelled`` itself).
+    """
+    res, document = await _owned_task(request)
+    task_id = document["_id"]
+    status = TaskStatus(document["status"])
+    if status.terminal:
+        message = f"task {task_id!r} already ended {status.value}; nothing to cancel"
+        raise ApiError(409, "task_finished", message)
+    await res.cancels.put(task_id, b"1")
+    await res.nc.publish(names.cancel_subject(task_id), b"")
+    if status is TaskStatus.WAITING:
+        event = TaskCancelled(task_id=task_id, attempt=0, at=time.time(), worker="gateway")
+        await res.js.publish(
+            names.event_subject(task_id, event_kind(event)),
+            encode_event(event),
+            stream=names.EVENT_STREAM,
+            headers={names.MSG_ID_HEADER: f"{task_id}.cancelled.0"},
+        )
+    return web.json_response(
+        {"taskId": task_id, "status": status.value, "message": "cancellation requested"},
+        status=202,
+        headers={TASK_ID_HEADER: task_id},
     )

@@ -152,15 +152,21 @@ class Worker:
             return
         attempt = message.metadata.num_delivered
         common = _Origin(task_id=command.task_id, attempt=attempt, worker=self.settings.worker_id)
-        if await self._is_cancelled(command.task_id):
-            await self._publish(TaskCancelled(**common, at=time.time()))
-            await message.ack()
-            return
-        await self._publish(
-            TaskStarted(**common, at=time.time(), model_key=self.settings.model_key)
-        )
+        stop_flag = threading.Event()
+
+        async def on_cancel(_: Msg) -> None:
+            stop_flag.set()
+
+        # Listen before looking at the flag: a cancel sent in between is not lost.
+        cancel_sub = await self.nc.subscribe(names.cancel_subject(command.task_id), cb=on_cancel)
         try:
-            event = await self._run(command, message, attempt)
+            if await self._is_cancelled(command.task_id):
+                event: TaskEvent = TaskCancelled(**common, at=time.time())
+            else:
+                await self._publish(
+                    TaskStarted(**common, at=time.time(), model_key=self.settings.model_key)
+                )
+                event = await self._run(command, message, attempt, stop_flag)
         except Exception as exc:
             log.exception("task %s attempt %d crashed", command.task_id, attempt)
             if attempt < self.settings.max_deliver:
@@ -172,20 +178,18 @@ class Worker:
                 code="worker_error",
                 message=f"failed after {attempt} attempts: {type(exc).__name__}: {exc}",
             )
+        finally:
+            await cancel_sub.unsubscribe()
         await self._publish(event)
         await message.ack()
         self.completed += 1
 
-    async def _run(self, command: GenerateImage, message: Msg, attempt: int) -> TaskEvent:
+    async def _run(
+        self, command: GenerateImage, message: Msg, attempt: int, stop_flag: threading.Event
+    ) -> TaskEvent:
         common = _Origin(task_id=command.task_id, attempt=attempt, worker=self.settings.worker_id)
         loop = asyncio.get_running_loop()
         steps: asyncio.Queue[Progress | None] = asyncio.Queue()
-        stop_flag = threading.Event()
-
-        async def on_cancel(_: Msg) -> None:
-            stop_flag.set()
-
-        cancel_sub = await self.nc.subscribe(names.cancel_subject(command.task_id), cb=on_cancel)
         reporter = asyncio.create_task(self._report(command, message, attempt, steps))
         started = time.monotonic()
 
@@ -205,7 +209,6 @@ class Worker:
         finally:
             steps.put_nowait(None)
             await reporter
-            await cancel_sub.unsubscribe()
         keys = [
             names.image_key(command.user, command.task_id, n)
             for n in range(1, len(generation.images) + 1)
