@@ -35,11 +35,19 @@ from typing import IO
 STOP_GRACE_S = 10.0
 
 
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free loopback ports (all held open until all are chosen)."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind(("127.0.0.1", 0))
+            ports.append(int(sock.getsockname()[1]))
+        return ports
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    return free_ports(1)[0]
 
 
 def find_binary(name: str) -> str:
@@ -225,7 +233,10 @@ class SeaweedS3(ManagedServer):
 
     def __init__(self, data_dir: Path) -> None:
         super().__init__(data_dir)
-        self.ports = {k: free_port() for k in ("master", "volume", "filer", "s3")}
+        kinds = ("master", "volume", "filer", "s3")
+        ports = free_ports(2 * len(kinds))
+        self.ports = dict(zip(kinds, ports[: len(kinds)], strict=True))
+        self._grpc_ports = dict(zip(kinds, ports[len(kinds) :], strict=True))
         self.access_key = "sdswarm" + secrets.token_hex(4)
         self.secret_key = secrets.token_hex(20)
         self.region = "us-east-1"
@@ -248,7 +259,7 @@ class SeaweedS3(ManagedServer):
         config.write_text(json.dumps(identities))
         storage = self.data_dir / "data"
         storage.mkdir(parents=True, exist_ok=True)
-        grpc = {k: free_port() for k in self.ports}
+        grpc = self._grpc_ports
         return [
             find_binary("weed"), "server",
             f"-dir={storage}",

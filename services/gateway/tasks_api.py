@@ -8,6 +8,8 @@ is removed again and the client gets a 429/503 it can retry.
 
 from __future__ import annotations
 
+import base64
+import datetime as dt
 import json
 import secrets
 import time
@@ -16,6 +18,7 @@ from typing import Any
 from aiohttp import web
 from nats.errors import Error as NatsError
 from nats.js.errors import APIError
+from pymongo.errors import DuplicateKeyError
 
 from proto import GenerateImage, TaskKind, TaskStatus, names
 from proto.codec import encode
@@ -38,20 +41,43 @@ def new_task_id() -> str:
     return secrets.token_hex(12)
 
 
-async def txt2img(request: web.Request) -> web.StreamResponse:
-    res = resources(request)
-    user = caller(request, res.api_keys)
-    body = decode(await request.read(), Txt2ImgRequest)
-    check_limits(body, res.settings)
-    model = await res.models.get(body.stable_diffusion_model)
-    if model is None or model.get("type") != "stableDiffusion":
+def requested_task_id(request: web.Request) -> str:
+    """The seed lets clients choose the task id (``taskId`` header); it must be safe."""
+    supplied = request.headers.get(TASK_ID_HEADER, "").strip()
+    if not supplied:
+        return new_task_id()
+    try:
+        return names.check_task_id(supplied)
+    except ValueError as exc:
         raise ApiError(
-            404,
-            "model_not_found",
-            f"model {body.stable_diffusion_model!r} is not registered",
-            field="stable_diffusion_model",
+            422, "invalid_field", f"{TASK_ID_HEADER} header: {exc}", field=TASK_ID_HEADER
+        ) from exc
+
+
+async def resolve_checkpoint(res: Resources, name: str, field: str) -> Document:
+    model = await res.models.get(name)
+    if model is None or model.get("type") != "stableDiffusion":
+        raise ApiError(404, "model_not_found", f"model {name!r} is not registered", field=field)
+    if model.get("status") == "failed":
+        raise ApiError(
+            409,
+            "model_unusable",
+            f"model {name!r} cannot be used: {model.get('error')}",
+            field=field,
         )
-    task_id = new_task_id()
+    return model
+
+
+async def submit_txt2img(
+    res: Resources,
+    user: str,
+    body: Txt2ImgRequest,
+    task_id: str,
+    *,
+    sync: bool,
+) -> tuple[str, Document | None]:
+    """Queue a validated request; with ``sync``, wait for its outcome (None: deadline)."""
+    model = await resolve_checkpoint(res, body.stable_diffusion_model, "stable_diffusion_model")
     command = GenerateImage(
         task_id=task_id,
         user=user,
@@ -71,21 +97,40 @@ async def txt2img(request: web.Request) -> web.StreamResponse:
         total_steps=body.steps,
         job_count=body.n_iter,
     )
-    sync = request.headers.get(REQUEST_TYPE_HEADER, "sync").strip().lower() != "async"
     # Subscribe before publishing so a fast worker's terminal event cannot be missed.
     waiter = await waiting.TerminalWaiter.start(res.nc, task_id) if sync else None
     try:
-        await res.tasks.insert(document)
+        try:
+            await res.tasks.insert(document)
+        except DuplicateKeyError as exc:
+            raise ApiError(
+                409,
+                "task_exists",
+                f"a task with id {task_id!r} already exists",
+                field=TASK_ID_HEADER,
+            ) from exc
         await _publish(res, command)
-        headers = {TASK_ID_HEADER: task_id}
         if waiter is None:
-            return web.json_response(
-                {"taskId": task_id, "status": TaskStatus.WAITING.value}, status=202, headers=headers
-            )
-        outcome = await waiter.wait(res.tasks, res.settings.sync_timeout_s)
+            return task_id, None
+        return task_id, await waiter.wait(res.tasks, res.settings.sync_timeout_s)
     finally:
         if waiter is not None:
             await waiter.close()
+
+
+async def txt2img(request: web.Request) -> web.StreamResponse:
+    res = resources(request)
+    user = caller(request, res.api_keys)
+    body = decode(await request.read(), Txt2ImgRequest)
+    check_limits(body, res.settings)
+    task_id = requested_task_id(request)
+    sync = request.headers.get(REQUEST_TYPE_HEADER, "sync").strip().lower() != "async"
+    task_id, outcome = await submit_txt2img(res, user, body, task_id, sync=sync)
+    headers = {TASK_ID_HEADER: task_id}
+    if not sync:
+        return web.json_response(
+            {"taskId": task_id, "status": TaskStatus.WAITING.value}, status=202, headers=headers
+        )
     return await _sync_response(res, task_id, outcome, headers)
 
 
@@ -168,15 +213,19 @@ async def task_result(request: web.Request) -> web.StreamResponse:
 
 
 async def task_progress(request: web.Request) -> web.StreamResponse:
-    _res, document = await _owned_task(request)
+    res, document = await _owned_task(request)
     status = TaskStatus(document["status"])
     progress = document["progress"]
     # Seed semantics: 1 once finished, never 1 before (capped at 0.99).
     fraction = 1.0 if status.terminal else min(float(progress["progress"]), 0.99)
     preview = progress.get("preview_key")
     started = document.get("started_at")
+    extra: dict[str, Any] = {}
+    if status is TaskStatus.WAITING:
+        extra["queuePosition"] = await res.tasks.queue_position(document)
     return web.json_response(
         {
+            **extra,
             "taskId": document["_id"],
             "status": status.value,
             "progress": fraction,
@@ -226,4 +275,70 @@ async def cancel_task(request: web.Request) -> web.StreamResponse:
         {"taskId": task_id, "status": status.value, "message": "cancellation requested"},
         status=202,
         headers={TASK_ID_HEADER: task_id},
+    )
+
+
+MAX_PAGE = 100
+
+
+def _encode_cursor(document: Document) -> str:
+    raw = json.dumps([document["created_at"].isoformat(), document["_id"]]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created, task_id = json.loads(raw)
+        return dt.datetime.fromisoformat(created), str(task_id)
+    except (ValueError, TypeError) as exc:
+        raise ApiError(
+            422, "invalid_field", "cursor is not one this API returned", field="cursor"
+        ) from exc
+
+
+def task_summary(document: Document) -> dict[str, Any]:
+    finished = document.get("finished_at")
+    return {
+        "taskId": document["_id"],
+        "status": document["status"],
+        "kind": document["kind"],
+        "model": document["model_name"],
+        "progress": document["progress"]["progress"],
+        "createdTime": document["created_at"].isoformat(),
+        "finishedTime": finished.isoformat() if finished else None,
+        "message": document["message"],
+    }
+
+
+async def list_tasks(request: web.Request) -> web.StreamResponse:
+    """``GET /tasks``: the caller's history, newest first, filtered and cursor-paginated."""
+    res = resources(request)
+    user = caller(request, res.api_keys)
+    query = request.query
+    status = query.get("status")
+    if status and status not in {s.value for s in TaskStatus}:
+        valid = ", ".join(s.value for s in TaskStatus)
+        raise ApiError(422, "invalid_field", f"status must be one of {valid}", field="status")
+    limit_text = query.get("limit", "20")
+    if not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_PAGE:
+        raise ApiError(
+            422, "invalid_field", f"limit must be an integer from 1 to {MAX_PAGE}", field="limit"
+        )
+    limit = int(limit_text)
+    cursor = query.get("cursor")
+    documents = await res.tasks.page(
+        user,
+        limit=limit + 1,
+        status=status,
+        model_name=query.get("model"),
+        before=_decode_cursor(cursor) if cursor else None,
+    )
+    more = len(documents) > limit
+    documents = documents[:limit]
+    return web.json_response(
+        {
+            "tasks": [task_summary(d) for d in documents],
+            "nextCursor": _encode_cursor(documents[-1]) if more else None,
+        }
     )

@@ -91,6 +91,9 @@ class TaskStore:
     async def ensure_indexes(self) -> None:
         await self.collection.create_index([("user", ASCENDING), ("created_at", DESCENDING)])
         await self.collection.create_index([("status", ASCENDING)])
+        await self.collection.create_index(
+            [("model_key", ASCENDING), ("status", ASCENDING), ("created_at", ASCENDING)]
+        )
 
     async def insert(self, document: Document) -> None:
         await self.collection.insert_one(document)
@@ -101,6 +104,41 @@ class TaskStore:
         if user is not None:
             query["user"] = user
         return await self.collection.find_one(query)
+
+    async def queue_position(self, document: Document) -> int:
+        """1-based place of a waiting task among its checkpoint's waiting tasks (FIFO)."""
+        ahead = await self.collection.count_documents(
+            {
+                "model_key": document["model_key"],
+                "status": TaskStatus.WAITING.value,
+                "created_at": {"$lt": document["created_at"]},
+            }
+        )
+        return ahead + 1
+
+    async def page(
+        self,
+        user: str,
+        *,
+        limit: int,
+        status: str | None = None,
+        model_name: str | None = None,
+        before: tuple[dt.datetime, str] | None = None,
+    ) -> list[Document]:
+        """The user's tasks, newest first; ``before`` is the (created_at, id) of the last seen."""
+        query: Document = {"user": user}
+        if status:
+            query["status"] = status
+        if model_name:
+            query["model_name"] = model_name
+        if before is not None:
+            created, task_id = before
+            query["$or"] = [
+                {"created_at": {"$lt": created}},
+                {"created_at": created, "_id": {"$lt": task_id}},
+            ]
+        cursor = self.collection.find(query).sort([("created_at", -1), ("_id", -1)]).limit(limit)
+        return [doc async for doc in cursor]
 
     async def delete(self, task_id: str) -> None:
         await self.collection.delete_one({"_id": task_id})

@@ -1,0 +1,148 @@
+"""Task API beyond the spine: client task ids, queue position, history, per-user isolation."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+import pytest
+from aiohttp import web
+
+from services.common.servers import free_port
+from services.gateway.app import create_app
+from tests.e2e.conftest import System
+
+pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("system", ["local"], indirect=True)]
+
+MODEL = "tiny.safetensors"
+ALICE, BOB = "alice-key-0123456789", "bob-key-0123456789ab"
+
+
+async def _submit(
+    system: System, url: str | None = None, headers: dict[str, str] | None = None, **fields: Any
+) -> tuple[int, dict[str, Any]]:
+    body = {
+        "stable_diffusion_model": MODEL,
+        "prompt": "x",
+        "steps": 2,
+        "width": 64,
+        "height": 64,
+        **fields,
+    }
+    async with system.http.post(
+        f"{url or system.url}/txt2img",
+        json=body,
+        headers={"Request-Type": "async", **(headers or {})},
+    ) as response:
+        return response.status, await response.json()
+
+
+async def _wait_done(
+    system: System, task_id: str, url: str | None = None, headers: dict[str, str] | None = None
+) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        async with system.http.get(
+            f"{url or system.url}/tasks/{task_id}/result", headers=headers
+        ) as response:
+            if (await response.json())["status"] in ("succeeded", "failed", "cancelled"):
+                return
+        await asyncio.sleep(0.05)
+    raise AssertionError("task did not finish")
+
+
+async def test_client_chosen_task_ids(system: System) -> None:
+    status, body = await _submit(system, headers={"taskId": "my-task_001"})
+    assert (202, "my-task_001") == (status, body["taskId"])
+    status, body = await _submit(system, headers={"taskId": "my-task_001"})
+    assert (409, "task_exists") == (status, body["code"])
+    status, body = await _submit(system, headers={"taskId": "../../etc"})
+    assert (422, "taskId") == (status, body["field"])
+    await _wait_done(system, "my-task_001")
+
+
+async def test_queue_position_while_waiting(system: System) -> None:
+    _, first = await _submit(system, steps=60, width=256, height=256)
+    _, second = await _submit(system)
+    _, third = await _submit(system)
+    positions = []
+    for task in (third, second):  # later first: a task starting in between only lowers
+        async with system.http.get(f"{system.url}/tasks/{task['taskId']}/progress") as response:
+            positions.append((await response.json()).get("queuePosition"))
+    assert positions[0] is not None, "the third task cannot have started yet"
+    assert 1 <= positions[0] <= 3
+    if positions[1] is not None:
+        assert positions[1] < positions[0]
+    for task in (first, second, third):
+        await _wait_done(system, task["taskId"])
+    async with system.http.get(f"{system.url}/tasks/{third['taskId']}/progress") as response:
+        assert "queuePosition" not in await response.json()
+
+
+async def test_history_is_filtered_and_paginated(system: System) -> None:
+    ids = [(await _submit(system))[1]["taskId"] for _ in range(3)]
+    for task_id in ids:
+        await _wait_done(system, task_id)
+    seen: list[str] = []
+    cursor = None
+    while True:
+        query = {"limit": "2", "status": "succeeded", **({"cursor": cursor} if cursor else {})}
+        async with system.http.get(f"{system.url}/tasks", params=query) as response:
+            assert 200 == response.status
+            page = await response.json()
+        assert len(page["tasks"]) <= 2
+        seen += [t["taskId"] for t in page["tasks"]]
+        assert all(t["status"] == "succeeded" for t in page["tasks"])
+        cursor = page["nextCursor"]
+        if cursor is None:
+            break
+    assert len(seen) == len(set(seen)), "no task twice across pages"
+    assert set(ids) <= set(seen)
+    async with system.http.get(f"{system.url}/tasks", params={"limit": "0"}) as response:
+        assert 422 == response.status
+    async with system.http.get(f"{system.url}/tasks", params={"cursor": "!!"}) as response:
+        assert 422 == response.status
+
+
+@pytest.fixture
+async def keyed_url(system: System) -> AsyncIterator[str]:
+    """A second gateway on the same system with API keys for two users."""
+    port = free_port()
+    settings = msgspec.structs.replace(
+        system.settings, port=port, api_keys=[f"alice:{ALICE}", f"bob:{BOB}"]
+    )
+    runner = web.AppRunner(create_app(settings))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    yield f"http://127.0.0.1:{port}"
+    await runner.cleanup()
+
+
+async def test_users_cannot_see_each_others_tasks(system: System, keyed_url: str) -> None:
+    alice = {"Authorization": f"Bearer {ALICE}"}
+    bob = {"token": BOB}  # the seed's header works too
+    status, body = await _submit(system, url=keyed_url)
+    assert (401, "unauthorized") == (status, body["code"])
+    status, body = await _submit(system, url=keyed_url, headers=alice)
+    assert 202 == status
+    task_id = body["taskId"]
+    await _wait_done(system, task_id, keyed_url, alice)
+
+    for method, path in [
+        ("GET", f"/tasks/{task_id}/result"),
+        ("GET", f"/tasks/{task_id}/progress"),
+        ("GET", f"/tasks/{task_id}/events"),
+        ("POST", f"/tasks/{task_id}/cancellation"),
+    ]:
+        async with system.http.request(method, keyed_url + path, headers=bob) as response:
+            assert (404, "task_not_found") == (response.status, (await response.json())["code"])
+        async with system.http.request(method, keyed_url + path, headers=alice) as response:
+            assert response.status in (200, 409), (method, path, response.status)
+    async with system.http.get(f"{keyed_url}/tasks", headers=bob) as response:
+        assert [] == (await response.json())["tasks"]
+    async with system.http.get(f"{keyed_url}/tasks/{task_id}/result", headers=alice) as response:
+        result = await response.json()
+    assert [f"images/alice/{task_id}_1.png"] == result["images"]
