@@ -12,7 +12,7 @@ from aiohttp import web
 
 from proto import ModelType
 from services.common import bus
-from services.gateway import tasks_api, waiting
+from services.gateway import sdapi, tasks_api, waiting
 from services.gateway.auth import caller, check_exposure, parse_api_keys
 from services.gateway.errors import ApiError, error_middleware
 from services.gateway.resources import RESOURCES, SETTINGS, Resources, resources
@@ -20,6 +20,7 @@ from services.gateway.settings import GatewaySettings
 from services.storage.models import ModelStore
 from services.storage.mongo import Document, database, open_client
 from services.storage.objects import LocalObjectStore, ObjectNotFoundError, open_object_store
+from services.storage.options import OptionStore
 from services.storage.tasks import TaskStore
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ async def _open_resources(app: web.Application) -> AsyncIterator[None]:
         stack.push_async_callback(objects.aclose)
         app[RESOURCES] = Resources(
             settings=settings,
+            options=OptionStore(db),
             nc=nc,
             js=js,
             mongo=mongo,
@@ -149,6 +151,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app.router.add_get("/models", list_models)
     app.router.add_get("/models/{model_name:.+}", get_model)
     app.router.add_get("/healthz", healthz)
+    sdapi.add_routes(app)
     app.router.add_get("/files/{key:.+}", download)
     return app
 

@@ -14,6 +14,7 @@ from services.gateway.settings import GatewaySettings
 from services.storage.models import ModelStore
 from services.storage.mongo import Document
 from services.storage.objects import ObjectStore
+from services.storage.options import OptionStore
 from services.storage.tasks import TaskStore
 
 
@@ -24,6 +25,7 @@ class Resources:
     js: JetStreamContext
     mongo: AsyncMongoClient[Document]
     tasks: TaskStore
+    options: OptionStore
     models: ModelStore
     objects: ObjectStore
     cancels: KeyValue

@@ -15,6 +15,7 @@ import secrets
 import time
 from typing import Any
 
+import msgspec
 from aiohttp import web
 from nats.errors import Error as NatsError
 from nats.js.errors import APIError
@@ -78,6 +79,11 @@ async def submit_txt2img(
 ) -> tuple[str, Document | None]:
     """Queue a validated request; with ``sync``, wait for its outcome (None: deadline)."""
     model = await resolve_checkpoint(res, body.stable_diffusion_model, "stable_diffusion_model")
+    options = await res.options.get(user)
+    if options:
+        # The caller's stored options apply to every request; the request's own win.
+        merged = {**options, **(body.override_settings or {})}
+        body = msgspec.structs.replace(body, override_settings=merged)
     command = GenerateImage(
         task_id=task_id,
         user=user,
@@ -256,6 +262,10 @@ async def cancel_task(request: web.Request) -> web.StreamResponse:
     then ends it ``cancelled`` itself).
     """
     res, document = await _owned_task(request)
+    return await cancel_document(res, document)
+
+
+async def cancel_document(res: Resources, document: Document) -> web.StreamResponse:
     task_id = document["_id"]
     status = TaskStatus(document["status"])
     if status.terminal:

@@ -45,7 +45,12 @@ def outcome_of(event: TaskSucceeded | TaskFailed | TaskCancelled) -> Document:
     """The parts of a finished task a sync response needs, from its terminal event."""
     match event:
         case TaskSucceeded():
-            return {"status": TaskStatus.SUCCEEDED.value, "images": event.images, "message": ""}
+            return {
+                "status": TaskStatus.SUCCEEDED.value,
+                "images": event.images,
+                "info": event.info,
+                "message": "",
+            }
         case TaskFailed():
             return {
                 "status": TaskStatus.FAILED.value,

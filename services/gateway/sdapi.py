@@ -1,0 +1,313 @@
+"""AUTOMATIC1111 compatibility: ``/sdapi/v1/*`` with A1111's request and response shapes.
+
+Off-the-shelf A1111 clients send no ``stable_diffusion_model``: the checkpoint comes
+from ``override_settings.sd_model_checkpoint``, else the caller's stored options, else
+the only registered checkpoint. Titles like ``model.safetensors [abcdef0123]`` are
+accepted. Generation is synchronous, as in A1111, and images come back as base64.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from proto import ModelType, TaskStatus, names
+from proto.requests import Txt2ImgRequest, to_builtins
+from proto.samplers import SAMPLERS, SCHEDULE_TYPES
+from services.gateway.auth import caller
+from services.gateway.errors import ApiError, invalid_body
+from services.gateway.resources import Resources, resources
+from services.gateway.tasks_api import cancel_document, new_task_id, submit_txt2img
+from services.gateway.validation import check_limits
+from services.storage.mongo import Document
+
+CHECKPOINT_OPTION = "sd_model_checkpoint"
+_TITLE_HASH = re.compile(r"\s*\[[0-9a-fA-F]{8,64}\]$")
+
+
+def model_title(document: Document) -> str:
+    short = (document.get("sha256") or "")[:10]
+    return f"{document['_id']} [{short}]" if short else str(document["_id"])
+
+
+async def _checkpoint_name(res: Resources, user: str, body: dict[str, Any]) -> str:
+    override = body.get("override_settings") or {}
+    wanted = override.get(CHECKPOINT_OPTION) if isinstance(override, dict) else None
+    wanted = wanted or (await res.options.get(user)).get(CHECKPOINT_OPTION)
+    if wanted:
+        return _TITLE_HASH.sub("", str(wanted))
+    usable = [
+        m for m in await res.models.list(ModelType.STABLE_DIFFUSION) if m["status"] != "failed"
+    ]
+    if len(usable) == 1:
+        return str(usable[0]["_id"])
+    raise ApiError(
+        422,
+        "checkpoint_required",
+        "choose a checkpoint: override_settings.sd_model_checkpoint or POST /sdapi/v1/options"
+        " {sd_model_checkpoint}",
+        field="override_settings.sd_model_checkpoint",
+    )
+
+
+async def _decode_a1111(request: web.Request, res: Resources, user: str) -> Txt2ImgRequest:
+    raw = await request.read()
+    try:
+        body = msgspec.json.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise invalid_body(exc) from exc
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_json", "request body must be a JSON object")
+    body.setdefault("stable_diffusion_model", await _checkpoint_name(res, user, body))
+    try:
+        return msgspec.convert(body, Txt2ImgRequest)
+    except msgspec.ValidationError as exc:
+        raise invalid_body(exc) from exc
+
+
+async def txt2img(request: web.Request) -> web.StreamResponse:
+    res = resources(request)
+    user = caller(request, res.api_keys)
+    body = await _decode_a1111(request, res, user)
+    check_limits(body, res.settings)
+    task_id = _forced(body.force_task_id) if body.force_task_id else new_task_id()
+    task_id, outcome = await submit_txt2img(res, user, body, task_id, sync=True)
+    if outcome is None:
+        raise ApiError(
+            504,
+            "timeout",
+            f"task {task_id} is still running; follow /tasks/{task_id}/events",
+            headers={"taskId": task_id},
+        )
+    if outcome["status"] != TaskStatus.SUCCEEDED.value:
+        raise ApiError(
+            500 if outcome["status"] == TaskStatus.FAILED.value else 409,
+            outcome.get("code") or outcome["status"],
+            outcome["message"] or f"task {outcome['status']}",
+            headers={"taskId": task_id},
+        )
+    images = []
+    if body.send_images:
+        images = [base64.b64encode(await res.objects.get(k)).decode() for k in outcome["images"]]
+    info = outcome.get("info") or ""
+    return web.json_response(
+        {"images": images, "parameters": to_builtins(body), "info": info},
+        headers={"taskId": task_id},
+    )
+
+
+def _forced(task_id: str) -> str:
+    """A1111's ``force_task_id``: the client names the task (validated like ``taskId``)."""
+    try:
+        return names.check_task_id(task_id)
+    except ValueError as exc:
+        raise ApiError(422, "invalid_field", str(exc), field="force_task_id") from exc
+
+
+async def _current_task(res: Resources, user: str) -> Document | None:
+    """The caller's running task, else its oldest waiting one: A1111's "current job"."""
+    for status in (TaskStatus.RUNNING, TaskStatus.WAITING):
+        found = await res.tasks.collection.find_one(
+            {"user": user, "status": status.value}, sort=[("created_at", 1)]
+        )
+        if found is not None:
+            return found
+    return None
+
+
+async def progress(request: web.Request) -> web.StreamResponse:
+    res = resources(request)
+    user = caller(request, res.api_keys)
+    task_id = request.query.get("id_task")
+    document = await res.tasks.get(task_id, user) if task_id else await _current_task(res, user)
+    state: dict[str, Any] = {
+        "skipped": False,
+        "interrupted": False,
+        "job": "",
+        "job_count": 0,
+        "job_timestamp": "0",
+        "job_no": 0,
+        "sampling_step": 0,
+        "sampling_steps": 0,
+    }
+    fraction, eta = 0.0, 0.0
+    if document is not None:
+        snapshot = document["progress"]
+        status = TaskStatus(document["status"])
+        started = document.get("started_at")
+        state |= {
+            "interrupted": status is TaskStatus.CANCELLED,
+            "job": f"task({document['_id']})",
+            "job_count": snapshot["job_count"],
+            "job_timestamp": started.strftime("%Y%m%d%H%M%S") if started else "0",
+            "job_no": snapshot["job_no"],
+            "sampling_step": snapshot["step"],
+            "sampling_steps": snapshot["total_steps"],
+        }
+        fraction = 1.0 if status.terminal else min(float(snapshot["progress"]), 0.99)
+        eta = float(snapshot.get("eta_seconds") or 0.0)
+    return web.json_response(
+        {
+            "progress": fraction,
+            "eta_relative": eta,
+            "state": state,
+            "current_image": None,
+            "textinfo": None,
+        }
+    )
+
+
+async def interrupt(request: web.Request) -> web.StreamResponse:
+    """Stop the caller's current task only (A1111's interrupt is global; ours is not)."""
+    res = resources(request)
+    user = caller(request, res.api_keys)
+    document = await _current_task(res, user)
+    if document is not None:
+        await cancel_document(res, document)
+    return web.json_response({})
+
+
+async def get_options(request: web.Request) -> web.StreamResponse:
+    res = resources(request)
+    user = caller(request, res.api_keys)
+    options = await res.options.get(user)
+    if CHECKPOINT_OPTION not in options:
+        usable = await res.models.list(ModelType.STABLE_DIFFUSION)
+        if len(usable) == 1:
+            options[CHECKPOINT_OPTION] = model_title(usable[0])
+    return web.json_response(options)
+
+
+async def set_options(request: web.Request) -> web.StreamResponse:
+    res = resources(request)
+    user = caller(request, res.api_keys)
+    try:
+        changes = json.loads(await request.read())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(changes, dict):
+        raise ApiError(400, "invalid_json", "options must be a JSON object")
+    await _check_checkpoint_option(res, changes)
+    await res.options.update(user, changes)
+    return web.json_response(None)
+
+
+async def _check_checkpoint_option(res: Resources, changes: dict[str, Any]) -> None:
+    wanted = changes.get(CHECKPOINT_OPTION)
+    if wanted is None:
+        return
+    name = _TITLE_HASH.sub("", str(wanted))
+    if await res.models.get(name) is None:
+        raise ApiError(
+            404, "model_not_found", f"model {name!r} is not registered", field=CHECKPOINT_OPTION
+        )
+    changes[CHECKPOINT_OPTION] = name
+
+
+async def seed_options(request: web.Request) -> web.StreamResponse:
+    """The seed's ``POST /options`` ``{"data": {...}}``: a new snapshot of the caller's options."""
+    res = resources(request)
+    user = caller(request, res.api_keys)
+    try:
+        body = json.loads(await request.read())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from exc
+    data = body.get("data") if isinstance(body, dict) else None
+    if not isinstance(data, dict):
+        raise ApiError(422, "invalid_field", "`data` must be an object of options", field="data")
+    await _check_checkpoint_option(res, data)
+    version = await res.options.update(user, data, replace=True)
+    return web.json_response({"message": "success", "version": version})
+
+
+async def sd_models(request: web.Request) -> web.StreamResponse:
+    res = resources(request)
+    caller(request, res.api_keys)
+    models = await res.models.list(ModelType.STABLE_DIFFUSION)
+    return web.json_response(
+        [
+            {
+                "title": model_title(m),
+                "model_name": str(m["_id"]).rsplit("/", 1)[-1].rsplit(".", 1)[0],
+                "hash": (m.get("sha256") or "")[:10] or None,
+                "sha256": m.get("sha256"),
+                "filename": m["path"],
+                "config": None,
+            }
+            for m in models
+            if m["status"] != "failed"
+        ]
+    )
+
+
+async def _registry_list(request: web.Request, model_type: ModelType) -> list[Document]:
+    res = resources(request)
+    caller(request, res.api_keys)
+    return await res.models.list(model_type)
+
+
+async def sd_vae(request: web.Request) -> web.StreamResponse:
+    models = await _registry_list(request, ModelType.SD_VAE)
+    return web.json_response([{"model_name": m["_id"], "filename": m["path"]} for m in models])
+
+
+async def loras(request: web.Request) -> web.StreamResponse:
+    models = await _registry_list(request, ModelType.LORA)
+    return web.json_response(
+        [
+            {
+                "name": str(m["_id"]).rsplit(".", 1)[0],
+                "alias": m["_id"],
+                "path": m["path"],
+                "metadata": {},
+            }
+            for m in models
+        ]
+    )
+
+
+async def samplers(request: web.Request) -> web.StreamResponse:
+    return web.json_response([{"name": name, "aliases": [], "options": {}} for name in SAMPLERS])
+
+
+async def schedulers(request: web.Request) -> web.StreamResponse:
+    return web.json_response(
+        [
+            {
+                "name": label.lower().replace(" ", "_"),
+                "label": label,
+                "aliases": None,
+                "default_rho": -1,
+                "need_inner_model": False,
+            }
+            for label in SCHEDULE_TYPES
+        ]
+    )
+
+
+async def refresh_checkpoints(request: web.Request) -> web.StreamResponse:
+    """Registered checkpoints are read from MongoDB on every request: nothing to refresh."""
+    res = resources(request)
+    caller(request, res.api_keys)
+    return web.json_response(None)
+
+
+def add_routes(app: web.Application) -> None:
+    prefix = "/sdapi/v1"
+    app.router.add_post(f"{prefix}/txt2img", txt2img)
+    app.router.add_get(f"{prefix}/progress", progress)
+    app.router.add_post(f"{prefix}/interrupt", interrupt)
+    app.router.add_get(f"{prefix}/options", get_options)
+    app.router.add_post(f"{prefix}/options", set_options)
+    app.router.add_get(f"{prefix}/sd-models", sd_models)
+    app.router.add_get(f"{prefix}/sd-vae", sd_vae)
+    app.router.add_get(f"{prefix}/loras", loras)
+    app.router.add_get(f"{prefix}/samplers", samplers)
+    app.router.add_get(f"{prefix}/schedulers", schedulers)
+    app.router.add_post(f"{prefix}/refresh-checkpoints", refresh_checkpoints)
+    app.router.add_post("/options", seed_options)

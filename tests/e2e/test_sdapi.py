@@ -1,0 +1,138 @@
+"""AUTOMATIC1111 clients, unchanged: the exact JSON they send, A1111's response shapes."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import time
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from tests.e2e.conftest import System
+
+pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("system", ["local"], indirect=True)]
+
+# What a typical A1111 API client (e.g. webuiapi) posts, defaults and all.
+A1111_TXT2IMG: dict[str, Any] = {
+    "enable_hr": False,
+    "denoising_strength": 0.7,
+    "firstphase_width": 0,
+    "firstphase_height": 0,
+    "hr_scale": 2,
+    "hr_upscaler": "Latent",
+    "hr_second_pass_steps": 0,
+    "hr_resize_x": 0,
+    "hr_resize_y": 0,
+    "prompt": "a red apple on a table",
+    "styles": [],
+    "seed": 31337,
+    "subseed": -1,
+    "subseed_strength": 0.0,
+    "seed_resize_from_h": 0,
+    "seed_resize_from_w": 0,
+    "sampler_name": "DPM++ 2M Karras",
+    "batch_size": 1,
+    "n_iter": 2,
+    "steps": 3,
+    "cfg_scale": 7.0,
+    "width": 64,
+    "height": 64,
+    "restore_faces": False,
+    "tiling": False,
+    "do_not_save_samples": False,
+    "do_not_save_grid": False,
+    "negative_prompt": "",
+    "eta": 1.0,
+    "s_churn": 0,
+    "s_tmax": 0,
+    "s_tmin": 0,
+    "s_noise": 1,
+    "override_settings": {},
+    "override_settings_restore_afterwards": True,
+    "script_args": [],
+    "sampler_index": "Euler a",
+    "script_name": None,
+    "send_images": True,
+    "save_images": False,
+    "alwayson_scripts": {},
+}
+
+
+async def _get(system: System, path: str) -> Any:
+    async with system.http.get(system.url + path) as response:
+        assert 200 == response.status, await response.text()
+        return await response.json()
+
+
+async def test_listing_endpoints(system: System) -> None:
+    models = await _get(system, "/sdapi/v1/sd-models")
+    assert ["tiny.safetensors"] == [m["title"] for m in models]
+    assert {"title", "model_name", "hash", "sha256", "filename", "config"} == set(models[0])
+    samplers = await _get(system, "/sdapi/v1/samplers")
+    assert {"Euler a", "DPM++ 2M", "DDIM", "UniPC"} <= {s["name"] for s in samplers}
+    assert all(set(s) == {"name", "aliases", "options"} for s in samplers)
+    schedulers = await _get(system, "/sdapi/v1/schedulers")
+    assert "Karras" in [s["label"] for s in schedulers]
+    assert [] == await _get(system, "/sdapi/v1/loras")
+
+
+async def test_options_choose_the_default_checkpoint(system: System) -> None:
+    options = await _get(system, "/sdapi/v1/options")
+    assert "tiny.safetensors" == options["sd_model_checkpoint"]
+    async with system.http.post(
+        f"{system.url}/sdapi/v1/options", json={"sd_model_checkpoint": "missing.safetensors"}
+    ) as response:
+        assert 404 == response.status
+    async with system.http.post(
+        f"{system.url}/sdapi/v1/options",
+        json={"sd_model_checkpoint": "tiny.safetensors", "CLIP_stop_at_last_layers": 2},
+    ) as response:
+        assert 200 == response.status
+    options = await _get(system, "/sdapi/v1/options")
+    assert ("tiny.safetensors", 2) == (
+        options["sd_model_checkpoint"],
+        options["CLIP_stop_at_last_layers"],
+    )
+
+
+async def test_txt2img_returns_base64_images_parameters_and_info(system: System) -> None:
+    async with system.http.post(f"{system.url}/sdapi/v1/txt2img", json=A1111_TXT2IMG) as r:
+        assert 200 == r.status, await r.text()
+        body = await r.json()
+    assert {"images", "parameters", "info"} == set(body)
+    assert 2 == len(body["images"])
+    for encoded in body["images"]:
+        image = Image.open(io.BytesIO(base64.b64decode(encoded)))
+        assert (64, 64) == image.size
+    assert isinstance(body["info"], str), "A1111 sends info as a JSON string"
+    info = json.loads(body["info"])
+    assert ([31337, 31338], "DPM++ 2M", "Karras") == (
+        info["all_seeds"],
+        info["sampler_name"],
+        info["scheduler"],
+    )
+    assert "a red apple on a table" == body["parameters"]["prompt"]
+
+
+async def test_progress_and_interrupt_touch_only_the_callers_task(system: System) -> None:
+    idle = await _get(system, "/sdapi/v1/progress")
+    assert {"progress", "eta_relative", "state", "current_image", "textinfo"} == set(idle)
+    slow = {**A1111_TXT2IMG, "steps": 150, "width": 256, "height": 256, "n_iter": 1}
+    call = asyncio.create_task(system.http.post(f"{system.url}/sdapi/v1/txt2img", json=slow))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        progress = await _get(system, "/sdapi/v1/progress")
+        if progress["state"]["sampling_step"] >= 2:
+            break
+        await asyncio.sleep(0.05)
+    assert 0 < progress["progress"] < 1
+    assert 150 == progress["state"]["sampling_steps"]
+    async with system.http.post(f"{system.url}/sdapi/v1/interrupt") as response:
+        assert 200 == response.status
+    async with await call as response:
+        assert 409 == response.status
+        assert "cancelled" == (await response.json())["code"]
