@@ -19,7 +19,7 @@ from aiohttp import web
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js.api import DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from proto import TaskStatus, names
 from proto.events import (
@@ -127,17 +127,17 @@ async def task_events(request: web.Request) -> web.StreamResponse:
     if document is None:
         raise ApiError(404, "task_not_found", f"task {task_id!r} not found")
     last_id = request.headers.get("Last-Event-ID", "")
-    options: dict[str, Any] = {"deliver_policy": DeliverPolicy.ALL}
+    config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
     if last_id.isdigit():
-        options = {
-            "deliver_policy": DeliverPolicy.BY_START_SEQUENCE,
-            "opt_start_seq": int(last_id) + 1,
-        }
+        # Event ids are stream sequences: resume right after the last one received.
+        config = ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=int(last_id) + 1
+        )
     subscription = await res.js.subscribe(
         names.task_events_filter(task_id),
         stream=names.EVENT_STREAM,
         ordered_consumer=True,
-        **options,
+        config=config,
     )
     response = web.StreamResponse(
         headers={
