@@ -31,6 +31,14 @@ CANCEL_BUCKET = "sd_cancel"
 STORAGE_CONSUMER = "storage"
 CONSUMER_PREFIX = "sd_"
 
+# Stream that keeps JetStream's advisories about SD_TASKS (max deliveries reached, message
+# terminated) so that the dead-letter handler sees them even if it was down when they fired.
+ADVISORY_STREAM = "SD_ADVISORIES"
+DEAD_LETTER_CONSUMER = "dead_letters"
+_ADVISORY_PREFIX = "$JS.EVENT.ADVISORY.CONSUMER"
+MAX_DELIVERIES_ADVISORY = "MAX_DELIVERIES"
+TERMINATED_ADVISORY = "MSG_TERMINATED"
+
 # Header JetStream uses for de-duplication; we set it to the task id.
 MSG_ID_HEADER = "Nats-Msg-Id"
 
@@ -94,3 +102,8 @@ def image_key(user: str, task_id: str, n: int) -> str:
 
 def preview_key(user: str, task_id: str) -> str:
     return f"images/{user}/{check_task_id(task_id)}_progress.png"
+
+
+def advisory_subject(kind: str, stream: str = TASK_STREAM, consumer: str = "*") -> str:
+    """``$JS.EVENT.ADVISORY.CONSUMER.<kind>.<stream>.<consumer>`` (kinds above)."""
+    return f"{_ADVISORY_PREFIX}.{kind}.{stream}.{consumer}"

@@ -30,6 +30,7 @@ from services.gateway.settings import GatewaySettings
 from services.scheduler.app import Scheduler
 from services.scheduler.local import LocalBackend
 from services.scheduler.settings import SchedulerSettings
+from services.storage.deadletters import run_dead_letters
 from services.storage.models import ModelStore
 from services.storage.mongo import database, open_client
 from services.storage.scan import CHECKPOINT_DIR, find_checkpoints, register_checkpoints
@@ -142,6 +143,10 @@ async def running_system(
             asyncio.create_task(
                 supervised("storage sink", lambda: run_sink(js, tasks, stop), stop),
                 name="storage-sink",
+            ),
+            asyncio.create_task(
+                supervised("dead letters", lambda: run_dead_letters(js, db, stop), stop),
+                name="dead-letters",
             ),
         ]
 

@@ -67,6 +67,7 @@ async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
 async def ensure_streams(js: JetStreamContext, settings: BusSettings) -> None:
     await _ensure_stream(js, task_stream_config(settings))
     await _ensure_stream(js, event_stream_config(settings))
+    await _ensure_stream(js, advisory_stream_config())
 
 
 def task_consumer_config(
@@ -107,3 +108,15 @@ async def cancel_bucket(js: JetStreamContext, settings: BusSettings) -> KeyValue
         return await js.create_key_value(
             bucket=names.CANCEL_BUCKET, ttl=settings.event_max_age_s, history=1
         )
+
+
+def advisory_stream_config() -> StreamConfig:
+    return StreamConfig(
+        name=names.ADVISORY_STREAM,
+        subjects=[
+            names.advisory_subject(names.MAX_DELIVERIES_ADVISORY),
+            names.advisory_subject(names.TERMINATED_ADVISORY),
+        ],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+    )

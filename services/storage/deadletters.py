@@ -1,0 +1,117 @@
+"""Dead letters: tasks JetStream gave up on end ``failed`` with a reason, never stuck.
+
+A command whose worker crashed or hung ``max_deliver`` times, or that a worker
+terminated as undecodable, raises a JetStream advisory. The advisories are kept in
+``SD_ADVISORIES``; this handler reads each one, fetches the command by its stream
+sequence, stores a dead-letter record (the payload, the reason), publishes
+``TaskFailed`` so the task document, SSE clients and sync waiters all learn why, and
+removes the command from ``SD_TASKS`` (a work queue keeps such messages otherwise).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import time
+
+import msgspec
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.errors import NotFoundError
+from pymongo.asynchronous.database import AsyncDatabase
+
+from proto import names
+from proto.advisories import MAX_DELIVER_TYPE, ConsumerAdvisory, decode_advisory
+from proto.codec import decode_generate
+from proto.events import TaskFailed, encode_event, event_kind
+from services.storage.mongo import Document
+
+log = logging.getLogger(__name__)
+
+
+def failure_for(advisory: ConsumerAdvisory, task_id: str) -> TaskFailed:
+    if advisory.type == MAX_DELIVER_TYPE:
+        code = "max_deliveries"
+        message = (
+            f"gave up after {advisory.deliveries} deliveries: the worker crashed, hung or"
+            " was stopped every time before finishing"
+        )
+    else:
+        code = "terminated"
+        message = "the task was terminated by its worker (undecodable or invalid command)"
+    return TaskFailed(
+        task_id=task_id,
+        attempt=max(advisory.deliveries, 1),
+        at=time.time(),
+        worker="dead-letters",
+        code=code,
+        message=message,
+    )
+
+
+async def handle_advisory(
+    js: JetStreamContext, db: AsyncDatabase[Document], advisory: ConsumerAdvisory
+) -> None:
+    try:
+        raw = await js.get_msg(advisory.stream, advisory.stream_seq)
+    except NotFoundError:
+        return  # already handled (the advisory was redelivered) or purged
+    payload = raw.data or b""
+    task_id: str | None = None
+    with contextlib.suppress(msgspec.DecodeError):
+        task_id = decode_generate(payload).task_id
+    await db["dead_letters"].update_one(
+        {"_id": f"{advisory.stream}.{advisory.stream_seq}"},
+        {
+            "$setOnInsert": {
+                "task_id": task_id,
+                "subject": raw.subject,
+                "payload": payload,
+                "advisory": advisory.type,
+                "consumer": advisory.consumer,
+                "deliveries": advisory.deliveries,
+                "at": dt.datetime.now(dt.UTC),
+            }
+        },
+        upsert=True,
+    )
+    if task_id is not None:
+        event = failure_for(advisory, task_id)
+        await js.publish(
+            names.event_subject(task_id, event_kind(event)),
+            encode_event(event),
+            stream=names.EVENT_STREAM,
+            headers={names.MSG_ID_HEADER: f"{task_id}.failed.deadletter"},
+        )
+    log.warning("dead letter %s seq %d (task %s)", advisory.type, advisory.stream_seq, task_id)
+    with contextlib.suppress(NotFoundError):
+        await js.delete_msg(advisory.stream, advisory.stream_seq)
+
+
+async def run_dead_letters(
+    js: JetStreamContext, db: AsyncDatabase[Document], stop: asyncio.Event
+) -> None:
+    subscription = await js.pull_subscribe(
+        ">",
+        durable=names.DEAD_LETTER_CONSUMER,
+        stream=names.ADVISORY_STREAM,
+        config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=30),
+    )
+    try:
+        while not stop.is_set():
+            try:
+                messages = await subscription.fetch(16, timeout=1)
+            except TimeoutError:  # nats raises its own subclass or the builtin, by code path
+                continue
+            for message in messages:
+                try:
+                    advisory = decode_advisory(message.data)
+                except msgspec.DecodeError:
+                    await message.term()
+                    continue
+                await handle_advisory(js, db, advisory)
+                await message.ack()
+    finally:
+        await subscription.unsubscribe()
