@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import shutil
 from collections.abc import AsyncIterator
@@ -44,36 +45,27 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) 
     return root
 
 
-@pytest.fixture(scope="module", params=["local", "s3"])
-async def system(
-    request: pytest.FixtureRequest,
-    tmp_path_factory: pytest.TempPathFactory,
+@contextlib.asynccontextmanager
+async def start_system(
+    data: Path,
     models_dir: Path,
-    mongo_server: Any,
-    s3_server: Any,
+    mongo_url: str,
+    store: dict[str, Any],
+    **overrides: Any,
 ) -> AsyncIterator[System]:
-    data = tmp_path_factory.mktemp(f"system-{request.param}")
+    """The whole system on its own NATS server, a fresh database and the given store."""
     port = free_port()
-    store: dict[str, Any] = {"store_dir": str(data / "objects")}
-    if request.param == "s3":
-        s3 = s3_server
-        store = {
-            "s3_endpoint_url": s3.endpoint_url,
-            "s3_access_key": s3.access_key,
-            "s3_secret_key": s3.secret_key,
-            "s3_region": s3.region,
-            "s3_bucket": f"e2e-{secrets.token_hex(4)}",
-        }
-    # A NATS server per system: the two backends must not share streams or consumers.
+    # A NATS server per system: systems must not share streams or consumers.
     nats_server = NatsServer(data / "nats")
     await nats_server.start()
     common: dict[str, Any] = {
         "nats_url": nats_server.url,
-        "mongodb_url": mongo_server.url,
-        "mongodb_db": f"e2e_{request.param}_{secrets.token_hex(4)}",
+        "mongodb_url": mongo_url,
+        "mongodb_db": f"e2e_{secrets.token_hex(4)}",
         "public_url": f"http://127.0.0.1:{port}",
         "ack_wait_s": 30,
         **store,
+        **overrides,
     }
     environ: dict[str, str] = {}
     gateway = from_environ(GatewaySettings, environ, port=port, sync_timeout_s=120, **common)
@@ -86,7 +78,7 @@ async def system(
         poll_interval_s=0.2,
         **common,
     )
-    mongo = open_client(mongo_server.url)
+    mongo = open_client(mongo_url)
     objects = await open_object_store(gateway)
     try:
         async with running_system(gateway, scheduler, models_dir), aiohttp.ClientSession() as http:
@@ -104,3 +96,25 @@ async def system(
         await objects.aclose()
         await mongo.close()
         await nats_server.stop()
+
+
+@pytest.fixture(scope="module", params=["local", "s3"])
+async def system(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    models_dir: Path,
+    mongo_server: Any,
+    s3_server: Any,
+) -> AsyncIterator[System]:
+    data = tmp_path_factory.mktemp(f"system-{request.param}")
+    store: dict[str, Any] = {"store_dir": str(data / "objects")}
+    if request.param == "s3":
+        store = {
+            "s3_endpoint_url": s3_server.endpoint_url,
+            "s3_access_key": s3_server.access_key,
+            "s3_secret_key": s3_server.secret_key,
+            "s3_region": s3_server.region,
+            "s3_bucket": f"e2e-{secrets.token_hex(4)}",
+        }
+    async with start_system(data, models_dir, mongo_server.url, store) as system:
+        yield system

@@ -1,0 +1,63 @@
+"""A worker killed mid-task (kill -9): the task is redelivered and still succeeds, once."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.conftest import System, start_system
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+async def fast_redelivery(
+    tmp_path: Path, models_dir: Path, mongo_server: Any
+) -> AsyncIterator[System]:
+    # A short ack deadline so the test does not wait the default 60 s for redelivery.
+    store = {"store_dir": str(tmp_path / "objects")}
+    async with start_system(tmp_path, models_dir, mongo_server.url, store, ack_wait_s=2) as system:
+        yield system
+
+
+async def _doc_when(system: System, task_id: str, check: Any) -> dict[str, Any]:
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        doc = await system.task(task_id)
+        if doc is not None and check(doc):
+            return doc
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"task {task_id}: condition not met")
+
+
+async def test_a_killed_worker_loses_no_task(fast_redelivery: System) -> None:
+    system = fast_redelivery
+    body = {
+        "stable_diffusion_model": "tiny.safetensors",
+        "prompt": "x",
+        "seed": 9,
+        "steps": 40,
+        "width": 256,
+        "height": 256,
+    }
+    async with system.http.post(
+        f"{system.url}/txt2img", json=body, headers={"Request-Type": "async"}
+    ) as response:
+        task_id = (await response.json())["taskId"]
+    running = await _doc_when(system, task_id, lambda d: d["progress"]["step"] >= 2)
+    victim = int(running["worker"].rsplit("-", 1)[1])
+    os.kill(victim, signal.SIGKILL)
+
+    done = await _doc_when(system, task_id, lambda d: d["status"] in ("succeeded", "failed"))
+    assert "succeeded" == done["status"], done["message"]
+    assert 2 == done["attempt"]
+    assert running["worker"] != done["worker"]
+    assert [f"images/default/{task_id}_1.png"] == done["images"]
+    assert await system.objects.exists(done["images"][0])
