@@ -19,6 +19,12 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=7860)
     up.add_argument("--nats-port", type=int, default=4222)
     up.add_argument("--device", default="auto", help="auto, cpu or cuda (workers)")
+    up.add_argument(
+        "--gpu-slots",
+        type=int,
+        default=None,
+        help="global budget: tasks running at once over all checkpoints (default 1)",
+    )
 
     demo = commands.add_parser("demo-model", help="write a tiny random-weight demo checkpoint")
     demo.add_argument("--models-dir", type=Path, default=Path("models"))
@@ -42,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
                 port=args.port,
                 nats_port=args.nats_port,
                 device=args.device,
+                gpu_slots=args.gpu_slots,
             )
             asyncio.run(up(options))
         case "demo-model":

@@ -48,6 +48,7 @@ class UpOptions:
     port: int
     nats_port: int
     device: str
+    gpu_slots: int | None = None
 
 
 async def up(options: UpOptions) -> None:
@@ -90,6 +91,7 @@ async def up(options: UpOptions) -> None:
             cache_dir=str(data / "cache"),
             worker_log_dir=str(data / "logs"),
             device=options.device,
+            gpu_slots=options.gpu_slots,
             **overrides,
         )
         await stack.enter_async_context(
@@ -135,7 +137,7 @@ async def running_system(
 
         backend = LocalBackend(scheduler_settings)
         stack.push_async_callback(backend.aclose)
-        scheduler = Scheduler(scheduler_settings, js, models, backend)
+        scheduler = Scheduler(scheduler_settings, js, models, backend, tasks)
         background = [
             asyncio.create_task(
                 supervised("scheduler", lambda: scheduler.run(stop), stop), name="scheduler"

@@ -70,6 +70,10 @@ async def ensure_streams(js: JetStreamContext, settings: BusSettings) -> None:
     await _ensure_stream(js, advisory_stream_config())
 
 
+PAUSED_FOREVER = "2999-01-01T00:00:00Z"
+"""A consumer paused until then gets no deliveries until it is resumed."""
+
+
 def task_consumer_config(
     model_key: str, settings: BusSettings, max_ack_pending: int = 1
 ) -> ConsumerConfig:
@@ -86,16 +90,23 @@ def task_consumer_config(
 
 
 async def ensure_task_consumer(
-    js: JetStreamContext, model_key: str, settings: BusSettings, max_ack_pending: int = 1
+    js: JetStreamContext,
+    model_key: str,
+    settings: BusSettings,
+    max_ack_pending: int = 1,
+    *,
+    paused: bool = False,
 ) -> None:
+    """Create the checkpoint's consumer if missing (``paused``: until the scheduler grants)."""
     name = names.consumer_name(model_key)
     try:
         await js.consumer_info(names.TASK_STREAM, name)
     except NotFoundError:
+        config = task_consumer_config(model_key, settings, max_ack_pending)
+        if paused:
+            config.pause_until = PAUSED_FOREVER
         try:
-            await js.add_consumer(
-                names.TASK_STREAM, task_consumer_config(model_key, settings, max_ack_pending)
-            )
+            await js.add_consumer(names.TASK_STREAM, config)
         except BadRequestError:
             # Created concurrently by another service: fine, it has the same config.
             await js.consumer_info(names.TASK_STREAM, name)

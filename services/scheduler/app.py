@@ -1,32 +1,58 @@
-"""The scheduler's control loop (minimal: one worker per checkpoint with work).
+"""The scheduler's control loop: the global budget → consumer limits and workers.
 
-Every tick: make sure each registered checkpoint has its consumer, read its backlog,
-and keep one worker running while it has queued or in-flight tasks; a checkpoint idle
-for ``idle_timeout_s`` goes to zero. The global GPU budget and weighted shares come
-with the scheduler issue.
+Every tick it reads each checkpoint's consumer (backlog, in flight, current limit),
+asks the pure policy (:mod:`services.scheduler.policy`) for shares and worker counts,
+and applies them: limits are lowered before any is raised, a share of 0 pauses the
+consumer (JetStream consumer pause) instead of deleting it, and workers are started or
+stopped through the backend. The share it sets is also written to the consumer's
+metadata (``sdswarm_share``): a ``max_ack_pending`` that differs from it was changed by
+an operator and is honoured as a pin, counted in the budget, never fought.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import time
+from dataclasses import dataclass
 
 from nats.js import JetStreamContext
+from nats.js.api import ConsumerInfo
 
 from proto import ModelType, names
 from services.common import bus
 from services.scheduler.local import LocalBackend
+from services.scheduler.policy import CheckpointLoad, Plan, plan
 from services.scheduler.settings import SchedulerSettings
 from services.storage.models import ModelStore
+from services.storage.mongo import Document
+from services.storage.tasks import TaskStore
 
 log = logging.getLogger(__name__)
+SHARE_METADATA = "sdswarm_share"
 
 
-async def backlog(js: JetStreamContext, model_key: str) -> int:
-    info = await js.consumer_info(names.TASK_STREAM, names.consumer_name(model_key))
-    return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+@dataclass
+class _Memory:
+    """What the scheduler remembers per checkpoint between ticks."""
+
+    last_demand: float = -1e12
+    held_since: float | None = None
+    pin_logged: int | None = None
+
+
+def current_share(info: ConsumerInfo) -> tuple[int, int | None]:
+    """(share now, operator pin or None) read back from a consumer."""
+    config = info.config
+    if getattr(info, "paused", False):
+        return 0, None
+    limit = int(config.max_ack_pending or 0)
+    recorded = (config.metadata or {}).get(SHARE_METADATA)
+    if recorded is not None and recorded.isdigit() and int(recorded) != limit:
+        return limit, limit
+    return limit, None
 
 
 class Scheduler:
@@ -36,29 +62,93 @@ class Scheduler:
         js: JetStreamContext,
         models: ModelStore,
         backend: LocalBackend,
+        tasks: TaskStore,
     ) -> None:
         self.settings = settings
         self.js = js
         self.models = models
+        self.tasks = tasks
         self.backend = backend
-        self._last_demand: dict[str, float] = {}
+        self._memory: dict[str, _Memory] = {}
+        self.last_plan: Plan | None = None
 
-    async def tick(self) -> None:
+    async def _load(self, model: Document, workers: int, now: float) -> CheckpointLoad:
+        key = model["model_key"]
+        memory = self._memory.setdefault(key, _Memory())
+        await bus.ensure_task_consumer(self.js, key, self.settings, paused=True)
+        info = await self.js.consumer_info(names.TASK_STREAM, names.consumer_name(key))
+        backlog, running = int(info.num_pending or 0), int(info.num_ack_pending or 0)
+        share, pinned = current_share(info)
+        if pinned is not None and memory.pin_logged != pinned:
+            log.warning("%s: max_ack_pending %d set by an operator; honoured as a pin", key, pinned)
+            memory.pin_logged = pinned
+        if backlog or running:
+            memory.last_demand = now
+        oldest = await self.tasks.oldest_waiting(key) if backlog else None
+        wait = (dt.datetime.now(dt.UTC) - oldest).total_seconds() if oldest else 0.0
+        return CheckpointLoad(
+            key=key,
+            backlog=backlog,
+            running=running,
+            share=share,
+            workers=workers,
+            oldest_wait_s=max(wait, 0.0),
+            held_since=memory.held_since,
+            idle_s=now - memory.last_demand,
+            min_instances=int(model.get("min_instances") or 0),
+            max_instances=model.get("max_instances"),
+            pinned=pinned,
+        )
+
+    async def _set_share(self, key: str, share: int) -> None:
+        consumer = names.consumer_name(key)
+        if share == 0:
+            await self.js.pause_consumer(names.TASK_STREAM, consumer, bus.PAUSED_FOREVER)
+            return
+        config = bus.task_consumer_config(key, self.settings, max_ack_pending=share)
+        config.metadata = {SHARE_METADATA: str(share)}
+        await self.js.add_consumer(names.TASK_STREAM, config)  # an update: same durable
+        await self.js.resume_consumer(names.TASK_STREAM, consumer)
+
+    async def tick(self) -> Plan:
         now = time.monotonic()
-        current = self.backend.replicas()
-        for model in await self.models.list(ModelType.STABLE_DIFFUSION):
+        replicas = self.backend.replicas()
+        models = [
+            m
+            for m in await self.models.list(ModelType.STABLE_DIFFUSION)
+            if m.get("status") != "failed"
+        ]
+        loads = [await self._load(m, replicas.get(m["model_key"], 0), now) for m in models]
+        result = plan(
+            loads,
+            self.settings.gpu_slots,
+            idle_timeout_s=self.settings.idle_timeout_s,
+            starvation_s=self.settings.starvation_s,
+        )
+        by_key = {load.key: load for load in loads}
+        # Lower first, then raise: the budget holds between the two consumer updates.
+        changes = sorted(
+            (
+                k
+                for k in result.shares
+                if result.shares[k] != by_key[k].share and by_key[k].pinned is None
+            ),
+            key=lambda k: result.shares[k] - by_key[k].share,
+        )
+        for key in changes:
+            await self._set_share(key, result.shares[key])
+        for key, share in result.shares.items():
+            memory = self._memory[key]
+            memory.held_since = (memory.held_since or now) if share > 0 else None
+        for model in models:
             key = model["model_key"]
-            if model.get("status") == "failed":
-                continue
-            await bus.ensure_task_consumer(self.js, key, self.settings)
-            if await backlog(self.js, key) > 0:
-                self._last_demand[key] = now
-                desired = 1
-            elif now - self._last_demand.get(key, -1e9) < self.settings.idle_timeout_s:
-                desired = current.get(key, 0)
-            else:
-                desired = 0
-            await self.backend.ensure(model, desired)
+            if key in result.reasons:
+                log.info(
+                    "%s: scaling to %d workers (%s)", key, result.workers[key], result.reasons[key]
+                )
+            await self.backend.ensure(model, result.workers[key])
+        self.last_plan = result
+        return result
 
     async def run(self, stop: asyncio.Event) -> None:
         await bus.ensure_streams(self.js, self.settings)

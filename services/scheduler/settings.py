@@ -6,6 +6,10 @@ from services.common.settings import StoreSettings
 
 
 class SchedulerSettings(StoreSettings, kw_only=True, frozen=True):
+    gpu_slots: int = 1
+    """The global budget: tasks running at once over all checkpoints (CPU workers count)."""
+    starvation_s: float = 60.0
+    """A checkpoint with backlog waits at most about this long for a slot."""
     poll_interval_s: float = 1.0
     idle_timeout_s: float = 300.0
     """A checkpoint without backlog for this long goes to zero workers."""

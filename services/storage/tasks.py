@@ -105,6 +105,14 @@ class TaskStore:
             query["user"] = user
         return await self.collection.find_one(query)
 
+    async def oldest_waiting(self, model_key: str) -> dt.datetime | None:
+        document = await self.collection.find_one(
+            {"model_key": model_key, "status": TaskStatus.WAITING.value},
+            sort=[("created_at", ASCENDING)],
+            projection={"created_at": 1},
+        )
+        return document["created_at"] if document else None
+
     async def queue_position(self, document: Document) -> int:
         """1-based place of a waiting task among its checkpoint's waiting tasks (FIFO)."""
         ahead = await self.collection.count_documents(

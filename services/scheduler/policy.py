@@ -1,0 +1,136 @@
+"""The scheduling policy: a pure function from load to GPU shares and worker counts.
+
+Invariant: the slots in use — for each checkpoint ``max(share, running)``, because a
+lowered share stops new deliveries but never interrupts a task — never exceed the
+budget. So shares are lowered at once and raised only into slots that are free *now*;
+a slot taken from one checkpoint reaches another at the first's next task boundary.
+
+Allocation is weighted fair share by demand (D'Hondt: the next slot goes to the highest
+``demand / (slots + 1)``), with two corrections: a checkpoint whose oldest task has
+waited past ``starvation_s`` gets one slot, taken from the checkpoint that has held
+slots longest, and current holders win ties, so shares do not flap.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class CheckpointLoad:
+    key: str
+    backlog: int
+    """Tasks queued and not yet delivered."""
+    running: int
+    """Tasks delivered and not yet acknowledged."""
+    share: int
+    """Slots granted now (its consumer's ``max_ack_pending``; 0 when paused)."""
+    workers: int
+    oldest_wait_s: float = 0.0
+    """Age of its oldest queued task."""
+    held_since: float | None = None
+    """When it last went from 0 to ≥1 slot (monotonic), None while it holds none."""
+    idle_s: float = 0.0
+    """Seconds since it last had backlog or running tasks."""
+    min_instances: int = 0
+    max_instances: int | None = None
+    pinned: int | None = None
+    """An operator's manual limit: honoured as the share, counted in the budget."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    shares: dict[str, int]
+    workers: dict[str, int]
+    reasons: dict[str, str] = field(default_factory=dict)
+
+
+def _cap(load: CheckpointLoad, budget: int) -> int:
+    cap = budget if load.max_instances is None else min(budget, load.max_instances)
+    return min(cap, load.backlog + load.running)
+
+
+def _starving(load: CheckpointLoad, starvation_s: float) -> bool:
+    return load.backlog > 0 and load.oldest_wait_s >= starvation_s
+
+
+def ideal_shares(loads: list[CheckpointLoad], budget: int, starvation_s: float) -> dict[str, int]:
+    """The allocation we would want if every slot were free now."""
+    ideal = {load.key: 0 for load in loads}
+    free = budget
+    for load in loads:
+        if load.pinned is not None:
+            ideal[load.key] = load.pinned
+            free -= load.pinned
+    candidates = [load for load in loads if load.pinned is None and _cap(load, budget) > 0]
+
+    def entry(load: CheckpointLoad) -> tuple[float, int, int, str, CheckpointLoad]:
+        # D'Hondt over demand; current holders win ties (stability), then larger backlog.
+        weight = -(load.backlog + load.running) / (ideal[load.key] + 1)
+        return (weight, -min(load.share, 1), -load.backlog, load.key, load)
+
+    heap = [entry(c) for c in candidates]
+    heapq.heapify(heap)
+    while free > 0 and heap:
+        *_, key, load = heapq.heappop(heap)
+        ideal[key] += 1
+        free -= 1
+        if ideal[key] < _cap(load, budget):
+            heapq.heappush(heap, entry(load))
+    # Starvation bound: a checkpoint waiting too long takes one slot from the checkpoint
+    # that has held slots longest (it loses it at its next task boundary).
+    protected: set[str] = set()
+    for load in sorted(candidates, key=lambda c: -c.oldest_wait_s):
+        if not _starving(load, starvation_s) or ideal[load.key] > 0:
+            continue
+        victims = sorted(
+            (v for v in candidates if ideal[v.key] > 0 and v.key not in protected),
+            key=lambda v: (v.held_since is None, v.held_since or 0.0, v.key),
+        )
+        if not victims:
+            break
+        ideal[victims[0].key] -= 1
+        ideal[load.key] = 1
+        protected.add(load.key)
+    return ideal
+
+
+def plan(
+    loads: list[CheckpointLoad],
+    budget: int,
+    *,
+    idle_timeout_s: float,
+    starvation_s: float,
+) -> Plan:
+    ideal = ideal_shares(loads, budget, starvation_s)
+    by_key = {load.key: load for load in loads}
+    # Lower at once; what stays in use is max(share, running).
+    shares = {k: min(by_key[k].share, ideal[k]) for k in ideal}
+    used = sum(max(shares[k], by_key[k].running) for k in shares)
+    free = budget - used
+    # Raise into free slots, most-wanted first: starving, then largest shortfall.
+    wanting = sorted(
+        (k for k in shares if ideal[k] > shares[k]),
+        key=lambda k: (not _starving(by_key[k], starvation_s), shares[k] - ideal[k], k),
+    )
+    for key in wanting:
+        if free <= 0:
+            break
+        in_use = max(shares[key], by_key[key].running)
+        grant = min(ideal[key] - shares[key], free + (in_use - shares[key]))
+        new_share = shares[key] + max(grant, 0)
+        free -= max(new_share, by_key[key].running) - in_use
+        shares[key] = new_share
+    workers: dict[str, int] = {}
+    reasons: dict[str, str] = {}
+    for load in loads:
+        cap = load.max_instances if load.max_instances is not None else budget
+        wanted = max(shares[load.key], load.min_instances)
+        if load.backlog or load.running or load.idle_s < idle_timeout_s:
+            # Hysteresis: keep warm workers until the checkpoint has been idle long enough.
+            wanted = max(wanted, min(load.workers, cap))
+        elif wanted < load.workers:
+            reasons[load.key] = f"idle for {load.idle_s:.0f} s"
+        workers[load.key] = min(wanted, max(cap, load.min_instances))
+    return Plan(shares=shares, workers=workers, reasons=reasons)

@@ -1,0 +1,104 @@
+"""The scheduling policy: budget invariant, fair shares, starvation bound, scale to zero."""
+
+import random
+from dataclasses import replace
+
+import pytest
+
+from services.scheduler.policy import CheckpointLoad, plan
+
+IDLE, STARVE = 300.0, 60.0
+
+
+def _load(key: str, **fields: object) -> CheckpointLoad:
+    values: dict[str, object] = {"backlog": 0, "running": 0, "share": 0, "workers": 0}
+    values.update(fields)
+    return CheckpointLoad(key=key, **values)  # type: ignore[arg-type]
+
+
+def _used(loads: list[CheckpointLoad], shares: dict[str, int]) -> int:
+    return sum(max(shares[load.key], load.running) for load in loads)
+
+
+def test_budget_is_never_exceeded_randomized() -> None:
+    rng = random.Random(1234)
+    for _ in range(3000):
+        budget = rng.randint(1, 12)
+        loads: list[CheckpointLoad] = []
+        left = budget
+        for i in range(rng.randint(1, 8)):
+            share = rng.randint(0, left)
+            running = rng.randint(0, share + (1 if rng.random() < 0.2 else 0))
+            running = min(running, left) if running > share else running
+            left -= max(share, running)
+            loads.append(
+                _load(
+                    f"m{i}",
+                    backlog=rng.randint(0, 20),
+                    running=running,
+                    share=share,
+                    workers=rng.randint(0, 3),
+                    oldest_wait_s=rng.uniform(0, 120),
+                    held_since=rng.uniform(0, 100) if share else None,
+                    idle_s=rng.uniform(0, 600),
+                    max_instances=rng.choice([None, 1, 2, 5]),
+                    min_instances=rng.randint(0, 1),
+                )
+            )
+        assert _used(loads, {x.key: x.share for x in loads}) <= budget  # precondition
+        result = plan(loads, budget, idle_timeout_s=IDLE, starvation_s=STARVE)
+        assert _used(loads, result.shares) <= budget, (budget, loads, result)
+        for load in loads:
+            assert 0 <= result.shares[load.key]
+            if load.max_instances is not None:
+                assert result.workers[load.key] <= max(load.max_instances, load.min_instances)
+
+
+def test_equal_demand_gets_equal_shares() -> None:
+    loads = [_load("a", backlog=10), _load("b", backlog=10)]
+    assert {"a": 2, "b": 2} == plan(loads, 4, idle_timeout_s=IDLE, starvation_s=STARVE).shares
+
+
+def test_shares_follow_demand() -> None:
+    loads = [_load("a", backlog=30), _load("b", backlog=10), _load("c")]
+    result = plan(loads, 4, idle_timeout_s=IDLE, starvation_s=STARVE)
+    assert {"a": 3, "b": 1, "c": 0} == result.shares
+    assert {"a": 3, "b": 1, "c": 0} == result.workers
+
+
+def test_a_share_never_exceeds_demand_or_max_instances() -> None:
+    loads = [_load("a", backlog=1), _load("b", backlog=50, max_instances=2)]
+    assert {"a": 1, "b": 2} == plan(loads, 8, idle_timeout_s=IDLE, starvation_s=STARVE).shares
+
+
+def test_a_starving_checkpoint_gets_the_longest_holders_slot_at_its_task_boundary() -> None:
+    old = _load("old", backlog=9, running=1, share=1, workers=1, held_since=10.0)
+    new = _load("new", backlog=9, running=1, share=1, workers=1, held_since=50.0)
+    starving = _load("late", backlog=1, oldest_wait_s=STARVE + 1)
+    first = plan([old, new, starving], 2, idle_timeout_s=IDLE, starvation_s=STARVE)
+    # The longest holder is lowered now; its running task is not interrupted, so the
+    # starving checkpoint cannot start yet without exceeding the budget.
+    assert {"old": 0, "new": 1, "late": 0} == first.shares
+    finished = replace(old, running=0, share=0)
+    second = plan([finished, new, starving], 2, idle_timeout_s=IDLE, starvation_s=STARVE)
+    assert {"old": 0, "new": 1, "late": 1} == second.shares
+
+
+def test_holders_keep_their_slots_on_ties() -> None:
+    loads = [_load("a", backlog=5, share=1, workers=1, held_since=1.0), _load("b", backlog=5)]
+    assert {"a": 1, "b": 0} == plan(loads, 1, idle_timeout_s=IDLE, starvation_s=STARVE).shares
+
+
+@pytest.mark.parametrize(
+    ("idle_s", "min_instances", "expected"), [(10.0, 0, 1), (IDLE + 1, 0, 0), (IDLE + 1, 1, 1)]
+)
+def test_scale_to_zero_after_idle_timeout(idle_s: float, min_instances: int, expected: int) -> None:
+    load = _load("a", workers=1, idle_s=idle_s, min_instances=min_instances)
+    result = plan([load], 2, idle_timeout_s=IDLE, starvation_s=STARVE)
+    assert expected == result.workers["a"]
+    assert 0 == result.shares["a"]
+
+
+def test_an_operator_pin_is_honoured_and_counted() -> None:
+    loads = [_load("pinned", backlog=9, pinned=1, share=1), _load("b", backlog=9)]
+    assert {"pinned": 1, "b": 2} == plan(loads, 3, idle_timeout_s=IDLE, starvation_s=STARVE).shares
