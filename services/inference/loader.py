@@ -14,6 +14,7 @@ import hashlib
 import json
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -161,9 +162,11 @@ def materialise_config(
     folder = cache_dir / "configs" / f"{family.value}-{digest}"
     if (folder / "model_index.json").is_file():
         return folder
-    staging = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(CONFIGS / family.value, staging)
+    # Workers of checkpoints with the same layout share the folder and may build it at
+    # the same time: each builds in a private staging folder, the first rename wins.
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    shutil.copytree(CONFIGS / family.value, staging, dirs_exist_ok=True)
     _patch(staging, "unet", "config.json", lambda c: derive_unet(tensors, c, family))
     _patch(staging, "vae", "config.json", lambda c: derive_vae(tensors, c))
     pad = EOS
@@ -188,8 +191,10 @@ def materialise_config(
         write_tokenizer_files(staging / "tokenizer_2", pad_token="!")
     write_tokenizer_files(staging / "tokenizer", pad_token=pad)
     assert BOS  # the tokenizer module's special tokens are the CLIP ones
-    shutil.rmtree(folder, ignore_errors=True)
-    staging.rename(folder)
+    try:
+        staging.rename(folder)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)  # another process won; same content
     return folder
 
 

@@ -67,3 +67,25 @@ def test_broken_and_foreign_files_fail_with_a_reason(tiny: TinyModel, tmp_path: 
     save_file({"lora_unet_x.lora_down.weight": torch.zeros(4, 4)}, str(lora))
     with pytest.raises(CheckpointError, match="not a Stable Diffusion"):
         load_pipeline(lora, cache_dir=tmp_path)
+
+
+def test_config_folders_are_built_safely_in_parallel(tiny: TinyModel, tmp_path: Path) -> None:
+    """Workers of same-layout checkpoints share one cached config folder."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from services.inference.loader import materialise_config
+    from services.storage.modelfiles import detect_family, read_safetensors_header
+
+    tensors, _ = read_safetensors_header(tiny.single_file)
+    family = detect_family(tensors)
+    assert family is not None
+    with ThreadPoolExecutor(6) as pool:
+        folders = list(
+            pool.map(
+                lambda _: materialise_config(tiny.single_file, tensors, family, tmp_path), range(6)
+            )
+        )
+    assert 1 == len(set(folders))
+    assert (folders[0] / "model_index.json").is_file()
+    assert (folders[0] / "tokenizer" / "tokenizer.json").is_file()
+    assert [folders[0]] == [p for p in (tmp_path / "configs").iterdir()]

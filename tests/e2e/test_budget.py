@@ -1,0 +1,110 @@
+"""The global budget holds under random bursts over several checkpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import shutil
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proto import names
+from services.common import bus
+from tests.e2e.conftest import System, start_system
+
+pytestmark = pytest.mark.e2e
+
+CHECKPOINTS = [f"model_{c}.safetensors" for c in "abcd"]
+BUDGET = 2
+
+
+@pytest.fixture
+async def four_checkpoints(
+    tmp_path: Path, tiny_checkpoint: Path, mongo_server: Any
+) -> AsyncIterator[System]:
+    models = tmp_path / "models" / "Stable-diffusion"
+    models.mkdir(parents=True)
+    for name in CHECKPOINTS:
+        shutil.copy(tiny_checkpoint, models / name)
+    store = {"store_dir": str(tmp_path / "objects")}
+    async with start_system(
+        tmp_path,
+        tmp_path / "models",
+        mongo_server.url,
+        store,
+        gpu_slots=BUDGET,
+        starvation_s=20,
+        idle_timeout_s=600,
+    ) as system:
+        yield system
+
+
+async def test_in_flight_never_exceeds_the_budget(four_checkpoints: System) -> None:
+    system = four_checkpoints
+    rng = random.Random(7)
+    nc = await bus.connect(system.nats_url, "budget-sampler")
+    js = nc.jetstream()
+    samples: list[int] = []
+    done = asyncio.Event()
+
+    async def sample() -> None:
+        while not done.is_set():
+            in_flight = 0
+            for name in CHECKPOINTS:
+                consumer = names.consumer_name(names.model_key(name))
+                try:
+                    info = await js.consumer_info(names.TASK_STREAM, consumer)
+                except Exception:
+                    continue  # not created yet
+                in_flight += int(info.num_ack_pending or 0)
+            samples.append(in_flight)
+            await asyncio.sleep(0.1)
+
+    sampler = asyncio.create_task(sample())
+    task_ids: list[str] = []
+    try:
+        for _burst in range(3):
+            for _ in range(rng.randint(3, 6)):
+                body = {
+                    "stable_diffusion_model": rng.choice(CHECKPOINTS),
+                    "prompt": "x",
+                    "steps": rng.randint(2, 6),
+                    "width": 64,
+                    "height": 64,
+                }
+                async with system.http.post(
+                    f"{system.url}/txt2img", json=body, headers={"Request-Type": "async"}
+                ) as response:
+                    assert 202 == response.status
+                    task_ids.append((await response.json())["taskId"])
+            await asyncio.sleep(rng.uniform(0.5, 3))
+        deadline = time.monotonic() + 300
+        pending = set(task_ids)
+        while pending and time.monotonic() < deadline:
+            for task_id in list(pending):
+                doc = await system.task(task_id)
+                if doc is not None and doc["status"] in ("succeeded", "failed", "cancelled"):
+                    assert "succeeded" == doc["status"], doc["message"]
+                    pending.discard(task_id)
+            await asyncio.sleep(0.2)
+        assert not pending, f"{len(pending)} tasks never finished"
+    finally:
+        done.set()
+        await sampler
+        await nc.close()
+    waits = []
+    for task_id in task_ids:
+        doc = await system.task(task_id)
+        assert doc is not None
+        waits.append((doc["started_at"] - doc["created_at"]).total_seconds())
+    print(
+        f"tasks={len(task_ids)} samples={len(samples)} max in flight={max(samples)}"
+        f" max wait before start={max(waits):.1f} s"
+    )
+    assert len(samples) > 20
+    assert max(samples) <= BUDGET, samples
+    assert BUDGET == max(samples), "the budget should be used when there is backlog"
