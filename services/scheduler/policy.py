@@ -80,19 +80,23 @@ def ideal_shares(loads: list[CheckpointLoad], budget: int, starvation_s: float) 
             heapq.heappush(heap, entry(load))
     # Starvation bound: a checkpoint waiting too long takes one slot from the checkpoint
     # that has held slots longest (it loses it at its next task boundary).
-    protected: set[str] = set()
-    for load in sorted(candidates, key=lambda c: -c.oldest_wait_s):
-        if not _starving(load, starvation_s) or ideal[load.key] > 0:
-            continue
+    starving = sorted(
+        (c for c in candidates if _starving(c, starvation_s) and ideal[c.key] == 0),
+        key=lambda c: -c.oldest_wait_s,
+    )
+    if starving:
         victims = sorted(
-            (v for v in candidates if ideal[v.key] > 0 and v.key not in protected),
+            (v for v in candidates if ideal[v.key] > 0),
             key=lambda v: (v.held_since is None, v.held_since or 0.0, v.key),
         )
-        if not victims:
-            break
-        ideal[victims[0].key] -= 1
-        ideal[load.key] = 1
-        protected.add(load.key)
+        position = 0
+        for load in starving:
+            while position < len(victims) and ideal[victims[position].key] == 0:
+                position += 1
+            if position == len(victims):
+                break
+            ideal[victims[position].key] -= 1
+            ideal[load.key] = 1
     return ideal
 
 
