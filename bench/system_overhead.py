@@ -45,7 +45,7 @@ def direct(checkpoint: Path, cache: Path, body: dict[str, object], n: int) -> li
     times = []
     for _ in range(n + 1):
         started = time.perf_counter()
-        runner.generate(command, lambda *_: None, lambda: False)
+        runner.generate(command, {}, lambda *_: None, lambda: False)
         times.append(time.perf_counter() - started)
     return times[1:]  # the first call warms caches
 

@@ -143,6 +143,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_open_resources)
     app.router.add_post("/txt2img", tasks_api.txt2img)
+    app.router.add_post("/img2img", tasks_api.img2img)
     app.router.add_get("/tasks", tasks_api.list_tasks)
     app.router.add_get("/tasks/{task_id}/result", tasks_api.task_result)
     app.router.add_get("/tasks/{task_id}/progress", tasks_api.task_progress)

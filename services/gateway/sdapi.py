@@ -11,21 +11,22 @@ from __future__ import annotations
 import base64
 import json
 import re
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from aiohttp import web
 
 from proto import ModelType, TaskStatus, names
-from proto.requests import Txt2ImgRequest, to_builtins
+from proto.requests import Img2ImgRequest, Txt2ImgRequest, to_builtins
 from proto.samplers import SAMPLERS, SCHEDULE_TYPES
 from services.gateway.auth import caller
 from services.gateway.errors import ApiError, invalid_body
 from services.gateway.resources import Resources, resources
-from services.gateway.tasks_api import cancel_document, new_task_id, submit_txt2img
+from services.gateway.tasks_api import cancel_document, new_task_id, submit
 from services.gateway.validation import check_limits
 from services.storage.mongo import Document
 
+Processing = TypeVar("Processing", Txt2ImgRequest, Img2ImgRequest)
 CHECKPOINT_OPTION = "sd_model_checkpoint"
 _TITLE_HASH = re.compile(r"\s*\[[0-9a-fA-F]{8,64}\]$")
 
@@ -55,7 +56,9 @@ async def _checkpoint_name(res: Resources, user: str, body: dict[str, Any]) -> s
     )
 
 
-async def _decode_a1111(request: web.Request, res: Resources, user: str) -> Txt2ImgRequest:
+async def _decode_a1111(
+    request: web.Request, res: Resources, user: str, cls: type[Processing]
+) -> Processing:
     raw = await request.read()
     try:
         body = msgspec.json.decode(raw)
@@ -65,18 +68,26 @@ async def _decode_a1111(request: web.Request, res: Resources, user: str) -> Txt2
         raise ApiError(400, "invalid_json", "request body must be a JSON object")
     body.setdefault("stable_diffusion_model", await _checkpoint_name(res, user, body))
     try:
-        return msgspec.convert(body, Txt2ImgRequest)
+        return msgspec.convert(body, cls)
     except msgspec.ValidationError as exc:
         raise invalid_body(exc) from exc
 
 
 async def txt2img(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, Txt2ImgRequest)
+
+
+async def img2img(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, Img2ImgRequest)
+
+
+async def _generate(request: web.Request, cls: type[Processing]) -> web.StreamResponse:
     res = resources(request)
     user = caller(request, res.api_keys)
-    body = await _decode_a1111(request, res, user)
+    body = await _decode_a1111(request, res, user, cls)
     check_limits(body, res.settings)
     task_id = _forced(body.force_task_id) if body.force_task_id else new_task_id()
-    task_id, outcome = await submit_txt2img(res, user, body, task_id, sync=True)
+    task_id, outcome = await submit(res, user, body, task_id, sync=True)
     if outcome is None:
         raise ApiError(
             504,
@@ -95,8 +106,12 @@ async def txt2img(request: web.Request) -> web.StreamResponse:
     if body.send_images:
         images = [base64.b64encode(await res.objects.get(k)).decode() for k in outcome["images"]]
     info = outcome.get("info") or ""
+    parameters = to_builtins(body)
+    if isinstance(body, Img2ImgRequest):
+        # A1111 leaves the (large) input images out of the echoed parameters.
+        parameters |= {"init_images": None, "mask": None}
     return web.json_response(
-        {"images": images, "parameters": to_builtins(body), "info": info},
+        {"images": images, "parameters": parameters, "info": info},
         headers={"taskId": task_id},
     )
 
@@ -300,6 +315,7 @@ async def refresh_checkpoints(request: web.Request) -> web.StreamResponse:
 def add_routes(app: web.Application) -> None:
     prefix = "/sdapi/v1"
     app.router.add_post(f"{prefix}/txt2img", txt2img)
+    app.router.add_post(f"{prefix}/img2img", img2img)
     app.router.add_get(f"{prefix}/progress", progress)
     app.router.add_post(f"{prefix}/interrupt", interrupt)
     app.router.add_get(f"{prefix}/options", get_options)

@@ -28,3 +28,7 @@ class GatewaySettings(StoreSettings, kw_only=True, frozen=True):
     max_images: int = 32
     """``batch_size × n_iter`` per task."""
     max_prompt_chars: int = 20_000
+    max_input_images: int = 4
+    """Images per request (``init_images``)."""
+    max_input_pixels: int = 4096 * 4096
+    """Per input image; larger ones are refused before they are decoded."""

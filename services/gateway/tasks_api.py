@@ -24,10 +24,11 @@ from pymongo.errors import DuplicateKeyError
 from proto import GenerateImage, TaskKind, TaskStatus, names
 from proto.codec import encode
 from proto.events import TaskCancelled, encode_event, event_kind
-from proto.requests import Txt2ImgRequest, to_builtins
+from proto.requests import Img2ImgRequest, Txt2ImgRequest, to_builtins
 from services.gateway import waiting
 from services.gateway.auth import caller
 from services.gateway.errors import ApiError
+from services.gateway.images import store_inputs
 from services.gateway.resources import Resources, resources
 from services.gateway.validation import check_limits, decode
 from services.storage.mongo import Document
@@ -69,10 +70,10 @@ async def resolve_checkpoint(res: Resources, name: str, field: str) -> Document:
     return model
 
 
-async def submit_txt2img(
+async def submit(
     res: Resources,
     user: str,
-    body: Txt2ImgRequest,
+    body: Txt2ImgRequest | Img2ImgRequest,
     task_id: str,
     *,
     sync: bool,
@@ -84,19 +85,27 @@ async def submit_txt2img(
         # The caller's stored options apply to every request; the request's own win.
         merged = {**options, **(body.override_settings or {})}
         body = msgspec.structs.replace(body, override_settings=merged)
+    input_keys: list[str] = []
+    if isinstance(body, Img2ImgRequest):
+        body = await _claim_inputs(res, user, body, task_id)
+        input_keys = body.init_images + ([body.mask] if body.mask else [])
+    is_img2img = isinstance(body, Img2ImgRequest)
+    kind = TaskKind.IMG2IMG if is_img2img else TaskKind.TXT2IMG
     command = GenerateImage(
         task_id=task_id,
         user=user,
         model_name=model["_id"],
         model_key=model["model_key"],
-        kind=TaskKind.TXT2IMG,
-        txt2img=body,
+        kind=kind,
+        txt2img=body if isinstance(body, Txt2ImgRequest) else None,
+        img2img=body if isinstance(body, Img2ImgRequest) else None,
+        input_keys=input_keys,
         submitted_at=time.time(),
     )
     document = new_task_document(
         task_id=task_id,
         user=user,
-        kind=TaskKind.TXT2IMG.value,
+        kind=kind.value,
         model_name=model["_id"],
         model_key=model["model_key"],
         parameters=to_builtins(body),
@@ -124,14 +133,47 @@ async def submit_txt2img(
             await waiter.close()
 
 
+async def _claim_inputs(
+    res: Resources, user: str, body: Img2ImgRequest, task_id: str
+) -> Img2ImgRequest:
+    """Claim check: the images go to the object store, the command carries their keys."""
+    if not body.init_images:
+        raise ApiError(
+            422, "invalid_field", "`init_images` needs at least one image", field="init_images"
+        )
+    if len(body.init_images) > res.settings.max_input_images:
+        raise ApiError(
+            422,
+            "limit_exceeded",
+            f"`init_images` must hold at most {res.settings.max_input_images} images"
+            f" but holds {len(body.init_images)}",
+            field="init_images",
+        )
+    images = await store_inputs(res, user, task_id, body.init_images, "init_images")
+    mask = None
+    if body.mask:
+        [mask] = await store_inputs(res, user, task_id, [body.mask], "mask", first=len(images))
+    return msgspec.structs.replace(body, init_images=images, mask=mask)
+
+
 async def txt2img(request: web.Request) -> web.StreamResponse:
+    return await _seed_submit(request, Txt2ImgRequest)
+
+
+async def img2img(request: web.Request) -> web.StreamResponse:
+    return await _seed_submit(request, Img2ImgRequest)
+
+
+async def _seed_submit(
+    request: web.Request, cls: type[Txt2ImgRequest] | type[Img2ImgRequest]
+) -> web.StreamResponse:
     res = resources(request)
     user = caller(request, res.api_keys)
-    body = decode(await request.read(), Txt2ImgRequest)
+    body: Txt2ImgRequest | Img2ImgRequest = decode(await request.read(), cls)
     check_limits(body, res.settings)
     task_id = requested_task_id(request)
     sync = request.headers.get(REQUEST_TYPE_HEADER, "sync").strip().lower() != "async"
-    task_id, outcome = await submit_txt2img(res, user, body, task_id, sync=sync)
+    task_id, outcome = await submit(res, user, body, task_id, sync=sync)
     headers = {TASK_ID_HEADER: task_id}
     if not sync:
         return web.json_response(

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
 from proto import GenerateImage
-from proto.requests import Txt2ImgRequest
+from proto.requests import Img2ImgRequest, Txt2ImgRequest
 from proto.samplers import split_sampler
 from services.inference.samplers import build_scheduler
 
@@ -53,9 +53,17 @@ class Generation:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+Inputs = dict[str, bytes]
+"""Input images by object key, fetched by the worker before the blocking call."""
+
+
 class Pipeline(Protocol):
     def generate(
-        self, command: GenerateImage, on_step: StepCallback, should_stop: Callable[[], bool]
+        self,
+        command: GenerateImage,
+        inputs: Inputs,
+        on_step: StepCallback,
+        should_stop: Callable[[], bool],
     ) -> Generation: ...
 
 
@@ -64,7 +72,10 @@ def resolve_seed(seed: int) -> int:
     return random.SystemRandom().randrange(MAX_SEED) if seed == -1 else seed
 
 
-def infotext(request: Txt2ImgRequest, seed: int, model_name: str, model_hash: str) -> str:
+Request = Txt2ImgRequest | Img2ImgRequest
+
+
+def infotext(request: Request, seed: int, model_name: str, model_hash: str) -> str:
     """A1111's human-readable generation parameters (also stored in each PNG)."""
     sampler, schedule = split_sampler(request.effective_sampler, request.scheduler)
     parts = [
@@ -74,6 +85,11 @@ def infotext(request: Txt2ImgRequest, seed: int, model_name: str, model_hash: st
         f"CFG scale: {request.cfg_scale:g}",
         f"Seed: {seed}",
         f"Size: {request.width}x{request.height}",
+        *(
+            [f"Denoising strength: {request.denoising_strength:g}"]
+            if isinstance(request, Img2ImgRequest) and request.denoising_strength is not None
+            else []
+        ),
         f"Model hash: {model_hash}",
         f"Model: {Path(model_name).stem}",
         f"Version: {VERSION}",
@@ -101,13 +117,21 @@ class DiffusersPipeline:
         self.model_hash = model_hash
         self.device = device
         self.base_scheduler_config = pipe.scheduler.config
+        self._variants: dict[str, Any] = {}
 
     def generate(
-        self, command: GenerateImage, on_step: StepCallback, should_stop: Callable[[], bool]
+        self,
+        command: GenerateImage,
+        inputs: Inputs,
+        on_step: StepCallback,
+        should_stop: Callable[[], bool],
     ) -> Generation:
-        request = command.txt2img
+        request: Request | None = command.txt2img or command.img2img
         if request is None:
             raise GenerationError("unsupported_task", f"{command.kind} is not supported yet")
+        images_in = (
+            _ImageInputs.load(request, inputs) if isinstance(request, Img2ImgRequest) else None
+        )
         first_seed = resolve_seed(request.seed)
         count = request.batch_size * request.n_iter
         seeds = [(first_seed + i) % (MAX_SEED + 1) for i in range(count)]
@@ -115,14 +139,27 @@ class DiffusersPipeline:
         pngs: list[bytes] = []
         for job_no in range(request.n_iter):
             batch_seeds = seeds[job_no * request.batch_size : (job_no + 1) * request.batch_size]
-            images = self._run_job(request, batch_seeds, job_no, on_step, should_stop)
+            images = self._run_job(request, images_in, batch_seeds, job_no, on_step, should_stop)
             offset = job_no * request.batch_size
             pngs += [encode_png(im, infotexts[offset + i]) for i, im in enumerate(images)]
         return Generation(images=pngs, seeds=seeds, info=self._info(request, seeds, infotexts))
 
+    def _variant(self, name: str) -> Any:
+        """img2img / inpaint pipelines share the loaded components (no extra memory)."""
+        import diffusers
+
+        cached = self._variants.get(name)
+        if cached is None:
+            cls = getattr(diffusers, name)
+            cached = cls(**self.pipe.components)
+            cached.set_progress_bar_config(disable=True)
+            self._variants[name] = cached
+        return cached
+
     def _run_job(
         self,
-        request: Txt2ImgRequest,
+        request: Request,
+        images_in: _ImageInputs | None,
         seeds: list[int],
         job_no: int,
         on_step: StepCallback,
@@ -134,7 +171,19 @@ class DiffusersPipeline:
             request.scheduler,
             seed=seeds[0],
         )
-        self.pipe.scheduler = scheduler
+        pipe = self.pipe
+        options: dict[str, Any] = {"width": request.width, "height": request.height}
+        if images_in is not None:
+            assert isinstance(request, Img2ImgRequest)
+            strength = 0.75 if request.denoising_strength is None else request.denoising_strength
+            options = {"image": images_in.batch(len(seeds)), "strength": strength}
+            if images_in.mask is not None:
+                pipe = self._variant("StableDiffusionInpaintPipeline")
+                options |= {"mask_image": [images_in.mask] * len(seeds)}
+                options |= {"width": request.width, "height": request.height}
+            else:
+                pipe = self._variant("StableDiffusionImg2ImgPipeline")
+        pipe.scheduler = scheduler
         # One CPU generator per image: the same seed gives the same image whatever the
         # batch size or device (A1111 draws its noise on the CPU too).
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
@@ -142,20 +191,19 @@ class DiffusersPipeline:
         def callback(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> Any:
             if should_stop():
                 raise TaskCancelledError
-            on_step(job_no, step + 1, len(pipe.scheduler.timesteps))
+            # img2img runs only the last `strength` part of the schedule: count what runs.
+            total = getattr(pipe, "_num_timesteps", None) or len(pipe.scheduler.timesteps)
+            on_step(job_no, step + 1, total)
             return kwargs
 
-        options: dict[str, Any] = {}
-        if request.eta is not None and "eta" in _call_parameters(self.pipe):
+        if request.eta is not None and "eta" in _call_parameters(pipe):
             options["eta"] = request.eta
         with torch.inference_mode():
-            result = self.pipe(
+            result = pipe(
                 prompt=[request.prompt] * len(seeds),
                 negative_prompt=[request.negative_prompt] * len(seeds),
                 num_inference_steps=request.steps,
                 guidance_scale=request.cfg_scale,
-                width=request.width,
-                height=request.height,
                 generator=generators,
                 callback_on_step_end=callback,
                 output_type="pil",
@@ -164,7 +212,7 @@ class DiffusersPipeline:
         images: list[Image.Image] = result.images
         return images
 
-    def _info(self, request: Txt2ImgRequest, seeds: list[int], texts: list[str]) -> dict[str, Any]:
+    def _info(self, request: Request, seeds: list[int], texts: list[str]) -> dict[str, Any]:
         sampler, schedule = split_sampler(request.effective_sampler, request.scheduler)
         return {
             "prompt": request.prompt,
@@ -207,3 +255,40 @@ def _call_parameters(pipe: Any) -> set[str]:
 
 def info_json(info: dict[str, Any]) -> str:
     return json.dumps(info, ensure_ascii=False)
+
+
+@dataclass
+class _ImageInputs:
+    """Decoded img2img inputs, sized to the request (A1111 ``resize_mode`` 0: just resize)."""
+
+    images: list[Image.Image]
+    mask: Image.Image | None
+
+    @classmethod
+    def load(cls, request: Img2ImgRequest, inputs: Inputs) -> _ImageInputs:
+        size = (request.width, request.height)
+
+        def open_image(key: str, mode: str) -> Image.Image:
+            try:
+                data = inputs[key]
+            except KeyError as exc:
+                raise GenerationError("input_missing", f"input image {key} is missing") from exc
+            with Image.open(io.BytesIO(data)) as image:
+                return image.convert(mode).resize(size, Image.Resampling.LANCZOS)
+
+        if not request.init_images:
+            raise GenerationError("invalid_request", "img2img needs at least one init image")
+        images = [open_image(key, "RGB") for key in request.init_images]
+        mask = None
+        if request.mask:
+            mask = open_image(request.mask, "L")
+            if request.inpainting_mask_invert:
+                mask = ImageOps.invert(mask)
+            blur = request.mask_blur if request.mask_blur is not None else request.mask_blur_x
+            if blur:
+                mask = mask.filter(ImageFilter.GaussianBlur(blur))
+        return cls(images=images, mask=mask)
+
+    def batch(self, count: int) -> list[Image.Image]:
+        # A1111 cycles through the init images over the batch.
+        return [self.images[i % len(self.images)] for i in range(count)]

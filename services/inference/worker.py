@@ -50,7 +50,7 @@ from services.inference.pipeline import (
     info_json,
 )
 from services.inference.settings import WorkerSettings
-from services.storage.objects import ObjectStore
+from services.storage.objects import ObjectNotFoundError, ObjectStore
 
 log = logging.getLogger(__name__)
 NAK_DELAY_S = 2.0
@@ -198,9 +198,13 @@ class Worker:
             loop.call_soon_threadsafe(steps.put_nowait, Progress(job_no, step, total))
 
         try:
+            try:
+                inputs = {key: await self.objects.get(key) for key in command.input_keys}
+            except ObjectNotFoundError as exc:
+                raise GenerationError("input_missing", f"input image {exc} is gone") from exc
             pipeline = await self._pipeline_or_error()
             generation = await asyncio.to_thread(
-                pipeline.generate, command, on_step, stop_flag.is_set
+                pipeline.generate, command, inputs, on_step, stop_flag.is_set
             )
         except TaskCancelledError:
             return TaskCancelled(**common, at=time.time())
@@ -234,7 +238,8 @@ class Worker:
         steps: asyncio.Queue[Progress | None],
     ) -> None:
         """Publish progress in order, with an in-progress ack per real step."""
-        job_count = command.txt2img.n_iter if command.txt2img else 1
+        request = command.txt2img or command.img2img
+        job_count = request.n_iter if request else 1
         started = time.monotonic()
         while (item := await steps.get()) is not None:
             done = (item.job_no * item.total_steps + item.step) / (item.total_steps * job_count)
