@@ -30,6 +30,7 @@ class System:
     objects: ObjectStore
     db: Any
     nats_url: str
+    nats_server: NatsServer
 
     async def task(self, task_id: str) -> Document | None:
         doc: Document | None = await self.db["tasks"].find_one({"_id": task_id})
@@ -89,6 +90,7 @@ async def start_system(
                 objects=objects,
                 db=database(mongo, gateway.mongodb_db),
                 nats_url=nats_server.url,
+                nats_server=nats_server,
             )
     finally:
         for log in sorted((data / "logs").glob("*.log")):
