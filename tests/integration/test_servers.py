@@ -1,0 +1,232 @@
+"""The test harness's servers are the real thing, and stopping them leaves nothing behind.
+
+NATS: JetStream work queue with ``Nats-Msg-Id`` dedupe. SecantusDB: exactly the query and
+update operators the task store uses. SeaweedFS: signed S3 calls and a presigned GET.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import sys
+from pathlib import Path
+from typing import Any
+
+import aioboto3
+import aiohttp
+import nats
+import pytest
+from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+from pymongo import AsyncMongoClient, ReturnDocument
+
+from services.common.servers import ManagedServer, MongoServer, NatsServer, SeaweedS3
+from tests.servers import MongoInfo, NatsInfo, S3Info
+
+pytestmark = pytest.mark.integration
+
+
+async def test_nats_jetstream_work_queue_dedupes_by_msg_id(nats_server: NatsInfo) -> None:
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        name = f"T_{secrets.token_hex(4)}"
+        subject = f"t{name.lower()}.work"
+        await js.add_stream(
+            StreamConfig(
+                name=name,
+                subjects=[subject],
+                retention=RetentionPolicy.WORK_QUEUE,
+                storage=StorageType.FILE,
+                duplicate_window=60.0,
+            )
+        )
+        first = await js.publish(subject, b"job", headers={"Nats-Msg-Id": "task-1"})
+        again = await js.publish(subject, b"job", headers={"Nats-Msg-Id": "task-1"})
+        assert not first.duplicate
+        assert again.duplicate
+        assert 1 == (await js.stream_info(name)).state.messages
+
+        sub = await js.pull_subscribe(subject, durable="worker", stream=name)
+        [msg] = await sub.fetch(1, timeout=5)
+        assert b"job" == msg.data
+        await msg.ack_sync()
+        # Work-queue retention: an acked message is gone from the stream.
+        assert 0 == (await js.stream_info(name)).state.messages
+        await js.delete_stream(name)
+    finally:
+        await nc.close()
+
+
+async def test_mongo_operators_used_by_the_task_store(mongo_server: MongoInfo) -> None:
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_server.url)
+    name = f"test_servers_{secrets.token_hex(4)}"
+    tasks = client[name]["tasks"]
+    try:
+        await tasks.insert_many(
+            [
+                {"_id": "a", "status": "waiting", "attempt": 1, "created": 10},
+                {"_id": "b", "status": "running", "attempt": 2, "created": 20},
+                {"_id": "c", "status": "succeeded", "attempt": 1, "created": 30},
+            ]
+        )
+        assert {"_id": "b", "status": "running", "attempt": 2, "created": 20} == (
+            await tasks.find_one({"_id": "b"})
+        )
+
+        live = {"status": {"$in": ["waiting", "running"]}}
+        found = [doc["_id"] async for doc in tasks.find(live).sort("created", 1)]
+        assert ["a", "b"] == found
+        older = [doc["_id"] async for doc in tasks.find({"created": {"$lt": 30}}).sort("_id", 1)]
+        assert ["a", "b"] == older
+
+        result = await tasks.update_one(
+            {"_id": "a", "attempt": {"$lte": 1}, "status": {"$in": ["waiting"]}},
+            {"$set": {"status": "running", "attempt": 1}},
+        )
+        assert 1 == result.matched_count
+        # A stale attempt matches nothing: the fence the event fold relies on.
+        stale = await tasks.update_one(
+            {"_id": "b", "attempt": {"$lt": 2}}, {"$set": {"status": "failed"}}
+        )
+        assert 0 == stale.matched_count
+
+        after = await tasks.find_one_and_update(
+            {"_id": "b", "status": {"$in": ["waiting", "running"]}, "attempt": {"$lte": 2}},
+            {"$set": {"status": "succeeded", "progress": 1.0}},
+            return_document=ReturnDocument.AFTER,
+        )
+        assert after is not None
+        assert ("succeeded", 1.0) == (after["status"], after["progress"])
+        before = await tasks.find_one_and_update(
+            {"_id": "c", "created": {"$lte": 30}},
+            {"$set": {"status": "cancelled"}},
+            return_document=ReturnDocument.BEFORE,
+        )
+        assert before is not None
+        assert "succeeded" == before["status"]
+        missing = await tasks.find_one_and_update(
+            {"_id": "zzz"}, {"$set": {"status": "running"}}
+        )
+        assert missing is None
+        assert 0 == await tasks.count_documents({"status": {"$in": ["waiting", "running"]}})
+    finally:
+        await client.drop_database(name)
+        await client.close()
+
+
+async def test_s3_signed_calls_and_presigned_get(s3_server: S3Info) -> None:
+    bucket = f"test-{secrets.token_hex(4)}"
+    body = secrets.token_bytes(70_000)
+    session = aioboto3.Session()
+    async with session.client(
+        "s3",
+        endpoint_url=s3_server.endpoint_url,
+        aws_access_key_id=s3_server.access_key,
+        aws_secret_access_key=s3_server.secret_key,
+        region_name=s3_server.region,
+    ) as s3:
+        await s3.create_bucket(Bucket=bucket)
+        await s3.put_object(Bucket=bucket, Key="images/u/t_0.png", Body=body)
+        got = await s3.get_object(Bucket=bucket, Key="images/u/t_0.png")
+        async with got["Body"] as stream:
+            assert body == await stream.read()
+        url = await s3.generate_presigned_url(
+            "get_object", Params={"Bucket": bucket, "Key": "images/u/t_0.png"}, ExpiresIn=60
+        )
+        async with aiohttp.ClientSession() as http:
+            async with http.get(url) as response:
+                assert 200 == response.status
+                assert body == await response.read()
+            # The signature is checked: a tampered one is refused.
+            async with http.get(url.replace("X-Amz-Signature=", "X-Amz-Signature=0")) as bad:
+                assert 403 == bad.status
+        await s3.delete_object(Bucket=bucket, Key="images/u/t_0.png")
+        await s3.delete_bucket(Bucket=bucket)
+
+    async with session.client(
+        "s3",
+        endpoint_url=s3_server.endpoint_url,
+        aws_access_key_id=s3_server.access_key,
+        aws_secret_access_key="wrong" + s3_server.secret_key,
+        region_name=s3_server.region,
+    ) as intruder:
+        with pytest.raises(Exception, match="SignatureDoesNotMatch|AccessDenied|403"):
+            await intruder.list_buckets()
+
+
+def _live_members(pgid: int) -> list[int]:
+    """Processes of group ``pgid`` that are not zombies (a zombie waits on a reaper only)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # "pid (comm) state ppid pgrp ...": comm may hold spaces, so split after ")".
+        state, _ppid, pgrp = stat.rsplit(")", 1)[1].split()[:3]
+        if int(pgrp) == pgid and state != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+async def _group_alive(pgid: int) -> bool:
+    """Whether group ``pgid`` still has a live member a second after a SIGKILL went out."""
+    for _ in range(20):
+        if not _live_members(pgid):
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+@pytest.mark.parametrize("kind", [NatsServer, MongoServer, SeaweedS3])
+async def test_stop_leaves_no_process(kind: type[ManagedServer], tmp_path: Path) -> None:
+    server = kind(tmp_path)
+    async with server:
+        pid = server.pid
+        assert pid is not None
+        assert _live_members(pid)
+    assert server.pid is None
+    assert not await _group_alive(pid)
+    assert "" != server.tail_log(5) or server.log_path.exists()
+
+
+class _Stubborn(ManagedServer):
+    """Ignores SIGTERM and forks a grandchild that does too: only SIGKILL of the group works."""
+
+    name = "stubborn"
+    stop_grace_s = 0.5
+
+    def __init__(self, data_dir: Path) -> None:
+        super().__init__(data_dir)
+        self.ready_file = self.data_dir / "ready"
+
+    def command(self) -> list[str]:
+        script = (
+            "import os, signal, subprocess, sys, time\n"
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            "child = subprocess.Popen([sys.executable, '-c', "
+            "'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "time.sleep(600)'])\n"
+            f"open({str(self.ready_file)!r}, 'w').write(str(child.pid))\n"
+            "print('stubborn up', flush=True)\n"
+            "time.sleep(600)\n"
+        )
+        return [sys.executable, "-c", script]
+
+    async def ready(self) -> bool:
+        return self.ready_file.exists() and self.ready_file.read_text() != ""
+
+
+async def test_stop_kills_a_stubborn_process_group(tmp_path: Path) -> None:
+    server = _Stubborn(tmp_path)
+    await server.start()
+    pid = server.pid
+    assert pid is not None
+    grandchild = int(server.ready_file.read_text())
+    assert grandchild in _live_members(pid)
+    await server.stop()
+    assert not await _group_alive(pid)
+    assert grandchild not in _live_members(pid)
+    assert "stubborn up" in server.tail_log(5)
