@@ -29,6 +29,23 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo-model", help="write a tiny random-weight demo checkpoint")
     demo.add_argument("--models-dir", type=Path, default=Path("models"))
 
+    users = commands.add_parser("users", help="manage users and API keys")
+    users.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path("data"),
+        help="where a running `sdswarm up` wrote its endpoints",
+    )
+    actions = users.add_subparsers(dest="action", required=True)
+    add = actions.add_parser("add", help="create a user (password read from stdin)")
+    add.add_argument("name")
+    remove = actions.add_parser("rm", help="delete a user and all its tokens and keys")
+    remove.add_argument("name")
+    actions.add_parser("ls", help="list users")
+    key = actions.add_parser("key", help="create an API key for a user (printed once)")
+    key.add_argument("name")
+    key.add_argument("--label", default="")
+
     commands.add_parser("gateway", help="run the gateway (settings from SDSWARM_*)")
     commands.add_parser("worker", help="run one inference worker (settings from SDSWARM_*)")
     return parser
@@ -55,6 +72,10 @@ def main(argv: list[str] | None = None) -> None:
             from services.inference.tiny import write_demo_checkpoint
 
             print(write_demo_checkpoint(args.models_dir))
+        case "users":
+            from services.usercli import run_users
+
+            raise SystemExit(asyncio.run(run_users(args)))
         case "gateway":
             from services.gateway.app import main as gateway_main
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -36,6 +37,7 @@ from services.storage.mongo import database, open_client
 from services.storage.scan import CHECKPOINT_DIR, find_checkpoints, register_checkpoints
 from services.storage.sink import run_sink
 from services.storage.tasks import TaskStore
+from services.usercli import ENDPOINTS_FILE
 
 log = logging.getLogger("sdswarm")
 
@@ -97,6 +99,18 @@ async def up(options: UpOptions) -> None:
         await stack.enter_async_context(
             running_system(gateway_settings, scheduler_settings, options.models_dir)
         )
+        # Where `sdswarm users …` finds this system's MongoDB while it runs.
+        endpoints = data / ENDPOINTS_FILE
+        endpoints.write_text(
+            json.dumps(
+                {
+                    "nats_url": nats_server.url,
+                    "mongodb_url": mongodb_url,
+                    "mongodb_db": gateway_settings.mongodb_db,
+                }
+            )
+        )
+        stack.callback(endpoints.unlink, missing_ok=True)
         log.info(
             "sdswarm is up: %s (NATS %s, MongoDB %s, objects %s)",
             gateway_settings.public_url,

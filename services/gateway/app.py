@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,7 +14,7 @@ from aiohttp import web
 from proto import ModelType
 from services.common import bus
 from services.gateway import sdapi, tasks_api, waiting
-from services.gateway.auth import caller, check_exposure, parse_api_keys
+from services.gateway.auth import announce, auth_enabled, caller, parse_api_keys
 from services.gateway.errors import ApiError, error_middleware
 from services.gateway.resources import RESOURCES, SETTINGS, Resources, resources
 from services.gateway.settings import GatewaySettings
@@ -22,6 +23,7 @@ from services.storage.mongo import Document, database, open_client
 from services.storage.objects import LocalObjectStore, ObjectNotFoundError, open_object_store
 from services.storage.options import OptionStore
 from services.storage.tasks import TaskStore
+from services.storage.users import UserStore
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +38,8 @@ async def _open_resources(app: web.Application) -> AsyncIterator[None]:
         mongo = open_client(settings.mongodb_url)
         stack.push_async_callback(mongo.close)
         db = database(mongo, settings.mongodb_db)
-        tasks, models = TaskStore(db), ModelStore(db)
+        tasks, models, users = TaskStore(db), ModelStore(db), UserStore(db)
+        await users.ensure_indexes()
         await tasks.ensure_indexes()
         await models.ensure_indexes()
         objects = await open_object_store(settings)
@@ -52,6 +55,8 @@ async def _open_resources(app: web.Application) -> AsyncIterator[None]:
             objects=objects,
             cancels=await bus.cancel_bucket(js, settings),
             api_keys=parse_api_keys(settings.api_keys),
+            users=users,
+            auth=auth_enabled(settings),
         )
         yield
 
@@ -75,7 +80,7 @@ def model_attributes(doc: Document) -> dict[str, Any]:
 
 async def list_models(request: web.Request) -> web.StreamResponse:
     res = resources(request)
-    caller(request, res.api_keys)
+    await caller(request, res)
     kind = request.query.get("type")
     try:
         model_type = ModelType(kind) if kind else None
@@ -87,7 +92,7 @@ async def list_models(request: web.Request) -> web.StreamResponse:
 
 async def get_model(request: web.Request) -> web.StreamResponse:
     res = resources(request)
-    caller(request, res.api_keys)
+    await caller(request, res)
     name = request.match_info["model_name"]
     doc = await res.models.get(name)
     if doc is None:
@@ -137,11 +142,34 @@ async def download(request: web.Request) -> web.StreamResponse:
     return web.Response(body=data, content_type=content_type)
 
 
+async def login(request: web.Request) -> web.StreamResponse:
+    """The seed's ``POST /login``: ``{userName, password}`` (field names in any case)."""
+    res = resources(request)
+    try:
+        body = json.loads(await request.read())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from exc
+    fields = {str(k).lower(): v for k, v in body.items()} if isinstance(body, dict) else {}
+    name, password = fields.get("username"), fields.get("password")
+    if not isinstance(name, str) or not isinstance(password, str):
+        raise ApiError(
+            422,
+            "invalid_field",
+            "`userName` and `password` are required strings",
+            field="userName" if not isinstance(name, str) else "password",
+        )
+    if not await res.users.verify_password(name, password):
+        raise ApiError(401, "login_failed", "unknown user or wrong password")
+    token = await res.users.login(name, res.settings.session_ttl_s)
+    return web.json_response({"token": token, "userName": name, "message": "login success"})
+
+
 def create_app(settings: GatewaySettings) -> web.Application:
-    check_exposure(settings)
+    announce(settings)
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_open_resources)
+    app.router.add_post("/login", login)
     app.router.add_post("/txt2img", tasks_api.txt2img)
     app.router.add_post("/img2img", tasks_api.img2img)
     app.router.add_get("/tasks", tasks_api.list_tasks)

@@ -1,28 +1,35 @@
-"""Who is calling. API keys (``user:key``) from the settings, sent as
-``Authorization: Bearer <key>`` or in the seed's ``token`` header.
+"""Who is calling.
 
-With no keys configured (only allowed on loopback, see :func:`check_exposure`) every
-caller is the user ``default``. Users never come from a trusted ``username`` header:
-the seed put that header straight into object keys.
+Credentials: a session token from ``POST /login`` or an API key from
+``sdswarm users key``, sent as ``Authorization: Bearer <secret>`` or in the seed's
+``token`` header; static ``user:key`` pairs from ``SDSWARM_API_KEYS`` work too.
+
+Authentication is on whenever the gateway listens beyond loopback (or with
+``SDSWARM_AUTH=true``). With it off — loopback only, and the gateway says so at start —
+every caller is the user ``default``. Users never come from a ``username`` header: the
+seed put that header straight into object keys.
 """
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
+import logging
 import re
 
 from aiohttp import web
 
 from services.gateway.errors import ApiError
+from services.gateway.resources import Resources
 from services.gateway.settings import GatewaySettings
 
+log = logging.getLogger(__name__)
 DEFAULT_USER = "default"
 USER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 def parse_api_keys(entries: list[str]) -> dict[str, str]:
-    """``["alice:s3cret"]`` → ``{"s3cret": "alice"}``; refuses malformed entries."""
+    """``["alice:s3cret…"]`` → ``{"s3cret…": "alice"}``; refuses malformed entries."""
     keys: dict[str, str] = {}
     for entry in entries:
         user, sep, key = entry.partition(":")
@@ -44,24 +51,41 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_exposure(settings: GatewaySettings) -> None:
-    """Auth is on whenever the gateway listens beyond loopback: refuse to start otherwise."""
-    if not settings.api_keys and not is_loopback(settings.host):
-        raise SystemExit(
-            f"refusing to listen on {settings.host} without authentication: set SDSWARM_API_KEYS"
-            " (user:key,...) or listen on 127.0.0.1"
+def auth_enabled(settings: GatewaySettings) -> bool:
+    return settings.auth or bool(settings.api_keys) or not is_loopback(settings.host)
+
+
+def announce(settings: GatewaySettings) -> None:
+    if auth_enabled(settings):
+        log.info("authentication is on: every request needs a token or an API key")
+    else:
+        log.warning(
+            "authentication is off (listening on %s only): every caller is the user %r",
+            settings.host,
+            DEFAULT_USER,
         )
 
 
-def caller(request: web.Request, keys: dict[str, str]) -> str:
-    if not keys:
-        return DEFAULT_USER
+def presented_secret(request: web.Request) -> str:
     header = request.headers.get("Authorization", "")
     token = header[7:].strip() if header.lower().startswith("bearer ") else ""
-    token = token or request.headers.get("token", "")
-    for key, user in keys.items():
-        if token and hmac.compare_digest(key, token):
-            return user
+    return token or request.headers.get("token", "").strip()
+
+
+async def caller(request: web.Request, res: Resources) -> str:
+    if not res.auth:
+        return DEFAULT_USER
+    secret = presented_secret(request)
+    if secret:
+        for key, user in res.api_keys.items():
+            if hmac.compare_digest(key, secret):
+                return user
+        resolved = await res.users.resolve(secret)
+        if resolved is not None:
+            return resolved
     raise ApiError(
-        401, "unauthorized", "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"}
+        401,
+        "unauthorized",
+        "missing, invalid or expired token or API key",
+        headers={"WWW-Authenticate": "Bearer"},
     )

@@ -16,6 +16,7 @@ from services.storage.mongo import Document
 from services.storage.objects import ObjectStore
 from services.storage.options import OptionStore
 from services.storage.tasks import TaskStore
+from services.storage.users import UserStore
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,9 @@ class Resources:
     cancels: KeyValue
     """Cancellation flags: a queued task whose id is here is skipped when fetched."""
     api_keys: dict[str, str]
+    users: UserStore
+    auth: bool
+    """Whether requests must carry credentials (see :mod:`services.gateway.auth`)."""
     """API key → user."""
 
 

@@ -83,7 +83,7 @@ async def img2img(request: web.Request) -> web.StreamResponse:
 
 async def _generate(request: web.Request, cls: type[Processing]) -> web.StreamResponse:
     res = resources(request)
-    user = caller(request, res.api_keys)
+    user = await caller(request, res)
     body = await _decode_a1111(request, res, user, cls)
     check_limits(body, res.settings)
     task_id = _forced(body.force_task_id) if body.force_task_id else new_task_id()
@@ -137,7 +137,7 @@ async def _current_task(res: Resources, user: str) -> Document | None:
 
 async def progress(request: web.Request) -> web.StreamResponse:
     res = resources(request)
-    user = caller(request, res.api_keys)
+    user = await caller(request, res)
     task_id = request.query.get("id_task")
     document = await res.tasks.get(task_id, user) if task_id else await _current_task(res, user)
     state: dict[str, Any] = {
@@ -180,7 +180,7 @@ async def progress(request: web.Request) -> web.StreamResponse:
 async def interrupt(request: web.Request) -> web.StreamResponse:
     """Stop the caller's current task only (A1111's interrupt is global; ours is not)."""
     res = resources(request)
-    user = caller(request, res.api_keys)
+    user = await caller(request, res)
     document = await _current_task(res, user)
     if document is not None:
         await cancel_document(res, document)
@@ -189,7 +189,7 @@ async def interrupt(request: web.Request) -> web.StreamResponse:
 
 async def get_options(request: web.Request) -> web.StreamResponse:
     res = resources(request)
-    user = caller(request, res.api_keys)
+    user = await caller(request, res)
     options = await res.options.get(user)
     if CHECKPOINT_OPTION not in options:
         usable = await res.models.list(ModelType.STABLE_DIFFUSION)
@@ -200,7 +200,7 @@ async def get_options(request: web.Request) -> web.StreamResponse:
 
 async def set_options(request: web.Request) -> web.StreamResponse:
     res = resources(request)
-    user = caller(request, res.api_keys)
+    user = await caller(request, res)
     try:
         changes = json.loads(await request.read())
     except (ValueError, UnicodeDecodeError) as exc:
@@ -227,7 +227,7 @@ async def _check_checkpoint_option(res: Resources, changes: dict[str, Any]) -> N
 async def seed_options(request: web.Request) -> web.StreamResponse:
     """The seed's ``POST /options`` ``{"data": {...}}``: a new snapshot of the caller's options."""
     res = resources(request)
-    user = caller(request, res.api_keys)
+    user = await caller(request, res)
     try:
         body = json.loads(await request.read())
     except (ValueError, UnicodeDecodeError) as exc:
@@ -242,7 +242,7 @@ async def seed_options(request: web.Request) -> web.StreamResponse:
 
 async def sd_models(request: web.Request) -> web.StreamResponse:
     res = resources(request)
-    caller(request, res.api_keys)
+    await caller(request, res)
     models = await res.models.list(ModelType.STABLE_DIFFUSION)
     return web.json_response(
         [
@@ -262,7 +262,7 @@ async def sd_models(request: web.Request) -> web.StreamResponse:
 
 async def _registry_list(request: web.Request, model_type: ModelType) -> list[Document]:
     res = resources(request)
-    caller(request, res.api_keys)
+    await caller(request, res)
     return await res.models.list(model_type)
 
 
@@ -308,7 +308,7 @@ async def schedulers(request: web.Request) -> web.StreamResponse:
 async def refresh_checkpoints(request: web.Request) -> web.StreamResponse:
     """Registered checkpoints are read from MongoDB on every request: nothing to refresh."""
     res = resources(request)
-    caller(request, res.api_keys)
+    await caller(request, res)
     return web.json_response(None)
 
 

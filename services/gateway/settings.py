@@ -12,7 +12,11 @@ class GatewaySettings(StoreSettings, kw_only=True, frozen=True):
     port: int = 7860
     """7860 is where AUTOMATIC1111 clients look by default."""
     api_keys: list[str] = msgspec.field(default_factory=list)
-    """``user:key`` pairs. Required whenever ``host`` is not a loopback address."""
+    """Static ``user:key`` pairs, in addition to keys made with ``sdswarm users key``."""
+    auth: bool = False
+    """Require credentials even on loopback (always required beyond it)."""
+    session_ttl_s: float = 24 * 3600
+    """Lifetime of a ``POST /login`` token."""
     sync_timeout_s: float = 600
     """A sync request still unfinished after this answers 202 with its task id."""
 

@@ -168,7 +168,7 @@ async def _seed_submit(
     request: web.Request, cls: type[Txt2ImgRequest] | type[Img2ImgRequest]
 ) -> web.StreamResponse:
     res = resources(request)
-    user = caller(request, res.api_keys)
+    user = await caller(request, res)
     body: Txt2ImgRequest | Img2ImgRequest = decode(await request.read(), cls)
     check_limits(body, res.settings)
     task_id = requested_task_id(request)
@@ -229,7 +229,7 @@ async def _sync_response(
 
 async def _owned_task(request: web.Request) -> tuple[Resources, Document]:
     res = resources(request)
-    user = caller(request, res.api_keys)
+    user = await caller(request, res)
     task_id = request.match_info["task_id"]
     document = await res.tasks.get(task_id, user)
     if document is None:
@@ -366,7 +366,7 @@ def task_summary(document: Document) -> dict[str, Any]:
 async def list_tasks(request: web.Request) -> web.StreamResponse:
     """``GET /tasks``: the caller's history, newest first, filtered and cursor-paginated."""
     res = resources(request)
-    user = caller(request, res.api_keys)
+    user = await caller(request, res)
     query = request.query
     status = query.get("status")
     if status and status not in {s.value for s in TaskStatus}:

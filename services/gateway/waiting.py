@@ -121,7 +121,7 @@ def _terminal_from_document(document: Document) -> dict[str, Any]:
 async def task_events(request: web.Request) -> web.StreamResponse:
     """``GET /tasks/{task_id}/events``: progress then the terminal event, as SSE."""
     res = resources(request)
-    user = caller(request, res.api_keys)
+    user = await caller(request, res)
     task_id = request.match_info["task_id"]
     document = await res.tasks.get(task_id, user)
     if document is None:

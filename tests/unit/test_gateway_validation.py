@@ -2,7 +2,7 @@ import msgspec
 import pytest
 
 from proto.requests import Txt2ImgRequest
-from services.gateway.auth import check_exposure, is_loopback, parse_api_keys
+from services.gateway.auth import auth_enabled, is_loopback, parse_api_keys
 from services.gateway.errors import ApiError
 from services.gateway.settings import GatewaySettings
 from services.gateway.validation import check_limits, decode
@@ -59,10 +59,11 @@ def test_limits_are_configurable() -> None:
 def test_auth_required_beyond_loopback() -> None:
     assert all(is_loopback(host) for host in ("127.0.0.1", "::1", "localhost"))
     assert not is_loopback("0.0.0.0")
-    check_exposure(GatewaySettings(host="127.0.0.1"))
-    with pytest.raises(SystemExit, match="without authentication"):
-        check_exposure(GatewaySettings(host="0.0.0.0"))
-    check_exposure(GatewaySettings(host="0.0.0.0", api_keys=["alice:" + "k" * 16]))
+    assert not auth_enabled(GatewaySettings(host="127.0.0.1"))
+    assert auth_enabled(GatewaySettings(host="0.0.0.0"))
+    assert auth_enabled(GatewaySettings(host="10.0.0.5"))
+    assert auth_enabled(GatewaySettings(host="127.0.0.1", auth=True))
+    assert auth_enabled(GatewaySettings(host="127.0.0.1", api_keys=["alice:" + "k" * 16]))
 
 
 def test_api_keys_are_parsed_and_checked() -> None:
