@@ -186,3 +186,7 @@ async def test_healthz_and_models(system: System) -> None:
     assert [MODEL] == [m["name"] for m in models]
     assert "sd1" == models[0]["family"]
     assert "stableDiffusion" == models[0]["type"]
+    async with system.http.get(f"{system.url}/openapi.json") as response:
+        assert "3.1.0" == (await response.json())["openapi"]
+    async with system.http.get(f"{system.url}/docs") as response:
+        assert "/sdapi/v1/txt2img" in await response.text()
