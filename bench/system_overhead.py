@@ -54,8 +54,8 @@ async def through_system(root: Path, models: Path, body: dict[str, object], n: i
     async with NatsServer(root / "nats") as nats, MongoServer(root / "mongo") as mongo:
         port = free_port()
         common = {
-            "nats_url": nats.url,  # type: ignore[attr-defined]
-            "mongodb_url": mongo.url,  # type: ignore[attr-defined]
+            "nats_url": nats.url,
+            "mongodb_url": mongo.url,
             "store_dir": str(root / "objects"),
             "public_url": f"http://127.0.0.1:{port}",
         }

@@ -31,7 +31,6 @@ async def nats_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator
         return
     async with NatsServer(tmp_path_factory.mktemp("nats")) as server:
         servers.STARTED.append(server)
-        assert isinstance(server, NatsServer)
         yield NatsInfo(server.url)
 
 
@@ -43,7 +42,6 @@ async def mongo_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterato
         return
     async with MongoServer(tmp_path_factory.mktemp("mongo")) as server:
         servers.STARTED.append(server)
-        assert isinstance(server, MongoServer)
         yield MongoInfo(server.url)
 
 
@@ -55,7 +53,6 @@ async def s3_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[S
         return
     async with SeaweedS3(tmp_path_factory.mktemp("seaweedfs")) as server:
         servers.STARTED.append(server)
-        assert isinstance(server, SeaweedS3)
         yield S3Info(
             endpoint_url=server.endpoint_url,
             access_key=server.access_key,

@@ -6,13 +6,22 @@ loopback ports chosen free at start, a log file, and its own process group so th
 
 Command lines and why:
 
-- ``nats-server -c nats.conf``: JetStream with ``sync_interval: always`` (fsync every
-  write: an acknowledged task survives a power cut with a single replica).
+- ``nats-server -c nats-server.conf``: JetStream with ``sync_interval: always`` (fsync
+  every write: an acknowledged task survives a power cut with a single replica). The log
+  does not echo it; ``/varz`` shows ``jetstream.config.sync_always: true`` (checked with
+  nats-server 2.15.1, which also rejects a misspelt field at start). ``http_port`` only
+  when monitoring is asked for.
 - ``secantusd-py --host 127.0.0.1 --port P --storage-path DIR --sync-on-commit
   --cache-size 256M``: durable commits, a cache sized for a laptop, not 1 GB.
 - ``weed server -s3 -filer ...`` with every port given (master, volume, filer, s3 and
-  their gRPC ports), so two instances never clash; ``-s3.config`` holds one identity, so
-  requests and presigned URLs are signature-checked like real S3.
+  their gRPC ports), so two instances never clash; ``-s3.port.iceberg=0
+  -s3.port.lance=0`` because SeaweedFS 4.x otherwise opens an Iceberg catalog on 8181 and
+  a Lance namespace on 9101, and a second instance dies on "address already in use";
+  ``-s3.config`` holds one identity, so requests and presigned URLs (SigV2 and SigV4)
+  are signature-checked like real S3; ``-master.volumeSizeLimitMB=64 -volume.max=8``
+  so volumes are small instead of 30 GB each. weed names gRPC unix sockets
+  ``/tmp/seaweedfs-*-<port>.sock`` and leaves them behind when killed: ``stop()`` removes
+  those of its ports.
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ import sysconfig
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, Self
 
 STOP_GRACE_S = 10.0
 
@@ -60,6 +69,23 @@ def find_binary(name: str) -> str:
     if found is None:
         raise FileNotFoundError(f"{name} not found: install the sdswarm extras (make install)")
     return found
+
+
+async def _nats_info(port: int) -> bool:
+    """Whether a NATS server answers on ``port``: it greets every client with ``INFO {...}``."""
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return False
+    try:
+        line = await asyncio.wait_for(reader.readline(), 2.0)
+    except (OSError, TimeoutError):
+        return False
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+    return line.startswith(b"INFO {")
 
 
 async def _port_open(port: int) -> bool:
@@ -147,7 +173,7 @@ class ManagedServer:
             return ""
         return "\n".join(text.splitlines()[-lines:])
 
-    async def __aenter__(self) -> ManagedServer:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 
@@ -163,27 +189,40 @@ class ManagedServer:
 class NatsServer(ManagedServer):
     name = "nats-server"
 
-    def __init__(self, data_dir: Path, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        http_port: int | None = None,
+    ) -> None:
+        """``http_port``: None = no monitoring endpoint, 0 = one on a free port."""
         super().__init__(data_dir)
         self.host = host
         self.port = port or free_port()
+        self.http_port = None if http_port is None else (http_port or free_port())
 
     @property
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
+    @property
+    def monitor_url(self) -> str | None:
+        return None if self.http_port is None else f"http://127.0.0.1:{self.http_port}"
+
     def command(self) -> list[str]:
         config = self.data_dir / "nats-server.conf"
         store = self.data_dir / "jetstream"
+        monitor = "" if self.http_port is None else f"http_port: {self.http_port}\n"
         config.write_text(
-            f"host: {json.dumps(self.host)}\nport: {self.port}\n"
+            f"host: {json.dumps(self.host)}\nport: {self.port}\n{monitor}"
             f"jetstream {{\n  store_dir: {json.dumps(str(store))}\n  sync_interval: always\n}}\n"
         )
         return [find_binary("nats-server"), "-c", str(config)]
 
     async def ready(self) -> bool:
         # nats-server opens its client port only once JetStream has recovered its store.
-        return await _port_open(self.port)
+        return await _nats_info(self.port)
 
 
 class MongoServer(ManagedServer):
@@ -231,12 +270,15 @@ class SeaweedS3(ManagedServer):
     # weed server takes >10 s to honour SIGTERM; its data here is disposable test data.
     stop_grace_s = 3.0
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, port: int = 0) -> None:
+        """``port``: the S3 port (0 = a free one); every other port is always a free one."""
         super().__init__(data_dir)
         kinds = ("master", "volume", "filer", "s3")
         ports = free_ports(2 * len(kinds))
         self.ports = dict(zip(kinds, ports[: len(kinds)], strict=True))
-        self._grpc_ports = dict(zip(kinds, ports[len(kinds) :], strict=True))
+        if port:
+            self.ports["s3"] = port
+        self.grpc_ports = dict(zip(kinds, ports[len(kinds) :], strict=True))
         self.access_key = "sdswarm" + secrets.token_hex(4)
         self.secret_key = secrets.token_hex(20)
         self.region = "us-east-1"
@@ -259,7 +301,7 @@ class SeaweedS3(ManagedServer):
         config.write_text(json.dumps(identities))
         storage = self.data_dir / "data"
         storage.mkdir(parents=True, exist_ok=True)
-        grpc = self._grpc_ports
+        grpc = self.grpc_ports
         return [
             find_binary("weed"), "server",
             f"-dir={storage}",
@@ -270,10 +312,18 @@ class SeaweedS3(ManagedServer):
             "-filer", "-s3",
             f"-s3.port={self.ports['s3']}", f"-s3.port.grpc={grpc['s3']}",
             f"-s3.config={config}",
+            # Iceberg catalog and Lance namespace listen on fixed ports (8181, 9101) by
+            # default: a second instance dies with "address already in use". 0 = off.
+            "-s3.port.iceberg=0", "-s3.port.lance=0",
             # Small volumes: tests write kilobytes, not the 30 GB default preallocation.
             "-master.volumeSizeLimitMB=64", "-volume.max=8",
             "-master.telemetry=false",
         ]  # fmt: skip
+
+    async def stop(self) -> None:
+        await super().stop()
+        ports = {*self.ports.values(), *self.grpc_ports.values()}
+        await asyncio.to_thread(_remove_weed_sockets, ports)
 
     async def ready(self) -> bool:
         if not await _port_open(self.ports["s3"]):
@@ -293,3 +343,10 @@ class SeaweedS3(ManagedServer):
         except Exception:
             return False
         return True
+
+
+def _remove_weed_sockets(ports: set[int]) -> None:
+    for path in Path("/tmp").glob("seaweedfs-*.sock"):
+        port = path.stem.rsplit("-", 1)[-1]
+        if port.isdigit() and int(port) in ports:
+            path.unlink(missing_ok=True)

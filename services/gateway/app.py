@@ -18,6 +18,7 @@ from services.gateway.auth import announce, auth_enabled, caller, parse_api_keys
 from services.gateway.errors import ApiError, error_middleware
 from services.gateway.resources import RESOURCES, SETTINGS, Resources, resources
 from services.gateway.settings import GatewaySettings
+from services.storage.idempotency import IdempotencyStore
 from services.storage.models import ModelStore
 from services.storage.mongo import Document, database, open_client
 from services.storage.objects import LocalObjectStore, ObjectNotFoundError, open_object_store
@@ -40,6 +41,8 @@ async def _open_resources(app: web.Application) -> AsyncIterator[None]:
         db = database(mongo, settings.mongodb_db)
         tasks, models, users = TaskStore(db), ModelStore(db), UserStore(db)
         await users.ensure_indexes()
+        idempotency = IdempotencyStore(db)
+        await idempotency.ensure_indexes()
         await tasks.ensure_indexes()
         await models.ensure_indexes()
         objects = await open_object_store(settings)
@@ -47,6 +50,7 @@ async def _open_resources(app: web.Application) -> AsyncIterator[None]:
         app[RESOURCES] = Resources(
             settings=settings,
             options=OptionStore(db),
+            idempotency=idempotency,
             nc=nc,
             js=js,
             mongo=mongo,

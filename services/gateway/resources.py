@@ -11,6 +11,7 @@ from nats.js.kv import KeyValue
 from pymongo import AsyncMongoClient
 
 from services.gateway.settings import GatewaySettings
+from services.storage.idempotency import IdempotencyStore
 from services.storage.models import ModelStore
 from services.storage.mongo import Document
 from services.storage.objects import ObjectStore
@@ -27,6 +28,7 @@ class Resources:
     mongo: AsyncMongoClient[Document]
     tasks: TaskStore
     options: OptionStore
+    idempotency: IdempotencyStore
     models: ModelStore
     objects: ObjectStore
     cancels: KeyValue

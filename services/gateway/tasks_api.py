@@ -31,10 +31,12 @@ from services.gateway.errors import ApiError
 from services.gateway.images import store_inputs
 from services.gateway.resources import Resources, resources
 from services.gateway.validation import check_limits, decode
+from services.storage.idempotency import IdempotencyConflictError, request_hash
 from services.storage.mongo import Document
 from services.storage.tasks import new_task_document
 
 TASK_ID_HEADER = "taskId"
+IDEMPOTENCY_HEADER = "Idempotency-Key"
 REQUEST_TYPE_HEADER = "Request-Type"
 
 
@@ -169,11 +171,61 @@ async def _seed_submit(
 ) -> web.StreamResponse:
     res = resources(request)
     user = await caller(request, res)
-    body: Txt2ImgRequest | Img2ImgRequest = decode(await request.read(), cls)
+    raw = await request.read()
+    body: Txt2ImgRequest | Img2ImgRequest = decode(raw, cls)
     check_limits(body, res.settings)
     task_id = requested_task_id(request)
     sync = request.headers.get(REQUEST_TYPE_HEADER, "sync").strip().lower() != "async"
-    task_id, outcome = await submit(res, user, body, task_id, sync=sync)
+    key = request.headers.get(IDEMPOTENCY_HEADER, "").strip()
+    earlier = await _reserve(res, user, key, request_hash(request.path, raw), task_id)
+    if earlier is not None:
+        # A retry of a request we already took: answer for the same task.
+        outcome = None
+        if sync:
+            waiter = await waiting.TerminalWaiter.start(res.nc, earlier)
+            try:
+                outcome = await waiter.wait(res.tasks, res.settings.sync_timeout_s)
+            finally:
+                await waiter.close()
+            return await _answer(res, earlier, outcome, sync=True)
+        document = await res.tasks.get(earlier, user)
+        status = document["status"] if document else TaskStatus.WAITING.value
+        return web.json_response(
+            {"taskId": earlier, "status": status}, status=202, headers={TASK_ID_HEADER: earlier}
+        )
+    try:
+        task_id, outcome = await submit(res, user, body, task_id, sync=sync)
+    except ApiError:
+        if key:
+            await res.idempotency.release(user, key)
+        raise
+    return await _answer(res, task_id, outcome, sync=sync)
+
+
+async def _reserve(res: Resources, user: str, key: str, digest: str, task_id: str) -> str | None:
+    if not key:
+        return None
+    if len(key) > 255:
+        raise ApiError(
+            422,
+            "invalid_field",
+            f"{IDEMPOTENCY_HEADER} is at most 255 characters",
+            field=IDEMPOTENCY_HEADER,
+        )
+    try:
+        return await res.idempotency.reserve(user, key, digest, task_id)
+    except IdempotencyConflictError as exc:
+        raise ApiError(
+            409,
+            "idempotency_conflict",
+            f"{IDEMPOTENCY_HEADER} {key!r} was used for a different request (task {exc})",
+            field=IDEMPOTENCY_HEADER,
+        ) from exc
+
+
+async def _answer(
+    res: Resources, task_id: str, outcome: Document | None, *, sync: bool
+) -> web.StreamResponse:
     headers = {TASK_ID_HEADER: task_id}
     if not sync:
         return web.json_response(

@@ -146,3 +146,25 @@ async def test_users_cannot_see_each_others_tasks(system: System, keyed_url: str
     async with system.http.get(f"{keyed_url}/tasks/{task_id}/result", headers=alice) as response:
         result = await response.json()
     assert [f"images/alice/{task_id}_1.png"] == result["images"]
+
+
+async def test_idempotency_keys(system: System) -> None:
+    key = {"Idempotency-Key": "order-42"}
+    first = await _submit(system, headers=key, prompt="same")
+    again = await _submit(system, headers=key, prompt="same")
+    assert 202 == first[0]
+    assert first[1]["taskId"] == again[1]["taskId"], "a retry gets the same task"
+    status, error = await _submit(system, headers=key, prompt="different")
+    assert (409, "idempotency_conflict") == (status, error["code"])
+    other = await _submit(system, headers={"Idempotency-Key": "order-43"}, prompt="same")
+    assert other[1]["taskId"] != first[1]["taskId"]
+    # A request refused before queueing does not burn its key.
+    status, _ = await _submit(
+        system, headers={"Idempotency-Key": "k3"}, stable_diffusion_model="missing.safetensors"
+    )
+    assert 404 == status
+    status, ok = await _submit(system, headers={"Idempotency-Key": "k3"})
+    assert 202 == status
+    assert 1 == await system.db["tasks"].count_documents({"_id": first[1]["taskId"]})
+    for task_id in (first[1]["taskId"], other[1]["taskId"], ok["taskId"]):
+        await _wait_done(system, task_id)

@@ -30,7 +30,7 @@ async def test_max_deliveries_fails_the_task_and_keeps_a_dead_letter(
     # A NATS server of its own: this test changes stream-wide settings.
     settings = BusSettings(ack_wait_s=0.5, max_deliver=2)
     async with NatsServer(tmp_path / "nats") as server:
-        nc = await bus.connect(server.url, "dead-letter-test")  # type: ignore[attr-defined]
+        nc = await bus.connect(server.url, "dead-letter-test")
         js = nc.jetstream()
         await bus.ensure_streams(js, settings)
         await bus.ensure_task_consumer(js, "m-000000", settings)
