@@ -22,6 +22,8 @@ def model_document(
     path: str,
     family: str | None,
     size_bytes: int,
+    sha256: str | None = None,
+    mtime: float | None = None,
 ) -> Document:
     now = dt.datetime.now(dt.UTC)
     return {
@@ -31,6 +33,8 @@ def model_document(
         "path": path,
         "family": family,
         "size_bytes": size_bytes,
+        "sha256": sha256,
+        "mtime": mtime,
         "status": ModelStatus.UNLOADED.value,
         "registered_at": now,
         "modified_at": now,

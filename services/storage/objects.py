@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import aioboto3
+from botocore.config import Config
 
 from services.common.settings import StoreSettings
 
@@ -126,6 +127,8 @@ class S3ObjectStore:
                 aws_access_key_id=settings.s3_access_key or None,
                 aws_secret_access_key=settings.s3_secret_key or None,
                 region_name=settings.s3_region,
+                # SigV4 everywhere: botocore would presign with SigV2 for us-east-1.
+                config=Config(signature_version="s3v4"),
             )
         )
         store = cls(client, settings.s3_bucket, stack)

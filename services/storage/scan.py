@@ -11,6 +11,7 @@ that cannot be read is registered as ``failed`` with the reason, never loaded.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from pathlib import Path
 
@@ -45,7 +46,9 @@ async def register_checkpoints(
     registered = []
     for path in find_checkpoints(models_dir, allow_pickle):
         name = path.relative_to(root).as_posix()
-        size = path.stat().st_size if path.is_file() else 0
+        stat = path.stat()
+        size = stat.st_size if path.is_file() else 0
+        sha256 = await _file_sha256(store, name, path, size, stat.st_mtime)
         error: str | None = None
         family: str | None = None
         try:
@@ -61,6 +64,8 @@ async def register_checkpoints(
             path=str(path.resolve()),
             family=family,
             size_bytes=size,
+            sha256=sha256,
+            mtime=stat.st_mtime,
         )
         await store.upsert(document)
         if error:
@@ -68,3 +73,24 @@ async def register_checkpoints(
             await store.set_status(name, ModelStatus.FAILED, error)
         registered.append(name)
     return registered
+
+
+async def _file_sha256(
+    store: ModelStore, name: str, path: Path, size: int, mtime: float
+) -> str | None:
+    """SHA-256 of a single file (A1111's model hash), reused while size and mtime match."""
+    if not await asyncio.to_thread(path.is_file):
+        return None
+    known = await store.get(name)
+    unchanged = known and known.get("size_bytes") == size and known.get("mtime") == mtime
+    if known and unchanged and known.get("sha256"):
+        return str(known["sha256"])
+    return await asyncio.to_thread(sha256_of, path)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(8 * 1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()
