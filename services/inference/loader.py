@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import re
 import shutil
 import tempfile
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 
 from proto import ModelFamily
-from services.inference.tokenizer import BOS, EOS, write_tokenizer_files
+from services.inference.tokenizer import EOS, write_tokenizer_files
 from services.storage.modelfiles import (
     UNET,
     ModelFileError,
@@ -91,11 +92,25 @@ def derive_unet(tensors: dict[str, TensorInfo], base: dict[str, Any], family: Mo
     if family not in (ModelFamily.SD1, ModelFamily.SD1_INPAINT):
         # SD2 and SDXL use 64-channel attention heads (SD1 uses 8 heads of any width).
         base["attention_head_dim"] = [max(1, c // 64) for c in channels]
+    if any(d != 1 for d in depth) or "transformer_layers_per_block" in base:
+        # SDXL stacks 1/2/10 transformer blocks per level; SD1/SD2 have one everywhere
+        # (diffusers' default), so their shipped configs do not name it.
         base["transformer_layers_per_block"] = depth
     if UNET + "label_emb.0.0.weight" in tensors:
-        base["projection_class_embeddings_input_dim"] = _shape(
-            tensors, UNET + "label_emb.0.0.weight"
-        )[1]
+        # SDXL's micro-conditioning input: the pooled text embedding (encoder 2's
+        # projection width) + 6 size/crop numbers, each a sinusoidal embedding of
+        # addition_time_embed_dim (1280 + 6 × 256 = 2816 for the base model).
+        pooled_and_times = _shape(tensors, UNET + "label_emb.0.0.weight")[1]
+        base["projection_class_embeddings_input_dim"] = pooled_and_times
+        projection = tensors.get(XL_TEXT_2 + "text_projection")
+        if projection is not None and len(projection.shape) == 2:
+            times, rest = divmod(pooled_and_times - projection.shape[1], 6)
+            if rest or times <= 0:
+                raise CheckpointError(
+                    f"SDXL conditioning width {pooled_and_times} does not fit a pooled"
+                    f" text embedding of {projection.shape[1]} plus 6 time embeddings"
+                )
+            base["addition_time_embed_dim"] = times
 
 
 def derive_vae(tensors: dict[str, TensorInfo], base: dict[str, Any]) -> None:
@@ -140,7 +155,9 @@ def derive_open_clip(
         intermediate_size=_shape(tensors, prefix + "transformer.resblocks.0.mlp.c_fc.weight")[0],
         num_attention_heads=max(1, hidden // 64),
     )
-    if prefix + "text_projection" in tensors:
+    if not penultimate and prefix + "text_projection" in tensors:
+        # Only SDXL's second encoder (CLIPTextModelWithProjection) uses the projection;
+        # SD2 files carry one too, but its CLIPTextModel has none to size.
         base["projection_dim"] = _shape(tensors, prefix + "text_projection")[1]
 
 
@@ -190,7 +207,6 @@ def materialise_config(
         )
         write_tokenizer_files(staging / "tokenizer_2", pad_token="!")
     write_tokenizer_files(staging / "tokenizer", pad_token=pad)
-    assert BOS  # the tokenizer module's special tokens are the CLIP ones
     try:
         staging.rename(folder)
     except OSError:
@@ -211,56 +227,130 @@ def _pipeline_class(family: ModelFamily) -> Any:
     }[family]
 
 
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+def _dtype_option(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """diffusers ≥ 0.42 renamed ``torch_dtype`` to ``dtype`` (the old name warns); older
+    releases only know ``torch_dtype`` and would silently ignore ``dtype``."""
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
+    except ImportError:
+        return {"torch_dtype": dtype}
+    return {"dtype": dtype}
+
+
+def _pickle_tensors(checkpoint: Path) -> dict[str, TensorInfo]:
+    """Names and shapes of a pickled checkpoint, loaded with ``weights_only=True``.
+
+    The restricted unpickler only rebuilds tensors and plain containers, so a file that
+    smuggles code (or Lightning callback objects) is refused instead of run. mmap keeps
+    the weights on disk: diffusers loads the file again, the same restricted way.
+    """
+    try:
+        try:
+            state: Any = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:
+            # Legacy (pre-zip) torch files cannot be memory-mapped.
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{checkpoint.name}: refused: the pickle holds more than tensors ({exc})"
+        ) from exc
+    except Exception as exc:  # an untrusted file can fail in any way (zip, EOF, …)
+        raise CheckpointError(f"{checkpoint.name}: not a readable torch checkpoint: {exc}") from exc
+    while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # Lightning-era checkpoints nest the weights
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{checkpoint.name}: not a state dict")
+    return {
+        str(k): TensorInfo(str(v.dtype), tuple(v.shape))
+        for k, v in state.items()
+        if isinstance(v, torch.Tensor)
+    }
+
+
 def load_pipeline(
     checkpoint: Path,
     *,
     cache_dir: Path,
+    family: ModelFamily | None = None,
     device: str = "cpu",
     dtype: torch.dtype | None = None,
     allow_pickle: bool = False,
+    prediction_type: str | None = None,
 ) -> Any:
-    """A ready diffusers pipeline on ``device``; never contacts a model hub."""
+    """A ready diffusers pipeline on ``device``; never contacts a model hub.
+
+    ``family`` skips detection (the registry may already know it). ``prediction_type``
+    ("epsilon" / "v_prediction") is a per-model setting: SD2 768-v models need
+    "v_prediction", and the weights cannot tell (the ML notes).
+    """
     if dtype is None:
         # fp16 on CPU is ~100x slower than fp32 (ML notes); GPUs get fp16.
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
     try:
         if checkpoint.is_dir():
-            info = inspect_checkpoint(checkpoint)
-            if info.family is None:
-                raise CheckpointError(f"{checkpoint.name}: unknown diffusers pipeline")
-            return (
-                _pipeline_class(info.family)
-                .from_pretrained(
-                    checkpoint, local_files_only=True, torch_dtype=dtype, safety_checker=None
-                )
-                .to(device)
+            pipe = _load_folder(checkpoint, family, dtype)
+        else:
+            pipe = _load_single_file(checkpoint, family, dtype, cache_dir, allow_pickle)
+        if prediction_type is not None:
+            # from_config keeps every other setting of the shipped scheduler.
+            pipe.scheduler = type(pipe.scheduler).from_config(
+                pipe.scheduler.config, prediction_type=prediction_type
             )
-        if checkpoint.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
-            if not allow_pickle:
-                raise CheckpointError(
-                    f"{checkpoint.name}: pickle checkpoints can run code when loaded and are"
-                    " refused; convert it to .safetensors or set SDSWARM_ALLOW_PICKLE=true"
-                )
-            raise CheckpointError(f"{checkpoint.name}: pickle loading is not implemented yet")
-        tensors, _ = read_safetensors_header(checkpoint)
-        family = detect_family(tensors)
-        if family is None:
-            raise CheckpointError(
-                f"{checkpoint.name}: not a Stable Diffusion 1.x, 2.x or XL checkpoint"
-            )
-        config = materialise_config(checkpoint, tensors, family, cache_dir)
-        options: dict[str, Any] = {}
-        if family not in (ModelFamily.SDXL, ModelFamily.SDXL_INPAINT):
-            options["safety_checker"] = None
-        pipe = _pipeline_class(family).from_single_file(
-            str(checkpoint),
-            config=str(config),
-            local_files_only=True,
-            torch_dtype=dtype,
-            **options,
-        )
         return pipe.to(device)
+    except CheckpointError:
+        raise
     except (ModelFileError, OSError, ValueError, KeyError, RuntimeError) as exc:
-        if isinstance(exc, CheckpointError):
-            raise
         raise CheckpointError(f"{checkpoint.name}: cannot load: {exc}") from exc
+
+
+def _load_folder(folder: Path, family: ModelFamily | None, dtype: torch.dtype) -> Any:
+    if family is None:
+        family = inspect_checkpoint(folder).family
+    if family is None:
+        raise CheckpointError(f"{folder.name}: unknown diffusers pipeline")
+    options: dict[str, Any] = {}
+    if family not in (ModelFamily.SDXL, ModelFamily.SDXL_INPAINT):
+        options["safety_checker"] = None
+    return _pipeline_class(family).from_pretrained(
+        folder, local_files_only=True, **_dtype_option(dtype), **options
+    )
+
+
+def _load_single_file(
+    checkpoint: Path,
+    family: ModelFamily | None,
+    dtype: torch.dtype,
+    cache_dir: Path,
+    allow_pickle: bool,
+) -> Any:
+    if checkpoint.suffix.lower() in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{checkpoint.name}: pickle checkpoints can run code when loaded and are"
+                " refused; convert it to .safetensors or set SDSWARM_ALLOW_PICKLE=true"
+            )
+        tensors = _pickle_tensors(checkpoint)
+    elif checkpoint.suffix.lower() == ".safetensors":
+        tensors, _ = read_safetensors_header(checkpoint)
+    else:
+        raise CheckpointError(f"{checkpoint.name}: not a .safetensors (or allowed .ckpt) file")
+    if family is None:
+        family = detect_family(tensors)
+    if family is None:
+        raise CheckpointError(
+            f"{checkpoint.name}: not a Stable Diffusion 1.x, 2.x or XL checkpoint"
+        )
+    config = materialise_config(checkpoint, tensors, family, cache_dir)
+    options: dict[str, Any] = {}
+    if family not in (ModelFamily.SDXL, ModelFamily.SDXL_INPAINT):
+        options["safety_checker"] = None
+    return _pipeline_class(family).from_single_file(
+        str(checkpoint),
+        config=str(config),
+        local_files_only=True,
+        **_dtype_option(dtype),
+        **options,
+    )

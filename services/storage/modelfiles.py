@@ -40,6 +40,11 @@ class CheckpointInfo:
     family: ModelFamily | None
     tensors: int
     in_channels: int | None = None
+    """UNet input channels: 4, or 9 for inpainting models."""
+    is_inpaint: bool = False
+    cross_attention_dim: int | None = None
+    """768 (SD1), 1024 (SD2), 2048 (SDXL) for real models; tiny test models are smaller."""
+    is_diffusers_folder: bool = False
     metadata: dict[str, str] = field(default_factory=dict)
 
 
@@ -89,50 +94,141 @@ def _tensor_info(file_name: str, name: str, entry: Any, data_size: int) -> Tenso
     return TensorInfo(dtype=dtype, shape=tuple(shape))
 
 
-def detect_family(tensors: dict[str, TensorInfo]) -> ModelFamily | None:
-    """SD1 / SD2 / SDXL (and their inpainting variants) from tensor names and shapes."""
-    conv_in = tensors.get(UNET + "input_blocks.0.0.weight")
-    if conv_in is None or len(conv_in.shape) != 4:
-        return None
-    inpaint = conv_in.shape[1] == 9
-    names = tensors.keys()
-    if any(n.startswith(SDXL_TEXT) for n in names) or UNET + "label_emb.0.0.weight" in tensors:
-        return ModelFamily.SDXL_INPAINT if inpaint else ModelFamily.SDXL
-    if any(n.startswith(SD2_TEXT) for n in names):
-        return ModelFamily.SD2_INPAINT if inpaint else ModelFamily.SD2
-    if any(n.startswith(SD1_TEXT) for n in names):
-        return ModelFamily.SD1_INPAINT if inpaint else ModelFamily.SD1
+def cross_attention_dim(tensors: dict[str, TensorInfo]) -> int | None:
+    """Width of the text features the UNet attends to (``attn2.to_k`` input features)."""
+    for name, info in tensors.items():
+        if name.startswith(UNET) and name.endswith(".attn2.to_k.weight") and len(info.shape) == 2:
+            return info.shape[1]
     return None
 
 
-def _family_from_diffusers(folder: Path) -> ModelFamily | None:
+def _width(tensors: dict[str, TensorInfo], *names: str) -> int | None:
+    """Embedding width of the first tensor present among ``names``."""
+    for name in names:
+        info = tensors.get(name)
+        if info is not None and len(info.shape) == 2:
+            return info.shape[1]
+    return None
+
+
+# Cross-attention widths of the released models, used only when a file has no text
+# encoder to compare with (UNet-only exports); the loader then refuses it with a reason.
+_CONTEXT_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+
+
+def _base_family(tensors: dict[str, TensorInfo]) -> str | None:
+    """``sd1`` / ``sd2`` / ``sdxl`` from the text encoder layout, checked against the UNet."""
+    context = cross_attention_dim(tensors)
+    # SD1: HF CLIP under cond_stage_model.transformer. (very old files lack "text_model.").
+    sd1 = _width(
+        tensors,
+        SD1_TEXT + "text_model.embeddings.token_embedding.weight",
+        SD1_TEXT + "embeddings.token_embedding.weight",
+    )
+    sd2 = _width(tensors, SD2_TEXT + "token_embedding.weight")  # OpenCLIP layout
+    xl_1 = _width(tensors, SDXL_TEXT + "0.transformer.text_model.embeddings.token_embedding.weight")
+    xl_2 = _width(tensors, SDXL_TEXT + "1.model.token_embedding.weight")
+    # The UNet cross-attends to the text encoder's output, so the widths must agree: a
+    # mismatch means a merged or damaged file no shipped config can describe. SDXL
+    # concatenates its two encoders (768 + 1280 = 2048 for the base model). The SDXL
+    # refiner (a single OpenCLIP encoder at embedders.0) is not supported and falls through.
+    if xl_1 is not None and xl_2 is not None:
+        return "sdxl" if context in (None, xl_1 + xl_2) else None
+    if sd2 is not None:
+        return "sd2" if context in (None, sd2) else None
+    if sd1 is not None:
+        return "sd1" if context in (None, sd1) else None
+    if any(n.startswith(SDXL_TEXT) for n in tensors):
+        return None
+    if context is None:
+        return None
+    if UNET + "label_emb.0.0.weight" in tensors:
+        return "sdxl" if context == 2048 else None
+    return _CONTEXT_FAMILY.get(context)
+
+
+def detect_family(tensors: dict[str, TensorInfo]) -> ModelFamily | None:
+    """SD1 / SD2 / SDXL (and their inpainting variants) from tensor names and shapes.
+
+    None for anything else (LoRAs, VAEs, refiners, inconsistent merges). Inpainting
+    UNets take 9 input channels: 4 latent + 4 masked-image latent + 1 mask.
+    """
+    conv_in = tensors.get(UNET + "input_blocks.0.0.weight")
+    if conv_in is None or len(conv_in.shape) != 4 or conv_in.shape[1] not in (4, 9):
+        return None
+    base = _base_family(tensors)
+    if base is None:
+        return None
+    return ModelFamily(base + "_inpaint" if conv_in.shape[1] == 9 else base)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
     try:
-        index = json.loads((folder / "model_index.json").read_text())
-        unet = json.loads((folder / "unet" / "config.json").read_text())
-        text = json.loads((folder / "text_encoder" / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelFileError(f"{folder.name}: unreadable diffusers folder: {exc}") from exc
-    inpaint = unet.get("in_channels") == 9
-    if "XL" in str(index.get("_class_name", "")) or "text_encoder_2" in index:
-        return ModelFamily.SDXL_INPAINT if inpaint else ModelFamily.SDXL
-    # SD2's OpenCLIP text encoder uses exact GELU; SD1's CLIP uses quick GELU.
-    if text.get("hidden_act") == "gelu":
-        return ModelFamily.SD2_INPAINT if inpaint else ModelFamily.SD2
-    return ModelFamily.SD1_INPAINT if inpaint else ModelFamily.SD1
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFileError(f"{path.parent.name}/{path.name}: unreadable: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ModelFileError(f"{path.parent.name}/{path.name}: not a JSON object")
+    return data
 
 
-def inspect_checkpoint(path: Path) -> CheckpointInfo:
+def _family_from_diffusers(folder: Path) -> tuple[ModelFamily | None, dict[str, Any]]:
+    """Family from the pipeline's configs (a diffusers folder names no LDM tensors)."""
+    index = _read_json(folder / "model_index.json")
+    unet = _read_json(folder / "unet" / "config.json")
+    in_channels = unet.get("in_channels")
+    if in_channels not in (4, 9):
+        return None, unet
+    suffix = "_inpaint" if in_channels == 9 else ""
+    context = unet.get("cross_attention_dim")
+    if not (index.get("text_encoder") or [None])[0]:
+        return None, unet  # e.g. the SDXL refiner (one OpenCLIP encoder): not supported
+    text = _read_json(folder / "text_encoder" / "config.json")
+    base: str | None
+    if "text_encoder_2" in index or unet.get("addition_embed_type") == "text_time":
+        text_2 = _read_json(folder / "text_encoder_2" / "config.json")
+        widths = (text.get("hidden_size"), text_2.get("hidden_size"))
+        # SDXL concatenates both encoders' features (768 + 1280 for the base model).
+        agree = context is None or None in widths or context == sum(w or 0 for w in widths)
+        base = "sdxl" if agree else None
+    elif context is not None and text.get("hidden_size") not in (None, context):
+        base = None  # the UNet cannot attend to this text encoder's features
+    else:
+        # SD2's OpenCLIP text encoder uses exact GELU; SD1's CLIP uses quick GELU.
+        base = "sd2" if text.get("hidden_act") == "gelu" else "sd1"
+    return (ModelFamily(base + suffix) if base else None), unet
+
+
+def inspect_checkpoint(path: Path, max_header_bytes: int = MAX_HEADER_BYTES) -> CheckpointInfo:
     """Validate a checkpoint (single file or diffusers folder) and detect its family."""
     if path.is_dir():
-        return CheckpointInfo(family=_family_from_diffusers(path), tensors=0)
+        family, unet = _family_from_diffusers(path)
+        # Reading each component's safetensors header validates the weights too.
+        count = sum(
+            len(read_safetensors_header(weights, max_header_bytes)[0])
+            for weights in sorted(path.glob("*/*.safetensors"))
+        )
+        in_channels = unet.get("in_channels")
+        context = unet.get("cross_attention_dim")
+        return CheckpointInfo(
+            family=family,
+            tensors=count,
+            in_channels=in_channels if isinstance(in_channels, int) else None,
+            is_inpaint=in_channels == 9,
+            cross_attention_dim=context if isinstance(context, int) else None,
+            is_diffusers_folder=True,
+        )
     if path.suffix.lower() != ".safetensors":
         # Pickles are never parsed here: their family is only known once loaded.
         raise ModelFileError(f"{path.name}: only .safetensors files can be inspected safely")
-    tensors, metadata = read_safetensors_header(path)
+    tensors, metadata = read_safetensors_header(path, max_header_bytes)
     conv_in = tensors.get(UNET + "input_blocks.0.0.weight")
+    in_channels = conv_in.shape[1] if conv_in and len(conv_in.shape) == 4 else None
     return CheckpointInfo(
         family=detect_family(tensors),
         tensors=len(tensors),
-        in_channels=conv_in.shape[1] if conv_in and len(conv_in.shape) == 4 else None,
+        in_channels=in_channels,
+        is_inpaint=in_channels == 9,
+        cross_attention_dim=cross_attention_dim(tensors),
         metadata=metadata,
     )

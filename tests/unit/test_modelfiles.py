@@ -2,6 +2,7 @@
 
 import json
 import struct
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -76,29 +77,58 @@ def test_pickles_are_never_parsed(tmp_path: Path) -> None:
         inspect_checkpoint(path)
 
 
-def _keys(*names: str, in_channels: int = 4) -> dict[str, TensorInfo]:
-    tensors = {n: TensorInfo("F16", (1,)) for n in names}
+def _keys(
+    text: Mapping[str, tuple[int, ...]], context: int | None, in_channels: int = 4
+) -> dict[str, TensorInfo]:
+    """A minimal header: conv_in, one cross-attention layer and text-encoder embeddings."""
+    tensors = {n: TensorInfo("F16", shape) for n, shape in text.items()}
     tensors["model.diffusion_model.input_blocks.0.0.weight"] = TensorInfo(
         "F16", (320, in_channels, 3, 3)
     )
+    if context is not None:
+        attn = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+        tensors[attn] = TensorInfo("F16", (320, context))
     return tensors
 
 
-SD1_TEXT = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
-SD2_TEXT = "cond_stage_model.model.token_embedding.weight"
-XL_TEXT = "conditioner.embedders.1.model.token_embedding.weight"
+SD1 = {"cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": (49408, 768)}
+SD1_OLD = {"cond_stage_model.transformer.embeddings.token_embedding.weight": (49408, 768)}
+SD2 = {"cond_stage_model.model.token_embedding.weight": (49408, 1024)}
+XL = {
+    "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": (
+        49408,
+        768,
+    ),
+    "conditioner.embedders.1.model.token_embedding.weight": (49408, 1280),
+}
+XL_REFINER = {"conditioner.embedders.0.model.token_embedding.weight": (49408, 1280)}
+TINY_SD1 = {
+    "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": (49408, 32)
+}
 
 
 @pytest.mark.parametrize(
     ("tensors", "family"),
     [
-        (_keys(SD1_TEXT), ModelFamily.SD1),
-        (_keys(SD1_TEXT, in_channels=9), ModelFamily.SD1_INPAINT),
-        (_keys(SD2_TEXT), ModelFamily.SD2),
-        (_keys(SD2_TEXT, in_channels=9), ModelFamily.SD2_INPAINT),
-        (_keys(XL_TEXT, "model.diffusion_model.label_emb.0.0.weight"), ModelFamily.SDXL),
-        (_keys(XL_TEXT, in_channels=9), ModelFamily.SDXL_INPAINT),
-        (_keys(), None),
+        (_keys(SD1, 768), ModelFamily.SD1),
+        (_keys(SD1_OLD, 768), ModelFamily.SD1),
+        (_keys(SD1, 768, in_channels=9), ModelFamily.SD1_INPAINT),
+        (_keys(SD2, 1024), ModelFamily.SD2),
+        (_keys(SD2, 1024, in_channels=9), ModelFamily.SD2_INPAINT),
+        (_keys(XL, 2048), ModelFamily.SDXL),
+        (_keys(XL, 2048, in_channels=9), ModelFamily.SDXL_INPAINT),
+        # Tiny models: the widths only have to agree with each other.
+        (_keys(TINY_SD1, 32), ModelFamily.SD1),
+        # UNet-only files: the released cross-attention widths still tell the family.
+        (_keys({}, 768), ModelFamily.SD1),
+        (_keys({}, 1024), ModelFamily.SD2),
+        # Text encoder and UNet disagree: a broken merge no config describes.
+        (_keys(SD1, 1024), None),
+        (_keys(SD2, 768), None),
+        (_keys(XL, 1280), None),
+        (_keys(XL_REFINER, 1280), None),  # SDXL refiner: not supported
+        (_keys(SD1, 768, in_channels=8), None),  # instruct-pix2pix style: not supported
+        (_keys({}, None), None),
         ({"lora_unet_down.weight": TensorInfo("F16", (4, 4))}, None),
     ],
 )
@@ -108,13 +138,102 @@ def test_family_from_names_and_shapes(
     assert family == detect_family(tensors)
 
 
+def _header(tensors: dict[str, TensorInfo]) -> tuple[dict[str, object], int]:
+    """A safetensors header for ``tensors`` (1-byte elements, to keep the file small)."""
+    header: dict[str, object] = {}
+    offset = 0
+    for name, info in tensors.items():
+        size = 1
+        for d in info.shape:
+            size *= d
+        header[name] = {
+            "dtype": "U8",
+            "shape": list(info.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    return header, offset
+
+
 def test_file_name_is_never_used(tmp_path: Path) -> None:
-    path = _write(
-        tmp_path / "sdxl_base_1.0.safetensors",
-        {
-            "cond_stage_model.transformer.x": _tensor([1]),
-            "model.diffusion_model.input_blocks.0.0.weight": _tensor([1, 4, 1, 1], 4),
-        },
-        b"\0" * 20,
+    header, size = _header(_keys(SD1, 768))
+    path = _write(tmp_path / "sdxl_base_1.0.safetensors", header, b"\0" * size)
+    info = inspect_checkpoint(path)
+    assert ModelFamily.SD1 == info.family
+    assert (4, False, 768, 3) == (
+        info.in_channels,
+        info.is_inpaint,
+        info.cross_attention_dim,
+        info.tensors,
     )
-    assert ModelFamily.SD1 == inspect_checkpoint(path).family
+
+
+@pytest.mark.parametrize("family", list(ModelFamily))
+def test_shipped_config_folders_are_detected_as_their_family(family: ModelFamily) -> None:
+    """A shipped config folder is a diffusers folder without weights."""
+    folder = Path(__file__).parents[2] / "services" / "inference" / "configs" / family.value
+    info = inspect_checkpoint(folder)
+    assert family == info.family
+    assert info.is_diffusers_folder
+    assert info.is_inpaint == family.value.endswith("_inpaint")
+
+
+def test_diffusers_folder_with_disagreeing_widths_is_unknown(tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    for component, config in {
+        "unet": {"in_channels": 4, "cross_attention_dim": 1024},
+        "text_encoder": {"hidden_size": 768, "hidden_act": "quick_gelu"},
+    }.items():
+        (folder / component).mkdir(parents=True)
+        (folder / component / "config.json").write_text(json.dumps(config))
+    (folder / "model_index.json").write_text(
+        json.dumps({"text_encoder": ["transformers", "CLIPTextModel"]})
+    )
+    assert inspect_checkpoint(folder).family is None
+    (folder / "unet" / "config.json").write_text("{not json")
+    with pytest.raises(ModelFileError, match="unreadable"):
+        inspect_checkpoint(folder)
+
+
+# Real layouts: the released models' names and shapes, built on the meta device.
+
+
+@pytest.fixture(scope="module")
+def real_layouts() -> dict[ModelFamily, dict[str, TensorInfo]]:
+    pytest.importorskip("torch")
+    from tests.fixtures.tiny_model import real_layout
+
+    return {family: real_layout(family) for family in ModelFamily}
+
+
+@pytest.mark.parametrize("family", list(ModelFamily))
+def test_real_layouts_are_detected(
+    real_layouts: dict[ModelFamily, dict[str, TensorInfo]], family: ModelFamily
+) -> None:
+    tensors = real_layouts[family]
+    assert 1000 < len(tensors)
+    assert family == detect_family(tensors)
+
+
+def test_real_layout_widths(real_layouts: dict[ModelFamily, dict[str, TensorInfo]]) -> None:
+    from services.storage.modelfiles import cross_attention_dim
+
+    widths = {f: cross_attention_dim(t) for f, t in real_layouts.items()}
+    assert {"sd1": 768, "sd2": 1024, "sdxl": 2048} == {
+        f.value: w for f, w in widths.items() if not f.value.endswith("_inpaint")
+    }
+    label_emb = real_layouts[ModelFamily.SDXL]["model.diffusion_model.label_emb.0.0.weight"]
+    assert (1280, 2816) == label_emb.shape
+
+
+def test_real_layouts_survive_a_real_header(
+    tmp_path: Path, real_layouts: dict[ModelFamily, dict[str, TensorInfo]]
+) -> None:
+    """The SDXL header (the largest) round-trips through the parser, data left sparse."""
+    header, size = _header(real_layouts[ModelFamily.SDXL])
+    path = _write(tmp_path / "x.safetensors", header)
+    with path.open("r+b") as handle:
+        handle.truncate(path.stat().st_size + size)  # sparse: no disk used
+    info = inspect_checkpoint(path)
+    assert ModelFamily.SDXL == info.family
+    assert len(real_layouts[ModelFamily.SDXL]) == info.tensors
