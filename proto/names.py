@@ -27,6 +27,9 @@ CANCEL_SUBJECT_PREFIX = "sd.cancel"
 # KV bucket holding one key per cancelled task: a queued task is skipped when fetched.
 CANCEL_BUCKET = "sd_cancel"
 
+# KV bucket of worker liveness records (proto.workers.WorkerStatus), one key per worker.
+WORKER_BUCKET = "sd_workers"
+
 # Durable consumer of the storage service on EVENT_STREAM.
 STORAGE_CONSUMER = "storage"
 CONSUMER_PREFIX = "sd_"
@@ -107,3 +110,8 @@ def preview_key(user: str, task_id: str) -> str:
 def advisory_subject(kind: str, stream: str = TASK_STREAM, consumer: str = "*") -> str:
     """``$JS.EVENT.ADVISORY.CONSUMER.<kind>.<stream>.<consumer>`` (kinds above)."""
     return f"{_ADVISORY_PREFIX}.{kind}.{stream}.{consumer}"
+
+
+def worker_kv_key(worker_id: str) -> str:
+    """KV keys allow letters, digits and ``-/_=.``: anything else becomes ``_``."""
+    return re.sub(r"[^A-Za-z0-9_=.-]", "_", worker_id)[:128] or "worker"

@@ -112,6 +112,17 @@ async def ensure_task_consumer(
             await js.consumer_info(names.TASK_STREAM, name)
 
 
+WORKER_TTL_S = 20.0
+"""A worker record not refreshed for this long disappears: the worker is gone."""
+
+
+async def worker_bucket(js: JetStreamContext) -> KeyValue:
+    try:
+        return await js.key_value(names.WORKER_BUCKET)
+    except BucketNotFoundError:
+        return await js.create_key_value(bucket=names.WORKER_BUCKET, ttl=WORKER_TTL_S, history=1)
+
+
 async def cancel_bucket(js: JetStreamContext, settings: BusSettings) -> KeyValue:
     try:
         return await js.key_value(names.CANCEL_BUCKET)

@@ -79,6 +79,8 @@ def model_attributes(doc: Document) -> dict[str, Any]:
         "modelKey": doc["model_key"],
         "sizeBytes": doc.get("size_bytes"),
         "error": doc.get("error"),
+        "loadedWorkers": doc.get("loaded_workers", 0),
+        "predictionType": doc.get("prediction_type") or "epsilon",
     }
 
 

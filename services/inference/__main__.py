@@ -41,6 +41,7 @@ def make_pipeline_factory(settings: WorkerSettings):  # type: ignore[no-untyped-
                 device=device,
                 cache_dir=Path(settings.cache_dir),
                 allow_pickle=settings.allow_pickle,
+                prediction_type=settings.prediction_type or None,
             )
         except CheckpointError as exc:
             raise GenerationError("model_load_failed", str(exc)) from exc

@@ -26,6 +26,8 @@ class WorkerSettings(StoreSettings, kw_only=True, frozen=True):
     """Materialised config folders and tokenizer files."""
     device: str = "auto"
     """``auto`` picks CUDA when present, else the CPU."""
+    prediction_type: str = ""
+    """``v_prediction`` for v-models (SD2.x 768-v); empty: the family's default (epsilon)."""
     allow_pickle: bool = False
     """Load ``.ckpt`` pickles (weights-only). Off: a pickle can execute code."""
     worker_id: str = msgspec.field(default_factory=_default_worker_id)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -31,7 +32,7 @@ from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from proto import GenerateImage, names
-from proto.codec import decode_generate
+from proto.codec import decode_generate, encode
 from proto.events import (
     TaskCancelled,
     TaskEvent,
@@ -42,6 +43,7 @@ from proto.events import (
     encode_event,
     event_kind,
 )
+from proto.workers import WorkerState, WorkerStatus
 from services.common import bus
 from services.inference.pipeline import (
     GenerationError,
@@ -54,6 +56,8 @@ from services.storage.objects import ObjectNotFoundError, ObjectStore
 
 log = logging.getLogger(__name__)
 NAK_DELAY_S = 2.0
+HEARTBEAT_S = 5.0
+"""Liveness record refresh (well inside the bucket's TTL). Never used to ack tasks."""
 
 
 class _Origin(TypedDict):
@@ -86,16 +90,68 @@ class Worker:
         self._pipeline: Pipeline | None = None
         self._load_error: GenerationError | None = None
         self._cancels: KeyValue | None = None
+        self._workers: KeyValue | None = None
+        self._state = WorkerState.LOADING
+        self._task_id: str | None = None
+        self._last_step_at: float | None = None
+        self._load_seconds: float | None = None
         self.completed = 0
+
+    async def _beat(self) -> None:
+        """Write this worker's liveness record (state, current task, last step)."""
+        if self._workers is None:
+            return
+        status = WorkerStatus(
+            worker=self.settings.worker_id,
+            model_key=self.settings.model_key,
+            model_name=self.settings.model_name,
+            state=self._state,
+            device=self.settings.device,
+            pid=os.getpid(),
+            task_id=self._task_id,
+            error=self._load_error.message if self._load_error else None,
+            last_step_at=self._last_step_at,
+            updated_at=time.time(),
+            load_seconds=self._load_seconds,
+        )
+        try:
+            await self._workers.put(names.worker_kv_key(self.settings.worker_id), encode(status))
+        except Exception as exc:  # liveness must never take a task down with it
+            log.warning("cannot write the liveness record: %s", exc)
+
+    async def _set_state(self, state: WorkerState, task_id: str | None = None) -> None:
+        self._state, self._task_id = state, task_id
+        await self._beat()
+
+    async def _heartbeat(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), HEARTBEAT_S)
+            await self._beat()
 
     async def run(self, stop: asyncio.Event) -> None:
         await bus.ensure_streams(self.js, self.settings)
         await bus.ensure_task_consumer(self.js, self.settings.model_key, self.settings)
         self._cancels = await bus.cancel_bucket(self.js, self.settings)
+        self._workers = await bus.worker_bucket(self.js)
+        heartbeat = asyncio.create_task(self._heartbeat(stop))
+        # Load before fetching: a warm worker is ready when its first task arrives, and
+        # the registry can show the checkpoint as loading, loaded or failed.
+        await self._set_state(WorkerState.LOADING)
+        started = time.monotonic()
+        with contextlib.suppress(GenerationError):
+            await self._pipeline_or_error()
+        self._load_seconds = round(time.monotonic() - started, 3)
+        await self._set_state(WorkerState.FAILED if self._load_error else WorkerState.READY)
         subscription = await self.js.pull_subscribe_bind(
             durable=names.consumer_name(self.settings.model_key), stream=names.TASK_STREAM
         )
-        log.info("worker %s serving %s", self.settings.worker_id, self.settings.model_name)
+        log.info(
+            "worker %s serving %s (loaded in %.2f s)",
+            self.settings.worker_id,
+            self.settings.model_name,
+            self._load_seconds,
+        )
         idle_since = time.monotonic()
         try:
             while not stop.is_set():
@@ -112,8 +168,11 @@ class Worker:
                 idle_since = time.monotonic()
         finally:
             log.info("worker stopping after %d tasks", self.completed)
+            heartbeat.cancel()
             with contextlib.suppress(Exception):
                 await subscription.unsubscribe()
+            with contextlib.suppress(Exception):
+                await self._workers.delete(names.worker_kv_key(self.settings.worker_id))
 
     async def _pipeline_or_error(self) -> Pipeline:
         if self._load_error is not None:
@@ -166,6 +225,8 @@ class Worker:
                 await self._publish(
                     TaskStarted(**common, at=time.time(), model_key=self.settings.model_key)
                 )
+                if self._load_error is None:
+                    await self._set_state(WorkerState.BUSY, command.task_id)
                 event = await self._run(command, message, attempt, stop_flag)
         except Exception as exc:
             log.exception("task %s attempt %d crashed", command.task_id, attempt)
@@ -180,6 +241,8 @@ class Worker:
             )
         finally:
             await cancel_sub.unsubscribe()
+            if self._load_error is None:
+                await self._set_state(WorkerState.READY)
         await self._publish(event)
         await message.ack()
         self.completed += 1
@@ -245,6 +308,7 @@ class Worker:
             done = (item.job_no * item.total_steps + item.step) / (item.total_steps * job_count)
             elapsed = time.monotonic() - started
             eta = elapsed * (1 - done) / done if done > 0 else None
+            self._last_step_at = time.time()
             await message.in_progress()
             await self._publish(
                 TaskProgressed(

@@ -18,10 +18,13 @@ import logging
 import time
 from dataclasses import dataclass
 
+import msgspec
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerInfo
+from nats.js.errors import KeyNotFoundError, NoKeysError
 
-from proto import ModelType, names
+from proto import ModelStatus, ModelType, names
+from proto.workers import WorkerState, WorkerStatus, decode_worker_status
 from services.common import bus
 from services.scheduler.local import LocalBackend
 from services.scheduler.policy import CheckpointLoad, Plan, plan
@@ -113,11 +116,10 @@ class Scheduler:
     async def tick(self) -> Plan:
         now = time.monotonic()
         replicas = self.backend.replicas()
-        models = [
-            m
-            for m in await self.models.list(ModelType.STABLE_DIFFUSION)
-            if m.get("status") != "failed"
-        ]
+        # Failed checkpoints stay scheduled: their worker fails queued tasks with the
+        # reason at once (the gateway refuses new ones), so nothing waits forever.
+        models = await self.models.list(ModelType.STABLE_DIFFUSION)
+        await self._sync_statuses(models)
         loads = [await self._load(m, replicas.get(m["model_key"], 0), now) for m in models]
         result = plan(
             loads,
@@ -149,6 +151,44 @@ class Scheduler:
             await self.backend.ensure(model, result.workers[key])
         self.last_plan = result
         return result
+
+    async def worker_records(self) -> list[WorkerStatus]:
+        bucket = await bus.worker_bucket(self.js)
+        try:
+            keys = await bucket.keys()
+        except NoKeysError:
+            return []
+        records = []
+        for key in keys:
+            with contextlib.suppress(KeyNotFoundError, msgspec.DecodeError):
+                entry = await bucket.get(key)
+                if entry.value:
+                    records.append(decode_worker_status(entry.value))
+        return records
+
+    async def _sync_statuses(self, models: list[Document]) -> None:
+        """Registry statuses follow the workers' real state (the seed's were always "loaded")."""
+        by_model: dict[str, list[WorkerStatus]] = {}
+        for record in await self.worker_records():
+            by_model.setdefault(record.model_key, []).append(record)
+        for model in models:
+            records = by_model.get(model["model_key"], [])
+            live = [r for r in records if r.state in (WorkerState.READY, WorkerState.BUSY)]
+            failed = [r for r in records if r.state is WorkerState.FAILED]
+            error = model.get("error")
+            if live:
+                status = ModelStatus.LOADED
+            elif any(r.state is WorkerState.LOADING for r in records):
+                status = ModelStatus.LOADING
+            elif failed:
+                status, error = ModelStatus.FAILED, failed[0].error
+            elif model["status"] in (ModelStatus.LOADING.value, ModelStatus.LOADED.value):
+                status = ModelStatus.UNLOADED
+            else:
+                continue  # unloaded, or failed at registration: no worker changes that
+            if (status.value, len(live)) != (model["status"], model.get("loaded_workers", 0)):
+                await self.models.set_status(model["_id"], status, error, workers=len(live))
+                model["status"] = status.value
 
     async def run(self, stop: asyncio.Event) -> None:
         await bus.ensure_streams(self.js, self.settings)

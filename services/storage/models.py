@@ -24,6 +24,7 @@ def model_document(
     size_bytes: int,
     sha256: str | None = None,
     mtime: float | None = None,
+    prediction_type: str | None = None,
 ) -> Document:
     now = dt.datetime.now(dt.UTC)
     return {
@@ -35,6 +36,7 @@ def model_document(
         "size_bytes": size_bytes,
         "sha256": sha256,
         "mtime": mtime,
+        "prediction_type": prediction_type,
         "status": ModelStatus.UNLOADED.value,
         "registered_at": now,
         "modified_at": now,
@@ -70,13 +72,16 @@ class ModelStore:
             query["type"] = model_type.value
         return [doc async for doc in self.collection.find(query).sort("_id", 1)]
 
-    async def set_status(self, name: str, status: ModelStatus, error: str | None = None) -> None:
+    async def set_status(
+        self, name: str, status: ModelStatus, error: str | None = None, workers: int = 0
+    ) -> None:
         await self.collection.update_one(
             {"_id": name},
             {
                 "$set": {
                     "status": status.value,
                     "error": error,
+                    "loaded_workers": workers,
                     "modified_at": dt.datetime.now(dt.UTC),
                 }
             },

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 from pathlib import Path
 
 from proto import ModelStatus, ModelType
@@ -21,6 +22,8 @@ from services.storage.models import ModelStore, model_document
 
 log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "Stable-diffusion"
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+_V_PARAMETERIZATION = re.compile(r"^\s*parameterization:\s*[\"']?v[\"']?\s*$", re.MULTILINE)
 
 
 def find_checkpoints(models_dir: Path, allow_pickle: bool = False) -> list[Path]:
@@ -51,13 +54,16 @@ async def register_checkpoints(
         sha256 = await _file_sha256(store, name, path, size, stat.st_mtime)
         error: str | None = None
         family: str | None = None
-        try:
-            info = await asyncio.to_thread(inspect_checkpoint, path)
-            family = info.family.value if info.family else None
-            if family is None:
-                error = "not a Stable Diffusion checkpoint this server can run (unknown layout)"
-        except ModelFileError as exc:
-            error = str(exc)
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            pass  # allowed pickles are only inspected by the worker, weights-only
+        else:
+            try:
+                info = await asyncio.to_thread(inspect_checkpoint, path)
+                family = info.family.value if info.family else None
+                if family is None:
+                    error = "not a Stable Diffusion checkpoint this server can run (unknown layout)"
+            except ModelFileError as exc:
+                error = str(exc)
         document = model_document(
             name=name,
             model_type=ModelType.STABLE_DIFFUSION,
@@ -66,6 +72,7 @@ async def register_checkpoints(
             size_bytes=size,
             sha256=sha256,
             mtime=stat.st_mtime,
+            prediction_type=prediction_type_of(path),
         )
         await store.upsert(document)
         if error:
@@ -94,3 +101,15 @@ def sha256_of(path: Path) -> str:
         while chunk := handle.read(8 * 1024 * 1024):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def prediction_type_of(path: Path) -> str | None:
+    """A1111's convention: ``model.yaml`` beside ``model.safetensors`` with
+    ``parameterization: "v"`` marks a v-prediction model (SD2.x 768-v); the weights
+    cannot tell. Only that line is read; the YAML is never executed or fully parsed."""
+    config = path.with_suffix(".yaml")
+    try:
+        text = config.read_text(errors="replace")[:65536]
+    except OSError:
+        return None
+    return "v_prediction" if _V_PARAMETERIZATION.search(text) else None

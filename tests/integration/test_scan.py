@@ -59,3 +59,16 @@ async def test_register_a1111_layout(
         first["registered_at"]
         == (await store.get("Ünïcode name.safetensors") or {})["registered_at"]
     )
+
+
+async def test_v_prediction_is_read_from_the_a1111_yaml(
+    store: ModelStore, tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    root = tmp_path / "Stable-diffusion"
+    root.mkdir()
+    shutil.copy(tiny_checkpoint, root / "v768.safetensors")
+    (root / "v768.yaml").write_text('model:\n  params:\n    parameterization: "v"\n')
+    shutil.copy(tiny_checkpoint, root / "eps.safetensors")
+    await register_checkpoints(tmp_path, store)
+    assert "v_prediction" == (await store.get("v768.safetensors") or {})["prediction_type"]
+    assert None is (await store.get("eps.safetensors") or {})["prediction_type"]

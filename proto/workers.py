@@ -1,0 +1,44 @@
+"""Worker liveness records, kept in the KV bucket ``sd_workers`` (one key per worker).
+
+Workers rewrite their record on every state change and every few seconds; the bucket's
+TTL drops the record of a worker that died. The scheduler derives the true model
+statuses (``loading`` / ``loaded`` / ``unloaded`` / ``failed``) from these records.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+from msgspec import Struct
+
+
+class WorkerState(enum.StrEnum):
+    LOADING = "loading"
+    READY = "ready"
+    BUSY = "busy"
+    FAILED = "failed"
+    """The checkpoint cannot be loaded; ``error`` says why."""
+
+
+class WorkerStatus(Struct, kw_only=True, frozen=True, omit_defaults=True):
+    worker: str
+    model_key: str
+    model_name: str
+    state: WorkerState
+    device: str = ""
+    pid: int = 0
+    task_id: str | None = None
+    error: str | None = None
+    last_step_at: float | None = None
+    """Unix time of the last denoising step (hung-worker detection)."""
+    updated_at: float = 0.0
+    load_seconds: float | None = None
+    """How long loading the checkpoint took (cold-start ETA)."""
+
+
+_decoder = msgspec.json.Decoder(WorkerStatus)
+
+
+def decode_worker_status(data: bytes) -> WorkerStatus:
+    return _decoder.decode(data)
