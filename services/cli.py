@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     key.add_argument("name")
     key.add_argument("--label", default="")
 
+    status = commands.add_parser("status", help="queues, budget shares and workers")
+    status.add_argument("--data-dir", type=Path, default=Path("data"))
+
     commands.add_parser("gateway", help="run the gateway (settings from SDSWARM_*)")
     commands.add_parser("worker", help="run one inference worker (settings from SDSWARM_*)")
     return parser
@@ -76,6 +79,10 @@ def main(argv: list[str] | None = None) -> None:
             from services.usercli import run_users
 
             raise SystemExit(asyncio.run(run_users(args)))
+        case "status":
+            from services.statuscli import run_status
+
+            raise SystemExit(asyncio.run(run_status(args)))
         case "gateway":
             from services.gateway.app import main as gateway_main
 

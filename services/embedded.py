@@ -107,6 +107,7 @@ async def up(options: UpOptions) -> None:
                     "nats_url": nats_server.url,
                     "mongodb_url": mongodb_url,
                     "mongodb_db": gateway_settings.mongodb_db,
+                    "gpu_slots": scheduler_settings.gpu_slots,
                 }
             )
         )

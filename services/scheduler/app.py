@@ -58,6 +58,22 @@ def current_share(info: ConsumerInfo) -> tuple[int, int | None]:
     return limit, None
 
 
+async def worker_records(js: JetStreamContext) -> list[WorkerStatus]:
+    """The live workers' records (expired ones are gone from the bucket)."""
+    bucket = await bus.worker_bucket(js)
+    try:
+        keys = await bucket.keys()
+    except NoKeysError:
+        return []
+    records = []
+    for key in keys:
+        with contextlib.suppress(KeyNotFoundError, msgspec.DecodeError):
+            entry = await bucket.get(key)
+            if entry.value:
+                records.append(decode_worker_status(entry.value))
+    return records
+
+
 class Scheduler:
     def __init__(
         self,
@@ -152,24 +168,10 @@ class Scheduler:
         self.last_plan = result
         return result
 
-    async def worker_records(self) -> list[WorkerStatus]:
-        bucket = await bus.worker_bucket(self.js)
-        try:
-            keys = await bucket.keys()
-        except NoKeysError:
-            return []
-        records = []
-        for key in keys:
-            with contextlib.suppress(KeyNotFoundError, msgspec.DecodeError):
-                entry = await bucket.get(key)
-                if entry.value:
-                    records.append(decode_worker_status(entry.value))
-        return records
-
     async def _sync_statuses(self, models: list[Document]) -> None:
         """Registry statuses follow the workers' real state (the seed's were always "loaded")."""
         by_model: dict[str, list[WorkerStatus]] = {}
-        for record in await self.worker_records():
+        for record in await worker_records(self.js):
             by_model.setdefault(record.model_key, []).append(record)
         for model in models:
             records = by_model.get(model["model_key"], [])

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -91,3 +93,30 @@ async def test_statuses_are_true(good_and_bad: System) -> None:
     body = {"stable_diffusion_model": "bad.safetensors", "prompt": "x", "steps": 2}
     async with system.http.post(f"{system.url}/txt2img", json=body) as response:
         assert (409, "model_unusable") == (response.status, (await response.json())["code"])
+
+    # The operator's view, from the same sources.
+    env = {
+        **os.environ,
+        "SDSWARM_NATS_URL": system.nats_url,
+        "SDSWARM_MONGODB_URL": system.settings.mongodb_url,
+        "SDSWARM_MONGODB_DB": system.settings.mongodb_db,
+        "SDSWARM_GPU_SLOTS": "2",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "services.cli",
+        "status",
+        "--data-dir",
+        "/nonexistent",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await process.communicate()
+    lines = out.decode().splitlines()
+    assert 0 == process.returncode
+    good_line = next(line for line in lines if line.startswith("good.safetensors"))
+    assert "loaded" in good_line
+    assert "1 ready" in good_line
+    assert lines[-1].startswith("budget: ")
+    assert lines[-1].endswith("of 2 slots in use   (* = operator pin)")

@@ -1,0 +1,79 @@
+"""``sdswarm status``: per checkpoint, the queue, the share of the budget and the workers.
+
+Reads the same places the scheduler does — the consumers on ``SD_TASKS``, the worker
+records in ``sd_workers`` and the registry — so it shows what is, not what was asked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+from nats.js.errors import NotFoundError
+
+from proto import ModelType, names
+from services.common import bus
+from services.common.settings import from_environ
+from services.scheduler.app import current_share, worker_records
+from services.scheduler.settings import SchedulerSettings
+from services.storage.models import ModelStore
+from services.storage.mongo import database, open_client
+from services.usercli import ENDPOINTS_FILE
+
+
+def _settings(data_dir: Path) -> tuple[SchedulerSettings, int | None]:
+    overrides: dict[str, str] = {}
+    saved: dict[str, object] = {}
+    endpoints = data_dir / ENDPOINTS_FILE
+    if endpoints.is_file():
+        saved = json.loads(endpoints.read_text())
+        for field in ("nats_url", "mongodb_url", "mongodb_db"):
+            if f"SDSWARM_{field.upper()}" not in os.environ and field in saved:
+                overrides[field] = str(saved[field])
+    slots = saved.get("gpu_slots")
+    settings = from_environ(SchedulerSettings, None, **overrides)
+    return settings, slots if isinstance(slots, int) else None
+
+
+async def run_status(args: argparse.Namespace) -> int:
+    settings, slots = _settings(args.data_dir)
+    budget = slots if slots is not None else settings.gpu_slots
+    nc = await bus.connect(settings.nats_url, "sdswarm-status")
+    client = open_client(settings.mongodb_url)
+    try:
+        js = nc.jetstream()
+        models = await ModelStore(database(client, settings.mongodb_db)).list(
+            ModelType.STABLE_DIFFUSION
+        )
+        workers = Counter((r.model_key, r.state.value) for r in await worker_records(js))
+        header = (
+            f"{'checkpoint':40} {'status':9} {'queued':>6} {'running':>7} {'share':>5}  workers"
+        )
+        print(header)
+        in_use = 0
+        for model in models:
+            key = model["model_key"]
+            queued = running = share = 0
+            try:
+                info = await js.consumer_info(names.TASK_STREAM, names.consumer_name(key))
+                queued, running = int(info.num_pending or 0), int(info.num_ack_pending or 0)
+                share, pinned = current_share(info)
+                share_text = f"{share}{'*' if pinned is not None else ''}"
+            except NotFoundError:
+                share_text = "-"
+            in_use += max(share, running)
+            states = ", ".join(
+                f"{count} {state}" for (k, state), count in sorted(workers.items()) if k == key
+            )
+            print(
+                f"{model['_id'][:40]:40} {model['status']:9} {queued:>6} {running:>7}"
+                f" {share_text:>5}  {states or '-'}"
+            )
+        print(f"budget: {in_use} of {budget} slots in use   (* = operator pin)")
+    finally:
+        await client.close()
+        await nc.close()
+    return 0
