@@ -9,6 +9,7 @@ accepted. Generation is synchronous, as in A1111, and images come back as base64
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import re
 from typing import Any, TypeVar
@@ -25,6 +26,7 @@ from services.gateway.resources import Resources, resources
 from services.gateway.tasks_api import cancel_document, new_task_id, submit
 from services.gateway.validation import check_limits
 from services.storage.mongo import Document
+from services.storage.objects import ObjectNotFoundError
 
 Processing = TypeVar("Processing", Txt2ImgRequest, Img2ImgRequest)
 CHECKPOINT_OPTION = "sd_model_checkpoint"
@@ -151,6 +153,7 @@ async def progress(request: web.Request) -> web.StreamResponse:
         "sampling_steps": 0,
     }
     fraction, eta = 0.0, 0.0
+    current_image = None
     if document is not None:
         snapshot = document["progress"]
         status = TaskStatus(document["status"])
@@ -166,12 +169,17 @@ async def progress(request: web.Request) -> web.StreamResponse:
         }
         fraction = 1.0 if status.terminal else min(float(snapshot["progress"]), 0.99)
         eta = float(snapshot.get("eta_seconds") or 0.0)
+        preview = snapshot.get("preview_key")
+        wants_image = request.query.get("skip_current_image", "false").lower() != "true"
+        if preview and wants_image and not status.terminal:
+            with contextlib.suppress(ObjectNotFoundError):
+                current_image = base64.b64encode(await res.objects.get(preview)).decode()
     return web.json_response(
         {
             "progress": fraction,
             "eta_relative": eta,
             "state": state,
-            "current_image": None,
+            "current_image": current_image,
             "textinfo": None,
         }
     )

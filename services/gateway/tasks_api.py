@@ -341,6 +341,9 @@ async def task_progress(request: web.Request) -> web.StreamResponse:
                 "sampling_steps": progress["total_steps"],
             },
             "currentImage": preview or "",
+            "currentImageUrl": (
+                await res.objects.presign(preview, res.settings.presign_ttl_s) if preview else ""
+            ),
             "message": document["message"],
         }
     )

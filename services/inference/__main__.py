@@ -47,7 +47,11 @@ def make_pipeline_factory(settings: WorkerSettings):  # type: ignore[no-untyped-
             raise GenerationError("model_load_failed", str(exc)) from exc
         pipe.set_progress_bar_config(disable=True)
         return DiffusersPipeline(
-            pipe, model_name=settings.model_name, model_hash=settings.model_hash, device=device
+            pipe,
+            model_name=settings.model_name,
+            model_hash=settings.model_hash,
+            device=device,
+            preview_interval_s=settings.preview_interval_s,
         )
 
     return factory

@@ -23,13 +23,14 @@ from PIL.PngImagePlugin import PngInfo
 from proto import GenerateImage
 from proto.requests import Img2ImgRequest, Txt2ImgRequest
 from proto.samplers import split_sampler
+from services.inference.previews import latent_preview
 from services.inference.samplers import build_scheduler
 
 VERSION = "sdswarm"
 MAX_SEED = 2**32 - 1
 
-StepCallback = Callable[[int, int, int], None]
-"""``on_step(job_no, step, total_steps)``, called from the pipeline thread."""
+StepCallback = Callable[[int, int, int, bytes | None], None]
+"""``on_step(job_no, step, total_steps, preview_png)``, called from the pipeline thread."""
 
 
 class TaskCancelledError(Exception):
@@ -111,8 +112,19 @@ def encode_png(image: Image.Image, text: str) -> bytes:
 class DiffusersPipeline:
     """One loaded checkpoint; ``generate`` is blocking and not re-entrant."""
 
-    def __init__(self, pipe: Any, *, model_name: str, model_hash: str, device: str) -> None:
+    def __init__(
+        self,
+        pipe: Any,
+        *,
+        model_name: str,
+        model_hash: str,
+        device: str,
+        preview_interval_s: float = 0.0,
+    ) -> None:
         self.pipe = pipe
+        self.preview_interval_s = preview_interval_s
+        self._next_preview = 0.0
+        self.xl = "XL" in type(pipe).__name__
         self.model_name = model_name
         self.model_hash = model_hash
         self.device = device
@@ -193,7 +205,13 @@ class DiffusersPipeline:
                 raise TaskCancelledError
             # img2img runs only the last `strength` part of the schedule: count what runs.
             total = getattr(pipe, "_num_timesteps", None) or len(pipe.scheduler.timesteps)
-            on_step(job_no, step + 1, total)
+            preview = None
+            now = time.monotonic()
+            latents = kwargs.get("latents")
+            if self.preview_interval_s and latents is not None and now >= self._next_preview:
+                self._next_preview = now + self.preview_interval_s
+                preview = latent_preview(latents, xl=self.xl)
+            on_step(job_no, step + 1, total, preview)
             return kwargs
 
         if request.eta is not None and "eta" in _call_parameters(pipe):

@@ -72,6 +72,7 @@ class Progress(msgspec.Struct, frozen=True):
     job_no: int
     step: int
     total_steps: int
+    preview: bytes | None = None
 
 
 class Worker:
@@ -256,9 +257,9 @@ class Worker:
         reporter = asyncio.create_task(self._report(command, message, attempt, steps))
         started = time.monotonic()
 
-        def on_step(job_no: int, step: int, total: int) -> None:
+        def on_step(job_no: int, step: int, total: int, preview: bytes | None) -> None:
             # Called from the pipeline thread: hand over to the event loop.
-            loop.call_soon_threadsafe(steps.put_nowait, Progress(job_no, step, total))
+            loop.call_soon_threadsafe(steps.put_nowait, Progress(job_no, step, total, preview))
 
         try:
             try:
@@ -310,6 +311,14 @@ class Worker:
             eta = elapsed * (1 - done) / done if done > 0 else None
             self._last_step_at = time.time()
             await message.in_progress()
+            preview_key = None
+            if item.preview is not None:
+                preview_key = names.preview_key(command.user, command.task_id)
+                try:
+                    await self.objects.put(preview_key, item.preview)
+                except Exception as exc:  # a preview is a nicety: never fail a task on it
+                    log.warning("preview upload failed: %s", exc)
+                    preview_key = None
             await self._publish(
                 TaskProgressed(
                     task_id=command.task_id,
@@ -322,6 +331,7 @@ class Worker:
                     job_count=job_count,
                     progress=round(done, 4),
                     eta_seconds=round(eta, 2) if eta is not None else None,
+                    preview_key=preview_key,
                 ),
                 dedupe_suffix=f".{item.job_no}.{item.step}",
             )

@@ -29,7 +29,9 @@ STOP_GRACE_S = 30.0
 
 def worker_environ(settings: SchedulerSettings, model: Document) -> dict[str, str]:
     """The environment of a worker for ``model``: connections plus its checkpoint."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(PREFIX)}
+    # Operators' SDSWARM_* settings reach the workers (e.g. SDSWARM_PREVIEW_INTERVAL_S);
+    # connections and the checkpoint are then set from the scheduler's own view.
+    env = dict(os.environ)
     for name in StoreSettings.__struct_fields__:
         value = getattr(settings, name)
         env[PREFIX + name.upper()] = (

@@ -70,7 +70,9 @@ async def _get(system: System, path: str) -> Any:
 
 async def test_listing_endpoints(system: System) -> None:
     models = await _get(system, "/sdapi/v1/sd-models")
-    assert ["tiny.safetensors"] == [m["title"] for m in models]
+    assert 1 == len(models)
+    assert f"tiny.safetensors [{models[0]['sha256'][:10]}]" == models[0]["title"]
+    assert ("tiny", models[0]["sha256"][:10]) == (models[0]["model_name"], models[0]["hash"])
     assert {"title", "model_name", "hash", "sha256", "filename", "config"} == set(models[0])
     samplers = await _get(system, "/sdapi/v1/samplers")
     assert {"Euler a", "DPM++ 2M", "DDIM", "UniPC"} <= {s["name"] for s in samplers}
@@ -82,7 +84,7 @@ async def test_listing_endpoints(system: System) -> None:
 
 async def test_options_choose_the_default_checkpoint(system: System) -> None:
     options = await _get(system, "/sdapi/v1/options")
-    assert "tiny.safetensors" == options["sd_model_checkpoint"]
+    assert options["sd_model_checkpoint"].startswith("tiny.safetensors [")
     async with system.http.post(
         f"{system.url}/sdapi/v1/options", json={"sd_model_checkpoint": "missing.safetensors"}
     ) as response:
@@ -121,12 +123,14 @@ async def test_txt2img_returns_base64_images_parameters_and_info(system: System)
 async def test_progress_and_interrupt_touch_only_the_callers_task(system: System) -> None:
     idle = await _get(system, "/sdapi/v1/progress")
     assert {"progress", "eta_relative", "state", "current_image", "textinfo"} == set(idle)
-    slow = {**A1111_TXT2IMG, "steps": 150, "width": 256, "height": 256, "n_iter": 1}
+    slow = {**A1111_TXT2IMG, "steps": 150, "width": 256, "height": 256, "n_iter": 1,
+            "force_task_id": "slow-a1111-task"}
     call = asyncio.create_task(system.http.post(f"{system.url}/sdapi/v1/txt2img", json=slow))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         progress = await _get(system, "/sdapi/v1/progress")
-        if progress["state"]["sampling_step"] >= 2:
+        state = progress["state"]
+        if state["job"] == "task(slow-a1111-task)" and state["sampling_step"] >= 2:
             break
         await asyncio.sleep(0.05)
     assert 0 < progress["progress"] < 1

@@ -80,6 +80,10 @@ async def test_async_txt2img_progress_sse_and_result(system: System) -> None:
     assert sorted(steps) == steps
     assert len(steps) >= 2, steps
     assert 4 == steps[-1]
+    previews = [d["preview_key"] for n, d in events if n == "progress" and d.get("preview_key")]
+    assert [f"images/default/{task_id}_progress.png"] == sorted(set(previews))
+    preview = Image.open(io.BytesIO(await system.objects.get(previews[0])))
+    assert (64, 64) == preview.size, "8×8 latents shown ×8"
     assert kinds.index("started") < kinds.index("progress")
 
     result = await _poll_result(system, task_id)
