@@ -58,6 +58,17 @@ def check_limits(request: Txt2ImgRequest | Img2ImgRequest, settings: GatewaySett
     _at_most(
         "negative_prompt", len(request.negative_prompt), settings.max_prompt_chars, " characters"
     )
+    skip = (request.override_settings or {}).get("CLIP_stop_at_last_layers")
+    if skip is not None and (
+        not isinstance(skip, int) or isinstance(skip, bool) or not 1 <= skip <= 12
+    ):
+        raise ApiError(
+            422,
+            "invalid_field",
+            f"`override_settings.CLIP_stop_at_last_layers` must be an integer from 1 to 12"
+            f" but is {skip!r}",
+            field="override_settings.CLIP_stop_at_last_layers",
+        )
     field = "sampler_name" if request.sampler_name else "sampler_index"
     try:
         split_sampler(request.effective_sampler, request.scheduler)

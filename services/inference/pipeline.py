@@ -7,11 +7,12 @@ progress and checks the cancel flag between steps.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -74,6 +75,50 @@ def resolve_seed(seed: int) -> int:
 
 
 Request = Txt2ImgRequest | Img2ImgRequest
+CLIP_SKIP_OPTION = "CLIP_stop_at_last_layers"
+
+
+def clip_skip(request: Request) -> int:
+    """A1111's ``CLIP_stop_at_last_layers`` (1 = last layer) as diffusers' ``clip_skip``."""
+    value = (request.override_settings or {}).get(CLIP_SKIP_OPTION, 1)
+    return max(int(value) - 1, 0) if isinstance(value, int | float) else 0
+
+
+def encode_skipping(pipe: Any, prompts: list[str], skip: int) -> Any:
+    """CLIP embeddings from ``skip`` layers before the last, final layer norm applied."""
+    tokens = pipe.tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=pipe.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    encoder = pipe.text_encoder
+    output = encoder(tokens.input_ids.to(encoder.device), output_hidden_states=True)
+    norm = getattr(encoder, "final_layer_norm", None) or encoder.text_model.final_layer_norm
+    return norm(output.hidden_states[-(skip + 1)])
+
+
+@contextlib.contextmanager
+def seamless(pipe: Any, *, enabled: bool) -> Iterator[None]:
+    """A1111 ``tiling``: circular padding in every convolution, for this call only."""
+    if not enabled:
+        yield
+        return
+    convolutions = [
+        module
+        for component in (pipe.unet, pipe.vae)
+        for module in component.modules()
+        if isinstance(module, torch.nn.Conv2d)
+    ]
+    saved = [module.padding_mode for module in convolutions]
+    for module in convolutions:
+        module.padding_mode = "circular"
+    try:
+        yield
+    finally:
+        for module, mode in zip(convolutions, saved, strict=True):
+            module.padding_mode = mode
 
 
 def infotext(request: Request, seed: int, model_name: str, model_hash: str) -> str:
@@ -92,6 +137,8 @@ def infotext(request: Request, seed: int, model_name: str, model_hash: str) -> s
             else []
         ),
         f"Model hash: {model_hash}",
+        *([f"Clip skip: {clip_skip(request) + 1}"] if clip_skip(request) else []),
+        *(["Tiling: True"] if request.tiling else []),
         f"Model: {Path(model_name).stem}",
         f"Version: {VERSION}",
     ]
@@ -216,10 +263,18 @@ class DiffusersPipeline:
 
         if request.eta is not None and "eta" in _call_parameters(pipe):
             options["eta"] = request.eta
-        with torch.inference_mode():
+        skip = clip_skip(request) if not self.xl else 0
+        prompts = [request.prompt] * len(seeds)
+        negatives = [request.negative_prompt] * len(seeds)
+        with torch.inference_mode(), seamless(pipe, enabled=bool(request.tiling)):
+            if skip:
+                # diffusers' own clip_skip reaches for `text_encoder.text_model`, which
+                # transformers 5 no longer has: encode here, the same way.
+                options["prompt_embeds"] = encode_skipping(pipe, prompts, skip)
+                options["negative_prompt_embeds"] = encode_skipping(pipe, negatives, skip)
+            else:
+                options |= {"prompt": prompts, "negative_prompt": negatives}
             result = pipe(
-                prompt=[request.prompt] * len(seeds),
-                negative_prompt=[request.negative_prompt] * len(seeds),
                 num_inference_steps=request.steps,
                 guidance_scale=request.cfg_scale,
                 generator=generators,

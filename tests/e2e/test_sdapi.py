@@ -123,8 +123,14 @@ async def test_txt2img_returns_base64_images_parameters_and_info(system: System)
 async def test_progress_and_interrupt_touch_only_the_callers_task(system: System) -> None:
     idle = await _get(system, "/sdapi/v1/progress")
     assert {"progress", "eta_relative", "state", "current_image", "textinfo"} == set(idle)
-    slow = {**A1111_TXT2IMG, "steps": 150, "width": 256, "height": 256, "n_iter": 1,
-            "force_task_id": "slow-a1111-task"}
+    slow = {
+        **A1111_TXT2IMG,
+        "steps": 150,
+        "width": 256,
+        "height": 256,
+        "n_iter": 1,
+        "force_task_id": "slow-a1111-task",
+    }
     call = asyncio.create_task(system.http.post(f"{system.url}/sdapi/v1/txt2img", json=slow))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

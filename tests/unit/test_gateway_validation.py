@@ -72,3 +72,11 @@ def test_api_keys_are_parsed_and_checked() -> None:
         parse_api_keys(["alice:short"])
     with pytest.raises(SystemExit):
         parse_api_keys(["../evil:" + "k" * 16])
+
+
+@pytest.mark.parametrize("value", [0, 13, "2", 1.5, True])
+def test_clip_skip_option_is_checked(value: object) -> None:
+    request = _request(override_settings={"CLIP_stop_at_last_layers": value})
+    with pytest.raises(ApiError) as info:
+        check_limits(request, GatewaySettings())
+    assert "override_settings.CLIP_stop_at_last_layers" == info.value.field

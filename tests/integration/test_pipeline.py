@@ -1,0 +1,98 @@
+"""The worker's pipeline on the tiny checkpoint: A1111 parameters change the image."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from PIL import Image  # noqa: E402
+
+from proto import GenerateImage  # noqa: E402
+from proto.requests import Txt2ImgRequest  # noqa: E402
+from services.inference.loader import load_pipeline  # noqa: E402
+from services.inference.pipeline import DiffusersPipeline  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> DiffusersPipeline:
+    torch.set_flush_denormal(True)
+    pipe = load_pipeline(tiny_checkpoint, cache_dir=tmp_path_factory.mktemp("cache"))
+    pipe.set_progress_bar_config(disable=True)
+    return DiffusersPipeline(pipe, model_name="tiny.safetensors", model_hash="abc", device="cpu")
+
+
+def _generate(runner: DiffusersPipeline, **fields: Any) -> tuple[bytes, list[int]]:
+    body = {
+        "stable_diffusion_model": "tiny.safetensors",
+        "prompt": "a cat",
+        "steps": 3,
+        "width": 64,
+        "height": 64,
+        "seed": 5,
+        "sampler_name": "Euler",
+        **fields,
+    }
+    command = GenerateImage(
+        task_id="t",
+        user="u",
+        model_name="tiny.safetensors",
+        model_key="tiny-000000",
+        txt2img=msgspec.convert(body, Txt2ImgRequest),
+    )
+    steps: list[int] = []
+    result = runner.generate(
+        command, {}, lambda job, step, total, preview: steps.append(step), lambda: False
+    )
+    return result.images[0], steps
+
+
+def _pixels(png: bytes) -> bytes:
+    return Image.open(io.BytesIO(png)).tobytes()
+
+
+def test_same_request_same_pixels(runner: DiffusersPipeline) -> None:
+    first, steps = _generate(runner)
+    assert [1, 2, 3] == steps
+    assert _pixels(first) == _pixels(_generate(runner)[0])
+
+
+def test_clip_skip_changes_the_conditioning(runner: DiffusersPipeline) -> None:
+    base = _pixels(_generate(runner)[0])
+    skipped, _ = _generate(runner, override_settings={"CLIP_stop_at_last_layers": 2})
+    assert base != _pixels(skipped)
+    image = Image.open(io.BytesIO(skipped))
+    assert "Clip skip: 2" in image.text["parameters"]  # type: ignore[attr-defined]
+
+
+def test_tiling_is_applied_for_one_task_only(runner: DiffusersPipeline) -> None:
+    base = _pixels(_generate(runner)[0])
+    tiled, _ = _generate(runner, tiling=True)
+    assert base != _pixels(tiled)
+    modes = {m.padding_mode for m in runner.pipe.unet.modules() if isinstance(m, torch.nn.Conv2d)}
+    assert {"zeros"} == modes, "no leakage into the next task"
+    assert base == _pixels(_generate(runner)[0])
+
+
+@pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2M Karras", "DDIM", "UniPC", "Heun"])
+def test_samplers_run(runner: DiffusersPipeline, sampler: str) -> None:
+    png, steps = _generate(runner, sampler_name=sampler, steps=4)
+    assert (64, 64) == Image.open(io.BytesIO(png)).size
+    assert steps[-1] == max(steps)
+
+
+def test_our_encoder_matches_diffusers_without_skip(runner: DiffusersPipeline) -> None:
+    from services.inference.pipeline import encode_skipping
+
+    pipe = runner.pipe
+    with torch.inference_mode():
+        ours = encode_skipping(pipe, ["a photo of a cat"], 0)
+        theirs, _ = pipe.encode_prompt("a photo of a cat", "cpu", 1, False)
+    assert torch.allclose(ours, theirs, atol=1e-6)
