@@ -34,5 +34,8 @@ class WorkerSettings(StoreSettings, kw_only=True, frozen=True):
     """Upload a live preview (``images/{user}/{task}_progress.png``) at most this often; 0: off."""
     worker_id: str = msgspec.field(default_factory=_default_worker_id)
     fetch_timeout_s: float = 5.0
+    parent_pid: int = 0
+    """Exit (after the current task) once this process is no longer our parent: the
+    local backend passes its pid, so a worker never outlives it. 0: no such check."""
     idle_exit_s: float = 0.0
     """Exit after this long without work (0: never); the scheduler also stops idle workers."""

@@ -96,6 +96,7 @@ class Worker:
         self._task_id: str | None = None
         self._last_step_at: float | None = None
         self._load_seconds: float | None = None
+        self._watcher: asyncio.Task[None] | None = None
         self.completed = 0
 
     async def _beat(self) -> None:
@@ -124,6 +125,16 @@ class Worker:
         self._state, self._task_id = state, task_id
         await self._beat()
 
+    async def _watch_parent(self, stop: asyncio.Event) -> None:
+        """Stop (after the current task) once the process that started us is gone."""
+        while not stop.is_set():
+            if os.getppid() != self.settings.parent_pid:
+                log.warning("the process that started this worker is gone; exiting")
+                stop.set()
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+
     async def _heartbeat(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
@@ -136,6 +147,8 @@ class Worker:
         self._cancels = await bus.cancel_bucket(self.js, self.settings)
         self._workers = await bus.worker_bucket(self.js)
         heartbeat = asyncio.create_task(self._heartbeat(stop))
+        if self.settings.parent_pid:
+            self._watcher = asyncio.create_task(self._watch_parent(stop))
         # Load before fetching: a warm worker is ready when its first task arrives, and
         # the registry can show the checkpoint as loading, loaded or failed.
         await self._set_state(WorkerState.LOADING)

@@ -46,6 +46,7 @@ def worker_environ(settings: SchedulerSettings, model: Document) -> dict[str, st
         f"{PREFIX}DEVICE": settings.device,
         f"{PREFIX}ALLOW_PICKLE": "true" if settings.allow_pickle else "false",
         f"{PREFIX}PREDICTION_TYPE": model.get("prediction_type") or "",
+        f"{PREFIX}PARENT_PID": str(os.getpid()),
     }
     return env
 
