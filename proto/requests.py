@@ -152,3 +152,37 @@ def to_builtins(request: Struct) -> dict[str, Any]:
     out = msgspec.to_builtins(fields)
     assert isinstance(out, dict)
     return out
+
+
+class BatchUpdateSdResourceRequest(Struct, kw_only=True, frozen=True, omit_defaults=True):
+    """The seed's ``POST /batch_update_sd_resource``: settings of checkpoints' worker pools.
+
+    Every field is optional; only the given ones change. ``minInstances``,
+    ``maxInstances`` and ``idleTimeout`` drive the scheduler; the rest are recorded and
+    applied by backends that can express them (the response lists what was not).
+    """
+
+    models: list[str] = []
+    """Checkpoint names; empty means every registered checkpoint."""
+    image: str | None = None
+    cpu: NonNegFloat | None = None
+    memorySize: NonNegInt | None = None
+    gpuMemorySize: NonNegInt | None = None
+    instanceType: str | None = None
+    timeout: NonNegInt | None = None
+    extraArgs: str | None = None
+    env: dict[str, str] | None = None
+    vpcConfig: dict[str, Any] | None = None
+    nasConfig: dict[str, Any] | None = None
+    mountPoints: list[Any] | None = None
+    ossMountConfig: dict[str, Any] | None = None
+    minInstances: NonNegInt | None = None
+    maxInstances: PositiveInt | None = None
+    idleTimeout: NonNegFloat | None = None
+    """Seconds without work before the pool scales to zero."""
+
+
+class DeleteFunctionsRequest(Struct, kw_only=True, frozen=True):
+    """The seed's ``POST /del/sd/functions``."""
+
+    functions: list[str]

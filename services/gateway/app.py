@@ -13,7 +13,7 @@ from aiohttp import web
 
 from proto import ModelType
 from services.common import bus
-from services.gateway import openapi, sdapi, tasks_api, waiting
+from services.gateway import functions, openapi, sdapi, tasks_api, waiting
 from services.gateway.auth import announce, auth_enabled, caller, parse_api_keys
 from services.gateway.errors import ApiError, error_middleware
 from services.gateway.resources import RESOURCES, SETTINGS, Resources, resources
@@ -189,6 +189,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app.router.add_get("/openapi.json", openapi.openapi_json)
     app.router.add_get("/docs", openapi.docs)
     sdapi.add_routes(app)
+    functions.add_routes(app)
     app.router.add_get("/files/{key:.+}", download)
     return app
 

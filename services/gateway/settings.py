@@ -13,6 +13,8 @@ class GatewaySettings(StoreSettings, kw_only=True, frozen=True):
     """7860 is where AUTOMATIC1111 clients look by default."""
     api_keys: list[str] = msgspec.field(default_factory=list)
     """Static ``user:key`` pairs, in addition to keys made with ``sdswarm users key``."""
+    admins: list[str] = msgspec.field(default_factory=list)
+    """Users who may manage functions (with authentication off, everyone may)."""
     auth: bool = False
     """Require credentials even on loopback (always required beyond it)."""
     session_ttl_s: float = 24 * 3600

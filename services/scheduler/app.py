@@ -117,6 +117,7 @@ class Scheduler:
             min_instances=int(model.get("min_instances") or 0),
             max_instances=model.get("max_instances"),
             pinned=pinned,
+            idle_timeout_s=model.get("idle_timeout_s"),
         )
 
     async def _set_share(self, key: str, share: int) -> None:

@@ -37,6 +37,8 @@ def worker_environ(settings: SchedulerSettings, model: Document) -> dict[str, st
         env[PREFIX + name.upper()] = (
             value if isinstance(value, str) else msgspec.json.encode(value).decode()
         )
+    # A function's own environment (POST /batch_update_sd_resource "env"), then ours.
+    env |= {str(k): str(v) for k, v in ((model.get("function") or {}).get("env") or {}).items()}
     env |= {
         f"{PREFIX}MODEL_NAME": model["_id"],
         f"{PREFIX}MODEL_KEY": model["model_key"],

@@ -36,6 +36,8 @@ class CheckpointLoad:
     min_instances: int = 0
     max_instances: int | None = None
     pinned: int | None = None
+    idle_timeout_s: float | None = None
+    """Its own idle timeout (function setting); None: the scheduler's."""
     """An operator's manual limit: honoured as the share, counted in the budget."""
 
 
@@ -131,7 +133,8 @@ def plan(
     for load in loads:
         cap = load.max_instances if load.max_instances is not None else budget
         wanted = max(shares[load.key], load.min_instances)
-        if load.backlog or load.running or load.idle_s < idle_timeout_s:
+        timeout = idle_timeout_s if load.idle_timeout_s is None else load.idle_timeout_s
+        if load.backlog or load.running or load.idle_s < timeout:
             # Hysteresis: keep warm workers until the checkpoint has been idle long enough.
             wanted = max(wanted, min(load.workers, cap))
         elif wanted < load.workers:

@@ -1,0 +1,160 @@
+"""The seed's functions API: one "function" per checkpoint, its worker pool.
+
+A function is named after its consumer, ``sd_<model_key>`` (readable, unlike the seed's
+64-hex hashes). Its settings live on the checkpoint's registry document; the scheduler
+reads ``min_instances``, ``max_instances`` and ``idle_timeout_s`` from there and hands
+``env`` to the workers. Settings the local backend cannot express (CPU, memory, image,
+mounts …) are stored for the Swarm backend and listed as ``unsupported`` per function,
+never silently dropped. Only administrators may change functions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from aiohttp import web
+from nats.js.errors import NotFoundError
+
+from proto import ModelType, names
+from proto.requests import BatchUpdateSdResourceRequest, DeleteFunctionsRequest
+from services.gateway.auth import caller
+from services.gateway.errors import ApiError
+from services.gateway.resources import Resources, resources
+from services.gateway.validation import decode
+from services.storage.mongo import Document
+
+SCHEDULER_FIELDS: dict[str, str] = {
+    "minInstances": "min_instances",
+    "maxInstances": "max_instances",
+    "idleTimeout": "idle_timeout_s",
+}
+LOCAL_FIELDS = frozenset({"env"})
+"""What the local backend applies besides the scheduler fields."""
+
+
+async def _admin(request: web.Request) -> tuple[Resources, str]:
+    res = resources(request)
+    user = await caller(request, res)
+    if res.auth and user not in res.settings.admins:
+        raise ApiError(403, "forbidden", "only administrators (SDSWARM_ADMINS) manage functions")
+    return res, user
+
+
+async def _function(res: Resources, model: Document) -> dict[str, Any]:
+    key = model["model_key"]
+    backlog = running = share = 0
+    try:
+        info = await res.js.consumer_info(names.TASK_STREAM, names.consumer_name(key))
+        backlog, running = int(info.num_pending or 0), int(info.num_ack_pending or 0)
+        share = 0 if getattr(info, "paused", False) else int(info.config.max_ack_pending or 0)
+    except NotFoundError:
+        pass
+    return {
+        "functionName": names.consumer_name(key),
+        "model": model["_id"],
+        "state": model["status"],
+        "replicas": model.get("loaded_workers", 0),
+        "share": share,
+        "backlog": backlog,
+        "running": running,
+        "minInstances": model.get("min_instances") or 0,
+        "maxInstances": model.get("max_instances"),
+        "idleTimeout": model.get("idle_timeout_s"),
+        "resources": model.get("function") or {},
+    }
+
+
+async def list_functions(request: web.Request) -> web.StreamResponse:
+    res, _ = await _admin(request)
+    models = await res.models.list(ModelType.STABLE_DIFFUSION)
+    return web.json_response(
+        {"status": "success", "functions": [await _function(res, m) for m in models], "errMsg": ""}
+    )
+
+
+async def batch_update(request: web.Request) -> web.StreamResponse:
+    res, _ = await _admin(request)
+    body = decode(await request.read(), BatchUpdateSdResourceRequest)
+    given = {
+        k: v for k, v in msgspec.structs.asdict(body).items() if v is not None and k != "models"
+    }
+    low, high = body.minInstances, body.maxInstances
+    if low is not None and high is not None and low > high:
+        raise ApiError(
+            422,
+            "invalid_field",
+            "`minInstances` must not exceed `maxInstances`",
+            field="minInstances",
+        )
+    models = await res.models.list(ModelType.STABLE_DIFFUSION)
+    by_name = {m["_id"]: m for m in models}
+    targets = body.models or list(by_name)
+    failed = [{"model": name, "err": "not registered"} for name in targets if name not in by_name]
+    updated = []
+    for name in targets:
+        model = by_name.get(name)
+        if model is None:
+            continue
+        changes: dict[str, Any] = {
+            SCHEDULER_FIELDS[k]: v for k, v in given.items() if k in SCHEDULER_FIELDS
+        }
+        for field, value in given.items():
+            if field not in SCHEDULER_FIELDS:
+                changes[f"function.{field}"] = value
+        if changes:
+            await res.models.collection.update_one({"_id": name}, {"$set": changes})
+        unsupported = sorted(
+            k for k in given if k not in SCHEDULER_FIELDS and k not in LOCAL_FIELDS
+        )
+        updated.append(
+            {
+                "functionName": names.consumer_name(model["model_key"]),
+                "model": name,
+                "status": "success",
+                "unsupported": unsupported,
+            }
+        )
+    status = 200 if not failed else 500
+    return web.json_response(
+        {
+            "status": "fail" if failed else "success",
+            "functions": updated,
+            "failFuncList": failed,
+            "errMsg": "|".join(f"{f['model']}: {f['err']}" for f in failed),
+        },
+        status=status,
+    )
+
+
+async def delete_functions(request: web.Request) -> web.StreamResponse:
+    """Back to defaults and to zero workers; the pool comes back on demand (serverless)."""
+    res, _ = await _admin(request)
+    body = decode(await request.read(), DeleteFunctionsRequest)
+    models = {
+        names.consumer_name(m["model_key"]): m
+        for m in await res.models.list(ModelType.STABLE_DIFFUSION)
+    }
+    fails = [
+        {"functionName": f, "err": "no such function"} for f in body.functions if f not in models
+    ]
+    for function in body.functions:
+        model = models.get(function)
+        if model is not None:
+            await res.models.collection.update_one(
+                {"_id": model["_id"]},
+                {
+                    "$set": {"min_instances": 0, "max_instances": None, "idle_timeout_s": 0.0},
+                    "$unset": {"function": ""},
+                },
+            )
+    if fails:
+        return web.json_response({"status": "fail", "fails": fails}, status=500)
+    return web.json_response({"status": "success"})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/list/sdapi/functions", list_functions)
+    app.router.add_get("/list/sdapi/fucntions", list_functions)  # the seed document's spelling
+    app.router.add_post("/batch_update_sd_resource", batch_update)
+    app.router.add_post("/del/sd/functions", delete_functions)

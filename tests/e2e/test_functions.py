@@ -1,0 +1,87 @@
+"""The seed's functions API drives the worker pools: min instances kept warm, scale to
+zero after the idle timeout, settings a backend cannot express reported, not dropped."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from tests.e2e.conftest import System
+
+pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("system", ["local"], indirect=True)]
+
+MODEL = "tiny.safetensors"
+
+
+async def _functions(system: System, path: str = "/list/sdapi/functions") -> dict[str, Any]:
+    async with system.http.get(system.url + path) as response:
+        assert 200 == response.status
+        body: dict[str, Any] = await response.json()
+    return body
+
+
+async def _update(system: System, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    async with system.http.post(f"{system.url}/batch_update_sd_resource", json=body) as r:
+        return r.status, await r.json()
+
+
+async def _replicas_become(system: System, count: int, timeout_s: float = 90) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        [function] = (await _functions(system))["functions"]
+        if function["replicas"] == count:
+            return time.monotonic() - started
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"replicas never became {count}")
+
+
+async def test_functions_lifecycle(system: System) -> None:
+    listed = await _functions(system)
+    assert "success" == listed["status"]
+    [function] = listed["functions"]
+    assert (MODEL, function["functionName"]) == (
+        function["model"],
+        "sd_" + function["functionName"][3:],
+    )
+    assert listed == await _functions(system, "/list/sdapi/fucntions")  # the seed's spelling
+
+    status, error = await _update(system, {"minInstances": 2, "maxInstances": 1})
+    assert (422, "minInstances") == (status, error["field"])
+    status, result = await _update(
+        system, {"models": [MODEL, "nope.safetensors"], "minInstances": 1}
+    )
+    assert (500, "fail") == (status, result["status"])
+    assert [{"model": "nope.safetensors", "err": "not registered"}] == result["failFuncList"]
+
+    # Warm pool: one worker without any task.
+    status, result = await _update(
+        system, {"minInstances": 1, "cpu": 4, "memorySize": 8192, "env": {"EXAMPLE": "1"}}
+    )
+    assert 200 == status
+    assert ["cpu", "memorySize"] == result["functions"][0]["unsupported"]
+    cold = await _replicas_become(system, 1)
+    [function] = (await _functions(system))["functions"]
+    assert (1, "loaded", {"cpu": 4, "memorySize": 8192, "env": {"EXAMPLE": "1"}}) == (
+        function["minInstances"],
+        function["state"],
+        function["resources"],
+    )
+
+    # Scale to zero once idle for its own timeout.
+    status, _ = await _update(system, {"minInstances": 0, "idleTimeout": 1})
+    assert 200 == status
+    await _replicas_become(system, 0)
+    print(f"warm worker ready {cold:.1f} s after minInstances=1")
+
+    async with system.http.post(
+        f"{system.url}/del/sd/functions", json={"functions": [function["functionName"], "sd_x"]}
+    ) as response:
+        assert 500 == response.status
+        assert [{"functionName": "sd_x", "err": "no such function"}] == (await response.json())[
+            "fails"
+        ]
+    [function] = (await _functions(system))["functions"]
+    assert ({}, 0) == (function["resources"], function["minInstances"])
