@@ -34,6 +34,8 @@ class WorkerSettings(StoreSettings, kw_only=True, frozen=True):
     """Upload a live preview (``images/{user}/{task}_progress.png``) at most this often; 0: off."""
     worker_id: str = msgspec.field(default_factory=_default_worker_id)
     fetch_timeout_s: float = 5.0
+    stop_grace_s: float = 10.0
+    """On SIGTERM the current task may finish within this; then it is handed back (nak)."""
     parent_pid: int = 0
     """Exit (after the current task) once this process is no longer our parent: the
     local backend passes its pid, so a worker never outlives it. 0: no such check."""

@@ -125,6 +125,19 @@ class Worker:
         self._state, self._task_id = state, task_id
         await self._beat()
 
+    async def _hand_back_on_stop(
+        self, stop: asyncio.Event | None, stop_flag: threading.Event
+    ) -> bool:
+        """When the worker is asked to stop mid-task, let the task finish within the grace
+        period; past it, interrupt the task (True) so it can be handed back."""
+        if stop is None:
+            await asyncio.Event().wait()
+            return False
+        await stop.wait()
+        await asyncio.sleep(self.settings.stop_grace_s)
+        stop_flag.set()
+        return True
+
     async def _watch_parent(self, stop: asyncio.Event) -> None:
         """Stop (after the current task) once the process that started us is gone."""
         while not stop.is_set():
@@ -178,7 +191,7 @@ class Worker:
                         break
                     continue
                 for message in messages:
-                    await self.handle(message)
+                    await self.handle(message, stop)
                 idle_since = time.monotonic()
         finally:
             log.info("worker stopping after %d tasks", self.completed)
@@ -216,7 +229,7 @@ class Worker:
             return False
         return True
 
-    async def handle(self, message: Msg) -> None:
+    async def handle(self, message: Msg, stop: asyncio.Event | None = None) -> None:
         try:
             command = decode_generate(message.data)
         except msgspec.DecodeError:
@@ -241,7 +254,19 @@ class Worker:
                 )
                 if self._load_error is None:
                     await self._set_state(WorkerState.BUSY, command.task_id)
-                event = await self._run(command, message, attempt, stop_flag)
+                handing_back = asyncio.create_task(self._hand_back_on_stop(stop, stop_flag))
+                try:
+                    event = await self._run(command, message, attempt, stop_flag)
+                finally:
+                    handing_back.cancel()
+                interrupted = isinstance(event, TaskCancelled)
+                stopping = handing_back.done() and not handing_back.cancelled()
+                if interrupted and stopping and handing_back.result():
+                    # Stopped mid-task and out of grace: give the task back at once so
+                    # another worker takes it now, not after the ack deadline.
+                    log.info("handing task %s back (worker stopping)", command.task_id)
+                    await message.nak()
+                    return
         except Exception as exc:
             log.exception("task %s attempt %d crashed", command.task_id, attempt)
             if attempt < self.settings.max_deliver:

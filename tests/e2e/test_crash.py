@@ -61,3 +61,37 @@ async def test_a_killed_worker_loses_no_task(fast_redelivery: System) -> None:
     assert running["worker"] != done["worker"]
     assert [f"images/default/{task_id}_1.png"] == done["images"]
     assert await system.objects.exists(done["images"][0])
+
+
+@pytest.fixture
+async def short_grace(
+    tmp_path: Path, models_dir: Path, mongo_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[System]:
+    # Operators' SDSWARM_* settings reach the workers; the ack deadline stays long, so a
+    # fast redelivery can only come from the hand-back.
+    monkeypatch.setenv("SDSWARM_STOP_GRACE_S", "0.5")
+    store = {"store_dir": str(tmp_path / "objects")}
+    async with start_system(tmp_path, models_dir, mongo_server.url, store, ack_wait_s=120) as s:
+        yield s
+
+
+async def test_a_stopped_worker_hands_its_task_back_at_once(short_grace: System) -> None:
+    system = short_grace
+    body = {
+        "stable_diffusion_model": "tiny.safetensors",
+        "prompt": "x",
+        "seed": 9,
+        "steps": 60,
+        "width": 256,
+        "height": 256,
+    }
+    async with system.http.post(
+        f"{system.url}/txt2img", json=body, headers={"Request-Type": "async"}
+    ) as response:
+        task_id = (await response.json())["taskId"]
+    running = await _doc_when(system, task_id, lambda d: d["progress"]["step"] >= 2)
+    stopped_at = time.monotonic()
+    os.kill(int(running["worker"].rsplit("-", 1)[1]), signal.SIGTERM)
+    done = await _doc_when(system, task_id, lambda d: d["status"] in ("succeeded", "failed"))
+    assert ("succeeded", 2) == (done["status"], done["attempt"])
+    assert time.monotonic() - stopped_at < 100, "redelivered by the hand-back, not the deadline"
