@@ -18,8 +18,9 @@ Command lines and why:
   -s3.port.lance=0`` because SeaweedFS 4.x otherwise opens an Iceberg catalog on 8181 and
   a Lance namespace on 9101, and a second instance dies on "address already in use";
   ``-s3.config`` holds one identity, so requests and presigned URLs (SigV2 and SigV4)
-  are signature-checked like real S3; ``-master.volumeSizeLimitMB=64 -volume.max=8``
-  so volumes are small instead of 30 GB each. weed names gRPC unix sockets
+  are signature-checked like real S3; ``-master.volumeSizeLimitMB=64 -volume.max=200``
+  so volumes are small instead of 30 GB each, and enough for many buckets (each bucket
+  is a collection, grown 7 volumes at a time). weed names gRPC unix sockets
   ``/tmp/seaweedfs-*-<port>.sock`` and leaves them behind when killed: ``stop()`` removes
   those of its ports.
 """
@@ -315,8 +316,9 @@ class SeaweedS3(ManagedServer):
             # Iceberg catalog and Lance namespace listen on fixed ports (8181, 9101) by
             # default: a second instance dies with "address already in use". 0 = off.
             "-s3.port.iceberg=0", "-s3.port.lance=0",
-            # Small volumes: tests write kilobytes, not the 30 GB default preallocation.
-            "-master.volumeSizeLimitMB=64", "-volume.max=8",
+            # Small volumes (tests write kilobytes, not the 30 GB default), and enough of them: each
+            # bucket is its own collection, and SeaweedFS grows 7 volumes at a time.
+            "-master.volumeSizeLimitMB=64", "-volume.max=200",
             "-master.telemetry=false",
         ]  # fmt: skip
 
