@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import secrets
 import shutil
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,27 @@ class System:
     async def task(self, task_id: str) -> Document | None:
         doc: Document | None = await self.db["tasks"].find_one({"_id": task_id})
         return doc
+
+    async def submit(self, body: dict[str, Any], headers: dict[str, str] | None = None) -> str:
+        """Queue a txt2img task asynchronously; its id."""
+        async with self.http.post(
+            f"{self.url}/txt2img", json=body, headers={"Request-Type": "async", **(headers or {})}
+        ) as response:
+            assert 202 == response.status, await response.text()
+            task_id: str = (await response.json())["taskId"]
+        return task_id
+
+    async def task_when(
+        self, task_id: str, check: Callable[[Document], bool], timeout_s: float = 180
+    ) -> Document:
+        """The task document once ``check`` holds (polled; fails after ``timeout_s``)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            doc = await self.task(task_id)
+            if doc is not None and check(doc):
+                return doc
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"task {task_id}: condition not met in {timeout_s} s")
 
 
 @pytest.fixture(scope="session")

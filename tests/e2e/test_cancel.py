@@ -18,12 +18,7 @@ DEADLINE_S = 180
 
 async def _submit(system: System, **fields: Any) -> str:
     body = {"stable_diffusion_model": MODEL, "prompt": "x", "seed": 5, **fields}
-    async with system.http.post(
-        f"{system.url}/txt2img", json=body, headers={"Request-Type": "async"}
-    ) as response:
-        assert 202 == response.status
-        task_id: str = (await response.json())["taskId"]
-    return task_id
+    return await system.submit(body)
 
 
 async def _until(system: System, task_id: str, check: Any) -> dict[str, Any]:

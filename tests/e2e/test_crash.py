@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import time
@@ -27,16 +26,6 @@ async def fast_redelivery(
         yield system
 
 
-async def _doc_when(system: System, task_id: str, check: Any) -> dict[str, Any]:
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        doc = await system.task(task_id)
-        if doc is not None and check(doc):
-            return doc
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"task {task_id}: condition not met")
-
-
 async def test_a_killed_worker_loses_no_task(fast_redelivery: System) -> None:
     system = fast_redelivery
     body = {
@@ -47,15 +36,12 @@ async def test_a_killed_worker_loses_no_task(fast_redelivery: System) -> None:
         "width": 256,
         "height": 256,
     }
-    async with system.http.post(
-        f"{system.url}/txt2img", json=body, headers={"Request-Type": "async"}
-    ) as response:
-        task_id = (await response.json())["taskId"]
-    running = await _doc_when(system, task_id, lambda d: d["progress"]["step"] >= 2)
+    task_id = await system.submit(body)
+    running = await system.task_when(task_id, lambda d: d["progress"]["step"] >= 2)
     victim = int(running["worker"].rsplit("-", 1)[1])
     os.kill(victim, signal.SIGKILL)
 
-    done = await _doc_when(system, task_id, lambda d: d["status"] in ("succeeded", "failed"))
+    done = await system.task_when(task_id, lambda d: d["status"] in ("succeeded", "failed"))
     assert "succeeded" == done["status"], done["message"]
     assert 2 == done["attempt"]
     assert running["worker"] != done["worker"]
@@ -85,13 +71,10 @@ async def test_a_stopped_worker_hands_its_task_back_at_once(short_grace: System)
         "width": 256,
         "height": 256,
     }
-    async with system.http.post(
-        f"{system.url}/txt2img", json=body, headers={"Request-Type": "async"}
-    ) as response:
-        task_id = (await response.json())["taskId"]
-    running = await _doc_when(system, task_id, lambda d: d["progress"]["step"] >= 2)
+    task_id = await system.submit(body)
+    running = await system.task_when(task_id, lambda d: d["progress"]["step"] >= 2)
     stopped_at = time.monotonic()
     os.kill(int(running["worker"].rsplit("-", 1)[1]), signal.SIGTERM)
-    done = await _doc_when(system, task_id, lambda d: d["status"] in ("succeeded", "failed"))
+    done = await system.task_when(task_id, lambda d: d["status"] in ("succeeded", "failed"))
     assert ("succeeded", 2) == (done["status"], done["attempt"])
     assert time.monotonic() - stopped_at < 100, "redelivered by the hand-back, not the deadline"

@@ -66,10 +66,7 @@ async def test_statuses_are_true(good_and_bad: System) -> None:
             "width": 64,
             "height": 64,
         }
-        async with system.http.post(
-            f"{system.url}/txt2img", json=body, headers={"Request-Type": "async"}
-        ) as response:
-            tasks[name] = (await response.json())["taskId"]
+        tasks[name] = await system.submit(body)
 
     async def finished(name: str) -> Any:
         doc = await system.task(tasks[name])

@@ -22,26 +22,19 @@ async def restartable(tmp_path: Path, models_dir: Path, mongo_server: Any) -> As
         yield system
 
 
-async def _submit(system: System) -> str:
-    body = {
-        "stable_diffusion_model": "tiny.safetensors",
-        "prompt": "x",
-        "steps": 8,
-        "width": 128,
-        "height": 128,
-    }
-    async with system.http.post(
-        f"{system.url}/txt2img", json=body, headers={"Request-Type": "async"}
-    ) as response:
-        assert 202 == response.status
-        task_id: str = (await response.json())["taskId"]
-    return task_id
+BODY = {
+    "stable_diffusion_model": "tiny.safetensors",
+    "prompt": "x",
+    "steps": 8,
+    "width": 128,
+    "height": 128,
+}
 
 
 @pytest.mark.parametrize("hard", [False, True], ids=["sigterm", "sigkill"])
 async def test_tasks_survive_a_nats_restart(restartable: System, hard: bool) -> None:
     system = restartable
-    before = [await _submit(system) for _ in range(3)]
+    before = [await system.submit(BODY) for _ in range(3)]
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # the first task is running
         doc = await system.task(before[0])
@@ -54,7 +47,7 @@ async def test_tasks_survive_a_nats_restart(restartable: System, hard: bool) -> 
     await server.stop()
     await asyncio.sleep(1.0)
     await server.start()  # same port, same JetStream store
-    after = [await _submit(system) for _ in range(2)]
+    after = [await system.submit(BODY) for _ in range(2)]
 
     deadline = time.monotonic() + 240
     pending = set(before + after)

@@ -43,10 +43,7 @@ async def test_reconnect_with_last_event_id_misses_nothing(system: System) -> No
         "width": 128,
         "height": 128,
     }
-    async with system.http.post(
-        f"{system.url}/txt2img", json=body, headers={"Request-Type": "async"}
-    ) as response:
-        task_id = (await response.json())["taskId"]
+    task_id = await system.submit(body)
 
     first = await _read(system, task_id, None, stop_after=3)
     assert 3 == len(first)
