@@ -57,7 +57,17 @@ def _starving(load: CheckpointLoad, starvation_s: float) -> bool:
     return load.backlog > 0 and load.oldest_wait_s >= starvation_s
 
 
-def ideal_shares(loads: list[CheckpointLoad], budget: int, starvation_s: float) -> dict[str, int]:
+def _warm(load: CheckpointLoad, idle_timeout_s: float) -> bool:
+    timeout = idle_timeout_s if load.idle_timeout_s is None else load.idle_timeout_s
+    return load.workers > 0 and (load.idle_s < timeout or load.min_instances > 0)
+
+
+def ideal_shares(
+    loads: list[CheckpointLoad],
+    budget: int,
+    starvation_s: float,
+    idle_timeout_s: float = float("inf"),
+) -> dict[str, int]:
     """The allocation we would want if every slot were free now."""
     ideal = {load.key: 0 for load in loads}
     free = budget
@@ -99,6 +109,15 @@ def ideal_shares(loads: list[CheckpointLoad], budget: int, starvation_s: float) 
                 break
             ideal[victims[position].key] -= 1
             ideal[load.key] = 1
+    # Slots nobody is asking for stay with warm, idle pools (current holders first), so
+    # their next task starts at once instead of waiting a tick for the consumer to resume.
+    spare = budget - sum(ideal.values())
+    for load in sorted(loads, key=lambda w: (-w.share, w.key)):
+        if spare <= 0:
+            break
+        if ideal[load.key] == 0 and load.pinned is None and _warm(load, idle_timeout_s):
+            ideal[load.key] = 1
+            spare -= 1
     return ideal
 
 
@@ -109,7 +128,7 @@ def plan(
     idle_timeout_s: float,
     starvation_s: float,
 ) -> Plan:
-    ideal = ideal_shares(loads, budget, starvation_s)
+    ideal = ideal_shares(loads, budget, starvation_s, idle_timeout_s)
     by_key = {load.key: load for load in loads}
     # Lower at once; what stays in use is max(share, running).
     shares = {k: min(by_key[k].share, ideal[k]) for k in ideal}

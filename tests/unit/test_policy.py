@@ -96,7 +96,15 @@ def test_scale_to_zero_after_idle_timeout(idle_s: float, min_instances: int, exp
     load = _load("a", workers=1, idle_s=idle_s, min_instances=min_instances)
     result = plan([load], 2, idle_timeout_s=IDLE, starvation_s=STARVE)
     assert expected == result.workers["a"]
-    assert 0 == result.shares["a"]
+    # A warm pool keeps a spare slot (its next task starts at once); a cold one holds none.
+    assert expected == result.shares["a"]
+
+
+def test_spare_slots_never_delay_demand() -> None:
+    warm = _load("warm", workers=1, share=1, idle_s=5.0)
+    busy = _load("busy", backlog=5)
+    result = plan([warm, busy], 1, idle_timeout_s=IDLE, starvation_s=STARVE)
+    assert {"warm": 0, "busy": 1} == result.shares
 
 
 def test_an_operator_pin_is_honoured_and_counted() -> None:
