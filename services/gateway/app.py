@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,6 +17,7 @@ from services.gateway.auth import announce, auth_enabled, caller, parse_api_keys
 from services.gateway.errors import ApiError, error_middleware
 from services.gateway.resources import RESOURCES, SETTINGS, Resources, resources
 from services.gateway.settings import GatewaySettings
+from services.gateway.validation import read_json
 from services.storage.idempotency import IdempotencyStore
 from services.storage.models import ModelStore
 from services.storage.mongo import Document, database, open_client
@@ -151,10 +151,7 @@ async def download(request: web.Request) -> web.StreamResponse:
 async def login(request: web.Request) -> web.StreamResponse:
     """The seed's ``POST /login``: ``{userName, password}`` (field names in any case)."""
     res = resources(request)
-    try:
-        body = json.loads(await request.read())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from exc
+    body = await read_json(request)
     fields = {str(k).lower(): v for k, v in body.items()} if isinstance(body, dict) else {}
     name, password = fields.get("username"), fields.get("password")
     if not isinstance(name, str) or not isinstance(password, str):

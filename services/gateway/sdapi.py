@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import json
 import re
 from typing import Any, TypeVar
 
@@ -24,7 +23,7 @@ from services.gateway.auth import caller
 from services.gateway.errors import ApiError, invalid_body
 from services.gateway.resources import Resources, resources
 from services.gateway.tasks_api import cancel_document, new_task_id, submit
-from services.gateway.validation import check_limits
+from services.gateway.validation import check_limits, read_json
 from services.storage.mongo import Document
 from services.storage.objects import ObjectNotFoundError
 
@@ -209,10 +208,7 @@ async def get_options(request: web.Request) -> web.StreamResponse:
 async def set_options(request: web.Request) -> web.StreamResponse:
     res = resources(request)
     user = await caller(request, res)
-    try:
-        changes = json.loads(await request.read())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from exc
+    changes = await read_json(request)
     if not isinstance(changes, dict):
         raise ApiError(400, "invalid_json", "options must be a JSON object")
     await _check_checkpoint_option(res, changes)
@@ -236,10 +232,7 @@ async def seed_options(request: web.Request) -> web.StreamResponse:
     """The seed's ``POST /options`` ``{"data": {...}}``: a new snapshot of the caller's options."""
     res = resources(request)
     user = await caller(request, res)
-    try:
-        body = json.loads(await request.read())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from exc
+    body = await read_json(request)
     data = body.get("data") if isinstance(body, dict) else None
     if not isinstance(data, dict):
         raise ApiError(422, "invalid_field", "`data` must be an object of options", field="data")

@@ -7,9 +7,11 @@ at most 150 but is 500``.
 
 from __future__ import annotations
 
-from typing import TypeVar
+import json
+from typing import Any, TypeVar
 
 import msgspec
+from aiohttp import web
 
 from proto.requests import Img2ImgRequest, Txt2ImgRequest
 from proto.samplers import split_sampler
@@ -24,6 +26,14 @@ def decode(body: bytes, cls: type[T]) -> T:
         return msgspec.json.decode(body, type=cls)
     except msgspec.DecodeError as exc:
         raise invalid_body(exc) from exc
+
+
+async def read_json(request: web.Request) -> Any:
+    """The body as plain JSON data; 400 ``invalid_json`` if it is not JSON."""
+    try:
+        return json.loads(await request.read())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from exc
 
 
 def _at_most(field: str, value: int | float, limit: int | float, rule: str = "") -> None:
