@@ -15,6 +15,8 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta, Struct
 
+from proto.enums import ModelType
+
 PositiveInt = Annotated[int, Meta(ge=1)]
 NonNegInt = Annotated[int, Meta(ge=0)]
 NonNegFloat = Annotated[float, Meta(ge=0)]
@@ -186,3 +188,17 @@ class DeleteFunctionsRequest(Struct, kw_only=True, frozen=True):
     """The seed's ``POST /del/sd/functions``."""
 
     functions: list[str]
+
+
+class RegisterModelRequest(Struct, kw_only=True, frozen=True, omit_defaults=True):
+    """The seed's ``ModelAttributes`` as ``POST /models`` and ``PUT /models/{name}`` take it.
+
+    ``ossPath`` is an object-store key the file is copied from; ``etag`` (optional) is
+    checked against the copy: the store's ETag, the file's MD5 or its SHA-256. The
+    output-only fields (``status``, ``registeredTime`` …) are ignored.
+    """
+
+    type: ModelType = ModelType.STABLE_DIFFUSION
+    name: str = ""
+    ossPath: str
+    etag: str = ""

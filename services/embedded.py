@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from aiohttp import web
 
 from services.common import bus
@@ -34,7 +35,12 @@ from services.scheduler.settings import SchedulerSettings
 from services.storage.deadletters import run_dead_letters
 from services.storage.models import ModelStore
 from services.storage.mongo import database, open_client
-from services.storage.scan import CHECKPOINT_DIR, find_checkpoints, register_checkpoints
+from services.storage.scan import (
+    CHECKPOINT_DIR,
+    find_checkpoints,
+    register_models,
+    run_scanner,
+)
 from services.storage.sink import run_sink
 from services.storage.tasks import TaskStore
 from services.usercli import ENDPOINTS_FILE
@@ -135,6 +141,9 @@ async def running_system(
     the end-to-end tests, so both run the same wiring.
     """
     stop = asyncio.Event()
+    folder = str(models_dir.resolve())
+    gateway_settings = msgspec.structs.replace(gateway_settings, models_dir=folder)
+    scheduler_settings = msgspec.structs.replace(scheduler_settings, models_dir=folder)
     async with contextlib.AsyncExitStack() as stack:
         mongo = open_client(scheduler_settings.mongodb_url)
         stack.push_async_callback(mongo.close)
@@ -142,8 +151,8 @@ async def running_system(
         models, tasks = ModelStore(db), TaskStore(db)
         await models.ensure_indexes()
         await tasks.ensure_indexes()
-        names = await register_checkpoints(models_dir, models, scheduler_settings.allow_pickle)
-        log.info("registered checkpoints: %s", ", ".join(names) or "none")
+        found = await register_models(models_dir, models, scheduler_settings.allow_pickle)
+        log.info("registered models: %s", ", ".join(f"{t}:{n}" for t, n in found) or "none")
 
         nc = await bus.connect(scheduler_settings.nats_url, "sdswarm-embedded")
         stack.push_async_callback(nc.drain)
@@ -164,6 +173,20 @@ async def running_system(
             asyncio.create_task(
                 supervised("dead letters", lambda: run_dead_letters(js, db, stop), stop),
                 name="dead-letters",
+            ),
+            asyncio.create_task(
+                supervised(
+                    "model scanner",
+                    lambda: run_scanner(
+                        models_dir,
+                        models,
+                        stop,
+                        gateway_settings.model_scan_interval_s,
+                        scheduler_settings.allow_pickle,
+                    ),
+                    stop,
+                ),
+                name="model-scanner",
             ),
         ]
 

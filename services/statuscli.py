@@ -69,7 +69,7 @@ async def run_status(args: argparse.Namespace) -> int:
                 f"{count} {state}" for (k, state), count in sorted(workers.items()) if k == key
             )
             print(
-                f"{model['_id'][:40]:40} {model['status']:9} {queued:>6} {running:>7}"
+                f"{model['name'][:40]:40} {model['status']:9} {queued:>6} {running:>7}"
                 f" {share_text:>5}  {states or '-'}"
             )
         print(f"budget: {in_use} of {budget} slots in use   (* = operator pin)")

@@ -78,3 +78,10 @@ class StoreSettings(BusSettings, kw_only=True, frozen=True):
     """HMAC key signing local-store download links; random per process when empty."""
     presign_ttl_s: int = 3600
     """Lifetime of result URLs in seconds (the seed's were ~125 days by a unit bug)."""
+    models_dir: str = "./models"
+    """The shared models folder in A1111's layout (``Stable-diffusion/``, ``Lora/``, …)."""
+    model_scan_interval_s: float = 60.0
+    """Rescan ``models_dir`` this often for dropped-in and removed files; 0: only at start."""
+    allow_pickle: bool = False
+    """Accept and load pickled model files (``.ckpt``, ``.pt``, ``.pth``), weights-only.
+    Off: a pickle can execute code, so only ``.safetensors`` files are used."""

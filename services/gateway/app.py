@@ -69,7 +69,7 @@ def model_attributes(doc: Document) -> dict[str, Any]:
     """A registry document in the seed's ``ModelAttributes`` shape (plus our fields)."""
     return {
         "type": doc["type"],
-        "name": doc["_id"],
+        "name": doc["name"],
         "ossPath": doc.get("path", ""),
         "etag": doc.get("sha256") or "",
         "status": doc["status"],

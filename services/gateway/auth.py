@@ -20,7 +20,7 @@ import re
 from aiohttp import web
 
 from services.gateway.errors import ApiError
-from services.gateway.resources import Resources
+from services.gateway.resources import Resources, resources
 from services.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -89,3 +89,15 @@ async def caller(request: web.Request, res: Resources) -> str:
         "missing, invalid or expired token or API key",
         headers={"WWW-Authenticate": "Bearer"},
     )
+
+
+async def require_admin(request: web.Request, what: str) -> tuple[Resources, str]:
+    """The caller, who must be an administrator (``SDSWARM_ADMINS``) to do ``what``.
+
+    With authentication off (a loopback-only gateway) everyone is.
+    """
+    res = resources(request)
+    user = await caller(request, res)
+    if res.auth and user not in res.settings.admins:
+        raise ApiError(403, "forbidden", f"only administrators (SDSWARM_ADMINS) {what}")
+    return res, user

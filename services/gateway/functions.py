@@ -18,9 +18,9 @@ from nats.js.errors import NotFoundError
 
 from proto import ModelType, names
 from proto.requests import BatchUpdateSdResourceRequest, DeleteFunctionsRequest
-from services.gateway.auth import caller
+from services.gateway.auth import require_admin
 from services.gateway.errors import ApiError
-from services.gateway.resources import Resources, resources
+from services.gateway.resources import Resources
 from services.gateway.validation import decode
 from services.storage.mongo import Document
 
@@ -31,14 +31,6 @@ SCHEDULER_FIELDS: dict[str, str] = {
 }
 LOCAL_FIELDS = frozenset({"env"})
 """What the local backend applies besides the scheduler fields."""
-
-
-async def _admin(request: web.Request) -> tuple[Resources, str]:
-    res = resources(request)
-    user = await caller(request, res)
-    if res.auth and user not in res.settings.admins:
-        raise ApiError(403, "forbidden", "only administrators (SDSWARM_ADMINS) manage functions")
-    return res, user
 
 
 async def _function(res: Resources, model: Document) -> dict[str, Any]:
@@ -52,7 +44,7 @@ async def _function(res: Resources, model: Document) -> dict[str, Any]:
         pass
     return {
         "functionName": names.consumer_name(key),
-        "model": model["_id"],
+        "model": model["name"],
         "state": model["status"],
         "replicas": model.get("loaded_workers", 0),
         "share": share,
@@ -66,7 +58,7 @@ async def _function(res: Resources, model: Document) -> dict[str, Any]:
 
 
 async def list_functions(request: web.Request) -> web.StreamResponse:
-    res, _ = await _admin(request)
+    res, _ = await require_admin(request, "manage functions")
     models = await res.models.list(ModelType.STABLE_DIFFUSION)
     return web.json_response(
         {"status": "success", "functions": [await _function(res, m) for m in models], "errMsg": ""}
@@ -74,7 +66,7 @@ async def list_functions(request: web.Request) -> web.StreamResponse:
 
 
 async def batch_update(request: web.Request) -> web.StreamResponse:
-    res, _ = await _admin(request)
+    res, _ = await require_admin(request, "manage functions")
     body = decode(await request.read(), BatchUpdateSdResourceRequest)
     given = {
         k: v for k, v in msgspec.structs.asdict(body).items() if v is not None and k != "models"
@@ -88,7 +80,7 @@ async def batch_update(request: web.Request) -> web.StreamResponse:
             field="minInstances",
         )
     models = await res.models.list(ModelType.STABLE_DIFFUSION)
-    by_name = {m["_id"]: m for m in models}
+    by_name = {m["name"]: m for m in models}
     targets = body.models or list(by_name)
     failed = [{"model": name, "err": "not registered"} for name in targets if name not in by_name]
     updated = []
@@ -103,7 +95,7 @@ async def batch_update(request: web.Request) -> web.StreamResponse:
             if field not in SCHEDULER_FIELDS:
                 changes[f"function.{field}"] = value
         if changes:
-            await res.models.collection.update_one({"_id": name}, {"$set": changes})
+            await res.models.collection.update_one({"_id": model["_id"]}, {"$set": changes})
         unsupported = sorted(
             k for k in given if k not in SCHEDULER_FIELDS and k not in LOCAL_FIELDS
         )
@@ -129,7 +121,7 @@ async def batch_update(request: web.Request) -> web.StreamResponse:
 
 async def delete_functions(request: web.Request) -> web.StreamResponse:
     """Back to defaults and to zero workers; the pool comes back on demand (serverless)."""
-    res, _ = await _admin(request)
+    res, _ = await require_admin(request, "manage functions")
     body = decode(await request.read(), DeleteFunctionsRequest)
     models = {
         names.consumer_name(m["model_key"]): m

@@ -34,7 +34,7 @@ _TITLE_HASH = re.compile(r"\s*\[[0-9a-fA-F]{8,64}\]$")
 
 def model_title(document: Document) -> str:
     short = (document.get("sha256") or "")[:10]
-    return f"{document['_id']} [{short}]" if short else str(document["_id"])
+    return f"{document['name']} [{short}]" if short else str(document["name"])
 
 
 async def _checkpoint_name(res: Resources, user: str, body: dict[str, Any]) -> str:
@@ -47,7 +47,7 @@ async def _checkpoint_name(res: Resources, user: str, body: dict[str, Any]) -> s
         m for m in await res.models.list(ModelType.STABLE_DIFFUSION) if m["status"] != "failed"
     ]
     if len(usable) == 1:
-        return str(usable[0]["_id"])
+        return str(usable[0]["name"])
     raise ApiError(
         422,
         "checkpoint_required",
@@ -249,7 +249,7 @@ async def sd_models(request: web.Request) -> web.StreamResponse:
         [
             {
                 "title": model_title(m),
-                "model_name": str(m["_id"]).rsplit("/", 1)[-1].rsplit(".", 1)[0],
+                "model_name": str(m["name"]).rsplit("/", 1)[-1].rsplit(".", 1)[0],
                 "hash": (m.get("sha256") or "")[:10] or None,
                 "sha256": m.get("sha256"),
                 "filename": m["path"],
@@ -269,7 +269,7 @@ async def _registry_list(request: web.Request, model_type: ModelType) -> list[Do
 
 async def sd_vae(request: web.Request) -> web.StreamResponse:
     models = await _registry_list(request, ModelType.SD_VAE)
-    return web.json_response([{"model_name": m["_id"], "filename": m["path"]} for m in models])
+    return web.json_response([{"model_name": m["name"], "filename": m["path"]} for m in models])
 
 
 async def loras(request: web.Request) -> web.StreamResponse:
@@ -277,8 +277,8 @@ async def loras(request: web.Request) -> web.StreamResponse:
     return web.json_response(
         [
             {
-                "name": str(m["_id"]).rsplit(".", 1)[0],
-                "alias": m["_id"],
+                "name": str(m["name"]).rsplit(".", 1)[0],
+                "alias": m["name"],
                 "path": m["path"],
                 "metadata": {},
             }

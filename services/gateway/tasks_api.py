@@ -96,7 +96,7 @@ async def submit(
     command = GenerateImage(
         task_id=task_id,
         user=user,
-        model_name=model["_id"],
+        model_name=model["name"],
         model_key=model["model_key"],
         kind=kind,
         txt2img=body if isinstance(body, Txt2ImgRequest) else None,
@@ -108,7 +108,7 @@ async def submit(
         task_id=task_id,
         user=user,
         kind=kind.value,
-        model_name=model["_id"],
+        model_name=model["name"],
         model_key=model["model_key"],
         parameters=to_builtins(body),
         total_steps=body.steps,

@@ -28,8 +28,6 @@ class WorkerSettings(StoreSettings, kw_only=True, frozen=True):
     """``auto`` picks CUDA when present, else the CPU."""
     prediction_type: str = ""
     """``v_prediction`` for v-models (SD2.x 768-v); empty: the family's default (epsilon)."""
-    allow_pickle: bool = False
-    """Load ``.ckpt`` pickles (weights-only). Off: a pickle can execute code."""
     preview_interval_s: float = 1.0
     """Upload a live preview (``images/{user}/{task}_progress.png``) at most this often; 0: off."""
     worker_id: str = msgspec.field(default_factory=_default_worker_id)

@@ -190,7 +190,7 @@ class Scheduler:
             else:
                 continue  # unloaded, or failed at registration: no worker changes that
             if (status.value, len(live)) != (model["status"], model.get("loaded_workers", 0)):
-                await self.models.set_status(model["_id"], status, error, workers=len(live))
+                await self.models.set_status(model["name"], status, error, workers=len(live))
                 model["status"] = status.value
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -40,7 +40,7 @@ def worker_environ(settings: SchedulerSettings, model: Document) -> dict[str, st
     # A function's own environment (POST /batch_update_sd_resource "env"), then ours.
     env |= {str(k): str(v) for k, v in ((model.get("function") or {}).get("env") or {}).items()}
     env |= {
-        f"{PREFIX}MODEL_NAME": model["_id"],
+        f"{PREFIX}MODEL_NAME": model["name"],
         f"{PREFIX}MODEL_KEY": model["model_key"],
         f"{PREFIX}CHECKPOINT_PATH": model["path"],
         f"{PREFIX}MODEL_HASH": (model.get("sha256") or "")[:10],

@@ -16,5 +16,4 @@ class SchedulerSettings(StoreSettings, kw_only=True, frozen=True):
     cache_dir: str = "./data/cache"
     device: str = "auto"
     """Device setting handed to local workers (``auto``, ``cpu``, ``cuda``)."""
-    allow_pickle: bool = False
     worker_log_dir: str = "./data/logs"

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from proto import ModelFamily
+from proto import ModelFamily, ModelType
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 """Real checkpoints have headers of a few hundred KB; anything near this is hostile."""
@@ -232,3 +232,92 @@ def inspect_checkpoint(path: Path, max_header_bytes: int = MAX_HEADER_BYTES) -> 
         cross_attention_dim=cross_attention_dim(tensors),
         metadata=metadata,
     )
+
+
+# What each model type's tensors are called (A1111/kohya/diffusers layouts), so a file
+# uploaded as a LoRA that is really a checkpoint is refused instead of failing a task.
+_LORA_MARKERS = (".lora_down.", ".lora_up.", ".lora_A.", ".lora_B.", ".hada_w1_a", ".lokr_w1")
+_CONTROLNET_MARKERS = (
+    "control_model.input_hint_block.",
+    "input_hint_block.0.weight",
+    "controlnet_cond_embedding.",
+)
+_EMBEDDING_KEYS = ("emb_params", "clip_l", "clip_g")
+_UPSCALER_MARKERS = ("conv_first.", "RRDB_trunk.", "model.0.weight", "body.0.", "layers.0.")
+_CONTEXT_BY_TYPE = {768: ModelFamily.SD1, 1024: ModelFamily.SD2, 2048: ModelFamily.SDXL}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_type: ModelType | None
+    """What the tensors say the file is; None when they match no known layout."""
+    family: ModelFamily | None
+    tensors: int
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def detect_model_type(tensors: dict[str, TensorInfo]) -> ModelType | None:
+    """Checkpoint, VAE, LoRA, ControlNet, embedding or upscaler, from tensor names."""
+    keys = list(tensors)
+    if any(k.startswith(UNET) for k in keys):
+        return ModelType.STABLE_DIFFUSION
+    if any(marker in k for k in keys for marker in _LORA_MARKERS):
+        return ModelType.LORA
+    if any(k.startswith(_CONTROLNET_MARKERS) or k in _CONTROLNET_MARKERS for k in keys):
+        return ModelType.CONTROL_NET
+    if any(k in _EMBEDDING_KEYS or k.startswith("string_to_param.") for k in keys):
+        return ModelType.EMBEDDING
+    if any(
+        k.startswith(prefix + "decoder.conv_in.")
+        for k in keys
+        for prefix in ("", "first_stage_model.", "vae.")
+    ):
+        return ModelType.SD_VAE
+    if any(k.startswith(_UPSCALER_MARKERS) for k in keys):
+        return ModelType.UPSCALER
+    return None
+
+
+def _adapter_family(model_type: ModelType, tensors: dict[str, TensorInfo]) -> ModelFamily | None:
+    """The base family an adapter was trained for, where its shapes tell (real sizes only)."""
+    width: int | None = None
+    if model_type is ModelType.LORA:
+        if any("lora_te2_" in k or "text_encoder_2." in k for k in tensors):
+            return ModelFamily.SDXL
+        for name, info in tensors.items():
+            if "attn2" in name and "to_k" in name and ("lora_down" in name or "lora_A" in name):
+                width = info.shape[-1] if info.shape else None
+                break
+    elif model_type is ModelType.EMBEDDING:
+        if "clip_g" in tensors:
+            return ModelFamily.SDXL
+        vectors = tensors.get("emb_params") or next(
+            (v for k, v in tensors.items() if k.startswith("string_to_param.")), None
+        )
+        width = vectors.shape[-1] if vectors and vectors.shape else None
+    elif model_type is ModelType.CONTROL_NET:
+        for name, info in tensors.items():
+            if name.endswith("attn2.to_k.weight") and len(info.shape) == 2:
+                width = info.shape[1]
+                break
+    return _CONTEXT_BY_TYPE.get(width) if width is not None else None
+
+
+def inspect_model(path: Path, max_header_bytes: int = MAX_HEADER_BYTES) -> ModelInfo:
+    """Validate any model file (or diffusers folder) and say what it is."""
+    if path.is_dir():
+        checkpoint = inspect_checkpoint(path, max_header_bytes)
+        return ModelInfo(ModelType.STABLE_DIFFUSION, checkpoint.family, checkpoint.tensors)
+    if path.suffix.lower() != ".safetensors":
+        raise ModelFileError(f"{path.name}: only .safetensors files can be inspected safely")
+    tensors, metadata = read_safetensors_header(path, max_header_bytes)
+    if not tensors:
+        raise ModelFileError(f"{path.name}: holds no tensors")
+    model_type = detect_model_type(tensors)
+    if model_type is ModelType.STABLE_DIFFUSION:
+        family = detect_family(tensors)
+    elif model_type is not None:
+        family = _adapter_family(model_type, tensors)
+    else:
+        family = None
+    return ModelInfo(model_type, family, len(tensors), metadata)

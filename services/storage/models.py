@@ -1,18 +1,34 @@
-"""Model registry: one MongoDB document per registered model, ``_id`` = its name.
+"""Model registry: one MongoDB document per registered model file.
 
-The name is what clients send (``stable_diffusion_model``); the model key derived
-from it names the checkpoint's subject, consumer and workers.
+A model is named by its type and its name, as clients send them: a checkpoint by
+``stable_diffusion_model``, a LoRA by the ``<lora:name>`` tag, a VAE by ``sd_vae``.
+Names are scoped by type (a LoRA and a checkpoint may share one), so ``_id`` is
+``"<type>:<name>"`` and the name is kept in its own field. The model key derived from a
+checkpoint's name names its subject, consumer and workers.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
+from pymongo import ReturnDocument
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 
 from proto import ModelStatus, ModelType, names
 from services.storage.mongo import Document
+
+CHECKPOINT = ModelType.STABLE_DIFFUSION
+
+
+def model_id(model_type: ModelType, name: str) -> str:
+    return f"{model_type.value}:{name}"
+
+
+def model_key_for(model_type: ModelType, name: str) -> str:
+    """Checkpoints keep the key of their bare name (their subject); others are scoped."""
+    return names.model_key(name if model_type is CHECKPOINT else model_id(model_type, name))
 
 
 def model_document(
@@ -25,19 +41,23 @@ def model_document(
     sha256: str | None = None,
     mtime: float | None = None,
     prediction_type: str | None = None,
+    status: ModelStatus = ModelStatus.UNLOADED,
+    source: str | None = None,
 ) -> Document:
     now = dt.datetime.now(dt.UTC)
     return {
-        "_id": name,
+        "_id": model_id(model_type, name),
+        "name": name,
         "type": model_type.value,
-        "model_key": names.model_key(name),
+        "model_key": model_key_for(model_type, name),
         "path": path,
+        "source": source,
         "family": family,
         "size_bytes": size_bytes,
         "sha256": sha256,
         "mtime": mtime,
         "prediction_type": prediction_type,
-        "status": ModelStatus.UNLOADED.value,
+        "status": status.value,
         "registered_at": now,
         "modified_at": now,
         "error": None,
@@ -50,9 +70,14 @@ class ModelStore:
 
     async def ensure_indexes(self) -> None:
         await self.collection.create_index("model_key", unique=True)
+        await self.collection.create_index([("type", 1), ("name", 1)])
 
     async def upsert(self, document: Document) -> None:
-        """Register or refresh a model; the registration time of an existing one is kept."""
+        """Register or refresh a model; the registration time of an existing one is kept.
+
+        A model registered again after a delete starts a new life: its status and error
+        are whatever ``document`` says.
+        """
         fields = {k: v for k, v in document.items() if k not in ("_id", "registered_at")}
         await self.collection.update_one(
             {"_id": document["_id"]},
@@ -60,23 +85,40 @@ class ModelStore:
             upsert=True,
         )
 
-    async def get(self, name: str) -> Document | None:
-        return await self.collection.find_one({"_id": name, "status": {"$ne": "deleted"}})
+    async def get(self, name: str, model_type: ModelType = CHECKPOINT) -> Document | None:
+        """A live (not deleted) model by name."""
+        return await self.collection.find_one(
+            {"_id": model_id(model_type, name), "status": {"$ne": ModelStatus.DELETED.value}}
+        )
+
+    async def get_any(self, name: str, model_type: ModelType = CHECKPOINT) -> Document | None:
+        """A model by name, deleted ones included (history)."""
+        return await self.collection.find_one({"_id": model_id(model_type, name)})
 
     async def by_key(self, model_key: str) -> Document | None:
         return await self.collection.find_one({"model_key": model_key})
 
-    async def list(self, model_type: ModelType | None = None) -> list[Document]:
-        query: Document = {"status": {"$ne": ModelStatus.DELETED.value}}
+    async def list(
+        self, model_type: ModelType | None = None, *, include_deleted: bool = False
+    ) -> list[Document]:
+        query: Document = {}
+        if not include_deleted:
+            query["status"] = {"$ne": ModelStatus.DELETED.value}
         if model_type is not None:
             query["type"] = model_type.value
-        return [doc async for doc in self.collection.find(query).sort("_id", 1)]
+        return [doc async for doc in self.collection.find(query).sort([("type", 1), ("name", 1)])]
 
     async def set_status(
-        self, name: str, status: ModelStatus, error: str | None = None, workers: int = 0
+        self,
+        name: str,
+        status: ModelStatus,
+        error: str | None = None,
+        workers: int = 0,
+        model_type: ModelType = CHECKPOINT,
     ) -> None:
+        """Set a live model's status (a deleted model stays deleted)."""
         await self.collection.update_one(
-            {"_id": name},
+            {"_id": model_id(model_type, name), "status": {"$ne": ModelStatus.DELETED.value}},
             {
                 "$set": {
                     "status": status.value,
@@ -85,4 +127,20 @@ class ModelStore:
                     "modified_at": dt.datetime.now(dt.UTC),
                 }
             },
+        )
+
+    async def update(
+        self, name: str, model_type: ModelType, fields: dict[str, Any]
+    ) -> Document | None:
+        """Set fields of a live model; returns the new document (None when absent)."""
+        return await self.collection.find_one_and_update(
+            {"_id": model_id(model_type, name), "status": {"$ne": ModelStatus.DELETED.value}},
+            {"$set": {**fields, "modified_at": dt.datetime.now(dt.UTC)}},
+            return_document=ReturnDocument.AFTER,
+        )
+
+    async def mark_deleted(self, name: str, model_type: ModelType) -> Document | None:
+        """Mark a live model deleted (kept for history); None when there was none."""
+        return await self.update(
+            name, model_type, {"status": ModelStatus.DELETED.value, "loaded_workers": 0}
         )

@@ -16,6 +16,7 @@ import re
 import secrets
 import time
 import urllib.parse
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, suppress
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,6 +27,9 @@ from botocore.config import Config
 from services.common.settings import StoreSettings
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_\-./]{0,511}$")
+
+
+CHUNK = 1024 * 1024
 
 
 class ObjectNotFoundError(LookupError):
@@ -42,6 +46,12 @@ class ObjectStore(Protocol):
     async def put(self, key: str, data: bytes, content_type: str = "image/png") -> None: ...
     async def get(self, key: str) -> bytes: ...
     async def exists(self, key: str) -> bool: ...
+    def stream(self, key: str, chunk_size: int = CHUNK) -> AsyncIterator[bytes]:
+        """The object's bytes in chunks, never whole in memory (model files)."""
+        ...
+    async def etag(self, key: str) -> str | None:
+        """The store's ETag (S3: the MD5 of a single-part upload); None if it keeps none."""
+        ...
     async def presign(self, key: str, ttl_s: int) -> str: ...
     async def ping(self) -> None: ...
     async def aclose(self) -> None: ...
@@ -75,6 +85,23 @@ class LocalObjectStore:
 
     async def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    async def stream(self, key: str, chunk_size: int = CHUNK) -> AsyncIterator[bytes]:
+        path = self._path(key)
+        try:
+            handle = await asyncio.to_thread(path.open, "rb")
+        except FileNotFoundError as exc:
+            raise ObjectNotFoundError(key) from exc
+        try:
+            while chunk := await asyncio.to_thread(handle.read, chunk_size):
+                yield chunk
+        finally:
+            handle.close()
+
+    async def etag(self, key: str) -> str | None:
+        if not await asyncio.to_thread(self._path(key).is_file):
+            raise ObjectNotFoundError(key)
+        return None  # a folder keeps no digests; callers verify what they read
 
     def signature(self, key: str, expires: int) -> str:
         return hmac.new(self._secret, f"{key}\n{expires}".encode(), hashlib.sha256).hexdigest()
@@ -166,6 +193,22 @@ class S3ObjectStore:
         except self._client.exceptions.ClientError:
             return False
         return True
+
+    async def stream(self, key: str, chunk_size: int = CHUNK) -> AsyncIterator[bytes]:
+        try:
+            response = await self._client.get_object(Bucket=self.bucket, Key=check_key(key))
+        except self._client.exceptions.NoSuchKey as exc:
+            raise ObjectNotFoundError(key) from exc
+        async with response["Body"] as body:
+            async for chunk in body.iter_chunks(chunk_size):
+                yield chunk
+
+    async def etag(self, key: str) -> str | None:
+        try:
+            head = await self._client.head_object(Bucket=self.bucket, Key=check_key(key))
+        except self._client.exceptions.ClientError as exc:
+            raise ObjectNotFoundError(key) from exc
+        return str(head.get("ETag", "")).strip('"') or None
 
     async def presign(self, key: str, ttl_s: int) -> str:
         url: str = await self._client.generate_presigned_url(

@@ -1,23 +1,30 @@
-"""Register checkpoints found in an A1111-layout models folder.
+"""Register the models found in an A1111-layout models folder.
 
-``<models>/Stable-diffusion/**`` holds single files (``.safetensors``; ``.ckpt`` only
-when pickles are allowed) and diffusers folders (a directory with
-``model_index.json``). A checkpoint's name is its path relative to that folder with
-``/`` separators, as A1111 names them, so two files of the same name in different
-sub-folders stay distinct. Each file's family is detected from its tensors; a file
-that cannot be read is registered as ``failed`` with the reason, never loaded.
+Each model type has its folder (``Stable-diffusion/``, ``VAE/``, ``Lora/``, …). Files
+are ``.safetensors``; pickles (``.ckpt``, ``.pt``, ``.pth``, ``.bin``) only when the
+operator allows them, and then they are never opened here. Checkpoints may also be
+diffusers folders (a directory with ``model_index.json``).
+
+Names follow A1111: a checkpoint or VAE is named by its path relative to its folder
+with ``/`` separators (so two files of the same name in different sub-folders stay
+distinct); a LoRA, embedding, ControlNet or upscaler by its file stem, which is what
+prompts and ControlNet units name. Each file's type and family are detected from its
+tensors; a file that cannot be read, or whose tensors say it is another type than its
+folder, is registered ``failed`` with the reason and never loaded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from proto import ModelStatus, ModelType
-from services.storage.modelfiles import ModelFileError, inspect_checkpoint
+from services.storage.modelfiles import ModelFileError, inspect_model
 from services.storage.models import ModelStore, model_document
 
 log = logging.getLogger(__name__)
@@ -25,74 +32,200 @@ CHECKPOINT_DIR = "Stable-diffusion"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 _V_PARAMETERIZATION = re.compile(r"^\s*parameterization:\s*[\"']?v[\"']?\s*$", re.MULTILINE)
 
+FOLDERS: dict[ModelType, tuple[str, ...]] = {
+    ModelType.STABLE_DIFFUSION: (CHECKPOINT_DIR,),
+    ModelType.SD_VAE: ("VAE",),
+    ModelType.LORA: ("Lora", "LyCORIS"),
+    ModelType.EMBEDDING: ("embeddings",),
+    ModelType.CONTROL_NET: ("ControlNet",),
+    ModelType.UPSCALER: ("ESRGAN", "RealESRGAN", "SwinIR", "DAT", "ScuNET"),
+}
+"""Where A1111 (and its ControlNet extension) keeps each type, under the models folder."""
+
+NAMED_BY_PATH = frozenset({ModelType.STABLE_DIFFUSION, ModelType.SD_VAE})
+
+
+def upload_folder(model_type: ModelType) -> str:
+    """The folder new files of ``model_type`` are written to."""
+    return FOLDERS[model_type][0]
+
+
+def model_name(model_type: ModelType, relative: Path) -> str:
+    return relative.as_posix() if model_type in NAMED_BY_PATH else relative.stem
+
+
+def allowed_suffixes(model_type: ModelType, allow_pickle: bool) -> set[str]:
+    if not allow_pickle:
+        return {".safetensors"}
+    if model_type is ModelType.STABLE_DIFFUSION:
+        return {".safetensors", ".ckpt"}
+    return {".safetensors", *PICKLE_SUFFIXES}
+
+
+def find_models(
+    models_dir: Path, model_type: ModelType, allow_pickle: bool = False
+) -> list[tuple[Path, Path]]:
+    """``(path, path relative to its type folder)`` of each model file of ``model_type``."""
+    suffixes = allowed_suffixes(model_type, allow_pickle)
+    found: list[tuple[Path, Path]] = []
+    for folder in FOLDERS[model_type]:
+        root = models_dir / folder
+        if not root.is_dir():
+            continue
+        taken: list[Path] = []
+        for path in sorted(root.rglob("*")):
+            if any(parent in taken for parent in path.parents):
+                continue  # a file inside a diffusers folder
+            if any(part.startswith(".") for part in path.relative_to(root).parts):
+                continue  # hidden: uploads in progress, editor and OS files
+            diffusers_folder = (
+                model_type is ModelType.STABLE_DIFFUSION
+                and path.is_dir()
+                and (path / "model_index.json").is_file()
+            )
+            if diffusers_folder or (path.is_file() and path.suffix.lower() in suffixes):
+                taken.append(path)
+                found.append((path, path.relative_to(root)))
+    return found
+
 
 def find_checkpoints(models_dir: Path, allow_pickle: bool = False) -> list[Path]:
-    root = models_dir / CHECKPOINT_DIR
-    if not root.is_dir():
-        return []
-    suffixes = {".safetensors"} | ({".ckpt"} if allow_pickle else set())
-    found: list[Path] = []
-    for path in sorted(root.rglob("*")):
-        if any(parent in found for parent in path.parents):
-            continue  # a file inside a diffusers folder
-        is_diffusers_folder = path.is_dir() and (path / "model_index.json").is_file()
-        if is_diffusers_folder or (path.is_file() and path.suffix.lower() in suffixes):
-            found.append(path)
+    return [path for path, _ in find_models(models_dir, ModelType.STABLE_DIFFUSION, allow_pickle)]
+
+
+@dataclass(frozen=True)
+class Inspection:
+    family: str | None
+    error: str | None
+
+
+def inspect_as(path: Path, model_type: ModelType) -> Inspection:
+    """Check that ``path`` holds a ``model_type`` this server can use (blocking)."""
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        # An allowed pickle is only ever opened by a worker, weights-only.
+        return Inspection(family=None, error=None)
+    try:
+        info = inspect_model(path)
+    except ModelFileError as exc:
+        return Inspection(family=None, error=str(exc))
+    family = info.family.value if info.family else None
+    if info.model_type is not None and info.model_type is not model_type:
+        return Inspection(
+            family, f"registered as {model_type.value} but the file is a {info.model_type.value}"
+        )
+    if model_type is ModelType.STABLE_DIFFUSION and family is None:
+        return Inspection(
+            None, "not a Stable Diffusion checkpoint this server can run (unknown layout)"
+        )
+    return Inspection(family=family, error=None)
+
+
+async def register_file(
+    store: ModelStore,
+    model_type: ModelType,
+    name: str,
+    path: Path,
+    *,
+    sha256: str | None = None,
+    source: str | None = None,
+) -> str | None:
+    """Inspect and register one model file; returns the error it was registered with.
+
+    ``sha256`` is computed when not given (reused while size and mtime are unchanged).
+    """
+    resolved, size, mtime = await asyncio.to_thread(_stat, path)
+    if sha256 is None:
+        sha256 = await _file_sha256(store, model_type, name, path, size, mtime)
+    found = await asyncio.to_thread(inspect_as, path, model_type)
+    document = model_document(
+        name=name,
+        model_type=model_type,
+        path=str(resolved),
+        family=found.family,
+        size_bytes=size,
+        sha256=sha256,
+        mtime=mtime,
+        prediction_type=prediction_type_of(path),
+        source=source,
+    )
+    if found.error:
+        log.warning("cannot use %s %s: %s", model_type.value, name, found.error)
+        document |= {"status": ModelStatus.FAILED.value, "error": found.error}
+    elif model_type is ModelType.STABLE_DIFFUSION:
+        known = await store.get(name, model_type)
+        if known and known["status"] in (ModelStatus.LOADING.value, ModelStatus.LOADED.value):
+            document["status"] = known["status"]  # the scheduler owns a checkpoint's load state
+    await store.upsert(document)
+    return found.error
+
+
+async def register_models(
+    models_dir: Path,
+    store: ModelStore,
+    allow_pickle: bool = False,
+    model_types: tuple[ModelType, ...] = tuple(FOLDERS),
+) -> list[tuple[ModelType, str]]:
+    """Register every model found; models whose files are gone are marked deleted.
+
+    Returns ``(type, name)`` of each model found.
+    """
+    found: list[tuple[ModelType, str]] = []
+    for model_type in model_types:
+        for path, relative in find_models(models_dir, model_type, allow_pickle):
+            name = model_name(model_type, relative)
+            if (model_type, name) in found:
+                log.warning("%s %s: a second file of that name is ignored", model_type, path)
+                continue
+            await register_file(store, model_type, name, path, source="scan")
+            found.append((model_type, name))
+        for document in await store.list(model_type):
+            gone = not await asyncio.to_thread(Path(document["path"]).exists)
+            if gone and document["status"] != ModelStatus.REGISTERING.value:
+                log.info("%s %s: file removed, marking deleted", model_type, document["name"])
+                await store.mark_deleted(document["name"], model_type)
     return found
 
 
 async def register_checkpoints(
     models_dir: Path, store: ModelStore, allow_pickle: bool = False
 ) -> list[str]:
-    """Upsert every checkpoint found; returns their names."""
-    root = models_dir / CHECKPOINT_DIR
-    registered = []
-    for path in find_checkpoints(models_dir, allow_pickle):
-        name = path.relative_to(root).as_posix()
-        stat = path.stat()
-        size = stat.st_size if path.is_file() else 0
-        sha256 = await _file_sha256(store, name, path, size, stat.st_mtime)
-        error: str | None = None
-        family: str | None = None
-        if path.suffix.lower() in PICKLE_SUFFIXES:
-            pass  # allowed pickles are only inspected by the worker, weights-only
-        else:
-            try:
-                info = await asyncio.to_thread(inspect_checkpoint, path)
-                family = info.family.value if info.family else None
-                if family is None:
-                    error = "not a Stable Diffusion checkpoint this server can run (unknown layout)"
-            except ModelFileError as exc:
-                error = str(exc)
-        document = model_document(
-            name=name,
-            model_type=ModelType.STABLE_DIFFUSION,
-            path=str(path.resolve()),
-            family=family,
-            size_bytes=size,
-            sha256=sha256,
-            mtime=stat.st_mtime,
-            prediction_type=prediction_type_of(path),
-        )
-        await store.upsert(document)
-        if error:
-            log.warning("cannot use checkpoint %s: %s", name, error)
-            await store.set_status(name, ModelStatus.FAILED, error)
-        registered.append(name)
-    return registered
+    """Register the checkpoints found; returns their names."""
+    found = await register_models(models_dir, store, allow_pickle, (ModelType.STABLE_DIFFUSION,))
+    return [name for _, name in found]
+
+
+async def run_scanner(
+    models_dir: Path,
+    store: ModelStore,
+    stop: asyncio.Event,
+    interval_s: float,
+    allow_pickle: bool = False,
+) -> None:
+    """Rescan the models folder every ``interval_s`` (0: never) until ``stop``."""
+    while interval_s > 0 and not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval_s)
+        if not stop.is_set():
+            await register_models(models_dir, store, allow_pickle)
 
 
 async def _file_sha256(
-    store: ModelStore, name: str, path: Path, size: int, mtime: float
+    store: ModelStore, model_type: ModelType, name: str, path: Path, size: int, mtime: float
 ) -> str | None:
     """SHA-256 of a single file (A1111's model hash), reused while size and mtime match."""
     if not await asyncio.to_thread(path.is_file):
         return None
-    known = await store.get(name)
+    known = await store.get(name, model_type)
     unchanged = known and known.get("size_bytes") == size and known.get("mtime") == mtime
     if known and unchanged and known.get("sha256"):
         return str(known["sha256"])
     return await asyncio.to_thread(sha256_of, path)
+
+
+def _stat(path: Path) -> tuple[Path, int, float]:
+    """Absolute path, size (0 for a diffusers folder) and mtime."""
+    stat = path.stat()
+    return path.resolve(), stat.st_size if path.is_file() else 0, stat.st_mtime
 
 
 def sha256_of(path: Path) -> str:

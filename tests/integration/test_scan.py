@@ -1,4 +1,4 @@
-"""Checkpoints in the A1111 models layout are registered with family, hash and errors."""
+"""Models in the A1111 layout are registered with type, family, hash and errors."""
 
 import hashlib
 import secrets
@@ -7,11 +7,15 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from safetensors.numpy import save_file
+
+from proto import ModelType
 
 from services.storage.models import ModelStore
 from services.storage.mongo import database, open_client
-from services.storage.scan import register_checkpoints
+from services.storage.scan import register_checkpoints, register_models
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +47,7 @@ async def test_register_a1111_layout(
         "broken.safetensors",
         "Ünïcode name.safetensors",
     ] == sorted(names, key=str.lower)
-    models = {m["_id"]: m for m in await store.list()}
+    models = {m["name"]: m for m in await store.list()}
     first, second = models["Ünïcode name.safetensors"], models["anime/Ünïcode name.safetensors"]
     assert first["model_key"] != second["model_key"], "same file name, two folders"
     expected = hashlib.sha256(tiny_checkpoint.read_bytes()).hexdigest()  # noqa: ASYNC240
@@ -72,3 +76,47 @@ async def test_v_prediction_is_read_from_the_a1111_yaml(
     await register_checkpoints(tmp_path, store)
     assert "v_prediction" == (await store.get("v768.safetensors") or {})["prediction_type"]
     assert None is (await store.get("eps.safetensors") or {})["prediction_type"]
+
+
+def _tensors(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: np.zeros(v, dtype=np.float16) for k, v in shapes.items()}, str(path))
+
+
+async def test_every_type_folder_is_registered_by_a1111_names(
+    store: ModelStore, tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    lora = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    _tensors(
+        tmp_path / "Lora" / "styles" / "ink.safetensors",
+        {f"{lora}.lora_down.weight": (4, 768), f"{lora}.lora_up.weight": (320, 4)},
+    )
+    _tensors(tmp_path / "VAE" / "ft-mse.safetensors", {"decoder.conv_in.weight": (8, 4, 3, 3)})
+    _tensors(tmp_path / "embeddings" / "bad-hands.safetensors", {"emb_params": (2, 1024)})
+    shutil.copy(tiny_checkpoint, tmp_path / "Lora" / "actually_a_checkpoint.safetensors")
+    (tmp_path / "ESRGAN").mkdir()
+    (tmp_path / "ESRGAN" / "4x.pth").write_bytes(b"pickle: refused unless allowed")
+
+    found = await register_models(tmp_path, store)
+    assert {
+        (ModelType.LORA, "ink"),
+        (ModelType.LORA, "actually_a_checkpoint"),
+        (ModelType.SD_VAE, "ft-mse.safetensors"),
+        (ModelType.EMBEDDING, "bad-hands"),
+    } == set(found)
+    ink = await store.get("ink", ModelType.LORA)
+    assert ink is not None
+    assert ("unloaded", "sd1") == (ink["status"], ink["family"])
+    assert await store.get("ink") is None, "names are scoped by type"
+    embedding = await store.get("bad-hands", ModelType.EMBEDDING)
+    assert "sd2" == (embedding or {})["family"]
+    wrong = await store.get("actually_a_checkpoint", ModelType.LORA)
+    assert wrong is not None
+    assert "failed" == wrong["status"]
+    assert "is a stableDiffusion" in wrong["error"]
+
+    # A file removed from the folder is marked deleted on the next scan (kept for history).
+    (tmp_path / "Lora" / "styles" / "ink.safetensors").unlink()
+    await register_models(tmp_path, store)
+    assert await store.get("ink", ModelType.LORA) is None
+    assert "deleted" == (await store.get_any("ink", ModelType.LORA) or {})["status"]

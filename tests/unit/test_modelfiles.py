@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from proto import ModelFamily
+from proto import ModelFamily, ModelType
 from services.storage.modelfiles import (
     ModelFileError,
     TensorInfo,
     detect_family,
+    detect_model_type,
     inspect_checkpoint,
     read_safetensors_header,
 )
@@ -237,3 +238,43 @@ def test_real_layouts_survive_a_real_header(
     info = inspect_checkpoint(path)
     assert ModelFamily.SDXL == info.family
     assert len(real_layouts[ModelFamily.SDXL]) == info.tensors
+
+
+def _infos(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, TensorInfo]:
+    return {name: TensorInfo("F16", shape) for name, shape in shapes.items()}
+
+
+_K = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+
+
+@pytest.mark.parametrize(
+    ("shapes", "expected"),
+    [
+        ({"model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3)}, "stableDiffusion"),
+        ({f"{_K}.lora_down.weight": (4, 768), f"{_K}.alpha": ()}, "lora"),
+        ({"unet.down.attn2.to_k.lora_A.weight": (4, 2048)}, "lora"),
+        ({"lora_te1_text_model_encoder_layers_0_mlp_fc1.hada_w1_a": (8, 4)}, "lora"),
+        (
+            {"encoder.conv_in.weight": (128, 3, 3, 3), "decoder.conv_in.weight": (512, 4, 3, 3)},
+            "sdVae",
+        ),
+        ({"first_stage_model.decoder.conv_in.weight": (512, 4, 3, 3)}, "sdVae"),
+        ({"emb_params": (4, 768)}, "embedding"),
+        ({"string_to_param.*": (2, 768)}, "embedding"),
+        ({"clip_l": (2, 768), "clip_g": (2, 1280)}, "embedding"),
+        ({"control_model.input_hint_block.0.weight": (16, 3, 3, 3)}, "controlNet"),
+        ({"controlnet_cond_embedding.conv_in.weight": (16, 3, 3, 3)}, "controlNet"),
+        (
+            {"conv_first.weight": (64, 3, 3, 3), "RRDB_trunk.0.RDB1.conv1.weight": (32, 64, 3, 3)},
+            "upscaler",
+        ),
+        ({"body.0.weight": (64, 3, 3, 3), "body.1.weight": (64,)}, "upscaler"),
+        ({"something.else": (2, 2)}, None),
+    ],
+)
+def test_model_type_from_tensor_names(
+    shapes: Mapping[str, tuple[int, ...]], expected: str | None
+) -> None:
+    found = detect_model_type(_infos(shapes))
+    assert expected == (found.value if found else None)
+    assert found is None or isinstance(found, ModelType)
