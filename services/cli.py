@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     key.add_argument("name")
     key.add_argument("--label", default="")
 
+    from services.modelcli import add_parser as add_models_parser
+
+    add_models_parser(commands)
     status = commands.add_parser("status", help="queues, budget shares and workers")
     status.add_argument("--data-dir", type=Path, default=Path("data"))
 
@@ -79,6 +82,10 @@ def main(argv: list[str] | None = None) -> None:
             from services.usercli import run_users
 
             raise SystemExit(asyncio.run(run_users(args)))
+        case "models":
+            from services.modelcli import run_models
+
+            raise SystemExit(asyncio.run(run_models(args)))
         case "status":
             from services.statuscli import run_status
 

@@ -141,7 +141,7 @@ async def running_system(
     the end-to-end tests, so both run the same wiring.
     """
     stop = asyncio.Event()
-    folder = str(models_dir.resolve())
+    folder = str(await asyncio.to_thread(models_dir.resolve))
     gateway_settings = msgspec.structs.replace(gateway_settings, models_dir=folder)
     scheduler_settings = msgspec.structs.replace(scheduler_settings, models_dir=folder)
     async with contextlib.AsyncExitStack() as stack:

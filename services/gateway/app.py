@@ -10,17 +10,16 @@ from typing import Any
 
 from aiohttp import web
 
-from proto import ModelType
 from services.common import bus
-from services.gateway import functions, openapi, sdapi, tasks_api, waiting
-from services.gateway.auth import announce, auth_enabled, caller, parse_api_keys
+from services.gateway import functions, openapi, registry, sdapi, tasks_api, waiting
+from services.gateway.auth import announce, auth_enabled, parse_api_keys
 from services.gateway.errors import ApiError, error_middleware
 from services.gateway.resources import RESOURCES, SETTINGS, Resources, resources
 from services.gateway.settings import GatewaySettings
 from services.gateway.validation import read_json
 from services.storage.idempotency import IdempotencyStore
 from services.storage.models import ModelStore
-from services.storage.mongo import Document, database, open_client
+from services.storage.mongo import database, open_client
 from services.storage.objects import LocalObjectStore, ObjectNotFoundError, open_object_store
 from services.storage.options import OptionStore
 from services.storage.tasks import TaskStore
@@ -63,47 +62,6 @@ async def _open_resources(app: web.Application) -> AsyncIterator[None]:
             auth=auth_enabled(settings),
         )
         yield
-
-
-def model_attributes(doc: Document) -> dict[str, Any]:
-    """A registry document in the seed's ``ModelAttributes`` shape (plus our fields)."""
-    return {
-        "type": doc["type"],
-        "name": doc["name"],
-        "ossPath": doc.get("path", ""),
-        "etag": doc.get("sha256") or "",
-        "status": doc["status"],
-        "registeredTime": doc["registered_at"].isoformat(),
-        "lastModificationTime": doc["modified_at"].isoformat(),
-        "family": doc.get("family"),
-        "modelKey": doc["model_key"],
-        "sizeBytes": doc.get("size_bytes"),
-        "error": doc.get("error"),
-        "loadedWorkers": doc.get("loaded_workers", 0),
-        "predictionType": doc.get("prediction_type") or "epsilon",
-    }
-
-
-async def list_models(request: web.Request) -> web.StreamResponse:
-    res = resources(request)
-    await caller(request, res)
-    kind = request.query.get("type")
-    try:
-        model_type = ModelType(kind) if kind else None
-    except ValueError as exc:
-        valid = ", ".join(t.value for t in ModelType)
-        raise ApiError(422, "invalid_field", f"type must be one of {valid}", field="type") from exc
-    return web.json_response([model_attributes(d) for d in await res.models.list(model_type)])
-
-
-async def get_model(request: web.Request) -> web.StreamResponse:
-    res = resources(request)
-    await caller(request, res)
-    name = request.match_info["model_name"]
-    doc = await res.models.get(name)
-    if doc is None:
-        raise ApiError(404, "model_not_found", f"model {name!r} is not registered")
-    return web.json_response(model_attributes(doc))
 
 
 async def healthz(request: web.Request) -> web.StreamResponse:
@@ -180,8 +138,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app.router.add_get("/tasks/{task_id}/progress", tasks_api.task_progress)
     app.router.add_get("/tasks/{task_id}/events", waiting.task_events)
     app.router.add_post("/tasks/{task_id}/cancellation", tasks_api.cancel_task)
-    app.router.add_get("/models", list_models)
-    app.router.add_get("/models/{model_name:.+}", get_model)
+    registry.add_routes(app)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/openapi.json", openapi.openapi_json)
     app.router.add_get("/docs", openapi.docs)

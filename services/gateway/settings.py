@@ -38,3 +38,7 @@ class GatewaySettings(StoreSettings, kw_only=True, frozen=True):
     """Images per request (``init_images``)."""
     max_input_pixels: int = 4096 * 4096
     """Per input image; larger ones are refused before they are decoded."""
+    max_model_bytes: int = 32 * 1024**3
+    """Largest model file accepted by upload or registration (SDXL checkpoints are ~7 GB)."""
+    registry_wait_s: float = 10.0
+    """``POST /models`` answers when its copy is done, or 202 after this long."""

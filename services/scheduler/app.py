@@ -166,8 +166,16 @@ class Scheduler:
                     "%s: scaling to %d workers (%s)", key, result.workers[key], result.reasons[key]
                 )
             await self.backend.ensure(model, result.workers[key])
+        await self._stop_orphans(replicas, {m["model_key"] for m in models})
         self.last_plan = result
         return result
+
+    async def _stop_orphans(self, replicas: dict[str, int], live: set[str]) -> None:
+        """Workers of a checkpoint that was deleted (or vanished from the registry) stop."""
+        for key, count in replicas.items():
+            if count and key not in live and (model := await self.models.by_key(key)):
+                log.info("%s: not a live checkpoint any more, stopping its workers", key)
+                await self.backend.ensure(model, 0)
 
     async def _sync_statuses(self, models: list[Document]) -> None:
         """Registry statuses follow the workers' real state (the seed's were always "loaded")."""

@@ -12,7 +12,6 @@ import pytest
 from safetensors.numpy import save_file
 
 from proto import ModelType
-
 from services.storage.models import ModelStore
 from services.storage.mongo import database, open_client
 from services.storage.scan import register_checkpoints, register_models

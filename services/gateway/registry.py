@@ -1,0 +1,378 @@
+"""The seed's model API, with statuses that are true.
+
+- ``GET /models`` (``?type=`` filters) and ``GET /models/{name}`` (``?type=``, default
+  checkpoints) read the registry; ``GET`` of one model answers an object (the seed
+  answered a one-element array).
+- ``POST /models`` registers a file already in the object store (the seed's ``ossPath``):
+  it is copied into the models folder in chunks, hashed on the way and checked against
+  ``etag``, then inspected. The record says ``registering`` meanwhile. Small files are
+  done before the answer (201, or 422 with the reason); a copy that outlasts
+  ``registry_wait_s`` answers 202 and goes on: poll ``GET /models/{name}``.
+- ``PUT /models/{name}`` with a JSON body re-registers from ``ossPath``; with any other
+  body it *is* the file: a streaming upload (never buffered; ``Content-Length`` bounded
+  by ``max_model_bytes``; ``?sha256=`` checked when given). A failed or interrupted
+  upload leaves nothing behind and can simply be sent again.
+- ``DELETE /models/{name}``: new requests get 404 at once; tasks still queued for a
+  checkpoint end ``failed`` with the reason; its workers stop; its file is removed; the
+  record stays ``deleted`` for history.
+
+Reading is open to every caller; changing the registry is for administrators.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import shutil
+import time
+from collections.abc import AsyncIterator
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from nats.js.errors import NotFoundError
+
+from proto import ModelStatus, ModelType, names
+from proto.events import TaskFailed, encode_event, event_kind
+from proto.requests import RegisterModelRequest
+from services.gateway.auth import caller, require_admin
+from services.gateway.errors import ApiError
+from services.gateway.resources import Resources, resources
+from services.gateway.validation import decode
+from services.storage.intake import IntakeError, install, receive, target_path
+from services.storage.models import model_document
+from services.storage.mongo import Document
+from services.storage.objects import ObjectNotFoundError, check_key
+
+log = logging.getLogger(__name__)
+JOBS = web.AppKey("registry_jobs", set[asyncio.Task[None]])
+HEARTBEAT_S = 10.0
+"""A copy in progress renews its claim this often; a claim 6× older is an interrupted one."""
+
+
+def model_attributes(doc: Document) -> dict[str, Any]:
+    """A registry document in the seed's ``ModelAttributes`` shape (plus our fields)."""
+    stale = _interrupted(doc)
+    return {
+        "type": doc["type"],
+        "name": doc["name"],
+        "ossPath": doc.get("source") or doc.get("path", ""),
+        "etag": doc.get("sha256") or "",
+        "status": ModelStatus.FAILED.value if stale else doc["status"],
+        "registeredTime": doc["registered_at"].isoformat(),
+        "lastModificationTime": doc["modified_at"].isoformat(),
+        "family": doc.get("family"),
+        "modelKey": doc["model_key"],
+        "sha256": doc.get("sha256"),
+        "sizeBytes": doc.get("size_bytes"),
+        "error": "registration was interrupted; register it again" if stale else doc.get("error"),
+        "loadedWorkers": doc.get("loaded_workers", 0),
+        "predictionType": doc.get("prediction_type") or "epsilon",
+    }
+
+
+def _interrupted(doc: Document) -> bool:
+    """A ``registering`` record whose copy stopped renewing its claim (a gateway died)."""
+    until = doc.get("registering_until")
+    if doc["status"] != ModelStatus.REGISTERING.value or until is None:
+        return False
+    if until.tzinfo is None:
+        until = until.replace(tzinfo=dt.UTC)
+    return bool(until < dt.datetime.now(dt.UTC))
+
+
+def _model_type(request: web.Request, default: ModelType | None) -> ModelType | None:
+    kind = request.query.get("type")
+    if not kind:
+        return default
+    try:
+        return ModelType(kind)
+    except ValueError as exc:
+        valid = ", ".join(t.value for t in ModelType)
+        raise ApiError(422, "invalid_field", f"type must be one of {valid}", field="type") from exc
+
+
+def _checked_type(request: web.Request) -> ModelType:
+    model_type = _model_type(request, ModelType.STABLE_DIFFUSION)
+    assert model_type is not None
+    return model_type
+
+
+async def list_models(request: web.Request) -> web.StreamResponse:
+    res = resources(request)
+    await caller(request, res)
+    documents = await res.models.list(_model_type(request, None))
+    return web.json_response([model_attributes(d) for d in documents])
+
+
+async def get_model(request: web.Request) -> web.StreamResponse:
+    res = resources(request)
+    await caller(request, res)
+    name, model_type = request.match_info["model_name"], _checked_type(request)
+    doc = await res.models.get(name, model_type)
+    if doc is None:
+        raise ApiError(404, "model_not_found", f"{model_type.value} {name!r} is not registered")
+    return web.json_response(model_attributes(doc))
+
+
+def _target(res: Resources, model_type: ModelType, name: str, suffix: str = "") -> Path:
+    settings = res.settings
+    try:
+        return target_path(
+            Path(settings.models_dir).resolve(), model_type, name, settings.allow_pickle, suffix
+        )
+    except IntakeError as exc:
+        raise _api_error(exc) from exc
+
+
+def _api_error(exc: IntakeError) -> ApiError:
+    return ApiError(exc.status, exc.code, exc.message, field=exc.field)
+
+
+async def _claim(
+    res: Resources, model_type: ModelType, name: str, target: Path, source: str
+) -> None:
+    """Record the model as ``registering``; 409 while another registration of it runs."""
+    known = await res.models.get(name, model_type)
+    if known and known["status"] == ModelStatus.REGISTERING.value and not _interrupted(known):
+        raise ApiError(409, "registering", f"{model_type.value} {name!r} is being registered")
+    document = model_document(
+        name=name,
+        model_type=model_type,
+        path=str(target),
+        family=None,
+        size_bytes=0,
+        status=ModelStatus.REGISTERING,
+        source=source,
+    )
+    document["registering_until"] = _claim_deadline()
+    if known:  # a re-registration keeps what the file had until the new one is in place
+        document |= {k: known.get(k) for k in ("family", "size_bytes", "sha256")}
+    await res.models.upsert(document)
+
+
+def _claim_deadline() -> dt.datetime:
+    return dt.datetime.now(dt.UTC) + dt.timedelta(seconds=6 * HEARTBEAT_S)
+
+
+async def _copy_from_store(
+    res: Resources, body: RegisterModelRequest, name: str, target: Path
+) -> None:
+    """The registration job: copy, verify, register; a refusal is recorded as ``failed``."""
+    model_type = body.type
+
+    async def heartbeat() -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            await res.models.update(name, model_type, {"registering_until": _claim_deadline()})
+
+    renew = asyncio.create_task(heartbeat())
+    try:
+        store_etag = await res.objects.etag(body.ossPath)
+        received = await receive(
+            res.objects.stream(body.ossPath), target, res.settings.max_model_bytes
+        )
+        await install(
+            res.models,
+            model_type,
+            name,
+            received,
+            target,
+            source=f"object:{body.ossPath}",
+            expected=body.etag or None,
+            store_etag=store_etag,
+        )
+    except (IntakeError, ObjectNotFoundError, OSError) as exc:
+        message = (
+            exc.message
+            if isinstance(exc, IntakeError)
+            else f"object {body.ossPath!r} not found"
+            if isinstance(exc, ObjectNotFoundError)
+            else f"copy failed: {exc}"
+        )
+        await res.models.update(
+            name, model_type, {"status": ModelStatus.FAILED.value, "error": message}
+        )
+        raise
+    finally:
+        renew.cancel()
+
+
+async def _register_from_store(
+    request: web.Request, res: Resources, body: RegisterModelRequest, name: str, created: bool
+) -> web.StreamResponse:
+    try:
+        check_key(body.ossPath)
+    except ValueError as exc:
+        raise ApiError(422, "invalid_field", str(exc), field="ossPath") from exc
+    target = _target(res, body.type, name, Path(body.ossPath).suffix)
+    if not await res.objects.exists(body.ossPath):
+        raise ApiError(
+            422, "invalid_field", f"no object {body.ossPath!r} in the store", field="ossPath"
+        )
+    await _claim(res, body.type, name, target, f"object:{body.ossPath}")
+    job = asyncio.create_task(_copy_from_store(res, body, name, target))
+    jobs = request.app[JOBS]
+    jobs.add(job)
+    job.add_done_callback(jobs.discard)
+    job.add_done_callback(_log_failure)
+    done, _ = await asyncio.wait({job}, timeout=res.settings.registry_wait_s)
+    if not done:
+        return _answer(await res.models.get(name, body.type), 202, "registering")
+    with suppress(IntakeError, ObjectNotFoundError, OSError):
+        job.result()
+    document = await res.models.get(name, body.type)
+    if document and document["status"] == ModelStatus.FAILED.value:
+        raise ApiError(422, "invalid_model", str(document.get("error")), field="ossPath")
+    return _answer(document, 201 if created else 200, "register success")
+
+
+def _log_failure(job: asyncio.Task[None]) -> None:
+    if not job.cancelled() and (error := job.exception()) is not None:
+        log.warning("model registration failed: %s", error)
+
+
+def _answer(document: Document | None, status: int, message: str) -> web.StreamResponse:
+    body: dict[str, Any] = {"message": message}
+    if document is not None:
+        body["model"] = model_attributes(document)
+    return web.json_response(body, status=status)
+
+
+async def register_model(request: web.Request) -> web.StreamResponse:
+    """``POST /models``: register a file from the object store under a new name."""
+    res, _ = await require_admin(request, "register models")
+    body = decode(await request.read(), RegisterModelRequest)
+    name = body.name or Path(body.ossPath).name
+    if body.type not in (ModelType.STABLE_DIFFUSION, ModelType.SD_VAE):
+        name = Path(name).stem if not body.name else name
+    known = await res.models.get(name, body.type)
+    if known and known["status"] != ModelStatus.FAILED.value and not _interrupted(known):
+        raise ApiError(409, "model_exists", f"models existed: {body.type.value} {name!r}")
+    return await _register_from_store(request, res, body, name, created=True)
+
+
+async def put_model(request: web.Request) -> web.StreamResponse:
+    """``PUT /models/{name}``: JSON re-registers from ``ossPath``; other bodies are the file."""
+    res, _ = await require_admin(request, "register models")
+    name = request.match_info["model_name"]
+    if request.content_type == "application/json":
+        body = decode(await request.read(), RegisterModelRequest)
+        if await res.models.get(name, body.type) is None:
+            raise ApiError(404, "model_not_found", f"{body.type.value} {name!r} is not registered")
+        return await _register_from_store(request, res, body, name, created=False)
+    return await _upload(request, res, name, _checked_type(request))
+
+
+async def _upload(
+    request: web.Request, res: Resources, name: str, model_type: ModelType
+) -> web.StreamResponse:
+    limit = res.settings.max_model_bytes
+    if request.content_length is None:
+        raise ApiError(411, "length_required", "send the file with a Content-Length")
+    if request.content_length > limit:
+        raise ApiError(413, "too_large", f"model files are limited to {limit} bytes")
+    target = _target(res, model_type, name, request.query.get("suffix", ""))
+    existed = await res.models.get(name, model_type) is not None
+    started = time.monotonic()
+    try:
+        received = await receive(request.content.iter_chunked(1024 * 1024), target, limit)
+        if received.size != request.content_length:
+            await asyncio.to_thread(received.part.unlink, missing_ok=True)
+            raise IntakeError(400, "incomplete", "the upload ended before Content-Length bytes")
+        await install(
+            res.models,
+            model_type,
+            name,
+            received,
+            target,
+            source="upload",
+            expected=request.query.get("sha256") or None,
+        )
+    except IntakeError as exc:
+        raise _api_error(exc) from exc
+    log.info(
+        "uploaded %s %s: %d bytes in %.1f s",
+        model_type.value,
+        name,
+        received.size,
+        time.monotonic() - started,
+    )
+    document = await res.models.get(name, model_type)
+    return _answer(document, 200 if existed else 201, "register success")
+
+
+async def delete_model(request: web.Request) -> web.StreamResponse:
+    res, _ = await require_admin(request, "delete models")
+    name, model_type = request.match_info["model_name"], _checked_type(request)
+    document = await res.models.mark_deleted(name, model_type)
+    if document is None:
+        raise ApiError(404, "model_not_found", f"{model_type.value} {name!r} is not registered")
+    failed = 0
+    if model_type is ModelType.STABLE_DIFFUSION:
+        failed = await _fail_queued(res, document)
+    await asyncio.to_thread(_remove_file, Path(document["path"]), Path(res.settings.models_dir))
+    log.info("deleted %s %s (%d queued tasks failed)", model_type.value, name, failed)
+    return web.json_response({"message": "delete success", "failedTasks": failed})
+
+
+def _remove_file(path: Path, models_dir: Path) -> None:
+    """Remove a model's file or diffusers folder, never anything outside the models folder."""
+    if not path.resolve().is_relative_to(models_dir.resolve()):
+        return
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+async def _fail_queued(res: Resources, model: Document) -> int:
+    """Remove a deleted checkpoint's queue; each task still waiting ends ``failed``.
+
+    Tasks already running finish on their worker; the scheduler then stops the workers.
+    """
+    key = model["model_key"]
+    with suppress(NotFoundError):
+        await res.js.purge_stream(names.TASK_STREAM, subject=names.task_subject(key))
+    with suppress(NotFoundError):
+        await res.js.delete_consumer(names.TASK_STREAM, names.consumer_name(key))
+    count = 0
+    async for task in res.tasks.collection.find(
+        {"model_key": key, "status": "waiting"}, {"_id": 1}
+    ):
+        event = TaskFailed(
+            task_id=task["_id"],
+            attempt=0,
+            at=time.time(),
+            worker="gateway",
+            code="model_deleted",
+            message=f"checkpoint {model['name']!r} was deleted before the task started",
+        )
+        await res.js.publish(
+            names.event_subject(event.task_id, event_kind(event)),
+            encode_event(event),
+            stream=names.EVENT_STREAM,
+            headers={names.MSG_ID_HEADER: f"{event.task_id}.failed.model-deleted"},
+        )
+        count += 1
+    return count
+
+
+async def _cancel_jobs(app: web.Application) -> AsyncIterator[None]:
+    jobs: set[asyncio.Task[None]] = set()
+    app[JOBS] = jobs
+    yield
+    for job in list(jobs):
+        job.cancel()
+    await asyncio.gather(*jobs, return_exceptions=True)
+
+
+def add_routes(app: web.Application) -> None:
+    app.cleanup_ctx.append(_cancel_jobs)
+    app.router.add_get("/models", list_models)
+    app.router.add_post("/models", register_model)
+    app.router.add_get("/models/{model_name:.+}", get_model)
+    app.router.add_put("/models/{model_name:.+}", put_model)
+    app.router.add_delete("/models/{model_name:.+}", delete_model)

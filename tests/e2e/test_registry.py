@@ -1,0 +1,234 @@
+"""The model API end to end: upload (HTTP and CLI), object-store registration with its
+etag checked, refusals that execute nothing, names with spaces and Unicode, and delete
+while tasks are queued."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import os
+import pickle
+import shutil
+import sys
+import time
+import urllib.parse
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.common import bus
+from services.scheduler.app import worker_records
+from tests.e2e.conftest import System, start_system
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+async def system(
+    tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path, mongo_server: Any
+) -> AsyncIterator[System]:
+    data = tmp_path_factory.mktemp("registry")
+    models = data / "models"
+    (models / "Stable-diffusion").mkdir(parents=True)
+    shutil.copy(tiny_checkpoint, models / "Stable-diffusion" / "tiny.safetensors")
+    store = {"store_dir": str(data / "objects")}
+    async with start_system(
+        data, models, mongo_server.url, store, gpu_slots=1, registry_wait_s=30
+    ) as system:
+        yield system
+
+
+def _url(system: System, name: str, **query: str) -> str:
+    suffix = f"?{urllib.parse.urlencode(query)}" if query else ""
+    return f"{system.url}/models/{urllib.parse.quote(name)}{suffix}"
+
+
+async def _get(system: System, name: str, **query: str) -> tuple[int, Any]:
+    async with system.http.get(_url(system, name, **query)) as response:
+        return response.status, await response.json()
+
+
+async def _upload(system: System, name: str, data: bytes, **query: str) -> tuple[int, Any]:
+    async with system.http.put(
+        _url(system, name, **query),
+        data=io.BytesIO(data),
+        headers={"Content-Type": "application/octet-stream", "Content-Length": str(len(data))},
+    ) as response:
+        return response.status, await response.json()
+
+
+async def test_upload_then_generate_with_a_unicode_name(
+    system: System, tiny_checkpoint: Path
+) -> None:
+    name = "my models/Ünïcode ckpt v1.safetensors"
+    data = tiny_checkpoint.read_bytes()  # noqa: ASYNC240
+    status, body = await _upload(system, name, data)
+    assert 201 == status, body
+    model = body["model"]
+    assert (name, "unloaded", "sd1") == (model["name"], model["status"], model["family"])
+    assert hashlib.sha256(data).hexdigest() == model["sha256"]
+
+    # The A1111 enumeration and the registry agree.
+    async with system.http.get(f"{system.url}/sdapi/v1/sd-models") as response:
+        titles = {m["model_name"]: m for m in await response.json()}
+    assert "Ünïcode ckpt v1" in titles
+    assert model["sha256"] == titles["Ünïcode ckpt v1"]["sha256"]
+
+    seen: set[str] = set()
+
+    async def watch() -> None:
+        while True:
+            seen.add((await _get(system, name))[1]["status"])
+            await asyncio.sleep(0.05)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        body = {"prompt": "a cat", "steps": 2, "width": 64, "height": 64}
+        body["stable_diffusion_model"] = name
+        async with system.http.post(f"{system.url}/txt2img", json=body) as response:
+            result = await response.json()
+            assert 200 == response.status, result
+        assert "succeeded" == result["status"]
+        await asyncio.sleep(0.3)
+    finally:
+        watcher.cancel()
+    assert "loaded" in seen, seen
+    assert {"unloaded", "loading", "loaded"} >= seen, seen
+
+
+async def test_uploads_that_are_not_safe_tensors_are_refused(
+    system: System, tiny_checkpoint: Path
+) -> None:
+    marker = Path(os.environ.get("TMPDIR", "/tmp")) / f"sdswarm-pwned-{os.getpid()}"
+    payload = pickle.dumps(_Exploit(str(marker)))
+    data = tiny_checkpoint.read_bytes()  # noqa: ASYNC240
+    cases = {
+        "truncated.safetensors": data[: len(data) // 2],
+        "pickled.safetensors": payload,
+        "huge-header.safetensors": (2**40).to_bytes(8, "little") + b"{}",
+    }
+    for name, content in cases.items():
+        status, body = await _upload(system, name, content)
+        assert 422 == status, (name, body)
+        assert "invalid_model" == body["code"]
+        assert 404 == (await _get(system, name))[0], "a refused upload registers nothing"
+    status, body = await _upload(system, "model.ckpt", payload)
+    assert (422, "name") == (status, body["field"]), "pickles need the operator's opt-in"
+    assert not marker.exists(), "nothing in an uploaded file is ever executed"
+    folder = Path(system.settings.models_dir) / "Stable-diffusion"
+    assert not [p for p in folder.rglob("*") if p.name.startswith(".")], "no partial files"
+
+    # A LoRA slot does not take a checkpoint: the declared type must match the tensors.
+    status, body = await _upload(system, "style", data, type="lora")
+    assert 422 == status
+    assert "is a stableDiffusion" in body["message"]
+
+
+class _Exploit:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, (f"touch {self.path}",))
+
+
+async def test_register_from_the_object_store_checks_the_etag(
+    system: System, tiny_checkpoint: Path
+) -> None:
+    data = tiny_checkpoint.read_bytes()  # noqa: ASYNC240
+    await system.objects.put("uploads/admin/tiny-copy.safetensors", data, "application/x-st")
+    request = {
+        "type": "stableDiffusion",
+        "name": "copied.safetensors",
+        "ossPath": "uploads/admin/tiny-copy.safetensors",
+        "etag": "0" * 32,
+    }
+    async with system.http.post(f"{system.url}/models", json=request) as response:
+        body = await response.json()
+        assert (422, "invalid_model") == (response.status, body["code"]), body
+    status, model = await _get(system, "copied.safetensors")
+    assert (200, "failed") == (status, model["status"])
+    assert "etag" in model["error"]
+
+    # The right etag (here the MD5, as S3 reports it for single-part uploads) registers.
+    request["etag"] = hashlib.md5(data, usedforsecurity=False).hexdigest()
+    async with system.http.post(f"{system.url}/models", json=request) as response:
+        body = await response.json()
+        assert 201 == response.status, body
+    assert ("unloaded", "object:uploads/admin/tiny-copy.safetensors") == (
+        body["model"]["status"],
+        body["model"]["ossPath"],
+    )
+    async with system.http.post(f"{system.url}/models", json=request) as response:
+        assert (409, "model_exists") == (response.status, (await response.json())["code"])
+
+
+async def test_cli_add_ls_rm(system: System, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    source = tmp_path / "cli model.safetensors"
+    shutil.copy(tiny_checkpoint, source)
+    base = [sys.executable, "-m", "services.cli", "models", "--url", system.url]
+
+    async def cli(*args: str) -> tuple[int, str, str]:
+        process = await asyncio.create_subprocess_exec(
+            *base, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        out, err = await process.communicate()
+        assert process.returncode is not None
+        return process.returncode, out.decode(), err.decode()
+
+    code, out, err = await cli("add", str(source))
+    assert 0 == code, err
+    assert "cli model.safetensors: unloaded" in out
+    assert "100.0%" in err, "a progress bar on stderr"
+    code, out, _ = await cli("ls", "--type", "stableDiffusion")
+    assert any(line.endswith(" cli model.safetensors") for line in out.splitlines()), out
+    code, out, _ = await cli("rm", "cli model.safetensors")
+    assert (0, "delete success") == (code, json.loads(out)["message"])
+    assert 404 == (await _get(system, "cli model.safetensors"))[0]
+
+
+async def test_delete_fails_queued_tasks_and_stops_workers(
+    system: System, tiny_checkpoint: Path
+) -> None:
+    name = "doomed.safetensors"
+    status, _ = await _upload(system, name, tiny_checkpoint.read_bytes())  # noqa: ASYNC240
+    assert 201 == status
+    body = {"prompt": "x", "steps": 30, "width": 64, "height": 64}
+    task_ids = [await system.submit({**body, "stable_diffusion_model": name}) for _ in range(3)]
+    async with system.http.delete(_url(system, name)) as response:
+        assert 200 == response.status
+    assert 404 == (await _get(system, name))[0]
+    async with system.http.post(
+        f"{system.url}/txt2img", json={**body, "stable_diffusion_model": name}
+    ) as response:
+        assert 404 == response.status, "new requests for a deleted model: 404 at once"
+
+    finished = [
+        await system.task_when(t, lambda d: d["status"] in ("succeeded", "failed", "cancelled"))
+        for t in task_ids
+    ]
+    # A task a worker had already started may finish; every other one fails with the reason.
+    deleted = [d for d in finished if d["status"] == "failed"]
+    assert deleted, [d["status"] for d in finished]
+    assert all(d.get("code") == "model_deleted" for d in deleted)
+    assert all("deleted" in d["message"] for d in deleted)
+    assert {"succeeded", "failed"} >= {d["status"] for d in finished}
+
+    # The record stays for history; no worker of it is left.
+    history = await system.db["models"].find_one({"name": name})
+    assert "deleted" == history["status"]
+    assert not (Path(system.settings.models_dir) / "Stable-diffusion" / name).exists()
+    nc = await bus.connect(system.nats_url, "registry-test")
+    try:
+        deadline = time.monotonic() + 60
+        while any(
+            w.model_key == history["model_key"] for w in await worker_records(nc.jetstream())
+        ):
+            assert time.monotonic() < deadline, "a worker of the deleted model is still running"
+            await asyncio.sleep(0.2)
+    finally:
+        await nc.close()
