@@ -35,6 +35,7 @@ from services.scheduler.settings import SchedulerSettings
 from services.storage.deadletters import run_dead_letters
 from services.storage.models import ModelStore
 from services.storage.mongo import database, open_client
+from services.storage.reconcile import run_reconciler
 from services.storage.scan import (
     CHECKPOINT_DIR,
     find_checkpoints,
@@ -173,6 +174,21 @@ async def running_system(
             asyncio.create_task(
                 supervised("dead letters", lambda: run_dead_letters(js, db, stop), stop),
                 name="dead-letters",
+            ),
+            asyncio.create_task(
+                supervised(
+                    "reconciler",
+                    lambda: run_reconciler(
+                        js,
+                        tasks,
+                        stop,
+                        interval_s=scheduler_settings.reconcile_interval_s,
+                        grace_s=scheduler_settings.reconcile_grace_s,
+                        lost_after_s=scheduler_settings.lost_after_s,
+                    ),
+                    stop,
+                ),
+                name="reconciler",
             ),
             asyncio.create_task(
                 supervised(

@@ -80,6 +80,12 @@ class StoreSettings(BusSettings, kw_only=True, frozen=True):
     """Lifetime of result URLs in seconds (the seed's were ~125 days by a unit bug)."""
     models_dir: str = "./models"
     """The shared models folder in A1111's layout (``Stable-diffusion/``, ``Lora/``, …)."""
+    reconcile_interval_s: float = 10.0
+    """How often the reconciler looks for tasks whose message never landed or was lost."""
+    reconcile_grace_s: float = 30.0
+    """A task younger than this is left alone (its publish may still be in flight)."""
+    lost_after_s: float = 600.0
+    """An open task whose message is gone is failed as lost once it is this old."""
     model_scan_interval_s: float = 60.0
     """Rescan ``models_dir`` this often for dropped-in and removed files; 0: only at start."""
     allow_pickle: bool = False

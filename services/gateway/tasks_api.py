@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import logging
 import secrets
 import time
 from typing import Any
@@ -35,6 +36,7 @@ from services.storage.idempotency import IdempotencyConflictError, request_hash
 from services.storage.mongo import Document
 from services.storage.tasks import new_task_document
 
+log = logging.getLogger(__name__)
 TASK_ID_HEADER = "taskId"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 REQUEST_TYPE_HEADER = "Request-Type"
@@ -113,7 +115,10 @@ async def submit(
         parameters=to_builtins(body),
         total_steps=body.steps,
         job_count=body.n_iter,
+        command=encode(command),
     )
+    if res.nc.is_closed:  # while reconnecting, publishes wait in the client's buffer
+        raise ApiError(503, "queue_unavailable", "the task queue is unreachable, retry later")
     # Subscribe before publishing so a fast worker's terminal event cannot be missed.
     waiter = await waiting.TerminalWaiter.start(res.nc, task_id) if sync else None
     try:
@@ -235,8 +240,15 @@ async def _answer(
 
 
 async def _publish(res: Resources, command: GenerateImage) -> None:
+    """Publish a task whose document is stored.
+
+    A refusal by JetStream (queue full, no stream) removes the document and answers 4xx
+    or 503. An ambiguous failure (a timeout, the connection dropping mid-publish) keeps
+    it: the command may have landed, and the reconciler publishes it again under the same
+    message id if it did not, so the task is accepted either way.
+    """
     try:
-        await res.js.publish(
+        ack = await res.js.publish(
             names.task_subject(command.model_key),
             encode(command),
             stream=names.TASK_STREAM,
@@ -253,8 +265,11 @@ async def _publish(res: Resources, command: GenerateImage) -> None:
             ) from exc
         raise ApiError(503, "queue_unavailable", f"cannot queue the task: {exc}") from exc
     except NatsError as exc:
-        await res.tasks.delete(command.task_id)
-        raise ApiError(503, "queue_unavailable", f"cannot queue the task: {exc}") from exc
+        log.warning(
+            "task %s: publish unconfirmed (%r), the reconciler resends it", command.task_id, exc
+        )
+        return
+    await res.tasks.set_stream_seq(command.task_id, ack.seq)
 
 
 async def _sync_response(

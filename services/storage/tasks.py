@@ -52,6 +52,7 @@ def new_task_document(
     parameters: dict[str, Any],
     total_steps: int,
     job_count: int,
+    command: bytes = b"",
 ) -> Document:
     return {
         "_id": task_id,
@@ -81,6 +82,10 @@ def new_task_document(
         "code": None,
         "message": "",
         "worker": None,
+        # The encoded command and, once JetStream has it, its stream sequence: the
+        # reconciler publishes a command again if its publish was never confirmed.
+        "command": command or None,
+        "stream_seq": None,
     }
 
 
@@ -97,6 +102,10 @@ class TaskStore:
 
     async def insert(self, document: Document) -> None:
         await self.collection.insert_one(document)
+
+    async def set_stream_seq(self, task_id: str, seq: int) -> None:
+        """Record that JetStream holds the task's command (see the reconciler)."""
+        await self.collection.update_one({"_id": task_id}, {"$set": {"stream_seq": seq}})
 
     async def get(self, task_id: str, user: str | None = None) -> Document | None:
         """One task; with ``user`` the query is scoped to its owner (others get None)."""

@@ -88,6 +88,7 @@ async def start_system(
         "mongodb_db": f"e2e_{secrets.token_hex(4)}",
         "public_url": f"http://127.0.0.1:{port}",
         "ack_wait_s": 30,
+        "models_dir": str(models_dir),
         **store,
         **overrides,
     }

@@ -1,0 +1,70 @@
+"""A gateway that dies between storing a task and publishing it strands nothing: the
+reconciler publishes the stored command and the task runs to the end."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proto import GenerateImage
+from proto.codec import encode
+from proto.requests import Txt2ImgRequest, to_builtins
+from services.storage.models import ModelStore
+from services.storage.tasks import new_task_document
+from tests.e2e.conftest import System, start_system
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+async def system(tmp_path: Path, models_dir: Path, mongo_server: Any) -> AsyncIterator[System]:
+    store = {"store_dir": str(tmp_path / "objects")}
+    async with start_system(
+        tmp_path,
+        models_dir,
+        mongo_server.url,
+        store,
+        reconcile_interval_s=0.5,
+        reconcile_grace_s=1.0,
+    ) as system:
+        yield system
+
+
+async def test_a_task_stored_but_never_published_still_runs(system: System) -> None:
+    model = await ModelStore(system.db).get("tiny.safetensors")
+    assert model is not None
+    task_id = secrets.token_hex(12)
+    request = Txt2ImgRequest(
+        prompt="x", steps=2, width=64, height=64, stable_diffusion_model=model["name"]
+    )
+    command = GenerateImage(
+        task_id=task_id,
+        user="default",
+        model_name=model["name"],
+        model_key=model["model_key"],
+        txt2img=request,
+    )
+    # What the gateway had written when it died: the document, no publish.
+    await system.db["tasks"].insert_one(
+        new_task_document(
+            task_id=task_id,
+            user="default",
+            kind="txt2img",
+            model_name=model["name"],
+            model_key=model["model_key"],
+            parameters=to_builtins(request),
+            total_steps=2,
+            job_count=1,
+            command=encode(command),
+        )
+    )
+    done = await system.task_when(task_id, lambda d: d["status"] in ("succeeded", "failed"))
+    assert "succeeded" == done["status"], done["message"]
+    assert done["stream_seq"] is not None
+    async with system.http.get(f"{system.url}/tasks/{task_id}/result") as response:
+        result = await response.json()
+    assert 1 == len(result["images"])

@@ -1,0 +1,126 @@
+"""The reconciler: a task whose publish never landed is published again (once), and a
+task whose message is gone ends `failed` with a reason instead of waiting forever."""
+
+import datetime as dt
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from nats.js import JetStreamContext
+
+from proto import GenerateImage, names
+from proto.codec import encode
+from proto.events import TaskFailed, decode_event
+from proto.requests import Txt2ImgRequest
+from services.common import bus
+from services.common.settings import BusSettings
+from services.storage.mongo import database, open_client
+from services.storage.reconcile import reconcile_once
+from services.storage.tasks import TaskStore, new_task_document
+
+pytestmark = pytest.mark.integration
+KEY = f"reconcile-{secrets.token_hex(3)}"
+
+
+@pytest.fixture
+async def parts(nats_server: Any, mongo_server: Any) -> AsyncIterator[tuple[Any, TaskStore]]:
+    nc = await bus.connect(nats_server.url, "reconcile-test")
+    js = nc.jetstream()
+    await bus.ensure_streams(js, BusSettings())
+    client = open_client(mongo_server.url)
+    name = f"rec_{secrets.token_hex(4)}"
+    yield js, TaskStore(database(client, name))
+    await client.drop_database(name)
+    await client.close()
+    await nc.close()
+
+
+async def _task(tasks: TaskStore, age_s: float) -> tuple[str, bytes]:
+    """An open task document as the gateway inserts it, created ``age_s`` ago."""
+    task_id = secrets.token_hex(12)
+    command = encode(
+        GenerateImage(
+            task_id=task_id,
+            user="u",
+            model_name="m",
+            model_key=KEY,
+            txt2img=Txt2ImgRequest(prompt="p", stable_diffusion_model="m"),
+        )
+    )
+    document = new_task_document(
+        task_id=task_id,
+        user="u",
+        kind="txt2img",
+        model_name="m",
+        model_key=KEY,
+        parameters={},
+        total_steps=1,
+        job_count=1,
+        command=command,
+    )
+    document["created_at"] -= dt.timedelta(seconds=age_s)
+    await tasks.insert(document)
+    return task_id, command
+
+
+async def _seq(tasks: TaskStore, task_id: str) -> int | None:
+    document = await tasks.get(task_id)
+    assert document is not None
+    seq: int | None = document["stream_seq"]
+    return seq
+
+
+async def _run(js: JetStreamContext, tasks: TaskStore) -> tuple[int, int]:
+    done = await reconcile_once(js, tasks, grace_s=30, lost_after_s=300)
+    return done.republished, done.failed
+
+
+async def test_unconfirmed_publish_is_sent_again_once(parts: tuple[Any, TaskStore]) -> None:
+    js, tasks = parts
+    young, _ = await _task(tasks, age_s=1)
+    stranded, command = await _task(tasks, age_s=60)
+
+    assert (1, 0) == await _run(js, tasks)
+    seq = await _seq(tasks, stranded)
+    assert seq is not None
+    message = await js.get_msg(names.TASK_STREAM, seq)
+    assert (names.task_subject(KEY), command) == (message.subject, message.data)
+    assert None is await _seq(tasks, young), "a young task's publish may still be in flight"
+
+    # Nothing more to do: the message is there.
+    assert (0, 0) == await _run(js, tasks)
+
+
+async def test_a_publish_that_did_land_is_not_duplicated(parts: tuple[Any, TaskStore]) -> None:
+    js, tasks = parts
+    task_id, command = await _task(tasks, age_s=60)
+    # The gateway published, then died before recording the sequence.
+    ack = await js.publish(
+        names.task_subject(KEY),
+        command,
+        stream=names.TASK_STREAM,
+        headers={names.MSG_ID_HEADER: task_id},
+    )
+    assert (0, 0) == await _run(js, tasks), "JetStream's de-duplication caught the resend"
+    assert ack.seq == await _seq(tasks, task_id)
+
+
+async def test_a_lost_message_fails_the_task_with_a_reason(parts: tuple[Any, TaskStore]) -> None:
+    js, tasks = parts
+    task_id, command = await _task(tasks, age_s=400)
+    ack = await js.publish(names.task_subject(KEY), command, stream=names.TASK_STREAM)
+    await tasks.set_stream_seq(task_id, ack.seq)
+    assert (0, 0) == await _run(js, tasks), "the message is still queued: nothing to do"
+
+    await js.delete_msg(names.TASK_STREAM, ack.seq)  # as if the server lost it
+    assert (0, 1) == await _run(js, tasks)
+    raw = await js.get_last_msg(names.EVENT_STREAM, names.event_subject(task_id, "failed"))
+    event = decode_event(raw.data or b"")
+    assert isinstance(event, TaskFailed)
+    assert ("task_lost", "reconciler") == (event.code, event.worker)
+    # The sink folds it like any other event: the task is terminal with the reason.
+    assert await tasks.apply(event)
+    document = await tasks.get(task_id)
+    assert document is not None
+    assert ("failed", "task_lost") == (document["status"], document["code"])
