@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import re
+from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
@@ -20,12 +21,13 @@ from proto import ModelType, TaskStatus, names
 from proto.requests import Img2ImgRequest, Txt2ImgRequest, to_builtins
 from proto.samplers import SAMPLERS, SCHEDULE_TYPES
 from services.gateway.auth import caller
-from services.gateway.errors import ApiError, invalid_body
+from services.gateway.errors import ApiError, Handler, invalid_body
 from services.gateway.resources import Resources, resources
 from services.gateway.tasks_api import cancel_document, new_task_id, submit
 from services.gateway.validation import check_limits, read_json
 from services.storage.mongo import Document
 from services.storage.objects import ObjectNotFoundError
+from services.storage.scan import register_models
 
 Processing = TypeVar("Processing", Txt2ImgRequest, Img2ImgRequest)
 CHECKPOINT_OPTION = "sd_model_checkpoint"
@@ -277,7 +279,7 @@ async def loras(request: web.Request) -> web.StreamResponse:
     return web.json_response(
         [
             {
-                "name": str(m["name"]).rsplit(".", 1)[0],
+                "name": m["name"],
                 "alias": m["name"],
                 "path": m["path"],
                 "metadata": {},
@@ -306,11 +308,17 @@ async def schedulers(request: web.Request) -> web.StreamResponse:
     )
 
 
-async def refresh_checkpoints(request: web.Request) -> web.StreamResponse:
-    """Registered checkpoints are read from MongoDB on every request: nothing to refresh."""
-    res = resources(request)
-    await caller(request, res)
-    return web.json_response(None)
+def _refresh(model_type: ModelType) -> Handler:
+    """A1111's ``refresh-*``: rescan the models folder for files of one type now."""
+
+    async def refresh(request: web.Request) -> web.StreamResponse:
+        res = resources(request)
+        await caller(request, res)
+        folder = Path(res.settings.models_dir)
+        await register_models(folder, res.models, res.settings.allow_pickle, (model_type,))
+        return web.json_response(None)
+
+    return refresh
 
 
 def add_routes(app: web.Application) -> None:
@@ -326,5 +334,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get(f"{prefix}/loras", loras)
     app.router.add_get(f"{prefix}/samplers", samplers)
     app.router.add_get(f"{prefix}/schedulers", schedulers)
-    app.router.add_post(f"{prefix}/refresh-checkpoints", refresh_checkpoints)
+    app.router.add_post(f"{prefix}/refresh-checkpoints", _refresh(ModelType.STABLE_DIFFUSION))
+    app.router.add_post(f"{prefix}/refresh-vae", _refresh(ModelType.SD_VAE))
+    app.router.add_post(f"{prefix}/refresh-loras", _refresh(ModelType.LORA))
     app.router.add_post("/options", seed_options)

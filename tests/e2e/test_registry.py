@@ -18,7 +18,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 from services.common import bus
 from services.scheduler.app import worker_records
@@ -120,6 +122,7 @@ async def test_uploads_that_are_not_safe_tensors_are_refused(
     assert (422, "name") == (status, body["field"]), "pickles need the operator's opt-in"
     assert not marker.exists(), "nothing in an uploaded file is ever executed"
     folder = Path(system.settings.models_dir) / "Stable-diffusion"
+    assert folder.is_dir()
     assert not [p for p in folder.rglob("*") if p.name.startswith(".")], "no partial files"
 
     # A LoRA slot does not take a checkpoint: the declared type must match the tensors.
@@ -232,3 +235,22 @@ async def test_delete_fails_queued_tasks_and_stops_workers(
             await asyncio.sleep(0.2)
     finally:
         await nc.close()
+
+
+async def test_dropped_in_files_appear_on_refresh_and_enumerations_agree(
+    system: System,
+) -> None:
+    folder = Path(system.settings.models_dir) / "Lora"
+    folder.mkdir(exist_ok=True)
+    key = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k"
+    tensors = {f"{key}.lora_down.weight": np.zeros((4, 768), dtype=np.float16)}
+    save_file(tensors, str(folder / "ink.v2.safetensors"))
+    async with system.http.post(f"{system.url}/sdapi/v1/refresh-loras") as response:
+        assert 200 == response.status
+    async with system.http.get(f"{system.url}/sdapi/v1/loras") as response:
+        loras = {m["name"]: m for m in await response.json()}
+    async with system.http.get(f"{system.url}/models", params={"type": "lora"}) as response:
+        registry = {m["name"]: m for m in await response.json()}
+    assert set(loras) == set(registry)
+    assert "ink.v2" in loras
+    assert ("unloaded", "sd1") == (registry["ink.v2"]["status"], registry["ink.v2"]["family"])
