@@ -5,7 +5,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install run lint typecheck test test-unit bench clean
+.PHONY: install run lint typecheck test test-unit chaos bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -32,6 +32,10 @@ test: lint typecheck
 
 test-unit: install
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+# The fault-injection suite at full size (CI runs it with 60 tasks per scenario).
+chaos: install
+	CHAOS_TASKS=$${CHAOS_TASKS:-500} HF_HUB_OFFLINE=1 $(PY) -m pytest tests/chaos $(PYTEST_ARGS)
 
 bench: install
 	$(PY) bench/system_overhead.py

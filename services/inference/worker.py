@@ -28,7 +28,7 @@ import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError
+from nats.js.errors import KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
 from proto import GenerateImage, names
@@ -221,6 +221,16 @@ class Worker:
             headers={names.MSG_ID_HEADER: f"{event.task_id}.{kind}.{event.attempt}{dedupe_suffix}"},
         )
 
+    async def _finished_before(self, task_id: str) -> bool:
+        """Whether a terminal event of this task is already in the event stream."""
+        for kind in ("succeeded", "failed", "cancelled"):
+            try:
+                await self.js.get_last_msg(names.EVENT_STREAM, names.event_subject(task_id, kind))
+            except NotFoundError:
+                continue
+            return True
+        return False
+
     async def _is_cancelled(self, task_id: str) -> bool:
         assert self._cancels is not None
         try:
@@ -237,6 +247,11 @@ class Worker:
             await message.term()
             return
         attempt = message.metadata.num_delivered
+        if attempt > 1 and await self._finished_before(command.task_id):
+            # An earlier attempt stored its outcome but died before its ack: done already.
+            log.info("task %s attempt %d: already finished, acking", command.task_id, attempt)
+            await message.ack()
+            return
         common = _Origin(task_id=command.task_id, attempt=attempt, worker=self.settings.worker_id)
         stop_flag = threading.Event()
 

@@ -1,0 +1,97 @@
+"""Fault injection: no task lost, stuck or finished twice while workers are killed and
+nats-server restarts. ``CHAOS_TASKS`` sets the size (60 here in CI, ≥ 500 with
+``make chaos``); each scenario's counts are printed in the session summary."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.common import bus
+from services.scheduler.app import worker_records
+from tests.chaos.conftest import REPORTS
+from tests.chaos.harness import run_scenario
+from tests.e2e.conftest import System, models_dir, start_system
+
+pytestmark = pytest.mark.chaos
+__all__ = ["models_dir"]  # the e2e tier's fixture, shared
+
+
+@pytest.fixture
+async def system(tmp_path: Path, models_dir: Path, mongo_server: Any) -> AsyncIterator[System]:
+    store = {"store_dir": str(tmp_path / "objects")}
+    async with start_system(
+        tmp_path,
+        models_dir,
+        mongo_server.url,
+        store,
+        gpu_slots=2,
+        ack_wait_s=3,  # a killed worker's task comes back within seconds
+        max_deliver=5,
+        reconcile_interval_s=2.0,
+        reconcile_grace_s=5.0,
+    ) as system:
+        yield system
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
+async def test_workers_killed_every_few_seconds(system: System) -> None:
+    rng = random.Random(7)
+
+    async def kill_workers(stop: asyncio.Event) -> int:
+        nc = await bus.connect(system.nats_url, "chaos-killer")
+        kills = 0
+        try:
+            while not stop.is_set():
+                await _sleep_or_stop(stop, 2.0)
+                if stop.is_set():
+                    break
+                workers = [w for w in await worker_records(nc.jetstream()) if w.pid]
+                # Mostly mid-task (the interesting case), sometimes loading or idle.
+                busy = [w.pid for w in workers if w.task_id]
+                pids = busy if busy and rng.random() < 0.8 else [w.pid for w in workers]
+                if pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(rng.choice(pids), signal.SIGKILL)
+                        kills += 1
+        finally:
+            await nc.close()
+        return kills
+
+    report = await run_scenario(system, "worker kill -9 every 2 s", kill_workers)
+    REPORTS.append(report.line())
+    assert report.faults > 0
+    assert report.passed, report.line()
+
+
+async def test_nats_server_restarted_twice(system: System) -> None:
+    async def restart_nats(stop: asyncio.Event) -> int:
+        restarts = 0
+        server = system.nats_server
+        for hard in (False, True):
+            await _sleep_or_stop(stop, 6.0)
+            if stop.is_set():
+                break
+            server.stop_grace_s = 0.0 if hard else 5.0  # kill -9, then a clean stop
+            await server.stop()
+            await asyncio.sleep(1.0)
+            await server.start()  # same port, same JetStream store
+            restarts += 1
+        return restarts
+
+    report = await run_scenario(system, "nats-server restart (clean, then kill -9)", restart_nats)
+    REPORTS.append(report.line())
+    assert report.faults == 2, "the run ended before both restarts"
+    assert report.passed, report.line()
