@@ -54,6 +54,10 @@ def _parser() -> argparse.ArgumentParser:
 
     commands.add_parser("gateway", help="run the gateway (settings from SDSWARM_*)")
     commands.add_parser("worker", help="run one inference worker (settings from SDSWARM_*)")
+    commands.add_parser(
+        "storage",
+        help="run the storage service: event sink, dead letters, reconciler, model scanner",
+    )
     return parser
 
 
@@ -94,6 +98,10 @@ def main(argv: list[str] | None = None) -> None:
             from services.gateway.app import main as gateway_main
 
             gateway_main()
+        case "storage":
+            from services.storage.service import main as storage_main
+
+            storage_main()
         case "worker":
             from services.inference.__main__ import main as worker_main
 

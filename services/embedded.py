@@ -32,17 +32,10 @@ from services.gateway.settings import GatewaySettings
 from services.scheduler.app import Scheduler
 from services.scheduler.local import LocalBackend
 from services.scheduler.settings import SchedulerSettings
-from services.storage.deadletters import run_dead_letters
 from services.storage.models import ModelStore
 from services.storage.mongo import database, open_client
-from services.storage.reconcile import run_reconciler
-from services.storage.scan import (
-    CHECKPOINT_DIR,
-    find_checkpoints,
-    register_models,
-    run_scanner,
-)
-from services.storage.sink import run_sink
+from services.storage.scan import CHECKPOINT_DIR, find_checkpoints, register_models
+from services.storage.service import start_storage_tasks
 from services.storage.tasks import TaskStore
 from services.usercli import ENDPOINTS_FILE
 
@@ -167,43 +160,7 @@ async def running_system(
             asyncio.create_task(
                 supervised("scheduler", lambda: scheduler.run(stop), stop), name="scheduler"
             ),
-            asyncio.create_task(
-                supervised("storage sink", lambda: run_sink(js, tasks, stop), stop),
-                name="storage-sink",
-            ),
-            asyncio.create_task(
-                supervised("dead letters", lambda: run_dead_letters(js, db, stop), stop),
-                name="dead-letters",
-            ),
-            asyncio.create_task(
-                supervised(
-                    "reconciler",
-                    lambda: run_reconciler(
-                        js,
-                        tasks,
-                        stop,
-                        interval_s=scheduler_settings.reconcile_interval_s,
-                        grace_s=scheduler_settings.reconcile_grace_s,
-                        lost_after_s=scheduler_settings.lost_after_s,
-                    ),
-                    stop,
-                ),
-                name="reconciler",
-            ),
-            asyncio.create_task(
-                supervised(
-                    "model scanner",
-                    lambda: run_scanner(
-                        models_dir,
-                        models,
-                        stop,
-                        gateway_settings.model_scan_interval_s,
-                        scheduler_settings.allow_pickle,
-                    ),
-                    stop,
-                ),
-                name="model-scanner",
-            ),
+            *start_storage_tasks(scheduler_settings, js, db, stop),
         ]
 
         async def stop_background() -> None:

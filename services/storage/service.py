@@ -1,0 +1,94 @@
+"""The storage service: everything that keeps MongoDB true to the bus, in one process.
+
+- the event sink (task events → task documents);
+- the dead-letter handler (tasks JetStream gave up on end ``failed`` with a reason);
+- the reconciler (tasks whose publish never landed or whose message was lost);
+- the models-folder scanner (dropped-in and removed files).
+
+``sdswarm storage`` runs it on its own (Swarm: one or more replicas; every part is
+idempotent); ``sdswarm up`` runs the same tasks inside the embedded system.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from pathlib import Path
+
+from nats.js import JetStreamContext
+from pymongo.asynchronous.database import AsyncDatabase
+
+from services.common import bus
+from services.common.settings import StoreSettings, from_environ
+from services.common.supervise import supervised
+from services.storage.deadletters import run_dead_letters
+from services.storage.models import ModelStore
+from services.storage.mongo import Document, database, open_client
+from services.storage.reconcile import run_reconciler
+from services.storage.scan import register_models, run_scanner
+from services.storage.sink import run_sink
+from services.storage.tasks import TaskStore
+
+log = logging.getLogger(__name__)
+
+
+def start_storage_tasks(
+    settings: StoreSettings,
+    js: JetStreamContext,
+    db: AsyncDatabase[Document],
+    stop: asyncio.Event,
+) -> list[asyncio.Task[None]]:
+    """Start the storage parts, each supervised (restarted on error) until ``stop``."""
+    models, tasks = ModelStore(db), TaskStore(db)
+    parts = {
+        "storage sink": lambda: run_sink(js, tasks, stop),
+        "dead letters": lambda: run_dead_letters(js, db, stop),
+        "reconciler": lambda: run_reconciler(
+            js,
+            tasks,
+            stop,
+            interval_s=settings.reconcile_interval_s,
+            grace_s=settings.reconcile_grace_s,
+            lost_after_s=settings.lost_after_s,
+        ),
+        "model scanner": lambda: run_scanner(
+            Path(settings.models_dir),
+            models,
+            stop,
+            settings.model_scan_interval_s,
+            settings.allow_pickle,
+        ),
+    }
+    return [
+        asyncio.create_task(supervised(name, run, stop), name=name.replace(" ", "-"))
+        for name, run in parts.items()
+    ]
+
+
+async def serve(settings: StoreSettings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with contextlib.AsyncExitStack() as stack:
+        mongo = open_client(settings.mongodb_url)
+        stack.push_async_callback(mongo.close)
+        db = database(mongo, settings.mongodb_db)
+        models, tasks = ModelStore(db), TaskStore(db)
+        await models.ensure_indexes()
+        await tasks.ensure_indexes()
+        await register_models(Path(settings.models_dir), models, settings.allow_pickle)
+        nc = await bus.connect(settings.nats_url, "sdswarm-storage")
+        stack.push_async_callback(nc.drain)
+        js = nc.jetstream()
+        await bus.ensure_streams(js, settings)
+        running = start_storage_tasks(settings, js, db, stop)
+        log.info("storage service running (models folder %s)", settings.models_dir)
+        await stop.wait()
+        await asyncio.gather(*running, return_exceptions=True)
+
+
+def main() -> None:
+    asyncio.run(serve(from_environ(StoreSettings)))
