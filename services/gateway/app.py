@@ -22,6 +22,7 @@ from services.storage.models import ModelStore
 from services.storage.mongo import database, open_client
 from services.storage.objects import LocalObjectStore, ObjectNotFoundError, open_object_store
 from services.storage.options import OptionStore
+from services.storage.quotas import QuotaStore
 from services.storage.tasks import TaskStore
 from services.storage.users import UserStore
 
@@ -42,6 +43,8 @@ async def _open_resources(app: web.Application) -> AsyncIterator[None]:
         await users.ensure_indexes()
         idempotency = IdempotencyStore(db)
         await idempotency.ensure_indexes()
+        quotas = QuotaStore(db)
+        await quotas.ensure_indexes()
         await tasks.ensure_indexes()
         await models.ensure_indexes()
         objects = await open_object_store(settings)
@@ -50,6 +53,7 @@ async def _open_resources(app: web.Application) -> AsyncIterator[None]:
             settings=settings,
             options=OptionStore(db),
             idempotency=idempotency,
+            quotas=quotas,
             nc=nc,
             js=js,
             mongo=mongo,

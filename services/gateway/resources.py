@@ -16,6 +16,7 @@ from services.storage.models import ModelStore
 from services.storage.mongo import Document
 from services.storage.objects import ObjectStore
 from services.storage.options import OptionStore
+from services.storage.quotas import QuotaStore
 from services.storage.tasks import TaskStore
 from services.storage.users import UserStore
 
@@ -29,6 +30,7 @@ class Resources:
     tasks: TaskStore
     options: OptionStore
     idempotency: IdempotencyStore
+    quotas: QuotaStore
     models: ModelStore
     objects: ObjectStore
     cancels: KeyValue

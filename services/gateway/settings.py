@@ -38,6 +38,10 @@ class GatewaySettings(StoreSettings, kw_only=True, frozen=True):
     """Images per request (``init_images``)."""
     max_input_pixels: int = 4096 * 4096
     """Per input image; larger ones are refused before they are decoded."""
+    max_open_tasks_per_user: int = 64
+    """A user's tasks waiting or running at once; one more → 429 (0: no limit)."""
+    max_tasks_per_minute: int = 600
+    """Task submissions per user in any 60 s, over all gateway replicas (0: no limit)."""
     max_model_bytes: int = 32 * 1024**3
     """Largest model file accepted by upload or registration (SDXL checkpoints are ~7 GB)."""
     registry_wait_s: float = 10.0

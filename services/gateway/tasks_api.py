@@ -74,6 +74,22 @@ async def resolve_checkpoint(res: Resources, name: str, field: str) -> Document:
     return model
 
 
+async def admit(res: Resources, user: str) -> None:
+    """The caller's limits (open tasks, submissions per minute): 429 when over one."""
+    refusal = await res.quotas.admit(
+        user,
+        max_open=res.settings.max_open_tasks_per_user,
+        per_minute=res.settings.max_tasks_per_minute,
+    )
+    if refusal is not None:
+        raise ApiError(
+            429,
+            "rate_limited",
+            refusal.reason,
+            headers={"Retry-After": str(refusal.retry_after_s)},
+        )
+
+
 async def submit(
     res: Resources,
     user: str,
@@ -84,6 +100,7 @@ async def submit(
 ) -> tuple[str, Document | None]:
     """Queue a validated request; with ``sync``, wait for its outcome (None: deadline)."""
     model = await resolve_checkpoint(res, body.stable_diffusion_model, "stable_diffusion_model")
+    await admit(res, user)
     options = await res.options.get(user)
     if options:
         # The caller's stored options apply to every request; the request's own win.

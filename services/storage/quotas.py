@@ -1,0 +1,68 @@
+"""Per-user limits on task submissions, read from the task store every replica shares.
+
+Two limits, each off at 0: how many of a user's tasks may be open (waiting or running)
+at once, and how many tasks a user may submit in any 60 seconds (a sliding window over
+the tasks' creation times). Both are counted on the indexed task documents, so every
+gateway replica sees the same numbers; two submissions racing on two replicas may both
+pass the last free place (a soft limit, exact within one replica's request). A refusal
+says how long to wait.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from dataclasses import dataclass
+
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+
+from proto import TaskStatus
+from services.storage.mongo import Document
+
+WINDOW = dt.timedelta(seconds=60)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    reason: str
+    retry_after_s: int
+
+
+class QuotaStore:
+    def __init__(self, db: AsyncDatabase[Document]) -> None:
+        self.tasks: AsyncCollection[Document] = db["tasks"]
+
+    async def ensure_indexes(self) -> None:
+        await self.tasks.create_index([("user", 1), ("status", 1)])
+
+    async def admit(self, user: str, *, max_open: int, per_minute: int) -> Refusal | None:
+        """A :class:`Refusal` when ``user`` may not submit another task now."""
+        if max_open > 0:
+            open_tasks = await self.tasks.count_documents(
+                {
+                    "user": user,
+                    "status": {"$in": [TaskStatus.WAITING.value, TaskStatus.RUNNING.value]},
+                },
+                limit=max_open,
+            )
+            if open_tasks >= max_open:
+                return Refusal(
+                    f"you have {open_tasks} unfinished tasks, the limit is {max_open}:"
+                    " wait for some to finish",
+                    retry_after_s=5,
+                )
+        if per_minute > 0:
+            now = dt.datetime.now(dt.UTC)
+            recent = {"user": user, "created_at": {"$gt": now - WINDOW}}
+            if await self.tasks.count_documents(recent, limit=per_minute) >= per_minute:
+                oldest = await self.tasks.find_one(recent, sort=[("created_at", 1)])
+                created = oldest["created_at"] if oldest else now
+                if created.tzinfo is None:
+                    created = created.replace(tzinfo=dt.UTC)
+                wait = math.ceil((created + WINDOW - now).total_seconds())
+                return Refusal(
+                    f"at most {per_minute} tasks per minute; retry in {max(wait, 1)} s",
+                    retry_after_s=max(wait, 1),
+                )
+        return None
