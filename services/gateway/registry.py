@@ -27,7 +27,7 @@ import logging
 import shutil
 import time
 from collections.abc import AsyncIterator
-from contextlib import suppress
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ from services.gateway.errors import ApiError
 from services.gateway.resources import Resources, resources
 from services.gateway.validation import decode
 from services.storage.intake import IntakeError, install, receive, target_path
-from services.storage.models import model_document
+from services.storage.models import model_document, model_id
 from services.storage.mongo import Document
 from services.storage.objects import ObjectNotFoundError, check_key
 
@@ -153,6 +153,34 @@ async def _claim(
     await res.models.upsert(document)
 
 
+async def _unclaim(
+    res: Resources, model_type: ModelType, name: str, known: Document | None
+) -> None:
+    """Put back the record a failed registration claimed (none, or the model as it was)."""
+    if known is None:
+        await res.models.collection.delete_one(
+            {"_id": model_id(model_type, name), "status": ModelStatus.REGISTERING.value}
+        )
+    else:
+        await res.models.collection.replace_one({"_id": known["_id"]}, known)
+
+
+@asynccontextmanager
+async def _renewing_claim(res: Resources, model_type: ModelType, name: str) -> AsyncIterator[None]:
+    """Keep a registration's claim fresh while its file is copied or uploaded."""
+
+    async def renew() -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            await res.models.update(name, model_type, {"registering_until": _claim_deadline()})
+
+    renewing = asyncio.create_task(renew())
+    try:
+        yield
+    finally:
+        renewing.cancel()
+
+
 def _claim_deadline() -> dt.datetime:
     return dt.datetime.now(dt.UTC) + dt.timedelta(seconds=6 * HEARTBEAT_S)
 
@@ -162,28 +190,22 @@ async def _copy_from_store(
 ) -> None:
     """The registration job: copy, verify, register; a refusal is recorded as ``failed``."""
     model_type = body.type
-
-    async def heartbeat() -> None:
-        while True:
-            await asyncio.sleep(HEARTBEAT_S)
-            await res.models.update(name, model_type, {"registering_until": _claim_deadline()})
-
-    renew = asyncio.create_task(heartbeat())
     try:
-        store_etag = await res.objects.etag(body.ossPath)
-        received = await receive(
-            res.objects.stream(body.ossPath), target, res.settings.max_model_bytes
-        )
-        await install(
-            res.models,
-            model_type,
-            name,
-            received,
-            target,
-            source=f"object:{body.ossPath}",
-            expected=body.etag or None,
-            store_etag=store_etag,
-        )
+        async with _renewing_claim(res, model_type, name):
+            store_etag = await res.objects.etag(body.ossPath)
+            received = await receive(
+                res.objects.stream(body.ossPath), target, res.settings.max_model_bytes
+            )
+            await install(
+                res.models,
+                model_type,
+                name,
+                received,
+                target,
+                source=f"object:{body.ossPath}",
+                expected=body.etag or None,
+                store_etag=store_etag,
+            )
     except (IntakeError, ObjectNotFoundError, OSError) as exc:
         message = (
             exc.message
@@ -196,8 +218,6 @@ async def _copy_from_store(
             name, model_type, {"status": ModelStatus.FAILED.value, "error": message}
         )
         raise
-    finally:
-        renew.cancel()
 
 
 async def _register_from_store(
@@ -275,24 +295,30 @@ async def _upload(
     if request.content_length > limit:
         raise ApiError(413, "too_large", f"model files are limited to {limit} bytes")
     target = _target(res, model_type, name, request.query.get("suffix", ""))
-    existed = await res.models.get(name, model_type) is not None
+    known = await res.models.get(name, model_type)
+    await _claim(res, model_type, name, target, "upload")
     started = time.monotonic()
     try:
-        received = await receive(request.content.iter_chunked(1024 * 1024), target, limit)
-        if received.size != request.content_length:
-            await asyncio.to_thread(received.part.unlink, missing_ok=True)
-            raise IntakeError(400, "incomplete", "the upload ended before Content-Length bytes")
-        await install(
-            res.models,
-            model_type,
-            name,
-            received,
-            target,
-            source="upload",
-            expected=request.query.get("sha256") or None,
-        )
-    except IntakeError as exc:
-        raise _api_error(exc) from exc
+        async with _renewing_claim(res, model_type, name):
+            received = await receive(request.content.iter_chunked(1024 * 1024), target, limit)
+            if received.size != request.content_length:
+                await asyncio.to_thread(received.part.unlink, missing_ok=True)
+                raise IntakeError(400, "incomplete", "the upload ended early")
+            await install(
+                res.models,
+                model_type,
+                name,
+                received,
+                target,
+                source="upload",
+                expected=request.query.get("sha256") or None,
+            )
+    except BaseException as exc:
+        # A refused or broken upload leaves the registry as it was.
+        await asyncio.shield(_unclaim(res, model_type, name, known))
+        if isinstance(exc, IntakeError):
+            raise _api_error(exc) from exc
+        raise
     log.info(
         "uploaded %s %s: %d bytes in %.1f s",
         model_type.value,
@@ -301,7 +327,7 @@ async def _upload(
         time.monotonic() - started,
     )
     document = await res.models.get(name, model_type)
-    return _answer(document, 200 if existed else 201, "register success")
+    return _answer(document, 201 if known is None else 200, "register success")
 
 
 async def delete_model(request: web.Request) -> web.StreamResponse:

@@ -64,6 +64,14 @@ async def resolve_checkpoint(res: Resources, name: str, field: str) -> Document:
     model = await res.models.get(name)
     if model is None or model.get("type") != "stableDiffusion":
         raise ApiError(404, "model_not_found", f"model {name!r} is not registered", field=field)
+    if model.get("status") == "registering" and not model.get("sha256"):
+        raise ApiError(
+            409,
+            "model_registering",
+            f"model {name!r} is still being registered; retry when its status is unloaded",
+            field=field,
+            headers={"Retry-After": "5"},
+        )
     if model.get("status") == "failed":
         raise ApiError(
             409,

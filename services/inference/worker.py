@@ -22,6 +22,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypedDict
 
 import msgspec
@@ -58,6 +59,18 @@ log = logging.getLogger(__name__)
 NAK_DELAY_S = 2.0
 HEARTBEAT_S = 5.0
 """Liveness record refresh (well inside the bucket's TTL). Never used to ack tasks."""
+
+
+CHECKPOINT_WATCH_S = 2.0
+
+
+def _file_identity(path: Path) -> tuple[int, int, int] | None:
+    """Inode, size and mtime: a rename over the file (an upload) changes them."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 class _Origin(TypedDict):
@@ -148,6 +161,26 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
 
+    async def _watch_checkpoint(self, stop: asyncio.Event) -> None:
+        """Stop (after the current task) once the checkpoint file is replaced or removed.
+
+        A new upload of the same model is renamed over the old file: this worker still
+        holds the old weights, so it steps down and the scheduler starts a fresh one.
+        Queued tasks stay in the stream; a task in hand finishes or is handed back.
+        """
+        path = Path(self.settings.checkpoint_path)
+        loaded = await asyncio.to_thread(_file_identity, path)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), CHECKPOINT_WATCH_S)
+            if stop.is_set():
+                return
+            now = await asyncio.to_thread(_file_identity, path)
+            if now != loaded:
+                log.warning("checkpoint %s was %s; exiting", path, "replaced" if now else "removed")
+                stop.set()
+                return
+
     async def _heartbeat(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
@@ -162,6 +195,7 @@ class Worker:
         heartbeat = asyncio.create_task(self._heartbeat(stop))
         if self.settings.parent_pid:
             self._watcher = asyncio.create_task(self._watch_parent(stop))
+        checkpoint_watch = asyncio.create_task(self._watch_checkpoint(stop))
         # Load before fetching: a warm worker is ready when its first task arrives, and
         # the registry can show the checkpoint as loading, loaded or failed.
         await self._set_state(WorkerState.LOADING)
@@ -196,6 +230,7 @@ class Worker:
         finally:
             log.info("worker stopping after %d tasks", self.completed)
             heartbeat.cancel()
+            checkpoint_watch.cancel()
             with contextlib.suppress(Exception):
                 await subscription.unsubscribe()
             with contextlib.suppress(Exception):

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
+from safetensors.torch import load_file
+from safetensors.torch import save_file as save_file_torch
 
 from services.common import bus
 from services.scheduler.app import worker_records
@@ -254,3 +256,111 @@ async def test_dropped_in_files_appear_on_refresh_and_enumerations_agree(
     assert set(loras) == set(registry)
     assert "ink.v2" in loras
     assert ("unloaded", "sd1") == (registry["ink.v2"]["status"], registry["ink.v2"]["family"])
+
+
+def _variant(checkpoint: Path, target: Path) -> bytes:
+    """Another valid checkpoint: the same tiny model with one weight changed."""
+    state = load_file(str(checkpoint))
+    state["model.diffusion_model.out.2.bias"] += 0.5
+    save_file_torch(state, str(target))
+    return target.read_bytes()
+
+
+async def _statuses_while(system: System, name: str, work: Any) -> list[str]:
+    """The model's statuses seen while ``work`` runs, consecutive repeats dropped."""
+    seen: list[str] = []
+
+    async def watch() -> None:
+        while True:
+            status, body = await _get(system, name)
+            current = body["status"] if status == 200 else "absent"
+            if not seen or seen[-1] != current:
+                seen.append(current)
+            await asyncio.sleep(0.03)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        await work
+        await asyncio.sleep(0.2)
+    finally:
+        watcher.cancel()
+    return seen
+
+
+async def test_statuses_follow_upload_load_and_idle_stop(
+    system: System, tiny_checkpoint: Path
+) -> None:
+    name = "statuses.safetensors"
+    data = tiny_checkpoint.read_bytes()  # noqa: ASYNC240
+
+    async def slow_body() -> AsyncIterator[bytes]:
+        quarter = len(data) // 4 + 1
+        for start in range(0, len(data), quarter):
+            yield data[start : start + quarter]
+            await asyncio.sleep(0.3)
+
+    async def upload() -> None:
+        async with system.http.put(
+            _url(system, name),
+            data=slow_body(),
+            headers={"Content-Type": "application/octet-stream", "Content-Length": str(len(data))},
+        ) as response:
+            assert 201 == response.status, await response.text()
+
+    seen = await _statuses_while(system, name, upload())
+    assert ["registering", "unloaded"] == [s for s in seen if s != "absent"], seen
+
+    # Its pool stops 1 s after its last task; the status follows the worker.
+    async with system.http.post(
+        f"{system.url}/batch_update_sd_resource", json={"models": [name], "idleTimeout": 1}
+    ) as response:
+        assert 200 == response.status, await response.text()
+
+    async def generate_then_idle() -> None:
+        body = {"prompt": "x", "steps": 2, "width": 64, "height": 64}
+        body["stable_diffusion_model"] = name
+        async with system.http.post(f"{system.url}/txt2img", json=body) as response:
+            assert 200 == response.status, await response.text()
+        deadline = time.monotonic() + 60
+        while (await _get(system, name))[1]["status"] != "unloaded":
+            assert time.monotonic() < deadline, "the idle worker was not stopped"
+            await asyncio.sleep(0.1)
+
+    seen = await _statuses_while(system, name, generate_then_idle())
+    # `loading` lasts as long as the tiny model takes to load (about a second here), so a
+    # very fast load may pass between two scheduler ticks; the order is what must hold.
+    assert ["unloaded", "loaded", "unloaded"] == [s for s in seen if s != "loading"], seen
+    assert {"unloaded", "loading", "loaded"} >= set(seen)
+
+
+async def test_replacing_a_checkpoint_rolls_its_workers_and_loses_no_task(
+    system: System, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    name = "rolling.safetensors"
+    first = tiny_checkpoint.read_bytes()  # noqa: ASYNC240
+    assert 201 == (await _upload(system, name, first))[0]
+    body: dict[str, Any] = {"prompt": "x", "steps": 2, "width": 64, "height": 64}
+    body["stable_diffusion_model"] = name
+
+    async def model_hash() -> str:
+        async with system.http.post(
+            f"{system.url}/sdapi/v1/txt2img",
+            json={**body, "override_settings": {"sd_model_checkpoint": name}},
+        ) as response:
+            result = await response.json()
+            assert 200 == response.status, result
+        return str(json.loads(result["info"])["sd_model_hash"])
+
+    assert hashlib.sha256(first).hexdigest()[:10] == await model_hash()
+    queued = [await system.submit({**body, "steps": 8}) for _ in range(3)]
+    second = _variant(tiny_checkpoint, tmp_path / "b.safetensors")
+    status, replaced = await _upload(system, name, second)
+    assert 200 == status, replaced
+    assert hashlib.sha256(second).hexdigest() == replaced["model"]["sha256"]
+    for task_id in queued:
+        done = await system.task_when(task_id, lambda d: d["status"] in ("succeeded", "failed"))
+        assert "succeeded" == done["status"], done["message"]
+    # The worker that held the old weights stepped down; a fresh one loaded the new file.
+    deadline = time.monotonic() + 60
+    while (found := await model_hash()) != hashlib.sha256(second).hexdigest()[:10]:
+        assert time.monotonic() < deadline, f"still the old weights ({found})"
