@@ -7,12 +7,15 @@ import logging
 import signal
 from pathlib import Path
 
+import msgspec
+
 from services.common import bus
 from services.common.settings import from_environ
 from services.inference.pipeline import DiffusersPipeline, GenerationError, Pipeline
 from services.inference.settings import WorkerSettings
 from services.inference.worker import Worker
-from services.storage.objects import open_object_store
+from services.storage.modelcache import ModelCacheError, materialize
+from services.storage.objects import ObjectNotFoundError, ObjectStore, open_object_store
 
 log = logging.getLogger("services.inference")
 
@@ -57,6 +60,28 @@ def make_pipeline_factory(settings: WorkerSettings):  # type: ignore[no-untyped-
     return factory
 
 
+async def local_checkpoint(settings: WorkerSettings, objects: ObjectStore) -> WorkerSettings:
+    """Settings pointing at a checkpoint on this node: the shared folder's file, else a
+    verified copy of the registered object fetched into the cache."""
+    path = Path(settings.checkpoint_path)
+    if await asyncio.to_thread(path.exists) or not settings.model_object:
+        return settings
+    try:
+        cached = await materialize(
+            objects,
+            settings.model_object,
+            settings.model_sha256,
+            Path(settings.cache_dir),
+            suffix=path.suffix or ".safetensors",
+            max_bytes=settings.model_cache_bytes,
+        )
+    except (ModelCacheError, ObjectNotFoundError, OSError) as exc:
+        # The worker still starts: loading the missing path fails every task with why.
+        log.error("cannot fetch the checkpoint %s: %s", settings.model_object, exc)
+        return settings
+    return msgspec.structs.replace(settings, checkpoint_path=str(cached))
+
+
 async def amain(settings: WorkerSettings) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -65,6 +90,7 @@ async def amain(settings: WorkerSettings) -> None:
     nc = await bus.connect(settings.nats_url, f"sdswarm-worker-{settings.model_key}")
     objects = await open_object_store(settings)
     try:
+        settings = await local_checkpoint(settings, objects)
         worker = Worker(settings, nc, objects, make_pipeline_factory(settings))
         await worker.run(stop)
     finally:

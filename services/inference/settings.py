@@ -24,6 +24,13 @@ class WorkerSettings(StoreSettings, kw_only=True, frozen=True):
     """Short hash shown in infotexts (A1111's ``Model hash``)."""
     cache_dir: str = "./data/cache"
     """Materialised config folders and tokenizer files."""
+    model_object: str = ""
+    """Object-store key of the checkpoint, fetched into the cache when ``checkpoint_path``
+    is not on this node (a model registered from the object store)."""
+    model_sha256: str = ""
+    """The registry's SHA-256 of the checkpoint; a fetched copy must match it."""
+    model_cache_bytes: int = 200 * 1024**3
+    """Fetched checkpoints kept in ``cache_dir`` (least recently used evicted first)."""
     device: str = "auto"
     """``auto`` picks CUDA when present, else the CPU."""
     prediction_type: str = ""

@@ -39,11 +39,16 @@ def worker_environ(settings: SchedulerSettings, model: Document) -> dict[str, st
         )
     # A function's own environment (POST /batch_update_sd_resource "env"), then ours.
     env |= {str(k): str(v) for k, v in ((model.get("function") or {}).get("env") or {}).items()}
+    source = str(model.get("source") or "")
+    from_store = source.startswith("object:")
     env |= {
         f"{PREFIX}MODEL_NAME": model["name"],
         f"{PREFIX}MODEL_KEY": model["model_key"],
         f"{PREFIX}CHECKPOINT_PATH": model["path"],
         f"{PREFIX}MODEL_HASH": (model.get("sha256") or "")[:10],
+        f"{PREFIX}MODEL_SHA256": model.get("sha256") or "",
+        # Registered from the object store: nodes without the models folder fetch it.
+        f"{PREFIX}MODEL_OBJECT": source.removeprefix("object:") if from_store else "",
         f"{PREFIX}CACHE_DIR": settings.cache_dir,
         f"{PREFIX}DEVICE": settings.device,
         f"{PREFIX}ALLOW_PICKLE": "true" if settings.allow_pickle else "false",
