@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import shutil
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -45,6 +44,7 @@ from services.storage.intake import IntakeError, install, receive, target_path
 from services.storage.models import model_document, model_id
 from services.storage.mongo import Document
 from services.storage.objects import ObjectNotFoundError, check_key
+from services.storage.scan import remove_model_file
 
 log = logging.getLogger(__name__)
 JOBS = web.AppKey("registry_jobs", set[asyncio.Task[None]])
@@ -69,6 +69,7 @@ def model_attributes(doc: Document) -> dict[str, Any]:
         "sizeBytes": doc.get("size_bytes"),
         "error": "registration was interrupted; register it again" if stale else doc.get("error"),
         "loadedWorkers": doc.get("loaded_workers", 0),
+        "draining": bool(doc.get("draining")),
         "predictionType": doc.get("prediction_type") or "epsilon",
     }
 
@@ -333,25 +334,33 @@ async def _upload(
 async def delete_model(request: web.Request) -> web.StreamResponse:
     res, _ = await require_admin(request, "delete models")
     name, model_type = request.match_info["model_name"], _checked_type(request)
+    if request.query.get("drain", "").lower() in ("1", "true", "yes"):
+        return await _drain(res, name, model_type)
     document = await res.models.mark_deleted(name, model_type)
     if document is None:
         raise ApiError(404, "model_not_found", f"{model_type.value} {name!r} is not registered")
     failed = 0
     if model_type is ModelType.STABLE_DIFFUSION:
         failed = await _fail_queued(res, document)
-    await asyncio.to_thread(_remove_file, Path(document["path"]), Path(res.settings.models_dir))
+    folder = Path(res.settings.models_dir)
+    await asyncio.to_thread(remove_model_file, Path(document["path"]), folder)
     log.info("deleted %s %s (%d queued tasks failed)", model_type.value, name, failed)
     return web.json_response({"message": "delete success", "failedTasks": failed})
 
 
-def _remove_file(path: Path, models_dir: Path) -> None:
-    """Remove a model's file or diffusers folder, never anything outside the models folder."""
-    if not path.resolve().is_relative_to(models_dir.resolve()):
-        return
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
+async def _drain(res: Resources, name: str, model_type: ModelType) -> web.StreamResponse:
+    """Delete once the queue is empty: new requests → 404 now, queued tasks still run.
+
+    The storage service finishes the delete when no task of the model is open.
+    """
+    document = await res.models.update(name, model_type, {"draining": True})
+    if document is None:
+        raise ApiError(404, "model_not_found", f"{model_type.value} {name!r} is not registered")
+    queued = await res.tasks.collection.count_documents(
+        {"model_key": document["model_key"], "status": {"$in": ["waiting", "running"]}}
+    )
+    log.info("draining %s %s (%d open tasks)", model_type.value, name, queued)
+    return web.json_response({"message": "draining", "openTasks": queued}, status=202)
 
 
 async def _fail_queued(res: Resources, model: Document) -> int:

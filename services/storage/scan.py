@@ -20,12 +20,16 @@ import contextlib
 import hashlib
 import logging
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
+
+from pymongo.asynchronous.collection import AsyncCollection
 
 from proto import ModelStatus, ModelType
 from services.storage.modelfiles import ModelFileError, inspect_model
 from services.storage.models import ModelStore, model_document
+from services.storage.mongo import Document
 
 log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "Stable-diffusion"
@@ -42,6 +46,7 @@ FOLDERS: dict[ModelType, tuple[str, ...]] = {
 }
 """Where A1111 (and its ControlNet extension) keeps each type, under the models folder."""
 
+DRAIN_CHECK_S = 2.0
 NAMED_BY_PATH = frozenset({ModelType.STABLE_DIFFUSION, ModelType.SD_VAE})
 
 
@@ -207,6 +212,48 @@ async def run_scanner(
             await asyncio.wait_for(stop.wait(), interval_s)
         if not stop.is_set():
             await register_models(models_dir, store, allow_pickle)
+
+
+def remove_model_file(path: Path, models_dir: Path) -> None:
+    """Remove a model's file or diffusers folder, never anything outside the models folder."""
+    if not path.resolve().is_relative_to(models_dir.resolve()):
+        return
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+async def finish_drains(
+    models_dir: Path, store: ModelStore, tasks: AsyncCollection[Document]
+) -> int:
+    """Delete each draining model whose last open task has ended; how many were deleted."""
+    finished = 0
+    for document in await store.list():
+        if not document.get("draining"):
+            continue
+        open_tasks = await tasks.count_documents(
+            {"model_key": document["model_key"], "status": {"$in": ["waiting", "running"]}},
+            limit=1,
+        )
+        if open_tasks:
+            continue
+        model_type = ModelType(document["type"])
+        await store.mark_deleted(document["name"], model_type)
+        await asyncio.to_thread(remove_model_file, Path(document["path"]), models_dir)
+        log.info("%s %s drained and deleted", model_type.value, document["name"])
+        finished += 1
+    return finished
+
+
+async def run_drains(
+    models_dir: Path, store: ModelStore, tasks: AsyncCollection[Document], stop: asyncio.Event
+) -> None:
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), DRAIN_CHECK_S)
+        if not stop.is_set():
+            await finish_drains(models_dir, store, tasks)
 
 
 async def _file_sha256(

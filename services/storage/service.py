@@ -27,7 +27,7 @@ from services.storage.deadletters import run_dead_letters
 from services.storage.models import ModelStore
 from services.storage.mongo import Document, database, open_client
 from services.storage.reconcile import run_reconciler
-from services.storage.scan import register_models, run_scanner
+from services.storage.scan import register_models, run_drains, run_scanner
 from services.storage.sink import run_sink
 from services.storage.tasks import TaskStore
 
@@ -53,6 +53,7 @@ def start_storage_tasks(
             grace_s=settings.reconcile_grace_s,
             lost_after_s=settings.lost_after_s,
         ),
+        "model drains": lambda: run_drains(Path(settings.models_dir), models, db["tasks"], stop),
         "model scanner": lambda: run_scanner(
             Path(settings.models_dir),
             models,

@@ -364,3 +364,29 @@ async def test_replacing_a_checkpoint_rolls_its_workers_and_loses_no_task(
     deadline = time.monotonic() + 60
     while (found := await model_hash()) != hashlib.sha256(second).hexdigest()[:10]:
         assert time.monotonic() < deadline, f"still the old weights ({found})"
+
+
+async def test_delete_with_drain_runs_the_queue_first(
+    system: System, tiny_checkpoint: Path
+) -> None:
+    name = "drained.safetensors"
+    status, _ = await _upload(system, name, tiny_checkpoint.read_bytes())  # noqa: ASYNC240
+    assert 201 == status
+    body = {"prompt": "x", "steps": 6, "width": 64, "height": 64, "stable_diffusion_model": name}
+    queued = [await system.submit(body) for _ in range(2)]
+    async with system.http.delete(_url(system, name, drain="true")) as response:
+        answer = await response.json()
+        assert 202 == response.status, answer
+    assert "draining" == answer["message"]
+    async with system.http.post(f"{system.url}/txt2img", json=body) as response:
+        assert 404 == response.status, "no new work for a draining model"
+    for task_id in queued:
+        done = await system.task_when(task_id, lambda d: d["status"] in ("succeeded", "failed"))
+        assert "succeeded" == done["status"], done["message"]
+    deadline = time.monotonic() + 30
+    while (await _get(system, name))[0] != 404:
+        assert time.monotonic() < deadline, "the drained model was not deleted"
+        await asyncio.sleep(0.2)
+    history = await system.db["models"].find_one({"name": name})
+    assert "deleted" == history["status"]
+    assert not (Path(system.settings.models_dir) / "Stable-diffusion" / name).exists()
