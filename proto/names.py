@@ -30,8 +30,9 @@ CANCEL_BUCKET = "sd_cancel"
 # KV bucket of worker liveness records (proto.workers.WorkerStatus), one key per worker.
 WORKER_BUCKET = "sd_workers"
 
-# Durable consumer of the storage service on EVENT_STREAM.
+# Durable consumers of the storage service on EVENT_STREAM: the fold, the webhooks.
 STORAGE_CONSUMER = "storage"
+WEBHOOK_CONSUMER = "webhooks"
 CONSUMER_PREFIX = "sd_"
 
 # Stream that keeps JetStream's advisories about SD_TASKS (max deliveries reached, message

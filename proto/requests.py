@@ -10,7 +10,7 @@ operator-configurable limits (max pixels, steps, batch) are checked by the gatew
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta, Struct
@@ -28,6 +28,19 @@ Seed = Annotated[int, Meta(ge=-1, le=2**32 - 1)]
 ModelName = Annotated[str, Meta(min_length=1, max_length=512)]
 
 
+WEBHOOK_EVENTS = ("started", "progress", "completed")
+
+
+class Webhook(Struct, kw_only=True, frozen=True):
+    """sdswarm extension: where to POST a task's events, signed (Standard Webhooks)."""
+
+    url: Annotated[str, Meta(min_length=1, max_length=2048)]
+    events: list[Literal["started", "progress", "completed"]] = msgspec.field(
+        default_factory=lambda: ["completed"]
+    )
+    """``completed`` covers succeeded, failed and cancelled."""
+
+
 class _Processing(Struct, kw_only=True, frozen=True, omit_defaults=True):
     """Fields common to txt2img and img2img (A1111 ``StableDiffusionProcessing``)."""
 
@@ -37,6 +50,8 @@ class _Processing(Struct, kw_only=True, frozen=True, omit_defaults=True):
     """Seed extension: VAE name, copied into ``override_settings.sd_vae``."""
     save_dir: str | None = None
     """Seed extension, accepted for compatibility; outputs always go under ``images/{user}/``."""
+    webhook: Webhook | None = None
+    """sdswarm extension: callbacks for this task's events."""
 
     prompt: str = ""
     negative_prompt: str = ""

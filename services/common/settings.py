@@ -26,6 +26,16 @@ def _is_list(annotation: Any) -> bool:
     return any(typing.get_origin(arg) is list for arg in typing.get_args(annotation))
 
 
+def _list_value(raw: str) -> Any:
+    """A list setting: comma-separated (``a,b``) or a JSON array (``[1, 5]``)."""
+    if raw.lstrip().startswith("["):
+        try:
+            return msgspec.json.decode(raw)
+        except msgspec.DecodeError as exc:
+            raise SystemExit(f"invalid setting: {raw!r} is not a JSON array") from exc
+    return [p.strip() for p in raw.split(",") if p.strip()]
+
+
 def from_environ(cls: type[T], environ: Mapping[str, str] | None = None, **overrides: Any) -> T:
     """Build ``cls`` from ``SDSWARM_*`` variables; keyword overrides win (CLI flags)."""
     env = os.environ if environ is None else environ
@@ -35,9 +45,7 @@ def from_environ(cls: type[T], environ: Mapping[str, str] | None = None, **overr
         raw = env.get(PREFIX + name.upper())
         if raw is None:
             continue
-        values[name] = (
-            [p.strip() for p in raw.split(",") if p.strip()] if _is_list(hints[name]) else raw
-        )
+        values[name] = _list_value(raw) if _is_list(hints[name]) else raw
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return msgspec.convert(values, cls, strict=False)
@@ -86,6 +94,16 @@ class StoreSettings(BusSettings, kw_only=True, frozen=True):
     """A task younger than this is left alone (its publish may still be in flight)."""
     lost_after_s: float = 600.0
     """An open task whose message is gone is failed as lost once it is this old."""
+    webhook_allow_hosts: list[str] = msgspec.field(default_factory=list)
+    """Hosts task webhooks may call (``hooks.example.com``, ``*.example.com``); empty: off."""
+    webhook_allow_http: bool = False
+    """Allow plain-http callback URLs (https only otherwise)."""
+    webhook_allow_private: bool = False
+    """Allow callbacks to loopback, private and link-local addresses (tests, one host)."""
+    webhook_max_attempts: int = 6
+    webhook_backoff_s: list[float] = msgspec.field(default_factory=lambda: [1, 5, 30, 120, 600])
+    """Delay before retry n (the last one repeats)."""
+    webhook_timeout_s: float = 10.0
     model_scan_interval_s: float = 60.0
     """Rescan ``models_dir`` this often for dropped-in and removed files; 0: only at start."""
     allow_pickle: bool = False

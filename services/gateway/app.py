@@ -11,7 +11,15 @@ from typing import Any
 from aiohttp import web
 
 from services.common import bus
-from services.gateway import functions, openapi, registry, sdapi, tasks_api, waiting
+from services.gateway import (
+    functions,
+    openapi,
+    registry,
+    sdapi,
+    tasks_api,
+    waiting,
+    webhooks_api,
+)
 from services.gateway.auth import announce, auth_enabled, parse_api_keys
 from services.gateway.errors import ApiError, error_middleware
 from services.gateway.resources import RESOURCES, SETTINGS, Resources, resources
@@ -143,6 +151,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app.router.add_get("/tasks/{task_id}/events", waiting.task_events)
     app.router.add_post("/tasks/{task_id}/cancellation", tasks_api.cancel_task)
     registry.add_routes(app)
+    webhooks_api.add_routes(app)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/openapi.json", openapi.openapi_json)
     app.router.add_get("/docs", openapi.docs)

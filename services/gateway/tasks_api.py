@@ -32,6 +32,7 @@ from services.gateway.errors import ApiError
 from services.gateway.images import store_inputs
 from services.gateway.resources import Resources, resources
 from services.gateway.validation import check_limits, decode
+from services.gateway.webhooks_api import checked_webhook
 from services.storage.idempotency import IdempotencyConflictError, request_hash
 from services.storage.mongo import Document
 from services.storage.tasks import new_task_document
@@ -109,6 +110,7 @@ async def submit(
     """Queue a validated request; with ``sync``, wait for its outcome (None: deadline)."""
     model = await resolve_checkpoint(res, body.stable_diffusion_model, "stable_diffusion_model")
     await admit(res, user)
+    webhook = await checked_webhook(res, body.webhook)
     options = await res.options.get(user)
     if options:
         # The caller's stored options apply to every request; the request's own win.
@@ -142,6 +144,7 @@ async def submit(
         job_count=body.n_iter,
         command=encode(command),
     )
+    document["webhook"] = webhook
     if res.nc.is_closed:  # while reconnecting, publishes wait in the client's buffer
         raise ApiError(503, "queue_unavailable", "the task queue is unreachable, retry later")
     # Subscribe before publishing so a fast worker's terminal event cannot be missed.

@@ -30,6 +30,7 @@ from services.storage.reconcile import run_reconciler
 from services.storage.scan import register_models, run_drains, run_scanner
 from services.storage.sink import run_sink
 from services.storage.tasks import TaskStore
+from services.storage.webhooks import Dispatcher
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ def start_storage_tasks(
             grace_s=settings.reconcile_grace_s,
             lost_after_s=settings.lost_after_s,
         ),
+        "webhooks": lambda: Dispatcher(js, db, settings).run(stop),
         "model drains": lambda: run_drains(Path(settings.models_dir), models, db["tasks"], stop),
         "model scanner": lambda: run_scanner(
             Path(settings.models_dir),

@@ -27,12 +27,10 @@ __all__ = ["models_dir"]  # the e2e tier's fixture, shared
 
 @pytest.fixture
 async def system(tmp_path: Path, models_dir: Path, mongo_server: Any) -> AsyncIterator[System]:
-    store = {"store_dir": str(tmp_path / "objects")}
     async with start_system(
         tmp_path,
         models_dir,
         mongo_server.url,
-        store,
         gpu_slots=2,
         ack_wait_s=3,  # a killed worker's task comes back within seconds
         max_deliver=5,

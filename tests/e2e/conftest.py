@@ -74,10 +74,12 @@ async def start_system(
     data: Path,
     models_dir: Path,
     mongo_url: str,
-    store: dict[str, Any],
+    store: dict[str, Any] | None = None,
     **overrides: Any,
 ) -> AsyncIterator[System]:
-    """The whole system on its own NATS server, a fresh database and the given store."""
+    """The whole system on its own NATS server, a fresh database and the given store
+    (settings of an S3 store; default: a local folder under ``data``)."""
+    store = store if store is not None else {"store_dir": str(data / "objects")}
     port = free_port()
     # A NATS server per system: systems must not share streams or consumers.
     nats_server = NatsServer(data / "nats")

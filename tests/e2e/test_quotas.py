@@ -17,12 +17,10 @@ BODY = {"stable_diffusion_model": "tiny.safetensors", "prompt": "x", "steps": 15
 
 @pytest.fixture
 async def limited(tmp_path: Path, models_dir: Path, mongo_server: Any) -> AsyncIterator[System]:
-    store = {"store_dir": str(tmp_path / "objects")}
     async with start_system(
         tmp_path,
         models_dir,
         mongo_server.url,
-        store,
         max_open_tasks_per_user=2,
         max_tasks_per_minute=3,
     ) as system:

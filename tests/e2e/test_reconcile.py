@@ -22,12 +22,10 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture
 async def system(tmp_path: Path, models_dir: Path, mongo_server: Any) -> AsyncIterator[System]:
-    store = {"store_dir": str(tmp_path / "objects")}
     async with start_system(
         tmp_path,
         models_dir,
         mongo_server.url,
-        store,
         reconcile_interval_s=0.5,
         reconcile_grace_s=1.0,
     ) as system:

@@ -22,3 +22,11 @@ def test_overrides_win() -> None:
 def test_invalid_setting_names_the_variable() -> None:
     with pytest.raises(SystemExit, match="port"):
         from_environ(GatewaySettings, {"SDSWARM_PORT": "many"})
+
+
+def test_list_settings_take_commas_or_a_json_array() -> None:
+    from services.common.settings import StoreSettings
+
+    for raw in ("1,5.5", "[1, 5.5]"):
+        settings = from_environ(StoreSettings, {"SDSWARM_WEBHOOK_BACKOFF_S": raw})
+        assert [1.0, 5.5] == settings.webhook_backoff_s

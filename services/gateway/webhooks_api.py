@@ -1,0 +1,63 @@
+"""The caller's webhook signing secret and the deliveries that gave up (see
+:mod:`services.storage.webhooks`)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from proto.requests import Webhook
+from services.gateway.auth import caller
+from services.gateway.errors import ApiError
+from services.gateway.resources import Resources, resources
+from services.storage.webhooks import WebhookRefusedError, WebhookSecrets, check_url
+
+MAX_LISTED = 200
+
+
+async def checked_webhook(res: Resources, webhook: Webhook | None) -> dict[str, object] | None:
+    """What a task document keeps of its request's webhook, after the guard (422 if refused)."""
+    if webhook is None:
+        return None
+    try:
+        await check_url(webhook.url, res.settings)
+    except WebhookRefusedError as exc:
+        raise ApiError(422, "invalid_field", f"`webhook.url`: {exc}", field="webhook.url") from exc
+    return {"url": webhook.url, "events": sorted(set(webhook.events))}
+
+
+async def secret(request: web.Request) -> web.StreamResponse:
+    res = resources(request)
+    user = await caller(request, res)
+    return web.json_response(
+        {"secret": await WebhookSecrets(res.tasks.collection.database).get(user)}
+    )
+
+
+async def failures(request: web.Request) -> web.StreamResponse:
+    res = resources(request)
+    user = await caller(request, res)
+    cursor = (
+        res.tasks.collection.database["webhook_failures"]
+        .find({"user": user})
+        .sort("at", -1)
+        .limit(MAX_LISTED)
+    )
+    return web.json_response(
+        [
+            {
+                "deliveryId": doc["_id"],
+                "taskId": doc["task_id"],
+                "url": doc["url"],
+                "event": doc["event"],
+                "attempts": doc["attempts"],
+                "error": doc["error"],
+                "at": doc["at"].isoformat(),
+            }
+            async for doc in cursor
+        ]
+    )
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/webhooks/secret", secret)
+    app.router.add_get("/webhooks/failures", failures)

@@ -1,0 +1,81 @@
+"""The webhook guard: no callback unless the operator allows the host, https, and public
+addresses only (loopback, private, link-local and metadata addresses refused)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+
+import pytest
+
+from services.common.settings import StoreSettings
+from services.storage.webhooks import WebhookRefusedError, check_url, sign, subscribed
+
+ALLOWED = StoreSettings(
+    webhook_allow_hosts=[
+        "*.example.com",
+        "93.184.216.34",
+        "127.0.0.1",
+        "10.1.2.3",
+        "169.254.169.254",
+        "::1",
+        "localhost",
+    ]
+)
+
+
+@pytest.mark.parametrize(
+    ("url", "settings", "rule"),
+    [
+        ("https://hooks.example.com/x", StoreSettings(), "webhooks are off"),
+        ("http://93.184.216.34/x", ALLOWED, "scheme must be https"),
+        ("ftp://93.184.216.34/x", ALLOWED, "scheme"),
+        ("https://evil.test/x", ALLOWED, "not in the operator's allowed hosts"),
+        ("https://user:pw@93.184.216.34/x", ALLOWED, "no credentials"),
+        ("https://127.0.0.1/x", ALLOWED, "non-public address"),
+        ("https://10.1.2.3/x", ALLOWED, "non-public address"),
+        ("https://169.254.169.254/latest/meta-data", ALLOWED, "non-public address"),
+        ("https://[::1]/x", ALLOWED, "non-public address"),
+        ("https://localhost/x", ALLOWED, "non-public address"),
+        ("https://93.184.216.34:99999/x", ALLOWED, "not a valid URL"),
+    ],
+)
+async def test_refused(url: str, settings: StoreSettings, rule: str) -> None:
+    with pytest.raises(WebhookRefusedError, match=rule):
+        await check_url(url, settings)
+
+
+async def test_allowed_public_address_is_pinned() -> None:
+    target = await check_url("https://93.184.216.34:8443/hook?x=1", ALLOWED)
+    assert ("93.184.216.34", 8443, "93.184.216.34") == (target.host, target.port, target.address)
+
+
+async def test_private_addresses_only_with_the_operators_opt_in() -> None:
+    settings = StoreSettings(
+        webhook_allow_hosts=["127.0.0.1"], webhook_allow_http=True, webhook_allow_private=True
+    )
+    assert "127.0.0.1" == (await check_url("http://127.0.0.1:9/x", settings)).address
+
+
+def test_signature_is_standard_webhooks_hmac() -> None:
+    key = b"k" * 32
+    secret = "whsec_" + base64.b64encode(key).decode()
+    expected = base64.b64encode(
+        hmac.new(key, b"msg_1.1700000000.{}", hashlib.sha256).digest()
+    ).decode()
+    assert f"v1,{expected}" == sign(secret, "msg_1", 1700000000, b"{}")
+
+
+@pytest.mark.parametrize(
+    ("kind", "events", "expected"),
+    [
+        ("succeeded", ["completed"], True),
+        ("cancelled", ["completed"], True),
+        ("progress", ["completed"], False),
+        ("progress", ["progress"], True),
+        ("started", ["completed", "started"], True),
+    ],
+)
+def test_subscriptions(kind: str, events: list[str], expected: bool) -> None:
+    assert expected == subscribed(kind, events)
