@@ -23,7 +23,7 @@ from services.storage.objects import check_key
 FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
 
 
-def _decode_base64(value: str, field: str) -> bytes:
+def decode_base64(value: str, field: str) -> bytes:
     text = value.strip()
     if text.startswith("data:"):
         header, _, text = text.partition(",")
@@ -106,7 +106,7 @@ async def store_inputs(
             check_image(await res.objects.get(key), name, res.settings.max_input_pixels)
             keys.append(key)
             continue
-        data = _decode_base64(value, name)
+        data = decode_base64(value, name)
         extension = check_image(data, name, res.settings.max_input_pixels)
         key = f"inputs/{user}/{task_id}_{first + offset}.{extension}"
         uploads.append((key, data, extension))

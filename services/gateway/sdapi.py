@@ -22,6 +22,7 @@ from proto.requests import Img2ImgRequest, Txt2ImgRequest, to_builtins
 from proto.samplers import SAMPLERS, SCHEDULE_TYPES
 from services.gateway.auth import caller
 from services.gateway.errors import ApiError, Handler, invalid_body
+from services.gateway.pnginfo import png_info
 from services.gateway.resources import Resources, resources
 from services.gateway.tasks_api import cancel_document, new_task_id, submit
 from services.gateway.validation import check_limits, read_json
@@ -337,4 +338,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post(f"{prefix}/refresh-checkpoints", _refresh(ModelType.STABLE_DIFFUSION))
     app.router.add_post(f"{prefix}/refresh-vae", _refresh(ModelType.SD_VAE))
     app.router.add_post(f"{prefix}/refresh-loras", _refresh(ModelType.LORA))
+    app.router.add_post(f"{prefix}/png-info", png_info)
     app.router.add_post("/options", seed_options)

@@ -119,6 +119,21 @@ async def test_txt2img_returns_base64_images_parameters_and_info(system: System)
     )
     assert "a red apple on a table" == body["parameters"]["prompt"]
 
+    # png-info reads the parameters back out of a result image, as A1111 clients do.
+    async with system.http.post(
+        f"{system.url}/sdapi/v1/png-info", json={"image": body["images"][1]}
+    ) as r:
+        assert 200 == r.status, await r.text()
+        read_back = await r.json()
+    assert info["infotexts"][1] == read_back["info"]
+    fields = read_back["parameters"]
+    assert ("a red apple on a table", "31338", "3", "64") == (
+        fields["Prompt"],
+        fields["Seed"],
+        fields["Steps"],
+        fields["Size-1"],
+    )
+
 
 async def test_progress_and_interrupt_touch_only_the_callers_task(system: System) -> None:
     idle = await _get(system, "/sdapi/v1/progress")
