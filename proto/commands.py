@@ -5,7 +5,7 @@ from __future__ import annotations
 from msgspec import Struct
 
 from proto.enums import TaskKind
-from proto.requests import Img2ImgRequest, Txt2ImgRequest
+from proto.requests import ExtrasOptions, Img2ImgRequest, Txt2ImgRequest
 
 # Bumped only for a change old workers cannot read; fields are otherwise added with defaults.
 SCHEMA_VERSION = 1
@@ -24,8 +24,12 @@ class GenerateImage(Struct, kw_only=True, frozen=True, omit_defaults=True):
     kind: TaskKind = TaskKind.TXT2IMG
     txt2img: Txt2ImgRequest | None = None
     img2img: Img2ImgRequest | None = None
+    extras: ExtrasOptions | None = None
+    """Extras (upscaling) parameters; one output image per input key."""
+    upscalers: dict[str, str] = {}
+    """Extras: the registered upscaler models the request names, name → file path."""
     input_keys: list[str] = []
-    """Claim checks: object keys of uploaded input images (img2img), never the bytes."""
+    """Claim checks: object keys of uploaded input images (img2img, extras), never the bytes."""
     submitted_at: float = 0.0
     """Unix time the gateway accepted the task (queue-age metrics, ETA)."""
     schema_version: int = SCHEMA_VERSION

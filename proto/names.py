@@ -46,6 +46,11 @@ TERMINATED_ADVISORY = "MSG_TERMINATED"
 # Header JetStream uses for de-duplication; we set it to the task id.
 MSG_ID_HEADER = "Nats-Msg-Id"
 
+# Extras (upscaling) need no checkpoint: they have a worker pool of their own, keyed like
+# a checkpoint's, so they queue on ``sd.task.extras`` and consumer ``sd_extras``. The key
+# cannot collide with a checkpoint's, which always ends in ``-<6 hex digits>``.
+EXTRAS_MODEL_KEY = "extras"
+
 _MODEL_KEY_RE = re.compile(r"^[a-z0-9_]{1,40}-[0-9a-f]{6}$")
 _TASK_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 

@@ -10,6 +10,7 @@ operator-configurable limits (max pixels, steps, batch) are checked by the gatew
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -21,6 +22,10 @@ PositiveInt = Annotated[int, Meta(ge=1)]
 NonNegInt = Annotated[int, Meta(ge=0)]
 NonNegFloat = Annotated[float, Meta(ge=0)]
 UnitFloat = Annotated[float, Meta(ge=0, le=1)]
+Scale = Annotated[float, Meta(ge=0, le=100)]
+"""Guidance scales: A1111's UI stops at 30; beyond 100 is no image anyone wants."""
+SamplerFloat = Annotated[float, Meta(ge=0, le=1000)]
+"""Sampler tuning knobs (``s_churn`` …): bounded so no value is absurd."""
 # Latents are 1/8 of the image: A1111 and diffusers both need multiples of 8.
 Dimension = Annotated[int, Meta(ge=8, multiple_of=8)]
 # -1 means "pick one at random" (A1111).
@@ -70,20 +75,20 @@ class _Processing(Struct, kw_only=True, frozen=True, omit_defaults=True):
     batch_size: PositiveInt = 1
     n_iter: PositiveInt = 1
     steps: PositiveInt = 20
-    cfg_scale: NonNegFloat = 7.0
+    cfg_scale: Scale = 7.0
     width: Dimension = 512
     height: Dimension = 512
     restore_faces: bool | None = None
     tiling: bool | None = None
     do_not_save_samples: bool = False
     do_not_save_grid: bool = False
-    eta: NonNegFloat | None = None
+    eta: UnitFloat | None = None
     denoising_strength: UnitFloat | None = None
-    s_min_uncond: NonNegFloat | None = None
-    s_churn: NonNegFloat | None = None
-    s_tmax: NonNegFloat | None = None
-    s_tmin: NonNegFloat | None = None
-    s_noise: NonNegFloat | None = None
+    s_min_uncond: SamplerFloat | None = None
+    s_churn: SamplerFloat | None = None
+    s_tmax: SamplerFloat | None = None
+    s_tmin: SamplerFloat | None = None
+    s_noise: SamplerFloat | None = None
     override_settings: dict[str, Any] | None = None
     override_settings_restore_afterwards: bool = True
     refiner_checkpoint: str | None = None
@@ -107,7 +112,7 @@ class Txt2ImgRequest(_Processing, kw_only=True, frozen=True, omit_defaults=True)
     enable_hr: bool = False
     firstphase_width: NonNegInt = 0
     firstphase_height: NonNegInt = 0
-    hr_scale: NonNegFloat = 2.0
+    hr_scale: Annotated[float, Meta(ge=1, le=8)] = 2.0
     hr_upscaler: str | None = None
     hr_second_pass_steps: NonNegInt = 0
     hr_resize_x: NonNegInt = 0
@@ -124,7 +129,7 @@ class Img2ImgRequest(_Processing, kw_only=True, frozen=True, omit_defaults=True)
     init_images: list[str] = []
     """Base64 images or object keys of earlier uploads."""
     resize_mode: Annotated[int, Meta(ge=0, le=3)] = 0
-    image_cfg_scale: NonNegFloat | None = None
+    image_cfg_scale: Scale | None = None
     mask: str | None = None
     mask_blur: NonNegInt | None = None
     mask_blur_x: NonNegInt = 4
@@ -134,29 +139,105 @@ class Img2ImgRequest(_Processing, kw_only=True, frozen=True, omit_defaults=True)
     inpaint_full_res: bool = True
     inpaint_full_res_padding: NonNegInt = 0
     inpainting_mask_invert: Annotated[int, Meta(ge=0, le=1)] = 0
-    initial_noise_multiplier: NonNegFloat | None = None
+    initial_noise_multiplier: Annotated[float, Meta(ge=0, le=10)] | None = None
     latent_mask: str | None = None
     include_init_images: bool = False
 
 
-class ExtraImagesRequest(Struct, kw_only=True, frozen=True, omit_defaults=True):
+BUILTIN_UPSCALERS = ("None", "Lanczos", "Nearest")
+"""A1111's upscalers that need no weights. ``None`` as ``upscaler_1`` leaves the image as
+it is (A1111 >= 1.6); the latent modes exist only for hires fix, not here."""
+
+
+def _floor8(value: float) -> int:
+    # A1111's Upscaler.upscale floors the target to multiples of 8 (never below 8 here).
+    return max(int(round(value, 6)) // 8 * 8, 8)
+
+
+class ExtrasOptions(Struct, kw_only=True, frozen=True, omit_defaults=True):
+    """A1111's extras (postprocessing) parameters, without the images.
+
+    This is what an extras task carries on the bus; its images travel as object keys
+    (``GenerateImage.input_keys``), one output per input, in order.
+    """
+
+    resize_mode: Annotated[int, Meta(ge=0, le=1)] = 0
+    """0: scale by ``upscaling_resize``; 1: scale to ``upscaling_resize_w`` × ``_h``."""
+    show_extras_results: bool = True
+    gfpgan_visibility: UnitFloat = 0.0
+    """Face restoration is not implemented: > 0 is refused (422) naming the field."""
+    codeformer_visibility: UnitFloat = 0.0
+    codeformer_weight: UnitFloat = 0.0
+    upscaling_resize: Annotated[float, Meta(ge=0, le=8)] = 2.0
+    """Factor for ``resize_mode`` 0; below 1 counts as 1 (A1111)."""
+    upscaling_resize_w: Annotated[int, Meta(ge=1, le=16384)] = 512
+    upscaling_resize_h: Annotated[int, Meta(ge=1, le=16384)] = 512
+    upscaling_crop: bool = True
+    """With ``resize_mode`` 1: centre-crop to exactly ``_w`` × ``_h`` (else keep the aspect)."""
+    upscaler_1: str = "None"
+    """A built-in (``None``, ``Lanczos``, ``Nearest``) or a registered ``upscaler`` model."""
+    upscaler_2: str = "None"
+    extras_upscaler_2_visibility: UnitFloat = 0.0
+    """Blend weight of ``upscaler_2``'s result over ``upscaler_1``'s (``Image.blend``)."""
+    upscale_first: bool = False
+    """Order of upscaling and face restoration; no effect while the latter is refused."""
+
+    def upscale_size(self, width: int, height: int) -> tuple[int, int]:
+        """The size both upscalers resize a ``width`` × ``height`` image to.
+
+        As A1111: by factor (at least 1) or by the larger of the two ratios to the target
+        box, floored to multiples of 8. One deviation: when cropping to the box, the size
+        is rounded up to cover it, where A1111's flooring left black bands after the crop.
+        """
+        if self.resize_mode == 0:
+            scale = max(self.upscaling_resize, 1.0)
+            return _floor8(width * scale), _floor8(height * scale)
+        scale = max(self.upscaling_resize_w / width, self.upscaling_resize_h / height)
+        if self.upscaling_crop:
+            return (
+                max(math.ceil(round(width * scale, 6)), self.upscaling_resize_w),
+                max(math.ceil(round(height * scale, 6)), self.upscaling_resize_h),
+            )
+        return _floor8(width * scale), _floor8(height * scale)
+
+    def output_size(self, width: int, height: int) -> tuple[int, int]:
+        """The size of the result for a ``width`` × ``height`` input."""
+        if self.upscaler_1 == "None":
+            return width, height
+        if self.resize_mode == 1 and self.upscaling_crop:
+            return self.upscaling_resize_w, self.upscaling_resize_h
+        return self.upscale_size(width, height)
+
+
+class ExtraImagesRequest(ExtrasOptions, kw_only=True, frozen=True, omit_defaults=True):
     """The seed's ``/extra_images`` body (A1111 ``extra-single-image``)."""
 
     image: str
-    resize_mode: Annotated[int, Meta(ge=0, le=1)] = 0
+    """Base64 (``data:`` prefix optional) or an object key of the caller's."""
     stable_diffusion_model: str | None = None
-    show_extras_results: bool = True
-    gfpgan_visibility: UnitFloat = 0.0
-    codeformer_visibility: UnitFloat = 0.0
-    codeformer_weight: UnitFloat = 0.0
-    upscaling_resize: NonNegFloat = 2.0
-    upscaling_resize_w: NonNegInt = 512
-    upscaling_resize_h: NonNegInt = 512
-    upscaling_crop: bool = True
-    upscaler_1: str = "None"
-    upscaler_2: str = "None"
-    extras_upscaler_2_visibility: UnitFloat = 0.0
-    upscale_first: bool = False
+    """Seed field that only routed the request to a function; extras need no checkpoint,
+    so it is accepted and ignored."""
+    webhook: Webhook | None = None
+    """sdswarm extension: callbacks for this task's events."""
+
+
+class ExtraBatchImage(Struct, kw_only=True, frozen=True):
+    """One entry of A1111's ``imageList``."""
+
+    data: str
+    name: str = ""
+
+
+class ExtraBatchImagesRequest(ExtrasOptions, kw_only=True, frozen=True, omit_defaults=True):
+    """A1111 ``extra-batch-images``: the same parameters for every image of the list."""
+
+    imageList: list[ExtraBatchImage]
+
+
+def extras_options(request: ExtrasOptions) -> ExtrasOptions:
+    """Only the parameters (no images, no routing) of an extras request."""
+    fields = {name: getattr(request, name) for name in ExtrasOptions.__struct_fields__}
+    return ExtrasOptions(**fields)
 
 
 def to_builtins(request: Struct) -> dict[str, Any]:

@@ -145,6 +145,15 @@ async def submit(
         command=encode(command),
     )
     document["webhook"] = webhook
+    return task_id, await enqueue(res, command, document, sync=sync)
+
+
+async def enqueue(
+    res: Resources, command: GenerateImage, document: Document, *, sync: bool
+) -> Document | None:
+    """Store the task document, publish its command; with ``sync``, its outcome (None:
+    deadline passed or async)."""
+    task_id = command.task_id
     if res.nc.is_closed:  # while reconnecting, publishes wait in the client's buffer
         raise ApiError(503, "queue_unavailable", "the task queue is unreachable, retry later")
     # Subscribe before publishing so a fast worker's terminal event cannot be missed.
@@ -161,8 +170,8 @@ async def submit(
             ) from exc
         await _publish(res, command)
         if waiter is None:
-            return task_id, None
-        return task_id, await waiter.wait(res.tasks, res.settings.sync_timeout_s)
+            return None
+        return await waiter.wait(res.tasks, res.settings.sync_timeout_s)
     finally:
         if waiter is not None:
             await waiter.close()

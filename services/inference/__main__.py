@@ -9,6 +9,7 @@ from pathlib import Path
 
 import msgspec
 
+from proto import names
 from services.common import bus
 from services.common.settings import from_environ
 from services.inference.pipeline import DiffusersPipeline, GenerationError, Pipeline
@@ -60,6 +61,28 @@ def make_pipeline_factory(settings: WorkerSettings):  # type: ignore[no-untyped-
     return factory
 
 
+def make_extras_factory(settings: WorkerSettings):  # type: ignore[no-untyped-def]
+    """The extras pool's worker: no checkpoint, upscaler models loaded on demand."""
+
+    def factory() -> Pipeline:
+        import torch
+
+        from services.inference.extras import ExtrasRunner
+        from services.inference.upscalers import ModelCache
+
+        device = pick_device(settings.device)
+        if device == "cpu":
+            torch.set_flush_denormal(True)
+        return ExtrasRunner(
+            device=device,
+            tile=settings.upscale_tile_px,
+            overlap=settings.upscale_tile_overlap_px,
+            models=ModelCache(device),
+        )
+
+    return factory
+
+
 async def local_checkpoint(settings: WorkerSettings, objects: ObjectStore) -> WorkerSettings:
     """Settings pointing at a checkpoint on this node: the shared folder's file, else a
     verified copy of the registered object fetched into the cache."""
@@ -90,8 +113,12 @@ async def amain(settings: WorkerSettings) -> None:
     nc = await bus.connect(settings.nats_url, f"sdswarm-worker-{settings.model_key}")
     objects = await open_object_store(settings)
     try:
-        settings = await local_checkpoint(settings, objects)
-        worker = Worker(settings, nc, objects, make_pipeline_factory(settings))
+        if settings.model_key == names.EXTRAS_MODEL_KEY:
+            factory = make_extras_factory(settings)
+        else:
+            settings = await local_checkpoint(settings, objects)
+            factory = make_pipeline_factory(settings)
+        worker = Worker(settings, nc, objects, factory)
         await worker.run(stop)
     finally:
         await objects.aclose()

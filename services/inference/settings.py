@@ -44,5 +44,10 @@ class WorkerSettings(StoreSettings, kw_only=True, frozen=True):
     parent_pid: int = 0
     """Exit (after the current task) once this process is no longer our parent: the
     local backend passes its pid, so a worker never outlives it. 0: no such check."""
+    upscale_tile_px: int = 192
+    """Extras workers: model upscalers run on tiles of this many pixels a side (0: whole
+    image at once), which bounds memory on large images (A1111's ``ESRGAN_tile``)."""
+    upscale_tile_overlap_px: int = 16
+    """Context around each tile, dropped from its output (A1111's ``ESRGAN_tile_overlap``)."""
     idle_exit_s: float = 0.0
     """Exit after this long without work (0: never); the scheduler also stops idle workers."""

@@ -168,6 +168,8 @@ class Worker:
         holds the old weights, so it steps down and the scheduler starts a fresh one.
         Queued tasks stay in the stream; a task in hand finishes or is handed back.
         """
+        if not self.settings.checkpoint_path:
+            return  # an extras worker has no checkpoint (Path("") would watch the cwd)
         path = Path(self.settings.checkpoint_path)
         loaded = await asyncio.to_thread(_file_identity, path)
         while not stop.is_set():
@@ -391,7 +393,8 @@ class Worker:
     ) -> None:
         """Publish progress in order, with an in-progress ack per real step."""
         request = command.txt2img or command.img2img
-        job_count = request.n_iter if request else 1
+        # Extras: one job per input image.
+        job_count = request.n_iter if request else max(len(command.input_keys), 1)
         started = time.monotonic()
         while (item := await steps.get()) is not None:
             done = (item.job_no * item.total_steps + item.step) / (item.total_steps * job_count)

@@ -74,6 +74,13 @@ async def worker_records(js: JetStreamContext) -> list[WorkerStatus]:
     return records
 
 
+def extras_pool() -> Document:
+    """Extras (upscaling) need no checkpoint: a pool of their own, scaled like a checkpoint's
+    (its workers start with no checkpoint path; see services/inference/extras.py)."""
+    key = names.EXTRAS_MODEL_KEY
+    return {"name": key, "model_key": key, "path": "", "status": ModelStatus.UNLOADED.value}
+
+
 class Scheduler:
     def __init__(
         self,
@@ -137,6 +144,7 @@ class Scheduler:
         # reason at once (the gateway refuses new ones), so nothing waits forever.
         models = await self.models.list(ModelType.STABLE_DIFFUSION)
         await self._sync_statuses(models)
+        models.append(extras_pool())
         loads = [await self._load(m, replicas.get(m["model_key"], 0), now) for m in models]
         result = plan(
             loads,

@@ -1,0 +1,270 @@
+"""Extras (upscaling) as tasks: the seed's ``/extra_images`` and A1111's extras endpoints.
+
+Extras need no checkpoint: they queue on the extras pool's subject
+(``sd.task.extras``, consumer ``sd_extras``), which the scheduler scales like a
+checkpoint's. Everything a worker could refuse is refused here first, with nothing
+queued: face restoration (not implemented), an upscaler that is neither built in nor
+registered as type ``upscaler``, a result larger than ``max_input_pixels``.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+from typing import Any
+
+import msgspec
+from aiohttp import web
+from PIL import Image
+
+from proto import GenerateImage, ModelType, TaskKind, names
+from proto.codec import encode
+from proto.requests import (
+    BUILTIN_UPSCALERS,
+    ExtraBatchImagesRequest,
+    ExtraImagesRequest,
+    ExtrasOptions,
+    Webhook,
+    extras_options,
+    to_builtins,
+)
+from services.gateway.auth import caller
+from services.gateway.errors import ApiError
+from services.gateway.images import store_inputs
+from services.gateway.resources import Resources, resources
+from services.gateway.tasks_api import (
+    REQUEST_TYPE_HEADER,
+    TASK_ID_HEADER,
+    _answer,
+    admit,
+    enqueue,
+    new_task_id,
+    requested_task_id,
+)
+from services.gateway.validation import decode
+from services.gateway.webhooks_api import checked_webhook
+from services.storage.mongo import Document
+from services.storage.tasks import new_task_document
+
+FACE_FIELDS = ("gfpgan_visibility", "codeformer_visibility")
+DEFAULT_MODEL_SCALE = 4
+"""What ``/sdapi/v1/upscalers`` reports when the registry does not know a model's
+scale (A1111 reports 4 for models it has not loaded either)."""
+
+
+async def _resolve_upscalers(res: Resources, options: ExtrasOptions) -> dict[str, str]:
+    """Registered upscaler models the request names (name → path); 422 for unknown ones."""
+    wanted = [("upscaler_1", options.upscaler_1), ("upscaler_2", options.upscaler_2)]
+    found: dict[str, str] = {}
+    for field, name in wanted:
+        if name in BUILTIN_UPSCALERS:
+            continue
+        model = await res.models.get(name, ModelType.UPSCALER)
+        if model is None or model.get("status") == "failed" or model.get("draining"):
+            known = [m["name"] for m in await res.models.list(ModelType.UPSCALER)]
+            raise ApiError(
+                422,
+                "invalid_field",
+                f"`{field}` {name!r} is not an upscaler; known: "
+                + ", ".join([*BUILTIN_UPSCALERS, *known]),
+                field=field,
+            )
+        found[name] = str(model["path"])
+    return found
+
+
+def check_options(options: ExtrasOptions) -> None:
+    for field in FACE_FIELDS:
+        if getattr(options, field) > 0:
+            raise ApiError(
+                422,
+                "not_implemented",
+                f"`{field}` > 0 asks for face restoration, which sdswarm does not implement"
+                " (no face-restoration model can be registered); send 0",
+                field=field,
+            )
+
+
+async def _check_output_sizes(
+    res: Resources, options: ExtrasOptions, keys: list[str], fields: list[str]
+) -> None:
+    limit = res.settings.max_input_pixels
+    for key, field in zip(keys, fields, strict=True):
+        with Image.open(io.BytesIO(await res.objects.get(key))) as image:
+            width, height = options.output_size(*image.size)
+        if width * height > limit:
+            raise ApiError(
+                422,
+                "limit_exceeded",
+                f"`{field}` would become {width}×{height} pixels; at most {limit} allowed",
+                field="upscaling_resize" if options.resize_mode == 0 else "upscaling_resize_w",
+            )
+
+
+async def submit_extras(
+    res: Resources,
+    user: str,
+    options: ExtrasOptions,
+    images: list[str],
+    field: str,
+    task_id: str,
+    *,
+    sync: bool,
+    parameters: dict[str, Any],
+    webhook: Webhook | None = None,
+) -> tuple[str, Document | None]:
+    """Queue an extras task for ``images`` (base64 or owned keys); with ``sync``, wait."""
+    check_options(options)
+    if not images:
+        raise ApiError(422, "invalid_field", f"`{field}` needs at least one image", field=field)
+    if len(images) > res.settings.max_input_images:
+        raise ApiError(
+            422,
+            "limit_exceeded",
+            f"`{field}` must hold at most {res.settings.max_input_images} images"
+            f" but holds {len(images)}",
+            field=field,
+        )
+    upscalers = await _resolve_upscalers(res, options)
+    await admit(res, user)
+    checked = await checked_webhook(res, webhook)
+    keys = await store_inputs(res, user, task_id, images, field)
+    await _check_output_sizes(res, options, keys, [f"{field}[{n}]" for n in range(len(keys))])
+    key = names.EXTRAS_MODEL_KEY
+    command = GenerateImage(
+        task_id=task_id,
+        user=user,
+        model_name=key,
+        model_key=key,
+        kind=TaskKind.EXTRAS,
+        extras=extras_options(options),
+        upscalers=upscalers,
+        input_keys=keys,
+        submitted_at=time.time(),
+    )
+    document = new_task_document(
+        task_id=task_id,
+        user=user,
+        kind=TaskKind.EXTRAS.value,
+        model_name=key,
+        model_key=key,
+        parameters=parameters | {field: keys if field == "imageList" else keys[0]},
+        total_steps=1,
+        job_count=len(keys),
+        command=encode(command),
+    )
+    document["webhook"] = checked
+    return task_id, await enqueue(res, command, document, sync=sync)
+
+
+async def extra_images(request: web.Request) -> web.StreamResponse:
+    """The seed's ``POST /extra_images``: sync or async (``Request-Type``), a task."""
+    res = resources(request)
+    user = await caller(request, res)
+    body = decode(await request.read(), ExtraImagesRequest)
+    task_id = requested_task_id(request)
+    sync = request.headers.get(REQUEST_TYPE_HEADER, "sync").strip().lower() != "async"
+    parameters = to_builtins(body)
+    del parameters["image"]
+    task_id, outcome = await submit_extras(
+        res,
+        user,
+        body,
+        [body.image],
+        "image",
+        task_id,
+        sync=sync,
+        parameters=parameters,
+        webhook=body.webhook,
+    )
+    return await _answer(res, task_id, outcome, sync=sync)
+
+
+async def _a1111_outcome(res: Resources, task_id: str, outcome: Document | None) -> list[str]:
+    """Base64 results of a finished sync extras task; A1111-style errors otherwise."""
+    headers = {TASK_ID_HEADER: task_id}
+    if outcome is None:
+        raise ApiError(
+            504,
+            "timeout",
+            f"task {task_id} is still running; follow /tasks/{task_id}/events",
+            headers=headers,
+        )
+    if outcome["status"] != "succeeded":
+        raise ApiError(
+            500 if outcome["status"] == "failed" else 409,
+            outcome.get("code") or outcome["status"],
+            outcome["message"] or f"task {outcome['status']}",
+            headers=headers,
+        )
+    return [base64.b64encode(await res.objects.get(k)).decode() for k in outcome["images"]]
+
+
+def _html_info(outcome: Document | None) -> str:
+    info = msgspec.json.decode((outcome or {}).get("info") or "{}")
+    return str(info.get("html_info", "")) if isinstance(info, dict) else ""
+
+
+async def _a1111_extras(
+    request: web.Request, cls: type[ExtraImagesRequest] | type[ExtraBatchImagesRequest]
+) -> web.StreamResponse:
+    """A1111's extras endpoints: synchronous, results as base64 beside ``html_info``."""
+    res = resources(request)
+    user = await caller(request, res)
+    body: ExtraImagesRequest | ExtraBatchImagesRequest = decode(await request.read(), cls)
+    parameters = to_builtins(body)
+    if isinstance(body, ExtraImagesRequest):
+        field, images = "image", [body.image]
+    else:
+        field, images = "imageList", [entry.data for entry in body.imageList]
+    del parameters[field]
+    task_id, outcome = await submit_extras(
+        res, user, body, images, field, new_task_id(), sync=True, parameters=parameters
+    )
+    results = await _a1111_outcome(res, task_id, outcome)
+    answer: dict[str, Any] = {"html_info": _html_info(outcome)}
+    if isinstance(body, ExtraImagesRequest):
+        answer["image"] = results[0]
+    else:
+        answer["images"] = results
+    return web.json_response(answer, headers={TASK_ID_HEADER: task_id})
+
+
+async def extra_single_image(request: web.Request) -> web.StreamResponse:
+    """A1111 ``POST /sdapi/v1/extra-single-image`` → ``{html_info, image}``."""
+    return await _a1111_extras(request, ExtraImagesRequest)
+
+
+async def extra_batch_images(request: web.Request) -> web.StreamResponse:
+    """A1111 ``POST /sdapi/v1/extra-batch-images`` → ``{html_info, images}``."""
+    return await _a1111_extras(request, ExtraBatchImagesRequest)
+
+
+async def upscalers(request: web.Request) -> web.StreamResponse:
+    """A1111 ``GET /sdapi/v1/upscalers``: the built-ins, then the registered models."""
+    res = resources(request)
+    await caller(request, res)
+    builtins = [
+        {"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+        for name in BUILTIN_UPSCALERS
+    ]
+    models = [
+        {
+            "name": m["name"],
+            "model_name": str(m["name"]).rsplit("/", 1)[-1].rsplit(".", 1)[0],
+            "model_path": m.get("path"),
+            "model_url": None,
+            "scale": m.get("scale") or DEFAULT_MODEL_SCALE,
+        }
+        for m in await res.models.list(ModelType.UPSCALER)
+        if m.get("status") != "failed"
+    ]
+    return web.json_response(builtins + models)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/extra_images", extra_images)
+    app.router.add_post("/sdapi/v1/extra-single-image", extra_single_image)
+    app.router.add_post("/sdapi/v1/extra-batch-images", extra_batch_images)
+    app.router.add_get("/sdapi/v1/upscalers", upscalers)

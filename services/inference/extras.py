@@ -1,0 +1,231 @@
+"""Extras (A1111 "postprocessing"): upscale each input image, as a task like any other.
+
+An extras worker serves the pool keyed :data:`proto.names.EXTRAS_MODEL_KEY`; it loads
+no checkpoint, only the upscaler models its tasks name (cached). It satisfies the
+:class:`~services.inference.pipeline.Pipeline` protocol: one output PNG per input key,
+progress per tile (built-in resamplers count one step per upscaler), cancellation
+checked between images and tiles.
+
+Geometry and the two-upscaler blend follow A1111's ``postprocessing_upscale``:
+``upscaler_1`` ``None`` leaves the image as it is; otherwise both upscalers resize the
+source to :meth:`ExtrasOptions.upscale_size`, ``upscaler_2``'s result is blended over
+the first with ``extras_upscaler_2_visibility``, and ``resize_mode`` 1 with
+``upscaling_crop`` centre-crops to the requested box.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from PIL import Image, UnidentifiedImageError
+from PIL.PngImagePlugin import PngInfo
+
+from proto import GenerateImage
+from proto.requests import BUILTIN_UPSCALERS, ExtrasOptions
+from services.inference.pipeline import (
+    Generation,
+    GenerationError,
+    Inputs,
+    StepCallback,
+    TaskCancelledError,
+)
+from services.inference.upscalers import (
+    RESAMPLERS,
+    ModelCache,
+    model_passes,
+    tile_boxes,
+    upscale_with_model,
+)
+
+FACE_FIELDS = ("gfpgan_visibility", "codeformer_visibility")
+
+
+def face_restoration_refusal(options: ExtrasOptions) -> str | None:
+    """The field asking for face restoration, which sdswarm does not implement."""
+    for field in FACE_FIELDS:
+        if getattr(options, field) > 0:
+            return field
+    return None
+
+
+def crop_to(image: Image.Image, width: int, height: int) -> Image.Image:
+    """Centre crop (A1111 pastes the image centred on a box of the target size)."""
+    left = (image.width - width) // 2
+    top = (image.height - height) // 2
+    return image.crop((left, top, left + width, top + height))
+
+
+def infotext(options: ExtrasOptions) -> str:
+    """A1111's postprocessing parameters line."""
+    if options.upscaler_1 == "None":
+        return ""
+    parts = (
+        [f"Postprocess upscale by: {max(options.upscaling_resize, 1.0):g}"]
+        if options.resize_mode == 0
+        else [f"Postprocess upscale to: {options.upscaling_resize_w}x{options.upscaling_resize_h}"]
+    )
+    if options.resize_mode == 1 and options.upscaling_crop:
+        parts.append(
+            f"Postprocess crop to: {options.upscaling_resize_w}x{options.upscaling_resize_h}"
+        )
+    parts.append(f"Postprocess upscaler: {options.upscaler_1}")
+    if second_upscaler(options):
+        parts.append(f"Postprocess upscaler 2: {options.upscaler_2}")
+        parts.append(f"Postprocess upscaler 2 visibility: {options.extras_upscaler_2_visibility:g}")
+    return ", ".join(parts)
+
+
+def second_upscaler(options: ExtrasOptions) -> bool:
+    return options.upscaler_2 != "None" and options.extras_upscaler_2_visibility > 0
+
+
+@dataclass
+class _Steps:
+    """Progress of one image: steps done of the total planned for it."""
+
+    job_no: int
+    total: int
+    on_step: StepCallback
+    done: int = 0
+
+    def advance(self) -> None:
+        self.done += 1
+        self.on_step(self.job_no, self.done, self.total, None)
+
+
+class ExtrasRunner:
+    """The extras worker's pipeline; blocking and not re-entrant, like the diffusers one."""
+
+    def __init__(self, *, device: str, tile: int, overlap: int, models: ModelCache) -> None:
+        self.device = device
+        self.tile = tile
+        self.overlap = overlap
+        self.models = models
+
+    def generate(
+        self,
+        command: GenerateImage,
+        inputs: Inputs,
+        on_step: StepCallback,
+        should_stop: Callable[[], bool],
+    ) -> Generation:
+        options = command.extras
+        if options is None:
+            raise GenerationError("wrong_worker", "an extras worker got a task without extras")
+        refused = face_restoration_refusal(options)
+        if refused:
+            raise GenerationError(
+                "not_implemented", f"`{refused}` > 0 needs face restoration, not available"
+            )
+        text = infotext(options)
+        images: list[bytes] = []
+        for job_no, key in enumerate(command.input_keys):
+            if should_stop():
+                raise TaskCancelledError
+            source = _open(inputs[key], key)
+            result = self.process(source, options, command.upscalers, job_no, on_step, should_stop)
+            images.append(_png(result, source, text))
+        info = {"html_info": f"<p>{text}</p>" if text else "", "postprocessing": text}
+        return Generation(images=images, seeds=[], info=info)
+
+    def process(
+        self,
+        image: Image.Image,
+        options: ExtrasOptions,
+        upscalers: dict[str, str],
+        job_no: int = 0,
+        on_step: StepCallback = lambda *_: None,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> Image.Image:
+        """One image through A1111's upscale step."""
+        image = image.convert("RGB")
+        if options.upscaler_1 == "None":
+            on_step(job_no, 1, 1, None)
+            return image
+        target = options.upscale_size(image.width, image.height)
+        names = [options.upscaler_1] + ([options.upscaler_2] if second_upscaler(options) else [])
+        steps = _Steps(
+            job_no, sum(self._steps(n, image.size, target, upscalers) for n in names), on_step
+        )
+        results = [self._upscale(n, image, target, upscalers, steps, should_stop) for n in names]
+        result = results[0]
+        if len(results) > 1:
+            result = Image.blend(result, results[1], options.extras_upscaler_2_visibility)
+        if options.resize_mode == 1 and options.upscaling_crop:
+            result = crop_to(result, options.upscaling_resize_w, options.upscaling_resize_h)
+        return result
+
+    def _steps(
+        self, name: str, size: tuple[int, int], target: tuple[int, int], upscalers: dict[str, str]
+    ) -> int:
+        if name in BUILTIN_UPSCALERS:
+            return 1
+        model = self.models.get(name, _path(name, upscalers))
+        total, (width, height) = 0, size
+        for _ in range(model_passes(size, target, model.scale)):
+            total += len(tile_boxes(height, width, self.tile))
+            width, height = width * model.scale, height * model.scale
+        return max(total, 1)
+
+    def _upscale(
+        self,
+        name: str,
+        image: Image.Image,
+        target: tuple[int, int],
+        upscalers: dict[str, str],
+        steps: _Steps,
+        should_stop: Callable[[], bool],
+    ) -> Image.Image:
+        if name in RESAMPLERS:
+            result = image.resize(target, RESAMPLERS[name])
+            steps.advance()
+            return result
+        if name == "None":  # as upscaler_2: A1111 skips it; never reached for upscaler_1
+            steps.advance()
+            return image.resize(target, RESAMPLERS["Lanczos"])
+        model = self.models.get(name, _path(name, upscalers))
+        before = steps.done
+        result = upscale_with_model(
+            model,
+            image,
+            target,
+            tile=self.tile,
+            overlap=self.overlap,
+            on_tile=steps.advance,
+            should_stop=should_stop,
+        )
+        if steps.done == before:  # already at the size: no model pass ran
+            steps.advance()
+        return result
+
+
+def _path(name: str, upscalers: dict[str, str]) -> str:
+    path = upscalers.get(name)
+    if path is None:
+        known = ", ".join([*BUILTIN_UPSCALERS, *sorted(upscalers)])
+        raise GenerationError("upscaler_not_found", f"no upscaler {name!r}; known: {known}")
+    return path
+
+
+def _open(data: bytes, key: str) -> Image.Image:
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (UnidentifiedImageError, OSError) as exc:
+        raise GenerationError("invalid_image", f"input {key} is not a readable image") from exc
+    return image
+
+
+def _png(image: Image.Image, source: Image.Image, text: str) -> bytes:
+    """The result as PNG; the source's generation parameters are kept (A1111 does too)."""
+    meta = PngInfo()
+    parameters = getattr(source, "text", {}).get("parameters")
+    if parameters:
+        meta.add_text("parameters", parameters)
+    if text:
+        meta.add_text("postprocessing", text)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=meta)
+    return buffer.getvalue()
