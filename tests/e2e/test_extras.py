@@ -1,0 +1,82 @@
+"""Extras through the whole system: a task on the extras pool, results in the store."""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from proto import names
+from tests.e2e.conftest import System
+
+pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("system", ["local"], indirect=True)]
+
+
+def _png(size: tuple[int, int]) -> str:
+    image = Image.new("RGB", size)
+    for x in range(size[0]):
+        image.putpixel((x, 0), (x * 7 % 256, 40, 200))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+async def _post(
+    system: System, path: str, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, Any]]:
+    async with system.http.post(f"{system.url}{path}", json=body, headers=headers) as response:
+        return response.status, await response.json()
+
+
+async def test_extra_images_sync_runs_on_the_extras_pool(system: System) -> None:
+    body = {"image": _png((40, 24)), "upscaler_1": "Lanczos", "upscaling_resize": 2}
+    status, result = await _post(system, "/extra_images", body, {"taskId": "extras-sync-1"})
+    assert (200, "succeeded") == (status, result["status"]), result
+    assert "extras-sync-1" == result["taskId"]
+    assert [names.image_key("default", "extras-sync-1", 1)] == result["images"]
+    image = Image.open(io.BytesIO(await system.objects.get(result["images"][0])))
+    assert (80, 48) == image.size
+    doc = await system.task("extras-sync-1")
+    assert doc is not None
+    assert ("extras", names.EXTRAS_MODEL_KEY) == (doc["kind"], doc["model_key"])
+    assert (1, 1) == (doc["progress"]["step"], doc["progress"]["total_steps"])
+    async with system.http.get(f"{system.url}/tasks/extras-sync-1/result") as response:
+        stored = await response.json()
+    assert "Postprocess upscaler: Lanczos" in stored["info"]["postprocessing"]
+    assert "inputs/default/extras-sync-1_0.png" == stored["parameters"]["image"]
+
+
+async def test_a1111_extra_single_image_and_upscalers(system: System) -> None:
+    body = {
+        "image": _png((30, 20)),
+        "resize_mode": 1,
+        "upscaling_resize_w": 64,
+        "upscaling_resize_h": 64,
+        "upscaler_1": "Nearest",
+    }
+    status, result = await _post(system, "/sdapi/v1/extra-single-image", body)
+    assert 200 == status, result
+    image = Image.open(io.BytesIO(base64.b64decode(result["image"])))
+    assert (64, 64) == image.size, "to size, cropped"
+    assert "Postprocess crop to: 64x64" in result["html_info"]
+    async with system.http.get(f"{system.url}/sdapi/v1/upscalers") as response:
+        listed = await response.json()
+    assert ["None", "Lanczos", "Nearest"] == [u["name"] for u in listed][:3]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("upscaler_1", "R-ESRGAN 4x+"), ("gfpgan_visibility", 0.5), ("upscaling_resize", 9)],
+)
+async def test_bad_field_is_refused_and_nothing_queued(
+    system: System, field: str, value: Any
+) -> None:
+    before = await system.db["tasks"].count_documents({"kind": "extras"})
+    body = {"image": _png((16, 16)), "upscaler_1": "Lanczos", field: value}
+    status, result = await _post(system, "/extra_images", body)
+    assert 422 == status, result
+    assert field == result["field"], result
+    assert before == await system.db["tasks"].count_documents({"kind": "extras"})
