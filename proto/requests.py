@@ -112,7 +112,7 @@ class Txt2ImgRequest(_Processing, kw_only=True, frozen=True, omit_defaults=True)
     enable_hr: bool = False
     firstphase_width: NonNegInt = 0
     firstphase_height: NonNegInt = 0
-    hr_scale: Annotated[float, Meta(ge=1, le=8)] = 2.0
+    hr_scale: Annotated[float, Meta(ge=0, le=8)] = 2.0
     hr_upscaler: str | None = None
     hr_second_pass_steps: NonNegInt = 0
     hr_resize_x: NonNegInt = 0
@@ -263,20 +263,20 @@ class BatchUpdateSdResourceRequest(Struct, kw_only=True, frozen=True, omit_defau
     models: list[str] = []
     """Checkpoint names; empty means every registered checkpoint."""
     image: str | None = None
-    cpu: NonNegFloat | None = None
-    memorySize: NonNegInt | None = None
-    gpuMemorySize: NonNegInt | None = None
+    cpu: Annotated[float, Meta(ge=0, le=1024)] | None = None
+    memorySize: Annotated[int, Meta(ge=0, le=2**31)] | None = None
+    gpuMemorySize: Annotated[int, Meta(ge=0, le=2**31)] | None = None
     instanceType: str | None = None
-    timeout: NonNegInt | None = None
+    timeout: Annotated[int, Meta(ge=0, le=7 * 86400)] | None = None
     extraArgs: str | None = None
     env: dict[str, str] | None = None
     vpcConfig: dict[str, Any] | None = None
     nasConfig: dict[str, Any] | None = None
     mountPoints: list[Any] | None = None
     ossMountConfig: dict[str, Any] | None = None
-    minInstances: NonNegInt | None = None
-    maxInstances: PositiveInt | None = None
-    idleTimeout: NonNegFloat | None = None
+    minInstances: Annotated[int, Meta(ge=0, le=10_000)] | None = None
+    maxInstances: Annotated[int, Meta(ge=1, le=10_000)] | None = None
+    idleTimeout: Annotated[float, Meta(ge=0, le=30 * 86400)] | None = None
     """Seconds without work before the pool scales to zero."""
 
 

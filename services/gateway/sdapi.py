@@ -63,11 +63,7 @@ async def _checkpoint_name(res: Resources, user: str, body: dict[str, Any]) -> s
 async def _decode_a1111(
     request: web.Request, res: Resources, user: str, cls: type[Processing]
 ) -> Processing:
-    raw = await request.read()
-    try:
-        body = msgspec.json.decode(raw)
-    except msgspec.DecodeError as exc:
-        raise invalid_body(exc) from exc
+    body = await read_json(request)
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_json", "request body must be a JSON object")
     body.setdefault("stable_diffusion_model", await _checkpoint_name(res, user, body))

@@ -7,7 +7,6 @@ at most 150 but is 500``.
 
 from __future__ import annotations
 
-import json
 from typing import Any, TypeVar
 
 import msgspec
@@ -21,19 +20,50 @@ from services.gateway.settings import GatewaySettings
 T = TypeVar("T", bound=msgspec.Struct)
 
 
+TOO_DEEP = "request body is nested too deeply"
+
+
 def decode(body: bytes, cls: type[T]) -> T:
     try:
-        return msgspec.json.decode(body, type=cls)
+        decoded = msgspec.json.decode(body, type=cls)
     except msgspec.DecodeError as exc:
         raise invalid_body(exc) from exc
+    except RecursionError as exc:
+        raise ApiError(400, "invalid_json", TOO_DEEP) from exc
+    check_keys(msgspec.to_builtins(decoded), "")
+    return decoded
 
 
 async def read_json(request: web.Request) -> Any:
-    """The body as plain JSON data; 400 ``invalid_json`` if it is not JSON."""
+    """The body as plain JSON data (UTF-8, no NaN or Infinity); 400 ``invalid_json`` if
+    it is not JSON, 422 if a key could act as a MongoDB operator."""
     try:
-        return json.loads(await request.read())
-    except (ValueError, UnicodeDecodeError) as exc:
+        data = msgspec.json.decode(await request.read())
+    except msgspec.DecodeError as exc:
         raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise ApiError(400, "invalid_json", TOO_DEEP) from exc
+    check_keys(data, "")
+    return data
+
+
+def check_keys(value: Any, path: str) -> None:
+    """Refuse object keys that MongoDB would read as operators or paths (``$…``, dots,
+    NUL): client data is stored, never used as a query, and must stay that way."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if not isinstance(key, str) or key.startswith("$") or "." in key or "\0" in key:
+                raise ApiError(
+                    422,
+                    "invalid_field",
+                    f"`{where}`: keys may not start with `$` or contain `.` or NUL",
+                    field=path or str(key),
+                )
+            check_keys(item, where)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            check_keys(item, f"{path}[{index}]")
 
 
 def _at_most(field: str, value: int | float, limit: int | float, rule: str = "") -> None:
