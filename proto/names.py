@@ -30,6 +30,11 @@ CANCEL_BUCKET = "sd_cancel"
 # KV bucket of worker liveness records (proto.workers.WorkerStatus), one key per worker.
 WORKER_BUCKET = "sd_workers"
 
+# KV bucket of leases (one key per elected role); its max_age is the lease duration.
+LEADER_BUCKET = "sd_leader"
+# The key the scheduler replicas compete for: its value names the acting replica.
+SCHEDULER_LEADER_KEY = "scheduler"
+
 # Durable consumers of the storage service on EVENT_STREAM: the fold, the webhooks.
 STORAGE_CONSUMER = "storage"
 WEBHOOK_CONSUMER = "webhooks"

@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("gateway", help="run the gateway (settings from SDSWARM_*)")
     commands.add_parser("worker", help="run one inference worker (settings from SDSWARM_*)")
     commands.add_parser(
+        "scheduler", help="run the scheduler (one replica leads; settings from SDSWARM_*)"
+    )
+    commands.add_parser(
         "storage",
         help="run the storage service: event sink, dead letters, reconciler, model scanner",
     )
@@ -102,6 +105,10 @@ def main(argv: list[str] | None = None) -> None:
             from services.storage.service import main as storage_main
 
             storage_main()
+        case "scheduler":
+            from services.scheduler.__main__ import main as scheduler_main
+
+            scheduler_main()
         case "worker":
             from services.inference.__main__ import main as worker_main
 

@@ -123,6 +123,15 @@ async def worker_bucket(js: JetStreamContext) -> KeyValue:
         return await js.create_key_value(bucket=names.WORKER_BUCKET, ttl=WORKER_TTL_S, history=1)
 
 
+async def lease_bucket(js: JetStreamContext, bucket: str, ttl_s: float) -> KeyValue:
+    """The bucket of leases: an entry not rewritten within ``ttl_s`` is gone (see
+    services/scheduler/lease.py). Created by whichever replica comes first."""
+    try:
+        return await js.key_value(bucket)
+    except BucketNotFoundError:
+        return await js.create_key_value(bucket=bucket, ttl=ttl_s, history=1)
+
+
 async def cancel_bucket(js: JetStreamContext, settings: BusSettings) -> KeyValue:
     try:
         return await js.key_value(names.CANCEL_BUCKET)

@@ -7,6 +7,9 @@ consumer (JetStream consumer pause) instead of deleting it, and workers are star
 stopped through the backend. The share it sets is also written to the consumer's
 metadata (``sdswarm_share``): a ``max_ack_pending`` that differs from it was changed by
 an operator and is honoured as a pin, counted in the budget, never fought.
+
+With a :class:`~services.scheduler.lease.Lease`, several replicas may run and only the
+one holding the lease ticks; every change is fenced by the lease (:class:`LeaseLost`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import datetime as dt
 import logging
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 import msgspec
 from nats.js import JetStreamContext
@@ -26,7 +30,7 @@ from nats.js.errors import KeyNotFoundError, NoKeysError
 from proto import ModelStatus, ModelType, names
 from proto.workers import WorkerState, WorkerStatus, decode_worker_status
 from services.common import bus
-from services.scheduler.local import LocalBackend
+from services.scheduler.lease import Lease
 from services.scheduler.policy import CheckpointLoad, Plan, plan
 from services.scheduler.settings import SchedulerSettings
 from services.storage.models import ModelStore
@@ -81,22 +85,52 @@ def extras_pool() -> Document:
     return {"name": key, "model_key": key, "path": "", "status": ModelStatus.UNLOADED.value}
 
 
+class Backend(Protocol):
+    """Where workers run: local processes (local.py) or Swarm services (swarm.py)."""
+
+    def replicas(self) -> dict[str, int]:
+        """Workers per model key, as of the last reconcile."""
+        ...
+
+    async def reconcile(self) -> None:
+        """Refresh what :meth:`replicas` reports (reap dead processes, list services)."""
+        ...
+
+    async def ensure(self, model: Document, replicas: int) -> None: ...
+
+    async def step_down(self) -> None:
+        """This replica stopped leading: give up what only the leader may hold."""
+        ...
+
+
+class LeaseLost(Exception):
+    """The lease lapsed while a plan was being applied: the rest of it is dropped."""
+
+
 class Scheduler:
     def __init__(
         self,
         settings: SchedulerSettings,
         js: JetStreamContext,
         models: ModelStore,
-        backend: LocalBackend,
+        backend: Backend,
         tasks: TaskStore,
+        lease: Lease | None = None,
     ) -> None:
         self.settings = settings
         self.js = js
         self.models = models
         self.tasks = tasks
         self.backend = backend
+        self.lease = lease
         self._memory: dict[str, _Memory] = {}
         self.last_plan: Plan | None = None
+        self.ticks = 0
+        """Ticks applied (a standby replica applies none)."""
+
+    def _fence(self) -> None:
+        if self.lease is not None and not self.lease.held():
+            raise LeaseLost(self.lease.holder)
 
     async def _load(self, model: Document, workers: int, now: float) -> CheckpointLoad:
         key = model["model_key"]
@@ -139,6 +173,7 @@ class Scheduler:
 
     async def tick(self) -> Plan:
         now = time.monotonic()
+        await self.backend.reconcile()
         replicas = self.backend.replicas()
         # Failed checkpoints stay scheduled: their worker fails queued tasks with the
         # reason at once (the gateway refuses new ones), so nothing waits forever.
@@ -163,6 +198,7 @@ class Scheduler:
             key=lambda k: result.shares[k] - by_key[k].share,
         )
         for key in changes:
+            self._fence()
             await self._set_share(key, result.shares[key])
         for key, share in result.shares.items():
             memory = self._memory[key]
@@ -173,9 +209,11 @@ class Scheduler:
                 log.info(
                     "%s: scaling to %d workers (%s)", key, result.workers[key], result.reasons[key]
                 )
+            self._fence()
             await self.backend.ensure(model, result.workers[key])
         await self._stop_orphans(replicas, {m["model_key"] for m in models})
         self.last_plan = result
+        self.ticks += 1
         return result
 
     async def _stop_orphans(self, replicas: dict[str, int], live: set[str]) -> None:
@@ -183,6 +221,7 @@ class Scheduler:
         for key, count in replicas.items():
             if count and key not in live and (model := await self.models.by_key(key)):
                 log.info("%s: not a live checkpoint any more, stopping its workers", key)
+                self._fence()
                 await self.backend.ensure(model, 0)
 
     async def _sync_statuses(self, models: list[Document]) -> None:
@@ -211,11 +250,40 @@ class Scheduler:
 
     async def run(self, stop: asyncio.Event) -> None:
         await bus.ensure_streams(self.js, self.settings)
+        keeper = asyncio.create_task(self._keep_lease(stop)) if self.lease else None
+        acting = False
+        try:
+            while not stop.is_set():
+                if self.lease is None or self.lease.held():
+                    acting = True
+                    await self._tick_logged()
+                elif acting:
+                    acting = False
+                    await self.backend.step_down()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.settings.poll_interval_s)
+        finally:
+            if keeper is not None and self.lease is not None:
+                keeper.cancel()
+                await asyncio.gather(keeper, return_exceptions=True)
+                await self.lease.release()
+
+    async def _tick_logged(self) -> None:
+        try:
+            await self.tick()
+        except LeaseLost:
+            log.warning("lease lost during a tick: the rest of its plan is dropped")
+        except Exception:
+            # A failed tick (NATS or MongoDB briefly away) must not end scheduling.
+            log.exception("scheduler tick failed")
+
+    async def _keep_lease(self, stop: asyncio.Event) -> None:
+        """Acquire or renew the lease apart from ticks, which may take longer than it."""
+        assert self.lease is not None
         while not stop.is_set():
             try:
-                await self.tick()
+                await self.lease.keep()
             except Exception:
-                # A failed tick (NATS or MongoDB briefly away) must not end scheduling.
-                log.exception("scheduler tick failed")
+                log.exception("lease renewal failed")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.settings.poll_interval_s)
+                await asyncio.wait_for(stop.wait(), self.lease.ttl_s / 4)

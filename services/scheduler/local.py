@@ -85,6 +85,13 @@ class LocalBackend:
     def replicas(self) -> dict[str, int]:
         return {key: len(self._reap(key)) for key in list(self._pools)}
 
+    async def reconcile(self) -> None:
+        """Nothing to list: this process started every worker it has (reaped in replicas())."""
+
+    async def step_down(self) -> None:
+        """Another replica leads now and starts its own workers: ours hand back their tasks."""
+        await self.aclose()
+
     async def ensure(self, model: Document, replicas: int) -> None:
         key = model["model_key"]
         alive = self._reap(key)

@@ -17,3 +17,8 @@ class SchedulerSettings(StoreSettings, kw_only=True, frozen=True):
     device: str = "auto"
     """Device setting handed to local workers (``auto``, ``cpu``, ``cuda``)."""
     worker_log_dir: str = "./data/logs"
+    lease_ttl_s: float = 6.0
+    """Leader lease (several replicas): a leader that stops renewing is replaced within
+    about this long; a deposed one stops acting before the others can take over."""
+    scheduler_backend: str = "local"
+    """Where workers run: ``local`` (processes here) or ``swarm`` (Docker Swarm services)."""

@@ -1,0 +1,75 @@
+"""``sdswarm scheduler`` (or ``python -m services.scheduler``): the scheduler as a service.
+
+Several replicas may run; the one holding the lease in KV bucket ``sd_leader`` acts,
+the others wait to take over. ``SDSWARM_SCHEDULER_BACKEND`` picks where workers run:
+``local`` (processes on this machine) or ``swarm`` (one Docker Swarm service per
+checkpoint, through the Docker Engine API at ``SDSWARM_DOCKER_URL``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+from services.common import bus
+from services.common.settings import from_environ
+from services.scheduler.app import Backend, Scheduler
+from services.scheduler.lease import Lease
+from services.scheduler.settings import SchedulerSettings
+from services.storage.models import ModelStore
+from services.storage.mongo import database, open_client
+from services.storage.tasks import TaskStore
+
+log = logging.getLogger("sdswarm.scheduler")
+
+
+async def open_backend(settings: SchedulerSettings, stack: contextlib.AsyncExitStack) -> Backend:
+    match settings.scheduler_backend:
+        case "local":
+            from services.scheduler.local import LocalBackend
+
+            local = LocalBackend(settings)
+            stack.push_async_callback(local.aclose)
+            return local
+    raise SystemExit(
+        f"invalid setting: SDSWARM_SCHEDULER_BACKEND={settings.scheduler_backend!r}"
+        " (local or swarm)"
+    )
+
+
+async def serve(settings: SchedulerSettings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with contextlib.AsyncExitStack() as stack:
+        mongo = open_client(settings.mongodb_url)
+        stack.push_async_callback(mongo.close)
+        db = database(mongo, settings.mongodb_db)
+        models, tasks = ModelStore(db), TaskStore(db)
+        await models.ensure_indexes()
+        await tasks.ensure_indexes()
+        nc = await bus.connect(settings.nats_url, "sdswarm-scheduler")
+        stack.push_async_callback(nc.drain)
+        js = nc.jetstream()
+        backend = await open_backend(settings, stack)
+        lease = Lease(js, settings.lease_ttl_s)
+        scheduler = Scheduler(settings, js, models, backend, tasks, lease)
+        log.info(
+            "scheduler %s: %s backend, budget %d slots; waiting for the lease",
+            lease.holder,
+            settings.scheduler_backend,
+            settings.gpu_slots,
+        )
+        await scheduler.run(stop)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    asyncio.run(serve(from_environ(SchedulerSettings)))
+
+
+if __name__ == "__main__":
+    main()
