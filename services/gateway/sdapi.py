@@ -24,7 +24,12 @@ from services.gateway.auth import caller
 from services.gateway.errors import ApiError, Handler, invalid_body
 from services.gateway.pnginfo import png_info
 from services.gateway.resources import Resources, resources
-from services.gateway.tasks_api import cancel_document, new_task_id, submit
+from services.gateway.tasks_api import (
+    REQUEST_TYPE_HEADER,
+    cancel_document,
+    requested_task_id,
+    submit,
+)
 from services.gateway.validation import check_limits, read_json
 from services.storage.mongo import Document
 from services.storage.objects import ObjectNotFoundError
@@ -86,8 +91,18 @@ async def _generate(request: web.Request, cls: type[Processing]) -> web.StreamRe
     user = await caller(request, res)
     body = await _decode_a1111(request, res, user, cls)
     check_limits(body, res.settings)
-    task_id = _forced(body.force_task_id) if body.force_task_id else new_task_id()
-    task_id, outcome = await submit(res, user, body, task_id, sync=True)
+    # The seed's headers work here too: `taskId` names the task, and `Request-Type: async`
+    # (with or without the seed's `Task-Flag: true`) answers 202 at once; the outcome is
+    # then at /tasks/{taskId}/result like any task's.
+    task_id = _forced(body.force_task_id) if body.force_task_id else requested_task_id(request)
+    run_async = request.headers.get(REQUEST_TYPE_HEADER, "").strip().lower() == "async"
+    task_id, outcome = await submit(res, user, body, task_id, sync=not run_async)
+    if run_async:
+        return web.json_response(
+            {"taskId": task_id, "status": TaskStatus.WAITING.value},
+            status=202,
+            headers={"taskId": task_id},
+        )
     if outcome is None:
         raise ApiError(
             504,

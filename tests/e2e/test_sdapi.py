@@ -161,3 +161,21 @@ async def test_progress_and_interrupt_touch_only_the_callers_task(system: System
     async with await call as response:
         assert 409 == response.status
         assert "cancelled" == (await response.json())["code"]
+
+
+async def test_seed_task_headers_on_the_a1111_routes(system: System) -> None:
+    """The seed's passthrough: `Task-Flag: true` + `taskId` + `Request-Type: async`."""
+    body = {
+        **A1111_TXT2IMG,
+        "n_iter": 1,
+        "override_settings": {"sd_model_checkpoint": "tiny.safetensors"},
+    }
+    headers = {"Task-Flag": "true", "taskId": "seed-flagged-1", "Request-Type": "async"}
+    async with system.http.post(f"{system.url}/sdapi/v1/txt2img", json=body, headers=headers) as r:
+        assert 202 == r.status, await r.text()
+        assert "seed-flagged-1" == r.headers["taskId"]
+        assert {"taskId": "seed-flagged-1", "status": "waiting"} == await r.json()
+    done = await system.task_when("seed-flagged-1", lambda d: d["status"] == "succeeded")
+    async with system.http.get(f"{system.url}/tasks/{done['_id']}/result") as r:
+        result = await r.json()
+    assert ("succeeded", 1) == (result["status"], len(result["images"]))
