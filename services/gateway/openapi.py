@@ -13,7 +13,12 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from proto.requests import ExtraImagesRequest, Img2ImgRequest, Txt2ImgRequest
+from proto.requests import (
+    ExtraBatchImagesRequest,
+    ExtraImagesRequest,
+    Img2ImgRequest,
+    Txt2ImgRequest,
+)
 
 
 class Error(msgspec.Struct, kw_only=True):
@@ -81,7 +86,8 @@ class LoginResponse(msgspec.Struct, kw_only=True):
 
 
 _TYPES: list[type[msgspec.Struct]] = [
-    Txt2ImgRequest, Img2ImgRequest, ExtraImagesRequest, Error, SubmitTaskResponse,
+    Txt2ImgRequest, Img2ImgRequest, ExtraImagesRequest, ExtraBatchImagesRequest, Error,
+    SubmitTaskResponse,
     TaskResultResponse, TaskProgressResponse, A1111ImageResponse, LoginRequest, LoginResponse,
 ]  # fmt: skip
 
@@ -103,6 +109,14 @@ _ROUTES: list[tuple[str, str, str, str | None, int, str | None]] = [
         200,
         "SubmitTaskResponse",
     ),
+    (
+        "post",
+        "/extra_images",
+        "Upscale an image as a task (Request-Type: sync|async)",
+        "ExtraImagesRequest",
+        200,
+        "SubmitTaskResponse",
+    ),
     ("get", "/tasks/{taskId}/result", "A task's result", None, 200, "TaskResultResponse"),
     ("get", "/tasks/{taskId}/progress", "A task's progress", None, 200, "TaskProgressResponse"),
     ("get", "/tasks/{taskId}/events", "A task's events (text/event-stream)", None, 200, None),
@@ -115,6 +129,16 @@ _ROUTES: list[tuple[str, str, str, str | None, int, str | None]] = [
     ("get", "/healthz", "Health of NATS, MongoDB and the object store", None, 200, None),
     ("post", "/sdapi/v1/txt2img", "A1111 txt2img", "Txt2ImgRequest", 200, "A1111ImageResponse"),
     ("post", "/sdapi/v1/img2img", "A1111 img2img", "Img2ImgRequest", 200, "A1111ImageResponse"),
+    ("post", "/sdapi/v1/extra-single-image", "A1111 extras", "ExtraImagesRequest", 200, None),
+    (
+        "post",
+        "/sdapi/v1/extra-batch-images",
+        "A1111 extras, several images",
+        "ExtraBatchImagesRequest",
+        200,
+        None,
+    ),
+    ("get", "/sdapi/v1/upscalers", "A1111 upscalers", None, 200, None),
     ("get", "/sdapi/v1/progress", "A1111 progress of the caller's task", None, 200, None),
     ("post", "/sdapi/v1/interrupt", "A1111 interrupt of the caller's task", None, 200, None),
     ("get", "/sdapi/v1/options", "A1111 options", None, 200, None),
