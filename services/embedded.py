@@ -148,7 +148,7 @@ async def running_system(
         found = await register_models(models_dir, models, scheduler_settings.allow_pickle)
         log.info("registered models: %s", ", ".join(f"{t}:{n}" for t, n in found) or "none")
 
-        nc = await bus.connect(scheduler_settings.nats_url, "sdswarm-embedded")
+        nc = await bus.connect(scheduler_settings.nats_url, "sdswarm-embedded", scheduler_settings)
         stack.push_async_callback(nc.drain)
         js = nc.jetstream()
         await bus.ensure_streams(js, scheduler_settings)

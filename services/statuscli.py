@@ -41,7 +41,7 @@ def _settings(data_dir: Path) -> tuple[SchedulerSettings, int | None]:
 async def run_status(args: argparse.Namespace) -> int:
     settings, slots = _settings(args.data_dir)
     budget = slots if slots is not None else settings.gpu_slots
-    nc = await bus.connect(settings.nats_url, "sdswarm-status")
+    nc = await bus.connect(settings.nats_url, "sdswarm-status", settings)
     client = open_client(settings.mongodb_url)
     try:
         js = nc.jetstream()

@@ -6,6 +6,9 @@ no service then depends on another having started first.
 
 from __future__ import annotations
 
+import ssl
+from typing import Any
+
 import nats
 from nats.aio.client import Client
 from nats.js import JetStreamContext
@@ -25,10 +28,27 @@ from proto import names
 from services.common.settings import BusSettings
 
 
-async def connect(url: str, name: str) -> Client:
-    # Reconnect forever: a NATS restart must not kill a worker or the gateway.
+async def connect(url: str, name: str, settings: BusSettings | None = None) -> Client:
+    """A connection that reconnects forever (a NATS restart must not kill a worker or the
+    gateway), with the deployment's credentials and TLS from ``settings``: user and
+    password or a token in the URL, a ``.creds`` file (JWT + NKey), and TLS with a CA
+    and optionally a client certificate."""
+    options: dict[str, Any] = {}
+    if settings is not None:
+        if settings.nats_creds_file:
+            options["user_credentials"] = settings.nats_creds_file
+        if settings.nats_tls_ca or settings.nats_tls_cert:
+            context = ssl.create_default_context(cafile=settings.nats_tls_ca or None)
+            if settings.nats_tls_cert:
+                context.load_cert_chain(settings.nats_tls_cert, settings.nats_tls_key or None)
+            options["tls"] = context
     return await nats.connect(
-        url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=5
+        url,
+        name=name,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        connect_timeout=5,
+        **options,
     )
 
 

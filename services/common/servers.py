@@ -196,9 +196,12 @@ class NatsServer(ManagedServer):
         host: str = "127.0.0.1",
         port: int = 0,
         http_port: int | None = None,
+        extra_config: str = "",
     ) -> None:
-        """``http_port``: None = no monitoring endpoint, 0 = one on a free port."""
+        """``http_port``: None = no monitoring endpoint, 0 = one on a free port.
+        ``extra_config``: more nats-server configuration (TLS, authorization …)."""
         super().__init__(data_dir)
+        self.extra_config = extra_config
         self.host = host
         self.port = port or free_port()
         self.http_port = None if http_port is None else (http_port or free_port())
@@ -218,6 +221,7 @@ class NatsServer(ManagedServer):
         config.write_text(
             f"host: {json.dumps(self.host)}\nport: {self.port}\n{monitor}"
             f"jetstream {{\n  store_dir: {json.dumps(str(store))}\n  sync_interval: always\n}}\n"
+            f"{self.extra_config}\n"
         )
         return [find_binary("nats-server"), "-c", str(config)]
 

@@ -57,6 +57,14 @@ class BusSettings(msgspec.Struct, kw_only=True, frozen=True):
     """What every service needs to reach NATS."""
 
     nats_url: str = "nats://127.0.0.1:4222"
+    """May carry ``user:password@`` or a token; ``tls://`` for TLS."""
+    nats_creds_file: str = ""
+    """A NATS ``.creds`` file (decentralised JWT auth)."""
+    nats_tls_ca: str = ""
+    """CA bundle that signed the NATS server's certificate."""
+    nats_tls_cert: str = ""
+    nats_tls_key: str = ""
+    """Client certificate and key, for servers that verify clients."""
     task_stream_max_msgs: int = 10_000
     """Queue bound: a full stream answers 429 instead of growing without limit."""
     event_max_age_s: float = 24 * 3600

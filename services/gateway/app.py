@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 async def _open_resources(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     async with contextlib.AsyncExitStack() as stack:
-        nc = await bus.connect(settings.nats_url, "sdswarm-gateway")
+        nc = await bus.connect(settings.nats_url, "sdswarm-gateway", settings)
         stack.push_async_callback(nc.drain)
         js = nc.jetstream()
         await bus.ensure_streams(js, settings)

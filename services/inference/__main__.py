@@ -110,7 +110,7 @@ async def amain(settings: WorkerSettings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    nc = await bus.connect(settings.nats_url, f"sdswarm-worker-{settings.model_key}")
+    nc = await bus.connect(settings.nats_url, f"sdswarm-worker-{settings.model_key}", settings)
     objects = await open_object_store(settings)
     try:
         if settings.model_key == names.EXTRAS_MODEL_KEY:

@@ -83,7 +83,7 @@ async def serve(settings: StoreSettings) -> None:
         await models.ensure_indexes()
         await tasks.ensure_indexes()
         await register_models(Path(settings.models_dir), models, settings.allow_pickle)
-        nc = await bus.connect(settings.nats_url, "sdswarm-storage")
+        nc = await bus.connect(settings.nats_url, "sdswarm-storage", settings)
         stack.push_async_callback(nc.drain)
         js = nc.jetstream()
         await bus.ensure_streams(js, settings)
