@@ -58,7 +58,11 @@ def model_attributes(doc: Document) -> dict[str, Any]:
     return {
         "type": doc["type"],
         "name": doc["name"],
-        "ossPath": doc.get("source") or doc.get("path", ""),
+        # The object a model was registered from (the seed's meaning), else its file.
+        "ossPath": source.removeprefix("object:")
+        if (source := str(doc.get("source") or "")).startswith("object:")
+        else doc.get("path", ""),
+        "source": doc.get("source") or "scan",
         "etag": doc.get("sha256") or "",
         "status": ModelStatus.FAILED.value if stale else doc["status"],
         "registeredTime": doc["registered_at"].isoformat(),

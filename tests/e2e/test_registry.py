@@ -164,7 +164,7 @@ async def test_register_from_the_object_store_checks_the_etag(
     async with system.http.post(f"{system.url}/models", json=request) as response:
         body = await response.json()
         assert 201 == response.status, body
-    assert ("unloaded", "object:uploads/admin/tiny-copy.safetensors") == (
+    assert ("unloaded", "uploads/admin/tiny-copy.safetensors") == (
         body["model"]["status"],
         body["model"]["ossPath"],
     )
