@@ -33,6 +33,12 @@ async def open_backend(settings: SchedulerSettings, stack: contextlib.AsyncExitS
             local = LocalBackend(settings)
             stack.push_async_callback(local.aclose)
             return local
+        case "swarm":
+            from services.scheduler.swarm import SwarmBackend
+
+            swarm = SwarmBackend(settings)
+            stack.push_async_callback(swarm.aclose)
+            return swarm
     raise SystemExit(
         f"invalid setting: SDSWARM_SCHEDULER_BACKEND={settings.scheduler_backend!r}"
         " (local or swarm)"
@@ -51,7 +57,7 @@ async def serve(settings: SchedulerSettings) -> None:
         models, tasks = ModelStore(db), TaskStore(db)
         await models.ensure_indexes()
         await tasks.ensure_indexes()
-        nc = await bus.connect(settings.nats_url, "sdswarm-scheduler")
+        nc = await bus.connect(settings.nats_url, "sdswarm-scheduler", settings)
         stack.push_async_callback(nc.drain)
         js = nc.jetstream()
         backend = await open_backend(settings, stack)

@@ -28,10 +28,20 @@ STOP_GRACE_S = 30.0
 
 
 def worker_environ(settings: SchedulerSettings, model: Document) -> dict[str, str]:
-    """The environment of a worker for ``model``: connections plus its checkpoint."""
+    """The environment of a local worker for ``model``: ours plus its settings."""
     # Operators' SDSWARM_* settings reach the workers (e.g. SDSWARM_PREVIEW_INTERVAL_S);
     # connections and the checkpoint are then set from the scheduler's own view.
-    env = dict(os.environ)
+    return (
+        dict(os.environ)
+        | worker_settings(settings, model)
+        | {f"{PREFIX}PARENT_PID": str(os.getpid())}
+    )
+
+
+def worker_settings(settings: SchedulerSettings, model: Document) -> dict[str, str]:
+    """A worker's ``SDSWARM_*`` settings for ``model`` (any backend): connections, the
+    function's own ``env``, then its checkpoint."""
+    env: dict[str, str] = {}
     for name in StoreSettings.__struct_fields__:
         value = getattr(settings, name)
         env[PREFIX + name.upper()] = (
@@ -53,7 +63,6 @@ def worker_environ(settings: SchedulerSettings, model: Document) -> dict[str, st
         f"{PREFIX}DEVICE": settings.device,
         f"{PREFIX}ALLOW_PICKLE": "true" if settings.allow_pickle else "false",
         f"{PREFIX}PREDICTION_TYPE": model.get("prediction_type") or "",
-        f"{PREFIX}PARENT_PID": str(os.getpid()),
     }
     return env
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import msgspec
+
 from services.common.settings import StoreSettings
 
 
@@ -22,3 +24,23 @@ class SchedulerSettings(StoreSettings, kw_only=True, frozen=True):
     about this long; a deposed one stops acting before the others can take over."""
     scheduler_backend: str = "local"
     """Where workers run: ``local`` (processes here) or ``swarm`` (Docker Swarm services)."""
+    hung_after_s: float = 600.0
+    """A worker holding a task whose last denoising step is older than this (while its
+    heartbeat goes on) is hung: it is replaced and its task redelivered. 0: never."""
+    # Swarm backend (scheduler_backend = "swarm"): one service per checkpoint.
+    docker_url: str = "unix:///var/run/docker.sock"
+    """Docker Engine API of a Swarm manager: ``unix:///path`` or ``http://host:port``."""
+    docker_api_version: str = "1.44"
+    """Engine API version every request names (``/v1.44/...``; Docker 25 and later)."""
+    worker_image: str = "sdswarm/worker:latest"
+    """Worker image, unless a function sets its own ``image``."""
+    swarm_networks: list[str] = msgspec.field(default_factory=list)
+    """Overlay networks workers join (attachable; the stack's, to reach NATS)."""
+    swarm_mounts: list[str] = msgspec.field(default_factory=list)
+    """Worker mounts ``source:target[:ro]``: a volume name, or a bind if it starts with /."""
+    swarm_constraints: list[str] = msgspec.field(default_factory=list)
+    """Placement constraints of worker tasks, e.g. ``node.labels.gpu==true``."""
+    swarm_gpus: int = 1
+    """GPUs reserved per worker as Swarm generic resources (0: none, CPU workers)."""
+    swarm_gpu_kind: str = "NVIDIA-GPU"
+    """The generic-resource kind the nodes advertise (``node-generic-resources``)."""
