@@ -39,7 +39,6 @@ from services.gateway.tasks_api import (
     _answer,
     admit,
     enqueue,
-    new_task_id,
     requested_task_id,
 )
 from services.gateway.validation import decode
@@ -219,9 +218,21 @@ async def _a1111_extras(
     else:
         field, images = "imageList", [entry.data for entry in body.imageList]
     del parameters[field]
+    # The seed's headers work here as on A1111's txt2img: `taskId` names the task and
+    # `Request-Type: async` answers 202 at once (the outcome is at /tasks/{taskId}/result).
+    run_async = request.headers.get(REQUEST_TYPE_HEADER, "").strip().lower() == "async"
     task_id, outcome = await submit_extras(
-        res, user, body, images, field, new_task_id(), sync=True, parameters=parameters
+        res,
+        user,
+        body,
+        images,
+        field,
+        requested_task_id(request),
+        sync=not run_async,
+        parameters=parameters,
     )
+    if run_async:
+        return await _answer(res, task_id, None, sync=False)
     results = await _a1111_outcome(res, task_id, outcome)
     answer: dict[str, Any] = {"html_info": _html_info(outcome)}
     if isinstance(body, ExtraImagesRequest):

@@ -110,7 +110,9 @@ class ModelUpscaler:
 def _spandrel() -> Any:
     try:
         import spandrel  # type: ignore[import-not-found,unused-ignore]
-    except ImportError as exc:  # spandrel itself, or the torchvision it imports
+    except (ImportError, RuntimeError, OSError) as exc:
+        # Missing spandrel or torchvision (ImportError); a torchvision built for another
+        # torch fails with RuntimeError ("operator torchvision::nms does not exist").
         raise GenerationError(
             "upscaler_unavailable",
             f"model upscalers need spandrel, which cannot be imported on this worker: {exc}",

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import base64
 import io
+from pathlib import Path
 from typing import Any
 
 import pytest
 from PIL import Image
 
-from proto import names
+from proto import ModelType, names
+from services.storage.models import ModelStore
+from services.storage.scan import register_models
 from tests.e2e.conftest import System
+from tests.fixtures.upscaler import save_compact, spandrel_works
 
 pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("system", ["local"], indirect=True)]
 
@@ -80,3 +84,43 @@ async def test_bad_field_is_refused_and_nothing_queued(
     assert 422 == status, result
     assert field == result["field"], result
     assert before == await system.db["tasks"].count_documents({"kind": "extras"})
+
+
+async def test_async_extras_and_batch(system: System) -> None:
+    body = {"image": _png((16, 8)), "upscaler_1": "Nearest", "upscaling_resize": 3}
+    status, result = await _post(system, "/extra_images", body, {"Request-Type": "async"})
+    assert (202, "waiting") == (status, result["status"]), result
+    doc = await system.task_when(result["taskId"], lambda d: d["status"] == "succeeded")
+    image = Image.open(io.BytesIO(await system.objects.get(doc["images"][0])))
+    assert (48, 24) == image.size
+    batch = {
+        "imageList": [{"data": _png((16, 16)), "name": "a"}, {"data": _png((24, 8))}],
+        "upscaler_1": "Lanczos",
+        "upscaling_resize": 2,
+    }
+    status, result = await _post(system, "/sdapi/v1/extra-batch-images", batch)
+    assert 200 == status, result
+    sizes = [Image.open(io.BytesIO(base64.b64decode(i))).size for i in result["images"]]
+    assert [(32, 32), (48, 16)] == sizes
+
+
+async def test_registered_model_upscaler(system: System, tmp_path: Path) -> None:
+    """A file in ``ESRGAN/`` is an upscaler; it runs where spandrel imports, and otherwise
+    the task fails with the reason (model upscalers are blocked on torchvision here)."""
+    save_compact(tmp_path / "ESRGAN" / "tiny_x2.safetensors")
+    await register_models(tmp_path, ModelStore(system.db), False, (ModelType.UPSCALER,))
+    async with system.http.get(f"{system.url}/sdapi/v1/upscalers") as response:
+        assert "tiny_x2" in [u["name"] for u in await response.json()]
+    body = {"image": _png((16, 8)), "upscaler_1": "tiny_x2", "upscaling_resize": 2}
+    status, result = await _post(system, "/extra_images", body)
+    if spandrel_works():
+        assert (200, "succeeded") == (status, result["status"]), result
+        image = Image.open(io.BytesIO(await system.objects.get(result["images"][0])))
+        assert (32, 16) == image.size
+    else:
+        assert (500, "failed", "upscaler_unavailable") == (
+            status,
+            result["status"],
+            result["code"],
+        ), result
+        assert "spandrel" in result["message"]

@@ -7,7 +7,6 @@ that need it are skipped and one test proves the task fails with the import erro
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import time
 from pathlib import Path
@@ -35,22 +34,13 @@ from services.inference.upscalers import (  # noqa: E402
     to_image,
     to_tensor,
 )
+from tests.fixtures.upscaler import save_compact, spandrel_works  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
 
-def _spandrel_works() -> bool:
-    if importlib.util.find_spec("spandrel") is None:
-        return False
-    try:
-        import spandrel  # type: ignore[import-not-found,unused-ignore]  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 needs_spandrel = pytest.mark.skipif(
-    not _spandrel_works(), reason="spandrel cannot be imported here (needs torchvision)"
+    not spandrel_works(), reason="spandrel cannot be imported here (needs torchvision)"
 )
 
 
@@ -293,39 +283,12 @@ def test_tensor_round_trip_is_lossless() -> None:
 # ---- model upscalers (spandrel) --------------------------------------------------------
 
 
-def compact_state_dict(scale: int = 2, features: int = 8, convs: int = 2) -> dict[str, Any]:
-    """Random weights in Real-ESRGAN's SRVGGNetCompact layout (``body.N``: conv, PReLU …,
-    last conv to ``3·scale²`` channels for the pixel shuffle)."""
-    generator = torch.Generator().manual_seed(1)
-
-    def conv(out: int, inp: int) -> tuple[Tensor, Tensor]:
-        return torch.randn(out, inp, 3, 3, generator=generator) * 0.2, torch.zeros(out)
-
-    state: dict[str, Any] = {}
-    state["body.0.weight"], state["body.0.bias"] = conv(features, 3)
-    state["body.1.weight"] = torch.full((features,), 0.25)
-    for n in range(convs):
-        state[f"body.{2 + 2 * n}.weight"], state[f"body.{2 + 2 * n}.bias"] = conv(
-            features, features
-        )
-        state[f"body.{3 + 2 * n}.weight"] = torch.full((features,), 0.25)
-    last = 2 + 2 * convs
-    state[f"body.{last}.weight"], state[f"body.{last}.bias"] = conv(3 * scale * scale, features)
-    return state
-
-
 @pytest.fixture
 def compact_files(tmp_path: Path) -> dict[str, Path]:
-    from safetensors.torch import save_file
-
-    state = compact_state_dict()
-    files = {"safetensors": tmp_path / "tiny_x2.safetensors", "pth": tmp_path / "tiny_x2.pth"}
-    save_file(state, str(files["safetensors"]))
-    torch.save(state, files["pth"])
-    return files
+    return {kind: save_compact(tmp_path / f"tiny_x2.{kind}") for kind in ("safetensors", "pth")}
 
 
-@pytest.mark.skipif(_spandrel_works(), reason="spandrel works here: covered by the tests below")
+@pytest.mark.skipif(spandrel_works(), reason="spandrel works here: covered by the tests below")
 def test_model_upscaler_without_spandrel_fails_with_the_import_error(
     compact_files: dict[str, Path],
 ) -> None:
