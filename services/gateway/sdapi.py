@@ -24,6 +24,7 @@ from services.gateway.auth import caller
 from services.gateway.errors import ApiError, Handler, invalid_body
 from services.gateway.pnginfo import png_info
 from services.gateway.resources import Resources, resources
+from services.gateway.styles import prompt_styles
 from services.gateway.tasks_api import (
     REQUEST_TYPE_HEADER,
     cancel_document,
@@ -350,4 +351,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post(f"{prefix}/refresh-vae", _refresh(ModelType.SD_VAE))
     app.router.add_post(f"{prefix}/refresh-loras", _refresh(ModelType.LORA))
     app.router.add_post(f"{prefix}/png-info", png_info)
+    app.router.add_get(f"{prefix}/prompt-styles", prompt_styles)
     app.router.add_post("/options", seed_options)

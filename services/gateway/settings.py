@@ -38,6 +38,8 @@ class GatewaySettings(StoreSettings, kw_only=True, frozen=True):
     """Images per request (``init_images``)."""
     max_input_pixels: int = 4096 * 4096
     """Per input image; larger ones are refused before they are decoded."""
+    styles_file: str = ""
+    """A1111's ``styles.csv``; empty: ``styles.csv`` in the models folder."""
     max_open_tasks_per_user: int = 64
     """A user's tasks waiting or running at once; one more → 429 (0: no limit)."""
     max_tasks_per_minute: int = 600

@@ -31,6 +31,7 @@ from services.gateway.auth import caller
 from services.gateway.errors import ApiError
 from services.gateway.images import store_inputs
 from services.gateway.resources import Resources, resources
+from services.gateway.styles import apply_styles
 from services.gateway.validation import check_limits, decode
 from services.gateway.webhooks_api import checked_webhook
 from services.storage.idempotency import IdempotencyConflictError, request_hash
@@ -111,6 +112,9 @@ async def submit(
     model = await resolve_checkpoint(res, body.stable_diffusion_model, "stable_diffusion_model")
     await admit(res, user)
     webhook = await checked_webhook(res, body.webhook)
+    if body.styles:
+        prompt, negative = await apply_styles(res, body.styles, body.prompt, body.negative_prompt)
+        body = msgspec.structs.replace(body, prompt=prompt, negative_prompt=negative)
     options = await res.options.get(user)
     if options:
         # The caller's stored options apply to every request; the request's own win.

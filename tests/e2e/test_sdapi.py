@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -179,3 +180,41 @@ async def test_seed_task_headers_on_the_a1111_routes(system: System) -> None:
     async with system.http.get(f"{system.url}/tasks/{done['_id']}/result") as r:
         result = await r.json()
     assert ("succeeded", 1) == (result["status"], len(result["images"]))
+
+
+async def test_prompt_styles_from_the_a1111_styles_file(system: System) -> None:
+    styles = Path(system.settings.models_dir) / "styles.csv"
+    styles.write_text(
+        "name,prompt,negative_prompt\n"
+        'cinematic,"film still of {prompt}, dramatic light",blurry\n'
+        "sharp,highly detailed,\n"
+    )
+    async with system.http.get(f"{system.url}/sdapi/v1/prompt-styles") as r:
+        listed = await r.json()
+    assert ["cinematic", "sharp"] == [s["name"] for s in listed]
+    assert "blurry" == listed[0]["negative_prompt"]
+
+    body = {
+        "stable_diffusion_model": "tiny.safetensors",
+        "prompt": "a fox",
+        "negative_prompt": "text",
+        "styles": ["cinematic", "sharp"],
+        "steps": 1,
+        "width": 64,
+        "height": 64,
+    }
+    task_id = await system.submit(body)
+    document = await system.task(task_id)
+    assert document is not None
+    assert (
+        "film still of a fox, dramatic light, highly detailed" == document["parameters"]["prompt"]
+    )
+    assert "text, blurry" == document["parameters"]["negative_prompt"]
+    async with system.http.post(
+        f"{system.url}/txt2img",
+        json={**body, "styles": ["nope"]},
+        headers={"Request-Type": "async"},
+    ) as r:
+        refused = await r.json()
+        assert (422, "styles[0]") == (r.status, refused["field"])
+    await system.task_when(task_id, lambda d: d["status"] == "succeeded")
