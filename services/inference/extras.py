@@ -182,9 +182,6 @@ class ExtrasRunner:
             result = image.resize(target, RESAMPLERS[name])
             steps.advance()
             return result
-        if name == "None":  # as upscaler_2: A1111 skips it; never reached for upscaler_1
-            steps.advance()
-            return image.resize(target, RESAMPLERS["Lanczos"])
         model = self.models.get(name, _path(name, upscalers))
         before = steps.done
         result = upscale_with_model(
