@@ -30,6 +30,7 @@ from nats.js.errors import KeyNotFoundError, NoKeysError
 from proto import ModelStatus, ModelType, names
 from proto.workers import WorkerState, WorkerStatus, decode_worker_status
 from services.common import bus
+from services.scheduler.hung import StepWatch
 from services.scheduler.lease import Lease
 from services.scheduler.policy import CheckpointLoad, Plan, plan
 from services.scheduler.settings import SchedulerSettings
@@ -102,6 +103,10 @@ class Backend(Protocol):
         """This replica stopped leading: give up what only the leader may hold."""
         ...
 
+    async def replace(self, worker: WorkerStatus) -> bool:
+        """Stop a hung worker now (it gets no grace: it is stuck); whether it could."""
+        ...
+
 
 class LeaseLost(Exception):
     """The lease lapsed while a plan was being applied: the rest of it is dropped."""
@@ -127,6 +132,9 @@ class Scheduler:
         self.last_plan: Plan | None = None
         self.ticks = 0
         """Ticks applied (a standby replica applies none)."""
+        self.steps = StepWatch(settings.hung_after_s)
+        self.replaced = 0
+        """Hung workers replaced."""
 
     def _fence(self) -> None:
         if self.lease is not None and not self.lease.held():
@@ -178,7 +186,9 @@ class Scheduler:
         # Failed checkpoints stay scheduled: their worker fails queued tasks with the
         # reason at once (the gateway refuses new ones), so nothing waits forever.
         models = await self.models.list(ModelType.STABLE_DIFFUSION)
-        await self._sync_statuses(models)
+        records = await worker_records(self.js)
+        await self._sync_statuses(models, records)
+        await self._replace_hung(records)
         models.append(extras_pool())
         loads = [await self._load(m, replicas.get(m["model_key"], 0), now) for m in models]
         result = plan(
@@ -224,10 +234,27 @@ class Scheduler:
                 self._fence()
                 await self.backend.ensure(model, 0)
 
-    async def _sync_statuses(self, models: list[Document]) -> None:
+    async def _replace_hung(self, records: list[WorkerStatus]) -> None:
+        """Workers alive but stuck mid-task are stopped; the policy then starts others
+        (their slots are still demanded) and JetStream redelivers the task once the
+        in-progress acks have stopped for ``ack_wait``."""
+        for worker in self.steps.hung(records, time.monotonic()):
+            log.warning(
+                "worker %s (%s) hung: no step of task %s for %.0f s; replacing it",
+                worker.worker,
+                worker.model_key,
+                worker.task_id,
+                self.settings.hung_after_s,
+            )
+            self._fence()
+            self.steps.handled(worker.worker)
+            if await self.backend.replace(worker):
+                self.replaced += 1
+
+    async def _sync_statuses(self, models: list[Document], records: list[WorkerStatus]) -> None:
         """Registry statuses follow the workers' real state (the seed's were always "loaded")."""
         by_model: dict[str, list[WorkerStatus]] = {}
-        for record in await worker_records(self.js):
+        for record in records:
             by_model.setdefault(record.model_key, []).append(record)
         for model in models:
             records = by_model.get(model["model_key"], [])

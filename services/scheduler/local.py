@@ -19,6 +19,7 @@ from pathlib import Path
 
 import msgspec
 
+from proto.workers import WorkerStatus
 from services.common.settings import PREFIX, StoreSettings
 from services.scheduler.settings import SchedulerSettings
 from services.storage.mongo import Document
@@ -73,8 +74,10 @@ class _Pool:
 
 
 class LocalBackend:
-    def __init__(self, settings: SchedulerSettings) -> None:
+    def __init__(self, settings: SchedulerSettings, command: list[str] | None = None) -> None:
         self.settings = settings
+        self.command = command or [sys.executable, "-m", "services.inference"]
+        """The worker's command line (tests run stand-in workers)."""
         self._pools: dict[str, _Pool] = {}
         self.started = 0
         self.crashed = 0
@@ -97,6 +100,19 @@ class LocalBackend:
     async def reconcile(self) -> None:
         """Nothing to list: this process started every worker it has (reaped in replicas())."""
 
+    async def replace(self, worker: WorkerStatus) -> bool:
+        """Kill a hung worker of ours (SIGKILL: a stuck step never sees SIGTERM's flag);
+        the next ensure() starts another while its checkpoint has demand."""
+        for pool in self._pools.values():
+            for process in pool.processes:
+                if process.pid == worker.pid and process.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        process.kill()
+                    await process.wait()
+                    log.warning("killed hung worker %s (pid %s)", worker.worker, process.pid)
+                    return True
+        return False
+
     async def step_down(self) -> None:
         """Another replica leads now and starts its own workers: ours hand back their tasks."""
         await self.aclose()
@@ -115,9 +131,7 @@ class LocalBackend:
         log_file = await asyncio.to_thread(open, log_path, "ab")
         with log_file:
             process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "services.inference",
+                *self.command,
                 env=worker_environ(self.settings, model),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log_file,

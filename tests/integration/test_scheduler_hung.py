@@ -1,0 +1,144 @@
+"""A hung worker is replaced and its task redelivered, on a real nats-server and MongoDB.
+
+The workers are real processes started by the local backend, running a stand-in worker
+(written below) that behaves like a worker stuck inside a denoising step: it takes a
+task, sends one in-progress ack, and from then on only heartbeats its liveness record
+(busy, same task, same last step). The scheduler must kill it; JetStream then delivers
+the task again to the replacement it starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proto import ModelType, names
+from proto.workers import WorkerStatus
+from services.common import bus
+from services.common.servers import NatsServer
+from services.scheduler.app import Scheduler, worker_records
+from services.scheduler.local import LocalBackend
+from services.scheduler.settings import SchedulerSettings
+from services.storage.models import ModelStore, model_document
+from services.storage.mongo import database, open_client
+from services.storage.tasks import TaskStore
+
+pytestmark = pytest.mark.integration
+HUNG_AFTER_S = 1.5
+
+STUCK_WORKER = """
+import asyncio, os, time
+from proto import names
+from proto.codec import encode
+from proto.workers import WorkerState, WorkerStatus
+from services.common import bus
+
+async def main() -> None:
+    key = os.environ["SDSWARM_MODEL_KEY"]
+    nc = await bus.connect(os.environ["SDSWARM_NATS_URL"], "stuck-worker")
+    js = nc.jetstream()
+    kv = await bus.worker_bucket(js)
+    sub = await js.pull_subscribe_bind(durable=names.consumer_name(key), stream=names.TASK_STREAM)
+    worker = f"stuck-{os.getpid()}"
+    while True:
+        try:
+            [message] = await sub.fetch(1, timeout=1)
+            break
+        except TimeoutError:
+            continue
+    task = f"{message.metadata.sequence.stream}-{message.metadata.num_delivered}"
+    step = time.time()
+    await message.in_progress()
+    while True:  # stuck in a step: heartbeats go on, steps do not
+        status = WorkerStatus(
+            worker=worker, model_key=key, model_name="m", state=WorkerState.BUSY,
+            pid=os.getpid(), task_id=task, last_step_at=step, updated_at=time.time(),
+        )
+        await kv.put(names.worker_kv_key(worker), encode(status))
+        await asyncio.sleep(0.3)
+
+asyncio.run(main())
+"""
+
+
+@pytest.fixture
+async def nats_url(tmp_path: Path) -> AsyncIterator[str]:
+    async with NatsServer(tmp_path / "nats") as server:
+        yield server.url
+
+
+async def test_a_worker_stuck_in_a_step_is_killed_and_its_task_delivered_again(
+    nats_url: str, mongo_server: Any, tmp_path: Path
+) -> None:
+    script = tmp_path / "stuck_worker.py"
+    script.write_text(STUCK_WORKER)
+    name = f"hung_{secrets.token_hex(4)}"
+    settings = SchedulerSettings(
+        nats_url=nats_url,
+        mongodb_url=mongo_server.url,
+        mongodb_db=name,
+        poll_interval_s=0.2,
+        hung_after_s=HUNG_AFTER_S,
+        ack_wait_s=2,
+        worker_log_dir=str(tmp_path / "logs"),
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        mongo = open_client(mongo_server.url)
+        stack.push_async_callback(mongo.close)
+        stack.push_async_callback(mongo.drop_database, name)
+        db = database(mongo, name)
+        models = ModelStore(db)
+        model = model_document(
+            name="stuck.safetensors",
+            model_type=ModelType.STABLE_DIFFUSION,
+            path="/nonexistent.safetensors",
+            family="sd1",
+            size_bytes=1,
+        )
+        await models.upsert(model)
+        key = model["model_key"]
+        nc = await bus.connect(nats_url, "hung-test")
+        stack.push_async_callback(nc.close)
+        js = nc.jetstream()
+        await bus.ensure_streams(js, settings)
+        ack = await js.publish(names.task_subject(key), b"{}")
+        backend = LocalBackend(settings, command=[sys.executable, str(script)])
+        stack.push_async_callback(backend.aclose)
+        scheduler = Scheduler(settings, js, models, backend, TaskStore(db))
+        stop = asyncio.Event()
+        run = asyncio.create_task(scheduler.run(stop))
+
+        async def record_of(task: str, timeout_s: float) -> tuple[WorkerStatus, float]:
+            started = time.monotonic()
+            while time.monotonic() - started < timeout_s:
+                for record in await worker_records(js):
+                    if record.task_id == task:
+                        return record, time.monotonic()
+                await asyncio.sleep(0.05)
+            raise AssertionError(f"no worker took delivery {task} in {timeout_s} s")
+
+        try:
+            first, busy_at = await record_of(f"{ack.seq}-1", 30)
+            while not scheduler.replaced:
+                assert time.monotonic() - busy_at < 10 * HUNG_AFTER_S, "never replaced"
+                await asyncio.sleep(0.05)
+            replaced_after = time.monotonic() - busy_at
+            # Not before the limit (less the scheduler seeing it a poll earlier than we did).
+            assert replaced_after >= HUNG_AFTER_S - 0.3
+            assert 2 == backend.started  # the hung one, and its replacement
+            second, _ = await record_of(f"{ack.seq}-2", 30)  # redelivered to it
+            assert first.pid != second.pid
+            print(f"hung worker replaced {replaced_after:.2f} s after it took the task")
+        finally:
+            stop.set()
+            await run
+        info = await js.consumer_info(names.TASK_STREAM, names.consumer_name(key))
+        assert 1 == info.num_redelivered
