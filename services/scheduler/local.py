@@ -79,6 +79,8 @@ class LocalBackend:
         self.command = command or [sys.executable, "-m", "services.inference"]
         """The worker's command line (tests run stand-in workers)."""
         self._pools: dict[str, _Pool] = {}
+        self._gpu_of: dict[int, str] = {}
+        """pid → the GPU it was given (``settings.gpus``)."""
         self.started = 0
         self.crashed = 0
 
@@ -88,7 +90,9 @@ class LocalBackend:
         for process in pool.processes:
             if process.returncode is None:
                 alive.append(process)
-            elif process.returncode != 0:
+                continue
+            self._gpu_of.pop(process.pid, None)
+            if process.returncode != 0:
                 self.crashed += 1
                 log.warning("worker %s for %s exited with %s", process.pid, key, process.returncode)
         pool.processes = alive
@@ -121,24 +125,50 @@ class LocalBackend:
         key = model["model_key"]
         alive = self._reap(key)
         while len(alive) < replicas:
-            alive.append(await self._spawn(model))
+            process = await self._spawn(model)
+            if process is None:
+                break
+            alive.append(process)
         while len(alive) > replicas:
             await self._stop(alive.pop())
 
-    async def _spawn(self, model: Document) -> asyncio.subprocess.Process:
+    def _free_gpu(self) -> str | None:
+        for pool in self._pools.values():  # forget the GPUs of exited workers
+            for process in pool.processes:
+                if process.returncode is not None:
+                    self._gpu_of.pop(process.pid, None)
+        taken = set(self._gpu_of.values())
+        return next((gpu for gpu in self.settings.gpus if gpu not in taken), None)
+
+    async def _spawn(self, model: Document) -> asyncio.subprocess.Process | None:
+        env = worker_environ(self.settings, model)
+        gpu = None
+        if self.settings.gpus:
+            # One GPU per worker: two workers on one GPU would fight over its memory.
+            gpu = self._free_gpu()
+            if gpu is None:
+                log.warning(
+                    "%s: no free GPU of %s for another worker",
+                    model["model_key"],
+                    ",".join(self.settings.gpus),
+                )
+                return None
+            env["CUDA_VISIBLE_DEVICES"] = gpu
         log_path = Path(self.settings.worker_log_dir) / f"worker-{model['model_key']}.log"
         await asyncio.to_thread(log_path.parent.mkdir, parents=True, exist_ok=True)
         log_file = await asyncio.to_thread(open, log_path, "ab")
         with log_file:
             process = await asyncio.create_subprocess_exec(
                 *self.command,
-                env=worker_environ(self.settings, model),
+                env=env,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=log_file,
             )
         self.started += 1
-        log.info("started worker %s for %s", process.pid, model["model_key"])
+        if gpu is not None:
+            self._gpu_of[process.pid] = gpu
+        log.info("started worker %s for %s (GPU %s)", process.pid, model["model_key"], gpu or "-")
         return process
 
     async def _stop(self, process: asyncio.subprocess.Process) -> None:

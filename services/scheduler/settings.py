@@ -18,6 +18,9 @@ class SchedulerSettings(StoreSettings, kw_only=True, frozen=True):
     cache_dir: str = "./data/cache"
     device: str = "auto"
     """Device setting handed to local workers (``auto``, ``cpu``, ``cuda``)."""
+    gpus: list[str] = msgspec.field(default_factory=list)
+    """Local backend: GPUs to hand out, one per worker, as ``CUDA_VISIBLE_DEVICES``
+    (``0,1,2,3`` or UUIDs); no more workers run than listed. Empty: no pinning."""
     worker_log_dir: str = "./data/logs"
     lease_ttl_s: float = 6.0
     """Leader lease (several replicas): a leader that stops renewing is replaced within
