@@ -26,6 +26,8 @@ EVENT_SUBJECTS = f"{EVENT_SUBJECT_PREFIX}.>"
 CANCEL_SUBJECT_PREFIX = "sd.cancel"
 # KV bucket holding one key per cancelled task: a queued task is skipped when fetched.
 CANCEL_BUCKET = "sd_cancel"
+# Core NATS (not stored): every worker steps down, in turn within its pool, after its task.
+RESTART_SUBJECT = "sd.control.restart"
 
 # KV bucket of worker liveness records (proto.workers.WorkerStatus), one key per worker.
 WORKER_BUCKET = "sd_workers"

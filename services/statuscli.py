@@ -16,8 +16,9 @@ from nats.js.errors import NotFoundError
 
 from proto import ModelType, names
 from services.common import bus
+from services.common.bus import worker_records
 from services.common.settings import from_environ
-from services.scheduler.app import current_share, worker_records
+from services.scheduler.app import current_share
 from services.scheduler.settings import SchedulerSettings
 from services.storage.models import ModelStore
 from services.storage.mongo import database, open_client

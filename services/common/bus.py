@@ -6,9 +6,11 @@ no service then depends on another having started first.
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 from typing import Any
 
+import msgspec
 import nats
 from nats.aio.client import Client
 from nats.js import JetStreamContext
@@ -21,10 +23,17 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
+from nats.js.errors import (
+    BadRequestError,
+    BucketNotFoundError,
+    KeyNotFoundError,
+    NoKeysError,
+    NotFoundError,
+)
 from nats.js.kv import KeyValue
 
 from proto import names
+from proto.workers import WorkerStatus, decode_worker_status
 from services.common.settings import BusSettings
 
 
@@ -141,6 +150,22 @@ async def worker_bucket(js: JetStreamContext) -> KeyValue:
         return await js.key_value(names.WORKER_BUCKET)
     except BucketNotFoundError:
         return await js.create_key_value(bucket=names.WORKER_BUCKET, ttl=WORKER_TTL_S, history=1)
+
+
+async def worker_records(js: JetStreamContext) -> list[WorkerStatus]:
+    """The live workers' records (expired ones are gone from the bucket)."""
+    bucket = await worker_bucket(js)
+    try:
+        keys = await bucket.keys()
+    except NoKeysError:
+        return []
+    records = []
+    for key in keys:
+        with contextlib.suppress(KeyNotFoundError, msgspec.DecodeError):
+            entry = await bucket.get(key)
+            if entry.value:
+                records.append(decode_worker_status(entry.value))
+    return records
 
 
 async def lease_bucket(js: JetStreamContext, bucket: str, ttl_s: float) -> KeyValue:

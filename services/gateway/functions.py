@@ -145,8 +145,21 @@ async def delete_functions(request: web.Request) -> web.StreamResponse:
     return web.json_response({"status": "success"})
 
 
+async def restart(request: web.Request) -> web.StreamResponse:
+    """The seed's ``POST /restart``: a rolling restart of every worker, losing no task.
+
+    Each worker finishes (or hands back) its task and steps down, one after another
+    within its pool; the scheduler starts fresh ones, which read the current settings.
+    """
+    res, user = await require_admin(request, "restart workers")
+    await res.nc.publish(names.RESTART_SUBJECT, user.encode())
+    await res.nc.flush()
+    return web.json_response({"message": "success"})
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/list/sdapi/functions", list_functions)
     app.router.add_get("/list/sdapi/fucntions", list_functions)  # the seed document's spelling
     app.router.add_post("/batch_update_sd_resource", batch_update)
     app.router.add_post("/del/sd/functions", delete_functions)
+    app.router.add_post("/restart", restart)

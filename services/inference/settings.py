@@ -39,6 +39,9 @@ class WorkerSettings(StoreSettings, kw_only=True, frozen=True):
     """Upload a live preview (``images/{user}/{task}_progress.png``) at most this often; 0: off."""
     worker_id: str = msgspec.field(default_factory=_default_worker_id)
     fetch_timeout_s: float = 5.0
+    restart_stagger_s: float = 20.0
+    """On ``POST /restart`` the n-th worker of a pool steps down n × this after the first,
+    so a pool never restarts all at once."""
     stop_grace_s: float = 10.0
     """On SIGTERM the current task may finish within this; then it is handed back (nak)."""
     parent_pid: int = 0

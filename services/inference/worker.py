@@ -183,6 +183,22 @@ class Worker:
                 stop.set()
                 return
 
+    async def _step_down_in_turn(self, stop: asyncio.Event) -> None:
+        """A rolling restart: wait for this worker's turn in its pool, then stop after the
+        current task (the scheduler starts a fresh worker; queued tasks wait in the stream)."""
+        pool = sorted(
+            record.worker
+            for record in await bus.worker_records(self.js)
+            if record.model_key == self.settings.model_key
+        )
+        turn = pool.index(self.settings.worker_id) if self.settings.worker_id in pool else 0
+        log.info(
+            "restart requested: stepping down in %.0f s", turn * self.settings.restart_stagger_s
+        )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), turn * self.settings.restart_stagger_s)
+        stop.set()
+
     async def _heartbeat(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
@@ -198,6 +214,13 @@ class Worker:
         if self.settings.parent_pid:
             self._watcher = asyncio.create_task(self._watch_parent(stop))
         checkpoint_watch = asyncio.create_task(self._watch_checkpoint(stop))
+        stepping_down: list[asyncio.Task[None]] = []
+
+        async def on_restart(_: Msg) -> None:
+            if not stepping_down:
+                stepping_down.append(asyncio.create_task(self._step_down_in_turn(stop)))
+
+        restart_sub = await self.nc.subscribe(names.RESTART_SUBJECT, cb=on_restart)
         # Load before fetching: a warm worker is ready when its first task arrives, and
         # the registry can show the checkpoint as loading, loaded or failed.
         await self._set_state(WorkerState.LOADING)
@@ -233,6 +256,10 @@ class Worker:
             log.info("worker stopping after %d tasks", self.completed)
             heartbeat.cancel()
             checkpoint_watch.cancel()
+            for task in stepping_down:
+                task.cancel()
+            with contextlib.suppress(Exception):
+                await restart_sub.unsubscribe()
             with contextlib.suppress(Exception):
                 await subscription.unsubscribe()
             with contextlib.suppress(Exception):

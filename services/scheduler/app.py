@@ -22,14 +22,13 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-import msgspec
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerInfo
-from nats.js.errors import KeyNotFoundError, NoKeysError
 
 from proto import ModelStatus, ModelType, names
-from proto.workers import WorkerState, WorkerStatus, decode_worker_status
+from proto.workers import WorkerState, WorkerStatus
 from services.common import bus
+from services.common.bus import worker_records
 from services.scheduler.hung import StepWatch
 from services.scheduler.lease import Lease
 from services.scheduler.policy import CheckpointLoad, Plan, plan
@@ -61,22 +60,6 @@ def current_share(info: ConsumerInfo) -> tuple[int, int | None]:
     if recorded is not None and recorded.isdigit() and int(recorded) != limit:
         return limit, limit
     return limit, None
-
-
-async def worker_records(js: JetStreamContext) -> list[WorkerStatus]:
-    """The live workers' records (expired ones are gone from the bucket)."""
-    bucket = await bus.worker_bucket(js)
-    try:
-        keys = await bucket.keys()
-    except NoKeysError:
-        return []
-    records = []
-    for key in keys:
-        with contextlib.suppress(KeyNotFoundError, msgspec.DecodeError):
-            entry = await bucket.get(key)
-            if entry.value:
-                records.append(decode_worker_status(entry.value))
-    return records
 
 
 def extras_pool() -> Document:

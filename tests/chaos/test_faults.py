@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from services.common import bus
-from services.scheduler.app import worker_records
+from services.common.bus import worker_records
 from tests.chaos.conftest import REPORTS
 from tests.chaos.harness import run_scenario
 from tests.e2e.conftest import System, models_dir, start_system

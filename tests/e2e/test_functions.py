@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from services.common import bus
 from tests.e2e.conftest import System
 
 pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("system", ["local"], indirect=True)]
@@ -83,3 +84,36 @@ async def test_functions_lifecycle(system: System) -> None:
         ]
     [function] = (await _functions(system))["functions"]
     assert ({}, 0) == (function["resources"], function["minInstances"])
+
+
+async def test_restart_rolls_the_workers_and_loses_no_task(system: System) -> None:
+    body = {
+        "stable_diffusion_model": "tiny.safetensors",
+        "prompt": "x",
+        "steps": 2,
+        "width": 64,
+        "height": 64,
+    }
+    first = await system.submit(body)
+    before = (await system.task_when(first, lambda d: d["status"] == "succeeded"))["worker"]
+    async with system.http.post(f"{system.url}/restart") as response:
+        assert (200, {"message": "success"}) == (response.status, await response.json())
+    after = [await system.submit({**body, "steps": 6}) for _ in range(3)]
+    for task_id in after:
+        done = await system.task_when(task_id, lambda d: d["status"] in ("succeeded", "failed"))
+        assert "succeeded" == done["status"], done["message"]
+    # The worker that was up stepped down; a fresh one serves the pool.
+    nc = await bus.connect(system.nats_url, "restart-test")
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            workers = {w.worker for w in await bus.worker_records(nc.jetstream())}
+            if before not in workers:
+                break
+            assert time.monotonic() < deadline, f"{before} never stepped down"
+            await asyncio.sleep(0.2)
+    finally:
+        await nc.close()
+    last = await system.submit(body)
+    done = await system.task_when(last, lambda d: d["status"] == "succeeded")
+    assert before != done["worker"]

@@ -23,7 +23,7 @@ from PIL import Image
 
 from proto import names
 from services.common import bus
-from services.scheduler.app import worker_records
+from services.common.bus import worker_records
 from tests.e2e.conftest import System, start_system
 
 pytestmark = pytest.mark.e2e

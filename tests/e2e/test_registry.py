@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save_file as save_file_torch
 
 from services.common import bus
-from services.scheduler.app import worker_records
+from services.common.bus import worker_records
 from tests.e2e.conftest import System, start_system
 
 pytestmark = pytest.mark.e2e

@@ -23,8 +23,9 @@ import pytest
 from proto import ModelType, names
 from proto.workers import WorkerStatus
 from services.common import bus
+from services.common.bus import worker_records
 from services.common.servers import NatsServer
-from services.scheduler.app import Scheduler, worker_records
+from services.scheduler.app import Scheduler
 from services.scheduler.local import LocalBackend
 from services.scheduler.settings import SchedulerSettings
 from services.storage.models import ModelStore, model_document
