@@ -52,18 +52,22 @@ class Lease:
         margin: float = 0.2,
     ) -> None:
         self.js = js
-        self.ttl_s = ttl_s
         self.holder = holder or holder_id()
         self.bucket_name = bucket
         self.key = key
-        # A request that takes this long is no renewal: give up well before the lease ends.
-        self.request_timeout_s = ttl_s * margin
-        self._valid_s = ttl_s * (1 - 2 * margin)
+        self.margin = margin
+        self._use_ttl(ttl_s)
         self._kv: KeyValue | None = None
         self._revision: int | None = None
         self._valid_until = 0.0
         self.acquired = 0
         """How many times this replica became leader."""
+
+    def _use_ttl(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        # A request that takes this long is no renewal: give up well before the lease ends.
+        self.request_timeout_s = ttl_s * self.margin
+        self._valid_s = ttl_s * (1 - 2 * self.margin)
 
     def held(self) -> bool:
         """Whether this replica may act now (see the module docstring on fencing)."""
@@ -71,7 +75,21 @@ class Lease:
 
     async def _bucket(self) -> KeyValue:
         if self._kv is None:
-            self._kv = await bus.lease_bucket(self.js, self.bucket_name, self.ttl_s)
+            kv = await bus.lease_bucket(self.js, self.bucket_name, self.ttl_s)
+            # The bucket's max_age is what the server enforces: a replica configured with a
+            # longer TTL than the bucket was created with would outlive its own entry.
+            ttl = (await kv.status()).ttl
+            if not ttl:
+                raise RuntimeError(f"KV bucket {self.bucket_name} has no TTL: no lease possible")
+            if ttl != self.ttl_s:
+                log.warning(
+                    "lease bucket %s has a TTL of %.1f s, not %.1f s: using the bucket's",
+                    self.bucket_name,
+                    ttl,
+                    self.ttl_s,
+                )
+                self._use_ttl(ttl)
+            self._kv = kv
         return self._kv
 
     async def keep(self) -> bool:

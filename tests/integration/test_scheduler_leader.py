@@ -103,6 +103,19 @@ async def test_of_two_leases_one_is_held_and_a_release_hands_it_over(nats_url: s
         assert b"b" == (await kv.get(names.SCHEDULER_LEADER_KEY)).value
 
 
+async def test_a_replica_configured_with_another_ttl_follows_the_bucket(nats_url: str) -> None:
+    """The server expires the entry after the bucket's max_age: a replica believing in a
+    longer lease would act after another had taken over."""
+    bucket = f"lease_{secrets.token_hex(3)}"
+    async with connection(nats_url) as a_nc, connection(nats_url) as b_nc:
+        first = Lease(a_nc.jetstream(), TTL_S, bucket=bucket, holder="a")
+        assert await first.keep()
+        longer = Lease(b_nc.jetstream(), 10 * TTL_S, bucket=bucket, holder="b")
+        assert not await longer.keep()
+        assert TTL_S == longer.ttl_s
+        assert TTL_S * 0.2 == longer.request_timeout_s
+
+
 async def test_two_schedulers_one_acts_and_the_other_takes_over_when_it_stops(
     nats_url: str, mongo_server: Any, db_name: tuple[str, Any], tmp_path: Path
 ) -> None:
