@@ -1,0 +1,175 @@
+"""The budget holds while the acting scheduler crashes and the standby takes over.
+
+Real nats-server (this test's own) and MongoDB; two in-process schedulers with leases and
+local backends whose workers are real processes running a stand-in worker (written
+below: it takes a task, works 0.3 s, acks). The leader "crashes": its NATS connection
+drops and its loop dies without releasing the lease, while its workers keep running, as
+Swarm services would. Tasks in flight, summed over the consumers every 20 ms, never
+exceed the budget, before, during and after the handover, and every task completes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import secrets
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proto import ModelType, names
+from services.common import bus
+from services.common.servers import NatsServer
+from services.scheduler.app import Scheduler
+from services.scheduler.lease import Lease
+from services.scheduler.local import LocalBackend
+from services.scheduler.settings import SchedulerSettings
+from services.storage.models import ModelStore, model_document
+from services.storage.mongo import database, open_client
+from services.storage.tasks import TaskStore
+
+pytestmark = pytest.mark.integration
+BUDGET = 2
+TASKS = 36
+TTL_S = 2.0
+
+QUICK_WORKER = """
+import asyncio, os
+from proto import names
+from services.common import bus
+
+async def main() -> None:
+    key = os.environ["SDSWARM_MODEL_KEY"]
+    nc = await bus.connect(os.environ["SDSWARM_NATS_URL"], "quick-worker")
+    sub = await nc.jetstream().pull_subscribe_bind(
+        durable=names.consumer_name(key), stream=names.TASK_STREAM
+    )
+    while True:
+        try:
+            messages = await sub.fetch(1, timeout=1)
+        except TimeoutError:
+            continue
+        for message in messages:
+            await asyncio.sleep(0.3)
+            await message.ack_sync()
+
+asyncio.run(main())
+"""
+
+
+@pytest.fixture
+async def nats_url(tmp_path: Path) -> AsyncIterator[str]:
+    async with NatsServer(tmp_path / "nats") as server:
+        yield server.url
+
+
+async def test_in_flight_stays_within_the_budget_across_a_leader_crash(
+    nats_url: str, mongo_server: Any, tmp_path: Path
+) -> None:
+    script = tmp_path / "quick_worker.py"
+    script.write_text(QUICK_WORKER)
+    name = f"failover_{secrets.token_hex(4)}"
+    settings = SchedulerSettings(
+        nats_url=nats_url,
+        mongodb_url=mongo_server.url,
+        mongodb_db=name,
+        gpu_slots=BUDGET,
+        starvation_s=1.0,
+        poll_interval_s=0.1,
+        lease_ttl_s=TTL_S,
+        ack_wait_s=10,
+        worker_log_dir=str(tmp_path / "logs"),
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        mongo = open_client(mongo_server.url)
+        stack.push_async_callback(mongo.close)
+        stack.push_async_callback(mongo.drop_database, name)
+        db = database(mongo, name)
+        models = ModelStore(db)
+        keys = []
+        for n in range(3):
+            document = model_document(
+                name=f"m{n}.safetensors",
+                model_type=ModelType.STABLE_DIFFUSION,
+                path="/nonexistent",
+                family="sd1",
+                size_bytes=1,
+            )
+            await models.upsert(document)
+            keys.append(document["model_key"])
+        nc = await bus.connect(nats_url, "failover-test")
+        stack.push_async_callback(nc.close)
+        js = nc.jetstream()
+        await bus.ensure_streams(js, settings)
+        rng = random.Random(11)
+        for _ in range(TASKS):
+            await js.publish(names.task_subject(rng.choice(keys)), b"{}")
+
+        schedulers, connections, runs = [], [], []
+        stops = [asyncio.Event(), asyncio.Event()]
+        for n in range(2):
+            own = await bus.connect(nats_url, f"scheduler-{n}")
+            stack.push_async_callback(own.close)
+            backend = LocalBackend(settings, command=[sys.executable, str(script)])
+            stack.push_async_callback(backend.aclose)
+            lease = Lease(own.jetstream(), TTL_S, holder=f"s{n}")
+            scheduler = Scheduler(settings, own.jetstream(), models, backend, TaskStore(db), lease)
+            schedulers.append(scheduler)
+            connections.append(own)
+            runs.append(asyncio.create_task(scheduler.run(stops[n])))
+
+        samples: list[int] = []
+        done = asyncio.Event()
+
+        async def sample() -> None:
+            while not done.is_set():
+                in_flight = 0
+                for key in keys:
+                    with contextlib.suppress(Exception):
+                        info = await js.consumer_info(names.TASK_STREAM, names.consumer_name(key))
+                        in_flight += int(info.num_ack_pending or 0)
+                samples.append(in_flight)
+                await asyncio.sleep(0.02)
+
+        async def left() -> int:
+            return int((await js.stream_info(names.TASK_STREAM)).state.messages)
+
+        sampler = asyncio.create_task(sample())
+        index = 0
+        try:
+            started = time.monotonic()
+            while await left() > TASKS * 2 // 3:
+                assert time.monotonic() - started < 60, "no progress"
+                await asyncio.sleep(0.05)
+            [leader] = [s for s in schedulers if s.ticks]
+            index = schedulers.index(leader)
+            other = schedulers[1 - index]
+            # The crash: the connection drops, the loop dies, nothing is released.
+            await connections[index].close()
+            runs[index].cancel()
+            await asyncio.gather(runs[index], return_exceptions=True)
+            crashed_at = time.monotonic()
+            while not other.ticks:
+                assert time.monotonic() - crashed_at < 3 * TTL_S, "no takeover"
+                await asyncio.sleep(0.02)
+            took_over = time.monotonic() - crashed_at
+            while await left():
+                assert time.monotonic() - started < 120, f"{await left()} tasks left"
+                await asyncio.sleep(0.05)
+        finally:
+            done.set()
+            await sampler
+            stops[1 - index].set()
+            await asyncio.gather(*runs, return_exceptions=True)
+        print(
+            f"takeover after {took_over:.2f} s (TTL {TTL_S} s); in flight: max {max(samples)},"
+            f" {len(samples)} samples, budget {BUDGET}"
+        )
+        assert max(samples) <= BUDGET
+        assert BUDGET == max(samples)  # the budget was used, not just respected
+        assert took_over < TTL_S + 1.0
