@@ -10,10 +10,9 @@ import os
 import sys
 from pathlib import Path
 
-from proto import ModelType
 from services.scheduler.local import LocalBackend
 from services.scheduler.settings import SchedulerSettings
-from services.storage.models import model_document
+from tests.integration.scheduling import checkpoint
 
 RECORD = (
     "import os, sys, time; "
@@ -32,9 +31,7 @@ async def _gpus(folder: Path, pids: list[int]) -> dict[int, str]:
 
 
 def _model(name: str) -> dict[str, object]:
-    return model_document(
-        name=name, model_type=ModelType.STABLE_DIFFUSION, path="/x", family="sd1", size_bytes=1
-    )
+    return checkpoint(name)
 
 
 async def test_each_worker_gets_its_own_gpu(tmp_path: Path) -> None:

@@ -14,24 +14,22 @@ import asyncio
 import contextlib
 import random
 import secrets
-import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from proto import ModelType, names
+from proto import names
 from services.common import bus
-from services.common.servers import NatsServer
 from services.scheduler.app import Scheduler
 from services.scheduler.lease import Lease
 from services.scheduler.local import LocalBackend
 from services.scheduler.settings import SchedulerSettings
-from services.storage.models import ModelStore, model_document
+from services.storage.models import ModelStore
 from services.storage.mongo import database, open_client
 from services.storage.tasks import TaskStore
+from tests.integration.scheduling import checkpoint, stand_in_worker
 
 pytestmark = pytest.mark.integration
 BUDGET = 2
@@ -62,17 +60,11 @@ asyncio.run(main())
 """
 
 
-@pytest.fixture
-async def nats_url(tmp_path: Path) -> AsyncIterator[str]:
-    async with NatsServer(tmp_path / "nats") as server:
-        yield server.url
-
-
 async def test_in_flight_stays_within_the_budget_across_a_leader_crash(
-    nats_url: str, mongo_server: Any, tmp_path: Path
+    private_nats_url: str, mongo_server: Any, tmp_path: Path
 ) -> None:
-    script = tmp_path / "quick_worker.py"
-    script.write_text(QUICK_WORKER)
+    nats_url = private_nats_url
+    command = stand_in_worker(tmp_path, "quick_worker", QUICK_WORKER)
     name = f"failover_{secrets.token_hex(4)}"
     settings = SchedulerSettings(
         nats_url=nats_url,
@@ -93,13 +85,7 @@ async def test_in_flight_stays_within_the_budget_across_a_leader_crash(
         models = ModelStore(db)
         keys = []
         for n in range(3):
-            document = model_document(
-                name=f"m{n}.safetensors",
-                model_type=ModelType.STABLE_DIFFUSION,
-                path="/nonexistent",
-                family="sd1",
-                size_bytes=1,
-            )
+            document = checkpoint(f"m{n}.safetensors")
             await models.upsert(document)
             keys.append(document["model_key"])
         nc = await bus.connect(nats_url, "failover-test")
@@ -115,7 +101,7 @@ async def test_in_flight_stays_within_the_budget_across_a_leader_crash(
         for n in range(2):
             own = await bus.connect(nats_url, f"scheduler-{n}")
             stack.push_async_callback(own.close)
-            backend = LocalBackend(settings, command=[sys.executable, str(script)])
+            backend = LocalBackend(settings, command=command)
             stack.push_async_callback(backend.aclose)
             lease = Lease(own.jetstream(), TTL_S, holder=f"s{n}")
             scheduler = Scheduler(settings, own.jetstream(), models, backend, TaskStore(db), lease)

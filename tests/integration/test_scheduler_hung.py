@@ -12,25 +12,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from proto import ModelType, names
+from proto import names
 from proto.workers import WorkerStatus
 from services.common import bus
 from services.common.bus import worker_records
-from services.common.servers import NatsServer
 from services.scheduler.app import Scheduler
 from services.scheduler.local import LocalBackend
 from services.scheduler.settings import SchedulerSettings
-from services.storage.models import ModelStore, model_document
+from services.storage.models import ModelStore
 from services.storage.mongo import database, open_client
 from services.storage.tasks import TaskStore
+from tests.integration.scheduling import checkpoint, stand_in_worker
 
 pytestmark = pytest.mark.integration
 HUNG_AFTER_S = 1.5
@@ -70,17 +68,11 @@ asyncio.run(main())
 """
 
 
-@pytest.fixture
-async def nats_url(tmp_path: Path) -> AsyncIterator[str]:
-    async with NatsServer(tmp_path / "nats") as server:
-        yield server.url
-
-
 async def test_a_worker_stuck_in_a_step_is_killed_and_its_task_delivered_again(
-    nats_url: str, mongo_server: Any, tmp_path: Path
+    private_nats_url: str, mongo_server: Any, tmp_path: Path
 ) -> None:
-    script = tmp_path / "stuck_worker.py"
-    script.write_text(STUCK_WORKER)
+    nats_url = private_nats_url
+    command = stand_in_worker(tmp_path, "stuck_worker", STUCK_WORKER)
     name = f"hung_{secrets.token_hex(4)}"
     settings = SchedulerSettings(
         nats_url=nats_url,
@@ -97,13 +89,7 @@ async def test_a_worker_stuck_in_a_step_is_killed_and_its_task_delivered_again(
         stack.push_async_callback(mongo.drop_database, name)
         db = database(mongo, name)
         models = ModelStore(db)
-        model = model_document(
-            name="stuck.safetensors",
-            model_type=ModelType.STABLE_DIFFUSION,
-            path="/nonexistent.safetensors",
-            family="sd1",
-            size_bytes=1,
-        )
+        model = checkpoint("stuck.safetensors")
         await models.upsert(model)
         key = model["model_key"]
         nc = await bus.connect(nats_url, "hung-test")
@@ -111,7 +97,7 @@ async def test_a_worker_stuck_in_a_step_is_killed_and_its_task_delivered_again(
         js = nc.jetstream()
         await bus.ensure_streams(js, settings)
         ack = await js.publish(names.task_subject(key), b"{}")
-        backend = LocalBackend(settings, command=[sys.executable, str(script)])
+        backend = LocalBackend(settings, command=command)
         stack.push_async_callback(backend.aclose)
         scheduler = Scheduler(settings, js, models, backend, TaskStore(db))
         stop = asyncio.Event()

@@ -23,7 +23,7 @@ from nats.aio.client import Client
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 
-from proto import ModelType, names
+from proto import names
 from services.common import bus
 from services.common.servers import NatsServer, free_port
 from services.scheduler.app import LeaseLost, Scheduler
@@ -31,9 +31,10 @@ from services.scheduler.lease import Lease
 from services.scheduler.local import LocalBackend
 from services.scheduler.policy import Plan
 from services.scheduler.settings import SchedulerSettings
-from services.storage.models import ModelStore, model_document
+from services.storage.models import ModelStore
 from services.storage.mongo import Document, database, open_client
 from services.storage.tasks import TaskStore
+from tests.integration.scheduling import checkpoint
 
 pytestmark = pytest.mark.integration
 TTL_S = 2.0
@@ -242,13 +243,7 @@ async def test_a_plan_computed_under_a_lease_that_lapsed_is_not_applied(
     settings = _settings(nats_url, mongo_server.url, name, tmp_path)
     models = ModelStore(db)
     await models.ensure_indexes()
-    document = model_document(
-        name=f"fence-{secrets.token_hex(3)}.safetensors",
-        model_type=ModelType.STABLE_DIFFUSION,
-        path="/nonexistent.safetensors",
-        family="sd1",
-        size_bytes=1,
-    )
+    document = checkpoint(f"fence-{secrets.token_hex(3)}.safetensors")
     await models.upsert(document)
     key = document["model_key"]
     bucket = f"lease_{secrets.token_hex(3)}"
