@@ -11,6 +11,15 @@ from proto.requests import ExtrasOptions, Img2ImgRequest, Txt2ImgRequest
 SCHEMA_VERSION = 1
 
 
+class AdapterRef(Struct, kw_only=True, frozen=True, omit_defaults=True):
+    """A registered adapter file (LoRA …) a task applies, resolved by the gateway."""
+
+    name: str
+    path: str
+    sha256: str = ""
+    weight: float = 1.0
+
+
 class GenerateImage(Struct, kw_only=True, frozen=True, omit_defaults=True):
     """Published to ``sd.task.<model_key>`` with ``Nats-Msg-Id = task_id``."""
 
@@ -28,6 +37,8 @@ class GenerateImage(Struct, kw_only=True, frozen=True, omit_defaults=True):
     """Extras (upscaling) parameters; one output image per input key."""
     upscalers: dict[str, str] = {}
     """Extras: the registered upscaler models the request names, name → file path."""
+    loras: list[AdapterRef] = []
+    """The LoRAs the prompt's ``<lora:…>`` tags name, in order, with their weights."""
     input_keys: list[str] = []
     """Claim checks: object keys of uploaded input images (img2img, extras), never the bytes."""
     submitted_at: float = 0.0

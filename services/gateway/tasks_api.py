@@ -30,6 +30,7 @@ from services.gateway import waiting
 from services.gateway.auth import caller
 from services.gateway.errors import ApiError
 from services.gateway.images import store_inputs
+from services.gateway.loras import resolve_loras
 from services.gateway.resources import Resources, resources
 from services.gateway.styles import apply_styles
 from services.gateway.validation import check_limits, decode
@@ -112,6 +113,7 @@ async def submit(
     model = await resolve_checkpoint(res, body.stable_diffusion_model, "stable_diffusion_model")
     await admit(res, user)
     webhook = await checked_webhook(res, body.webhook)
+    loras = await resolve_loras(res, body.prompt)
     if body.styles:
         prompt, negative = await apply_styles(res, body.styles, body.prompt, body.negative_prompt)
         body = msgspec.structs.replace(body, prompt=prompt, negative_prompt=negative)
@@ -135,6 +137,7 @@ async def submit(
         txt2img=body if isinstance(body, Txt2ImgRequest) else None,
         img2img=body if isinstance(body, Img2ImgRequest) else None,
         input_keys=input_keys,
+        loras=loras,
         submitted_at=time.time(),
     )
     document = new_task_document(

@@ -22,8 +22,11 @@ from PIL import Image, ImageFilter, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
 from proto import GenerateImage
+from proto.commands import AdapterRef
+from proto.extra_networks import strip_tags
 from proto.requests import Img2ImgRequest, Txt2ImgRequest
 from proto.samplers import split_sampler
+from services.inference.lora import LoraError, LoraSet
 from services.inference.previews import latent_preview
 from services.inference.samplers import build_scheduler
 
@@ -121,7 +124,13 @@ def seamless(pipe: Any, *, enabled: bool) -> Iterator[None]:
             module.padding_mode = mode
 
 
-def infotext(request: Request, seed: int, model_name: str, model_hash: str) -> str:
+def infotext(
+    request: Request,
+    seed: int,
+    model_name: str,
+    model_hash: str,
+    loras: list[AdapterRef] | None = None,
+) -> str:
     """A1111's human-readable generation parameters (also stored in each PNG)."""
     sampler, schedule = split_sampler(request.effective_sampler, request.scheduler)
     parts = [
@@ -140,6 +149,11 @@ def infotext(request: Request, seed: int, model_name: str, model_hash: str) -> s
         *([f"Clip skip: {clip_skip(request) + 1}"] if clip_skip(request) else []),
         *(["Tiling: True"] if request.tiling else []),
         f"Model: {Path(model_name).stem}",
+        *(
+            [f'Lora hashes: "{", ".join(f"{r.name}: {r.sha256[:12]}" for r in loras)}"']
+            if loras
+            else []
+        ),
         f"Version: {VERSION}",
     ]
     text = request.prompt
@@ -167,6 +181,7 @@ class DiffusersPipeline:
         model_hash: str,
         device: str,
         preview_interval_s: float = 0.0,
+        max_loras: int = 8,
     ) -> None:
         self.pipe = pipe
         self.preview_interval_s = preview_interval_s
@@ -177,6 +192,7 @@ class DiffusersPipeline:
         self.device = device
         self.base_scheduler_config = pipe.scheduler.config
         self._variants: dict[str, Any] = {}
+        self.loras = LoraSet(pipe, max_loaded=max_loras)
 
     def generate(
         self,
@@ -194,13 +210,22 @@ class DiffusersPipeline:
         first_seed = resolve_seed(request.seed)
         count = request.batch_size * request.n_iter
         seeds = [(first_seed + i) % (MAX_SEED + 1) for i in range(count)]
-        infotexts = [infotext(request, seed, self.model_name, self.model_hash) for seed in seeds]
+        infotexts = [
+            infotext(request, seed, self.model_name, self.model_hash, command.loras)
+            for seed in seeds
+        ]
         pngs: list[bytes] = []
-        for job_no in range(request.n_iter):
-            batch_seeds = seeds[job_no * request.batch_size : (job_no + 1) * request.batch_size]
-            images = self._run_job(request, images_in, batch_seeds, job_no, on_step, should_stop)
-            offset = job_no * request.batch_size
-            pngs += [encode_png(im, infotexts[offset + i]) for i, im in enumerate(images)]
+        try:
+            with self.loras.applied(command.loras):
+                for job_no in range(request.n_iter):
+                    first = job_no * request.batch_size
+                    batch_seeds = seeds[first : first + request.batch_size]
+                    images = self._run_job(
+                        request, images_in, batch_seeds, job_no, on_step, should_stop
+                    )
+                    pngs += [encode_png(im, infotexts[first + i]) for i, im in enumerate(images)]
+        except LoraError as exc:
+            raise GenerationError("lora_failed", str(exc)) from exc
         return Generation(images=pngs, seeds=seeds, info=self._info(request, seeds, infotexts))
 
     def _variant(self, name: str) -> Any:
@@ -264,8 +289,9 @@ class DiffusersPipeline:
         if request.eta is not None and "eta" in _call_parameters(pipe):
             options["eta"] = request.eta
         skip = clip_skip(request) if not self.xl else 0
-        prompts = [request.prompt] * len(seeds)
-        negatives = [request.negative_prompt] * len(seeds)
+        # The encoder sees the prompts without their <lora:…> tags (applied as adapters).
+        prompts = [strip_tags(request.prompt)] * len(seeds)
+        negatives = [strip_tags(request.negative_prompt)] * len(seeds)
         with torch.inference_mode(), seamless(pipe, enabled=bool(request.tiling)):
             if skip:
                 # diffusers' own clip_skip reaches for `text_encoder.text_model`, which

@@ -6,51 +6,26 @@ import io
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import pytest
 
 torch = pytest.importorskip("torch")
 
 from PIL import Image  # noqa: E402
 
-from proto import GenerateImage  # noqa: E402
-from proto.requests import Txt2ImgRequest  # noqa: E402
-from services.inference.loader import load_pipeline  # noqa: E402
 from services.inference.pipeline import DiffusersPipeline  # noqa: E402
+from tests.fixtures.tiny_runner import run_tiny, tiny_runner  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def runner(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> DiffusersPipeline:
-    torch.set_flush_denormal(True)
-    pipe = load_pipeline(tiny_checkpoint, cache_dir=tmp_path_factory.mktemp("cache"))
-    pipe.set_progress_bar_config(disable=True)
-    return DiffusersPipeline(pipe, model_name="tiny.safetensors", model_hash="abc", device="cpu")
+    return tiny_runner(tiny_checkpoint, tmp_path_factory.mktemp("cache"))
 
 
 def _generate(runner: DiffusersPipeline, **fields: Any) -> tuple[bytes, list[int]]:
-    body = {
-        "stable_diffusion_model": "tiny.safetensors",
-        "prompt": "a cat",
-        "steps": 3,
-        "width": 64,
-        "height": 64,
-        "seed": 5,
-        "sampler_name": "Euler",
-        **fields,
-    }
-    command = GenerateImage(
-        task_id="t",
-        user="u",
-        model_name="tiny.safetensors",
-        model_key="tiny-000000",
-        txt2img=msgspec.convert(body, Txt2ImgRequest),
-    )
     steps: list[int] = []
-    result = runner.generate(
-        command, {}, lambda job, step, total, preview: steps.append(step), lambda: False
-    )
+    result = run_tiny(runner, steps, **fields)
     return result.images[0], steps
 
 

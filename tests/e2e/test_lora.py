@@ -1,0 +1,76 @@
+"""LoRAs end to end: a registered LoRA named in the prompt changes the image and is
+recorded in the infotext; an unknown one is a 422 naming it, with nothing queued."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.conftest import System, start_system
+from tests.fixtures.tiny_lora import write_tiny_lora
+
+pytestmark = pytest.mark.e2e
+BODY = {
+    "stable_diffusion_model": "tiny.safetensors",
+    "steps": 2,
+    "width": 64,
+    "height": 64,
+    "seed": 3,
+}
+
+
+@pytest.fixture(scope="module")
+async def system(
+    tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path, mongo_server: Any
+) -> AsyncIterator[System]:
+    data = tmp_path_factory.mktemp("lora")
+    models = data / "models"
+    (models / "Stable-diffusion").mkdir(parents=True)
+    shutil.copy(tiny_checkpoint, models / "Stable-diffusion" / "tiny.safetensors")
+    write_tiny_lora(models / "Lora" / "ink style.safetensors")
+    async with start_system(data, models, mongo_server.url) as system:
+        yield system
+
+
+async def _run(system: System, prompt: str) -> dict[str, Any]:
+    async with system.http.post(
+        f"{system.url}/sdapi/v1/txt2img",
+        json={
+            **BODY,
+            "prompt": prompt,
+            "override_settings": {"sd_model_checkpoint": "tiny.safetensors"},
+        },
+    ) as response:
+        body: dict[str, Any] = await response.json()
+        assert 200 == response.status, body
+    return body
+
+
+async def test_a_registered_lora_changes_the_image(system: System) -> None:
+    async with system.http.get(f"{system.url}/sdapi/v1/loras") as response:
+        assert ["ink style"] == [m["name"] for m in await response.json()]
+    base = await _run(system, "a cat")
+    styled = await _run(system, "a cat <lora:ink style:0.9>")
+    again = await _run(system, "a cat")
+    assert base["images"] != styled["images"]
+    assert base["images"] == again["images"], "the next task sees the base weights"
+    infotext = json.loads(styled["info"])["infotexts"][0]
+    assert "a cat <lora:ink style:0.9>" in infotext, "the prompt keeps its tag, as in A1111"
+    assert 'Lora hashes: "ink style: ' in infotext
+
+
+async def test_an_unknown_lora_is_refused_before_anything_is_queued(system: System) -> None:
+    async with system.http.post(
+        f"{system.url}/txt2img",
+        json={**BODY, "prompt": "x <lora:missing:1>"},
+        headers={"Request-Type": "async", "taskId": "unknown-lora"},
+    ) as response:
+        body = await response.json()
+        assert (422, "lora_not_found", "prompt") == (response.status, body["code"], body["field"])
+    assert "'missing'" in body["message"]
+    assert await system.task("unknown-lora") is None

@@ -1,0 +1,86 @@
+"""LoRAs on the tiny checkpoint, proven by their effect: weight 0 is the base image,
+weight 1 another, two at once a third, and the next task without one is the base again."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from PIL import Image  # noqa: E402
+
+from proto.commands import AdapterRef  # noqa: E402
+from services.inference.pipeline import DiffusersPipeline, GenerationError  # noqa: E402
+from tests.fixtures.tiny_lora import write_tiny_lora  # noqa: E402
+from tests.fixtures.tiny_runner import run_tiny, tiny_runner  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> DiffusersPipeline:
+    return tiny_runner(tiny_checkpoint, tmp_path_factory.mktemp("cache"), max_loras=2)
+
+
+@pytest.fixture(scope="module")
+def loras(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("Lora")
+    return {
+        name: write_tiny_lora(folder / f"{name}.safetensors", seed=n)
+        for n, name in enumerate(("ink", "fog", "rust"), start=1)
+    }
+
+
+def _pixels(runner: DiffusersPipeline, prompt: str, loras: list[AdapterRef]) -> bytes:
+    result = run_tiny(runner, loras=loras, prompt=prompt, seed=11)
+    return Image.open(io.BytesIO(result.images[0])).tobytes()
+
+
+def _ref(loras: dict[str, Path], name: str, weight: float) -> AdapterRef:
+    return AdapterRef(name=name, path=str(loras[name]), sha256=name * 8, weight=weight)
+
+
+def test_weights_take_effect_for_one_task_only(
+    runner: DiffusersPipeline, loras: dict[str, Path]
+) -> None:
+    base = _pixels(runner, "a cat", [])
+    # The tag is stripped from what the encoder sees: weight 0 is exactly the base image.
+    assert base == _pixels(runner, "a cat <lora:ink:0>", [_ref(loras, "ink", 0.0)])
+    ink = _pixels(runner, "a cat <lora:ink:1>", [_ref(loras, "ink", 1.0)])
+    assert base != ink
+    both = _pixels(
+        runner,
+        "a cat <lora:ink:1> <lora:fog:0.7>",
+        [_ref(loras, "ink", 1.0), _ref(loras, "fog", 0.7)],
+    )
+    assert both not in (base, ink)
+    assert base == _pixels(runner, "a cat", []), "no leakage into the next task"
+    # The cache holds 2 adapters: a third evicts the least recently used, and results hold.
+    rust = _pixels(runner, "a cat <lora:rust>", [_ref(loras, "rust", 1.0)])
+    assert rust not in (base, ink)
+    assert ink == _pixels(runner, "a cat <lora:ink:1>", [_ref(loras, "ink", 1.0)])
+    assert len(runner.loras.loaded) <= 2
+
+
+def test_a_lora_for_another_model_fails_the_task_with_the_reason(
+    runner: DiffusersPipeline, tmp_path: Path
+) -> None:
+    from safetensors.torch import save_file
+
+    wrong = tmp_path / "wrong.safetensors"
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    save_file(
+        {
+            f"{key}.lora_down.weight": torch.zeros(4, 999),
+            f"{key}.lora_up.weight": torch.zeros(999, 4),
+        },
+        str(wrong),
+    )
+    with pytest.raises(GenerationError, match="cannot be applied"):
+        _pixels(runner, "x <lora:wrong>", [AdapterRef(name="wrong", path=str(wrong))])
+    base = _pixels(runner, "a cat", [])
+    assert base == _pixels(runner, "a cat", []), "the worker is healthy afterwards"
