@@ -240,13 +240,14 @@ class Scheduler:
         for record in records:
             by_model.setdefault(record.model_key, []).append(record)
         for model in models:
-            records = by_model.get(model["model_key"], [])
-            live = [r for r in records if r.state in (WorkerState.READY, WorkerState.BUSY)]
-            failed = [r for r in records if r.state is WorkerState.FAILED]
+            own = by_model.get(model["model_key"], [])
+            live = [r for r in own if r.state in (WorkerState.READY, WorkerState.BUSY)]
+            failed = [r for r in own if r.state is WorkerState.FAILED]
             error = model.get("error")
+            await self._record_cold_start(model, live)
             if live:
                 status = ModelStatus.LOADED
-            elif any(r.state is WorkerState.LOADING for r in records):
+            elif any(r.state is WorkerState.LOADING for r in own):
                 status = ModelStatus.LOADING
             elif failed:
                 status, error = ModelStatus.FAILED, failed[0].error
@@ -257,6 +258,18 @@ class Scheduler:
             if (status.value, len(live)) != (model["status"], model.get("loaded_workers", 0)):
                 await self.models.set_status(model["name"], status, error, workers=len(live))
                 model["status"] = status.value
+
+    async def _record_cold_start(self, model: Document, live: list[WorkerStatus]) -> None:
+        """The checkpoint's measured load time (the slowest of its live workers), kept on
+        its record as ``cold_start_s``: what a task waits for when no worker is warm."""
+        seconds = max((r.load_seconds for r in live if r.load_seconds is not None), default=None)
+        if seconds is None:
+            return
+        if seconds != model.get("cold_start_s"):
+            await self.models.collection.update_one(
+                {"_id": model["_id"]}, {"$set": {"cold_start_s": seconds}}
+            )
+            model["cold_start_s"] = seconds
 
     async def run(self, stop: asyncio.Event) -> None:
         await bus.ensure_streams(self.js, self.settings)
