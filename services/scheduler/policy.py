@@ -36,9 +36,9 @@ class CheckpointLoad:
     min_instances: int = 0
     max_instances: int | None = None
     pinned: int | None = None
+    """An operator's manual limit: honoured as the share, counted in the budget."""
     idle_timeout_s: float | None = None
     """Its own idle timeout (function setting); None: the scheduler's."""
-    """An operator's manual limit: honoured as the share, counted in the budget."""
 
 
 @dataclass(frozen=True)
