@@ -1,7 +1,11 @@
-"""LoRAs named in a prompt (``<lora:name:weight>``) are resolved before anything is
-queued: a name that is not a usable registered LoRA is a 422 naming it."""
+"""Adapters a request names are resolved before anything is queued: the LoRAs of its
+prompt (``<lora:name:weight>``) and its VAE (``sd_vae`` or ``override_settings.sd_vae``).
+A name that is not a usable registered model is a 422 naming it."""
 
 from __future__ import annotations
+
+from pathlib import PurePosixPath
+from typing import Any
 
 from proto import ModelStatus, ModelType
 from proto.commands import AdapterRef
@@ -56,3 +60,36 @@ async def resolve_loras(res: Resources, prompt: str) -> list[AdapterRef]:
             )
         )
     return refs
+
+
+AUTOMATIC_VAE = frozenset({"", "Automatic", "None", "auto"})
+"""A1111's values for "the checkpoint's own VAE"."""
+
+
+async def resolve_vae(
+    res: Resources, sd_vae: str | None, override_settings: dict[str, Any] | None
+) -> AdapterRef | None:
+    field, name = "sd_vae", sd_vae
+    if name is None and "sd_vae" in (override_settings or {}):
+        field, name = "override_settings.sd_vae", (override_settings or {}).get("sd_vae")
+    if name is None or (isinstance(name, str) and name.strip() in AUTOMATIC_VAE):
+        return None
+    if not isinstance(name, str):
+        raise ApiError(422, "invalid_field", f"`{field}` must be a VAE name", field=field)
+    model = await res.models.get(name, ModelType.SD_VAE)
+    if model is None:  # A1111 clients also send the bare stem
+        model = next(
+            (
+                m
+                for m in await res.models.list(ModelType.SD_VAE)
+                if PurePosixPath(m["name"]).stem == name
+            ),
+            None,
+        )
+    if model is None or model["status"] in (
+        ModelStatus.FAILED.value,
+        ModelStatus.REGISTERING.value,
+    ):
+        why = "is not registered" if model is None else f"cannot be used ({model['status']})"
+        raise ApiError(422, "vae_not_found", f"`{field}`: VAE {name!r} {why}", field=field)
+    return AdapterRef(name=model["name"], path=model["path"], sha256=model.get("sha256") or "")

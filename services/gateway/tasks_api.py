@@ -30,7 +30,7 @@ from services.gateway import waiting
 from services.gateway.auth import caller
 from services.gateway.errors import ApiError
 from services.gateway.images import store_inputs
-from services.gateway.loras import resolve_loras
+from services.gateway.loras import resolve_loras, resolve_vae
 from services.gateway.resources import Resources, resources
 from services.gateway.styles import apply_styles
 from services.gateway.validation import check_limits, decode
@@ -113,15 +113,16 @@ async def submit(
     model = await resolve_checkpoint(res, body.stable_diffusion_model, "stable_diffusion_model")
     await admit(res, user)
     webhook = await checked_webhook(res, body.webhook)
-    loras = await resolve_loras(res, body.prompt)
     if body.styles:
         prompt, negative = await apply_styles(res, body.styles, body.prompt, body.negative_prompt)
         body = msgspec.structs.replace(body, prompt=prompt, negative_prompt=negative)
+    loras = await resolve_loras(res, body.prompt)  # after styles: a style may name LoRAs
     options = await res.options.get(user)
     if options:
         # The caller's stored options apply to every request; the request's own win.
         merged = {**options, **(body.override_settings or {})}
         body = msgspec.structs.replace(body, override_settings=merged)
+    vae = await resolve_vae(res, body.sd_vae, body.override_settings)
     input_keys: list[str] = []
     if isinstance(body, Img2ImgRequest):
         body = await _claim_inputs(res, user, body, task_id)
@@ -138,6 +139,7 @@ async def submit(
         img2img=body if isinstance(body, Img2ImgRequest) else None,
         input_keys=input_keys,
         loras=loras,
+        vae=vae,
         submitted_at=time.time(),
     )
     document = new_task_document(

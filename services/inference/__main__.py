@@ -56,6 +56,7 @@ def make_pipeline_factory(settings: WorkerSettings):  # type: ignore[no-untyped-
             model_hash=settings.model_hash,
             device=device,
             preview_interval_s=settings.preview_interval_s,
+            cache_dir=Path(settings.cache_dir),
         )
 
     return factory

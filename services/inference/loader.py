@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 import re
 import shutil
@@ -354,3 +355,35 @@ def _load_single_file(
         **_dtype_option(dtype),
         **options,
     )
+
+
+def load_vae(path: Path, dtype: torch.dtype, cache_dir: Path) -> Any:
+    """A standalone A1111 VAE file (``VAE/*.safetensors``, LDM layout with or without the
+    ``first_stage_model.`` prefix), loaded offline with a config sized from its tensors."""
+    from diffusers import AutoencoderKL
+
+    if path.suffix.lower() != ".safetensors":
+        raise CheckpointError(f"{path.name}: only .safetensors VAE files are loaded")
+    tensors, _ = read_safetensors_header(path)
+    if not any(name.startswith(VAE) for name in tensors):
+        tensors = {VAE + name: info for name, info in tensors.items()}
+    if VAE + "post_quant_conv.weight" not in tensors:
+        raise CheckpointError(f"{path.name}: not a VAE (no post_quant_conv)")
+    digest = hashlib.sha256(
+        json.dumps({k: v.shape for k, v in sorted(tensors.items())}).encode()
+        + CONFIG_VERSION.encode()
+    ).hexdigest()[:16]
+    folder = cache_dir / "configs" / f"vae-{digest}"
+    if not (folder / "config.json").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        config = json.loads((CONFIGS / "sd1" / "vae" / "config.json").read_text())
+        derive_vae(tensors, config)
+        staged = folder / f".config.{os.getpid()}.json"
+        staged.write_text(json.dumps(config, indent=2, sort_keys=True))
+        staged.replace(folder / "config.json")
+    try:
+        return AutoencoderKL.from_single_file(
+            str(path), config=str(folder), local_files_only=True, **_dtype_option(dtype)
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"{path.name}: cannot be loaded as a VAE: {exc}") from exc

@@ -7,6 +7,7 @@ progress and checks the cancel flag between steps.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import json
@@ -31,6 +32,8 @@ from services.inference.previews import latent_preview
 from services.inference.samplers import build_scheduler
 
 VERSION = "sdswarm"
+MAX_VAES = 2
+"""Extra VAEs kept loaded per worker (each is ~160 MB for SD)."""
 MAX_SEED = 2**32 - 1
 
 StepCallback = Callable[[int, int, int, bytes | None], None]
@@ -130,6 +133,7 @@ def infotext(
     model_name: str,
     model_hash: str,
     loras: list[AdapterRef] | None = None,
+    vae: AdapterRef | None = None,
 ) -> str:
     """A1111's human-readable generation parameters (also stored in each PNG)."""
     sampler, schedule = split_sampler(request.effective_sampler, request.scheduler)
@@ -149,6 +153,7 @@ def infotext(
         *([f"Clip skip: {clip_skip(request) + 1}"] if clip_skip(request) else []),
         *(["Tiling: True"] if request.tiling else []),
         f"Model: {Path(model_name).stem}",
+        *([f"VAE hash: {vae.sha256[:10]}", f"VAE: {vae.name}"] if vae else []),
         *(
             [f'Lora hashes: "{", ".join(f"{r.name}: {r.sha256[:12]}" for r in loras)}"']
             if loras
@@ -182,8 +187,12 @@ class DiffusersPipeline:
         device: str,
         preview_interval_s: float = 0.0,
         max_loras: int = 8,
+        cache_dir: Path | None = None,
     ) -> None:
         self.pipe = pipe
+        self.cache_dir = cache_dir or Path("./data/cache")
+        self._own_vae = pipe.vae
+        self._vaes: collections.OrderedDict[str, Any] = collections.OrderedDict()
         self.preview_interval_s = preview_interval_s
         self._next_preview = 0.0
         self.xl = "XL" in type(pipe).__name__
@@ -211,12 +220,12 @@ class DiffusersPipeline:
         count = request.batch_size * request.n_iter
         seeds = [(first_seed + i) % (MAX_SEED + 1) for i in range(count)]
         infotexts = [
-            infotext(request, seed, self.model_name, self.model_hash, command.loras)
+            infotext(request, seed, self.model_name, self.model_hash, command.loras, command.vae)
             for seed in seeds
         ]
         pngs: list[bytes] = []
         try:
-            with self.loras.applied(command.loras):
+            with self.loras.applied(command.loras), self._vae(command.vae):
                 for job_no in range(request.n_iter):
                     first = job_no * request.batch_size
                     batch_seeds = seeds[first : first + request.batch_size]
@@ -227,6 +236,37 @@ class DiffusersPipeline:
         except LoraError as exc:
             raise GenerationError("lora_failed", str(exc)) from exc
         return Generation(images=pngs, seeds=seeds, info=self._info(request, seeds, infotexts))
+
+    @contextlib.contextmanager
+    def _vae(self, ref: AdapterRef | None) -> Iterator[None]:
+        """``sd_vae``: decode with a registered VAE for this task; the checkpoint and its
+        own VAE stay loaded, and the own VAE is back afterwards."""
+        if ref is None:
+            yield
+            return
+        key = ref.sha256 or ref.path
+        vae = self._vaes.get(key)
+        if vae is None:
+            from services.inference.loader import CheckpointError, load_vae
+
+            try:
+                vae = load_vae(Path(ref.path), self._own_vae.dtype, self.cache_dir)
+            except CheckpointError as exc:
+                raise GenerationError("vae_failed", f"VAE {ref.name!r}: {exc}") from exc
+            vae = vae.to(self.device)
+            self._vaes[key] = vae
+            while len(self._vaes) > MAX_VAES:
+                self._vaes.popitem(last=False)
+        self._vaes.move_to_end(key)
+        try:
+            self._set_vae(vae)
+            yield
+        finally:
+            self._set_vae(self._own_vae)
+
+    def _set_vae(self, vae: Any) -> None:
+        for pipe in (self.pipe, *self._variants.values()):
+            pipe.vae = vae
 
     def _variant(self, name: str) -> Any:
         """img2img / inpaint pipelines share the loaded components (no extra memory)."""

@@ -13,6 +13,7 @@ import pytest
 
 from tests.e2e.conftest import System, start_system
 from tests.fixtures.tiny_lora import write_tiny_lora
+from tests.fixtures.tiny_vae import write_tiny_vae
 
 pytestmark = pytest.mark.e2e
 BODY = {
@@ -33,18 +34,16 @@ async def system(
     (models / "Stable-diffusion").mkdir(parents=True)
     shutil.copy(tiny_checkpoint, models / "Stable-diffusion" / "tiny.safetensors")
     write_tiny_lora(models / "Lora" / "ink style.safetensors")
+    write_tiny_vae(models / "VAE" / "other vae.safetensors")
     async with start_system(data, models, mongo_server.url) as system:
         yield system
 
 
-async def _run(system: System, prompt: str) -> dict[str, Any]:
+async def _run(system: System, prompt: str, **options: str) -> dict[str, Any]:
+    settings = {"sd_model_checkpoint": "tiny.safetensors", **options}
     async with system.http.post(
         f"{system.url}/sdapi/v1/txt2img",
-        json={
-            **BODY,
-            "prompt": prompt,
-            "override_settings": {"sd_model_checkpoint": "tiny.safetensors"},
-        },
+        json={**BODY, "prompt": prompt, "override_settings": settings},
     ) as response:
         body: dict[str, Any] = await response.json()
         assert 200 == response.status, body
@@ -74,3 +73,28 @@ async def test_an_unknown_lora_is_refused_before_anything_is_queued(system: Syst
         assert (422, "lora_not_found", "prompt") == (response.status, body["code"], body["field"])
     assert "'missing'" in body["message"]
     assert await system.task("unknown-lora") is None
+
+
+async def test_sd_vae_picks_a_registered_vae_for_one_task(system: System) -> None:
+    async with system.http.get(f"{system.url}/sdapi/v1/sd-vae") as response:
+        assert ["other vae.safetensors"] == [m["model_name"] for m in await response.json()]
+    base = await _run(system, "a dog")
+    other = await _run(system, "a dog", sd_vae="other vae.safetensors")
+    automatic = await _run(system, "a dog", sd_vae="Automatic")
+    assert base["images"] != other["images"]
+    assert base["images"] == automatic["images"]
+    assert "VAE: other vae.safetensors" in json.loads(other["info"])["infotexts"][0]
+
+    # The seed's own field, and the stem alone (what some A1111 clients send).
+    async with system.http.post(
+        f"{system.url}/txt2img", json={**BODY, "prompt": "a dog", "sd_vae": "other vae"}
+    ) as response:
+        assert 200 == response.status, await response.text()
+    async with system.http.post(
+        f"{system.url}/txt2img",
+        json={**BODY, "prompt": "a dog", "sd_vae": "nope.safetensors"},
+        headers={"Request-Type": "async", "taskId": "unknown-vae"},
+    ) as response:
+        body = await response.json()
+        assert (422, "vae_not_found", "sd_vae") == (response.status, body["code"], body["field"])
+    assert await system.task("unknown-vae") is None

@@ -17,6 +17,7 @@ from proto.commands import AdapterRef  # noqa: E402
 from services.inference.pipeline import DiffusersPipeline, GenerationError  # noqa: E402
 from tests.fixtures.tiny_lora import write_tiny_lora  # noqa: E402
 from tests.fixtures.tiny_runner import run_tiny, tiny_runner  # noqa: E402
+from tests.fixtures.tiny_vae import write_tiny_vae  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -84,3 +85,29 @@ def test_a_lora_for_another_model_fails_the_task_with_the_reason(
         _pixels(runner, "x <lora:wrong>", [AdapterRef(name="wrong", path=str(wrong))])
     base = _pixels(runner, "a cat", [])
     assert base == _pixels(runner, "a cat", []), "the worker is healthy afterwards"
+
+
+def test_a_vae_changes_the_decode_not_the_latents(
+    tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    runner = tiny_runner(tiny_checkpoint, tmp_path_factory.mktemp("cache"), preview_interval_s=1e-9)
+    vae = AdapterRef(
+        name="other.safetensors",
+        path=str(write_tiny_vae(tmp_path_factory.mktemp("VAE") / "other.safetensors")),
+        sha256="v" * 64,
+    )
+
+    def run(with_vae: bool) -> tuple[bytes, bytes]:
+        previews: list[bytes] = []
+        result = run_tiny(runner, vae=vae if with_vae else None, previews=previews)
+        return result.images[0], previews[-1]
+
+    own_image, own_latents = run(False)
+    other_image, other_latents = run(True)
+    assert own_latents, "a latent preview of the last step"
+    assert own_latents == other_latents, "the latent preview (before decoding) is the same"
+    assert (
+        Image.open(io.BytesIO(own_image)).tobytes() != Image.open(io.BytesIO(other_image)).tobytes()
+    )
+    assert own_image == run(False)[0], "the checkpoint's own VAE is back for the next task"
+    assert runner.pipe.vae is runner._own_vae
