@@ -47,3 +47,8 @@ class SchedulerSettings(StoreSettings, kw_only=True, frozen=True):
     """GPUs reserved per worker as Swarm generic resources (0: none, CPU workers)."""
     swarm_gpu_kind: str = "NVIDIA-GPU"
     """The generic-resource kind the nodes advertise (``node-generic-resources``)."""
+    swarm_healthcheck: list[str] = msgspec.field(
+        default_factory=lambda: ["python3.11", "-m", "services.scheduler.healthcheck"]
+    )
+    """Worker containers' healthcheck: unhealthy once hung (see healthcheck.py), so Swarm
+    replaces them on any node. Empty: none."""

@@ -40,6 +40,8 @@ KEY_LABEL = "sdswarm.model_key"
 SPEC_LABEL = "sdswarm.spec"
 STOP_GRACE_NS = 30 * 10**9
 """Docker's grace between SIGTERM and SIGKILL: the worker finishes or hands back its task."""
+HEALTH_INTERVAL_NS = 30 * 10**9
+"""How often Swarm runs a worker's healthcheck: a hung worker goes within this of the limit."""
 _SCHEDULER_ONLY = {
     PREFIX + name.upper()
     for name in SchedulerSettings.__struct_fields__
@@ -73,6 +75,7 @@ def task_template(
     env |= worker_settings(settings, model)
     # Swarm expands the template per task: the worker's id names its task (hung workers).
     env[f"{PREFIX}WORKER_ID"] = "{{.Task.Name}}"
+    env[f"{PREFIX}HUNG_AFTER_S"] = str(settings.hung_after_s)  # for the healthcheck
     limits: dict[str, int] = {}
     if function.get("cpu"):
         limits["NanoCPUs"] = int(float(function["cpu"]) * 1e9)
@@ -88,14 +91,22 @@ def task_template(
                 }
             }
         ]
+    container: dict[str, Any] = {
+        "Image": function.get("image") or settings.worker_image,
+        "Env": [f"{k}={v}" for k, v in sorted(env.items())],
+        "Labels": {KEY_LABEL: model["model_key"]},
+        "Mounts": [_mount(m) for m in settings.swarm_mounts],
+        "StopGracePeriod": STOP_GRACE_NS,
+    }
+    if settings.swarm_healthcheck and settings.hung_after_s:
+        container["HealthCheck"] = {
+            "Test": ["CMD", *settings.swarm_healthcheck],
+            "Interval": HEALTH_INTERVAL_NS,
+            "Timeout": HEALTH_INTERVAL_NS // 2,
+            "Retries": 1,
+        }
     return {
-        "ContainerSpec": {
-            "Image": function.get("image") or settings.worker_image,
-            "Env": [f"{k}={v}" for k, v in sorted(env.items())],
-            "Labels": {KEY_LABEL: model["model_key"]},
-            "Mounts": [_mount(m) for m in settings.swarm_mounts],
-            "StopGracePeriod": STOP_GRACE_NS,
-        },
+        "ContainerSpec": container,
         "Resources": {"Limits": limits, "Reservations": reservations},
         "RestartPolicy": {"Condition": "any", "Delay": 10**9},
         "Placement": {"Constraints": list(settings.swarm_constraints)},

@@ -204,6 +204,12 @@ async def test_first_demand_creates_the_service_with_gpu_resources_and_settings(
     container = template["ContainerSpec"]
     assert "me/worker:2" == container["Image"]
     assert {"sdswarm.model_key": key} == container["Labels"]
+    assert {
+        "Test": ["CMD", "python3.11", "-m", "services.scheduler.healthcheck"],
+        "Interval": 30 * 10**9,
+        "Timeout": 15 * 10**9,
+        "Retries": 1,
+    } == container["HealthCheck"]
     assert [
         {"Type": "volume", "Source": "sdswarm_models", "Target": "/models", "ReadOnly": True},
         {"Type": "bind", "Source": "/srv/cache", "Target": "/cache", "ReadOnly": False},
@@ -219,6 +225,7 @@ async def test_first_demand_creates_the_service_with_gpu_resources_and_settings(
         "SDSWARM_CACHE_DIR": "/cache",
         "SDSWARM_PREVIEW_INTERVAL_S": "2",
         "SDSWARM_WORKER_ID": "{{.Task.Name}}",
+        "SDSWARM_HUNG_AFTER_S": "600.0",
         "A": "1",
     }.items() <= env.items()
     assert not {"SDSWARM_DOCKER_URL", "SDSWARM_GPU_SLOTS", "SDSWARM_PARENT_PID", "PATH"} & set(env)
