@@ -37,6 +37,8 @@ class GenerateImage(Struct, kw_only=True, frozen=True, omit_defaults=True):
     """Extras (upscaling) parameters; one output image per input key."""
     upscalers: dict[str, str] = {}
     """Extras: the registered upscaler models the request names, name → file path."""
+    embeddings: list[AdapterRef] = []
+    """Textual-inversion embeddings whose names the prompts use (A1111: always active)."""
     vae: AdapterRef | None = None
     """A registered VAE replacing the checkpoint's own for this task (``sd_vae``)."""
     loras: list[AdapterRef] = []

@@ -1,9 +1,11 @@
 """Adapters a request names are resolved before anything is queued: the LoRAs of its
-prompt (``<lora:name:weight>``) and its VAE (``sd_vae`` or ``override_settings.sd_vae``).
+prompt (``<lora:name:weight>``), its VAE (``sd_vae`` or ``override_settings.sd_vae``) and
+the textual-inversion embeddings its prompts mention.
 A name that is not a usable registered model is a 422 naming it."""
 
 from __future__ import annotations
 
+import re
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -93,3 +95,19 @@ async def resolve_vae(
         why = "is not registered" if model is None else f"cannot be used ({model['status']})"
         raise ApiError(422, "vae_not_found", f"`{field}`: VAE {name!r} {why}", field=field)
     return AdapterRef(name=model["name"], path=model["path"], sha256=model.get("sha256") or "")
+
+
+def _mentions(text: str, name: str) -> bool:
+    return re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", text) is not None
+
+
+async def resolve_embeddings(res: Resources, *texts: str) -> list[AdapterRef]:
+    """The registered embeddings the prompts mention by name (as A1111, where every
+    embedding is active wherever its name appears)."""
+    text = "\n".join(texts)
+    return [
+        AdapterRef(name=m["name"], path=m["path"], sha256=m.get("sha256") or "")
+        for m in await res.models.list(ModelType.EMBEDDING)
+        if m["status"] not in (ModelStatus.FAILED.value, ModelStatus.REGISTERING.value)
+        and _mentions(text, m["name"])
+    ]

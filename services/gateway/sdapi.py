@@ -8,6 +8,7 @@ accepted. Generation is synchronous, as in A1111, and images come back as base64
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import re
@@ -32,6 +33,7 @@ from services.gateway.tasks_api import (
     submit,
 )
 from services.gateway.validation import check_limits, read_json
+from services.storage.modelfiles import ModelFileError, read_safetensors_header
 from services.storage.mongo import Document
 from services.storage.objects import ObjectNotFoundError
 from services.storage.scan import register_models
@@ -302,6 +304,38 @@ async def loras(request: web.Request) -> web.StreamResponse:
     )
 
 
+def _embedding_shape(path: str) -> tuple[int, int] | None:
+    """(vectors, width) of an A1111 embedding file, from its header alone."""
+    try:
+        tensors, _ = read_safetensors_header(Path(path))
+    except (ModelFileError, OSError):
+        return None
+    info = tensors.get("emb_params") or next(
+        (t for name, t in tensors.items() if name.startswith("string_to_param")), None
+    )
+    if info is None or len(info.shape) != 2:
+        return None
+    return info.shape[0], info.shape[1]
+
+
+async def embeddings(request: web.Request) -> web.StreamResponse:
+    """A1111's ``/sdapi/v1/embeddings``: registered embeddings, ``skipped`` if unusable."""
+    loaded: dict[str, Any] = {}
+    skipped: dict[str, Any] = {}
+    for model in await _registry_list(request, ModelType.EMBEDDING):
+        shape = await asyncio.to_thread(_embedding_shape, model["path"])
+        entry = {
+            "step": None,
+            "sd_checkpoint": None,
+            "sd_checkpoint_name": None,
+            "shape": shape[1] if shape else None,
+            "vectors": shape[0] if shape else None,
+        }
+        usable = shape is not None and model["status"] != "failed"
+        (loaded if usable else skipped)[model["name"]] = entry
+    return web.json_response({"loaded": loaded, "skipped": skipped})
+
+
 async def samplers(request: web.Request) -> web.StreamResponse:
     return web.json_response([{"name": name, "aliases": [], "options": {}} for name in SAMPLERS])
 
@@ -345,6 +379,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get(f"{prefix}/sd-models", sd_models)
     app.router.add_get(f"{prefix}/sd-vae", sd_vae)
     app.router.add_get(f"{prefix}/loras", loras)
+    app.router.add_get(f"{prefix}/embeddings", embeddings)
     app.router.add_get(f"{prefix}/samplers", samplers)
     app.router.add_get(f"{prefix}/schedulers", schedulers)
     app.router.add_post(f"{prefix}/refresh-checkpoints", _refresh(ModelType.STABLE_DIFFUSION))

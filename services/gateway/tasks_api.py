@@ -30,7 +30,7 @@ from services.gateway import waiting
 from services.gateway.auth import caller
 from services.gateway.errors import ApiError
 from services.gateway.images import store_inputs
-from services.gateway.loras import resolve_loras, resolve_vae
+from services.gateway.loras import resolve_embeddings, resolve_loras, resolve_vae
 from services.gateway.resources import Resources, resources
 from services.gateway.styles import apply_styles
 from services.gateway.validation import check_limits, decode
@@ -117,6 +117,7 @@ async def submit(
         prompt, negative = await apply_styles(res, body.styles, body.prompt, body.negative_prompt)
         body = msgspec.structs.replace(body, prompt=prompt, negative_prompt=negative)
     loras = await resolve_loras(res, body.prompt)  # after styles: a style may name LoRAs
+    embeddings = await resolve_embeddings(res, body.prompt, body.negative_prompt)
     options = await res.options.get(user)
     if options:
         # The caller's stored options apply to every request; the request's own win.
@@ -140,6 +141,7 @@ async def submit(
         input_keys=input_keys,
         loras=loras,
         vae=vae,
+        embeddings=embeddings,
         submitted_at=time.time(),
     )
     document = new_task_document(

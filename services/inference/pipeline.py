@@ -92,6 +92,8 @@ def clip_skip(request: Request) -> int:
 
 def encode_skipping(pipe: Any, prompts: list[str], skip: int) -> Any:
     """CLIP embeddings from ``skip`` layers before the last, final layer norm applied."""
+    if hasattr(pipe, "maybe_convert_prompt"):  # multi-vector textual inversions
+        prompts = pipe.maybe_convert_prompt(prompts, pipe.tokenizer)
     tokens = pipe.tokenizer(
         prompts,
         padding="max_length",
@@ -134,6 +136,7 @@ def infotext(
     model_hash: str,
     loras: list[AdapterRef] | None = None,
     vae: AdapterRef | None = None,
+    embeddings: list[AdapterRef] | None = None,
 ) -> str:
     """A1111's human-readable generation parameters (also stored in each PNG)."""
     sampler, schedule = split_sampler(request.effective_sampler, request.scheduler)
@@ -154,6 +157,11 @@ def infotext(
         *(["Tiling: True"] if request.tiling else []),
         f"Model: {Path(model_name).stem}",
         *([f"VAE hash: {vae.sha256[:10]}", f"VAE: {vae.name}"] if vae else []),
+        *(
+            [f'TI hashes: "{", ".join(f"{e.name}: {e.sha256[:12]}" for e in embeddings)}"']
+            if embeddings
+            else []
+        ),
         *(
             [f'Lora hashes: "{", ".join(f"{r.name}: {r.sha256[:12]}" for r in loras)}"']
             if loras
@@ -193,6 +201,8 @@ class DiffusersPipeline:
         self.cache_dir = cache_dir or Path("./data/cache")
         self._own_vae = pipe.vae
         self._vaes: collections.OrderedDict[str, Any] = collections.OrderedDict()
+        self._embeddings: dict[str, str] = {}
+        """Loaded textual inversions: name → file identity."""
         self.preview_interval_s = preview_interval_s
         self._next_preview = 0.0
         self.xl = "XL" in type(pipe).__name__
@@ -220,11 +230,20 @@ class DiffusersPipeline:
         count = request.batch_size * request.n_iter
         seeds = [(first_seed + i) % (MAX_SEED + 1) for i in range(count)]
         infotexts = [
-            infotext(request, seed, self.model_name, self.model_hash, command.loras, command.vae)
+            infotext(
+                request,
+                seed,
+                self.model_name,
+                self.model_hash,
+                command.loras,
+                command.vae,
+                command.embeddings,
+            )
             for seed in seeds
         ]
         pngs: list[bytes] = []
         try:
+            self._load_embeddings(command.embeddings)
             with self.loras.applied(command.loras), self._vae(command.vae):
                 for job_no in range(request.n_iter):
                     first = job_no * request.batch_size
@@ -263,6 +282,30 @@ class DiffusersPipeline:
             yield
         finally:
             self._set_vae(self._own_vae)
+
+    def _load_embeddings(self, refs: list[AdapterRef]) -> None:
+        """Textual inversions, loaded once per worker and kept (A1111 keeps them all): the
+        name becomes a token whose vectors replace the word wherever a prompt uses it."""
+        for ref in refs:
+            known = self._embeddings.get(ref.name)
+            if known == (ref.sha256 or ref.path):
+                continue
+            from safetensors.torch import load_file
+
+            try:
+                if known is not None:  # the file was replaced: its new vectors
+                    self.pipe.unload_textual_inversion(ref.name)
+                if not ref.path.endswith(".safetensors"):
+                    raise ValueError("only .safetensors embeddings are loaded")
+                state = load_file(ref.path)
+                if "clip_g" in state:
+                    raise ValueError("SDXL embeddings (clip_l + clip_g) are not supported yet")
+                self.pipe.load_textual_inversion(state, token=ref.name)
+            except (ValueError, OSError, RuntimeError) as exc:
+                raise GenerationError(
+                    "embedding_failed", f"embedding {ref.name!r} cannot be used: {exc}"
+                ) from exc
+            self._embeddings[ref.name] = ref.sha256 or ref.path
 
     def _set_vae(self, vae: Any) -> None:
         for pipe in (self.pipe, *self._variants.values()):

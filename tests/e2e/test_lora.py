@@ -13,7 +13,7 @@ import pytest
 
 from tests.e2e.conftest import System, start_system
 from tests.fixtures.tiny_lora import write_tiny_lora
-from tests.fixtures.tiny_vae import write_tiny_vae
+from tests.fixtures.tiny_vae import write_tiny_embedding, write_tiny_vae
 
 pytestmark = pytest.mark.e2e
 BODY = {
@@ -35,6 +35,7 @@ async def system(
     shutil.copy(tiny_checkpoint, models / "Stable-diffusion" / "tiny.safetensors")
     write_tiny_lora(models / "Lora" / "ink style.safetensors")
     write_tiny_vae(models / "VAE" / "other vae.safetensors")
+    write_tiny_embedding(models / "embeddings" / "bad-hands.safetensors")
     async with start_system(data, models, mongo_server.url) as system:
         yield system
 
@@ -98,3 +99,13 @@ async def test_sd_vae_picks_a_registered_vae_for_one_task(system: System) -> Non
         body = await response.json()
         assert (422, "vae_not_found", "sd_vae") == (response.status, body["code"], body["field"])
     assert await system.task("unknown-vae") is None
+
+
+async def test_embeddings_are_listed_and_used_where_named(system: System) -> None:
+    async with system.http.get(f"{system.url}/sdapi/v1/embeddings") as response:
+        listed = await response.json()
+    assert {"bad-hands": 2} == {k: v["vectors"] for k, v in listed["loaded"].items()}
+    plain = await _run(system, "a bird, bad hands")
+    named = await _run(system, "a bird, bad-hands")
+    assert 'TI hashes: "bad-hands: ' in json.loads(named["info"])["infotexts"][0]
+    assert "TI hashes" not in json.loads(plain["info"])["infotexts"][0]

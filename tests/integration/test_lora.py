@@ -17,7 +17,7 @@ from proto.commands import AdapterRef  # noqa: E402
 from services.inference.pipeline import DiffusersPipeline, GenerationError  # noqa: E402
 from tests.fixtures.tiny_lora import write_tiny_lora  # noqa: E402
 from tests.fixtures.tiny_runner import run_tiny, tiny_runner  # noqa: E402
-from tests.fixtures.tiny_vae import write_tiny_vae  # noqa: E402
+from tests.fixtures.tiny_vae import write_tiny_embedding, write_tiny_vae  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -111,3 +111,24 @@ def test_a_vae_changes_the_decode_not_the_latents(
     )
     assert own_image == run(False)[0], "the checkpoint's own VAE is back for the next task"
     assert runner.pipe.vae is runner._own_vae
+
+
+def test_an_embedding_name_changes_the_conditioning(
+    runner: DiffusersPipeline, tmp_path: Path
+) -> None:
+    embedding = AdapterRef(
+        name="bad-hands",
+        path=str(write_tiny_embedding(tmp_path / "bad-hands.safetensors")),
+        sha256="e" * 64,
+    )
+    plain = run_tiny(runner, prompt="a cat, bad-hands").images[0]
+    expanded = run_tiny(runner, prompt="a cat, bad-hands", embeddings=[embedding]).images[0]
+    assert plain != expanded, "the name's vectors replace the word"
+    # With clip skip the prompt goes through our own encoder: the embedding still applies.
+    skip = {"CLIP_stop_at_last_layers": 2}
+    plain_skip = run_tiny(runner, prompt="a cat, bad-hands", override_settings=skip)
+    expanded_skip = run_tiny(
+        runner, prompt="a cat, bad-hands", embeddings=[embedding], override_settings=skip
+    )
+    assert plain_skip.images[0] != expanded_skip.images[0]
+    assert 'TI hashes: "bad-hands: eeeeeeeeeeee"' in expanded_skip.info["infotexts"][0]
