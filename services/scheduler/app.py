@@ -210,12 +210,17 @@ class Scheduler:
         return result
 
     async def _stop_orphans(self, replicas: dict[str, int], live: set[str]) -> None:
-        """Workers of a checkpoint that was deleted (or vanished from the registry) stop."""
+        """Workers of a checkpoint that was deleted (or vanished from the registry) stop,
+        and a backend drops what it keeps for it (a Swarm service, even at 0 replicas)."""
         for key, count in replicas.items():
-            if count and key not in live and (model := await self.models.by_key(key)):
+            if key in live:
+                continue
+            gone = {"model_key": key, "name": key, "status": ModelStatus.DELETED.value}
+            model = await self.models.by_key(key) or gone
+            if count:
                 log.info("%s: not a live checkpoint any more, stopping its workers", key)
-                self._fence()
-                await self.backend.ensure(model, 0)
+            self._fence()
+            await self.backend.ensure(model, 0)
 
     async def _replace_hung(self, records: list[WorkerStatus]) -> None:
         """Workers alive but stuck mid-task are stopped; the policy then starts others

@@ -352,3 +352,9 @@ async def test_the_scheduler_with_the_swarm_backend_starts_a_service_for_backlog
         assert 1 == service["Spec"]["Mode"]["Replicated"]["Replicas"]
         await scheduler.tick()  # nothing new to do: no second create
         assert 1 == sum(1 for r in state.requests if r[1].endswith("/services/create"))
+        # Scaled to zero, then the model is deleted: its service goes too.
+        service["Spec"]["Mode"]["Replicated"]["Replicas"] = 0
+        await models.mark_deleted(model["name"], ModelType.STABLE_DIFFUSION)
+        await scheduler.tick()
+        assert {} == state.services
+        assert ("DELETE", f"{V}/services/{service['ID']}") == state.writes()[-1][:2]
