@@ -29,6 +29,7 @@ from proto.requests import Img2ImgRequest, Txt2ImgRequest
 from proto.samplers import split_sampler
 from services.inference.lora import LoraError, LoraSet
 from services.inference.previews import latent_preview
+from services.inference.prompts import encode_weighted, needs_own_encoder
 from services.inference.samplers import build_scheduler
 
 VERSION = "sdswarm"
@@ -376,7 +377,16 @@ class DiffusersPipeline:
         prompts = [strip_tags(request.prompt)] * len(seeds)
         negatives = [strip_tags(request.negative_prompt)] * len(seeds)
         with torch.inference_mode(), seamless(pipe, enabled=bool(request.tiling)):
-            if skip:
+            own = not self.xl and any(
+                needs_own_encoder(text, pipe.tokenizer) for text in (prompts[0], negatives[0])
+            )
+            if own:
+                # A1111's emphasis, BREAK and prompts past 75 tokens (SD1/SD2).
+                positive, negative = encode_weighted(
+                    pipe, prompts[0], negatives[0], skip, len(seeds)
+                )
+                options |= {"prompt_embeds": positive, "negative_prompt_embeds": negative}
+            elif skip:
                 # diffusers' own clip_skip reaches for `text_encoder.text_model`, which
                 # transformers 5 no longer has: encode here, the same way.
                 options["prompt_embeds"] = encode_skipping(pipe, prompts, skip)

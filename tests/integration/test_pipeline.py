@@ -71,3 +71,17 @@ def test_our_encoder_matches_diffusers_without_skip(runner: DiffusersPipeline) -
         ours = encode_skipping(pipe, ["a photo of a cat"], 0)
         theirs, _ = pipe.encode_prompt("a photo of a cat", "cpu", 1, False)
     assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+def test_emphasis_and_long_prompts(runner: DiffusersPipeline) -> None:
+    plain = _pixels(_generate(runner, prompt="a red cat")[0])
+    # Weight 1 everywhere is the plain prompt (our encoder agrees with diffusers').
+    assert plain == _pixels(_generate(runner, prompt="a (red:1.0) cat")[0])
+    assert plain != _pixels(_generate(runner, prompt="a (red:1.6) cat")[0])
+    assert plain != _pixels(_generate(runner, prompt="a [red] cat")[0])
+    # Past 75 tokens the prompt is not cut: what comes after changes the image.
+    long = "a red cat, " + "in a garden, " * 30
+    assert _pixels(_generate(runner, prompt=long + "at night")[0]) != _pixels(
+        _generate(runner, prompt=long + "at noon")[0]
+    )
+    assert plain != _pixels(_generate(runner, prompt="a red BREAK cat")[0])
