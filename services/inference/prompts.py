@@ -111,6 +111,7 @@ def _encode_chunk(pipe: Any, ids: list[int], weights: list[float], skip: int) ->
     scale = [1.0, *weights, 1.0, *[1.0] * filler]
     input_ids = torch.tensor([tokens], device=encoder.device)
     output = encoder(input_ids, output_hidden_states=True)
+    z: torch.Tensor
     if skip:
         norm = getattr(encoder, "final_layer_norm", None) or encoder.text_model.final_layer_norm
         z = norm(output.hidden_states[-(skip + 1)])
