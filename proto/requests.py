@@ -124,6 +124,30 @@ class Txt2ImgRequest(_Processing, kw_only=True, frozen=True, omit_defaults=True)
     hr_negative_prompt: str = ""
     firstpass_image: str | None = None
 
+    def hr_size(self) -> tuple[int, int]:
+        """The hires-fix pass's size: ``hr_resize_x/y`` (one of them keeps the aspect
+        ratio), else ``hr_scale`` × the first pass; multiples of 8 as A1111 makes them."""
+        x, y = self.hr_resize_x, self.hr_resize_y
+        if x and not y:
+            y = round(x * self.height / self.width)
+        elif y and not x:
+            x = round(y * self.width / self.height)
+        elif not x and not y:
+            x, y = round(self.width * self.hr_scale), round(self.height * self.hr_scale)
+        return max(8, x // 8 * 8), max(8, y // 8 * 8)
+
+
+LATENT_UPSCALE_MODES: dict[str, tuple[str, bool]] = {
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
+"""A1111's latent upscalers for hires fix: ``torch`` interpolation mode, antialias."""
+HIRES_IMAGE_UPSCALERS = ("None", "Lanczos", "Nearest")
+
 
 class Img2ImgRequest(_Processing, kw_only=True, frozen=True, omit_defaults=True):
     init_images: list[str] = []

@@ -12,7 +12,12 @@ from typing import Any, TypeVar
 import msgspec
 from aiohttp import web
 
-from proto.requests import Img2ImgRequest, Txt2ImgRequest
+from proto.requests import (
+    HIRES_IMAGE_UPSCALERS,
+    LATENT_UPSCALE_MODES,
+    Img2ImgRequest,
+    Txt2ImgRequest,
+)
 from proto.samplers import split_sampler
 from services.gateway.errors import ApiError, invalid_body
 from services.gateway.settings import GatewaySettings
@@ -109,6 +114,8 @@ def check_limits(request: Txt2ImgRequest | Img2ImgRequest, settings: GatewaySett
             f" but is {skip!r}",
             field="override_settings.CLIP_stop_at_last_layers",
         )
+    if isinstance(request, Txt2ImgRequest) and request.enable_hr:
+        _check_hires(request, settings)
     field = "sampler_name" if request.sampler_name else "sampler_index"
     try:
         split_sampler(request.effective_sampler, request.scheduler)
@@ -116,3 +123,25 @@ def check_limits(request: Txt2ImgRequest | Img2ImgRequest, settings: GatewaySett
         if "scheduler" in str(exc).split(";")[0]:
             field = "scheduler"
         raise ApiError(422, "invalid_field", str(exc), field=field) from exc
+
+
+def _check_hires(request: Txt2ImgRequest, settings: GatewaySettings) -> None:
+    width, height = request.hr_size()
+    _at_most("hr_scale", width, settings.max_width, " pixels wide after hires fix")
+    _at_most("hr_scale", height, settings.max_height, " pixels high after hires fix")
+    _at_most("hr_scale", width * height, settings.max_pixels, " pixels after hires fix")
+    _at_most("hr_second_pass_steps", request.hr_second_pass_steps, settings.max_steps)
+    upscaler = request.hr_upscaler or "Latent"
+    if upscaler not in LATENT_UPSCALE_MODES and upscaler not in HIRES_IMAGE_UPSCALERS:
+        known = ", ".join([*LATENT_UPSCALE_MODES, *HIRES_IMAGE_UPSCALERS])
+        raise ApiError(
+            422,
+            "invalid_field",
+            f"`hr_upscaler` {upscaler!r} is not available for hires fix; use one of {known}",
+            field="hr_upscaler",
+        )
+    if request.hr_sampler_name and request.hr_sampler_name != "Use same sampler":
+        try:
+            split_sampler(request.hr_sampler_name, request.hr_scheduler)
+        except ValueError as exc:
+            raise ApiError(422, "invalid_field", str(exc), field="hr_sampler_name") from exc

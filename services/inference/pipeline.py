@@ -25,7 +25,7 @@ from PIL.PngImagePlugin import PngInfo
 from proto import GenerateImage
 from proto.commands import AdapterRef
 from proto.extra_networks import strip_tags
-from proto.requests import Img2ImgRequest, Txt2ImgRequest
+from proto.requests import LATENT_UPSCALE_MODES, Img2ImgRequest, Txt2ImgRequest
 from proto.samplers import split_sampler
 from services.inference.lora import LoraError, LoraSet
 from services.inference.previews import latent_preview
@@ -153,6 +153,7 @@ def infotext(
             if isinstance(request, Img2ImgRequest) and request.denoising_strength is not None
             else []
         ),
+        *_hires_infotext(request),
         f"Model hash: {model_hash}",
         *([f"Clip skip: {clip_skip(request) + 1}"] if clip_skip(request) else []),
         *(["Tiling: True"] if request.tiling else []),
@@ -356,53 +357,131 @@ class DiffusersPipeline:
         # batch size or device (A1111 draws its noise on the CPU too).
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
 
+        hires = isinstance(request, Txt2ImgRequest) and request.enable_hr
+        first_total = request.steps
+        second_total = self._hires_steps(request) if hires else 0
+        offset = 0
+
         def callback(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> Any:
             if should_stop():
                 raise TaskCancelledError
             # img2img runs only the last `strength` part of the schedule: count what runs.
             total = getattr(pipe, "_num_timesteps", None) or len(pipe.scheduler.timesteps)
+            if hires:  # both passes make one progress bar
+                total = first_total + second_total
             preview = None
             now = time.monotonic()
             latents = kwargs.get("latents")
             if self.preview_interval_s and latents is not None and now >= self._next_preview:
                 self._next_preview = now + self.preview_interval_s
                 preview = latent_preview(latents, xl=self.xl)
-            on_step(job_no, step + 1, total, preview)
+            on_step(job_no, offset + step + 1, total, preview)
             return kwargs
 
         if request.eta is not None and "eta" in _call_parameters(pipe):
             options["eta"] = request.eta
-        skip = clip_skip(request) if not self.xl else 0
-        # The encoder sees the prompts without their <lora:…> tags (applied as adapters).
-        prompts = [strip_tags(request.prompt)] * len(seeds)
-        negatives = [strip_tags(request.negative_prompt)] * len(seeds)
         with torch.inference_mode(), seamless(pipe, enabled=bool(request.tiling)):
-            own = not self.xl and any(
-                needs_own_encoder(text, pipe.tokenizer) for text in (prompts[0], negatives[0])
+            options |= self._prompt_options(
+                pipe, request, request.prompt, request.negative_prompt, len(seeds)
             )
-            if own:
-                # A1111's emphasis, BREAK and prompts past 75 tokens (SD1/SD2).
-                positive, negative = encode_weighted(
-                    pipe, prompts[0], negatives[0], skip, len(seeds)
-                )
-                options |= {"prompt_embeds": positive, "negative_prompt_embeds": negative}
-            elif skip:
-                # diffusers' own clip_skip reaches for `text_encoder.text_model`, which
-                # transformers 5 no longer has: encode here, the same way.
-                options["prompt_embeds"] = encode_skipping(pipe, prompts, skip)
-                options["negative_prompt_embeds"] = encode_skipping(pipe, negatives, skip)
-            else:
-                options |= {"prompt": prompts, "negative_prompt": negatives}
+            latent_mode = (
+                isinstance(request, Txt2ImgRequest)
+                and hires
+                and (request.hr_upscaler or "Latent") in LATENT_UPSCALE_MODES
+            )
             result = pipe(
                 num_inference_steps=request.steps,
                 guidance_scale=request.cfg_scale,
                 generator=generators,
                 callback_on_step_end=callback,
-                output_type="pil",
+                output_type="latent" if latent_mode else "pil",
                 **options,
             )
+            if hires:
+                assert isinstance(request, Txt2ImgRequest)
+                offset = first_total
+                result = self._hires_pass(request, result.images, seeds, generators, callback)
         images: list[Image.Image] = result.images
         return images
+
+    def _prompt_options(
+        self, pipe: Any, request: Request, prompt: str, negative: str, count: int
+    ) -> dict[str, Any]:
+        """What the pipeline takes for the prompts: text, or embeddings we encode."""
+        skip = clip_skip(request) if not self.xl else 0
+        # The encoder sees the prompts without their <lora:…> tags (applied as adapters).
+        prompts, negatives = [strip_tags(prompt)] * count, [strip_tags(negative)] * count
+        own = not self.xl and any(
+            needs_own_encoder(text, pipe.tokenizer) for text in (prompts[0], negatives[0])
+        )
+        if own:
+            # A1111's emphasis, BREAK and prompts past 75 tokens (SD1/SD2).
+            positive, negative_embeds = encode_weighted(pipe, prompts[0], negatives[0], skip, count)
+            return {"prompt_embeds": positive, "negative_prompt_embeds": negative_embeds}
+        if skip:
+            # diffusers' own clip_skip reaches for `text_encoder.text_model`, which
+            # transformers 5 no longer has: encode here, the same way.
+            return {
+                "prompt_embeds": encode_skipping(pipe, prompts, skip),
+                "negative_prompt_embeds": encode_skipping(pipe, negatives, skip),
+            }
+        return {"prompt": prompts, "negative_prompt": negatives}
+
+    @staticmethod
+    def _hires_steps(request: Request) -> int:
+        """Steps the second pass runs: its steps × denoising strength (diffusers, A1111)."""
+        assert isinstance(request, Txt2ImgRequest)
+        steps = request.hr_second_pass_steps or request.steps
+        return min(int(steps * _hires_strength(request)), steps)
+
+    def _hires_pass(
+        self,
+        request: Txt2ImgRequest,
+        first: Any,
+        seeds: list[int],
+        generators: list[torch.Generator],
+        callback: Callable[..., Any],
+    ) -> Any:
+        """A1111's hires fix: upscale the first pass (its latents, or the decoded image)
+        to ``hr_size`` and denoise it again with img2img at ``denoising_strength``."""
+        width, height = request.hr_size()
+        upscaler = request.hr_upscaler or "Latent"
+        image: Any
+        if upscaler in LATENT_UPSCALE_MODES:
+            mode, antialias = LATENT_UPSCALE_MODES[upscaler]
+            image = torch.nn.functional.interpolate(
+                first,
+                size=(height // 8, width // 8),
+                mode=mode,
+                **({"antialias": True} if antialias else {}),
+            )
+        else:
+            resample = (
+                Image.Resampling.NEAREST if upscaler == "Nearest" else Image.Resampling.LANCZOS
+            )
+            image = [im.resize((width, height), resample) for im in first]
+        pipe = self._variant("StableDiffusionImg2ImgPipeline")
+        sampler = request.hr_sampler_name
+        if not sampler or sampler == "Use same sampler":
+            sampler = request.effective_sampler
+        pipe.scheduler = build_scheduler(
+            self.base_scheduler_config,
+            sampler,
+            request.hr_scheduler or request.scheduler,
+            seed=seeds[0],
+        )
+        prompt = request.hr_prompt or request.prompt
+        negative = request.hr_negative_prompt or request.negative_prompt
+        return pipe(
+            image=image,
+            strength=_hires_strength(request),
+            num_inference_steps=request.hr_second_pass_steps or request.steps,
+            guidance_scale=request.cfg_scale,
+            generator=generators,
+            callback_on_step_end=callback,
+            output_type="pil",
+            **self._prompt_options(pipe, request, prompt, negative, len(seeds)),
+        )
 
     def _info(self, request: Request, seeds: list[int], texts: list[str]) -> dict[str, Any]:
         sampler, schedule = split_sampler(request.effective_sampler, request.scheduler)
@@ -437,6 +516,23 @@ class DiffusersPipeline:
             "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
             "version": VERSION,
         }
+
+
+def _hires_infotext(request: Request) -> list[str]:
+    if not isinstance(request, Txt2ImgRequest) or not request.enable_hr:
+        return []
+    width, height = request.hr_size()
+    resized = request.hr_resize_x or request.hr_resize_y
+    return [
+        f"Denoising strength: {_hires_strength(request):g}",
+        f"Hires resize: {width}x{height}" if resized else f"Hires upscale: {request.hr_scale:g}",
+        *([f"Hires steps: {request.hr_second_pass_steps}"] if request.hr_second_pass_steps else []),
+        f"Hires upscaler: {request.hr_upscaler or 'Latent'}",
+    ]
+
+
+def _hires_strength(request: Txt2ImgRequest) -> float:
+    return 0.7 if request.denoising_strength is None else request.denoising_strength
 
 
 def _call_parameters(pipe: Any) -> set[str]:

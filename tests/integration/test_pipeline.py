@@ -85,3 +85,33 @@ def test_emphasis_and_long_prompts(runner: DiffusersPipeline) -> None:
         _generate(runner, prompt=long + "at noon")[0]
     )
     assert plain != _pixels(_generate(runner, prompt="a red BREAK cat")[0])
+
+
+@pytest.mark.parametrize("upscaler", ["Latent", "Latent (bicubic antialiased)", "Lanczos"])
+def test_hires_fix(runner: DiffusersPipeline, upscaler: str) -> None:
+    steps: list[int] = []
+    result = run_tiny(
+        runner,
+        steps,
+        enable_hr=True,
+        hr_scale=2,
+        hr_upscaler=upscaler,
+        hr_second_pass_steps=4,
+        denoising_strength=0.5,
+    )
+    image = Image.open(io.BytesIO(result.images[0]))
+    assert (128, 128) == image.size
+    # One progress bar over both passes: 3 first-pass steps, then 4 × 0.5 = 2 more.
+    assert [1, 2, 3, 4, 5] == steps
+    text = result.info["infotexts"][0]
+    assert "Size: 64x64" in text
+    assert f"Hires upscale: 2, Hires steps: 4, Hires upscaler: {upscaler}" in text
+    assert "Denoising strength: 0.5" in text
+
+
+def test_hires_prompt_and_resize(runner: DiffusersPipeline) -> None:
+    common: dict[str, Any] = {"enable_hr": True, "hr_resize_x": 96, "denoising_strength": 0.6}
+    base = run_tiny(runner, **common).images[0]
+    other = run_tiny(runner, hr_prompt="a dog", **common).images[0]
+    assert (96, 96) == Image.open(io.BytesIO(base)).size, "the other side keeps the ratio"
+    assert _pixels(base) != _pixels(other), "the second pass uses hr_prompt"

@@ -41,6 +41,13 @@ def test_missing_required_field_is_named() -> None:
         ({"prompt": "x" * 20_001}, "prompt", "characters"),
         ({"sampler_name": "Nope"}, "sampler_name", "valid samplers"),
         ({"sampler_name": "Euler", "scheduler": "Bogus"}, "scheduler", "valid schedule types"),
+        (
+            {"enable_hr": True, "width": 1024, "height": 1024, "hr_scale": 4},
+            "hr_scale",
+            "pixels wide after hires fix",
+        ),
+        ({"enable_hr": True, "hr_upscaler": "4x-Magic"}, "hr_upscaler", "not available"),
+        ({"enable_hr": True, "hr_sampler_name": "Nope"}, "hr_sampler_name", "valid samplers"),
     ],
 )
 def test_limits(fields: dict[str, object], field: str, text: str) -> None:
@@ -80,3 +87,9 @@ def test_clip_skip_option_is_checked(value: object) -> None:
     with pytest.raises(ApiError) as info:
         check_limits(request, GatewaySettings())
     assert "override_settings.CLIP_stop_at_last_layers" == info.value.field
+
+
+def test_hires_size_follows_a1111() -> None:
+    assert (1024, 1024) == _request(enable_hr=True, hr_scale=2).hr_size()
+    assert (768, 1152) == _request(enable_hr=True, height=768, hr_resize_x=768).hr_size()
+    assert (1000, 1000) == _request(enable_hr=True, hr_resize_x=1003, hr_resize_y=1001).hr_size()
