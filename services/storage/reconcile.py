@@ -6,9 +6,9 @@ document. A crash, a NATS outage or a timeout between the two leaves a document 
 no sequence. Every ``interval_s`` the reconciler looks at open tasks older than
 ``grace_s``:
 
-- no stream sequence: the publish was never confirmed. The command is published again
-  with the same ``Nats-Msg-Id``, so a publish that did land inside JetStream's
-  de-duplication window is not duplicated;
+- no stream sequence: the publish was never confirmed. If a worker has reported on the
+  task, it did land; otherwise the command is published again with the same
+  ``Nats-Msg-Id``, so a publish that landed but is still queued is not duplicated;
 - a stream sequence whose message is gone (acked, purged, lost with a server's disk)
   while the task is still open after ``lost_after_s``: no worker can ever finish it, so
   it ends ``failed`` with the reason (a worker acks only after its terminal event is
@@ -39,6 +39,9 @@ from services.storage.tasks import TaskStore
 
 log = logging.getLogger(__name__)
 OPEN = [TaskStatus.WAITING.value, TaskStatus.RUNNING.value]
+LANDED = -1
+"""``stream_seq`` of a task whose publish landed (a worker reported on it) at an
+unknown sequence."""
 
 
 @dataclass
@@ -61,6 +64,12 @@ async def reconcile_once(
             command = task.get("command")
             if command is None:
                 continue  # written by a version that kept no command: nothing to resend
+            if task.get("attempt") or await _has_events(js, task_id):
+                # A worker has taken it: the publish landed though nobody recorded it.
+                # (Resending now could run it twice: JetStream forgets the message id of
+                # an acked work-queue message when the server restarts.)
+                await tasks.set_stream_seq(task_id, LANDED)
+                continue
             ack = await js.publish(
                 names.task_subject(decode_generate(command).model_key),
                 bytes(command),
@@ -77,7 +86,7 @@ async def reconcile_once(
             outcome.republished += 0 if ack.duplicate else 1
             continue
         age = (now - _aware(task["created_at"])).total_seconds()
-        if age < lost_after_s:
+        if age < lost_after_s or seq == LANDED:
             continue
         try:
             await js.get_msg(names.TASK_STREAM, seq)
@@ -85,6 +94,17 @@ async def reconcile_once(
             await _fail_lost(js, task_id, int(task.get("attempt") or 0))
             outcome.failed += 1
     return outcome
+
+
+async def _has_events(js: JetStreamContext, task_id: str) -> bool:
+    """Whether any worker has reported on this task (it was delivered)."""
+    for kind in ("started", "succeeded", "failed", "cancelled"):
+        try:
+            await js.get_last_msg(names.EVENT_STREAM, names.event_subject(task_id, kind))
+        except NotFoundError:
+            continue
+        return True
+    return False
 
 
 def _aware(value: dt.datetime) -> dt.datetime:

@@ -79,7 +79,8 @@ async def test_nats_server_restarted_twice(system: System) -> None:
         restarts = 0
         server = system.nats_server
         for hard in (False, True):
-            await _sleep_or_stop(stop, 6.0)
+            # Early and close together: both land while tasks are still flowing.
+            await _sleep_or_stop(stop, 2.0 if hard else 3.0)
             if stop.is_set():
                 break
             server.stop_grace_s = 0.0 if hard else 5.0  # kill -9, then a clean stop

@@ -11,7 +11,7 @@ from nats.js import JetStreamContext
 
 from proto import GenerateImage, names
 from proto.codec import encode
-from proto.events import TaskFailed, decode_event
+from proto.events import TaskFailed, TaskStarted, decode_event, encode_event
 from proto.requests import Txt2ImgRequest
 from services.common import bus
 from services.common.settings import BusSettings
@@ -124,3 +124,19 @@ async def test_a_lost_message_fails_the_task_with_a_reason(parts: tuple[Any, Tas
     document = await tasks.get(task_id)
     assert document is not None
     assert ("failed", "task_lost") == (document["status"], document["code"])
+
+
+async def test_a_task_a_worker_reported_on_is_not_sent_again(
+    parts: tuple[Any, TaskStore],
+) -> None:
+    """After a server restart JetStream forgets the ids of acked messages: the evidence
+    that the publish landed is then the task's own events."""
+    js, tasks = parts
+    task_id, _ = await _task(tasks, age_s=60)
+    started = TaskStarted(task_id=task_id, attempt=1, at=0.0, worker="w", model_key=KEY)
+    await js.publish(
+        names.event_subject(task_id, "started"), encode_event(started), stream=names.EVENT_STREAM
+    )
+    assert (0, 0) == await _run(js, tasks)
+    assert -1 == await _seq(tasks, task_id)
+    assert (0, 0) == await _run(js, tasks), "landed at an unknown sequence: never failed as lost"
