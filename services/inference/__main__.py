@@ -121,6 +121,8 @@ async def amain(settings: WorkerSettings) -> None:
             factory = make_pipeline_factory(settings)
         worker = Worker(settings, nc, objects, factory)
         await worker.run(stop)
+        if worker.fatal:
+            raise SystemExit(70)  # EX_SOFTWARE: the backend replaces a crashed worker
     finally:
         await objects.aclose()
         await nc.drain()

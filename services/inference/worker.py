@@ -62,6 +62,21 @@ HEARTBEAT_S = 5.0
 
 
 CHECKPOINT_WATCH_S = 2.0
+STICKY_CUDA_ERRORS = (
+    "illegal memory access",
+    "device-side assert",
+    "unspecified launch failure",
+    "misaligned address",
+    "illegal instruction",
+    "CUBLAS_STATUS_EXECUTION_FAILED",
+    "uncorrectable ECC error",
+)
+"""CUDA errors after which the context is unusable (unlike out-of-memory)."""
+
+
+def sticky_cuda_error(exc: BaseException) -> bool:
+    text = str(exc)
+    return ("CUDA" in text or "CUBLAS" in text) and any(m in text for m in STICKY_CUDA_ERRORS)
 
 
 def _file_identity(path: Path) -> tuple[int, int, int] | None:
@@ -111,6 +126,8 @@ class Worker:
         self._load_seconds: float | None = None
         self._watcher: asyncio.Task[None] | None = None
         self.completed = 0
+        self.fatal = False
+        """Set after a sticky CUDA error: the process must exit non-zero and be replaced."""
 
     async def _beat(self) -> None:
         """Write this worker's liveness record (state, current task, last step)."""
@@ -348,6 +365,15 @@ class Worker:
                     return
         except Exception as exc:
             log.exception("task %s attempt %d crashed", command.task_id, attempt)
+            if sticky_cuda_error(exc):
+                # The CUDA context is broken for good: no later task can run here. Give the
+                # task back at once and exit, so a fresh process (and context) takes over.
+                log.critical("sticky CUDA error: handing task %s back and exiting", command.task_id)
+                self.fatal = True
+                await message.nak()
+                if stop is not None:
+                    stop.set()
+                return
             if attempt < self.settings.max_deliver:
                 await message.nak(delay=NAK_DELAY_S)
                 return
