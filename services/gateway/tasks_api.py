@@ -384,15 +384,20 @@ async def task_progress(request: web.Request) -> web.StreamResponse:
     preview = progress.get("preview_key")
     started = document.get("started_at")
     extra: dict[str, Any] = {}
+    eta = progress.get("eta_seconds") or 0.0
     if status is TaskStatus.WAITING:
         extra["queuePosition"] = await res.tasks.queue_position(document)
+        model = await res.models.by_key(document["model_key"])
+        if model and model.get("status") != "loaded" and model.get("cold_start_s"):
+            # No warm worker: the task waits at least for one to load (measured).
+            extra["coldStartSeconds"] = eta = float(model["cold_start_s"])
     return web.json_response(
         {
             **extra,
             "taskId": document["_id"],
             "status": status.value,
             "progress": fraction,
-            "etaRelative": progress.get("eta_seconds") or 0.0,
+            "etaRelative": eta,
             "state": {
                 "interrupted": status is TaskStatus.CANCELLED,
                 "skipped": False,

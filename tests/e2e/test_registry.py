@@ -332,6 +332,16 @@ async def test_statuses_follow_upload_load_and_idle_stop(
     assert ["unloaded", "loaded", "unloaded"] == [s for s in seen if s != "loading"], seen
     assert {"unloaded", "loading", "loaded"} >= set(seen)
 
+    # With no warm worker, a waiting task's ETA is the measured cold start.
+    body = {"prompt": "x", "steps": 2, "width": 64, "height": 64, "stable_diffusion_model": name}
+    task_id = await system.submit(body)
+    async with system.http.get(f"{system.url}/tasks/{task_id}/progress") as response:
+        progress = await response.json()
+    assert "waiting" == progress["status"], "its pool was stopped: it waits for a cold start"
+    assert progress["coldStartSeconds"] > 0
+    assert progress["coldStartSeconds"] == progress["etaRelative"]
+    await system.task_when(task_id, lambda d: d["status"] == "succeeded")
+
 
 async def test_replacing_a_checkpoint_rolls_its_workers_and_loses_no_task(
     system: System, tiny_checkpoint: Path, tmp_path: Path
