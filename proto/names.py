@@ -24,6 +24,8 @@ EVENT_SUBJECTS = f"{EVENT_SUBJECT_PREFIX}.>"
 
 # Core-NATS subject a worker listens on to stop a running task between steps.
 CANCEL_SUBJECT_PREFIX = "sd.cancel"
+SKIP_PAYLOAD = b"skip"
+"""On a cancel subject: A1111's skip (end the current job of a batch), not a cancel."""
 # KV bucket holding one key per cancelled task: a queued task is skipped when fetched.
 CANCEL_BUCKET = "sd_cancel"
 # Core NATS (not stored): every worker steps down, in turn within its pool, after its task.

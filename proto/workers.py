@@ -35,6 +35,13 @@ class WorkerStatus(Struct, kw_only=True, frozen=True, omit_defaults=True):
     updated_at: float = 0.0
     load_seconds: float | None = None
     """How long loading the checkpoint took (cold-start ETA)."""
+    rss_bytes: int = 0
+    """Resident memory of the worker process."""
+    cuda_free_bytes: int | None = None
+    cuda_total_bytes: int | None = None
+    """Free and total memory of the worker's CUDA device (None on CPU)."""
+    cuda_allocated_bytes: int | None = None
+    """What this process's tensors hold on the device."""
 
 
 _decoder = msgspec.json.Decoder(WorkerStatus)

@@ -21,6 +21,7 @@ from aiohttp import web
 from proto import ModelType, TaskStatus, names
 from proto.requests import Img2ImgRequest, Txt2ImgRequest, to_builtins
 from proto.samplers import SAMPLERS, SCHEDULE_TYPES
+from services.common import bus
 from services.gateway.auth import caller
 from services.gateway.errors import ApiError, Handler, invalid_body
 from services.gateway.pnginfo import png_info
@@ -211,6 +212,18 @@ async def interrupt(request: web.Request) -> web.StreamResponse:
     return web.json_response({})
 
 
+async def skip(request: web.Request) -> web.StreamResponse:
+    """A1111's skip: the caller's running task ends its current job (of ``n_iter``) and
+    goes on with the next; the task itself is not cancelled."""
+    res = resources(request)
+    user = await caller(request, res)
+    document = await _current_task(res, user)
+    if document is not None and document["status"] == TaskStatus.RUNNING.value:
+        await res.nc.publish(names.cancel_subject(document["_id"]), names.SKIP_PAYLOAD)
+        await res.nc.flush()
+    return web.json_response({})
+
+
 async def get_options(request: web.Request) -> web.StreamResponse:
     res = resources(request)
     user = await caller(request, res)
@@ -336,6 +349,50 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     return web.json_response({"loaded": loaded, "skipped": skipped})
 
 
+def _host_ram() -> dict[str, int]:
+    """The gateway host's memory, from /proc/meminfo (A1111's ``ram`` block)."""
+    fields: dict[str, int] = {}
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields[key] = int(value.split()[0]) * 1024
+    total, free = fields.get("MemTotal", 0), fields.get("MemAvailable", 0)
+    return {"free": free, "used": total - free, "total": total}
+
+
+async def memory(request: web.Request) -> web.StreamResponse:
+    """A1111's ``/sdapi/v1/memory``: ``ram`` of the gateway's host; ``cuda`` summed over
+    the workers on CUDA devices (from their liveness records), and each worker's figures
+    under ``workers`` (sdswarm extension)."""
+    res = resources(request)
+    await caller(request, res)
+    records = await bus.worker_records(res.js)
+    on_cuda = [r for r in records if r.cuda_total_bytes]
+    cuda: dict[str, Any] = {"error": "no worker runs on a CUDA device"}
+    if on_cuda:
+        total = sum(r.cuda_total_bytes or 0 for r in on_cuda)
+        free = sum(r.cuda_free_bytes or 0 for r in on_cuda)
+        allocated = sum(r.cuda_allocated_bytes or 0 for r in on_cuda)
+        cuda = {
+            "system": {"free": free, "used": total - free, "total": total},
+            "active": {"current": allocated},
+            "allocated": {"current": allocated},
+        }
+    workers = [
+        {
+            "worker": r.worker,
+            "model": r.model_name,
+            "state": r.state.value,
+            "rss": r.rss_bytes,
+            "cudaFree": r.cuda_free_bytes,
+            "cudaTotal": r.cuda_total_bytes,
+            "cudaAllocated": r.cuda_allocated_bytes,
+        }
+        for r in records
+    ]
+    return web.json_response({"ram": _host_ram(), "cuda": cuda, "workers": workers})
+
+
 async def samplers(request: web.Request) -> web.StreamResponse:
     return web.json_response([{"name": name, "aliases": [], "options": {}} for name in SAMPLERS])
 
@@ -374,12 +431,14 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post(f"{prefix}/img2img", img2img)
     app.router.add_get(f"{prefix}/progress", progress)
     app.router.add_post(f"{prefix}/interrupt", interrupt)
+    app.router.add_post(f"{prefix}/skip", skip)
     app.router.add_get(f"{prefix}/options", get_options)
     app.router.add_post(f"{prefix}/options", set_options)
     app.router.add_get(f"{prefix}/sd-models", sd_models)
     app.router.add_get(f"{prefix}/sd-vae", sd_vae)
     app.router.add_get(f"{prefix}/loras", loras)
     app.router.add_get(f"{prefix}/embeddings", embeddings)
+    app.router.add_get(f"{prefix}/memory", memory)
     app.router.add_get(f"{prefix}/samplers", samplers)
     app.router.add_get(f"{prefix}/schedulers", schedulers)
     app.router.add_post(f"{prefix}/refresh-checkpoints", _refresh(ModelType.STABLE_DIFFUSION))

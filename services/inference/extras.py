@@ -110,7 +110,9 @@ class ExtrasRunner:
         inputs: Inputs,
         on_step: StepCallback,
         should_stop: Callable[[], bool],
+        should_skip: Callable[[], bool] = lambda: False,
     ) -> Generation:
+        # A1111's skip ends a job of a batch; an extras task has none to skip.
         options = command.extras
         if options is None:
             raise GenerationError("wrong_worker", "an extras worker got a task without extras")

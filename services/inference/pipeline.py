@@ -45,6 +45,10 @@ class TaskCancelledError(Exception):
     """Raised inside the step callback: diffusers stops without decoding."""
 
 
+class JobSkippedError(Exception):
+    """Raised inside the step callback: A1111's skip ends the current job only."""
+
+
 class GenerationError(Exception):
     """The request cannot run on this model; retrying will not help."""
 
@@ -73,7 +77,11 @@ class Pipeline(Protocol):
         inputs: Inputs,
         on_step: StepCallback,
         should_stop: Callable[[], bool],
-    ) -> Generation: ...
+        should_skip: Callable[[], bool] = ...,
+    ) -> Generation:
+        """Run the task. ``should_stop`` cancels it; ``should_skip`` (A1111's skip) ends
+        the current job of a batch (``n_iter``) and goes on with the next."""
+        ...
 
 
 def resolve_seed(seed: int) -> int:
@@ -221,6 +229,7 @@ class DiffusersPipeline:
         inputs: Inputs,
         on_step: StepCallback,
         should_stop: Callable[[], bool],
+        should_skip: Callable[[], bool] = lambda: False,
     ) -> Generation:
         request: Request | None = command.txt2img or command.img2img
         if request is None:
@@ -250,9 +259,18 @@ class DiffusersPipeline:
                 for job_no in range(request.n_iter):
                     first = job_no * request.batch_size
                     batch_seeds = seeds[first : first + request.batch_size]
-                    images = self._run_job(
-                        request, images_in, batch_seeds, job_no, on_step, should_stop
-                    )
+                    try:
+                        images = self._run_job(
+                            request,
+                            images_in,
+                            batch_seeds,
+                            job_no,
+                            on_step,
+                            should_stop,
+                            should_skip,
+                        )
+                    except JobSkippedError:
+                        continue  # skipped: no images from this job, on with the next
                     pngs += [encode_png(im, infotexts[first + i]) for i, im in enumerate(images)]
         except LoraError as exc:
             raise GenerationError("lora_failed", str(exc)) from exc
@@ -333,6 +351,7 @@ class DiffusersPipeline:
         job_no: int,
         on_step: StepCallback,
         should_stop: Callable[[], bool],
+        should_skip: Callable[[], bool] = lambda: False,
     ) -> list[Image.Image]:
         scheduler = build_scheduler(
             self.base_scheduler_config,
@@ -365,6 +384,8 @@ class DiffusersPipeline:
         def callback(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> Any:
             if should_stop():
                 raise TaskCancelledError
+            if should_skip():
+                raise JobSkippedError
             # img2img runs only the last `strength` part of the schedule: count what runs.
             total = getattr(pipe, "_num_timesteps", None) or len(pipe.scheduler.timesteps)
             if hires:  # both passes make one progress bar

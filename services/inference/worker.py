@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -72,6 +74,37 @@ STICKY_CUDA_ERRORS = (
     "uncorrectable ECC error",
 )
 """CUDA errors after which the context is unusable (unlike out-of-memory)."""
+
+
+class _Memory(TypedDict, total=False):
+    rss_bytes: int
+    cuda_free_bytes: int
+    cuda_total_bytes: int
+    cuda_allocated_bytes: int
+
+
+def _memory() -> _Memory:
+    """This process's resident memory and, when torch runs on CUDA, its device's."""
+    out: _Memory = {}
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        out["rss_bytes"] = pages * os.sysconf("SC_PAGE_SIZE")
+    torch = sys.modules.get("torch")  # never imported just for this
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        with contextlib.suppress(RuntimeError):
+            free, total = torch.cuda.mem_get_info()
+            out["cuda_free_bytes"] = int(free)
+            out["cuda_total_bytes"] = int(total)
+            out["cuda_allocated_bytes"] = int(torch.cuda.memory_allocated())
+    return out
+
+
+def _take(flag: threading.Event) -> bool:
+    """True once per set(): each skip ends one job."""
+    if flag.is_set():
+        flag.clear()
+        return True
+    return False
 
 
 def sticky_cuda_error(exc: BaseException) -> bool:
@@ -145,6 +178,7 @@ class Worker:
             last_step_at=self._last_step_at,
             updated_at=time.time(),
             load_seconds=self._load_seconds,
+            **_memory(),
         )
         try:
             await self._workers.put(names.worker_kv_key(self.settings.worker_id), encode(status))
@@ -336,8 +370,11 @@ class Worker:
         common = _Origin(task_id=command.task_id, attempt=attempt, worker=self.settings.worker_id)
         stop_flag = threading.Event()
 
-        async def on_cancel(_: Msg) -> None:
-            stop_flag.set()
+        skip_flag = threading.Event()
+
+        async def on_cancel(message: Msg) -> None:
+            # The gateway's cancel, or A1111's skip (end the current job of the batch).
+            (skip_flag if message.data == names.SKIP_PAYLOAD else stop_flag).set()
 
         # Listen before looking at the flag: a cancel sent in between is not lost.
         cancel_sub = await self.nc.subscribe(names.cancel_subject(command.task_id), cb=on_cancel)
@@ -352,7 +389,7 @@ class Worker:
                     await self._set_state(WorkerState.BUSY, command.task_id)
                 handing_back = asyncio.create_task(self._hand_back_on_stop(stop, stop_flag))
                 try:
-                    event = await self._run(command, message, attempt, stop_flag)
+                    event = await self._run(command, message, attempt, stop_flag, skip_flag)
                 finally:
                     handing_back.cancel()
                 interrupted = isinstance(event, TaskCancelled)
@@ -392,7 +429,12 @@ class Worker:
         self.completed += 1
 
     async def _run(
-        self, command: GenerateImage, message: Msg, attempt: int, stop_flag: threading.Event
+        self,
+        command: GenerateImage,
+        message: Msg,
+        attempt: int,
+        stop_flag: threading.Event,
+        skip_flag: threading.Event | None = None,
     ) -> TaskEvent:
         common = _Origin(task_id=command.task_id, attempt=attempt, worker=self.settings.worker_id)
         loop = asyncio.get_running_loop()
@@ -411,7 +453,12 @@ class Worker:
                 raise GenerationError("input_missing", f"input image {exc} is gone") from exc
             pipeline = await self._pipeline_or_error()
             generation = await asyncio.to_thread(
-                pipeline.generate, command, inputs, on_step, stop_flag.is_set
+                pipeline.generate,
+                command,
+                inputs,
+                on_step,
+                stop_flag.is_set,
+                functools.partial(_take, skip_flag or threading.Event()),
             )
         except TaskCancelledError:
             return TaskCancelled(**common, at=time.time())

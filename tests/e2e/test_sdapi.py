@@ -218,3 +218,16 @@ async def test_prompt_styles_from_the_a1111_styles_file(system: System) -> None:
         refused = await r.json()
         assert (422, "styles[0]") == (r.status, refused["field"])
     await system.task_when(task_id, lambda d: d["status"] == "succeeded")
+
+
+async def test_memory_reports_host_and_workers(system: System) -> None:
+    settings = {"sd_model_checkpoint": "tiny.safetensors"}
+    body = {**A1111_TXT2IMG, "n_iter": 1, "override_settings": settings}
+    async with system.http.post(f"{system.url}/sdapi/v1/txt2img", json=body) as r:
+        assert 200 == r.status, await r.text()
+    async with system.http.get(f"{system.url}/sdapi/v1/memory") as r:
+        memory = await r.json()
+    assert 0 < memory["ram"]["used"] < memory["ram"]["total"]
+    assert memory["workers"], "the worker that ran the task reports itself"
+    assert all(w["rss"] > 50 * 2**20 for w in memory["workers"]), "torch alone is more"
+    assert "error" in memory["cuda"], "no CUDA on this machine"

@@ -115,3 +115,12 @@ def test_hires_prompt_and_resize(runner: DiffusersPipeline) -> None:
     other = run_tiny(runner, hr_prompt="a dog", **common).images[0]
     assert (96, 96) == Image.open(io.BytesIO(base)).size, "the other side keeps the ratio"
     assert _pixels(base) != _pixels(other), "the second pass uses hr_prompt"
+
+
+def test_skip_ends_the_current_job_only(runner: DiffusersPipeline) -> None:
+    asked = iter([True])  # the first step's check: skip the first job
+    result = run_tiny(runner, n_iter=2, seed=20, should_skip=lambda: next(asked, False))
+    assert 1 == len(result.images), "job 1 was skipped, job 2 ran"
+    second = run_tiny(runner, seed=21)  # what job 2 alone makes (seed + 1)
+    assert _pixels(second.images[0]) == _pixels(result.images[0])
+    assert "Seed: 21" in result.info["infotexts"][1]
