@@ -94,3 +94,32 @@ async def test_nats_server_restarted_twice(system: System) -> None:
     REPORTS.append(report.line())
     assert report.faults == 2, "the run ended before both restarts"
     assert report.passed, report.line()
+
+
+async def test_a_worker_hangs_mid_task(system: System) -> None:
+    """A worker frozen mid-task (SIGSTOP: no steps, no in-progress acks) loses its task
+    to another worker after the ack deadline; no task is lost or finished twice."""
+    frozen: list[int] = []
+
+    async def freeze_a_busy_worker(stop: asyncio.Event) -> int:
+        nc = await bus.connect(system.nats_url, "chaos-freezer")
+        try:
+            while not stop.is_set() and not frozen:
+                busy = [w.pid for w in await worker_records(nc.jetstream()) if w.task_id and w.pid]
+                if busy:
+                    os.kill(busy[0], signal.SIGSTOP)
+                    frozen.append(busy[0])
+                    break
+                await _sleep_or_stop(stop, 0.1)
+            await stop.wait()
+        finally:
+            for pid in frozen:  # a frozen worker never wakes up to finish late
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            await nc.close()
+        return len(frozen)
+
+    report = await run_scenario(system, "a worker frozen mid-task", freeze_a_busy_worker)
+    REPORTS.append(report.line())
+    assert 1 == report.faults
+    assert report.passed, report.line()
