@@ -33,6 +33,7 @@ class BrokenGpu:
         inputs: Inputs,
         on_step: StepCallback,
         should_stop: Callable[[], bool],
+        should_skip: Callable[[], bool] = lambda: False,
     ) -> Generation:
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
