@@ -33,6 +33,7 @@ from nats.js.errors import (
 from nats.js.kv import KeyValue
 
 from proto import names
+from proto.events import TaskEvent, encode_event, event_kind
 from proto.workers import WorkerStatus, decode_worker_status
 from services.common.settings import BusSettings
 
@@ -150,6 +151,27 @@ async def worker_bucket(js: JetStreamContext) -> KeyValue:
         return await js.key_value(names.WORKER_BUCKET)
     except BucketNotFoundError:
         return await js.create_key_value(bucket=names.WORKER_BUCKET, ttl=WORKER_TTL_S, history=1)
+
+
+async def publish_event(js: JetStreamContext, event: TaskEvent, msg_id: str) -> None:
+    """Store a task event on ``sd.event.<task_id>.<kind>``; ``msg_id`` de-duplicates it."""
+    await js.publish(
+        names.event_subject(event.task_id, event_kind(event)),
+        encode_event(event),
+        stream=names.EVENT_STREAM,
+        headers={names.MSG_ID_HEADER: msg_id},
+    )
+
+
+async def has_event(js: JetStreamContext, task_id: str, kinds: tuple[str, ...]) -> bool:
+    """Whether the event stream holds an event of one of ``kinds`` for this task."""
+    for kind in kinds:
+        try:
+            await js.get_last_msg(names.EVENT_STREAM, names.event_subject(task_id, kind))
+        except NotFoundError:
+            continue
+        return True
+    return False
 
 
 async def worker_records(js: JetStreamContext) -> list[WorkerStatus]:

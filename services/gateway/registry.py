@@ -34,8 +34,9 @@ from aiohttp import web
 from nats.js.errors import NotFoundError
 
 from proto import ModelStatus, ModelType, names
-from proto.events import TaskFailed, encode_event, event_kind
+from proto.events import TaskFailed
 from proto.requests import RegisterModelRequest
+from services.common import bus
 from services.gateway.auth import caller, require_admin
 from services.gateway.errors import ApiError
 from services.gateway.resources import Resources, resources
@@ -389,12 +390,7 @@ async def _fail_queued(res: Resources, model: Document) -> int:
             code="model_deleted",
             message=f"checkpoint {model['name']!r} was deleted before the task started",
         )
-        await res.js.publish(
-            names.event_subject(event.task_id, event_kind(event)),
-            encode_event(event),
-            stream=names.EVENT_STREAM,
-            headers={names.MSG_ID_HEADER: f"{event.task_id}.failed.model-deleted"},
-        )
+        await bus.publish_event(res.js, event, f"{event.task_id}.failed.model-deleted")
         count += 1
     return count
 

@@ -24,8 +24,9 @@ from pymongo.errors import DuplicateKeyError
 
 from proto import GenerateImage, TaskKind, TaskStatus, names
 from proto.codec import encode
-from proto.events import TaskCancelled, encode_event, event_kind
+from proto.events import TaskCancelled
 from proto.requests import Img2ImgRequest, Txt2ImgRequest, to_builtins
+from services.common import bus
 from services.gateway import waiting
 from services.gateway.auth import caller
 from services.gateway.errors import ApiError
@@ -440,12 +441,7 @@ async def cancel_document(res: Resources, document: Document) -> web.StreamRespo
     await res.nc.publish(names.cancel_subject(task_id), b"")
     if status is TaskStatus.WAITING:
         event = TaskCancelled(task_id=task_id, attempt=0, at=time.time(), worker="gateway")
-        await res.js.publish(
-            names.event_subject(task_id, event_kind(event)),
-            encode_event(event),
-            stream=names.EVENT_STREAM,
-            headers={names.MSG_ID_HEADER: f"{task_id}.cancelled.0"},
-        )
+        await bus.publish_event(res.js, event, f"{task_id}.cancelled.0")
     return web.json_response(
         {"taskId": task_id, "status": status.value, "message": "cancellation requested"},
         status=202,

@@ -31,7 +31,7 @@ import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, NotFoundError
+from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from proto import GenerateImage, names
@@ -43,7 +43,6 @@ from proto.events import (
     TaskProgressed,
     TaskStarted,
     TaskSucceeded,
-    encode_event,
     event_kind,
 )
 from proto.workers import WorkerState, WorkerStatus
@@ -64,6 +63,7 @@ HEARTBEAT_S = 5.0
 
 
 CHECKPOINT_WATCH_S = 2.0
+TERMINAL_KINDS = ("succeeded", "failed", "cancelled")
 STICKY_CUDA_ERRORS = (
     "illegal memory access",
     "device-side assert",
@@ -328,23 +328,8 @@ class Worker:
         return self._pipeline
 
     async def _publish(self, event: TaskEvent, dedupe_suffix: str = "") -> None:
-        kind = event_kind(event)
-        await self.js.publish(
-            names.event_subject(event.task_id, kind),
-            encode_event(event),
-            stream=names.EVENT_STREAM,
-            headers={names.MSG_ID_HEADER: f"{event.task_id}.{kind}.{event.attempt}{dedupe_suffix}"},
-        )
-
-    async def _finished_before(self, task_id: str) -> bool:
-        """Whether a terminal event of this task is already in the event stream."""
-        for kind in ("succeeded", "failed", "cancelled"):
-            try:
-                await self.js.get_last_msg(names.EVENT_STREAM, names.event_subject(task_id, kind))
-            except NotFoundError:
-                continue
-            return True
-        return False
+        msg_id = f"{event.task_id}.{event_kind(event)}.{event.attempt}{dedupe_suffix}"
+        await bus.publish_event(self.js, event, msg_id)
 
     async def _is_cancelled(self, task_id: str) -> bool:
         assert self._cancels is not None
@@ -362,7 +347,7 @@ class Worker:
             await message.term()
             return
         attempt = message.metadata.num_delivered
-        if attempt > 1 and await self._finished_before(command.task_id):
+        if attempt > 1 and await bus.has_event(self.js, command.task_id, TERMINAL_KINDS):
             # An earlier attempt stored its outcome but died before its ack: done already.
             log.info("task %s attempt %d: already finished, acking", command.task_id, attempt)
             await message.ack()

@@ -25,7 +25,8 @@ from pymongo.asynchronous.database import AsyncDatabase
 from proto import names
 from proto.advisories import MAX_DELIVER_TYPE, ConsumerAdvisory, decode_advisory
 from proto.codec import decode_generate
-from proto.events import TaskFailed, encode_event, event_kind
+from proto.events import TaskFailed
+from services.common import bus
 from services.storage.mongo import Document
 
 log = logging.getLogger(__name__)
@@ -79,12 +80,7 @@ async def handle_advisory(
     )
     if task_id is not None:
         event = failure_for(advisory, task_id)
-        await js.publish(
-            names.event_subject(task_id, event_kind(event)),
-            encode_event(event),
-            stream=names.EVENT_STREAM,
-            headers={names.MSG_ID_HEADER: f"{task_id}.failed.deadletter"},
-        )
+        await bus.publish_event(js, event, f"{task_id}.failed.deadletter")
     log.warning("dead letter %s seq %d (task %s)", advisory.type, advisory.stream_seq, task_id)
     with contextlib.suppress(NotFoundError):
         await js.delete_msg(advisory.stream, advisory.stream_seq)

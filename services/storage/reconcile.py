@@ -34,11 +34,14 @@ from nats.js.errors import NotFoundError
 
 from proto import TaskStatus, names
 from proto.codec import decode_generate
-from proto.events import TaskFailed, encode_event, event_kind
+from proto.events import TaskFailed
+from services.common import bus
 from services.storage.tasks import TaskStore
 
 log = logging.getLogger(__name__)
 OPEN = [TaskStatus.WAITING.value, TaskStatus.RUNNING.value]
+EVIDENCE = ("started", "succeeded", "failed", "cancelled")
+"""Events only a worker (or a terminal decision) publishes: the task was delivered."""
 LANDED = -1
 """``stream_seq`` of a task whose publish landed (a worker reported on it) at an
 unknown sequence."""
@@ -64,7 +67,7 @@ async def reconcile_once(
             command = task.get("command")
             if command is None:
                 continue  # written by a version that kept no command: nothing to resend
-            if task.get("attempt") or await _has_events(js, task_id):
+            if task.get("attempt") or await bus.has_event(js, task_id, EVIDENCE):
                 # A worker has taken it: the publish landed though nobody recorded it.
                 # (Resending now could run it twice: JetStream forgets the message id of
                 # an acked work-queue message when the server restarts.)
@@ -96,17 +99,6 @@ async def reconcile_once(
     return outcome
 
 
-async def _has_events(js: JetStreamContext, task_id: str) -> bool:
-    """Whether any worker has reported on this task (it was delivered)."""
-    for kind in ("started", "succeeded", "failed", "cancelled"):
-        try:
-            await js.get_last_msg(names.EVENT_STREAM, names.event_subject(task_id, kind))
-        except NotFoundError:
-            continue
-        return True
-    return False
-
-
 def _aware(value: dt.datetime) -> dt.datetime:
     return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
@@ -121,12 +113,7 @@ async def _fail_lost(js: JetStreamContext, task_id: str, attempt: int) -> None:
         message="the task's queued message was lost (a NATS server lost its data?) and no"
         " worker holds it; submit it again",
     )
-    await js.publish(
-        names.event_subject(task_id, event_kind(event)),
-        encode_event(event),
-        stream=names.EVENT_STREAM,
-        headers={names.MSG_ID_HEADER: f"{task_id}.failed.lost"},
-    )
+    await bus.publish_event(js, event, f"{task_id}.failed.lost")
     log.error("task %s: its message is gone and it never finished; failed", task_id)
 
 
