@@ -361,9 +361,7 @@ async def _drain(res: Resources, name: str, model_type: ModelType) -> web.Stream
     document = await res.models.update(name, model_type, {"draining": True})
     if document is None:
         raise ApiError(404, "model_not_found", f"{model_type.value} {name!r} is not registered")
-    queued = await res.tasks.collection.count_documents(
-        {"model_key": document["model_key"], "status": {"$in": ["waiting", "running"]}}
-    )
+    queued = await res.tasks.count_open({"model_key": document["model_key"]})
     log.info("draining %s %s (%d open tasks)", model_type.value, name, queued)
     return web.json_response({"message": "draining", "openTasks": queued}, status=202)
 

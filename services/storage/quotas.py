@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 
-from proto import TaskStatus
 from services.storage.mongo import Document
+from services.storage.tasks import TaskStore
 
 WINDOW = dt.timedelta(seconds=60)
 
@@ -31,7 +31,8 @@ class Refusal:
 
 class QuotaStore:
     def __init__(self, db: AsyncDatabase[Document]) -> None:
-        self.tasks: AsyncCollection[Document] = db["tasks"]
+        self.store = TaskStore(db)
+        self.tasks: AsyncCollection[Document] = self.store.collection
 
     async def ensure_indexes(self) -> None:
         await self.tasks.create_index([("user", 1), ("status", 1)])
@@ -39,13 +40,7 @@ class QuotaStore:
     async def admit(self, user: str, *, max_open: int, per_minute: int) -> Refusal | None:
         """A :class:`Refusal` when ``user`` may not submit another task now."""
         if max_open > 0:
-            open_tasks = await self.tasks.count_documents(
-                {
-                    "user": user,
-                    "status": {"$in": [TaskStatus.WAITING.value, TaskStatus.RUNNING.value]},
-                },
-                limit=max_open,
-            )
+            open_tasks = await self.store.count_open({"user": user}, limit=max_open)
             if open_tasks >= max_open:
                 return Refusal(
                     f"you have {open_tasks} unfinished tasks, the limit is {max_open}:"

@@ -32,14 +32,13 @@ from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from proto import TaskStatus, names
+from proto import names
 from proto.codec import decode_generate
 from proto.events import TaskFailed
 from services.common import bus
-from services.storage.tasks import TaskStore
+from services.storage.tasks import OPEN_STATUSES, TaskStore
 
 log = logging.getLogger(__name__)
-OPEN = [TaskStatus.WAITING.value, TaskStatus.RUNNING.value]
 EVIDENCE = ("started", "succeeded", "failed", "cancelled")
 """Events only a worker (or a terminal decision) publishes: the task was delivered."""
 LANDED = -1
@@ -58,7 +57,10 @@ async def reconcile_once(
 ) -> Reconciled:
     now = dt.datetime.now(dt.UTC)
     outcome = Reconciled()
-    query = {"status": {"$in": OPEN}, "created_at": {"$lt": now - dt.timedelta(seconds=grace_s)}}
+    query = {
+        "status": {"$in": OPEN_STATUSES},
+        "created_at": {"$lt": now - dt.timedelta(seconds=grace_s)},
+    }
     projection = {"command": 1, "stream_seq": 1, "created_at": 1, "attempt": 1}
     async for task in tasks.collection.find(query, projection):
         task_id = task["_id"]

@@ -24,12 +24,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from pymongo.asynchronous.collection import AsyncCollection
-
 from proto import ModelStatus, ModelType
 from services.storage.modelfiles import ModelFileError, inspect_model
 from services.storage.models import ModelStore, model_document
-from services.storage.mongo import Document
+from services.storage.tasks import TaskStore
 
 log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "Stable-diffusion"
@@ -224,19 +222,13 @@ def remove_model_file(path: Path, models_dir: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-async def finish_drains(
-    models_dir: Path, store: ModelStore, tasks: AsyncCollection[Document]
-) -> int:
+async def finish_drains(models_dir: Path, store: ModelStore, tasks: TaskStore) -> int:
     """Delete each draining model whose last open task has ended; how many were deleted."""
     finished = 0
     for document in await store.list():
         if not document.get("draining"):
             continue
-        open_tasks = await tasks.count_documents(
-            {"model_key": document["model_key"], "status": {"$in": ["waiting", "running"]}},
-            limit=1,
-        )
-        if open_tasks:
+        if await tasks.count_open({"model_key": document["model_key"]}, limit=1):
             continue
         model_type = ModelType(document["type"])
         await store.mark_deleted(document["name"], model_type)
@@ -247,7 +239,7 @@ async def finish_drains(
 
 
 async def run_drains(
-    models_dir: Path, store: ModelStore, tasks: AsyncCollection[Document], stop: asyncio.Event
+    models_dir: Path, store: ModelStore, tasks: TaskStore, stop: asyncio.Event
 ) -> None:
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):

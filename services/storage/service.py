@@ -55,7 +55,7 @@ def start_storage_tasks(
             lost_after_s=settings.lost_after_s,
         ),
         "webhooks": lambda: Dispatcher(js, db, settings).run(stop),
-        "model drains": lambda: run_drains(Path(settings.models_dir), models, db["tasks"], stop),
+        "model drains": lambda: run_drains(Path(settings.models_dir), models, tasks, stop),
         "model scanner": lambda: run_scanner(
             Path(settings.models_dir),
             models,

@@ -30,7 +30,8 @@ from proto.events import (
 )
 from services.storage.mongo import Document
 
-_OPEN = [TaskStatus.WAITING.value, TaskStatus.RUNNING.value]
+OPEN_STATUSES = [TaskStatus.WAITING.value, TaskStatus.RUNNING.value]
+"""A task in these may still change: it is queued or on a worker."""
 
 
 def _utc(ts: float) -> dt.datetime:
@@ -103,6 +104,13 @@ class TaskStore:
     async def insert(self, document: Document) -> None:
         await self.collection.insert_one(document)
 
+    async def count_open(self, match: Document, limit: int = 0) -> int:
+        """How many tasks matching ``match`` are waiting or running (at most ``limit``)."""
+        query = {**match, "status": {"$in": OPEN_STATUSES}}
+        if limit:
+            return await self.collection.count_documents(query, limit=limit)
+        return await self.collection.count_documents(query)
+
     async def set_stream_seq(self, task_id: str, seq: int) -> None:
         """Record that JetStream holds the task's command (see the reconciler)."""
         await self.collection.update_one({"_id": task_id}, {"$set": {"stream_seq": seq}})
@@ -174,7 +182,11 @@ class TaskStore:
 
     @staticmethod
     def _started(event: TaskStarted) -> tuple[Document, Document]:
-        query = {"_id": event.task_id, "status": {"$in": _OPEN}, "attempt": {"$lt": event.attempt}}
+        query = {
+            "_id": event.task_id,
+            "status": {"$in": OPEN_STATUSES},
+            "attempt": {"$lt": event.attempt},
+        }
         update = {
             "$set": {
                 "status": TaskStatus.RUNNING.value,
@@ -194,7 +206,7 @@ class TaskStore:
         order = progress_order(event.attempt, event.job_no, event.step)
         query = {
             "_id": event.task_id,
-            "status": {"$in": _OPEN},
+            "status": {"$in": OPEN_STATUSES},
             "attempt": {"$lte": event.attempt},
             "progress.order": {"$lt": order},
         }
@@ -236,5 +248,9 @@ class TaskStore:
                 }
             case TaskCancelled():
                 fields |= {"status": TaskStatus.CANCELLED.value, "message": event.reason}
-        query = {"_id": event.task_id, "status": {"$in": _OPEN}, "attempt": {"$lte": event.attempt}}
+        query = {
+            "_id": event.task_id,
+            "status": {"$in": OPEN_STATUSES},
+            "attempt": {"$lte": event.attempt},
+        }
         return query, {"$set": fields}
