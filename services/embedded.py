@@ -14,7 +14,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,17 +25,15 @@ from aiohttp import web
 from services.common import bus
 from services.common.servers import MongoServer, NatsServer
 from services.common.settings import from_environ
-from services.common.supervise import supervised
+from services.common.supervise import stop_on_signals, supervised
 from services.gateway.app import create_app
 from services.gateway.settings import GatewaySettings
 from services.scheduler.app import Scheduler
 from services.scheduler.local import LocalBackend
 from services.scheduler.settings import SchedulerSettings
-from services.storage.models import ModelStore
-from services.storage.mongo import database, open_client
 from services.storage.scan import CHECKPOINT_DIR, find_checkpoints, register_models
 from services.storage.service import start_storage_tasks
-from services.storage.tasks import TaskStore
+from services.storage.stores import open_stores
 from services.usercli import ENDPOINTS_FILE
 
 log = logging.getLogger("sdswarm")
@@ -54,10 +51,7 @@ class UpOptions:
 
 
 async def up(options: UpOptions) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     data = options.data_dir.resolve()
     data.mkdir(parents=True, exist_ok=True)
     if not find_checkpoints(options.models_dir):
@@ -139,12 +133,8 @@ async def running_system(
     gateway_settings = msgspec.structs.replace(gateway_settings, models_dir=folder)
     scheduler_settings = msgspec.structs.replace(scheduler_settings, models_dir=folder)
     async with contextlib.AsyncExitStack() as stack:
-        mongo = open_client(scheduler_settings.mongodb_url)
-        stack.push_async_callback(mongo.close)
-        db = database(mongo, scheduler_settings.mongodb_db)
-        models, tasks = ModelStore(db), TaskStore(db)
-        await models.ensure_indexes()
-        await tasks.ensure_indexes()
+        stores = await open_stores(stack, scheduler_settings)
+        db, models, tasks = stores.db, stores.models, stores.tasks
         found = await register_models(models_dir, models, scheduler_settings.allow_pickle)
         log.info("registered models: %s", ", ".join(f"{t}:{n}" for t, n in found) or "none")
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from pathlib import Path
 
 import msgspec
@@ -12,6 +11,7 @@ import msgspec
 from proto import names
 from services.common import bus
 from services.common.settings import from_environ
+from services.common.supervise import stop_on_signals
 from services.inference.pipeline import DiffusersPipeline, GenerationError, Pipeline
 from services.inference.settings import WorkerSettings
 from services.inference.worker import Worker
@@ -107,10 +107,7 @@ async def local_checkpoint(settings: WorkerSettings, objects: ObjectStore) -> Wo
 
 
 async def amain(settings: WorkerSettings) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     nc = await bus.connect(settings.nats_url, f"sdswarm-worker-{settings.model_key}", settings)
     objects = await open_object_store(settings)
     try:

@@ -11,16 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 
 from services.common import bus
 from services.common.settings import from_environ
+from services.common.supervise import stop_on_signals
 from services.scheduler.app import Backend, Scheduler
 from services.scheduler.lease import Lease
 from services.scheduler.settings import SchedulerSettings
-from services.storage.models import ModelStore
-from services.storage.mongo import database, open_client
-from services.storage.tasks import TaskStore
+from services.storage.stores import open_stores
 
 log = logging.getLogger("sdswarm.scheduler")
 
@@ -46,17 +44,10 @@ async def open_backend(settings: SchedulerSettings, stack: contextlib.AsyncExitS
 
 
 async def serve(settings: SchedulerSettings) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     async with contextlib.AsyncExitStack() as stack:
-        mongo = open_client(settings.mongodb_url)
-        stack.push_async_callback(mongo.close)
-        db = database(mongo, settings.mongodb_db)
-        models, tasks = ModelStore(db), TaskStore(db)
-        await models.ensure_indexes()
-        await tasks.ensure_indexes()
+        stores = await open_stores(stack, settings)
+        models, tasks = stores.models, stores.tasks
         nc = await bus.connect(settings.nats_url, "sdswarm-scheduler", settings)
         stack.push_async_callback(nc.drain)
         js = nc.jetstream()

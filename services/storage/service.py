@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 from pathlib import Path
 
 from nats.js import JetStreamContext
@@ -22,13 +21,14 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from services.common import bus
 from services.common.settings import StoreSettings, from_environ
-from services.common.supervise import supervised
+from services.common.supervise import stop_on_signals, supervised
 from services.storage.deadletters import run_dead_letters
 from services.storage.models import ModelStore
-from services.storage.mongo import Document, database, open_client
+from services.storage.mongo import Document
 from services.storage.reconcile import run_reconciler
 from services.storage.scan import register_models, run_drains, run_scanner
 from services.storage.sink import run_sink
+from services.storage.stores import open_stores
 from services.storage.tasks import TaskStore
 from services.storage.webhooks import Dispatcher
 
@@ -71,23 +71,15 @@ def start_storage_tasks(
 
 
 async def serve(settings: StoreSettings) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     async with contextlib.AsyncExitStack() as stack:
-        mongo = open_client(settings.mongodb_url)
-        stack.push_async_callback(mongo.close)
-        db = database(mongo, settings.mongodb_db)
-        models, tasks = ModelStore(db), TaskStore(db)
-        await models.ensure_indexes()
-        await tasks.ensure_indexes()
-        await register_models(Path(settings.models_dir), models, settings.allow_pickle)
+        stores = await open_stores(stack, settings)
+        await register_models(Path(settings.models_dir), stores.models, settings.allow_pickle)
         nc = await bus.connect(settings.nats_url, "sdswarm-storage", settings)
         stack.push_async_callback(nc.drain)
         js = nc.jetstream()
         await bus.ensure_streams(js, settings)
-        running = start_storage_tasks(settings, js, db, stop)
+        running = start_storage_tasks(settings, js, stores.db, stop)
         log.info("storage service running (models folder %s)", settings.models_dir)
         await stop.wait()
         await asyncio.gather(*running, return_exceptions=True)
