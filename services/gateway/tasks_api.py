@@ -28,10 +28,10 @@ from proto.events import TaskCancelled
 from proto.requests import Img2ImgRequest, Txt2ImgRequest, to_builtins
 from services.common import bus
 from services.gateway import waiting
+from services.gateway.adapters import resolve_embeddings, resolve_loras, resolve_vae
 from services.gateway.auth import caller
 from services.gateway.errors import ApiError
 from services.gateway.images import store_inputs
-from services.gateway.loras import resolve_embeddings, resolve_loras, resolve_vae
 from services.gateway.resources import Resources, resources
 from services.gateway.styles import apply_styles
 from services.gateway.validation import check_limits, decode
