@@ -1,8 +1,10 @@
 """Waiting for a task to end (sync requests) and following it live (SSE).
 
 Both read ``sd.event.<task_id>.>``. Sync requests use a core-NATS subscription made
-before publishing (events reach core subscribers as they are stored); MongoDB is
-re-read periodically, so an event missed during a reconnect only delays the answer.
+before publishing (events reach core subscribers as they are stored) to learn that the
+task ended, then answer from the task document once the sink has folded the end in, so
+``GET /tasks/{id}/result`` agrees with every sync answer. MongoDB is also re-read
+periodically, so an event missed during a reconnect only delays the answer.
 SSE uses a JetStream ordered consumer over ``SD_EVENTS``: it replays the task's
 history first, and ``Last-Event-ID`` (the stream sequence) resumes after a reconnect.
 """
@@ -41,31 +43,22 @@ RECHECK_S = 5.0
 """How often a waiter re-reads MongoDB in case an event was missed."""
 
 
-def outcome_of(event: TaskSucceeded | TaskFailed | TaskCancelled) -> Document:
-    """The parts of a finished task a sync response needs, from its terminal event."""
-    match event:
-        case TaskSucceeded():
-            return {
-                "status": TaskStatus.SUCCEEDED.value,
-                "images": event.images,
-                "info": event.info,
-                "message": "",
-            }
-        case TaskFailed():
-            return {
-                "status": TaskStatus.FAILED.value,
-                "images": [],
-                "message": event.message,
-                "code": event.code,
-            }
-        case TaskCancelled():
-            return {"status": TaskStatus.CANCELLED.value, "images": [], "message": event.reason}
+FOLD_POLL_S = (0.005, 0.1)
+"""After the terminal event: first and longest pause between reads of the task document
+while the sink folds the event in (the pause doubles)."""
 
 
 class TerminalWaiter:
+    """Waits until a task's document is terminal: what ``GET /tasks/{id}/result`` reads.
+
+    The terminal event (core NATS, subscribed before publishing) only says the wait is
+    nearly over; the answer is the document once the sink has folded the event, so a
+    sync answer never runs ahead of the result route.
+    """
+
     def __init__(self, task_id: str) -> None:
         self.task_id = task_id
-        self._done: asyncio.Future[Document] = asyncio.get_running_loop().create_future()
+        self._heard = asyncio.Event()
         self._subscription: Subscription | None = None
 
     @classmethod
@@ -81,19 +74,25 @@ class TerminalWaiter:
             event = decode_event(message.data)
         except msgspec.DecodeError:
             return
-        if isinstance(event, TaskSucceeded | TaskFailed | TaskCancelled) and not self._done.done():
-            self._done.set_result(outcome_of(event))
+        if isinstance(event, TaskSucceeded | TaskFailed | TaskCancelled):
+            self._heard.set()
 
     async def wait(self, tasks: TaskStore, timeout_s: float) -> Document | None:
-        """The outcome, or None when ``timeout_s`` passes first."""
+        """The terminal task document, or None when ``timeout_s`` passes first."""
         deadline = time.monotonic() + timeout_s
-        while (left := deadline - time.monotonic()) > 0:
-            with contextlib.suppress(TimeoutError):
-                return await asyncio.wait_for(asyncio.shield(self._done), min(left, RECHECK_S))
+        pause = FOLD_POLL_S[0]
+        while True:
             document = await tasks.get(self.task_id)
             if document is not None and TaskStatus(document["status"]).terminal:
                 return document
-        return None
+            if (left := deadline - time.monotonic()) <= 0:
+                return None
+            if not self._heard.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._heard.wait(), min(left, RECHECK_S))
+            else:  # the event is out: the sink folds it in a moment
+                await asyncio.sleep(min(pause, left))
+                pause = min(pause * 2, FOLD_POLL_S[1])
 
     async def close(self) -> None:
         if self._subscription is not None:

@@ -168,3 +168,17 @@ async def test_idempotency_keys(system: System) -> None:
     assert 1 == await system.db["tasks"].count_documents({"_id": first[1]["taskId"]})
     for task_id in (first[1]["taskId"], other[1]["taskId"], ok["taskId"]):
         await _wait_done(system, task_id)
+
+
+async def test_a_sync_answer_and_the_result_route_agree(system: System) -> None:
+    """The sink folds the end of a task into MongoDB after the event: a sync answer still
+    never runs ahead of ``GET /tasks/{id}/result``."""
+    body = {"stable_diffusion_model": MODEL, "prompt": "x", "steps": 1, "width": 64, "height": 64}
+    for _ in range(20):
+        async with system.http.post(f"{system.url}/txt2img", json=body) as response:
+            assert 200 == response.status, await response.text()
+            answer = await response.json()
+        async with system.http.get(f"{system.url}/tasks/{answer['taskId']}/result") as response:
+            result = await response.json()
+        assert ("succeeded", "succeeded") == (answer["status"], result["status"])
+        assert answer["images"] == result["images"]
