@@ -4,20 +4,13 @@ from __future__ import annotations
 
 from msgspec import Struct
 
+from proto.controlnet import ControlUnit
 from proto.enums import TaskKind
+from proto.extra_networks import AdapterRef as AdapterRef
 from proto.requests import ExtrasOptions, Img2ImgRequest, Txt2ImgRequest
 
 # Bumped only for a change old workers cannot read; fields are otherwise added with defaults.
 SCHEMA_VERSION = 1
-
-
-class AdapterRef(Struct, kw_only=True, frozen=True, omit_defaults=True):
-    """A registered adapter file (LoRA …) a task applies, resolved by the gateway."""
-
-    name: str
-    path: str
-    sha256: str = ""
-    weight: float = 1.0
 
 
 class GenerateImage(Struct, kw_only=True, frozen=True, omit_defaults=True):
@@ -43,6 +36,9 @@ class GenerateImage(Struct, kw_only=True, frozen=True, omit_defaults=True):
     """A registered VAE replacing the checkpoint's own for this task (``sd_vae``)."""
     loras: list[AdapterRef] = []
     """The LoRAs the prompt's ``<lora:…>`` tags name, in order, with their weights."""
+    controlnets: list[ControlUnit] = []
+    """Enabled ControlNet units (``alwayson_scripts.controlnet``), resolved; their images
+    are ``input_keys`` too."""
     input_keys: list[str] = []
     """Claim checks: object keys of uploaded input images (img2img, extras), never the bytes."""
     submitted_at: float = 0.0

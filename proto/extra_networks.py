@@ -33,3 +33,13 @@ def lora_tags(prompt: str) -> list[LoraTag]:
 def strip_tags(prompt: str) -> str:
     """The prompt without its extra-network tags (what the text encoder sees)."""
     return re.sub(r"\s*,\s*,", ",", _TAG.sub("", prompt)).strip(" ,")
+
+
+class AdapterRef(Struct, kw_only=True, frozen=True, omit_defaults=True):
+    """A registered adapter file (LoRA, VAE, embedding, ControlNet …) a task uses,
+    resolved by the gateway."""
+
+    name: str
+    path: str
+    sha256: str = ""
+    weight: float = 1.0

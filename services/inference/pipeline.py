@@ -24,9 +24,17 @@ from PIL.PngImagePlugin import PngInfo
 
 from proto import GenerateImage
 from proto.commands import AdapterRef
+from proto.controlnet import ControlUnit
 from proto.extra_networks import strip_tags
 from proto.requests import LATENT_UPSCALE_MODES, Img2ImgRequest, Txt2ImgRequest
 from proto.samplers import split_sampler
+from services.inference.controlnet import (
+    Control,
+    ControlNetCache,
+    ControlNetError,
+    runs,
+    with_control,
+)
 from services.inference.lora import LoraError, LoraSet
 from services.inference.previews import latent_preview
 from services.inference.prompts import encode_weighted, needs_own_encoder
@@ -146,6 +154,7 @@ def infotext(
     loras: list[AdapterRef] | None = None,
     vae: AdapterRef | None = None,
     embeddings: list[AdapterRef] | None = None,
+    controlnets: list[ControlUnit] | None = None,
 ) -> str:
     """A1111's human-readable generation parameters (also stored in each PNG)."""
     sampler, schedule = split_sampler(request.effective_sampler, request.scheduler)
@@ -177,6 +186,7 @@ def infotext(
             if loras
             else []
         ),
+        *(f'ControlNet {i}: "{unit.infotext()}"' for i, unit in enumerate(controlnets or [])),
         f"Version: {VERSION}",
     ]
     text = request.prompt
@@ -222,6 +232,7 @@ class DiffusersPipeline:
         self.base_scheduler_config = pipe.scheduler.config
         self._variants: dict[str, Any] = {}
         self.loras = LoraSet(pipe, max_loaded=max_loras)
+        self.controlnets = ControlNetCache(pipe.unet, device, self.cache_dir)
 
     def generate(
         self,
@@ -249,11 +260,13 @@ class DiffusersPipeline:
                 command.loras,
                 command.vae,
                 command.embeddings,
+                command.controlnets,
             )
             for seed in seeds
         ]
         pngs: list[bytes] = []
         try:
+            control = self._control(command, inputs)
             self._load_embeddings(command.embeddings)
             with self.loras.applied(command.loras), self._vae(command.vae):
                 for job_no in range(request.n_iter):
@@ -265,6 +278,7 @@ class DiffusersPipeline:
                             images_in,
                             batch_seeds,
                             job_no,
+                            control,
                             on_step,
                             should_stop,
                             should_skip,
@@ -274,6 +288,8 @@ class DiffusersPipeline:
                     pngs += [encode_png(im, infotexts[first + i]) for i, im in enumerate(images)]
         except LoraError as exc:
             raise GenerationError("lora_failed", str(exc)) from exc
+        except ControlNetError as exc:
+            raise GenerationError("controlnet_failed", str(exc)) from exc
         return Generation(images=pngs, seeds=seeds, info=self._info(request, seeds, infotexts))
 
     @contextlib.contextmanager
@@ -327,6 +343,21 @@ class DiffusersPipeline:
                 ) from exc
             self._embeddings[ref.name] = ref.sha256 or ref.path
 
+    def _control(self, command: GenerateImage, inputs: Inputs) -> Control | None:
+        """The task's ControlNet units with their models loaded and images decoded."""
+        units = [unit for unit in command.controlnets if runs(unit)]
+        if not units:
+            return None
+        sources = []
+        for unit in units:
+            data = inputs.get(unit.image_key)
+            if data is None:
+                raise GenerationError("input_missing", f"input image {unit.image_key} is missing")
+            with Image.open(io.BytesIO(data)) as image:
+                sources.append(image.convert("RGB"))
+        nets = [self.controlnets.get(unit) for unit in units]
+        return Control(units=units, nets=nets, sources=sources)
+
     def _set_vae(self, vae: Any) -> None:
         for pipe in (self.pipe, *self._variants.values()):
             pipe.vae = vae
@@ -349,6 +380,7 @@ class DiffusersPipeline:
         images_in: _ImageInputs | None,
         seeds: list[int],
         job_no: int,
+        control: Control | None,
         on_step: StepCallback,
         should_stop: Callable[[], bool],
         should_skip: Callable[[], bool] = lambda: False,
@@ -372,6 +404,9 @@ class DiffusersPipeline:
             else:
                 pipe = self._variant("StableDiffusionImg2ImgPipeline")
         pipe.scheduler = scheduler
+        if control is not None:
+            pipe, image_key = with_control(pipe, control, guided=request.cfg_scale > 1)
+            options |= control.options(request.width, request.height, image_key=image_key)
         # One CPU generator per image: the same seed gives the same image whatever the
         # batch size or device (A1111 draws its noise on the CPU too).
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
@@ -421,7 +456,9 @@ class DiffusersPipeline:
             if hires:
                 assert isinstance(request, Txt2ImgRequest)
                 offset = first_total
-                result = self._hires_pass(request, result.images, seeds, generators, callback)
+                result = self._hires_pass(
+                    request, result.images, seeds, generators, callback, control
+                )
         images: list[Image.Image] = result.images
         return images
 
@@ -462,6 +499,7 @@ class DiffusersPipeline:
         seeds: list[int],
         generators: list[torch.Generator],
         callback: Callable[..., Any],
+        control: Control | None = None,
     ) -> Any:
         """A1111's hires fix: upscale the first pass (its latents, or the decoded image)
         to ``hr_size`` and denoise it again with img2img at ``denoising_strength``."""
@@ -493,6 +531,10 @@ class DiffusersPipeline:
         )
         prompt = request.hr_prompt or request.prompt
         negative = request.hr_negative_prompt or request.negative_prompt
+        options: dict[str, Any] = {}
+        if control is not None:  # the units guide the second pass too, at its size
+            pipe, image_key = with_control(pipe, control, guided=request.cfg_scale > 1)
+            options = control.options(width, height, image_key=image_key)
         return pipe(
             image=image,
             strength=_hires_strength(request),
@@ -501,6 +543,7 @@ class DiffusersPipeline:
             generator=generators,
             callback_on_step_end=callback,
             output_type="pil",
+            **options,
             **self._prompt_options(pipe, request, prompt, negative, len(seeds)),
         )
 

@@ -1,0 +1,386 @@
+"""ControlNet on the worker: preprocessors, the extension's image geometry, control modes.
+
+The behaviour follows A1111's ControlNet extension, reimplemented from its documented
+semantics:
+
+* **Preprocessors** that need no downloaded weights run here (:data:`BUILTIN_MODULES`);
+  the input is scaled so its short side is ``processor_res`` first (``pixel_perfect``
+  computes that resolution from the generation size instead).
+* **Geometry** (``resize_mode``): *Just Resize* stretches the map to the generation
+  size, *Crop and Resize* scales it to cover and crops the centre, *Resize and Fill*
+  scales it to fit and pads with black (no control).
+* **Control modes:** *Balanced* adds every residual at full weight; *My prompt is more
+  important* scales the residuals down towards the shallow layers (× 0.825 per layer);
+  *ControlNet is more important* does that too and applies the control to the
+  conditional half of classifier-free guidance only.
+* **Windows:** ``guidance_start``/``guidance_end`` are fractions of the sampling steps,
+  as diffusers counts them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+from PIL import Image
+
+from proto.controlnet import BUILTIN_MODULES, CONTROL_MODES, ControlUnit
+from services.storage.modelfiles import ModelFileError, read_safetensors_header
+
+SOFT_INJECTION_BASE = 0.825
+"""The extension's per-layer decay of the residuals in the two unbalanced control modes."""
+MAX_LOADED = 2
+"""ControlNet models kept loaded per worker (an SD1.5 one is ~720 MB in half precision)."""
+
+
+class ControlNetError(Exception):
+    """A unit cannot run (unreadable model or image); the message names it."""
+
+
+# --- preprocessors --------------------------------------------------------------------
+
+
+def _cv2() -> Any:
+    import cv2
+
+    return cv2
+
+
+def _rgb(gray: np.ndarray) -> np.ndarray:
+    return np.repeat(gray[:, :, None], 3, axis=2)
+
+
+def _threshold(unit: ControlUnit, which: str) -> float:
+    default_a, default_b = BUILTIN_MODULES[unit.module]
+    value = unit.threshold_a if which == "a" else unit.threshold_b
+    default = default_a if which == "a" else default_b
+    if value is None or value < 0:
+        return float(default if default is not None else 0)
+    return float(value)
+
+
+def run_module(image: np.ndarray, unit: ControlUnit) -> np.ndarray:
+    """``unit.module`` on an RGB ``uint8`` array (H × W × 3); the map, same layout."""
+    cv2 = _cv2()
+    module = unit.module
+    if module == "none":
+        return image
+    if module == "invert":
+        return 255 - image
+    if module == "canny":
+        edges = cv2.Canny(image, _threshold(unit, "a"), _threshold(unit, "b"))
+        return _rgb(edges)
+    if module == "threshold":
+        out = np.where(image.min(axis=2) > _threshold(unit, "a"), 255, 0).astype(np.uint8)
+        return _rgb(out)
+    pixels = image.astype(np.float32)
+    if module == "scribble_xdog":
+        # Difference of Gaussians, darkest channel, binarised at threshold_a.
+        fine = cv2.GaussianBlur(pixels, (0, 0), 0.5)
+        coarse = cv2.GaussianBlur(pixels, (0, 0), 5.0)
+        dog = np.clip(np.min(coarse - fine, axis=2), 0, 255)
+        return _rgb(np.where(2 * dog > _threshold(unit, "a"), 255, 0).astype(np.uint8))
+    if module == "lineart_standard":
+        # Lines are what is darker than its blurred surroundings, normalised by the
+        # median line strength.
+        blurred = cv2.GaussianBlur(pixels, (0, 0), 6.0)
+        intensity = np.clip(np.min(blurred - pixels, axis=2), 0, 255)
+        strong = intensity[intensity > 8]
+        scale = max(16.0, float(np.median(strong))) if strong.size else 16.0
+        return _rgb(np.clip(intensity / scale * 127, 0, 255).astype(np.uint8))
+    if module == "tile_resample":
+        rate = max(_threshold(unit, "a"), 1.0)
+        height, width = image.shape[:2]
+        size = (max(1, round(width / rate)), max(1, round(height / rate)))
+        return np.asarray(cv2.resize(image, size, interpolation=cv2.INTER_AREA))
+    if module == "blur_gaussian":
+        sigma = max(_threshold(unit, "a"), 0.01)
+        return np.asarray(cv2.GaussianBlur(image, (0, 0), sigma))
+    if module == "recolor_luminance":
+        lab = cv2.cvtColor(pixels / 255.0, cv2.COLOR_RGB2LAB)
+        gray = (np.clip(lab[:, :, 0] / 100.0, 0, 1) ** _threshold(unit, "a")) * 255
+        return _rgb(gray.astype(np.uint8))
+    if module == "recolor_intensity":
+        hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
+        gray = ((hsv[:, :, 2] / 255.0) ** _threshold(unit, "a")) * 255
+        return _rgb(gray.astype(np.uint8))
+    raise ControlNetError(f"ControlNet module {module!r} is not built in")
+
+
+def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    cv2 = _cv2()
+    h, w = image.shape[:2]
+    if (w, h) == (width, height):
+        return image
+    shrink = width * height < w * h
+    return np.asarray(
+        cv2.resize(
+            image, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC
+        )
+    )
+
+
+def processor_resolution(unit: ControlUnit, size: tuple[int, int], width: int, height: int) -> int:
+    """The short side the preprocessor works at: ``processor_res``, or with
+    ``pixel_perfect`` the one whose map lands on the generation size 1:1."""
+    if not unit.pixel_perfect:
+        return unit.processor_res
+    raw_w, raw_h = size
+    ratios = (height / raw_h, width / raw_w)
+    factor = min(ratios) if unit.resize_mode == "Resize and Fill" else max(ratios)
+    return max(64, round(factor * min(raw_w, raw_h)))
+
+
+def fit(image: np.ndarray, mode: str, width: int, height: int) -> np.ndarray:
+    """The extension's ``resize_mode`` geometry from a map to ``width`` × ``height``."""
+    h, w = image.shape[:2]
+    if mode == "Just Resize":
+        return _resize(image, width, height)
+    if mode == "Crop and Resize":
+        factor = max(width / w, height / h)
+        scaled_w, scaled_h = max(width, round(w * factor)), max(height, round(h * factor))
+        scaled = _resize(image, scaled_w, scaled_h)
+        left, top = (scaled_w - width) // 2, (scaled_h - height) // 2
+        return scaled[top : top + height, left : left + width]
+    factor = min(width / w, height / h)  # Resize and Fill
+    scaled_w, scaled_h = min(width, round(w * factor)), min(height, round(h * factor))
+    scaled = _resize(image, max(scaled_w, 1), max(scaled_h, 1))
+    out = np.zeros((height, width, 3), dtype=np.uint8)
+    left, top = (width - scaled.shape[1]) // 2, (height - scaled.shape[0]) // 2
+    out[top : top + scaled.shape[0], left : left + scaled.shape[1]] = scaled
+    return out
+
+
+def preprocess(source: Image.Image, unit: ControlUnit, width: int, height: int) -> Image.Image:
+    """The control image for one unit at the generation size."""
+    image = np.asarray(source.convert("RGB"))
+    if unit.module != "none":
+        resolution = processor_resolution(unit, source.size, width, height)
+        h, w = image.shape[:2]
+        factor = resolution / min(w, h)
+        image = _resize(image, max(1, round(w * factor)), max(1, round(h * factor)))
+        image = run_module(image, unit)
+    return Image.fromarray(fit(image, unit.resize_mode, width, height))
+
+
+# --- control modes ----------------------------------------------------------------------
+
+
+class ControlUnits(MultiControlNetModel):
+    """The task's ControlNets as diffusers' multi-ControlNet, with each unit's control
+    mode applied to its residuals; a unit whose scale is 0 this step is not run."""
+
+    def __init__(self, nets: list[Any], modes: list[str], *, guided: bool) -> None:
+        if not nets:
+            raise ControlNetError("no ControlNet unit to run")
+        super().__init__(nets)
+        self.modes = modes
+        self.guided = guided
+        """Classifier-free guidance is on: the batch is [unconditional, conditional]."""
+
+    def forward(  # type: ignore[override]
+        self,
+        sample: torch.Tensor,
+        timestep: Any,
+        encoder_hidden_states: torch.Tensor,
+        controlnet_cond: list[torch.Tensor],
+        conditioning_scale: list[float],
+        **kwargs: Any,
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        kwargs["return_dict"] = False
+        down_total: list[torch.Tensor] | None = None
+        mid_total: torch.Tensor | None = None
+        units = list(zip(controlnet_cond, conditioning_scale, self.nets, self.modes, strict=True))
+        active = [unit for unit in units if unit[1] != 0] or units[:1]
+        for image, scale, net, mode in active:
+            down, mid = net(
+                sample=sample,
+                timestep=timestep,
+                encoder_hidden_states=encoder_hidden_states,
+                controlnet_cond=image,
+                conditioning_scale=scale,
+                **kwargs,
+            )
+            down, mid = self._shape(list(down), mid, mode)
+            if down_total is None or mid_total is None:
+                down_total, mid_total = down, mid
+            else:
+                down_total = [a + b for a, b in zip(down_total, down, strict=True)]
+                mid_total = mid_total + mid
+        assert down_total is not None
+        assert mid_total is not None
+        return down_total, mid_total
+
+    def _shape(
+        self, down: list[torch.Tensor], mid: torch.Tensor, mode: str
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        if mode == CONTROL_MODES[0]:
+            return down, mid
+        layers = len(down) + 1  # the middle block is the deepest, at full weight
+        down = [d * SOFT_INJECTION_BASE ** (layers - 1 - i) for i, d in enumerate(down)]
+        if mode == CONTROL_MODES[2] and self.guided:
+            half = mid.shape[0] // 2
+            keep = torch.ones(mid.shape[0], 1, 1, 1, dtype=mid.dtype, device=mid.device)
+            keep[:half] = 0
+            down = [d * keep for d in down]
+            mid = mid * keep
+        return down, mid
+
+
+# --- loading ----------------------------------------------------------------------------
+
+CONFIG_VERSION = "1"
+
+
+def _config_folder(unet: Any, cache_dir: Path) -> Path:
+    """A diffusers ControlNet config matching ``unet`` (a ControlNet copies its base
+    model's encoder), written once, so single files load offline."""
+    from accelerate import init_empty_weights
+    from diffusers import ControlNetModel
+
+    digest = hashlib.sha256(
+        (json.dumps(dict(unet.config), sort_keys=True, default=str) + CONFIG_VERSION).encode()
+    ).hexdigest()[:16]
+    folder = cache_dir / "configs" / f"controlnet-{digest}"
+    if not (folder / "config.json").is_file():
+        with init_empty_weights():
+            empty = ControlNetModel.from_unet(unet, load_weights_from_unet=False)
+        staging = folder.with_name(f".{folder.name}.{os.getpid()}")
+        empty.save_config(staging)
+        try:
+            staging.replace(folder)
+        except OSError:  # another worker wrote it first
+            shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def load_controlnet(path: Path, unet: Any, cache_dir: Path) -> Any:
+    """An A1111 ControlNet file (LDM layout, with or without ``control_model.``) or a
+    diffusers folder / single file, in the UNet's dtype."""
+    from diffusers import ControlNetModel
+
+    dtype = unet.dtype
+    try:
+        if path.is_dir():
+            return ControlNetModel.from_pretrained(path, local_files_only=True, torch_dtype=dtype)
+        if path.suffix.lower() != ".safetensors":
+            raise ControlNetError(f"{path.name}: only .safetensors ControlNet files are loaded")
+        tensors, _ = read_safetensors_header(path)
+        diffusers_layout = any(key.startswith("controlnet_cond_embedding.") for key in tensors)
+        folder = _config_folder(unet, cache_dir)
+        if diffusers_layout:
+            from safetensors.torch import load_file
+
+            model = ControlNetModel.from_config(ControlNetModel.load_config(folder))
+            model.load_state_dict(load_file(str(path)))
+            return model if dtype == torch.float32 else model.to(dtype)
+        return ControlNetModel.from_single_file(
+            str(path), config=str(folder), local_files_only=True, torch_dtype=dtype
+        )
+    except ControlNetError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError, ModelFileError) as exc:
+        raise ControlNetError(f"ControlNet {path.name} cannot be loaded: {exc}") from exc
+
+
+class ControlNetCache:
+    """Loaded ControlNets by file identity, least recently used dropped first."""
+
+    def __init__(self, unet: Any, device: str, cache_dir: Path, size: int = MAX_LOADED) -> None:
+        self.unet = unet
+        self.device = device
+        self.cache_dir = cache_dir
+        self.size = size
+        self._loaded: OrderedDict[str, Any] = OrderedDict()
+
+    def get(self, unit: ControlUnit) -> Any:
+        key = unit.model.sha256 or unit.model.path
+        model = self._loaded.get(key)
+        if model is None:
+            model = load_controlnet(Path(unit.model.path), self.unet, self.cache_dir)
+            model = model.to(self.device)
+            model.eval()
+            self._loaded[key] = model
+            while len(self._loaded) > self.size:
+                self._loaded.popitem(last=False)
+        self._loaded.move_to_end(key)
+        return model
+
+
+def runs(unit: ControlUnit) -> bool:
+    """A unit with an empty guidance window never steers a step: it is left out."""
+    return unit.guidance_end > unit.guidance_start
+
+
+@dataclass
+class Control:
+    """A task's ControlNet units, ready to run: models loaded, source images decoded."""
+
+    units: list[ControlUnit]
+    nets: list[Any]
+    sources: list[Image.Image]
+
+    def images(self, width: int, height: int) -> list[Image.Image]:
+        return [
+            preprocess(source, unit, width, height)
+            for source, unit in zip(self.sources, self.units, strict=True)
+        ]
+
+    def model(self, *, guided: bool) -> ControlUnits:
+        return ControlUnits(self.nets, [u.control_mode for u in self.units], guided=guided)
+
+    def options(self, width: int, height: int, *, image_key: str) -> dict[str, Any]:
+        """The ControlNet pipeline's arguments; ``image_key`` is ``image`` for txt2img and
+        ``control_image`` for img2img/inpaint."""
+        return {
+            image_key: self.images(width, height),
+            "controlnet_conditioning_scale": [u.weight for u in self.units],
+            "control_guidance_start": [u.guidance_start for u in self.units],
+            "control_guidance_end": [u.guidance_end for u in self.units],
+        }
+
+
+CONTROL_PIPELINES = {
+    "StableDiffusionPipeline": "StableDiffusionControlNetPipeline",
+    "StableDiffusionImg2ImgPipeline": "StableDiffusionControlNetImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline": "StableDiffusionControlNetInpaintPipeline",
+    "StableDiffusionXLPipeline": "StableDiffusionXLControlNetPipeline",
+    "StableDiffusionXLImg2ImgPipeline": "StableDiffusionXLControlNetImg2ImgPipeline",
+    "StableDiffusionXLInpaintPipeline": "StableDiffusionXLControlNetInpaintPipeline",
+}
+"""The ControlNet pipeline for each pipeline the worker runs, sharing its components."""
+
+
+def with_control(pipe: Any, control: Control, *, guided: bool) -> tuple[Any, str]:
+    """A ControlNet pipeline over ``pipe``'s loaded components (no copy), and the name of
+    its control-image argument."""
+    import diffusers
+
+    name = CONTROL_PIPELINES.get(type(pipe).__name__)
+    if name is None:
+        raise ControlNetError(f"ControlNet does not run with {type(pipe).__name__}")
+    cls = getattr(diffusers, name)
+    accepted = _init_parameters(cls)
+    components = {k: v for k, v in pipe.components.items() if k in accepted}
+    if "requires_safety_checker" in accepted:  # sdswarm never loads one: no warning per task
+        components["requires_safety_checker"] = False
+    controlled = cls(**components, controlnet=control.model(guided=guided))
+    controlled.set_progress_bar_config(disable=True)
+    controlled.scheduler = pipe.scheduler
+    image_key = "image" if name.endswith("ControlNetPipeline") else "control_image"
+    return controlled, image_key
+
+
+def _init_parameters(cls: Any) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(cls.__init__).parameters)
