@@ -12,6 +12,7 @@ from aiohttp import web
 
 from services.common import bus
 from services.gateway import (
+    controlnet_api,
     extras_api,
     functions,
     openapi,
@@ -158,6 +159,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app.router.add_get("/docs", openapi.docs)
     sdapi.add_routes(app)
     extras_api.add_routes(app)
+    controlnet_api.add_routes(app)
     functions.add_routes(app)
     app.router.add_get("/files/{key:.+}", download)
     return app

@@ -89,25 +89,32 @@ def _owned_key(value: str, user: str) -> str | None:
 
 
 async def store_inputs(
-    res: Resources, user: str, task_id: str, values: list[str], field: str, first: int = 0
+    res: Resources,
+    user: str,
+    task_id: str,
+    values: list[str],
+    field: str,
+    first: int = 0,
+    name: str | None = None,
 ) -> list[str]:
     """Object keys for the request's images, uploading inline ones under ``inputs/{user}/``.
 
     Everything is validated before the first upload, so a bad image stores nothing.
+    Errors name ``field[i]`` (``mask``: the field), or ``name`` when given.
     """
     keys: list[str] = []
     uploads: list[tuple[str, bytes, str]] = []
     for offset, value in enumerate(values):
-        name = f"{field}[{offset}]" if field != "mask" else field
+        label = name or (f"{field}[{offset}]" if field != "mask" else field)
         key = _owned_key(value, user)
         if key is not None:
             if not await res.objects.exists(key):
-                raise ApiError(404, "image_not_found", f"`{name}`: no object {key!r}", field=name)
-            check_image(await res.objects.get(key), name, res.settings.max_input_pixels)
+                raise ApiError(404, "image_not_found", f"`{label}`: no object {key!r}", field=label)
+            check_image(await res.objects.get(key), label, res.settings.max_input_pixels)
             keys.append(key)
             continue
-        data = decode_base64(value, name)
-        extension = check_image(data, name, res.settings.max_input_pixels)
+        data = decode_base64(value, label)
+        extension = check_image(data, label, res.settings.max_input_pixels)
         key = f"inputs/{user}/{task_id}_{first + offset}.{extension}"
         uploads.append((key, data, extension))
         keys.append(key)

@@ -36,6 +36,8 @@ class GatewaySettings(StoreSettings, kw_only=True, frozen=True):
     max_prompt_chars: int = 20_000
     max_input_images: int = 4
     """Images per request (``init_images``)."""
+    max_controlnet_units: int = 4
+    """Enabled ControlNet units per request (each brings one more input image)."""
     max_input_pixels: int = 4096 * 4096
     """Per input image; larger ones are refused before they are decoded."""
     styles_file: str = ""

@@ -30,6 +30,7 @@ from services.common import bus
 from services.gateway import waiting
 from services.gateway.adapters import resolve_embeddings, resolve_loras, resolve_vae
 from services.gateway.auth import caller
+from services.gateway.controlnet_api import check_controlnets, claim_controlnets
 from services.gateway.errors import ApiError
 from services.gateway.images import store_inputs
 from services.gateway.resources import Resources, resources
@@ -125,10 +126,13 @@ async def submit(
         merged = {**options, **(body.override_settings or {})}
         body = msgspec.structs.replace(body, override_settings=merged)
     vae = await resolve_vae(res, body.sd_vae, body.override_settings)
+    units = await check_controlnets(res, body, model)  # before any image is stored
     input_keys: list[str] = []
     if isinstance(body, Img2ImgRequest):
         body = await _claim_inputs(res, user, body, task_id)
         input_keys = body.init_images + ([body.mask] if body.mask else [])
+    body, controlnets = await claim_controlnets(res, user, task_id, body, units, len(input_keys))
+    input_keys += [u.image_key for u in controlnets if u.image_key not in input_keys]
     is_img2img = isinstance(body, Img2ImgRequest)
     kind = TaskKind.IMG2IMG if is_img2img else TaskKind.TXT2IMG
     command = GenerateImage(
@@ -143,6 +147,7 @@ async def submit(
         loras=loras,
         vae=vae,
         embeddings=embeddings,
+        controlnets=controlnets,
         submitted_at=time.time(),
     )
     document = new_task_document(
