@@ -114,6 +114,7 @@ def check_limits(request: Txt2ImgRequest | Img2ImgRequest, settings: GatewaySett
             f" but is {skip!r}",
             field="override_settings.CLIP_stop_at_last_layers",
         )
+    _check_noise(request, settings)
     if isinstance(request, Txt2ImgRequest) and request.enable_hr:
         _check_hires(request, settings)
     field = "sampler_name" if request.sampler_name else "sampler_index"
@@ -123,6 +124,37 @@ def check_limits(request: Txt2ImgRequest | Img2ImgRequest, settings: GatewaySett
         if "scheduler" in str(exc).split(";")[0]:
             field = "scheduler"
         raise ApiError(422, "invalid_field", str(exc), field=field) from exc
+
+
+def _check_noise(request: Txt2ImgRequest | Img2ImgRequest, settings: GatewaySettings) -> None:
+    """Variation seeds, seed resize and ENSD (A1111's noise options)."""
+    _at_most("seed_resize_from_w", request.seed_resize_from_w, settings.max_width)
+    _at_most("seed_resize_from_h", request.seed_resize_from_h, settings.max_height)
+    delta = (request.override_settings or {}).get("eta_noise_seed_delta")
+    if delta is not None and (
+        not isinstance(delta, int) or isinstance(delta, bool) or not 0 <= delta < 2**32
+    ):
+        raise ApiError(
+            422,
+            "invalid_field",
+            f"`override_settings.eta_noise_seed_delta` must be an integer from 0 to 2**32-1"
+            f" but is {delta!r}",
+            field="override_settings.eta_noise_seed_delta",
+        )
+    if isinstance(request, Img2ImgRequest):
+        resized = request.seed_resize_from_w > 0 and request.seed_resize_from_h > 0
+        for field, used in (
+            ("subseed_strength", request.subseed_strength > 0),
+            ("seed_resize_from_w", resized),
+        ):
+            if used:
+                raise ApiError(
+                    422,
+                    "unsupported",
+                    f"`{field}`: variation seeds and seed resize are implemented for txt2img"
+                    " only; img2img's starting noise is drawn inside diffusers",
+                    field=field,
+                )
 
 
 def _check_hires(request: Txt2ImgRequest, settings: GatewaySettings) -> None:

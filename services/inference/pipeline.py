@@ -36,6 +36,7 @@ from services.inference.controlnet import (
     with_control,
 )
 from services.inference.lora import LoraError, LoraSet
+from services.inference.noise import initial_noise
 from services.inference.previews import latent_preview
 from services.inference.prompts import encode_weighted, needs_own_encoder
 from services.inference.samplers import build_scheduler
@@ -155,6 +156,8 @@ def infotext(
     vae: AdapterRef | None = None,
     embeddings: list[AdapterRef] | None = None,
     controlnets: list[ControlUnit] | None = None,
+    *,
+    subseed: int | None = None,
 ) -> str:
     """A1111's human-readable generation parameters (also stored in each PNG)."""
     sampler, schedule = split_sampler(request.effective_sampler, request.scheduler)
@@ -164,6 +167,16 @@ def infotext(
         f"Schedule type: {schedule}",
         f"CFG scale: {request.cfg_scale:g}",
         f"Seed: {seed}",
+        *(
+            [f"Variation seed: {subseed}", f"Variation seed strength: {request.subseed_strength:g}"]
+            if request.subseed_strength > 0 and subseed is not None
+            else []
+        ),
+        *(
+            [f"Seed resize from: {request.seed_resize_from_w}x{request.seed_resize_from_h}"]
+            if request.seed_resize_from_w > 0 and request.seed_resize_from_h > 0
+            else []
+        ),
         f"Size: {request.width}x{request.height}",
         *(
             [f"Denoising strength: {request.denoising_strength:g}"]
@@ -175,6 +188,7 @@ def infotext(
         *([f"Clip skip: {clip_skip(request) + 1}"] if clip_skip(request) else []),
         *(["Tiling: True"] if request.tiling else []),
         f"Model: {Path(model_name).stem}",
+        *([f"ENSD: {noise_seed_delta(request)}"] if noise_seed_delta(request) else []),
         *([f"VAE hash: {vae.sha256[:10]}", f"VAE: {vae.name}"] if vae else []),
         *(
             [f'TI hashes: "{", ".join(f"{e.name}: {e.sha256[:12]}" for e in embeddings)}"']
@@ -251,6 +265,8 @@ class DiffusersPipeline:
         first_seed = resolve_seed(request.seed)
         count = request.batch_size * request.n_iter
         seeds = [(first_seed + i) % (MAX_SEED + 1) for i in range(count)]
+        first_subseed = resolve_seed(request.subseed)
+        subseeds = [(first_subseed + i) % (MAX_SEED + 1) for i in range(count)]
         infotexts = [
             infotext(
                 request,
@@ -261,8 +277,9 @@ class DiffusersPipeline:
                 command.vae,
                 command.embeddings,
                 command.controlnets,
+                subseed=subseed,
             )
-            for seed in seeds
+            for seed, subseed in zip(seeds, subseeds, strict=True)
         ]
         pngs: list[bytes] = []
         try:
@@ -282,6 +299,7 @@ class DiffusersPipeline:
                             on_step,
                             should_stop,
                             should_skip,
+                            subseeds=subseeds[first : first + request.batch_size],
                         )
                     except JobSkippedError:
                         continue  # skipped: no images from this job, on with the next
@@ -290,7 +308,8 @@ class DiffusersPipeline:
             raise GenerationError("lora_failed", str(exc)) from exc
         except ControlNetError as exc:
             raise GenerationError("controlnet_failed", str(exc)) from exc
-        return Generation(images=pngs, seeds=seeds, info=self._info(request, seeds, infotexts))
+        info = self._info(request, seeds, infotexts, subseeds)
+        return Generation(images=pngs, seeds=seeds, info=info)
 
     @contextlib.contextmanager
     def _vae(self, ref: AdapterRef | None) -> Iterator[None]:
@@ -384,6 +403,7 @@ class DiffusersPipeline:
         on_step: StepCallback,
         should_stop: Callable[[], bool],
         should_skip: Callable[[], bool] = lambda: False,
+        subseeds: list[int] | None = None,
     ) -> list[Image.Image]:
         scheduler = build_scheduler(
             self.base_scheduler_config,
@@ -410,6 +430,12 @@ class DiffusersPipeline:
         # One CPU generator per image: the same seed gives the same image whatever the
         # batch size or device (A1111 draws its noise on the CPU too).
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        if images_in is None and _explicit_noise(request):
+            # Variation seeds, seed resize, ENSD: the starting noise is drawn here and the
+            # generators only feed the samplers' per-step noise (from seed + ENSD).
+            options["latents"] = self._initial_noise(pipe, request, seeds, subseeds or seeds)
+            delta = noise_seed_delta(request)
+            generators = [torch.Generator("cpu").manual_seed(seed + delta) for seed in seeds]
 
         hires = isinstance(request, Txt2ImgRequest) and request.enable_hr
         first_total = request.steps
@@ -461,6 +487,19 @@ class DiffusersPipeline:
                 )
         images: list[Image.Image] = result.images
         return images
+
+    def _initial_noise(
+        self, pipe: Any, request: Request, seeds: list[int], subseeds: list[int]
+    ) -> torch.Tensor:
+        factor = pipe.vae_scale_factor
+        channels = pipe.vae.config.latent_channels
+        shape = (channels, request.height // factor, request.width // factor)
+        resize_from = None
+        from_w, from_h = request.seed_resize_from_w, request.seed_resize_from_h
+        if from_w > 0 and from_h > 0:
+            resize_from = (from_h // factor, from_w // factor)
+        noise = initial_noise(seeds, subseeds, request.subseed_strength, shape, resize_from)
+        return noise.to(device=self.device, dtype=pipe.unet.dtype)
 
     def _prompt_options(
         self, pipe: Any, request: Request, prompt: str, negative: str, count: int
@@ -547,7 +586,9 @@ class DiffusersPipeline:
             **self._prompt_options(pipe, request, prompt, negative, len(seeds)),
         )
 
-    def _info(self, request: Request, seeds: list[int], texts: list[str]) -> dict[str, Any]:
+    def _info(
+        self, request: Request, seeds: list[int], texts: list[str], subseeds: list[int]
+    ) -> dict[str, Any]:
         sampler, schedule = split_sampler(request.effective_sampler, request.scheduler)
         return {
             "prompt": request.prompt,
@@ -556,8 +597,8 @@ class DiffusersPipeline:
             "all_negative_prompts": [request.negative_prompt] * len(seeds),
             "seed": seeds[0],
             "all_seeds": seeds,
-            "subseed": -1,
-            "all_subseeds": [-1] * len(seeds),
+            "subseed": subseeds[0],
+            "all_subseeds": subseeds,
             "subseed_strength": request.subseed_strength,
             "width": request.width,
             "height": request.height,
@@ -575,11 +616,38 @@ class DiffusersPipeline:
             "denoising_strength": request.denoising_strength,
             "extra_generation_params": {},
             "index_of_first_image": 0,
+            "warnings": _warnings(request),
             "infotexts": texts,
             "styles": request.styles,
             "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
             "version": VERSION,
         }
+
+
+ENSD_OPTION = "eta_noise_seed_delta"
+
+
+def noise_seed_delta(request: Request) -> int:
+    """A1111's ``eta_noise_seed_delta`` option (ENSD): the samplers' noise seed offset."""
+    value = (request.override_settings or {}).get(ENSD_OPTION, 0)
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0
+
+
+def _warnings(request: Request) -> list[str]:
+    """Parameters accepted but not honoured for this request (sdswarm extension)."""
+    warnings = []
+    if isinstance(request, Img2ImgRequest) and noise_seed_delta(request):
+        warnings.append(
+            "eta_noise_seed_delta is not applied to img2img: diffusers draws its noise"
+            " from the seed"
+        )
+    return warnings
+
+
+def _explicit_noise(request: Request) -> bool:
+    """Whether the starting noise differs from diffusers' own draw from the seed."""
+    resized = request.seed_resize_from_w > 0 and request.seed_resize_from_h > 0
+    return request.subseed_strength > 0 or resized or noise_seed_delta(request) != 0
 
 
 def _hires_infotext(request: Request) -> list[str]:

@@ -93,3 +93,41 @@ def test_hires_size_follows_a1111() -> None:
     assert (1024, 1024) == _request(enable_hr=True, hr_scale=2).hr_size()
     assert (768, 1152) == _request(enable_hr=True, height=768, hr_resize_x=768).hr_size()
     assert (1000, 1000) == _request(enable_hr=True, hr_resize_x=1003, hr_resize_y=1001).hr_size()
+
+
+@pytest.mark.parametrize(
+    ("cls", "fields", "field"),
+    [
+        ("txt2img", {"seed_resize_from_w": 4096, "seed_resize_from_h": 64}, "seed_resize_from_w"),
+        ("txt2img", {"override_settings": {"eta_noise_seed_delta": -1}}, None),
+        ("txt2img", {"override_settings": {"eta_noise_seed_delta": "31337"}}, None),
+        ("img2img", {"subseed_strength": 0.5, "subseed": 3}, "subseed_strength"),
+        ("img2img", {"seed_resize_from_w": 64, "seed_resize_from_h": 64}, "seed_resize_from_w"),
+    ],
+)
+def test_noise_options_are_checked(cls: str, fields: dict[str, object], field: str | None) -> None:
+    from proto.requests import Img2ImgRequest
+
+    body = {"stable_diffusion_model": "m", **fields}
+    request: Txt2ImgRequest | Img2ImgRequest = (
+        msgspec.convert(body, Txt2ImgRequest)
+        if cls == "txt2img"
+        else msgspec.convert(body, Img2ImgRequest)
+    )
+    with pytest.raises(ApiError) as info:
+        check_limits(request, GatewaySettings())
+    expected = field or "override_settings.eta_noise_seed_delta"
+    assert (422, expected) == (info.value.status, info.value.field)
+
+
+def test_noise_options_that_run_pass() -> None:
+    check_limits(
+        _request(
+            subseed=5,
+            subseed_strength=0.3,
+            seed_resize_from_w=256,
+            seed_resize_from_h=320,
+            override_settings={"eta_noise_seed_delta": 31337},
+        ),
+        GatewaySettings(),
+    )
