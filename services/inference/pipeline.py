@@ -39,7 +39,7 @@ from services.inference.lora import LoraError, LoraSet
 from services.inference.noise import initial_noise
 from services.inference.previews import latent_preview
 from services.inference.prompts import encode_weighted, needs_own_encoder
-from services.inference.samplers import build_scheduler
+from services.inference.samplers import apply_churn, build_scheduler, churn_options
 
 VERSION = "sdswarm"
 MAX_VAES = 2
@@ -411,6 +411,7 @@ class DiffusersPipeline:
             request.scheduler,
             seed=seeds[0],
         )
+        apply_churn(scheduler, _churn(request))
         pipe = self.pipe
         options: dict[str, Any] = {"width": request.width, "height": request.height}
         if images_in is not None:
@@ -568,6 +569,7 @@ class DiffusersPipeline:
             request.hr_scheduler or request.scheduler,
             seed=seeds[0],
         )
+        apply_churn(pipe.scheduler, _churn(request))
         prompt = request.hr_prompt or request.prompt
         negative = request.hr_negative_prompt or request.negative_prompt
         options: dict[str, Any] = {}
@@ -633,9 +635,20 @@ def noise_seed_delta(request: Request) -> int:
     return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0
 
 
+def _churn(request: Request) -> dict[str, float] | None:
+    return churn_options(request.s_churn, request.s_tmin, request.s_tmax, request.s_noise)
+
+
 def _warnings(request: Request) -> list[str]:
     """Parameters accepted but not honoured for this request (sdswarm extension)."""
     warnings = []
+    sampler, _ = split_sampler(request.effective_sampler, request.scheduler)
+    if _churn(request) is not None and sampler != "Euler":
+        warnings.append(f"s_churn applies to Euler only here, not to {sampler}")
+    if request.s_min_uncond:
+        warnings.append("s_min_uncond is not applied: the negative prompt runs at every step")
+    if request.restore_faces:
+        warnings.append("restore_faces: no face-restoration model is available")
     if isinstance(request, Img2ImgRequest) and noise_seed_delta(request):
         warnings.append(
             "eta_noise_seed_delta is not applied to img2img: diffusers draws its noise"

@@ -93,3 +93,14 @@ def test_ensd_changes_ancestral_samplers_only(runner: DiffusersPipeline) -> None
     assert _pixels(_run(runner, sampler_name="Euler a")) != _pixels(ancestral)
     text = Image.open(io.BytesIO(ancestral.images[0])).text["parameters"]  # type: ignore[attr-defined]
     assert "ENSD: 31337" in text
+
+
+def test_churn_applies_to_euler_and_is_reported_elsewhere(runner: DiffusersPipeline) -> None:
+    base = _pixels(_run(runner))
+    assert base == _pixels(_run(runner, s_churn=0.0, s_tmin=0.0, s_tmax=0.0, s_noise=1.0))
+    churned = _run(runner, s_churn=2.0)
+    assert base != _pixels(churned)
+    assert [] == churned.info["warnings"]
+    other = _run(runner, sampler_name="DDIM", s_churn=2.0, s_min_uncond=1.0, restore_faces=True)
+    assert 3 == len(other.info["warnings"]), other.info["warnings"]
+    assert "s_churn applies to Euler only here, not to DDIM" in other.info["warnings"]
