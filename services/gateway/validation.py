@@ -115,6 +115,7 @@ def check_limits(request: Txt2ImgRequest | Img2ImgRequest, settings: GatewaySett
             field="override_settings.CLIP_stop_at_last_layers",
         )
     _check_noise(request, settings)
+    _check_unsupported(request)
     if isinstance(request, Txt2ImgRequest) and request.enable_hr:
         _check_hires(request, settings)
     field = "sampler_name" if request.sampler_name else "sampler_index"
@@ -124,6 +125,32 @@ def check_limits(request: Txt2ImgRequest | Img2ImgRequest, settings: GatewaySett
         if "scheduler" in str(exc).split(";")[0]:
             field = "scheduler"
         raise ApiError(422, "invalid_field", str(exc), field=field) from exc
+
+
+NO_REFINER = frozenset({"", "None"})
+SAME_CHECKPOINT = frozenset({"", "Use same checkpoint"})
+
+
+def _check_unsupported(request: Txt2ImgRequest | Img2ImgRequest) -> None:
+    """A1111 options sdswarm cannot honour: refused rather than silently dropped."""
+    refused: tuple[str, str] | None = None
+    if (request.refiner_checkpoint or "").strip() not in NO_REFINER:
+        refused = ("refiner_checkpoint", "a refiner switches checkpoints mid-sampling")
+    elif (
+        isinstance(request, Txt2ImgRequest)
+        and (request.hr_checkpoint_name or "").strip() not in SAME_CHECKPOINT
+        and request.hr_checkpoint_name != request.stable_diffusion_model
+    ):
+        refused = ("hr_checkpoint_name", "the hires pass runs on another checkpoint")
+    if refused is not None:
+        field, what = refused
+        raise ApiError(
+            422,
+            "unsupported",
+            f"`{field}`: {what}, which sdswarm does not do yet (one worker holds one"
+            ' checkpoint); leave it empty or "None"',
+            field=field,
+        )
 
 
 def _check_noise(request: Txt2ImgRequest | Img2ImgRequest, settings: GatewaySettings) -> None:

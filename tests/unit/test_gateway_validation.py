@@ -131,3 +131,24 @@ def test_noise_options_that_run_pass() -> None:
         ),
         GatewaySettings(),
     )
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"refiner_checkpoint": "sdxl_refiner.safetensors"}, "refiner_checkpoint"),
+        ({"enable_hr": True, "hr_checkpoint_name": "other.safetensors"}, "hr_checkpoint_name"),
+    ],
+)
+def test_refiner_and_hires_checkpoint_are_refused(fields: dict[str, object], field: str) -> None:
+    with pytest.raises(ApiError) as info:
+        check_limits(_request(**fields), GatewaySettings())
+    assert (422, "unsupported", field) == (info.value.status, info.value.code, info.value.field)
+
+
+def test_their_no_op_values_pass() -> None:
+    for fields in (
+        {"refiner_checkpoint": "None", "hr_checkpoint_name": "Use same checkpoint"},
+        {"refiner_checkpoint": "", "hr_checkpoint_name": "m"},
+    ):
+        check_limits(_request(**fields), GatewaySettings())
