@@ -34,12 +34,11 @@ from services.gateway.errors import ApiError
 from services.gateway.images import store_inputs
 from services.gateway.resources import Resources, resources
 from services.gateway.tasks_api import (
-    REQUEST_TYPE_HEADER,
     TASK_ID_HEADER,
-    _answer,
     admit,
+    answer,
     enqueue,
-    requested_task_id,
+    submit_once,
 )
 from services.gateway.validation import decode
 from services.gateway.webhooks_api import checked_webhook
@@ -162,22 +161,23 @@ async def extra_images(request: web.Request) -> web.StreamResponse:
     res = resources(request)
     user = await caller(request, res)
     body = decode(await request.read(), ExtraImagesRequest)
-    task_id = requested_task_id(request)
-    sync = request.headers.get(REQUEST_TYPE_HEADER, "sync").strip().lower() != "async"
     parameters = to_builtins(body)
     del parameters["image"]
-    task_id, outcome = await submit_extras(
-        res,
-        user,
-        body,
-        [body.image],
-        "image",
-        task_id,
-        sync=sync,
-        parameters=parameters,
-        webhook=body.webhook,
-    )
-    return await _answer(res, task_id, outcome, sync=sync)
+
+    async def queue(task_id: str, sync: bool) -> tuple[str, Document | None]:
+        return await submit_extras(
+            res,
+            user,
+            body,
+            [body.image],
+            "image",
+            task_id,
+            sync=sync,
+            parameters=parameters,
+            webhook=body.webhook,
+        )
+
+    return await answer(res, await submit_once(request, res, user, queue))
 
 
 async def _a1111_outcome(res: Resources, task_id: str, outcome: Document | None) -> list[str]:
@@ -218,28 +218,27 @@ async def _a1111_extras(
     else:
         field, images = "imageList", [entry.data for entry in body.imageList]
     del parameters[field]
-    # The seed's headers work here as on A1111's txt2img: `taskId` names the task and
-    # `Request-Type: async` answers 202 at once (the outcome is at /tasks/{taskId}/result).
-    run_async = request.headers.get(REQUEST_TYPE_HEADER, "").strip().lower() == "async"
-    task_id, outcome = await submit_extras(
+    # The seed's headers work here as on A1111's txt2img: `taskId` names the task,
+    # `Idempotency-Key` makes retries safe, and `Request-Type: async` answers 202 at once
+    # (the outcome is at /tasks/{taskId}/result).
+    submitted = await submit_once(
+        request,
         res,
         user,
-        body,
-        images,
-        field,
-        requested_task_id(request),
-        sync=not run_async,
-        parameters=parameters,
+        lambda task_id, sync: submit_extras(
+            res, user, body, images, field, task_id, sync=sync, parameters=parameters
+        ),
     )
-    if run_async:
-        return await _answer(res, task_id, None, sync=False)
+    if not submitted.sync:
+        return await answer(res, submitted)
+    task_id, outcome, _ = submitted
     results = await _a1111_outcome(res, task_id, outcome)
-    answer: dict[str, Any] = {"html_info": _html_info(outcome)}
+    reply: dict[str, Any] = {"html_info": _html_info(outcome)}
     if isinstance(body, ExtraImagesRequest):
-        answer["image"] = results[0]
+        reply["image"] = results[0]
     else:
-        answer["images"] = results
-    return web.json_response(answer, headers={TASK_ID_HEADER: task_id})
+        reply["images"] = results
+    return web.json_response(reply, headers={TASK_ID_HEADER: task_id})
 
 
 async def extra_single_image(request: web.Request) -> web.StreamResponse:

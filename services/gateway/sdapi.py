@@ -27,12 +27,7 @@ from services.gateway.errors import ApiError, Handler, invalid_body
 from services.gateway.pnginfo import png_info
 from services.gateway.resources import Resources, resources
 from services.gateway.styles import prompt_styles
-from services.gateway.tasks_api import (
-    REQUEST_TYPE_HEADER,
-    cancel_document,
-    requested_task_id,
-    submit,
-)
+from services.gateway.tasks_api import answer, cancel_document, submit, submit_once
 from services.gateway.validation import check_limits, read_json
 from services.storage.modelfiles import ModelFileError, read_safetensors_header
 from services.storage.mongo import Document
@@ -95,18 +90,20 @@ async def _generate(request: web.Request, cls: type[Processing]) -> web.StreamRe
     user = await caller(request, res)
     body = await _decode_a1111(request, res, user, cls)
     check_limits(body, res.settings)
-    # The seed's headers work here too: `taskId` names the task, and `Request-Type: async`
-    # (with or without the seed's `Task-Flag: true`) answers 202 at once; the outcome is
-    # then at /tasks/{taskId}/result like any task's.
-    task_id = _forced(body.force_task_id) if body.force_task_id else requested_task_id(request)
-    run_async = request.headers.get(REQUEST_TYPE_HEADER, "").strip().lower() == "async"
-    task_id, outcome = await submit(res, user, body, task_id, sync=not run_async)
-    if run_async:
-        return web.json_response(
-            {"taskId": task_id, "status": TaskStatus.WAITING.value},
-            status=202,
-            headers={"taskId": task_id},
-        )
+    # The seed's headers work here too: `taskId` names the task, `Idempotency-Key` makes
+    # retries safe, and `Request-Type: async` (with or without the seed's `Task-Flag:
+    # true`) answers 202 at once; the outcome is then at /tasks/{taskId}/result.
+    forced = _forced(body.force_task_id) if body.force_task_id else None
+    submitted = await submit_once(
+        request,
+        res,
+        user,
+        lambda task_id, sync: submit(res, user, body, task_id, sync=sync),
+        forced,
+    )
+    if not submitted.sync:
+        return await answer(res, submitted)
+    task_id, outcome, _ = submitted
     if outcome is None:
         raise ApiError(
             504,

@@ -14,7 +14,8 @@ import json
 import logging
 import secrets
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, NamedTuple
 
 import msgspec
 from aiohttp import web
@@ -230,35 +231,57 @@ async def _seed_submit(
 ) -> web.StreamResponse:
     res = resources(request)
     user = await caller(request, res)
-    raw = await request.read()
-    body: Txt2ImgRequest | Img2ImgRequest = decode(raw, cls)
+    body: Txt2ImgRequest | Img2ImgRequest = decode(await request.read(), cls)
     check_limits(body, res.settings)
-    task_id = requested_task_id(request)
+    submitted = await submit_once(
+        request, res, user, lambda task_id, sync: submit(res, user, body, task_id, sync=sync)
+    )
+    return await answer(res, submitted)
+
+
+Queue = Callable[[str, bool], Awaitable[tuple[str, Document | None]]]
+"""``queue(task_id, sync)`` queues the request as that task; its outcome when sync."""
+
+
+class Submitted(NamedTuple):
+    task_id: str
+    outcome: Document | None
+    """Sync: the terminal task document (None: the deadline passed first). Async: None, or
+    the document of the earlier request when the ``Idempotency-Key`` was seen before."""
+    sync: bool
+
+
+async def submit_once(
+    request: web.Request, res: Resources, user: str, queue: Queue, task_id: str | None = None
+) -> Submitted:
+    """``queue`` the request, unless the ``Idempotency-Key`` header names an earlier one.
+
+    ``Request-Type`` (sync unless ``async``) and the ``taskId`` header (unless ``task_id``
+    is given) are read here. The same key with the same route and body answers for the
+    earlier task; a different body is a 409; a refused submission releases its key.
+    """
     sync = request.headers.get(REQUEST_TYPE_HEADER, "sync").strip().lower() != "async"
+    task_id = task_id or requested_task_id(request)
     key = request.headers.get(IDEMPOTENCY_HEADER, "").strip()
-    earlier = await _reserve(res, user, key, request_hash(request.path, raw), task_id)
+    digest = request_hash(request.path, await request.read())
+    earlier = await _reserve(res, user, key, digest, task_id)
     if earlier is not None:
         # A retry of a request we already took: answer for the same task.
-        outcome = None
-        if sync:
-            waiter = await waiting.TerminalWaiter.start(res.nc, earlier)
-            try:
-                outcome = await waiter.wait(res.tasks, res.settings.sync_timeout_s)
-            finally:
-                await waiter.close()
-            return await _answer(res, earlier, outcome, sync=True)
-        document = await res.tasks.get(earlier, user)
-        status = document["status"] if document else TaskStatus.WAITING.value
-        return web.json_response(
-            {"taskId": earlier, "status": status}, status=202, headers={TASK_ID_HEADER: earlier}
-        )
+        if not sync:
+            return Submitted(earlier, await res.tasks.get(earlier, user), sync)
+        waiter = await waiting.TerminalWaiter.start(res.nc, earlier)
+        try:
+            return Submitted(
+                earlier, await waiter.wait(res.tasks, res.settings.sync_timeout_s), sync
+            )
+        finally:
+            await waiter.close()
     try:
-        task_id, outcome = await submit(res, user, body, task_id, sync=sync)
+        return Submitted(*await queue(task_id, sync), sync)
     except ApiError:
         if key:
             await res.idempotency.release(user, key)
         raise
-    return await _answer(res, task_id, outcome, sync=sync)
 
 
 async def _reserve(res: Resources, user: str, key: str, digest: str, task_id: str) -> str | None:
@@ -282,14 +305,13 @@ async def _reserve(res: Resources, user: str, key: str, digest: str, task_id: st
         ) from exc
 
 
-async def _answer(
-    res: Resources, task_id: str, outcome: Document | None, *, sync: bool
-) -> web.StreamResponse:
+async def answer(res: Resources, submitted: Submitted) -> web.StreamResponse:
+    """The seed's answer: sync, from the terminal document; async, 202 with the status."""
+    task_id, outcome, sync = submitted
     headers = {TASK_ID_HEADER: task_id}
     if not sync:
-        return web.json_response(
-            {"taskId": task_id, "status": TaskStatus.WAITING.value}, status=202, headers=headers
-        )
+        status = outcome["status"] if outcome else TaskStatus.WAITING.value
+        return web.json_response({"taskId": task_id, "status": status}, status=202, headers=headers)
     return await _sync_response(res, task_id, outcome, headers)
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -10,6 +12,7 @@ from typing import Any
 import msgspec
 import pytest
 from aiohttp import web
+from PIL import Image
 
 from services.common.servers import free_port
 from services.gateway.app import create_app
@@ -182,3 +185,60 @@ async def test_a_sync_answer_and_the_result_route_agree(system: System) -> None:
             result = await response.json()
         assert ("succeeded", "succeeded") == (answer["status"], result["status"])
         assert answer["images"] == result["images"]
+
+
+def _png_base64(size: tuple[int, int]) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (200, 40, 90)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+_CHECKPOINT = {"override_settings": {"sd_model_checkpoint": MODEL}}
+_GENERATE = {"prompt": "x", "steps": 1, "width": 64, "height": 64, **_CHECKPOINT}
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/extra_images", {"image": _png_base64((16, 16)), "upscaler_1": "Nearest"}),
+        ("/sdapi/v1/extra-single-image", {"image": _png_base64((16, 16)), "upscaler_1": "Nearest"}),
+        (
+            "/sdapi/v1/extra-batch-images",
+            {"imageList": [{"data": _png_base64((16, 16)), "name": "a"}], "upscaler_1": "Nearest"},
+        ),
+        ("/sdapi/v1/txt2img", _GENERATE),
+        (
+            "/sdapi/v1/img2img",
+            # 2 steps at strength 0.5: one runs (img2img with 0 steps to run fails).
+            {
+                **_GENERATE,
+                "steps": 2,
+                "denoising_strength": 0.5,
+                "init_images": [_png_base64((8, 8))],
+            },
+        ),
+    ],
+)
+async def test_idempotency_keys_on_every_submitting_route(
+    system: System, path: str, body: dict[str, Any]
+) -> None:
+    """Same key and body → the same task (async and sync); another body → 409."""
+    url = system.url + path
+    before = await system.db["tasks"].count_documents({})
+    ids: dict[str, list[str]] = {}
+    for mode in ("async", "sync"):
+        headers = {"Idempotency-Key": f"{path}-{mode}", "Request-Type": mode}
+        for _ in range(2):
+            async with system.http.post(url, json=body, headers=headers) as response:
+                assert response.status == (202 if mode == "async" else 200), await response.text()
+                ids.setdefault(mode, []).append(response.headers["taskId"])
+        other = {**body, "upscaling_resize": 3} if "extra" in path else {**body, "prompt": "y"}
+        async with system.http.post(url, json=other, headers=headers) as response:
+            error = await response.json()
+            assert (409, "idempotency_conflict") == (response.status, error["code"])
+            assert "Idempotency-Key" == error["field"]
+    assert ids["async"][0] == ids["async"][1], "a retry gets the same task"
+    assert ids["sync"][0] == ids["sync"][1], "a retry gets the same task"
+    assert ids["async"][0] != ids["sync"][0]
+    assert before + 2 == await system.db["tasks"].count_documents({})
+    await _wait_done(system, ids["async"][0])
