@@ -101,13 +101,23 @@ def _mentions(text: str, name: str) -> bool:
     return re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", text) is not None
 
 
-async def resolve_embeddings(res: Resources, *texts: str) -> list[AdapterRef]:
+def base_family(family: Any) -> str | None:
+    return family.split("_")[0] if isinstance(family, str) and family else None
+
+
+async def resolve_embeddings(
+    res: Resources, *texts: str, family: str | None = None
+) -> list[AdapterRef]:
     """The registered embeddings the prompts mention by name (as A1111, where every
-    embedding is active wherever its name appears)."""
+    embedding is active wherever its name appears). Embeddings made for another family
+    than the checkpoint's (``family``, when both are known) are left out, as A1111 skips
+    them: the name stays plain text."""
     text = "\n".join(texts)
+    base = base_family(family)
     return [
         AdapterRef(name=m["name"], path=m["path"], sha256=m.get("sha256") or "")
         for m in await res.models.list(ModelType.EMBEDDING)
         if m["status"] not in (ModelStatus.FAILED.value, ModelStatus.REGISTERING.value)
         and _mentions(text, m["name"])
+        and (base is None or base_family(m.get("family")) in (None, base))
     ]

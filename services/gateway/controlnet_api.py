@@ -29,6 +29,7 @@ from proto.controlnet import (
 )
 from proto.extra_networks import AdapterRef
 from proto.requests import Img2ImgRequest, Txt2ImgRequest
+from services.gateway.adapters import base_family
 from services.gateway.auth import caller
 from services.gateway.errors import ApiError
 from services.gateway.images import store_inputs
@@ -86,10 +87,6 @@ async def _model(res: Resources, request: ControlNetUnitRequest, field: str) -> 
     return model
 
 
-def _base_family(family: Any) -> str | None:
-    return family.split("_")[0] if isinstance(family, str) and family else None
-
-
 async def check_controlnets(res: Resources, body: Body, checkpoint: Document) -> list[CheckedUnit]:
     """The request's enabled units, checked; 422 naming the first field that is wrong."""
     found = script_units(body.alwayson_scripts)
@@ -133,7 +130,7 @@ async def check_controlnets(res: Resources, body: Body, checkpoint: Document) ->
             raise _invalid(f"{field}.image", "txt2img units need an image")
         module = _module(request, f"{field}.module")
         model = await _model(res, request, f"{field}.model")
-        mine, theirs = _base_family(checkpoint.get("family")), _base_family(model.get("family"))
+        mine, theirs = base_family(checkpoint.get("family")), base_family(model.get("family"))
         if mine and theirs and mine != theirs:
             raise _invalid(
                 f"{field}.model",

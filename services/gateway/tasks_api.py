@@ -120,7 +120,9 @@ async def submit(
         prompt, negative = await apply_styles(res, body.styles, body.prompt, body.negative_prompt)
         body = msgspec.structs.replace(body, prompt=prompt, negative_prompt=negative)
     loras = await resolve_loras(res, body.prompt)  # after styles: a style may name LoRAs
-    embeddings = await resolve_embeddings(res, body.prompt, body.negative_prompt)
+    embeddings = await resolve_embeddings(
+        res, body.prompt, body.negative_prompt, family=model.get("family")
+    )
     options = await res.options.get(user)
     if options:
         # The caller's stored options apply to every request; the request's own win.

@@ -349,13 +349,25 @@ class DiffusersPipeline:
 
             try:
                 if known is not None:  # the file was replaced: its new vectors
-                    self.pipe.unload_textual_inversion(ref.name)
+                    for tokenizer, encoder in self._text_encoders():
+                        self.pipe.unload_textual_inversion(ref.name, tokenizer, encoder)
                 if not ref.path.endswith(".safetensors"):
                     raise ValueError("only .safetensors embeddings are loaded")
                 state = load_file(ref.path)
-                if "clip_g" in state:
-                    raise ValueError("SDXL embeddings (clip_l + clip_g) are not supported yet")
-                self.pipe.load_textual_inversion(state, token=ref.name)
+                if self.xl != ("clip_g" in state):
+                    raise ValueError(
+                        "SDXL embeddings (clip_l + clip_g) work with SDXL checkpoints only,"
+                        " and SD1/SD2 embeddings with SD1/SD2 checkpoints only"
+                    )
+                if self.xl:  # one set of vectors per text encoder
+                    for key, (tokenizer, encoder) in zip(
+                        ("clip_l", "clip_g"), self._text_encoders(), strict=True
+                    ):
+                        self.pipe.load_textual_inversion(
+                            state[key], token=ref.name, tokenizer=tokenizer, text_encoder=encoder
+                        )
+                else:
+                    self.pipe.load_textual_inversion(state, token=ref.name)
             except (ValueError, OSError, RuntimeError) as exc:
                 raise GenerationError(
                     "embedding_failed", f"embedding {ref.name!r} cannot be used: {exc}"
@@ -376,6 +388,13 @@ class DiffusersPipeline:
                 sources.append(image.convert("RGB"))
         nets = [self.controlnets.get(unit) for unit in units]
         return Control(units=units, nets=nets, sources=sources)
+
+    def _text_encoders(self) -> list[tuple[Any, Any]]:
+        pipe = self.pipe
+        pairs = [(pipe.tokenizer, pipe.text_encoder)]
+        if self.xl:
+            pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
+        return pairs
 
     def _set_vae(self, vae: Any) -> None:
         for pipe in (self.pipe, *self._variants.values()):
