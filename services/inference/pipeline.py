@@ -38,7 +38,7 @@ from services.inference.controlnet import (
 from services.inference.lora import LoraError, LoraSet
 from services.inference.noise import initial_noise
 from services.inference.previews import latent_preview
-from services.inference.prompts import encode_weighted, needs_own_encoder
+from services.inference.prompts import encode_weighted, encode_weighted_xl, needs_own_encoder
 from services.inference.samplers import apply_churn, build_scheduler, churn_options
 
 VERSION = "sdswarm"
@@ -404,6 +404,8 @@ class DiffusersPipeline:
         """img2img / inpaint pipelines share the loaded components (no extra memory)."""
         import diffusers
 
+        if self.xl:  # StableDiffusionImg2ImgPipeline → StableDiffusionXLImg2ImgPipeline …
+            name = name.replace("StableDiffusion", "StableDiffusionXL", 1)
         cached = self._variants.get(name)
         if cached is None:
             cls = getattr(diffusers, name)
@@ -525,12 +527,14 @@ class DiffusersPipeline:
         self, pipe: Any, request: Request, prompt: str, negative: str, count: int
     ) -> dict[str, Any]:
         """What the pipeline takes for the prompts: text, or embeddings we encode."""
-        skip = clip_skip(request) if not self.xl else 0
+        skip = clip_skip(request)
         # The encoder sees the prompts without their <lora:…> tags (applied as adapters).
         prompts, negatives = [strip_tags(prompt)] * count, [strip_tags(negative)] * count
-        own = not self.xl and any(
-            needs_own_encoder(text, pipe.tokenizer) for text in (prompts[0], negatives[0])
-        )
+        own = any(needs_own_encoder(text, pipe.tokenizer) for text in (prompts[0], negatives[0]))
+        if self.xl:
+            if own or skip:  # emphasis, BREAK, long prompts, clip skip: both encoders
+                return encode_weighted_xl(pipe, prompts[0], negatives[0], skip, count)
+            return {"prompt": prompts, "negative_prompt": negatives}
         if own:
             # A1111's emphasis, BREAK and prompts past 75 tokens (SD1/SD2).
             positive, negative_embeds = encode_weighted(pipe, prompts[0], negatives[0], skip, count)

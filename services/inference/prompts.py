@@ -1,4 +1,4 @@
-"""A1111 prompt syntax for SD1/SD2: emphasis, ``BREAK`` and prompts past 75 tokens.
+"""A1111 prompt syntax for SD1/SD2/SDXL: emphasis, ``BREAK`` and prompts past 75 tokens.
 
 - ``(words)`` multiplies the attention to ``words`` by 1.1, ``[words]`` divides it by 1.1,
   ``(words:1.5)`` sets the factor; brackets nest and multiply; ``\\(`` and ``\\)`` are
@@ -9,6 +9,9 @@
 - Each token's embedding is scaled by its weight, then the whole is rescaled to its
   original mean (A1111's "Original" emphasis), so weights shift attention without
   changing the overall magnitude.
+- SDXL: each chunk goes through both text encoders (penultimate layers, concatenated
+  features, weighted together); the pooled embedding is the second encoder's for the
+  first chunk, as in A1111.
 """
 
 from __future__ import annotations
@@ -103,20 +106,42 @@ def _chunks(pipe: Any, prompt: str) -> list[tuple[list[int], list[float]]]:
     return chunks
 
 
-def _encode_chunk(pipe: Any, ids: list[int], weights: list[float], skip: int) -> torch.Tensor:
-    tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
+def _input_ids(tokenizer: Any, ids: list[int], device: Any) -> torch.Tensor:
+    """BOS, the chunk, EOS, then the tokenizer's padding up to 77."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     filler = CHUNK_TOKENS - len(ids)
     tokens = [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id, *[pad] * filler]
-    scale = [1.0, *weights, 1.0, *[1.0] * filler]
-    input_ids = torch.tensor([tokens], device=encoder.device)
-    output = encoder(input_ids, output_hidden_states=True)
+    return torch.tensor([tokens], device=device)
+
+
+def _scale(weights: list[float]) -> list[float]:
+    return [1.0, *weights, 1.0, *[1.0] * (CHUNK_TOKENS - len(weights))]
+
+
+def _encode_chunk(pipe: Any, ids: list[int], weights: list[float], skip: int) -> torch.Tensor:
+    encoder = pipe.text_encoder
+    output = encoder(_input_ids(pipe.tokenizer, ids, encoder.device), output_hidden_states=True)
     z: torch.Tensor
     if skip:
         norm = getattr(encoder, "final_layer_norm", None) or encoder.text_model.final_layer_norm
         z = norm(output.hidden_states[-(skip + 1)])
     else:
         z = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+    return _weighted(z, _scale(weights))
+
+
+def _encode_chunk_xl(
+    pipe: Any, ids: list[int], weights: list[float], skip: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk through both SDXL encoders: (features, pooled)."""
+    first, second = pipe.text_encoder, pipe.text_encoder_2
+    out_1 = first(_input_ids(pipe.tokenizer, ids, first.device), output_hidden_states=True)
+    out_2 = second(_input_ids(pipe.tokenizer_2, ids, second.device), output_hidden_states=True)
+    z = torch.cat([out_1.hidden_states[-(skip + 2)], out_2.hidden_states[-(skip + 2)]], dim=-1)
+    return _weighted(z, _scale(weights)), out_2.text_embeds
+
+
+def _weighted(z: torch.Tensor, scale: list[float]) -> torch.Tensor:
     if all(w == 1.0 for w in scale):
         return z
     factors = torch.tensor(scale, dtype=z.dtype, device=z.device)[None, :, None]
@@ -140,3 +165,20 @@ def encode_weighted(
     pos = torch.cat([encode(pipe, ids, w, skip) for ids, w in positive], dim=1)
     neg = torch.cat([encode(pipe, ids, w, skip) for ids, w in negative_chunks], dim=1)
     return pos.repeat(count, 1, 1), neg.repeat(count, 1, 1)
+
+
+def encode_weighted_xl(
+    pipe: Any, prompt: str, negative: str, skip: int, count: int
+) -> dict[str, torch.Tensor]:
+    """The four SDXL conditioning tensors with A1111 semantics, ``count`` times each."""
+    positive, negative_chunks = _chunks(pipe, prompt), _chunks(pipe, negative)
+    length = max(len(positive), len(negative_chunks))
+    positive += [([], [])] * (length - len(positive))
+    negative_chunks += [([], [])] * (length - len(negative_chunks))
+    out: dict[str, torch.Tensor] = {}
+    for name, chunks in (("prompt_embeds", positive), ("negative_prompt_embeds", negative_chunks)):
+        encoded = [_encode_chunk_xl(pipe, ids, w, skip) for ids, w in chunks]
+        pooled_name = name.replace("prompt_embeds", "pooled_prompt_embeds")
+        out[name] = torch.cat([z for z, _ in encoded], dim=1).repeat(count, 1, 1)
+        out[pooled_name] = encoded[0][1].repeat(count, 1)
+    return out
