@@ -54,7 +54,8 @@ async def read_json(request: web.Request) -> Any:
 
 def check_keys(value: Any, path: str) -> None:
     """Refuse object keys that MongoDB would read as operators or paths (``$…``, dots,
-    NUL): client data is stored, never used as a query, and must stay that way."""
+    NUL): client data is stored, never used as a query, and must stay that way. Integers
+    must fit in the 64 bits MongoDB stores."""
     if isinstance(value, dict):
         for key, item in value.items():
             where = f"{path}.{key}" if path else str(key)
@@ -69,6 +70,10 @@ def check_keys(value: Any, path: str) -> None:
     elif isinstance(value, list):
         for index, item in enumerate(value):
             check_keys(item, f"{path}[{index}]")
+    elif isinstance(value, int) and not -(2**63) <= value < 2**63:
+        raise ApiError(
+            422, "invalid_field", f"`{path}`: integers must fit in 64 bits", field=path or None
+        )
 
 
 def _at_most(field: str, value: int | float, limit: int | float, rule: str = "") -> None:

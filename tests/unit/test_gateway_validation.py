@@ -152,3 +152,11 @@ def test_their_no_op_values_pass() -> None:
         {"refiner_checkpoint": "", "hr_checkpoint_name": "m"},
     ):
         check_limits(_request(**fields), GatewaySettings())
+
+
+def test_integers_mongodb_cannot_store_are_refused() -> None:
+    body = b'{"stable_diffusion_model": "m", "override_settings": {"x": [1, %d]}}'
+    decode(body % (2**63 - 1), Txt2ImgRequest)  # fits in 64 bits
+    with pytest.raises(ApiError) as info:
+        decode(body % 2**63, Txt2ImgRequest)
+    assert (422, "override_settings.x[1]") == (info.value.status, info.value.field)

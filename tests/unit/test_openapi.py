@@ -1,8 +1,12 @@
 """The OpenAPI document is generated from the same Structs the gateway validates with."""
 
+import re
 from typing import Any
 
-from services.gateway.openapi import build_document
+from services.common.settings import from_environ
+from services.gateway.app import create_app
+from services.gateway.openapi import UNDOCUMENTED, build_document
+from services.gateway.settings import GatewaySettings
 
 
 def _refs(node: Any) -> list[str]:
@@ -43,3 +47,43 @@ def test_seed_routes_are_documented() -> None:
         "/sdapi/v1/txt2img",
     ):
         assert path in paths
+
+
+def _template(path: str) -> str:
+    """A path with its parameters unnamed: ``/tasks/{task_id}`` and ``/tasks/{taskId}`` agree."""
+    return re.sub(r"\{[^}]*\}", "{}", path)
+
+
+def test_every_registered_route_is_documented() -> None:
+    app = create_app(from_environ(GatewaySettings, {}))
+    registered = {
+        (route.method.lower(), _template(route.resource.canonical))
+        for route in app.router.routes()
+        if route.method != "HEAD"
+        and route.resource is not None
+        and route.resource.canonical not in UNDOCUMENTED
+    }
+    documented = {
+        (method, _template(path))
+        for path, operations in build_document()["paths"].items()
+        for method in operations
+    }
+    assert set() == registered - documented, "routes missing from the OpenAPI document"
+    assert set() == documented - registered, "documented routes the app does not serve"
+
+
+def test_request_bodies_are_the_proto_structs() -> None:
+    paths = build_document()["paths"]
+    for path, method, struct in (
+        ("/models", "post", "RegisterModelRequest"),
+        ("/models/{model_name}", "put", "RegisterModelRequest"),
+        ("/batch_update_sd_resource", "post", "BatchUpdateSdResourceRequest"),
+        ("/del/sd/functions", "post", "DeleteFunctionsRequest"),
+        ("/sdapi/v1/extra-batch-images", "post", "ExtraBatchImagesRequest"),
+    ):
+        content = paths[path][method]["requestBody"]["content"]
+        assert f"#/components/schemas/{struct}" == content["application/json"]["schema"]["$ref"]
+    upload = paths["/models/{model_name}"]["put"]["requestBody"]["content"]
+    assert "binary" == upload["application/octet-stream"]["schema"]["format"]
+    model_type = paths["/models"]["get"]["parameters"][0]
+    assert ("type", "query") == (model_type["name"], model_type["in"])
