@@ -32,7 +32,7 @@ from proto.requests import Img2ImgRequest, Txt2ImgRequest
 from services.gateway.adapters import base_family
 from services.gateway.auth import caller
 from services.gateway.errors import ApiError
-from services.gateway.images import store_inputs
+from services.gateway.images import StagedInputs, stage_inputs
 from services.gateway.resources import Resources, resources
 from services.storage.mongo import Document
 
@@ -169,15 +169,17 @@ def _threshold(value: float, default: float | None) -> float | None:
 
 async def claim_controlnets(
     res: Resources, user: str, task_id: str, body: Body, checked: list[CheckedUnit], first: int
-) -> tuple[Body, list[ControlUnit]]:
-    """Store the units' images (keys numbered from ``first``); the body's units then
-    carry keys instead of base64, so the stored parameters stay small."""
+) -> tuple[Body, list[ControlUnit], list[StagedInputs]]:
+    """Stage the units' images (keys numbered from ``first``; the caller uploads them
+    with the request's other images); the body's units then carry keys instead of
+    base64, so the stored parameters stay small."""
     if not checked:
-        return body, []
+        return body, [], []
     found = script_units(body.alwayson_scripts)
     assert found is not None
     script, args = found
     units: list[ControlUnit] = []
+    staged: list[StagedInputs] = []
     rewritten = list(args)
     for position, item in enumerate(checked):
         if item.image is None:
@@ -185,9 +187,11 @@ async def claim_controlnets(
             key = body.init_images[0]
         else:
             field = f"alwayson_scripts.{script}.args[{item.index}].image"
-            [key] = await store_inputs(
+            images = await stage_inputs(
                 res, user, task_id, [item.image], field, first=first + position, name=field
             )
+            staged.append(images)
+            [key] = images.keys
         units.append(msgspec.structs.replace(item.unit, image_key=key))
         raw = dict(args[item.index])
         raw.pop("input_image", None)
@@ -195,7 +199,7 @@ async def claim_controlnets(
         rewritten[item.index] = raw
     scripts = dict(body.alwayson_scripts)
     scripts[script] = {**scripts[script], "args": rewritten}
-    return msgspec.structs.replace(body, alwayson_scripts=scripts), units
+    return msgspec.structs.replace(body, alwayson_scripts=scripts), units, staged
 
 
 # --- /controlnet/* (the extension's API) -------------------------------------------------

@@ -13,6 +13,7 @@ import base64
 import binascii
 import io
 import warnings
+from dataclasses import dataclass, field
 
 from PIL import Image, UnidentifiedImageError
 
@@ -39,6 +40,12 @@ def decode_base64(value: str, field: str) -> bytes:
 
 def check_image(data: bytes, field: str, max_pixels: int) -> str:
     """The file extension for a valid image; 422 naming the field otherwise."""
+    return inspect_image(data, field, max_pixels)[0]
+
+
+def inspect_image(data: bytes, field: str, max_pixels: int) -> tuple[str, tuple[int, int]]:
+    """The file extension and (width, height) of a valid image; 422 naming the field
+    otherwise."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -72,7 +79,7 @@ def check_image(data: bytes, field: str, max_pixels: int) -> str:
         raise ApiError(
             422, "invalid_image", f"`{field}` is not a readable image: {exc}", field=field
         ) from exc
-    return FORMATS[kind]
+    return FORMATS[kind], (width, height)
 
 
 def _owned_key(value: str, user: str) -> str | None:
@@ -88,7 +95,16 @@ def _owned_key(value: str, user: str) -> str | None:
     return key
 
 
-async def store_inputs(
+@dataclass
+class StagedInputs:
+    """Images checked but not yet stored: keys, sizes, and the inline ones to upload."""
+
+    keys: list[str] = field(default_factory=list)
+    sizes: list[tuple[int, int]] = field(default_factory=list)
+    uploads: list[tuple[str, bytes, str]] = field(default_factory=list)
+
+
+async def stage_inputs(
     res: Resources,
     user: str,
     task_id: str,
@@ -96,28 +112,43 @@ async def store_inputs(
     field: str,
     first: int = 0,
     name: str | None = None,
-) -> list[str]:
-    """Object keys for the request's images, uploading inline ones under ``inputs/{user}/``.
-
-    Everything is validated before the first upload, so a bad image stores nothing.
-    Errors name ``field[i]`` (``mask``: the field), or ``name`` when given.
-    """
-    keys: list[str] = []
-    uploads: list[tuple[str, bytes, str]] = []
+) -> StagedInputs:
+    """Check the request's images (each base64 or an object key of the caller's) and
+    name their keys; inline ones will go under ``inputs/{user}/``. Nothing is stored:
+    :func:`upload_staged` does that once every check of the request has passed.
+    Errors name ``field[i]`` (``mask``: the field), or ``name`` when given."""
+    staged = StagedInputs()
+    max_pixels = res.settings.max_input_pixels
     for offset, value in enumerate(values):
         label = name or (f"{field}[{offset}]" if field != "mask" else field)
         key = _owned_key(value, user)
         if key is not None:
             if not await res.objects.exists(key):
                 raise ApiError(404, "image_not_found", f"`{label}`: no object {key!r}", field=label)
-            check_image(await res.objects.get(key), label, res.settings.max_input_pixels)
-            keys.append(key)
-            continue
-        data = decode_base64(value, label)
-        extension = check_image(data, label, res.settings.max_input_pixels)
-        key = f"inputs/{user}/{task_id}_{first + offset}.{extension}"
-        uploads.append((key, data, extension))
-        keys.append(key)
-    for key, data, extension in uploads:
-        await res.objects.put(key, data, content_type=f"image/{extension}")
-    return keys
+            _, size = inspect_image(await res.objects.get(key), label, max_pixels)
+        else:
+            data = decode_base64(value, label)
+            extension, size = inspect_image(data, label, max_pixels)
+            key = f"inputs/{user}/{task_id}_{first + offset}.{extension}"
+            staged.uploads.append((key, data, extension))
+        staged.keys.append(key)
+        staged.sizes.append(size)
+    return staged
+
+
+async def upload_staged(res: Resources, *staged: StagedInputs) -> None:
+    for batch in staged:
+        for key, data, extension in batch.uploads:
+            await res.objects.put(key, data, content_type=f"image/{extension}")
+
+
+async def store_inputs(
+    res: Resources, user: str, task_id: str, values: list[str], field: str, first: int = 0
+) -> list[str]:
+    """Object keys for the request's images, uploading inline ones under ``inputs/{user}/``.
+
+    Everything is validated before the first upload, so a bad image stores nothing.
+    """
+    staged = await stage_inputs(res, user, task_id, values, field, first)
+    await upload_staged(res, staged)
+    return staged.keys

@@ -33,7 +33,7 @@ from services.gateway.adapters import resolve_embeddings, resolve_loras, resolve
 from services.gateway.auth import caller
 from services.gateway.controlnet_api import check_controlnets, claim_controlnets
 from services.gateway.errors import ApiError
-from services.gateway.images import store_inputs
+from services.gateway.images import StagedInputs, stage_inputs, upload_staged
 from services.gateway.resources import Resources, resources
 from services.gateway.styles import apply_styles
 from services.gateway.validation import check_limits, decode
@@ -129,13 +129,17 @@ async def submit(
         merged = {**options, **(body.override_settings or {})}
         body = msgspec.structs.replace(body, override_settings=merged)
     vae = await resolve_vae(res, body.sd_vae, body.override_settings)
-    units = await check_controlnets(res, body, model)  # before any image is stored
+    units = await check_controlnets(res, body, model)
     input_keys: list[str] = []
+    staged: list[StagedInputs] = []
     if isinstance(body, Img2ImgRequest):
-        body = await _claim_inputs(res, user, body, task_id)
+        body, staged = await _claim_inputs(res, user, body, task_id)
         input_keys = body.init_images + ([body.mask] if body.mask else [])
-    body, controlnets = await claim_controlnets(res, user, task_id, body, units, len(input_keys))
+    body, controlnets, control_images = await claim_controlnets(
+        res, user, task_id, body, units, len(input_keys)
+    )
     input_keys += [u.image_key for u in controlnets if u.image_key not in input_keys]
+    await upload_staged(res, *staged, *control_images)  # every check has passed
     is_img2img = isinstance(body, Img2ImgRequest)
     kind = TaskKind.IMG2IMG if is_img2img else TaskKind.TXT2IMG
     command = GenerateImage(
@@ -199,8 +203,9 @@ async def enqueue(
 
 async def _claim_inputs(
     res: Resources, user: str, body: Img2ImgRequest, task_id: str
-) -> Img2ImgRequest:
-    """Claim check: the images go to the object store, the command carries their keys."""
+) -> tuple[Img2ImgRequest, list[StagedInputs]]:
+    """Claim check: the images will go to the object store (the caller uploads the staged
+    ones once every check has passed), the command carries their keys."""
     if not body.init_images:
         raise ApiError(
             422, "invalid_field", "`init_images` needs at least one image", field="init_images"
@@ -213,11 +218,20 @@ async def _claim_inputs(
             f" but holds {len(body.init_images)}",
             field="init_images",
         )
-    images = await store_inputs(res, user, task_id, body.init_images, "init_images")
-    mask = None
-    if body.mask:
-        [mask] = await store_inputs(res, user, task_id, [body.mask], "mask", first=len(images))
-    return msgspec.structs.replace(body, init_images=images, mask=mask)
+    images = await stage_inputs(res, user, task_id, body.init_images, "init_images")
+    if not body.mask:
+        return msgspec.structs.replace(body, init_images=images.keys), [images]
+    mask = await stage_inputs(res, user, task_id, [body.mask], "mask", first=len(images.keys))
+    if mask.sizes[0] != images.sizes[0]:
+        (mw, mh), (iw, ih) = mask.sizes[0], images.sizes[0]
+        raise ApiError(
+            422,
+            "invalid_field",
+            f"`mask` is {mw}×{mh} but `init_images[0]` is {iw}×{ih}; they must match",
+            field="mask",
+        )
+    body = msgspec.structs.replace(body, init_images=images.keys, mask=mask.keys[0])
+    return body, [images, mask]
 
 
 async def txt2img(request: web.Request) -> web.StreamResponse:

@@ -159,3 +159,25 @@ async def test_bad_units_cost_nothing(
     assert f"alwayson_scripts.controlnet.{field}" == error["field"]
     assert await system.task(task_id) is None
     assert not await system.objects.exists(f"inputs/default/{task_id}_0.png")
+
+
+async def test_every_image_is_checked_before_any_is_stored(system: System) -> None:
+    base = {**BODY, "init_images": [_drawing()], "denoising_strength": 0.5}
+    small = Image.new("L", (32, 32), 255)
+    buffer = io.BytesIO()
+    small.save(buffer, format="PNG")
+    cases = [
+        ({"mask": base64.b64encode(buffer.getvalue()).decode()}, "mask"),
+        (
+            {"alwayson_scripts": {"controlnet": {"args": [{**seed_unit("bm90"), "image": "@@"}]}}},
+            "alwayson_scripts.controlnet.args[0].image",
+        ),
+    ]
+    for number, (change, field) in enumerate(cases):
+        task_id = f"late-refusal-{number}"
+        status, error = await _post(system, "/img2img", {**base, **change}, taskId=task_id)
+        assert (422, field) == (status, error["field"]), error
+        assert await system.task(task_id) is None
+        assert not await system.objects.exists(f"inputs/default/{task_id}_0.png"), (
+            "the valid init image was not stored either"
+        )
