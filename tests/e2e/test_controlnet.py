@@ -162,11 +162,11 @@ async def test_bad_units_cost_nothing(
 
 
 async def test_every_image_is_checked_before_any_is_stored(system: System) -> None:
-    base = {**BODY, "init_images": [_drawing()], "denoising_strength": 0.5}
+    base: dict[str, Any] = {**BODY, "init_images": [_drawing()], "denoising_strength": 0.5}
     small = Image.new("L", (32, 32), 255)
     buffer = io.BytesIO()
     small.save(buffer, format="PNG")
-    cases = [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"mask": base64.b64encode(buffer.getvalue()).decode()}, "mask"),
         (
             {"alwayson_scripts": {"controlnet": {"args": [{**seed_unit("bm90"), "image": "@@"}]}}},
