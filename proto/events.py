@@ -39,6 +39,9 @@ class TaskProgressed(_Event, tag="progress", kw_only=True, frozen=True, omit_def
     eta_seconds: float | None = None
     preview_key: str | None = None
     """Object key of a small preview image, when previews are on."""
+    skipped: bool = False
+    """A1111's skip ended job ``job_no`` after ``step`` (its images are dropped; the task
+    goes on with the next job, whose first progress clears the mark)."""
 
 
 class TaskSucceeded(_Event, tag="succeeded", kw_only=True, frozen=True, omit_defaults=True):

@@ -174,6 +174,7 @@ async def progress(request: web.Request) -> web.StreamResponse:
         started = document.get("started_at")
         state |= {
             "interrupted": status is TaskStatus.CANCELLED,
+            "skipped": bool(snapshot.get("skipped")),
             "job": f"task({document['_id']})",
             "job_count": snapshot["job_count"],
             "job_timestamp": started.strftime("%Y%m%d%H%M%S") if started else "0",

@@ -444,7 +444,7 @@ async def task_progress(request: web.Request) -> web.StreamResponse:
             "etaRelative": eta,
             "state": {
                 "interrupted": status is TaskStatus.CANCELLED,
-                "skipped": False,
+                "skipped": bool(progress.get("skipped")),
                 "job": f"task({document['_id']})" if status is TaskStatus.RUNNING else "",
                 "job_count": progress["job_count"],
                 "job_no": progress["job_no"],

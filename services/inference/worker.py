@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import sys
@@ -134,6 +133,8 @@ class Progress(msgspec.Struct, frozen=True):
     step: int
     total_steps: int
     preview: bytes | None = None
+    skipped: bool = False
+    """A1111's skip ended this job after ``step``."""
 
 
 class Worker:
@@ -427,9 +428,27 @@ class Worker:
         reporter = asyncio.create_task(self._report(command, message, attempt, steps))
         started = time.monotonic()
 
+        request = command.txt2img or command.img2img
+        # The last step reported (written and read on the pipeline thread only).
+        last = [Progress(0, 0, request.steps if request else 1)]
+        skip = skip_flag or threading.Event()
+
         def on_step(job_no: int, step: int, total: int, preview: bytes | None) -> None:
             # Called from the pipeline thread: hand over to the event loop.
+            last[0] = Progress(job_no, step, total)
             loop.call_soon_threadsafe(steps.put_nowait, Progress(job_no, step, total, preview))
+
+        def should_skip() -> bool:
+            """A1111's skip, asked between steps: the job ends, and progress says so."""
+            if not _take(skip):
+                return False
+            seen = last[0]
+            # The job running is the last one reported, or the next once that one was done.
+            done = seen.step >= seen.total_steps
+            job_no, step = (seen.job_no + 1, 0) if done else (seen.job_no, seen.step)
+            marker = Progress(job_no, step, seen.total_steps, skipped=True)
+            loop.call_soon_threadsafe(steps.put_nowait, marker)
+            return True
 
         try:
             try:
@@ -443,7 +462,7 @@ class Worker:
                 inputs,
                 on_step,
                 stop_flag.is_set,
-                functools.partial(_take, skip_flag or threading.Event()),
+                should_skip,
             )
         except TaskCancelledError:
             return TaskCancelled(**common, at=time.time())
@@ -508,6 +527,7 @@ class Worker:
                     progress=round(done, 4),
                     eta_seconds=round(eta, 2) if eta is not None else None,
                     preview_key=preview_key,
+                    skipped=item.skipped,
                 ),
-                dedupe_suffix=f".{item.job_no}.{item.step}",
+                dedupe_suffix=f".{item.job_no}.{item.step}" + (".skipped" if item.skipped else ""),
             )

@@ -7,7 +7,8 @@ late deliveries are safe without transactions:
 - the status only moves forward (``waiting`` → ``running`` → terminal) and terminal
   states are final;
 - an event from an older delivery attempt never overwrites a newer attempt's state;
-- progress only increases within an attempt (``progress.order``).
+- progress only increases within an attempt (``progress.order``); A1111's skip marks the
+  step last reported (``progress.skipped``) until the next job's first step.
 """
 
 from __future__ import annotations
@@ -208,7 +209,8 @@ class TaskStore:
             "_id": event.task_id,
             "status": {"$in": OPEN_STATUSES},
             "attempt": {"$lte": event.attempt},
-            "progress.order": {"$lt": order},
+            # A skip marks the step already reported (the job ends after it).
+            "progress.order": {"$lte" if event.skipped else "$lt": order},
         }
         update = {
             "$set": {
@@ -223,6 +225,7 @@ class TaskStore:
                     "progress": event.progress,
                     "eta_seconds": event.eta_seconds,
                     "preview_key": event.preview_key,
+                    "skipped": event.skipped,
                 },
             }
         }

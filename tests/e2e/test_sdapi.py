@@ -231,3 +231,49 @@ async def test_memory_reports_host_and_workers(system: System) -> None:
     assert memory["workers"], "the worker that ran the task reports itself"
     assert all(w["rss"] > 50 * 2**20 for w in memory["workers"]), "torch alone is more"
     assert "error" in memory["cuda"], "no CUDA on this machine"
+
+
+async def test_skip_ends_the_current_job_and_progress_says_skipped(system: System) -> None:
+    """A1111's skip: the running job (of n_iter) ends, progress says ``skipped`` until the
+    next job starts, and the result holds only the next job's images."""
+    body = {
+        **A1111_TXT2IMG,
+        "steps": 40,
+        "width": 256,
+        "height": 256,
+        "n_iter": 2,
+        "seed": 100,
+        "sampler_name": "Euler",
+        "force_task_id": "skipped-a1111-task",
+    }
+    call = asyncio.create_task(system.http.post(f"{system.url}/sdapi/v1/txt2img", json=body))
+    await system.task_when(
+        "skipped-a1111-task",
+        lambda d: (
+            (d["progress"]["job_no"], d["status"]) == (0, "running") and d["progress"]["step"] >= 2
+        ),
+    )
+    async with system.http.post(f"{system.url}/sdapi/v1/skip") as response:
+        assert 200 == response.status
+    seen: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        seed, a1111 = await asyncio.gather(
+            _get(system, "/tasks/skipped-a1111-task/progress"),
+            _get(system, "/sdapi/v1/progress?id_task=skipped-a1111-task"),
+        )
+        seen += [seed["state"], a1111["state"]]
+        if seed["state"]["job_no"] == 1 or seed["status"] != "running":
+            break
+    skipped = [state for state in seen if state["skipped"]]
+    print(f"{len(skipped)} of {len(seen)} progress reads after the skip said skipped")
+    assert skipped, "progress said skipped between the skip and the next job"
+    assert {0} == {state["job_no"] for state in skipped}, "the skipped job is the first"
+    async with await call as response:
+        assert 200 == response.status, await response.text()
+        answer = await response.json()
+    assert 1 == len(answer["images"]), "only the second job's image"
+    with Image.open(io.BytesIO(base64.b64decode(answer["images"][0]))) as image:
+        assert "Seed: 101" in image.info["parameters"], "the image is the second job's"
+    progress = await _get(system, "/tasks/skipped-a1111-task/progress")
+    assert (False, 1) == (progress["state"]["skipped"], progress["state"]["job_no"])

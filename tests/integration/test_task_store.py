@@ -93,3 +93,23 @@ async def test_queries_are_scoped_to_the_owner(store: TaskStore) -> None:
     task_id = await _new_task(store)
     assert await store.get(task_id, "alice") is not None
     assert await store.get(task_id, "mallory") is None
+
+
+async def _skipped_job_step(store: TaskStore, task_id: str) -> tuple[bool, int, int]:
+    doc = await store.get(task_id)
+    assert doc is not None
+    progress = doc["progress"]
+    return progress["skipped"], progress["job_no"], progress["step"]
+
+
+async def test_a_skip_marks_the_job_until_the_next_one_starts(store: TaskStore) -> None:
+    task_id = await _new_task(store)
+    assert await store.apply(TaskStarted(task_id=task_id, attempt=1))
+    assert await store.apply(TaskProgressed(task_id=task_id, step=2, total_steps=4, job_count=2))
+    skip = TaskProgressed(task_id=task_id, step=2, total_steps=4, job_count=2, skipped=True)
+    assert await store.apply(skip), "the skip marks the step already reported"
+    assert (True, 0, 2) == await _skipped_job_step(store, task_id)
+    next_job = TaskProgressed(task_id=task_id, step=1, total_steps=4, job_no=1, job_count=2)
+    assert await store.apply(next_job)
+    assert not await store.apply(skip), "a late skip of the job before changes nothing"
+    assert (False, 1, 1) == await _skipped_job_step(store, task_id)

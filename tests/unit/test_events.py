@@ -71,3 +71,12 @@ def test_succeeded_requires_images() -> None:
     assert TaskSucceeded(task_id="t", images=[]) == decode_event(
         b'{"kind":"succeeded","task_id":"t","images":[]}'
     )
+
+
+def test_skipped_progress_is_optional_on_the_wire() -> None:
+    old = decode_event(b'{"kind":"progress","task_id":"t1","step":3,"total_steps":20}')
+    assert isinstance(old, TaskProgressed)
+    assert old.skipped is False, "yesterday's progress decodes as not skipped"
+    assert b"skipped" not in encode_event(old)
+    marked = TaskProgressed(task_id="t1", step=3, total_steps=20, skipped=True)
+    assert marked == decode_event(encode_event(marked))
