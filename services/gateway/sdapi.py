@@ -22,6 +22,7 @@ from proto import ModelType, TaskStatus, names
 from proto.requests import Img2ImgRequest, Txt2ImgRequest, to_builtins
 from proto.samplers import SAMPLERS, SCHEDULE_TYPES
 from services.common import bus
+from services.gateway.adapters import base_family
 from services.gateway.auth import caller
 from services.gateway.errors import ApiError, Handler, invalid_body
 from services.gateway.pnginfo import png_info
@@ -316,10 +317,16 @@ async def loras(request: web.Request) -> web.StreamResponse:
 
 
 def _embedding_shape(path: str) -> tuple[int, int] | None:
-    """(vectors, width) of an A1111 embedding file, from its header alone."""
+    """(vectors, width) of an A1111 embedding file, from its header alone; an SDXL one's
+    width is its two encoders' together (768 + 1280 for the real ones)."""
     try:
         tensors, _ = read_safetensors_header(Path(path))
     except (ModelFileError, OSError):
+        return None
+    if "clip_l" in tensors and "clip_g" in tensors:
+        parts = [tensors["clip_l"].shape, tensors["clip_g"].shape]
+        if all(len(shape) == 2 for shape in parts):
+            return parts[1][0], parts[0][1] + parts[1][1]
         return None
     info = tensors.get("emb_params") or next(
         (t for name, t in tensors.items() if name.startswith("string_to_param")), None
@@ -330,10 +337,18 @@ def _embedding_shape(path: str) -> tuple[int, int] | None:
 
 
 async def embeddings(request: web.Request) -> web.StreamResponse:
-    """A1111's ``/sdapi/v1/embeddings``: registered embeddings, ``skipped`` if unusable."""
+    """A1111's ``/sdapi/v1/embeddings``: registered embeddings usable with the caller's
+    checkpoint under ``loaded``; unreadable ones and those made for another family than
+    that checkpoint's (when both are known) under ``skipped``, as A1111 lists them."""
+    res = resources(request)
+    user = await caller(request, res)
+    checkpoint = None
+    with contextlib.suppress(ApiError):  # no default checkpoint: no family to compare with
+        checkpoint = await res.models.get(await _checkpoint_name(res, user, {}))
+    family = base_family(checkpoint.get("family")) if checkpoint else None
     loaded: dict[str, Any] = {}
     skipped: dict[str, Any] = {}
-    for model in await _registry_list(request, ModelType.EMBEDDING):
+    for model in await res.models.list(ModelType.EMBEDDING):
         shape = await asyncio.to_thread(_embedding_shape, model["path"])
         entry = {
             "step": None,
@@ -342,7 +357,10 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
             "shape": shape[1] if shape else None,
             "vectors": shape[0] if shape else None,
         }
+        own = base_family(model.get("family"))
         usable = shape is not None and model["status"] != "failed"
+        if family and own and own != family:
+            usable = False
         (loaded if usable else skipped)[model["name"]] = entry
     return web.json_response({"loaded": loaded, "skipped": skipped})
 

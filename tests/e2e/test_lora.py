@@ -13,7 +13,11 @@ import pytest
 
 from tests.e2e.conftest import System, start_system
 from tests.fixtures.tiny_lora import write_tiny_lora
-from tests.fixtures.tiny_vae import write_tiny_embedding, write_tiny_vae
+from tests.fixtures.tiny_vae import (
+    write_tiny_embedding,
+    write_tiny_sdxl_embedding,
+    write_tiny_vae,
+)
 
 pytestmark = pytest.mark.e2e
 BODY = {
@@ -36,6 +40,7 @@ async def system(
     write_tiny_lora(models / "Lora" / "ink style.safetensors")
     write_tiny_vae(models / "VAE" / "other vae.safetensors")
     write_tiny_embedding(models / "embeddings" / "bad-hands.safetensors")
+    write_tiny_sdxl_embedding(models / "embeddings" / "xl-hands.safetensors")
     async with start_system(data, models, mongo_server.url) as system:
         yield system
 
@@ -105,6 +110,11 @@ async def test_embeddings_are_listed_and_used_where_named(system: System) -> Non
     async with system.http.get(f"{system.url}/sdapi/v1/embeddings") as response:
         listed = await response.json()
     assert {"bad-hands": 2} == {k: v["vectors"] for k, v in listed["loaded"].items()}
+    assert {"xl-hands": (2, 96)} == {
+        k: (v["vectors"], v["shape"]) for k, v in listed["skipped"].items()
+    }, "an SDXL embedding is skipped for the SD1 checkpoint, as A1111 lists it"
+    other_family = await _run(system, "a bird, xl-hands")
+    assert "TI hashes" not in json.loads(other_family["info"])["infotexts"][0]
     plain = await _run(system, "a bird, bad hands")
     named = await _run(system, "a bird, bad-hands")
     assert 'TI hashes: "bad-hands: ' in json.loads(named["info"])["infotexts"][0]
