@@ -33,3 +33,14 @@ def test_tiny_checkpoint_runs_in_fp16_on_cuda(tiny_checkpoint: Path, tmp_path: P
     ]
     assert (64, 64, 3) == images[0].shape
     assert np.array_equal(images[0], images[1])
+
+
+def test_task_memory_is_released_after_generate(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from tests.fixtures.tiny_runner import run_tiny, tiny_runner
+
+    runner = tiny_runner(tiny_checkpoint, tmp_path)
+    runner.pipe.to("cuda")
+    runner.device = "cuda"
+    idle = torch.cuda.memory_reserved()
+    run_tiny(runner, width=512, height=512, steps=2)
+    assert torch.cuda.memory_reserved() <= idle + 64 * 2**20, "activations were released"
