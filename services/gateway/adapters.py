@@ -49,7 +49,7 @@ async def resolve_loras(res: Resources, prompt: str) -> list[AdapterRef]:
             ModelStatus.FAILED.value,
             ModelStatus.REGISTERING.value,
         ):
-            why = "is not registered" if model is None else f"cannot be used ({model['status']})"
+            why = "is not registered" if model is None else _unusable(model)
             raise ApiError(
                 422, "lora_not_found", f"`prompt`: LoRA {tag.name!r} {why}", field="prompt"
             )
@@ -62,6 +62,11 @@ async def resolve_loras(res: Resources, prompt: str) -> list[AdapterRef]:
             )
         )
     return refs
+
+
+def _unusable(model: dict[str, Any]) -> str:
+    reason = f": {model['error']}" if model.get("error") else ""
+    return f"cannot be used ({model['status']}{reason})"
 
 
 AUTOMATIC_VAE = frozenset({"", "Automatic", "None", "auto"})

@@ -123,9 +123,7 @@ async def receive(chunks: AsyncIterator[bytes], target: Path, max_bytes: int) ->
         async for chunk in chunks:
             size += len(chunk)
             if size > max_bytes:
-                raise IntakeError(
-                    413, "too_large", f"model files are limited to {max_bytes} bytes"
-                )
+                raise IntakeError(413, "too_large", f"model files are limited to {max_bytes} bytes")
             sha256.update(chunk)
             md5.update(chunk)
             await asyncio.to_thread(handle.write, chunk)

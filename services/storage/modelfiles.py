@@ -254,6 +254,22 @@ class ModelInfo:
     family: ModelFamily | None
     tensors: int
     metadata: dict[str, str] = field(default_factory=dict)
+    unusable: str | None = None
+    """Why a file of a known type still cannot be used here, e.g. a LoHa."""
+
+
+_LYCORIS_ONLY = (".hada_w1_a", ".hada_w1_b", ".lokr_w1", ".lokr_w2")
+"""LyCORIS LoHa/LoKr factors: diffusers (and PEFT's loading of A1111 files) takes LoRA and
+LoCon layouts only, so such a file is refused at registration, not at the first task."""
+
+
+def lora_unusable(tensors: dict[str, TensorInfo]) -> str | None:
+    if any(marker in k for k in tensors for marker in _LYCORIS_ONLY):
+        return (
+            "a LyCORIS LoHa/LoKr file: diffusers applies LoRA and LoCon layouts"
+            " (lora_down/lora_up) only"
+        )
+    return None
 
 
 def detect_model_type(tensors: dict[str, TensorInfo]) -> ModelType | None:
@@ -320,4 +336,5 @@ def inspect_model(path: Path, max_header_bytes: int = MAX_HEADER_BYTES) -> Model
         family = _adapter_family(model_type, tensors)
     else:
         family = None
-    return ModelInfo(model_type, family, len(tensors), metadata)
+    unusable = lora_unusable(tensors) if model_type is ModelType.LORA else None
+    return ModelInfo(model_type, family, len(tensors), metadata, unusable)

@@ -116,6 +116,8 @@ def inspect_as(path: Path, model_type: ModelType) -> Inspection:
         return Inspection(
             family, f"registered as {model_type.value} but the file is a {info.model_type.value}"
         )
+    if info.unusable is not None:
+        return Inspection(family, info.unusable)
     if model_type is ModelType.STABLE_DIFFUSION and family is None:
         return Inspection(
             None, "not a Stable Diffusion checkpoint this server can run (unknown layout)"

@@ -278,3 +278,23 @@ def test_model_type_from_tensor_names(
     found = detect_model_type(_infos(shapes))
     assert expected == (found.value if found else None)
     assert found is None or isinstance(found, ModelType)
+
+
+def test_lycoris_loha_and_lokr_are_refused_at_registration(tmp_path: Path) -> None:
+    from services.storage.scan import inspect_as
+
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    loha = _write(
+        tmp_path / "loha.safetensors",
+        {f"{key}.hada_w1_a": _tensor([4, 2]), f"{key}.hada_w1_b": _tensor([2, 4], 32)},
+        bytes(64),
+    )
+    lora = _write(
+        tmp_path / "lora.safetensors",
+        {f"{key}.lora_down.weight": _tensor([2, 4]), f"{key}.lora_up.weight": _tensor([4, 2], 32)},
+        bytes(64),
+    )
+    refused = inspect_as(loha, ModelType.LORA)
+    assert refused.error is not None
+    assert "LoHa/LoKr" in refused.error
+    assert inspect_as(lora, ModelType.LORA).error is None
