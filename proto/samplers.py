@@ -41,9 +41,10 @@ def split_sampler(name: str, scheduler: str | None = None) -> tuple[str, str]:
     lowered = {s.lower(): s for s in SAMPLERS}
     if base.lower() not in lowered:
         raise ValueError(f"unknown sampler {name!r}; valid samplers: {', '.join(SAMPLERS)}")
-    schedules = {s.lower(): s for s in SCHEDULE_TYPES}
-    if schedule.lower() not in schedules:
+    # A1111's /schedulers names are lower-case with underscores ("sgm_uniform").
+    schedules = {s.lower().replace(" ", "_"): s for s in SCHEDULE_TYPES}
+    if schedule.lower().replace(" ", "_") not in schedules:
         raise ValueError(
             f"unknown scheduler {schedule!r}; valid schedule types: {', '.join(SCHEDULE_TYPES)}"
         )
-    return lowered[base.lower()], schedules[schedule.lower()]
+    return lowered[base.lower()], schedules[schedule.lower().replace(" ", "_")]

@@ -64,6 +64,10 @@ def test_parameters_include_defaults() -> None:
         ("DPM++ 2M Karras", None, ("DPM++ 2M", "Karras")),
         ("DPM++ 2M", "karras", ("DPM++ 2M", "Karras")),
         ("ddim", None, ("DDIM", "Automatic")),
+        # The names /sdapi/v1/schedulers lists (and webuiapi's default, "automatic").
+        ("Euler", "sgm_uniform", ("Euler", "SGM Uniform")),
+        ("Euler", "automatic", ("Euler", "Automatic")),
+        ("Euler", "SGM Uniform", ("Euler", "SGM Uniform")),
     ],
 )
 def test_split_sampler(name: str, scheduler: str | None, expected: tuple[str, str]) -> None:
