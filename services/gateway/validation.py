@@ -123,6 +123,14 @@ def check_limits(request: Txt2ImgRequest | Img2ImgRequest, settings: GatewaySett
     _check_unsupported(request)
     if isinstance(request, Txt2ImgRequest) and request.enable_hr:
         _check_hires(request, settings)
+        _runs_a_step(
+            "hr_second_pass_steps",
+            request.hr_second_pass_steps or request.steps,
+            0.7 if request.denoising_strength is None else request.denoising_strength,
+        )
+    if isinstance(request, Img2ImgRequest):
+        strength = 0.75 if request.denoising_strength is None else request.denoising_strength
+        _runs_a_step("steps", request.steps, strength)
     field = "sampler_name" if request.sampler_name else "sampler_index"
     try:
         split_sampler(request.effective_sampler, request.scheduler)
@@ -154,6 +162,19 @@ def _check_unsupported(request: Txt2ImgRequest | Img2ImgRequest) -> None:
             "unsupported",
             f"`{field}`: {what}, which sdswarm does not do yet (one worker holds one"
             ' checkpoint); leave it empty or "None"',
+            field=field,
+        )
+
+
+def _runs_a_step(field: str, steps: int, strength: float) -> None:
+    """Denoising from an image runs ``int(steps × denoising_strength)`` steps (A1111,
+    diffusers): none at all is refused rather than failing on the worker."""
+    if int(steps * strength) < 1:
+        raise ApiError(
+            422,
+            "invalid_field",
+            f"`{field}` × `denoising_strength` ({steps} × {strength:g}) runs no denoising step;"
+            " raise either so that their product is at least 1",
             field=field,
         )
 

@@ -154,7 +154,8 @@ def corpus() -> Iterator[Attack]:
     for (label, image), path in itertools.product(
         images.items(), ("/img2img", "/sdapi/v1/img2img")
     ):
-        body = {**BASE, "init_images": [image]}
+        # Strength 1: the one step runs, so the image (not the step count) is what is judged.
+        body = {**BASE, "init_images": [image], "denoising_strength": 1.0}
         if path.startswith("/sdapi"):
             body.pop("stable_diffusion_model")
             body["override_settings"] = {"sd_model_checkpoint": "tiny.safetensors"}

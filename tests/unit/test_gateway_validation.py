@@ -160,3 +160,17 @@ def test_integers_mongodb_cannot_store_are_refused() -> None:
     with pytest.raises(ApiError) as info:
         decode(body % 2**63, Txt2ImgRequest)
     assert (422, "override_settings.x[1]") == (info.value.status, info.value.field)
+
+
+def test_image_denoising_must_run_a_step() -> None:
+    from proto.requests import Img2ImgRequest
+
+    one_step = msgspec.convert({"stable_diffusion_model": "m", "steps": 1}, Img2ImgRequest)
+    with pytest.raises(ApiError) as info:
+        check_limits(one_step, GatewaySettings())  # 1 × 0.75 → no step
+    assert (422, "steps") == (info.value.status, info.value.field)
+    check_limits(msgspec.structs.replace(one_step, denoising_strength=1.0), GatewaySettings())
+    hires = _request(enable_hr=True, steps=1, denoising_strength=0.5)
+    with pytest.raises(ApiError) as info:
+        check_limits(hires, GatewaySettings())
+    assert (422, "hr_second_pass_steps") == (info.value.status, info.value.field)
