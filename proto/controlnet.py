@@ -17,6 +17,8 @@ from proto.extra_networks import AdapterRef
 
 RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")
 """The extension's ``resize_mode`` names; clients may also send their index (0–2)."""
+HR_OPTIONS = ("Both", "Low res only", "High res only")
+"""Which passes of a hires-fix request a unit guides (the extension's ``hr_option``)."""
 CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
 """The extension's ``control_mode`` names; clients may also send their index (0–2)."""
 _LEGACY_RESIZE = {"Inner Fit (Scale to Fit)": 1, "Outer Fit (Shrink to Fit)": 2}
@@ -119,6 +121,7 @@ class ControlNetUnitRequest(Struct, kw_only=True, frozen=True):
     guidance_end: Annotated[float, Meta(ge=0, le=1)] = 1.0
     pixel_perfect: bool = False
     control_mode: str | int = "Balanced"
+    hr_option: str = "Both"
     # Batch-folder fields of the extension's UI: accepted, no meaning over an API.
     input_mode: str = "simple"
     batch_images: str | list[Any] = ""
@@ -178,6 +181,11 @@ class ControlUnit(Struct, kw_only=True, frozen=True, omit_defaults=True):
     guidance_end: float = 1.0
     pixel_perfect: bool = False
     control_mode: str = "Balanced"
+    hr_option: str = "Both"
+
+    def guides(self, *, hires_pass: bool) -> bool:
+        """Whether the unit guides this pass of a hires-fix request."""
+        return self.hr_option != ("Low res only" if hires_pass else "High res only")
 
     def infotext(self) -> str:
         """The extension's per-unit infotext entry."""
@@ -194,5 +202,6 @@ class ControlUnit(Struct, kw_only=True, frozen=True, omit_defaults=True):
             f"Guidance End: {self.guidance_end:g}",
             f"Pixel Perfect: {self.pixel_perfect}",
             f"Control Mode: {self.control_mode}",
+            *([f"Hr Option: {self.hr_option}"] if self.hr_option != "Both" else []),
         ]
         return ", ".join(parts)

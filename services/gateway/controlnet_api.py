@@ -18,6 +18,7 @@ from aiohttp import web
 from proto import ModelStatus, ModelType
 from proto.controlnet import (
     BUILTIN_MODULES,
+    HR_OPTIONS,
     WEIGHTED_MODULE_PREFIXES,
     ControlNetUnitRequest,
     ControlUnit,
@@ -123,6 +124,8 @@ async def check_controlnets(res: Resources, body: Body, checkpoint: Document) ->
                 "must be Balanced, My prompt is more important or ControlNet is more"
                 " important (or 0, 1, 2)",
             )
+        if request.hr_option not in HR_OPTIONS:
+            raise _invalid(f"{field}.hr_option", f"must be one of {', '.join(HR_OPTIONS)}")
         if request.guidance_start > request.guidance_end:
             raise _invalid(f"{field}.guidance_end", "must not be below guidance_start")
         image = request.image_value()
@@ -156,6 +159,7 @@ async def check_controlnets(res: Resources, body: Body, checkpoint: Document) ->
             guidance_end=request.guidance_end,
             pixel_perfect=request.pixel_perfect,
             control_mode=control,
+            hr_option=request.hr_option,
         )
         checked.append(CheckedUnit(index=index, unit=unit, image=image))
     return checked

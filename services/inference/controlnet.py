@@ -329,6 +329,19 @@ class Control:
     nets: list[Any]
     sources: list[Image.Image]
 
+    def for_pass(self, *, hires: bool, hires_pass: bool = False) -> Control | None:
+        """The units that guide this pass (``hr_option``); None if none does."""
+        if not hires:
+            return self
+        keep = [i for i, u in enumerate(self.units) if u.guides(hires_pass=hires_pass)]
+        if not keep:
+            return None
+        return Control(
+            units=[self.units[i] for i in keep],
+            nets=[self.nets[i] for i in keep],
+            sources=[self.sources[i] for i in keep],
+        )
+
     def images(self, width: int, height: int) -> list[Image.Image]:
         return [
             preprocess(source, unit, width, height)

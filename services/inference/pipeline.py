@@ -455,9 +455,11 @@ class DiffusersPipeline:
             else:
                 pipe = self._variant("StableDiffusionImg2ImgPipeline")
         pipe.scheduler = scheduler
-        if control is not None:
-            pipe, image_key = with_control(pipe, control, guided=request.cfg_scale > 1)
-            options |= control.options(request.width, request.height, image_key=image_key)
+        is_hires = isinstance(request, Txt2ImgRequest) and request.enable_hr
+        first_control = control.for_pass(hires=is_hires) if control is not None else None
+        if first_control is not None:
+            pipe, image_key = with_control(pipe, first_control, guided=request.cfg_scale > 1)
+            options |= first_control.options(request.width, request.height, image_key=image_key)
         # One CPU generator per image: the same seed gives the same image whatever the
         # batch size or device (A1111 draws its noise on the CPU too).
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
@@ -605,9 +607,10 @@ class DiffusersPipeline:
         prompt = request.hr_prompt or request.prompt
         negative = request.hr_negative_prompt or request.negative_prompt
         options: dict[str, Any] = {}
-        if control is not None:  # the units guide the second pass too, at its size
-            pipe, image_key = with_control(pipe, control, guided=request.cfg_scale > 1)
-            options = control.options(width, height, image_key=image_key)
+        second = control.for_pass(hires=True, hires_pass=True) if control is not None else None
+        if second is not None:  # the units guide the second pass too, at its size
+            pipe, image_key = with_control(pipe, second, guided=request.cfg_scale > 1)
+            options = second.options(width, height, image_key=image_key)
         return pipe(
             image=image,
             strength=_hires_strength(request),

@@ -177,3 +177,27 @@ def test_controlnet_with_hires_fix(runner: DiffusersPipeline, controlnet_file: P
     )
     assert (128, 128) == Image.open(io.BytesIO(result.images[0])).size
     assert [1, 2, 3] == steps, "2 steps, then half of 2 at the hires size"
+
+
+def test_hr_option_picks_the_passes(runner: DiffusersPipeline, controlnet_file: Path) -> None:
+    inputs = {KEY: _png(_shapes())}
+
+    def run(*units: ControlUnit) -> np.ndarray:
+        result = run_tiny(
+            runner,
+            controlnets=list(units),
+            inputs=inputs,
+            enable_hr=True,
+            hr_scale=2,
+            denoising_strength=0.5,
+            steps=2,
+            cfg_scale=5,
+        )
+        return np.asarray(Image.open(io.BytesIO(result.images[0]))).astype(np.int16)
+
+    none = run()
+    both = run(_unit(controlnet_file))
+    low = run(_unit(controlnet_file, hr_option="Low res only"))
+    high = run(_unit(controlnet_file, hr_option="High res only"))
+    for one, other in ((none, both), (both, low), (both, high), (low, high), (none, low)):
+        assert np.abs(one - other).mean() > 0.1
