@@ -1,8 +1,9 @@
 """Who is calling.
 
 Credentials: a session token from ``POST /login`` or an API key from
-``sdswarm users key``, sent as ``Authorization: Bearer <secret>`` or in the seed's
-``token`` header; static ``user:key`` pairs from ``SDSWARM_API_KEYS`` work too.
+``sdswarm users key``, sent as ``Authorization: Bearer <secret>``, in the seed's
+``token`` header, or as the password of HTTP Basic auth with the user's name (A1111
+clients' ``--api-auth``); static ``user:key`` pairs from ``SDSWARM_API_KEYS`` work too.
 
 Authentication is on whenever the gateway listens beyond loopback (or with
 ``SDSWARM_AUTH=true``). With it off — loopback only, and the gateway says so at start —
@@ -12,6 +13,8 @@ seed put that header straight into object keys.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import ipaddress
 import logging
@@ -66,29 +69,46 @@ def announce(settings: GatewaySettings) -> None:
         )
 
 
-def presented_secret(request: web.Request) -> str:
-    header = request.headers.get("Authorization", "")
-    token = header[7:].strip() if header.lower().startswith("bearer ") else ""
-    return token or request.headers.get("token", "").strip()
+def presented_credentials(request: web.Request) -> tuple[str, str | None]:
+    """The secret the caller presents, and the user name it claims (HTTP Basic only).
+
+    ``Authorization: Bearer <secret>``, the seed's ``token`` header, or
+    ``Authorization: Basic`` with the user name and an API key or token as the password:
+    what A1111 clients send for a webui started with ``--api-auth``.
+    """
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip(), None
+    if scheme.lower() == "basic":
+        try:
+            decoded = base64.b64decode(value.strip(), validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            return "", None
+        user, sep, secret = decoded.partition(":")
+        return (secret, user) if sep and secret else ("", None)
+    return request.headers.get("token", "").strip(), None
 
 
 async def caller(request: web.Request, res: Resources) -> str:
     if not res.auth:
         return DEFAULT_USER
-    secret = presented_secret(request)
-    if secret:
-        for key, user in res.api_keys.items():
-            if hmac.compare_digest(key, secret):
-                return user
-        resolved = await res.users.resolve(secret)
-        if resolved is not None:
-            return resolved
+    secret, claimed = presented_credentials(request)
+    user = await _resolve(res, secret) if secret else None
+    if user is not None and (claimed is None or claimed.lower() == user.lower()):
+        return user
     raise ApiError(
         401,
         "unauthorized",
         "missing, invalid or expired token or API key",
-        headers={"WWW-Authenticate": "Bearer"},
+        headers={"WWW-Authenticate": 'Bearer, Basic realm="sdswarm"'},
     )
+
+
+async def _resolve(res: Resources, secret: str) -> str | None:
+    for key, user in res.api_keys.items():
+        if hmac.compare_digest(key, secret):
+            return user
+    return await res.users.resolve(secret)
 
 
 async def require_admin(request: web.Request, what: str) -> tuple[Resources, str]:

@@ -227,7 +227,12 @@ async def get_options(request: web.Request) -> web.StreamResponse:
     res = resources(request)
     user = await caller(request, res)
     options = await res.options.get(user)
-    if CHECKPOINT_OPTION not in options:
+    if CHECKPOINT_OPTION in options:
+        # Stored by name; A1111 answers with the title it lists (``name [hash]``).
+        chosen = await res.models.get(str(options[CHECKPOINT_OPTION]))
+        if chosen is not None:
+            options[CHECKPOINT_OPTION] = model_title(chosen)
+    else:
         usable = await res.models.list(ModelType.STABLE_DIFFUSION)
         if len(usable) == 1:
             options[CHECKPOINT_OPTION] = model_title(usable[0])
