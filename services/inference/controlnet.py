@@ -238,7 +238,7 @@ class ControlUnits(MultiControlNetModel):
 
 # --- loading ----------------------------------------------------------------------------
 
-CONFIG_VERSION = "1"
+CONFIG_VERSION = "2"
 
 
 def _config_folder(unet: Any, cache_dir: Path) -> Path:
@@ -256,6 +256,12 @@ def _config_folder(unet: Any, cache_dir: Path) -> Path:
             empty = ControlNetModel.from_unet(unet, load_weights_from_unet=False)
         staging = folder.with_name(f".{folder.name}.{os.getpid()}")
         empty.save_config(staging)
+        # An inpainting UNet takes 9 channels (latents, mask, masked image); its
+        # ControlNets, like every ControlNet, see the 4 latent channels only.
+        config_file = staging / "config.json"
+        config = json.loads(config_file.read_text())
+        config["in_channels"] = unet.config.out_channels
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
         try:
             staging.replace(folder)
         except OSError:  # another worker wrote it first

@@ -201,3 +201,55 @@ def test_hr_option_picks_the_passes(runner: DiffusersPipeline, controlnet_file: 
     high = run(_unit(controlnet_file, hr_option="High res only"))
     for one, other in ((none, both), (both, low), (both, high), (low, high), (none, low)):
         assert np.abs(one - other).mean() > 0.1
+
+
+def test_controlnet_on_an_inpainting_checkpoint(controlnet_file: Path, tmp_path: Path) -> None:
+    """A 9-channel inpainting UNet takes ordinary (4-channel) ControlNets."""
+    import msgspec
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from proto import GenerateImage
+    from proto.requests import Img2ImgRequest
+    from services.inference.tiny import build_pipeline
+
+    base: Any = build_pipeline()
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config({**dict(base.unet.config), "in_channels": 9})
+    pipe: Any = StableDiffusionPipeline(**{**base.components, "unet": unet})
+    pipe.set_progress_bar_config(disable=True)
+    runner = DiffusersPipeline(
+        pipe, model_name="inpaint.safetensors", model_hash="x", device="cpu", cache_dir=tmp_path
+    )
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    inputs = {KEY: _png(_shapes()), "inputs/u/mask.png": _png(mask)}
+    request = msgspec.convert(
+        {
+            "stable_diffusion_model": "inpaint.safetensors",
+            "steps": 4,
+            "width": 64,
+            "height": 64,
+            "seed": 3,
+            "sampler_name": "Euler",
+            "init_images": [KEY],
+            "mask": "inputs/u/mask.png",
+            "denoising_strength": 0.8,
+        },
+        Img2ImgRequest,
+    )
+
+    def run(units: list[ControlUnit]) -> np.ndarray:
+        command = GenerateImage(
+            task_id="t",
+            user="u",
+            model_name="inpaint.safetensors",
+            model_key="k",
+            img2img=request,
+            controlnets=units,
+        )
+        result = runner.generate(command, inputs, lambda *_: None, lambda: False)
+        return _pixels(result)
+
+    plain, steered = run([]), run([_unit(controlnet_file)])
+    assert (64, 64, 3) == steered.shape
+    assert np.abs(plain - steered).mean() > 0.1
