@@ -205,3 +205,22 @@ class ControlUnit(Struct, kw_only=True, frozen=True, omit_defaults=True):
             *([f"Hr Option: {self.hr_option}"] if self.hr_option != "Both" else []),
         ]
         return ", ".join(parts)
+
+
+class DetectRequest(Struct, kw_only=True, frozen=True):
+    """The extension's ``POST /controlnet/detect``: run a preprocessor on images."""
+
+    controlnet_module: str = "none"
+    controlnet_input_images: list[str] = []
+    """Base64 images (``data:`` prefix optional) or object keys of the caller's."""
+    controlnet_images: list[str] = []
+    """Older name of ``controlnet_input_images`` (some clients still send it)."""
+    controlnet_processor_res: Annotated[int, Meta(ge=-1, le=2048)] = 512
+    controlnet_threshold_a: Annotated[float, Meta(ge=-1, le=1024)] = -1
+    controlnet_threshold_b: Annotated[float, Meta(ge=-1, le=1024)] = -1
+
+
+class DetectResponse(Struct, kw_only=True, frozen=True):
+    images: list[str]
+    """The maps as base64 PNGs, in order."""
+    info: str = "Success"

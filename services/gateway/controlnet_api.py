@@ -9,11 +9,15 @@ without an image uses the first init image, as the extension does.
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import io
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 from aiohttp import web
+from PIL import Image
 
 from proto import ModelStatus, ModelType
 from proto.controlnet import (
@@ -22,6 +26,8 @@ from proto.controlnet import (
     WEIGHTED_MODULE_PREFIXES,
     ControlNetUnitRequest,
     ControlUnit,
+    DetectRequest,
+    DetectResponse,
     control_mode_name,
     model_name,
     module_name,
@@ -35,6 +41,7 @@ from services.gateway.auth import caller
 from services.gateway.errors import ApiError
 from services.gateway.images import StagedInputs, stage_inputs
 from services.gateway.resources import Resources, resources
+from services.gateway.validation import decode
 from services.storage.mongo import Document
 
 Body = Txt2ImgRequest | Img2ImgRequest
@@ -56,20 +63,20 @@ def _invalid(field: str, message: str, code: str = "invalid_field") -> ApiError:
     return ApiError(422, code, f"`{field}`: {message}", field=field)
 
 
-def _module(request: ControlNetUnitRequest, field: str) -> str:
-    name = module_name(request.module)
+def _module(module: str, field: str) -> str:
+    name = module_name(module)
     if name in BUILTIN_MODULES:
         return name
     if name.startswith(WEIGHTED_MODULE_PREFIXES):
         raise _invalid(
             field,
-            f"preprocessor {request.module!r} needs annotator weights, which sdswarm does"
+            f"preprocessor {module!r} needs annotator weights, which sdswarm does"
             " not run; send an already preprocessed image with module 'none'",
             "module_unavailable",
         )
     raise _invalid(
         field,
-        f"unknown preprocessor {request.module!r}; built in: {', '.join(BUILTIN_MODULES)}",
+        f"unknown preprocessor {module!r}; built in: {', '.join(BUILTIN_MODULES)}",
     )
 
 
@@ -131,7 +138,7 @@ async def check_controlnets(res: Resources, body: Body, checkpoint: Document) ->
         image = request.image_value()
         if image is None and not isinstance(body, Img2ImgRequest):
             raise _invalid(f"{field}.image", "txt2img units need an image")
-        module = _module(request, f"{field}.module")
+        module = _module(request.module, f"{field}.module")
         model = await _model(res, request, f"{field}.model")
         mine, theirs = base_family(checkpoint.get("family")), base_family(model.get("family"))
         if mine and theirs and mine != theirs:
@@ -255,6 +262,50 @@ async def module_list(request: web.Request) -> web.StreamResponse:
     )
 
 
+async def detect(request: web.Request) -> web.StreamResponse:
+    """The extension's preview of a preprocessor: its maps of the given images, at
+    ``controlnet_processor_res`` (short side). Runs here, off the event loop."""
+    res = resources(request)
+    user = await caller(request, res)
+    body = decode(await request.read(), DetectRequest)
+    field = "controlnet_input_images" if body.controlnet_input_images else "controlnet_images"
+    values = body.controlnet_input_images or body.controlnet_images
+    if not 1 <= len(values) <= res.settings.max_input_images:
+        raise _invalid(field, f"send 1 to {res.settings.max_input_images} images")
+    module = _module(body.controlnet_module, "controlnet_module")
+    staged = await stage_inputs(res, user, "detect", values, field)
+    inline = {key: data for key, data, _ in staged.uploads}
+    images = [inline[key] if key in inline else await res.objects.get(key) for key in staged.keys]
+    try:
+        from services.inference import preprocessors
+    except ImportError as exc:  # a gateway installed without the inference extra
+        raise ApiError(
+            501, "unavailable", f"preprocessors are not installed on this gateway: {exc}"
+        ) from exc
+    defaults = BUILTIN_MODULES[module]
+    resolution = body.controlnet_processor_res
+    unit = ControlUnit(
+        model=AdapterRef(name="", path=""),
+        image_key="",
+        module=module,
+        threshold_a=_threshold(body.controlnet_threshold_a, defaults[0]),
+        threshold_b=_threshold(body.controlnet_threshold_b, defaults[1]),
+    )
+
+    def run() -> list[str]:
+        maps = []
+        for data in images:
+            with Image.open(io.BytesIO(data)) as source:
+                found = preprocessors.detect(source, unit, resolution if resolution > 0 else 512)
+            buffer = io.BytesIO()
+            Image.fromarray(found).save(buffer, format="PNG")
+            maps.append(base64.b64encode(buffer.getvalue()).decode())
+        return maps
+
+    maps = await asyncio.to_thread(run)
+    return web.json_response(msgspec.to_builtins(DetectResponse(images=maps)))
+
+
 async def version(request: web.Request) -> web.StreamResponse:
     return web.json_response({"version": EXTENSION_API_VERSION})
 
@@ -269,4 +320,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/controlnet/model_list", model_list)
     app.router.add_get("/controlnet/module_list", module_list)
     app.router.add_get("/controlnet/version", version)
+    app.router.add_post("/controlnet/detect", detect)
     app.router.add_get("/controlnet/settings", settings)

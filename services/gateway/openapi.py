@@ -18,6 +18,7 @@ from aiohttp import web
 from msgspec import Meta
 
 from proto import ModelStatus, ModelType, TaskStatus
+from proto.controlnet import DetectRequest, DetectResponse
 from proto.requests import (
     BatchUpdateSdResourceRequest,
     DeleteFunctionsRequest,
@@ -378,6 +379,10 @@ ROUTES: list[Route] = [
     ),
     Route("get", "/controlnet/version", "ControlNet extension: API version", A1111_OBJECT),
     Route("get", "/controlnet/settings", "ControlNet extension: settings", A1111_OBJECT),
+    Route(
+        "post", "/controlnet/detect", "ControlNet extension: a preprocessor's maps",
+        DetectResponse, DetectRequest,
+    ),
 ]  # fmt: skip
 UNDOCUMENTED = frozenset({"/openapi.json", "/docs"})
 """Routes the document leaves out: the document itself."""

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
@@ -181,3 +182,23 @@ async def test_every_image_is_checked_before_any_is_stored(system: System) -> No
         assert not await system.objects.exists(f"inputs/default/{task_id}_0.png"), (
             "the valid init image was not stored either"
         )
+
+
+async def test_detect_previews_a_preprocessor(system: System) -> None:
+    body = {
+        "controlnet_module": "canny",
+        "controlnet_input_images": [_drawing()],
+        "controlnet_processor_res": 128,
+        "controlnet_threshold_a": 100,
+        "controlnet_threshold_b": 200,
+    }
+    status, result = await _post(system, "/controlnet/detect", body)
+    assert 200 == status, result
+    [data] = result["images"]
+    edges = Image.open(io.BytesIO(base64.b64decode(data)))
+    assert (192, 128) == edges.size, "96×64 worked out with its short side at 128"
+    assert {0, 255} == set(np.unique(np.asarray(edges.convert("L"))).tolist())
+    status, error = await _post(system, "/controlnet/detect", {**body, "controlnet_module": "dw"})
+    assert (422, "controlnet_module") == (status, error["field"])
+    status, error = await _post(system, "/controlnet/detect", {"controlnet_module": "canny"})
+    assert (422, "controlnet_images") == (status, error["field"])

@@ -106,6 +106,8 @@ async def test_an_a1111_client_works_unchanged(port: int) -> None:
     )
     assert (64, 64) == inpainted.image.size
 
+    detected = await _call(api.controlnet_detect, [_drawing()], module="canny")
+    assert (512, 512) == detected.image.size, "the map at processor_res 512"
     [controlnet] = await _call(api.controlnet_model_list)
     assert "canny" in await _call(api.controlnet_module_list)
     unit = webuiapi.ControlNetUnit(image=_drawing(), module="canny", model=controlnet)

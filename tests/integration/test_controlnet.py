@@ -16,13 +16,9 @@ from PIL import Image, ImageDraw  # noqa: E402
 
 from proto.commands import AdapterRef  # noqa: E402
 from proto.controlnet import ControlUnit  # noqa: E402
-from services.inference.controlnet import (  # noqa: E402
-    fit,
-    load_controlnet,
-    preprocess,
-    processor_resolution,
-)
+from services.inference.controlnet import load_controlnet  # noqa: E402
 from services.inference.pipeline import DiffusersPipeline, Generation  # noqa: E402
+from services.inference.preprocessors import fit, preprocess, processor_resolution  # noqa: E402
 from tests.fixtures.tiny_controlnet import tiny_controlnet, write_tiny_controlnet  # noqa: E402
 from tests.fixtures.tiny_runner import run_tiny, tiny_runner  # noqa: E402
 
