@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from proto import GenerateImage
@@ -28,6 +28,7 @@ from proto.controlnet import ControlUnit
 from proto.extra_networks import strip_tags
 from proto.requests import LATENT_UPSCALE_MODES, Img2ImgRequest, Txt2ImgRequest
 from proto.samplers import split_sampler
+from services.inference import img2img
 from services.inference.controlnet import (
     Control,
     ControlNetCache,
@@ -266,9 +267,7 @@ class DiffusersPipeline:
         request: Request | None = command.txt2img or command.img2img
         if request is None:
             raise GenerationError("unsupported_task", f"{command.kind} is not supported yet")
-        images_in = (
-            _ImageInputs.load(request, inputs) if isinstance(request, Img2ImgRequest) else None
-        )
+        images_in = _load_images(request, inputs) if isinstance(request, Img2ImgRequest) else None
         first_seed = resolve_seed(request.seed)
         count = request.batch_size * request.n_iter
         seeds = [(first_seed + i) % (MAX_SEED + 1) for i in range(count)]
@@ -296,6 +295,8 @@ class DiffusersPipeline:
                 for job_no in range(request.n_iter):
                     first = job_no * request.batch_size
                     batch_seeds = seeds[first : first + request.batch_size]
+                    if command.hr_loras is not None:  # the last job's hires pass switched
+                        self.loras.activate(command.loras)
                     try:
                         images = self._run_job(
                             request,
@@ -307,6 +308,7 @@ class DiffusersPipeline:
                             should_stop,
                             should_skip,
                             subseeds=subseeds[first : first + request.batch_size],
+                            hr_loras=command.hr_loras,
                         )
                     except JobSkippedError:
                         continue  # skipped: no images from this job, on with the next
@@ -426,7 +428,7 @@ class DiffusersPipeline:
     def _run_job(
         self,
         request: Request,
-        images_in: _ImageInputs | None,
+        images_in: img2img.ImageInputs | None,
         seeds: list[int],
         job_no: int,
         control: Control | None,
@@ -434,6 +436,7 @@ class DiffusersPipeline:
         should_stop: Callable[[], bool],
         should_skip: Callable[[], bool] = lambda: False,
         subseeds: list[int] | None = None,
+        hr_loras: list[AdapterRef] | None = None,
     ) -> list[Image.Image]:
         scheduler = build_scheduler(
             self.base_scheduler_config,
@@ -446,14 +449,15 @@ class DiffusersPipeline:
         options: dict[str, Any] = {"width": request.width, "height": request.height}
         if images_in is not None:
             assert isinstance(request, Img2ImgRequest)
-            strength = 0.75 if request.denoising_strength is None else request.denoising_strength
-            options = {"image": images_in.batch(len(seeds)), "strength": strength}
-            if images_in.mask is not None:
-                pipe = self._variant("StableDiffusionInpaintPipeline")
-                options |= {"mask_image": [images_in.mask] * len(seeds)}
-                options |= {"width": request.width, "height": request.height}
-            else:
-                pipe = self._variant("StableDiffusionImg2ImgPipeline")
+            # Latents prepared here (resize mode 3, latent fills) unless ControlNet's
+            # pipelines need the pixels.
+            variant, options = img2img.call_options(
+                self.pipe, images_in, seeds, latents=control is None
+            )
+            pipe = self._variant(variant)
+            multiplier = request.initial_noise_multiplier
+            if multiplier is not None and multiplier != 1:
+                img2img.scale_initial_noise(pipe, scheduler, multiplier)
         pipe.scheduler = scheduler
         is_hires = isinstance(request, Txt2ImgRequest) and request.enable_hr
         first_control = control.for_pass(hires=is_hires) if control is not None else None
@@ -515,10 +519,14 @@ class DiffusersPipeline:
             if hires:
                 assert isinstance(request, Txt2ImgRequest)
                 offset = first_total
+                if hr_loras is not None:  # hr_prompt's LoRAs, as A1111 activates them
+                    self.loras.activate(hr_loras)
                 result = self._hires_pass(
                     request, result.images, seeds, generators, callback, control
                 )
         images: list[Image.Image] = result.images
+        if images_in is not None:  # pasted back into the originals (A1111's overlay)
+            images = images_in.finish(images)
         return images
 
     def _initial_noise(
@@ -689,6 +697,9 @@ def _warnings(request: Request) -> list[str]:
             "eta_noise_seed_delta is not applied to img2img: diffusers draws its noise"
             " from the seed"
         )
+    if isinstance(request, Img2ImgRequest):
+        scripts = {name.lower() for name in request.alwayson_scripts}
+        warnings += img2img.warnings(request, controlnet="controlnet" in scripts)
     return warnings
 
 
@@ -725,38 +736,8 @@ def info_json(info: dict[str, Any]) -> str:
     return json.dumps(info, ensure_ascii=False)
 
 
-@dataclass
-class _ImageInputs:
-    """Decoded img2img inputs, sized to the request (A1111 ``resize_mode`` 0: just resize)."""
-
-    images: list[Image.Image]
-    mask: Image.Image | None
-
-    @classmethod
-    def load(cls, request: Img2ImgRequest, inputs: Inputs) -> _ImageInputs:
-        size = (request.width, request.height)
-
-        def open_image(key: str, mode: str) -> Image.Image:
-            try:
-                data = inputs[key]
-            except KeyError as exc:
-                raise GenerationError("input_missing", f"input image {key} is missing") from exc
-            with Image.open(io.BytesIO(data)) as image:
-                return image.convert(mode).resize(size, Image.Resampling.LANCZOS)
-
-        if not request.init_images:
-            raise GenerationError("invalid_request", "img2img needs at least one init image")
-        images = [open_image(key, "RGB") for key in request.init_images]
-        mask = None
-        if request.mask:
-            mask = open_image(request.mask, "L")
-            if request.inpainting_mask_invert:
-                mask = ImageOps.invert(mask)
-            blur = request.mask_blur if request.mask_blur is not None else request.mask_blur_x
-            if blur:
-                mask = mask.filter(ImageFilter.GaussianBlur(blur))
-        return cls(images=images, mask=mask)
-
-    def batch(self, count: int) -> list[Image.Image]:
-        # A1111 cycles through the init images over the batch.
-        return [self.images[i % len(self.images)] for i in range(count)]
+def _load_images(request: Img2ImgRequest, inputs: Inputs) -> img2img.ImageInputs:
+    try:
+        return img2img.ImageInputs.load(request, inputs)
+    except img2img.InputError as exc:
+        raise GenerationError(exc.code, str(exc)) from exc
