@@ -36,6 +36,9 @@ class GenerateImage(Struct, kw_only=True, frozen=True, omit_defaults=True):
     """A registered VAE replacing the checkpoint's own for this task (``sd_vae``)."""
     loras: list[AdapterRef] = []
     """The LoRAs the prompt's ``<lora:…>`` tags name, in order, with their weights."""
+    hr_loras: list[AdapterRef] | None = None
+    """The LoRAs of ``hr_prompt`` for the hires pass (A1111 activates them there); None
+    when the hires pass uses the prompt's."""
     controlnets: list[ControlUnit] = []
     """Enabled ControlNet units (``alwayson_scripts.controlnet``), resolved; their images
     are ``input_keys`` too."""

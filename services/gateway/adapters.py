@@ -18,22 +18,22 @@ from services.gateway.resources import Resources
 MAX_LORAS = 16
 
 
-async def resolve_loras(res: Resources, prompt: str) -> list[AdapterRef]:
+async def resolve_loras(res: Resources, prompt: str, field: str = "prompt") -> list[AdapterRef]:
     try:
         tags = lora_tags(prompt)
     except ValueError as exc:
         raise ApiError(
             422,
             "invalid_field",
-            f"`prompt`: a <lora:name:weight> weight is not a number: {exc}",
-            field="prompt",
+            f"`{field}`: a <lora:name:weight> weight is not a number: {exc}",
+            field=field,
         ) from exc
     if len(tags) > MAX_LORAS:
         raise ApiError(
             422,
             "limit_exceeded",
-            f"`prompt` names {len(tags)} LoRAs; at most {MAX_LORAS}",
-            field="prompt",
+            f"`{field}` names {len(tags)} LoRAs; at most {MAX_LORAS}",
+            field=field,
         )
     refs = []
     for tag in tags:
@@ -41,8 +41,8 @@ async def resolve_loras(res: Resources, prompt: str) -> list[AdapterRef]:
             raise ApiError(
                 422,
                 "invalid_field",
-                f"`prompt`: LoRA {tag.name!r} weight must be between -10 and 10",
-                field="prompt",
+                f"`{field}`: LoRA {tag.name!r} weight must be between -10 and 10",
+                field=field,
             )
         model = await res.models.get(tag.name, ModelType.LORA)
         if model is None or model["status"] in (
@@ -51,7 +51,7 @@ async def resolve_loras(res: Resources, prompt: str) -> list[AdapterRef]:
         ):
             why = "is not registered" if model is None else _unusable(model)
             raise ApiError(
-                422, "lora_not_found", f"`prompt`: LoRA {tag.name!r} {why}", field="prompt"
+                422, "lora_not_found", f"`{field}`: LoRA {tag.name!r} {why}", field=field
             )
         refs.append(
             AdapterRef(

@@ -120,6 +120,9 @@ async def submit(
         prompt, negative = await apply_styles(res, body.styles, body.prompt, body.negative_prompt)
         body = msgspec.structs.replace(body, prompt=prompt, negative_prompt=negative)
     loras = await resolve_loras(res, body.prompt)  # after styles: a style may name LoRAs
+    hr_loras = None
+    if isinstance(body, Txt2ImgRequest) and body.enable_hr and body.hr_prompt:
+        hr_loras = await resolve_loras(res, body.hr_prompt, "hr_prompt")
     embeddings = await resolve_embeddings(
         res, body.prompt, body.negative_prompt, family=model.get("family")
     )
@@ -152,6 +155,7 @@ async def submit(
         img2img=body if isinstance(body, Img2ImgRequest) else None,
         input_keys=input_keys,
         loras=loras,
+        hr_loras=hr_loras,
         vae=vae,
         embeddings=embeddings,
         controlnets=controlnets,

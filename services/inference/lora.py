@@ -68,11 +68,11 @@ class LoraSet:
             log.info("unloaded LoRA %s (cache holds %d)", old_lora, self.max_loaded)
         return name
 
-    @contextlib.contextmanager
-    def applied(self, refs: list[AdapterRef]) -> Iterator[None]:
-        """The named LoRAs at their weights for the duration; none of them after."""
+    def activate(self, refs: list[AdapterRef]) -> None:
+        """Exactly the named LoRAs at their weights from now on (none: the base weights)."""
         if not refs:
-            yield
+            if self.loaded:
+                self.pipe.disable_lora()
             return
         weights: dict[str, float] = {}
         for ref in refs:  # the same LoRA twice: its weights add up, as in A1111
@@ -80,7 +80,14 @@ class LoraSet:
             weights[name] = weights.get(name, 0.0) + ref.weight
         self.pipe.enable_lora()
         self.pipe.set_adapters(list(weights), adapter_weights=list(weights.values()))
+
+    @contextlib.contextmanager
+    def applied(self, refs: list[AdapterRef]) -> Iterator[None]:
+        """The named LoRAs at their weights for the duration (:meth:`activate` may switch
+        them inside); none of them after."""
+        self.activate(refs)
         try:
             yield
         finally:
-            self.pipe.disable_lora()
+            if self.loaded:
+                self.pipe.disable_lora()

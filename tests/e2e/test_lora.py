@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from proto.codec import decode_generate
 from tests.e2e.conftest import System, start_system
 from tests.fixtures.tiny_lora import write_tiny_lora
 from tests.fixtures.tiny_vae import (
@@ -119,3 +120,25 @@ async def test_embeddings_are_listed_and_used_where_named(system: System) -> Non
     named = await _run(system, "a bird, bad-hands")
     assert 'TI hashes: "bad-hands: ' in json.loads(named["info"])["infotexts"][0]
     assert "TI hashes" not in json.loads(plain["info"])["infotexts"][0]
+
+
+async def test_hr_prompt_loras_are_resolved_too(system: System) -> None:
+    body = {**BODY, "prompt": "a cat", "enable_hr": True, "denoising_strength": 0.5}
+    async with system.http.post(
+        f"{system.url}/txt2img",
+        json={**body, "hr_prompt": "a cat <lora:nowhere:1>"},
+        headers={"Request-Type": "async", "taskId": "unknown-hr-lora"},
+    ) as response:
+        error = await response.json()
+    assert (422, "hr_prompt") == (response.status, error["field"])
+    assert await system.task("unknown-hr-lora") is None
+    async with system.http.post(
+        f"{system.url}/txt2img", json={**body, "hr_prompt": "a cat <lora:ink style:0.8>"}
+    ) as response:
+        result = await response.json()
+        assert (200, "succeeded") == (response.status, result["status"]), result
+    document = await system.task(result["taskId"])
+    assert document is not None
+    command = decode_generate(bytes(document["command"]))
+    assert ["ink style"] == [ref.name for ref in command.hr_loras or []]
+    assert [] == command.loras

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -132,3 +133,25 @@ def test_an_embedding_name_changes_the_conditioning(
     )
     assert plain_skip.images[0] != expanded_skip.images[0]
     assert 'TI hashes: "bad-hands: eeeeeeeeeeee"' in expanded_skip.info["infotexts"][0]
+
+
+def test_hr_prompt_loras_switch_for_the_hires_pass(
+    runner: DiffusersPipeline, loras: dict[str, Path]
+) -> None:
+    def run(
+        loras_: list[AdapterRef], hr_loras: list[AdapterRef] | None, **fields: Any
+    ) -> list[bytes]:
+        options = {"enable_hr": True, "hr_scale": 1.5, "denoising_strength": 0.6, "seed": 11}
+        result = run_tiny(runner, loras=loras_, hr_loras=hr_loras, **(options | fields))
+        return [Image.open(io.BytesIO(png)).tobytes() for png in result.images]
+
+    ink = [_ref(loras, "ink", 1.0)]
+    plain = run([], None)
+    same = run(ink, None, prompt="a cat <lora:ink:1>")
+    hr_only = run([], ink, prompt="a cat", hr_prompt="a cat <lora:ink:1>")
+    first_only = run(ink, [], prompt="a cat <lora:ink:1>", hr_prompt="a cat", n_iter=2)
+    assert len({plain[0], same[0], hr_only[0], first_only[0]}) == 4
+    # The second job starts with the prompt's LoRAs again, not the hires pass's.
+    alone = run(ink, [], prompt="a cat <lora:ink:1>", hr_prompt="a cat", seed=12)
+    assert alone[0] == first_only[1]
+    assert plain == run([], None), "nothing leaks into the next task"
