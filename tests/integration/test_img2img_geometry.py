@@ -117,7 +117,8 @@ def _run(
 
 
 def _diff(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.abs(a - b).max(axis=-1)
+    largest: np.ndarray = np.abs(a - b).max(axis=-1)
+    return largest
 
 
 @pytest.mark.parametrize("mode", [0, 1, 2, 3])
