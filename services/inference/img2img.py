@@ -9,7 +9,9 @@
   (kernel ``2·int(2.5σ + 0.5) + 1``, mirrored borders); ``mask_blur`` sets both.
 * ``inpainting_fill``: 0 *fill* (the masked area painted from the surrounding colours
   before encoding), 1 *original*, 2 *latent noise* (seeded unit noise under the mask in
-  latent space), 3 *latent nothing* (zero latents under the mask).
+  latent space), 3 *latent nothing* (zero latents under the mask); 2 and 3 are painted
+  too before encoding, as A1111 does (it shows at the mask's edge and in the
+  inpainting model's conditioning).
 * ``inpaint_full_res`` (*Only masked*): the mask's bounding box plus
   ``inpaint_full_res_padding``, widened to the target aspect ratio, is inpainted at
   ``width`` × ``height`` and pasted back into the original, which keeps its size.
@@ -334,7 +336,7 @@ def _filled(
     request: Img2ImgRequest,
     box: Box | None,
 ) -> PreparedImage:
-    if request.inpainting_fill == FILL:
+    if request.inpainting_fill != ORIGINAL:  # A1111 paints it for the latent modes too
         source = fill_masked(source, source_mask)
     return PreparedImage(source, mask, source_mask, overlay, box)
 
@@ -455,7 +457,7 @@ def call_options(
     With ``latents`` the init image goes in as latents prepared here (resize mode 3,
     latent fills, the inpainting model's conditioning); without (ControlNet pipelines
     mix the image with the pixel mask) as pixels, where those three fall back to a
-    plain resize and *original* content (listed by :func:`warnings`).
+    plain resize and *fill* content (listed by :func:`warnings`).
     """
     request = inputs.request
     strength = 0.75 if request.denoising_strength is None else request.denoising_strength
@@ -488,7 +490,7 @@ def warnings(request: Img2ImgRequest, *, controlnet: bool) -> list[str]:
     if controlnet and request.resize_mode == LATENT_RESIZE:
         out.append("resize_mode 3 with ControlNet: the image is resized in pixels")
     if controlnet and request.mask and request.inpainting_fill in (LATENT_NOISE, LATENT_NOTHING):
-        out.append("inpainting_fill 2/3 with ControlNet: the original content is used")
+        out.append("inpainting_fill 2/3 with ControlNet: the masked area starts as with 0 (fill)")
     multiplier = request.initial_noise_multiplier
     if controlnet and multiplier is not None and multiplier != 1:
         out.append("initial_noise_multiplier is not applied with ControlNet")

@@ -223,8 +223,8 @@ def test_inpainting_fill_modes_start_from_different_latents(runner: DiffusersPip
     assert (latents[3][under.expand_as(latents[3])] == 0).all(), "latent nothing: zeros"
     noise = torch.randn((1, 4, 8, 8), generator=torch.Generator("cpu").manual_seed(7))
     assert torch.equal(latents[2][:, :, 2:6, 2:6], noise[:, :, 2:6, 2:6]), "latent noise"
-    for fill in (2, 3):  # outside the mask: the original's latents
-        assert torch.equal(latents[fill][..., :2, :], latents[1][..., :2, :])
+    for fill in (2, 3):  # outside the mask: the painted image's latents (as for fill 0)
+        assert torch.equal(latents[fill][..., :2, :], latents[0][..., :2, :])
     assert not torch.allclose(latents[0], latents[1]), "fill repaints the masked pixels"
 
     original = np.asarray(init, dtype=int)
