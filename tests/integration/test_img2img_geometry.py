@@ -292,3 +292,28 @@ def test_initial_noise_multiplier(runner: DiffusersPipeline) -> None:
     (a,), _ = _run(runner, init, mask, mask_blur=0)
     (b,), _ = _run(runner, init, mask, mask_blur=0, initial_noise_multiplier=0.5)
     assert _diff(a, b).mean() > 1
+
+
+def test_sdxl_img2img_and_inpaint(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The SDXL pipelines take the worker's latents the same way."""
+    from tests.fixtures.tiny_model import build_tiny_sdxl
+
+    tiny = build_tiny_sdxl(tmp_path_factory.mktemp("sdxl"))
+    runner = tiny_runner(tiny.single_file, tmp_path_factory.mktemp("cache_xl"))
+    init = _scene((64, 64))
+    original = np.asarray(init, dtype=int)
+    mask = _rect_mask((64, 64), (16, 16, 48, 48))
+    inside = np.asarray(mask) > 0
+    common = {"mask_blur": 0, "inpaint_full_res": False}
+    (kept,), _ = _run(runner, init, mask, inpainting_fill=1, **common)
+    (nothing,), _ = _run(runner, init, mask, inpainting_fill=3, **common)
+    for out in (kept, nothing):
+        assert (out[~inside] == original[~inside]).all()
+    assert _diff(kept, nothing)[inside].mean() > 1
+    (latent,), _ = _run(runner, _scene((128, 96)), resize_mode=3)
+    (pixel,), _ = _run(runner, _scene((128, 96)), resize_mode=0)
+    assert (64, 64, 3) == latent.shape
+    assert _diff(latent, pixel).mean() > 1
+    (quiet,), info = _run(runner, _scene((128, 96)), initial_noise_multiplier=0.0)
+    assert [] == info["warnings"]
+    assert _diff(quiet, pixel).mean() > 1
