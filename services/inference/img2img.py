@@ -151,8 +151,14 @@ def binary_mask(image: Image.Image, *, round_alpha: bool = True) -> Image.Image:
     return image.convert("L")
 
 
-def _gaussian_kernel(sigma: float) -> np.ndarray:
-    radius = int(2.5 * sigma + 0.5)
+DIRECT_TAPS = 65
+"""Kernels up to this many taps are applied directly; longer ones through an FFT."""
+
+
+def _gaussian_kernel(sigma: float, max_radius: int) -> np.ndarray:
+    """OpenCV's kernel size for σ (``2·int(2.5σ + 0.5) + 1``), at most ``max_radius``
+    each side: beyond a few times the image, a wider kernel changes nothing visible."""
+    radius = min(int(2.5 * sigma + 0.5), max_radius)
     taps = np.arange(-radius, radius + 1, dtype=np.float64)
     kernel = np.exp(-(taps**2) / (2 * sigma * sigma))
     normalised: np.ndarray = kernel / kernel.sum()
@@ -160,13 +166,23 @@ def _gaussian_kernel(sigma: float) -> np.ndarray:
 
 
 def _blur_axis(values: np.ndarray, sigma: float, axis: int) -> np.ndarray:
-    kernel = _gaussian_kernel(sigma)
+    """A Gaussian along one axis, borders mirrored (OpenCV's default, edge not repeated)."""
+    size = values.shape[axis]
+    kernel = _gaussian_kernel(sigma, max_radius=2 * size)
     radius = len(kernel) // 2
     pad = [(0, 0), (0, 0)]
     pad[axis] = (radius, radius)
-    padded = np.pad(values, pad, mode="reflect" if values.shape[axis] > 1 else "edge")
+    padded = np.pad(values, pad, mode="reflect" if size > 1 else "edge")
+    if len(kernel) > DIRECT_TAPS:  # any σ costs the same (a mask_blur of 10⁶ included)
+        length = padded.shape[axis] + len(kernel) - 1
+        shape = [1, 1]
+        shape[axis] = -1
+        spectrum = np.fft.rfft(padded, length, axis=axis)
+        spectrum *= np.fft.rfft(kernel, length).reshape(shape)
+        full = np.fft.irfft(spectrum, length, axis=axis)
+        valid: np.ndarray = np.take(full, np.arange(2 * radius, 2 * radius + size), axis=axis)
+        return valid
     out = np.zeros_like(values)
-    size = values.shape[axis]
     for offset, weight in enumerate(kernel):
         window = padded[offset : offset + size] if axis == 0 else padded[:, offset : offset + size]
         out += weight * window

@@ -225,3 +225,22 @@ def test_what_is_not_honoured_is_a_warning() -> None:
     )
     assert 1 == len(warnings(request, controlnet=False))
     assert 4 == len(warnings(request, controlnet=True))
+
+
+def test_long_kernels_match_the_direct_blur_and_any_sigma_is_cheap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from services.inference import img2img
+
+    values = np.random.default_rng(0).random((30, 50)) * 255
+    for axis in (0, 1):
+        fft = img2img._blur_axis(values, 20, axis)
+        monkeypatch.setattr(img2img, "DIRECT_TAPS", 10**6)
+        direct = img2img._blur_axis(values, 20, axis)
+        monkeypatch.undo()
+        assert np.allclose(fft, direct)
+    # A blur far wider than the mask: about its mean (a quarter is white), computed with a
+    # kernel cut at twice the image's size.
+    flat = np.asarray(blur_mask(_edge_mask(), 10**6, 10**6), dtype=float)
+    assert abs(flat.mean() - 255 / 4) < 2
+    assert flat.max() - flat.min() <= 16
