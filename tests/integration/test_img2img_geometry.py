@@ -317,3 +317,27 @@ def test_sdxl_img2img_and_inpaint(tmp_path_factory: pytest.TempPathFactory) -> N
     (quiet,), info = _run(runner, _scene((128, 96)), initial_noise_multiplier=0.0)
     assert [] == info["warnings"]
     assert _diff(quiet, pixel).mean() > 1
+
+
+@pytest.mark.parametrize(
+    ("nine", "fields"),
+    [
+        (False, {}),
+        (False, {"mask": True}),
+        (False, {"mask": True, "denoising_strength": 1.0}),
+        (True, {"mask": True}),
+    ],
+)
+def test_noise_multiplier_hook_keeps_the_image_share(
+    runner: DiffusersPipeline, inpaint_runner: DiffusersPipeline, nine: bool, fields: Any
+) -> None:
+    """A multiplier of (almost) 1 goes through the hook and changes nothing: the hook
+    splits the start latents into the image's share and the noise's exactly."""
+    use = inpaint_runner if nine else runner
+    init = _scene((64, 64))
+    mask = _rect_mask((64, 64), (16, 16, 48, 48)) if fields.pop("mask", False) else None
+    (base,), _ = _run(use, init, mask, **fields)
+    (hooked,), _ = _run(use, init, mask, initial_noise_multiplier=1.000001, **fields)
+    assert _diff(base, hooked).max() <= 1
+    (half,), _ = _run(use, init, mask, initial_noise_multiplier=0.5, **fields)
+    assert _diff(base, half).mean() > 1
