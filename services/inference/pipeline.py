@@ -697,8 +697,15 @@ def _warnings(request: Request) -> list[str]:
             "eta_noise_seed_delta is not applied to img2img: diffusers draws its noise"
             " from the seed"
         )
+    scripts = {name.lower() for name in request.alwayson_scripts}
+    warnings += [
+        f"alwayson_scripts.{name} is not run: sdswarm runs ControlNet only"
+        for name in request.alwayson_scripts
+        if name.lower() != "controlnet"
+    ]
+    if request.script_name and request.script_name.strip().lower() != "none":
+        warnings.append(f"script_name {request.script_name!r} is not run: sdswarm runs no scripts")
     if isinstance(request, Img2ImgRequest):
-        scripts = {name.lower() for name in request.alwayson_scripts}
         warnings += img2img.warnings(request, controlnet="controlnet" in scripts)
     return warnings
 

@@ -104,3 +104,15 @@ def test_churn_applies_to_euler_and_is_reported_elsewhere(runner: DiffusersPipel
     other = _run(runner, sampler_name="DDIM", s_churn=2.0, s_min_uncond=1.0, restore_faces=True)
     assert 3 == len(other.info["warnings"]), other.info["warnings"]
     assert "s_churn applies to Euler only here, not to DDIM" in other.info["warnings"]
+
+
+def test_scripts_that_do_not_run_are_reported(runner: DiffusersPipeline) -> None:
+    result = _run(
+        runner,
+        script_name="x/y/z plot",
+        alwayson_scripts={"ADetailer": {"args": []}, "controlnet": {"args": []}},
+    )
+    assert [
+        "alwayson_scripts.ADetailer is not run: sdswarm runs ControlNet only",
+        "script_name 'x/y/z plot' is not run: sdswarm runs no scripts",
+    ] == result.info["warnings"]
