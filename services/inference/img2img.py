@@ -248,6 +248,15 @@ def _box(values: np.ndarray, width: int, axis: int) -> np.ndarray:
     return result
 
 
+def flatten(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """RGB, transparent parts over ``background`` (A1111's default background is white)."""
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        canvas = Image.new("RGBA", image.size, (*background, 255))
+        canvas.alpha_composite(image.convert("RGBA"))
+        return canvas.convert("RGB")
+    return image.convert("RGB")
+
+
 # --- the task's inputs ---------------------------------------------------------------
 
 
@@ -300,9 +309,7 @@ class ImageInputs:
             if request.mask_blur is not None:
                 blur_x = blur_y = request.mask_blur
             mask = blur_mask(mask, blur_x, blur_y)
-        images = [
-            prepare(open_image(key).convert("RGB"), mask, request) for key in request.init_images
-        ]
+        images = [prepare(flatten(open_image(key)), mask, request) for key in request.init_images]
         return cls(images=images, request=request)
 
     def batch(self, count: int) -> list[PreparedImage]:

@@ -244,3 +244,16 @@ def test_long_kernels_match_the_direct_blur_and_any_sigma_is_cheap(
     flat = np.asarray(blur_mask(_edge_mask(), 10**6, 10**6), dtype=float)
     assert abs(flat.mean() - 255 / 4) < 2
     assert flat.max() - flat.min() <= 16
+
+
+def test_transparent_init_images_are_flattened_on_white() -> None:
+    from services.inference.img2img import flatten
+
+    image = Image.new("RGBA", (4, 4), (10, 20, 30, 0))
+    image.putpixel((1, 1), (200, 0, 0, 255))
+    image.putpixel((2, 2), (0, 0, 0, 128))
+    flat = flatten(image)
+    assert "RGB" == flat.mode
+    assert (255, 255, 255) == flat.getpixel((0, 0)), "not the hidden colour"
+    assert (200, 0, 0) == flat.getpixel((1, 1))
+    assert 126 <= flat.getpixel((2, 2))[0] <= 128  # type: ignore[index]
