@@ -682,12 +682,18 @@ def _churn(request: Request) -> dict[str, float] | None:
     return churn_options(request.s_churn, request.s_tmin, request.s_tmax, request.s_noise)
 
 
+ANCESTRAL_SAMPLERS = frozenset({"Euler a", "DPM2 a", "DPM++ 2S a"})
+"""A1111 applies ``eta`` as their noise multiplier; their diffusers schedulers have none."""
+
+
 def _warnings(request: Request) -> list[str]:
     """Parameters accepted but not honoured for this request (sdswarm extension)."""
     warnings = []
     sampler, _ = split_sampler(request.effective_sampler, request.scheduler)
     if _churn(request) is not None and sampler != "Euler":
         warnings.append(f"s_churn applies to Euler only here, not to {sampler}")
+    if sampler in ANCESTRAL_SAMPLERS and request.eta is not None and request.eta != 1:
+        warnings.append(f"eta {request.eta:g} is not applied: diffusers' {sampler} uses 1")
     if request.s_min_uncond:
         warnings.append("s_min_uncond is not applied: the negative prompt runs at every step")
     if request.restore_faces:

@@ -103,6 +103,9 @@ def test_churn_applies_to_euler_and_is_reported_elsewhere(runner: DiffusersPipel
     assert [] == churned.info["warnings"]
     other = _run(runner, sampler_name="DDIM", s_churn=2.0, s_min_uncond=1.0, restore_faces=True)
     assert 3 == len(other.info["warnings"]), other.info["warnings"]
+    assert [] == _run(runner, sampler_name="DDIM", eta=0.5).info["warnings"], "DDIM takes eta"
+    ancestral = _run(runner, sampler_name="Euler a", eta=0.5).info["warnings"]
+    assert ["eta 0.5 is not applied: diffusers' Euler a uses 1"] == ancestral
     assert "s_churn applies to Euler only here, not to DDIM" in other.info["warnings"]
 
 
