@@ -479,6 +479,8 @@ class DiffusersPipeline:
         second_total = self._hires_steps(request) if hires else 0
         offset = 0
 
+        every = preview_every(request)
+
         def callback(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> Any:
             if should_stop():
                 raise TaskCancelledError
@@ -489,12 +491,12 @@ class DiffusersPipeline:
             if hires:  # both passes make one progress bar
                 total = first_total + second_total
             preview = None
+            done = offset + step + 1
             now = time.monotonic()
             latents = kwargs.get("latents")
-            if self.preview_interval_s and latents is not None and now >= self._next_preview:
-                self._next_preview = now + self.preview_interval_s
+            if latents is not None and self._preview_due(every, done, now):
                 preview = latent_preview(latents, xl=self.xl)
-            on_step(job_no, offset + step + 1, total, preview)
+            on_step(job_no, done, total, preview)
             return kwargs
 
         if request.eta is not None and "eta" in _call_parameters(pipe):
@@ -528,6 +530,17 @@ class DiffusersPipeline:
         if images_in is not None:  # pasted back into the originals (A1111's overlay)
             images = images_in.finish(images)
         return images
+
+    def _preview_due(self, every: int | None, step: int, now: float) -> bool:
+        """Every ``every`` steps when the request says (A1111's
+        ``show_progress_every_n_steps``; 0 or -1: none), else at most once per
+        ``preview_interval_s``."""
+        if every is not None:
+            return every > 0 and step % every == 0
+        if self.preview_interval_s and now >= self._next_preview:
+            self._next_preview = now + self.preview_interval_s
+            return True
+        return False
 
     def _initial_noise(
         self, pipe: Any, request: Request, seeds: list[int], subseeds: list[int]
@@ -670,6 +683,13 @@ class DiffusersPipeline:
 
 
 ENSD_OPTION = "eta_noise_seed_delta"
+PREVIEW_OPTION = "show_progress_every_n_steps"
+
+
+def preview_every(request: Request) -> int | None:
+    """A1111's ``show_progress_every_n_steps`` option, when the request sets it."""
+    value = (request.override_settings or {}).get(PREVIEW_OPTION)
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def noise_seed_delta(request: Request) -> int:

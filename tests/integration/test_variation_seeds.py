@@ -119,3 +119,15 @@ def test_scripts_that_do_not_run_are_reported(runner: DiffusersPipeline) -> None
         "alwayson_scripts.ADetailer is not run: sdswarm runs ControlNet only",
         "script_name 'x/y/z plot' is not run: sdswarm runs no scripts",
     ] == result.info["warnings"]
+
+
+def test_previews_every_n_steps_when_the_request_says(runner: DiffusersPipeline) -> None:
+    def shown(**fields: Any) -> list[int]:
+        steps: list[int] = []
+        previews: list[bytes] = []
+        run_tiny(runner, steps, previews=previews, **({"steps": 6} | fields))
+        return [step for step, preview in zip(steps, previews, strict=True) if preview]
+
+    assert [2, 4, 6] == shown(override_settings={"show_progress_every_n_steps": 2})
+    assert [] == shown(override_settings={"show_progress_every_n_steps": 0})
+    assert [] == shown(), "this runner's time-based previews are off"
