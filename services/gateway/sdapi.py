@@ -124,8 +124,8 @@ async def _generate(request: web.Request, cls: type[Processing]) -> web.StreamRe
         images = [base64.b64encode(await res.objects.get(k)).decode() for k in outcome["images"]]
     info = outcome.get("info") or ""
     parameters = to_builtins(body)
-    if isinstance(body, Img2ImgRequest):
-        # A1111 leaves the (large) input images out of the echoed parameters.
+    if isinstance(body, Img2ImgRequest) and not body.include_init_images:
+        # A1111 leaves the (large) input images out of the echoed parameters unless asked.
         parameters |= {"init_images": None, "mask": None}
     return web.json_response(
         {"images": images, "parameters": parameters, "info": info},

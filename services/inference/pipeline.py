@@ -192,6 +192,7 @@ def infotext(
             else []
         ),
         *_hires_infotext(request),
+        *_img2img_infotext(request),
         f"Model hash: {model_hash}",
         *([f"Clip skip: {clip_skip(request) + 1}"] if clip_skip(request) else []),
         *(["Tiling: True"] if request.tiling else []),
@@ -753,6 +754,29 @@ def _hires_infotext(request: Request) -> list[str]:
         *([f"Hires steps: {request.hr_second_pass_steps}"] if request.hr_second_pass_steps else []),
         f"Hires upscaler: {request.hr_upscaler or 'Latent'}",
     ]
+
+
+def _img2img_infotext(request: Request) -> list[str]:
+    """A1111's img2img entries: resize mode, and for inpainting the mask settings."""
+    if not isinstance(request, Img2ImgRequest):
+        return []
+    parts = []
+    if request.resize_mode:
+        parts.append(f"Resize mode: {img2img.RESIZE_MODE_NAMES[request.resize_mode]}")
+    if request.initial_noise_multiplier not in (None, 1):
+        parts.append(f"Noise multiplier: {request.initial_noise_multiplier:g}")
+    if not request.mask:
+        return parts
+    blur = request.mask_blur if request.mask_blur is not None else request.mask_blur_x
+    parts += [
+        f"Mask blur: {blur}",
+        f"Masked content: {img2img.MASKED_CONTENT[request.inpainting_fill]}",
+        *(["Mask mode: Inpaint not masked"] if request.inpainting_mask_invert else []),
+    ]
+    if request.inpaint_full_res:
+        padding = request.inpaint_full_res_padding
+        parts += ["Inpaint area: Only masked", f"Masked area padding: {padding}"]
+    return parts
 
 
 def _hires_strength(request: Txt2ImgRequest) -> float:

@@ -125,6 +125,9 @@ async def test_a1111_img2img(system: System) -> None:
     assert 1 == len(result["images"])
     assert None is result["parameters"]["init_images"]
     assert 11 == json.loads(result["info"])["seed"]
+    status, echoed = await _post(system, "/sdapi/v1/img2img", {**body, "include_init_images": True})
+    assert 200 == status, echoed
+    assert body["init_images"] == echoed["parameters"]["init_images"], "as the client sent them"
     # The queue is drained: nothing left behind by the sync call.
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:

@@ -257,8 +257,13 @@ def test_only_masked_inpaints_the_crop_and_keeps_the_size(runner: DiffusersPipel
     assert (out[~inside] == original[~inside]).all()
     assert _diff(out, original)[inside].mean() > 10
     # Whole picture: width × height.
-    (whole,), _ = _run(runner, init, mask, mask_blur=0, inpaint_full_res=False)
+    (whole,), info = _run(runner, init, mask, mask_blur=0, inpaint_full_res=False)
     assert (64, 64, 3) == whole.shape
+    text = info["infotexts"][0]
+    assert "Mask blur: 0, Masked content: fill" in text
+    assert "Inpaint area" not in text
+    _, info = _run(runner, init, mask, inpaint_full_res=True, inpaint_full_res_padding=4)
+    assert "Inpaint area: Only masked, Masked area padding: 4" in info["infotexts"][0]
 
 
 def test_inpainting_checkpoint(inpaint_runner: DiffusersPipeline) -> None:
