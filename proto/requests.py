@@ -11,7 +11,7 @@ operator-configurable limits (max pixels, steps, batch) are checked by the gatew
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 import msgspec
 from msgspec import Meta, Struct
@@ -107,11 +107,16 @@ class _Processing(Struct, kw_only=True, frozen=True, omit_defaults=True):
     def effective_sampler(self) -> str:
         return self.sampler_name or self.sampler_index
 
+    def with_firstphase(self) -> Self:
+        """Legacy fields in today's terms (only txt2img has any)."""
+        return self
+
 
 class Txt2ImgRequest(_Processing, kw_only=True, frozen=True, omit_defaults=True):
     enable_hr: bool = False
-    firstphase_width: NonNegInt = 0
-    firstphase_height: NonNegInt = 0
+    firstphase_width: Annotated[int, Meta(ge=0, multiple_of=8)] = 0
+    """Legacy hires fix (A1111 < 1.0): the first pass's size; see :meth:`with_firstphase`."""
+    firstphase_height: Annotated[int, Meta(ge=0, multiple_of=8)] = 0
     hr_scale: Annotated[float, Meta(ge=0, le=8)] = 2.0
     hr_upscaler: str | None = None
     hr_second_pass_steps: NonNegInt = 0
@@ -123,6 +128,21 @@ class Txt2ImgRequest(_Processing, kw_only=True, frozen=True, omit_defaults=True)
     hr_prompt: str = ""
     hr_negative_prompt: str = ""
     firstpass_image: str | None = None
+
+    def with_firstphase(self) -> Self:
+        """The legacy ``firstphase_width/height`` in today's fields, as A1111 maps them:
+        the first pass at the first-phase size, the hires pass to ``width`` × ``height``."""
+        if not self.enable_hr or not (self.firstphase_width or self.firstphase_height):
+            return self
+        return msgspec.structs.replace(
+            self,
+            width=self.firstphase_width or self.width,
+            height=self.firstphase_height or self.height,
+            hr_resize_x=self.width,
+            hr_resize_y=self.height,
+            firstphase_width=0,
+            firstphase_height=0,
+        )
 
     def hr_size(self) -> tuple[int, int]:
         """The hires-fix pass's size: ``hr_resize_x/y`` (one of them keeps the aspect

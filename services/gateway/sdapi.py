@@ -89,7 +89,7 @@ async def img2img(request: web.Request) -> web.StreamResponse:
 async def _generate(request: web.Request, cls: type[Processing]) -> web.StreamResponse:
     res = resources(request)
     user = await caller(request, res)
-    body = await _decode_a1111(request, res, user, cls)
+    body = (await _decode_a1111(request, res, user, cls)).with_firstphase()
     check_limits(body, res.settings)
     # The seed's headers work here too: `taskId` names the task, `Idempotency-Key` makes
     # retries safe, and `Request-Type: async` (with or without the seed's `Task-Flag:

@@ -251,7 +251,7 @@ async def _seed_submit(
 ) -> web.StreamResponse:
     res = resources(request)
     user = await caller(request, res)
-    body: Txt2ImgRequest | Img2ImgRequest = decode(await request.read(), cls)
+    body: Txt2ImgRequest | Img2ImgRequest = decode(await request.read(), cls).with_firstphase()
     check_limits(body, res.settings)
     submitted = await submit_once(
         request, res, user, lambda task_id, sync: submit(res, user, body, task_id, sync=sync)

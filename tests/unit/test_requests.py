@@ -79,3 +79,30 @@ def test_unknown_sampler_lists_valid_ones() -> None:
         split_sampler("Turbo 9000")
     for name in SAMPLERS:
         assert name in str(info.value)
+
+
+def test_firstphase_fields_map_to_todays_hires_fields() -> None:
+    legacy = msgspec.convert(
+        {
+            "stable_diffusion_model": "m",
+            "enable_hr": True,
+            "width": 1024,
+            "height": 768,
+            "firstphase_width": 512,
+            "firstphase_height": 384,
+        },
+        Txt2ImgRequest,
+    ).with_firstphase()
+    assert (512, 384, 1024, 768) == (
+        legacy.width,
+        legacy.height,
+        legacy.hr_resize_x,
+        legacy.hr_resize_y,
+    )
+    assert (1024, 768) == legacy.hr_size()
+    plain = msgspec.convert(
+        {"stable_diffusion_model": "m", "firstphase_width": 512}, Txt2ImgRequest
+    )
+    assert plain is plain.with_firstphase(), "without hires fix the fields mean nothing"
+    with pytest.raises(msgspec.ValidationError, match="firstphase_width"):
+        msgspec.convert({"stable_diffusion_model": "m", "firstphase_width": 500}, Txt2ImgRequest)
