@@ -126,6 +126,7 @@ async def submit(
     embeddings = await resolve_embeddings(
         res, body.prompt, body.negative_prompt, family=model.get("family")
     )
+    overrides = dict(body.override_settings or {})
     options = await res.options.get(user)
     if options:
         # The caller's stored options apply to every request; the request's own win.
@@ -173,6 +174,10 @@ async def submit(
         command=encode(command),
     )
     document["webhook"] = webhook
+    if overrides and not body.override_settings_restore_afterwards:
+        # A1111 keeps such overrides as its settings; here they become the caller's
+        # options (as POST /sdapi/v1/options would), never anyone else's.
+        await res.options.update(user, overrides)
     return task_id, await enqueue(res, command, document, sync=sync)
 
 

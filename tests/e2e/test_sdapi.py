@@ -275,3 +275,18 @@ async def test_skip_ends_the_current_job_and_progress_says_skipped(system: Syste
         assert "Seed: 101" in image.info["parameters"], "the image is the second job's"
     progress = await _get(system, "/tasks/skipped-a1111-task/progress")
     assert (False, 1) == (progress["state"]["skipped"], progress["state"]["job_no"])
+
+
+async def test_overrides_kept_when_not_restored_afterwards(system: System) -> None:
+    body = {**A1111_TXT2IMG, "n_iter": 1, "steps": 2}
+    for restore, marker in ((True, "restored"), (False, "kept")):
+        async with system.http.post(
+            f"{system.url}/sdapi/v1/txt2img",
+            json={
+                **body,
+                "override_settings": {"sdswarm_test_marker": marker},
+                "override_settings_restore_afterwards": restore,
+            },
+        ) as response:
+            assert 200 == response.status, await response.text()
+    assert "kept" == (await _get(system, "/sdapi/v1/options"))["sdswarm_test_marker"]
