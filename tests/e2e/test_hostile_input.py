@@ -10,6 +10,7 @@ import io
 import itertools
 import json
 import os
+import shutil
 import struct
 import sys
 import zlib
@@ -230,10 +231,14 @@ def corpus() -> Iterator[Attack]:
 
 @pytest.fixture
 async def system(tmp_path: Path, models_dir: Path, mongo_server: Any) -> AsyncIterator[System]:
+    # A models folder of its own: the fuzzer may delete or replace models (DELETE and PUT
+    # /models are in the OpenAPI document), which must not reach other tests' systems.
+    models = tmp_path / "models"
+    shutil.copytree(models_dir, models)
     # Low limits: whatever a fuzzer gets accepted is a tiny task.
     async with start_system(
         tmp_path,
-        models_dir,
+        models,
         mongo_server.url,
         max_steps=2,
         max_width=64,
