@@ -129,6 +129,11 @@ class Txt2ImgRequest(_Processing, kw_only=True, frozen=True, omit_defaults=True)
     hr_negative_prompt: str = ""
     firstpass_image: str | None = None
 
+    @property
+    def hires_strength(self) -> float:
+        """The hires pass's denoising strength (A1111's default 0.7)."""
+        return 0.7 if self.denoising_strength is None else self.denoising_strength
+
     def with_firstphase(self) -> Self:
         """The legacy ``firstphase_width/height`` in today's fields, as A1111 maps them:
         the first pass at the first-phase size, the hires pass to ``width`` × ``height``."""
@@ -186,6 +191,11 @@ class Img2ImgRequest(_Processing, kw_only=True, frozen=True, omit_defaults=True)
     initial_noise_multiplier: Annotated[float, Meta(ge=0, le=10)] | None = None
     latent_mask: str | None = None
     include_init_images: bool = False
+
+    @property
+    def strength(self) -> float:
+        """The denoising strength (A1111's default 0.75)."""
+        return 0.75 if self.denoising_strength is None else self.denoising_strength
 
 
 BUILTIN_UPSCALERS = ("None", "Lanczos", "Nearest")

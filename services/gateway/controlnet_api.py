@@ -296,7 +296,9 @@ async def detect(request: web.Request) -> web.StreamResponse:
         maps = []
         for data in images:
             with Image.open(io.BytesIO(data)) as source:
-                found = preprocessors.detect(source, unit, resolution if resolution > 0 else 512)
+                found = preprocessors.detect(
+                    source, unit, resolution if resolution > 0 else DEFAULT_PROCESSOR_RES
+                )
             buffer = io.BytesIO()
             Image.fromarray(found).save(buffer, format="PNG")
             maps.append(base64.b64encode(buffer.getvalue()).decode())

@@ -126,11 +126,10 @@ def check_limits(request: Txt2ImgRequest | Img2ImgRequest, settings: GatewaySett
         _runs_a_step(
             "hr_second_pass_steps",
             request.hr_second_pass_steps or request.steps,
-            0.7 if request.denoising_strength is None else request.denoising_strength,
+            request.hires_strength,
         )
     if isinstance(request, Img2ImgRequest):
-        strength = 0.75 if request.denoising_strength is None else request.denoising_strength
-        _runs_a_step("steps", request.steps, strength)
+        _runs_a_step("steps", request.steps, request.strength)
     field = "sampler_name" if request.sampler_name else "sampler_index"
     try:
         split_sampler(request.effective_sampler, request.scheduler)

@@ -483,7 +483,7 @@ def call_options(
     plain resize and *fill* content (listed by :func:`warnings`).
     """
     request = inputs.request
-    strength = 0.75 if request.denoising_strength is None else request.denoising_strength
+    strength = request.strength
     prepared = inputs.batch(len(seeds))
     size = {"width": request.width, "height": request.height}
     masks = [p.mask for p in prepared]

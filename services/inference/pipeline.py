@@ -460,8 +460,8 @@ class DiffusersPipeline:
             if multiplier is not None and multiplier != 1:
                 img2img.scale_initial_noise(pipe, scheduler, multiplier)
         pipe.scheduler = scheduler
-        is_hires = isinstance(request, Txt2ImgRequest) and request.enable_hr
-        first_control = control.for_pass(hires=is_hires) if control is not None else None
+        hires = isinstance(request, Txt2ImgRequest) and request.enable_hr
+        first_control = control.for_pass(hires=hires) if control is not None else None
         if first_control is not None:
             pipe, image_key = with_control(pipe, first_control, guided=request.cfg_scale > 1)
             options |= first_control.options(request.width, request.height, image_key=image_key)
@@ -475,7 +475,6 @@ class DiffusersPipeline:
             delta = noise_seed_delta(request)
             generators = [torch.Generator("cpu").manual_seed(seed + delta) for seed in seeds]
 
-        hires = isinstance(request, Txt2ImgRequest) and request.enable_hr
         first_total = request.steps
         second_total = self._hires_steps(request) if hires else 0
         offset = 0
@@ -586,7 +585,7 @@ class DiffusersPipeline:
         """Steps the second pass runs: its steps × denoising strength (diffusers, A1111)."""
         assert isinstance(request, Txt2ImgRequest)
         steps = request.hr_second_pass_steps or request.steps
-        return min(int(steps * _hires_strength(request)), steps)
+        return min(int(steps * request.hires_strength), steps)
 
     def _hires_pass(
         self,
@@ -635,7 +634,7 @@ class DiffusersPipeline:
             options = second.options(width, height, image_key=image_key)
         return pipe(
             image=image,
-            strength=_hires_strength(request),
+            strength=request.hires_strength,
             num_inference_steps=request.hr_second_pass_steps or request.steps,
             guidance_scale=request.cfg_scale,
             generator=generators,
@@ -749,7 +748,7 @@ def _hires_infotext(request: Request) -> list[str]:
     width, height = request.hr_size()
     resized = request.hr_resize_x or request.hr_resize_y
     return [
-        f"Denoising strength: {_hires_strength(request):g}",
+        f"Denoising strength: {request.hires_strength:g}",
         f"Hires resize: {width}x{height}" if resized else f"Hires upscale: {request.hr_scale:g}",
         *([f"Hires steps: {request.hr_second_pass_steps}"] if request.hr_second_pass_steps else []),
         f"Hires upscaler: {request.hr_upscaler or 'Latent'}",
@@ -777,10 +776,6 @@ def _img2img_infotext(request: Request) -> list[str]:
         padding = request.inpaint_full_res_padding
         parts += ["Inpaint area: Only masked", f"Masked area padding: {padding}"]
     return parts
-
-
-def _hires_strength(request: Txt2ImgRequest) -> float:
-    return 0.7 if request.denoising_strength is None else request.denoising_strength
 
 
 def _call_parameters(pipe: Any) -> set[str]:
