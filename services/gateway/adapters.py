@@ -110,6 +110,13 @@ def base_family(family: Any) -> str | None:
     return family.split("_")[0] if isinstance(family, str) and family else None
 
 
+def families_match(checkpoint: Any, model: Any) -> bool:
+    """Whether an adapter of family ``model`` fits a checkpoint of family ``checkpoint``
+    (``sd1_inpaint`` is ``sd1``); an unknown family on either side fits."""
+    mine, theirs = base_family(checkpoint), base_family(model)
+    return mine is None or theirs is None or mine == theirs
+
+
 async def resolve_embeddings(
     res: Resources, *texts: str, family: str | None = None
 ) -> list[AdapterRef]:
@@ -118,11 +125,10 @@ async def resolve_embeddings(
     than the checkpoint's (``family``, when both are known) are left out, as A1111 skips
     them: the name stays plain text."""
     text = "\n".join(texts)
-    base = base_family(family)
     return [
         AdapterRef(name=m["name"], path=m["path"], sha256=m.get("sha256") or "")
         for m in await res.models.list(ModelType.EMBEDDING)
         if m["status"] not in (ModelStatus.FAILED.value, ModelStatus.REGISTERING.value)
         and _mentions(text, m["name"])
-        and (base is None or base_family(m.get("family")) in (None, base))
+        and families_match(family, m.get("family"))
     ]

@@ -36,7 +36,7 @@ from proto.controlnet import (
 )
 from proto.extra_networks import AdapterRef
 from proto.requests import Img2ImgRequest, Txt2ImgRequest
-from services.gateway.adapters import base_family
+from services.gateway.adapters import base_family, families_match
 from services.gateway.auth import caller
 from services.gateway.errors import ApiError
 from services.gateway.images import StagedInputs, stage_inputs
@@ -140,12 +140,11 @@ async def check_controlnets(res: Resources, body: Body, checkpoint: Document) ->
             raise _invalid(f"{field}.image", "txt2img units need an image")
         module = _module(request.module, f"{field}.module")
         model = await _model(res, request, f"{field}.model")
-        mine, theirs = base_family(checkpoint.get("family")), base_family(model.get("family"))
-        if mine and theirs and mine != theirs:
+        if not families_match(checkpoint.get("family"), model.get("family")):
             raise _invalid(
                 f"{field}.model",
-                f"ControlNet {model['name']!r} is for {theirs} checkpoints; "
-                f"{checkpoint['name']!r} is {mine}",
+                f"ControlNet {model['name']!r} is for {base_family(model.get('family'))}"
+                f" checkpoints; {checkpoint['name']!r} is {base_family(checkpoint.get('family'))}",
                 "controlnet_mismatch",
             )
         defaults = BUILTIN_MODULES[module]

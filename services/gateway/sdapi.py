@@ -22,7 +22,7 @@ from proto import ModelType, TaskStatus, names
 from proto.requests import Img2ImgRequest, Txt2ImgRequest, to_builtins
 from proto.samplers import SAMPLERS, SCHEDULE_TYPES
 from services.common import bus
-from services.gateway.adapters import base_family
+from services.gateway.adapters import families_match
 from services.gateway.auth import caller
 from services.gateway.errors import ApiError, Handler, invalid_body
 from services.gateway.pnginfo import png_info
@@ -350,7 +350,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     checkpoint = None
     with contextlib.suppress(ApiError):  # no default checkpoint: no family to compare with
         checkpoint = await res.models.get(await _checkpoint_name(res, user, {}))
-    family = base_family(checkpoint.get("family")) if checkpoint else None
+    family = checkpoint.get("family") if checkpoint else None
     loaded: dict[str, Any] = {}
     skipped: dict[str, Any] = {}
     for model in await res.models.list(ModelType.EMBEDDING):
@@ -362,10 +362,11 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
             "shape": shape[1] if shape else None,
             "vectors": shape[0] if shape else None,
         }
-        own = base_family(model.get("family"))
-        usable = shape is not None and model["status"] != "failed"
-        if family and own and own != family:
-            usable = False
+        usable = (
+            shape is not None
+            and model["status"] != "failed"
+            and families_match(family, model.get("family"))
+        )
         (loaded if usable else skipped)[model["name"]] = entry
     return web.json_response({"loaded": loaded, "skipped": skipped})
 
