@@ -266,17 +266,23 @@ def test_only_masked_inpaints_the_crop_and_keeps_the_size(runner: DiffusersPipel
     assert "Inpaint area: Only masked, Masked area padding: 4" in info["infotexts"][0]
 
 
-def test_inpainting_checkpoint(inpaint_runner: DiffusersPipeline) -> None:
+def _check_fills_keep_the_outside(runner: DiffusersPipeline) -> None:
+    """'original' and 'latent nothing' differ under the mask and keep the rest exactly."""
     init = _scene((64, 64))
     original = np.asarray(init, dtype=int)
     mask = _rect_mask((64, 64), (16, 16, 48, 48))
     inside = np.asarray(mask) > 0
     common = {"mask_blur": 0, "inpaint_full_res": False}
-    (kept,), _ = _run(inpaint_runner, init, mask, inpainting_fill=1, **common)
-    (nothing,), _ = _run(inpaint_runner, init, mask, inpainting_fill=3, **common)
+    (kept,), _ = _run(runner, init, mask, inpainting_fill=1, **common)
+    (nothing,), _ = _run(runner, init, mask, inpainting_fill=3, **common)
     for out in (kept, nothing):
         assert (out[~inside] == original[~inside]).all()
     assert _diff(kept, nothing)[inside].mean() > 1
+
+
+def test_inpainting_checkpoint(inpaint_runner: DiffusersPipeline) -> None:
+    _check_fills_keep_the_outside(inpaint_runner)
+    init = _scene((64, 64))
     # Only masked, and img2img without a mask (A1111's full-mask conditioning).
     (crop,), _ = _run(inpaint_runner, _scene((96, 64)), _rect_mask((96, 64), (40, 20, 56, 36)))
     assert (64, 96, 3) == crop.shape
@@ -305,16 +311,7 @@ def test_sdxl_img2img_and_inpaint(tmp_path_factory: pytest.TempPathFactory) -> N
 
     tiny = build_tiny_sdxl(tmp_path_factory.mktemp("sdxl"))
     runner = tiny_runner(tiny.single_file, tmp_path_factory.mktemp("cache_xl"))
-    init = _scene((64, 64))
-    original = np.asarray(init, dtype=int)
-    mask = _rect_mask((64, 64), (16, 16, 48, 48))
-    inside = np.asarray(mask) > 0
-    common = {"mask_blur": 0, "inpaint_full_res": False}
-    (kept,), _ = _run(runner, init, mask, inpainting_fill=1, **common)
-    (nothing,), _ = _run(runner, init, mask, inpainting_fill=3, **common)
-    for out in (kept, nothing):
-        assert (out[~inside] == original[~inside]).all()
-    assert _diff(kept, nothing)[inside].mean() > 1
+    _check_fills_keep_the_outside(runner)
     (latent,), _ = _run(runner, _scene((128, 96)), resize_mode=3)
     (pixel,), _ = _run(runner, _scene((128, 96)), resize_mode=0)
     assert (64, 64, 3) == latent.shape
