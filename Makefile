@@ -11,10 +11,7 @@ $(PY):
 	python3 -m venv $(VENV)
 
 install: $(PY)
-	$(PIP) install -c constraints.txt torch==2.13.0
 	$(PIP) install -c constraints.txt -e '.[all,dev]'
-	@# Only the BPE vocabulary file is used; --no-deps keeps torchvision out (see ML notes in README).
-	$(PIP) install -c constraints.txt --no-deps 'open_clip_torch>=2.20'
 
 run: install
 	$(VENV)/bin/sdswarm up $(ARGS)

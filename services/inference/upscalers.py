@@ -109,7 +109,7 @@ class ModelUpscaler:
 
 def _spandrel() -> Any:
     try:
-        import spandrel  # type: ignore[import-not-found,unused-ignore]
+        import spandrel
     except (ImportError, RuntimeError, OSError) as exc:
         # Missing spandrel or torchvision (ImportError); a torchvision built for another
         # torch fails with RuntimeError ("operator torchvision::nms does not exist").

@@ -14,7 +14,7 @@ from proto import ModelType, names
 from services.storage.models import ModelStore
 from services.storage.scan import register_models
 from tests.e2e.conftest import System
-from tests.fixtures.upscaler import save_compact, spandrel_works
+from tests.fixtures.upscaler import save_compact
 
 pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("system", ["local"], indirect=True)]
 
@@ -107,22 +107,13 @@ async def test_async_extras_and_batch(system: System) -> None:
 
 
 async def test_registered_model_upscaler(system: System, tmp_path: Path) -> None:
-    """A file in ``ESRGAN/`` is an upscaler; it runs where spandrel imports, and otherwise
-    the task fails with the reason (model upscalers are blocked on torchvision here)."""
+    """A file in ``ESRGAN/`` is an upscaler, run through spandrel."""
     save_compact(tmp_path / "ESRGAN" / "tiny_x2.safetensors")
     await register_models(tmp_path, ModelStore(system.db), False, (ModelType.UPSCALER,))
     async with system.http.get(f"{system.url}/sdapi/v1/upscalers") as response:
         assert "tiny_x2" in [u["name"] for u in await response.json()]
     body = {"image": _png((16, 8)), "upscaler_1": "tiny_x2", "upscaling_resize": 2}
     status, result = await _post(system, "/extra_images", body)
-    if spandrel_works():
-        assert (200, "succeeded") == (status, result["status"]), result
-        image = Image.open(io.BytesIO(await system.objects.get(result["images"][0])))
-        assert (32, 16) == image.size
-    else:
-        assert (500, "failed", "upscaler_unavailable") == (
-            status,
-            result["status"],
-            result["code"],
-        ), result
-        assert "spandrel" in result["message"]
+    assert (200, "succeeded") == (status, result["status"]), result
+    image = Image.open(io.BytesIO(await system.objects.get(result["images"][0])))
+    assert (32, 16) == image.size

@@ -34,14 +34,9 @@ from services.inference.upscalers import (  # noqa: E402
     to_image,
     to_tensor,
 )
-from tests.fixtures.upscaler import save_compact, spandrel_works  # noqa: E402
+from tests.fixtures.upscaler import save_compact  # noqa: E402
 
 pytestmark = pytest.mark.integration
-
-
-needs_spandrel = pytest.mark.skipif(
-    not spandrel_works(), reason="spandrel cannot be imported here (needs torchvision)"
-)
 
 
 def _options(**fields: Any) -> ExtrasOptions:
@@ -288,25 +283,6 @@ def compact_files(tmp_path: Path) -> dict[str, Path]:
     return {kind: save_compact(tmp_path / f"tiny_x2.{kind}") for kind in ("safetensors", "pth")}
 
 
-@pytest.mark.skipif(spandrel_works(), reason="spandrel works here: covered by the tests below")
-def test_model_upscaler_without_spandrel_fails_with_the_import_error(
-    compact_files: dict[str, Path],
-) -> None:
-    with pytest.raises(GenerationError, match="spandrel") as caught:
-        load_model_upscaler("tiny", compact_files["safetensors"], "cpu")
-    assert "upscaler_unavailable" == caught.value.code
-    inputs = {"k.png": _png(_stripes(8, 8))}
-    upscalers = {"tiny_x2": str(compact_files["safetensors"])}
-    with pytest.raises(GenerationError, match="spandrel"):
-        _runner().generate(
-            _command(_options(upscaler_1="tiny_x2"), list(inputs), upscalers),
-            inputs,
-            _ignore,
-            _never,
-        )
-
-
-@needs_spandrel
 @pytest.mark.parametrize("kind", ["safetensors", "pth"])
 def test_spandrel_detects_compact_and_honours_its_scale(
     compact_files: dict[str, Path], kind: str
@@ -325,7 +301,6 @@ def test_spandrel_detects_compact_and_honours_its_scale(
     assert (160, 96) == by_4.size
 
 
-@needs_spandrel
 def test_model_tiled_equals_untiled(compact_files: dict[str, Path]) -> None:
     """The compact net sees 4 px around each pixel (4 convolutions); overlap 8 covers it."""
     model = load_model_upscaler("tiny_x2", compact_files["safetensors"], "cpu")
@@ -340,7 +315,6 @@ def test_model_tiled_equals_untiled(compact_files: dict[str, Path]) -> None:
     assert torch.allclose(whole, pieces, atol=1e-4)
 
 
-@needs_spandrel
 def test_progress_counts_tiles(compact_files: dict[str, Path]) -> None:
     inputs = {"k.png": _png(_stripes(40, 24))}
     upscalers = {"tiny_x2": str(compact_files["safetensors"])}
