@@ -231,7 +231,7 @@ async def _a1111_extras(
     )
     if not submitted.sync:
         return await answer(res, submitted)
-    task_id, outcome, _ = submitted
+    _, task_id, outcome, _ = submitted
     results = await _a1111_outcome(res, task_id, outcome)
     reply: dict[str, Any] = {"html_info": _html_info(outcome)}
     if isinstance(body, ExtraImagesRequest):

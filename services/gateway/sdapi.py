@@ -104,7 +104,7 @@ async def _generate(request: web.Request, cls: type[Processing]) -> web.StreamRe
     )
     if not submitted.sync:
         return await answer(res, submitted)
-    task_id, outcome, _ = submitted
+    _, task_id, outcome, _ = submitted
     if outcome is None:
         raise ApiError(
             504,

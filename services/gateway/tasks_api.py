@@ -190,7 +190,7 @@ async def enqueue(
     if res.nc.is_closed:  # while reconnecting, publishes wait in the client's buffer
         raise ApiError(503, "queue_unavailable", "the task queue is unreachable, retry later")
     # Subscribe before publishing so a fast worker's terminal event cannot be missed.
-    waiter = await waiting.TerminalWaiter.start(res.nc, task_id) if sync else None
+    waiter = await waiting.TerminalWaiter.start(res.nc, task_id, command.user) if sync else None
     try:
         try:
             await res.tasks.insert(document)
@@ -269,6 +269,7 @@ Queue = Callable[[str, bool], Awaitable[tuple[str, Document | None]]]
 
 
 class Submitted(NamedTuple):
+    user: str
     task_id: str
     outcome: Document | None
     """Sync: the terminal task document (None: the deadline passed first). Async: None, or
@@ -291,18 +292,31 @@ async def submit_once(
     digest = request_hash(request.path, await request.read())
     earlier = await _reserve(res, user, key, digest, task_id)
     if earlier is not None:
-        # A retry of a request we already took: answer for the same task.
+        # A retry of a request we already took: answer for the same task, but only once
+        # that task exists and is the caller's. The key is reserved before the task is
+        # inserted, and the insert may still fail (a `taskId` that is taken): until then
+        # the key promises nothing, and a task id never answers for another user's task.
+        document = await res.tasks.get(earlier, user)
+        if document is None:
+            raise ApiError(
+                409,
+                "idempotency_in_flight",
+                f"a request with {IDEMPOTENCY_HEADER} {key!r} is still being submitted;"
+                " retry shortly",
+                field=IDEMPOTENCY_HEADER,
+                headers={"Retry-After": "1"},
+            )
         if not sync:
-            return Submitted(earlier, await res.tasks.get(earlier, user), sync)
-        waiter = await waiting.TerminalWaiter.start(res.nc, earlier)
+            return Submitted(user, earlier, document, sync)
+        waiter = await waiting.TerminalWaiter.start(res.nc, earlier, user)
         try:
             return Submitted(
-                earlier, await waiter.wait(res.tasks, res.settings.sync_timeout_s), sync
+                user, earlier, await waiter.wait(res.tasks, res.settings.sync_timeout_s), sync
             )
         finally:
             await waiter.close()
     try:
-        return Submitted(*await queue(task_id, sync), sync)
+        return Submitted(user, *await queue(task_id, sync), sync)
     except ApiError:
         if key:
             await res.idempotency.release(user, key)
@@ -332,12 +346,12 @@ async def _reserve(res: Resources, user: str, key: str, digest: str, task_id: st
 
 async def answer(res: Resources, submitted: Submitted) -> web.StreamResponse:
     """The seed's answer: sync, from the terminal document; async, 202 with the status."""
-    task_id, outcome, sync = submitted
+    user, task_id, outcome, sync = submitted
     headers = {TASK_ID_HEADER: task_id}
     if not sync:
         status = outcome["status"] if outcome else TaskStatus.WAITING.value
         return web.json_response({"taskId": task_id, "status": status}, status=202, headers=headers)
-    return await _sync_response(res, task_id, outcome, headers)
+    return await _sync_response(res, user, task_id, outcome, headers)
 
 
 async def _publish(res: Resources, command: GenerateImage) -> None:
@@ -374,11 +388,11 @@ async def _publish(res: Resources, command: GenerateImage) -> None:
 
 
 async def _sync_response(
-    res: Resources, task_id: str, outcome: Document | None, headers: dict[str, str]
+    res: Resources, user: str, task_id: str, outcome: Document | None, headers: dict[str, str]
 ) -> web.StreamResponse:
     if outcome is None:
         # Deadline passed: the task goes on; the client polls or follows the SSE stream.
-        document = await res.tasks.get(task_id)
+        document = await res.tasks.get(task_id, user)
         status = document["status"] if document else TaskStatus.WAITING.value
         return web.json_response({"taskId": task_id, "status": status}, status=202, headers=headers)
     status = outcome["status"]

@@ -56,14 +56,16 @@ class TerminalWaiter:
     sync answer never runs ahead of the result route.
     """
 
-    def __init__(self, task_id: str) -> None:
+    def __init__(self, task_id: str, user: str) -> None:
         self.task_id = task_id
+        # Every read is scoped to the caller: a task id alone never reveals a task.
+        self.user = user
         self._heard = asyncio.Event()
         self._subscription: Subscription | None = None
 
     @classmethod
-    async def start(cls, nc: Client, task_id: str) -> TerminalWaiter:
-        waiter = cls(task_id)
+    async def start(cls, nc: Client, task_id: str, user: str) -> TerminalWaiter:
+        waiter = cls(task_id, user)
         waiter._subscription = await nc.subscribe(
             names.task_events_filter(task_id), cb=waiter._on_message
         )
@@ -82,7 +84,7 @@ class TerminalWaiter:
         deadline = time.monotonic() + timeout_s
         pause = FOLD_POLL_S[0]
         while True:
-            document = await tasks.get(self.task_id)
+            document = await tasks.get(self.task_id, self.user)
             if document is not None and TaskStatus(document["status"]).terminal:
                 return document
             if (left := deadline - time.monotonic()) <= 0:

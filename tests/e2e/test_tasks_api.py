@@ -151,6 +151,51 @@ async def test_users_cannot_see_each_others_tasks(system: System, keyed_url: str
     assert [f"images/alice/{task_id}_1.png"] == result["images"]
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_another_users_task_id_never_answers_with_that_task(
+    system: System, keyed_url: str, mode: str
+) -> None:
+    """The reported leak: Bob names Alice's task id in `taskId` and sends 20 concurrent
+    requests with one Idempotency-Key. Before the fix one answer was 409 and the other 19
+    were Alice's images with working links (the key was reserved before the insert failed
+    and the waiter read the task without its owner)."""
+    alice = {"Authorization": f"Bearer {ALICE}"}
+    status, body = await _submit(system, url=keyed_url, headers=alice)
+    assert 202 == status
+    task_id = body["taskId"]
+    await _wait_done(system, task_id, keyed_url, alice)
+    request = {"stable_diffusion_model": MODEL, "prompt": "x", "steps": 1, "width": 64}
+    headers = {
+        "Authorization": f"Bearer {BOB}",
+        "taskId": task_id,
+        "Idempotency-Key": f"steal-{mode}",
+        "Request-Type": mode,
+    }
+
+    async def attempt() -> tuple[int, str]:
+        async with system.http.post(
+            f"{keyed_url}/txt2img", json={**request, "height": 64}, headers=headers
+        ) as response:
+            return response.status, await response.text()
+
+    answers = await asyncio.gather(*(attempt() for _ in range(20)))
+    for status, text in answers:
+        assert 409 == status, text
+        assert "images/alice" not in text
+        assert "ossUrl" not in text
+    codes = sorted({msgspec.json.decode(text)["code"] for _, text in answers})
+    assert set(codes) <= {"task_exists", "idempotency_in_flight"}, codes
+    # The key was released by the refused request: Bob's own retry with a fresh id works.
+    retry = {k: v for k, v in headers.items() if k != "taskId"} | {"Request-Type": "async"}
+    async with system.http.post(
+        f"{keyed_url}/txt2img", json={**request, "height": 64}, headers=retry
+    ) as response:
+        assert 202 == response.status, await response.text()
+        own = (await response.json())["taskId"]
+    assert own != task_id
+    await _wait_done(system, own, keyed_url, {"Authorization": f"Bearer {BOB}"})
+
+
 async def test_idempotency_keys(system: System) -> None:
     key = {"Idempotency-Key": "order-42"}
     first = await _submit(system, headers=key, prompt="same")
