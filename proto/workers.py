@@ -29,6 +29,9 @@ class WorkerStatus(Struct, kw_only=True, frozen=True, omit_defaults=True):
     device: str = ""
     pid: int = 0
     task_id: str | None = None
+    """The first task in hand (kept for older readers)."""
+    task_ids: list[str] = []
+    """Every task of the batch in hand."""
     error: str | None = None
     last_step_at: float | None = None
     """Unix time of the last denoising step (hung-worker detection)."""

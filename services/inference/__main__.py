@@ -57,6 +57,7 @@ def make_pipeline_factory(settings: WorkerSettings):  # type: ignore[no-untyped-
             device=device,
             preview_interval_s=settings.preview_interval_s,
             cache_dir=Path(settings.cache_dir),
+            png_compress_level=settings.png_compress_level,
         )
 
     return factory

@@ -14,9 +14,9 @@ import json
 import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from PIL import Image
@@ -29,6 +29,7 @@ from proto.extra_networks import strip_tags
 from proto.requests import LATENT_UPSCALE_MODES, Img2ImgRequest, Txt2ImgRequest
 from proto.samplers import split_sampler
 from services.inference import img2img
+from services.inference.batching import CLIP_SKIP_OPTION, ENSD_OPTION
 from services.inference.controlnet import (
     Control,
     ControlNetCache,
@@ -42,7 +43,12 @@ from services.inference.previews import latent_preview
 from services.inference.prompts import encode_weighted, encode_weighted_xl, needs_own_encoder
 from services.inference.samplers import apply_churn, build_scheduler, churn_options
 
+if TYPE_CHECKING:
+    from services.inference.batched import Member
+
 VERSION = "sdswarm"
+PNG_COMPRESS_LEVEL = 6
+"""zlib level of output PNGs (Pillow's default); lower is faster and larger."""
 MAX_VAES = 2
 """Extra VAEs kept loaded per worker (each is ~160 MB for SD)."""
 MAX_SEED = 2**32 - 1
@@ -68,12 +74,33 @@ class GenerationError(Exception):
         self.message = message
 
 
-@dataclass
 class Generation:
-    images: list[bytes]
-    """PNG bytes, in output order, with the A1111 infotext in the ``parameters`` chunk."""
-    seeds: list[int]
-    info: dict[str, Any] = field(default_factory=dict)
+    """A task's output. Diffusion hands over images with their infotexts (``frames``) and
+    PNG encoding happens on first use of :attr:`images`, so the worker can encode off the
+    GPU's path (in a thread, while the next batch denoises)."""
+
+    def __init__(
+        self,
+        *,
+        seeds: list[int],
+        info: dict[str, Any] | None = None,
+        images: list[bytes] | None = None,
+        frames: list[tuple[Image.Image, str]] | None = None,
+        compress_level: int = PNG_COMPRESS_LEVEL,
+    ) -> None:
+        self.seeds = seeds
+        self.info: dict[str, Any] = info or {}
+        self.frames = frames or []
+        self.compress_level = compress_level
+        self._images = images
+
+    @property
+    def images(self) -> list[bytes]:
+        """PNG bytes, in output order, with the A1111 infotext in the ``parameters`` chunk."""
+        if self._images is None:
+            self._images = [encode_png(im, text, self.compress_level) for im, text in self.frames]
+            self.frames = []
+        return self._images
 
 
 Inputs = dict[str, bytes]
@@ -107,7 +134,6 @@ def resolve_seed(seed: int) -> int:
 
 
 Request = Txt2ImgRequest | Img2ImgRequest
-CLIP_SKIP_OPTION = "CLIP_stop_at_last_layers"
 
 
 def clip_skip(request: Request) -> int:
@@ -218,12 +244,41 @@ def infotext(
     return f"{text}\n{', '.join(parts)}"
 
 
-def encode_png(image: Image.Image, text: str) -> bytes:
+def encode_png(image: Image.Image, text: str, compress_level: int = PNG_COMPRESS_LEVEL) -> bytes:
     meta = PngInfo()
     meta.add_text("parameters", text)
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=meta)
+    image.save(buffer, format="PNG", pnginfo=meta, compress_level=compress_level)
     return buffer.getvalue()
+
+
+@dataclass
+class TaskPlan:
+    """What one task's jobs use, fixed before the first step."""
+
+    request: Request
+    seeds: list[int]
+    subseeds: list[int]
+    infotexts: list[str]
+    info: dict[str, Any]
+
+    def _job(self, values: list[Any], job_no: int) -> list[Any]:
+        first = job_no * self.request.batch_size
+        return values[first : first + self.request.batch_size]
+
+    def job_seeds(self, job_no: int) -> list[int]:
+        return self._job(self.seeds, job_no)
+
+    def job_subseeds(self, job_no: int) -> list[int]:
+        return self._job(self.subseeds, job_no)
+
+    def job_infotexts(self, job_no: int) -> list[str]:
+        return self._job(self.infotexts, job_no)
+
+    def generation(self, frames: list[tuple[Image.Image, str]], compress_level: int) -> Generation:
+        return Generation(
+            seeds=self.seeds, info=self.info, frames=frames, compress_level=compress_level
+        )
 
 
 class DiffusersPipeline:
@@ -239,8 +294,10 @@ class DiffusersPipeline:
         preview_interval_s: float = 0.0,
         max_loras: int = 8,
         cache_dir: Path | None = None,
+        png_compress_level: int = PNG_COMPRESS_LEVEL,
     ) -> None:
         self.pipe = pipe
+        self.png_compress_level = png_compress_level
         self.cache_dir = cache_dir or Path("./data/cache")
         self._own_vae = pipe.vae
         self._vaes: collections.OrderedDict[str, Any] = collections.OrderedDict()
@@ -269,6 +326,48 @@ class DiffusersPipeline:
         if request is None:
             raise GenerationError("unsupported_task", f"{command.kind} is not supported yet")
         images_in = _load_images(request, inputs) if isinstance(request, Img2ImgRequest) else None
+        plan = self.plan(command, request)
+        frames: list[tuple[Image.Image, str]] = []
+        try:
+            control = self._control(command, inputs)
+            self._load_embeddings(command.embeddings)
+            with self.loras.applied(command.loras), self._vae(command.vae):
+                for job_no in range(request.n_iter):
+                    if command.hr_loras is not None:  # the last job's hires pass switched
+                        self.loras.activate(command.loras)
+                    try:
+                        images = self._run_job(
+                            request,
+                            images_in,
+                            plan.job_seeds(job_no),
+                            job_no,
+                            control,
+                            on_step,
+                            should_stop,
+                            should_skip,
+                            subseeds=plan.job_subseeds(job_no),
+                            hr_loras=command.hr_loras,
+                        )
+                    except JobSkippedError:
+                        continue  # skipped: no images from this job, on with the next
+                    frames += zip(images, plan.job_infotexts(job_no), strict=True)
+        except LoraError as exc:
+            raise GenerationError("lora_failed", str(exc)) from exc
+        except ControlNetError as exc:
+            raise GenerationError("controlnet_failed", str(exc)) from exc
+        finally:
+            release_memory(self.device)
+        return plan.generation(frames, self.png_compress_level)
+
+    def generate_batch(self, members: list[Member]) -> None:
+        """Compatible tasks (equal :func:`~services.inference.batching.batch_key`) in one
+        call per job; fills each member's outcome (see :mod:`services.inference.batched`)."""
+        from services.inference.batched import run_batch
+
+        run_batch(self, members)
+
+    def plan(self, command: GenerateImage, request: Request) -> TaskPlan:
+        """The task's seeds, subseeds and infotexts (one per image of every job)."""
         first_seed = resolve_seed(request.seed)
         count = request.batch_size * request.n_iter
         seeds = [(first_seed + i) % (MAX_SEED + 1) for i in range(count)]
@@ -288,40 +387,8 @@ class DiffusersPipeline:
             )
             for seed, subseed in zip(seeds, subseeds, strict=True)
         ]
-        pngs: list[bytes] = []
-        try:
-            control = self._control(command, inputs)
-            self._load_embeddings(command.embeddings)
-            with self.loras.applied(command.loras), self._vae(command.vae):
-                for job_no in range(request.n_iter):
-                    first = job_no * request.batch_size
-                    batch_seeds = seeds[first : first + request.batch_size]
-                    if command.hr_loras is not None:  # the last job's hires pass switched
-                        self.loras.activate(command.loras)
-                    try:
-                        images = self._run_job(
-                            request,
-                            images_in,
-                            batch_seeds,
-                            job_no,
-                            control,
-                            on_step,
-                            should_stop,
-                            should_skip,
-                            subseeds=subseeds[first : first + request.batch_size],
-                            hr_loras=command.hr_loras,
-                        )
-                    except JobSkippedError:
-                        continue  # skipped: no images from this job, on with the next
-                    pngs += [encode_png(im, infotexts[first + i]) for i, im in enumerate(images)]
-        except LoraError as exc:
-            raise GenerationError("lora_failed", str(exc)) from exc
-        except ControlNetError as exc:
-            raise GenerationError("controlnet_failed", str(exc)) from exc
-        finally:
-            release_memory(self.device)
         info = self._info(request, seeds, infotexts, subseeds)
-        return Generation(images=pngs, seeds=seeds, info=info)
+        return TaskPlan(request, seeds, subseeds, infotexts, info)
 
     @contextlib.contextmanager
     def _vae(self, ref: AdapterRef | None) -> Iterator[None]:
@@ -438,7 +505,12 @@ class DiffusersPipeline:
         should_skip: Callable[[], bool] = lambda: False,
         subseeds: list[int] | None = None,
         hr_loras: list[AdapterRef] | None = None,
+        *,
+        prompt_options: dict[str, Any] | None = None,
+        step_callback: Callable[..., Any] | None = None,
     ) -> list[Image.Image]:
+        """One job: a diffusers call for ``seeds`` (one image each). A batch of tasks
+        passes its rows' merged ``prompt_options`` and its own ``step_callback``."""
         scheduler = build_scheduler(
             self.base_scheduler_config,
             request.effective_sampler,
@@ -502,9 +574,11 @@ class DiffusersPipeline:
         if request.eta is not None and "eta" in _call_parameters(pipe):
             options["eta"] = request.eta
         with torch.inference_mode(), seamless(pipe, enabled=bool(request.tiling)):
-            options |= self._prompt_options(
-                pipe, request, request.prompt, request.negative_prompt, len(seeds)
-            )
+            if prompt_options is None:
+                prompt_options = self._prompt_options(
+                    pipe, request, request.prompt, request.negative_prompt, len(seeds)
+                )
+            options |= prompt_options
             latent_mode = (
                 isinstance(request, Txt2ImgRequest)
                 and hires
@@ -514,7 +588,7 @@ class DiffusersPipeline:
                 num_inference_steps=request.steps,
                 guidance_scale=request.cfg_scale,
                 generator=generators,
-                callback_on_step_end=callback,
+                callback_on_step_end=step_callback or callback,
                 output_type="latent" if latent_mode else "pil",
                 **options,
             )
@@ -682,7 +756,6 @@ class DiffusersPipeline:
         }
 
 
-ENSD_OPTION = "eta_noise_seed_delta"
 PREVIEW_OPTION = "show_progress_every_n_steps"
 
 

@@ -52,5 +52,12 @@ class WorkerSettings(StoreSettings, kw_only=True, frozen=True):
     image at once), which bounds memory on large images (A1111's ``ESRGAN_tile``)."""
     upscale_tile_overlap_px: int = 16
     """Context around each tile, dropped from its output (A1111's ``ESRGAN_tile_overlap``)."""
+    max_batch: int = 1
+    """Tasks taken at once; compatible ones share one diffusers call (see README,
+    "Batching"). The scheduler sets it per checkpoint (``SDSWARM_MAX_BATCH``)."""
+    batch_wait_ms: float = 0.0
+    """How long to wait for more tasks once one is in hand (0: take only what is queued)."""
+    png_compress_level: int = 6
+    """zlib level of output PNGs, 0–9 (Pillow's default 6; lower is faster, larger)."""
     idle_exit_s: float = 0.0
     """Exit after this long without work (0: never); the scheduler also stops idle workers."""

@@ -22,13 +22,15 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TypedDict
+from typing import Any, TypedDict
 
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
@@ -46,7 +48,9 @@ from proto.events import (
 )
 from proto.workers import WorkerState, WorkerStatus
 from services.common import bus
+from services.inference import batching
 from services.inference.pipeline import (
+    Generation,
     GenerationError,
     Pipeline,
     TaskCancelledError,
@@ -155,7 +159,9 @@ class Worker:
         self._cancels: KeyValue | None = None
         self._workers: KeyValue | None = None
         self._state = WorkerState.LOADING
-        self._task_id: str | None = None
+        self._task_ids: list[str] = []
+        self._outputs: set[asyncio.Task[None]] = set()
+        """Finished tasks whose images are being encoded and stored (beside the GPU)."""
         self._last_step_at: float | None = None
         self._load_seconds: float | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -174,7 +180,8 @@ class Worker:
             state=self._state,
             device=self.settings.device,
             pid=os.getpid(),
-            task_id=self._task_id,
+            task_id=self._task_ids[0] if self._task_ids else None,
+            task_ids=self._task_ids,
             error=self._load_error.message if self._load_error else None,
             last_step_at=self._last_step_at,
             updated_at=time.time(),
@@ -186,21 +193,22 @@ class Worker:
         except Exception as exc:  # liveness must never take a task down with it
             log.warning("cannot write the liveness record: %s", exc)
 
-    async def _set_state(self, state: WorkerState, task_id: str | None = None) -> None:
-        self._state, self._task_id = state, task_id
+    async def _set_state(self, state: WorkerState, task_ids: list[str] | None = None) -> None:
+        self._state, self._task_ids = state, task_ids or []
         await self._beat()
 
     async def _hand_back_on_stop(
-        self, stop: asyncio.Event | None, stop_flag: threading.Event
+        self, stop: asyncio.Event | None, stop_flags: list[threading.Event]
     ) -> bool:
-        """When the worker is asked to stop mid-task, let the task finish within the grace
-        period; past it, interrupt the task (True) so it can be handed back."""
+        """When the worker is asked to stop mid-task, let the tasks finish within the grace
+        period; past it, interrupt them (True) so they can be handed back."""
         if stop is None:
             await asyncio.Event().wait()
             return False
         await stop.wait()
         await asyncio.sleep(self.settings.stop_grace_s)
-        stop_flag.set()
+        for flag in stop_flags:
+            flag.set()
         return True
 
     async def _watch_parent(self, stop: asyncio.Event) -> None:
@@ -293,18 +301,19 @@ class Worker:
         idle_since = time.monotonic()
         try:
             while not stop.is_set():
+                await self._output_room()
                 try:
-                    messages = await subscription.fetch(1, timeout=self.settings.fetch_timeout_s)
+                    messages = await self._fetch(subscription)
                 except TimeoutError:  # nats raises its own subclass or the builtin, by code path
                     idle = time.monotonic() - idle_since
                     if self.settings.idle_exit_s and idle > self.settings.idle_exit_s:
                         log.info("idle for %.0f s, exiting", idle)
                         break
                     continue
-                for message in messages:
-                    await self.handle(message, stop)
+                await self.handle_batch(messages, stop)
                 idle_since = time.monotonic()
         finally:
+            await self.drain_outputs()
             log.info("worker stopping after %d tasks", self.completed)
             heartbeat.cancel()
             checkpoint_watch.cancel()
@@ -316,6 +325,18 @@ class Worker:
                 await subscription.unsubscribe()
             with contextlib.suppress(Exception):
                 await self._workers.delete(names.worker_kv_key(self.settings.worker_id))
+
+    async def _fetch(self, subscription: JetStreamContext.PullSubscription) -> list[Msg]:
+        """Up to ``max_batch`` tasks: what is queued now, plus what arrives within the
+        linger (``batch_wait_ms``; 0 takes only what is queued). A lone task is never
+        held back by more than the linger."""
+        want = max(self.settings.max_batch, 1)
+        messages = await subscription.fetch(want, timeout=self.settings.fetch_timeout_s)
+        linger = self.settings.batch_wait_ms / 1000
+        if len(messages) < want and linger > 0:
+            with contextlib.suppress(TimeoutError):
+                messages += await subscription.fetch(want - len(messages), timeout=linger)
+        return messages
 
     async def _pipeline_or_error(self) -> Pipeline:
         if self._load_error is not None:
@@ -341,189 +362,402 @@ class Worker:
         return True
 
     async def handle(self, message: Msg, stop: asyncio.Event | None = None) -> None:
+        """One message: a batch of one."""
+        await self.handle_batch([message], stop)
+
+    async def handle_batch(self, messages: list[Msg], stop: asyncio.Event | None = None) -> None:
+        """Messages fetched together: admitted one by one, then run as groups of
+        compatible tasks (one diffusers call per job each), in arrival order."""
+        held: list[_Held] = []
+        try:
+            for message in messages:
+                task = await self._admit(message)
+                if task is not None:
+                    held.append(task)
+            keeper = asyncio.create_task(self._keep_waiting_alive(held))
+            try:
+                for group in batching.group(held, lambda t: batching.batch_key(t.command)):
+                    await self._run_group(group, stop)
+            finally:
+                keeper.cancel()
+        finally:
+            for task in held:
+                with contextlib.suppress(Exception):
+                    await task.cancel_sub.unsubscribe()
+
+    async def _admit(self, message: Msg) -> _Held | None:
+        """Decode and look at one message; None when it needs no run (answered here)."""
         try:
             command = decode_generate(message.data)
         except msgspec.DecodeError:
             log.error("undecodable command on %s, terminating it", message.subject)
             await message.term()
-            return
+            return None
         attempt = message.metadata.num_delivered
         if attempt > 1 and await bus.has_event(self.js, command.task_id, TERMINAL_KINDS):
             # An earlier attempt stored its outcome but died before its ack: done already.
             log.info("task %s attempt %d: already finished, acking", command.task_id, attempt)
             await message.ack()
-            return
-        common = _Origin(task_id=command.task_id, attempt=attempt, worker=self.settings.worker_id)
-        stop_flag = threading.Event()
+            return None
+        origin = _Origin(task_id=command.task_id, attempt=attempt, worker=self.settings.worker_id)
+        stop_flag, skip_flag = threading.Event(), threading.Event()
 
-        skip_flag = threading.Event()
-
-        async def on_cancel(message: Msg) -> None:
+        async def on_cancel(msg: Msg) -> None:
             # The gateway's cancel, or A1111's skip (end the current job of the batch).
-            (skip_flag if message.data == names.SKIP_PAYLOAD else stop_flag).set()
+            (skip_flag if msg.data == names.SKIP_PAYLOAD else stop_flag).set()
 
         # Listen before looking at the flag: a cancel sent in between is not lost.
         cancel_sub = await self.nc.subscribe(names.cancel_subject(command.task_id), cb=on_cancel)
+        task = _Held(message, command, origin, stop_flag, skip_flag, cancel_sub)
+        if await self._is_cancelled(command.task_id):
+            await self._finish(task, TaskCancelled(**origin, at=time.time()))
+            return None
+        return task
+
+    async def _keep_waiting_alive(self, held: list[_Held]) -> None:
+        """Tasks held behind another group are not running yet: keep their ack deadline
+        away (a running task's in-progress acks come with its steps)."""
+        period = max(self.settings.ack_wait_s / 3, 0.5)
+        while True:
+            await asyncio.sleep(period)
+            for task in held:
+                if not task.started and not task.done:
+                    with contextlib.suppress(Exception):
+                        await task.message.in_progress()
+
+    async def _run_group(self, group: list[_Held], stop: asyncio.Event | None) -> None:
+        ids = [t.command.task_id for t in group]
+        for task in group:
+            task.started = True
+            await self._publish(
+                TaskStarted(**task.origin, at=time.time(), model_key=self.settings.model_key)
+            )
+        if self._load_error is None:
+            await self._set_state(WorkerState.BUSY, ids)
+        handing_back = asyncio.create_task(
+            self._hand_back_on_stop(stop, [t.stop_flag for t in group])
+        )
         try:
-            if await self._is_cancelled(command.task_id):
-                event: TaskEvent = TaskCancelled(**common, at=time.time())
-            else:
-                await self._publish(
-                    TaskStarted(**common, at=time.time(), model_key=self.settings.model_key)
-                )
-                if self._load_error is None:
-                    await self._set_state(WorkerState.BUSY, command.task_id)
-                handing_back = asyncio.create_task(self._hand_back_on_stop(stop, stop_flag))
-                try:
-                    event = await self._run(command, message, attempt, stop_flag, skip_flag)
-                finally:
-                    handing_back.cancel()
-                interrupted = isinstance(event, TaskCancelled)
-                stopping = handing_back.done() and not handing_back.cancelled()
-                if interrupted and stopping and handing_back.result():
-                    # Stopped mid-task and out of grace: give the task back at once so
-                    # another worker takes it now, not after the ack deadline.
-                    log.info("handing task %s back (worker stopping)", command.task_id)
-                    await message.nak()
-                    return
+            results = await self._execute(group)
         except Exception as exc:
-            log.exception("task %s attempt %d crashed", command.task_id, attempt)
-            if sticky_cuda_error(exc):
-                # The CUDA context is broken for good: no later task can run here. Give the
-                # task back at once and exit, so a fresh process (and context) takes over.
-                log.critical("sticky CUDA error: handing task %s back and exiting", command.task_id)
-                self.fatal = True
-                await message.nak()
-                if stop is not None:
-                    stop.set()
-                return
-            if attempt < self.settings.max_deliver:
-                await message.nak(delay=NAK_DELAY_S)
-                return
-            event = TaskFailed(
-                **common,
+            handing_back.cancel()
+            await self._crashed(group, exc, stop)
+            return
+        finally:
+            handing_back.cancel()
+            if self._load_error is None:
+                await self._set_state(WorkerState.READY)
+        stopping = handing_back.done() and not handing_back.cancelled() and handing_back.result()
+        for task, result in zip(group, results, strict=True):
+            if task.done:
+                continue  # cancelled mid-batch: already answered
+            if isinstance(result, TaskCancelled) and stopping:
+                # Stopped mid-task and out of grace: give the task back at once so
+                # another worker takes it now, not after the ack deadline.
+                log.info("handing task %s back (worker stopping)", task.command.task_id)
+                task.done = True
+                await task.message.nak()
+            elif isinstance(result, Generation):
+                self._start_output(task, result)
+            else:
+                await self._finish(task, result)
+
+    async def _crashed(
+        self, group: list[_Held], exc: Exception, stop: asyncio.Event | None
+    ) -> None:
+        """An error the pipeline did not attribute to one task: every task of the call."""
+        log.exception("tasks %s crashed", [t.command.task_id for t in group], exc_info=exc)
+        fatal = sticky_cuda_error(exc)
+        if fatal:
+            # The CUDA context is broken for good: no later task can run here. Give the
+            # tasks back at once and exit, so a fresh process (and context) takes over.
+            log.critical("sticky CUDA error: handing tasks back and exiting")
+            self.fatal = True
+            if stop is not None:
+                stop.set()
+        for task in group:
+            if task.done:
+                continue
+            attempt = task.origin["attempt"]
+            if fatal or attempt < self.settings.max_deliver:
+                task.done = True
+                await task.message.nak(delay=None if fatal else NAK_DELAY_S)
+                continue
+            failed = TaskFailed(
+                **task.origin,
                 at=time.time(),
                 code="worker_error",
                 message=f"failed after {attempt} attempts: {type(exc).__name__}: {exc}",
             )
-        finally:
-            await cancel_sub.unsubscribe()
-            if self._load_error is None:
-                await self._set_state(WorkerState.READY)
+            await self._finish(task, failed)
+
+    async def _finish(self, task: _Held, event: TaskEvent) -> None:
+        """The terminal event, then the ack: ack is last."""
+        task.done = True
         await self._publish(event)
-        await message.ack()
+        await task.message.ack()
         self.completed += 1
 
-    async def _run(
-        self,
-        command: GenerateImage,
-        message: Msg,
-        attempt: int,
-        stop_flag: threading.Event,
-        skip_flag: threading.Event | None = None,
-    ) -> TaskEvent:
-        common = _Origin(task_id=command.task_id, attempt=attempt, worker=self.settings.worker_id)
-        loop = asyncio.get_running_loop()
-        steps: asyncio.Queue[Progress | None] = asyncio.Queue()
-        reporter = asyncio.create_task(self._report(command, message, attempt, steps))
-        started = time.monotonic()
+    def _start_output(self, task: _Held, generation: Generation) -> None:
+        """PNG encoding, uploads, the terminal event and the ack run beside the next
+        batch's denoising (bounded: see :meth:`_output_room`)."""
+        task.done = True
+        output = asyncio.create_task(self._output(task, generation))
+        self._outputs.add(output)
+        output.add_done_callback(self._outputs.discard)
 
-        request = command.txt2img or command.img2img
-        # The last step reported (written and read on the pipeline thread only).
-        last = [Progress(0, 0, request.steps if request else 1)]
-        skip = skip_flag or threading.Event()
+    async def _output_room(self) -> None:
+        """At most ``max_batch`` tasks' outputs in flight: memory stays bounded and a
+        slow store slows the worker down instead of piling up images."""
+        while len(self._outputs) >= max(self.settings.max_batch, 1):
+            await asyncio.wait(set(self._outputs), return_when=asyncio.FIRST_COMPLETED)
 
-        def on_step(job_no: int, step: int, total: int, preview: bytes | None) -> None:
-            # Called from the pipeline thread: hand over to the event loop.
-            last[0] = Progress(job_no, step, total)
-            loop.call_soon_threadsafe(steps.put_nowait, Progress(job_no, step, total, preview))
+    async def drain_outputs(self) -> None:
+        while self._outputs:
+            await asyncio.wait(set(self._outputs))
 
-        def should_skip() -> bool:
-            """A1111's skip, asked between steps: the job ends, and progress says so."""
-            if not _take(skip):
-                return False
-            seen = last[0]
-            # The job running is the last one reported, or the next once that one was done.
-            done = seen.step >= seen.total_steps
-            job_no, step = (seen.job_no + 1, 0) if done else (seen.job_no, seen.step)
-            marker = Progress(job_no, step, seen.total_steps, skipped=True)
-            loop.call_soon_threadsafe(steps.put_nowait, marker)
-            return True
-
+    async def _output(self, task: _Held, generation: Generation) -> None:
+        command, started = task.command, time.monotonic()
         try:
+            pngs = await asyncio.to_thread(lambda: generation.images)
+            keys = [
+                names.image_key(command.user, command.task_id, n) for n in range(1, len(pngs) + 1)
+            ]
+            await asyncio.gather(
+                *(self.objects.put(k, png) for k, png in zip(keys, pngs, strict=True))
+            )
+            event: TaskEvent = TaskSucceeded(
+                **task.origin,
+                at=time.time(),
+                images=keys,
+                info=info_json(generation.info),
+                seeds=generation.seeds,
+            )
+            await self._publish(event)
+            await task.message.ack()
+            self.completed += 1
+            log.info(
+                "task %s: %d images stored in %.2f s",
+                command.task_id,
+                len(keys),
+                time.monotonic() - started,
+            )
+        except Exception:
+            # Not acked: JetStream redelivers it, and the next attempt stores it again.
+            log.exception(
+                "task %s: storing its output failed; it will be redelivered", command.task_id
+            )
+            with contextlib.suppress(Exception):
+                await task.message.nak(delay=NAK_DELAY_S)
+
+    async def _execute(self, group: list[_Held]) -> list[TaskEvent | Generation]:
+        """Run the group: one outcome per task (an event, or a generation to store)."""
+        loop = asyncio.get_running_loop()
+        results: list[TaskEvent | Generation | None] = [None] * len(group)
+        runs: list[_Run] = []
+        inputs: dict[str, bytes] = {}
+        for index, task in enumerate(group):
             try:
-                inputs = {key: await self.objects.get(key) for key in command.input_keys}
+                inputs |= {key: await self.objects.get(key) for key in task.command.input_keys}
             except ObjectNotFoundError as exc:
-                raise GenerationError("input_missing", f"input image {exc} is gone") from exc
+                results[index] = self._failed(task, "input_missing", f"input image {exc} is gone")
+                continue
+            runs.append(_Run(index, task, self._reporter(task, loop)))
+        try:
             pipeline = await self._pipeline_or_error()
-            generation = await asyncio.to_thread(
+        except GenerationError as exc:
+            for run in runs:
+                results[run.index] = self._failed(run.task, exc.code, exc.message)
+                await run.reporter.close()
+            return [
+                r or self._failed(g, "worker_error", "unreachable")
+                for r, g in zip(results, group, strict=True)
+            ]
+        try:
+            if len(runs) > 1 and hasattr(pipeline, "generate_batch"):
+                await self._run_batch(pipeline, runs, inputs, results, loop)
+            for run in runs:
+                if results[run.index] is None and not run.task.done:
+                    results[run.index] = await self._run_one(pipeline, run, inputs)
+        finally:
+            for run in runs:
+                await run.reporter.close()
+        return [
+            r if r is not None else TaskCancelled(**g.origin, at=time.time())
+            for r, g in zip(results, group, strict=True)
+        ]
+
+    async def _run_one(
+        self, pipeline: Pipeline, run: _Run, inputs: dict[str, bytes]
+    ) -> TaskEvent | Generation:
+        task = run.task
+        try:
+            return await asyncio.to_thread(
                 pipeline.generate,
-                command,
+                task.command,
                 inputs,
-                on_step,
-                stop_flag.is_set,
-                should_skip,
+                run.reporter.on_step,
+                task.stop_flag.is_set,
+                run.reporter.should_skip,
             )
         except TaskCancelledError:
-            return TaskCancelled(**common, at=time.time())
+            return TaskCancelled(**task.origin, at=time.time())
         except GenerationError as exc:
-            return TaskFailed(**common, at=time.time(), code=exc.code, message=exc.message)
-        finally:
-            steps.put_nowait(None)
-            await reporter
-        keys = [
-            names.image_key(command.user, command.task_id, n)
-            for n in range(1, len(generation.images) + 1)
+            return self._failed(task, exc.code, exc.message)
+
+    async def _run_batch(
+        self,
+        pipeline: Pipeline,
+        runs: list[_Run],
+        inputs: dict[str, bytes],
+        results: list[TaskEvent | Generation | None],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        from services.inference.batched import Member
+
+        def cancelled_now(run: _Run) -> Callable[[], None]:
+            def answer() -> None:  # pipeline thread → loop: the task ends now
+                loop.call_soon_threadsafe(lambda: self._spawn(self._cancel_in_batch(run)))
+
+            return answer
+
+        members = [
+            Member(
+                command=run.task.command,
+                on_step=run.reporter.on_step,
+                should_stop=run.task.stop_flag.is_set,
+                should_skip=run.reporter.should_skip,
+                on_cancelled=cancelled_now(run),
+            )
+            for run in runs
         ]
-        for key, png in zip(keys, generation.images, strict=True):
-            await self.objects.put(key, png)
-        log.info(
-            "task %s: %d images in %.2f s", command.task_id, len(keys), time.monotonic() - started
-        )
-        return TaskSucceeded(
-            **common,
-            at=time.time(),
-            images=keys,
-            info=info_json(generation.info),
-            seeds=generation.seeds,
+        log.info("batch of %d tasks: %s", len(runs), [r.task.command.task_id for r in runs])
+        await asyncio.to_thread(pipeline.generate_batch, members)  # type: ignore[attr-defined]
+        for run, member in zip(runs, members, strict=True):
+            if member.cancelled:
+                results[run.index] = TaskCancelled(**run.task.origin, at=time.time())
+            elif isinstance(member.outcome, GenerationError):
+                results[run.index] = self._failed(
+                    run.task, member.outcome.code, member.outcome.message
+                )
+            else:
+                results[run.index] = member.outcome
+
+    async def _cancel_in_batch(self, run: _Run) -> None:
+        """A task cancelled inside a running batch: its progress so far, then its own
+        terminal event and ack; the rest of the batch goes on."""
+        if run.task.done:
+            return
+        run.task.done = True
+        await run.reporter.close()
+        await self._finish(run.task, TaskCancelled(**run.task.origin, at=time.time()))
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._outputs.add(task)
+        task.add_done_callback(self._outputs.discard)
+
+    def _failed(self, task: _Held, code: str, message: str) -> TaskFailed:
+        return TaskFailed(**task.origin, at=time.time(), code=code, message=message)
+
+    def _reporter(self, task: _Held, loop: asyncio.AbstractEventLoop) -> _Reporter:
+        return _Reporter(self, task, loop)
+
+
+@dataclass
+class _Held:
+    """A fetched task, from admission until its message is acked or handed back."""
+
+    message: Msg
+    command: GenerateImage
+    origin: _Origin
+    stop_flag: threading.Event
+    skip_flag: threading.Event
+    cancel_sub: Subscription
+    started: bool = False
+    done: bool = False
+    """Its terminal event is out and its message acked (or handed back)."""
+
+
+@dataclass
+class _Run:
+    index: int
+    task: _Held
+    reporter: _Reporter
+
+
+class _Reporter:
+    """One task's progress: steps from the pipeline thread, published in order on the
+    loop with an in-progress ack for each (a hung kernel stops them, and the task is
+    redelivered after ``ack_wait``)."""
+
+    def __init__(self, worker: Worker, task: _Held, loop: asyncio.AbstractEventLoop) -> None:
+        self.worker, self.task, self.loop = worker, task, loop
+        command = task.command
+        request = command.txt2img or command.img2img
+        self.steps: asyncio.Queue[Progress | None] = asyncio.Queue()
+        # The last step reported (written and read on the pipeline thread only).
+        self.last = Progress(0, 0, request.steps if request else 1)
+        # Extras: one job per input image.
+        self.job_count = request.n_iter if request else max(len(command.input_keys), 1)
+        self._publisher = loop.create_task(self._publish_all())
+        self._closed = False
+
+    def on_step(self, job_no: int, step: int, total: int, preview: bytes | None) -> None:
+        # Called from the pipeline thread: hand over to the event loop.
+        self.last = Progress(job_no, step, total)
+        self.loop.call_soon_threadsafe(
+            self.steps.put_nowait, Progress(job_no, step, total, preview)
         )
 
-    async def _report(
-        self,
-        command: GenerateImage,
-        message: Msg,
-        attempt: int,
-        steps: asyncio.Queue[Progress | None],
-    ) -> None:
-        """Publish progress in order, with an in-progress ack per real step."""
-        request = command.txt2img or command.img2img
-        # Extras: one job per input image.
-        job_count = request.n_iter if request else max(len(command.input_keys), 1)
+    def should_skip(self) -> bool:
+        """A1111's skip, asked between steps: the job ends, and progress says so."""
+        if not _take(self.task.skip_flag):
+            return False
+        seen = self.last
+        # The job running is the last one reported, or the next once that one was done.
+        done = seen.step >= seen.total_steps
+        job_no, step = (seen.job_no + 1, 0) if done else (seen.job_no, seen.step)
+        marker = Progress(job_no, step, seen.total_steps, skipped=True)
+        self.loop.call_soon_threadsafe(self.steps.put_nowait, marker)
+        return True
+
+    async def close(self) -> None:
+        """Every step reported so far is published."""
+        if not self._closed:
+            self._closed = True
+            self.steps.put_nowait(None)
+        await asyncio.shield(self._publisher)
+
+    async def _publish_all(self) -> None:
+        worker, task = self.worker, self.task
+        command = task.command
         started = time.monotonic()
-        while (item := await steps.get()) is not None:
-            done = (item.job_no * item.total_steps + item.step) / (item.total_steps * job_count)
+        while (item := await self.steps.get()) is not None:
+            done = (item.job_no * item.total_steps + item.step) / (
+                item.total_steps * self.job_count
+            )
             elapsed = time.monotonic() - started
             eta = elapsed * (1 - done) / done if done > 0 else None
-            self._last_step_at = time.time()
-            await message.in_progress()
+            worker._last_step_at = time.time()
+            with contextlib.suppress(Exception):
+                await task.message.in_progress()
             preview_key = None
             if item.preview is not None:
                 preview_key = names.preview_key(command.user, command.task_id)
                 try:
-                    await self.objects.put(preview_key, item.preview)
+                    await worker.objects.put(preview_key, item.preview)
                 except Exception as exc:  # a preview is a nicety: never fail a task on it
                     log.warning("preview upload failed: %s", exc)
                     preview_key = None
-            await self._publish(
+            await worker._publish(
                 TaskProgressed(
-                    task_id=command.task_id,
-                    attempt=attempt,
-                    worker=self.settings.worker_id,
+                    **task.origin,
                     at=time.time(),
                     step=item.step,
                     total_steps=item.total_steps,
                     job_no=item.job_no,
-                    job_count=job_count,
+                    job_count=self.job_count,
                     progress=round(done, 4),
                     eta_seconds=round(eta, 2) if eta is not None else None,
                     preview_key=preview_key,
