@@ -332,6 +332,9 @@ class BatchUpdateSdResourceRequest(Struct, kw_only=True, frozen=True, omit_defau
     maxInstances: Annotated[int, Meta(ge=1, le=10_000)] | None = None
     idleTimeout: Annotated[float, Meta(ge=0, le=30 * 86400)] | None = None
     """Seconds without work before the pool scales to zero."""
+    maxBatch: Annotated[int, Meta(ge=1, le=64)] | None = None
+    """Tasks one worker takes at once (compatible ones share one diffusers call); the
+    scheduler's ``SDSWARM_MAX_BATCH`` when unset."""
 
 
 class DeleteFunctionsRequest(Struct, kw_only=True, frozen=True):

@@ -19,7 +19,7 @@ from services.common import bus
 from services.common.bus import worker_records
 from services.common.settings import from_environ
 from services.scheduler.app import current_share
-from services.scheduler.settings import SchedulerSettings
+from services.scheduler.settings import SchedulerSettings, max_batch
 from services.storage.models import ModelStore
 from services.storage.mongo import database, open_client
 from services.usercli import ENDPOINTS_FILE
@@ -51,29 +51,35 @@ async def run_status(args: argparse.Namespace) -> int:
         )
         workers = Counter((r.model_key, r.state.value) for r in await worker_records(js))
         header = (
-            f"{'checkpoint':40} {'status':9} {'queued':>6} {'running':>7} {'share':>5}  workers"
+            f"{'checkpoint':40} {'status':9} {'queued':>6} {'running':>7} {'share':>5}"
+            f" {'batch':>5}  workers"
         )
         print(header)
         in_use = 0
         for model in models:
             key = model["model_key"]
+            batch = max_batch(settings, model)
             queued = running = share = 0
             try:
                 info = await js.consumer_info(names.TASK_STREAM, names.consumer_name(key))
                 queued, running = int(info.num_pending or 0), int(info.num_ack_pending or 0)
-                share, pinned = current_share(info)
+                limit, pinned = current_share(info)
+                share = -(-limit // batch)  # slots: workers of up to `batch` tasks each
                 share_text = f"{share}{'*' if pinned is not None else ''}"
             except NotFoundError:
                 share_text = "-"
-            in_use += max(share, running)
+            in_use += max(share, -(-running // batch))
             states = ", ".join(
                 f"{count} {state}" for (k, state), count in sorted(workers.items()) if k == key
             )
             print(
                 f"{model['name'][:40]:40} {model['status']:9} {queued:>6} {running:>7}"
-                f" {share_text:>5}  {states or '-'}"
+                f" {share_text:>5} {batch:>5}  {states or '-'}"
             )
-        print(f"budget: {in_use} of {budget} slots in use   (* = operator pin)")
+        print(
+            f"budget: {in_use} of {budget} slots in use   (* = operator pin;"
+            " share in slots, each a worker of up to `batch` tasks)"
+        )
     finally:
         await client.close()
         await nc.close()

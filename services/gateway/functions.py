@@ -28,6 +28,7 @@ SCHEDULER_FIELDS: dict[str, str] = {
     "minInstances": "min_instances",
     "maxInstances": "max_instances",
     "idleTimeout": "idle_timeout_s",
+    "maxBatch": "max_batch",
 }
 LOCAL_FIELDS = frozenset({"env"})
 """What the local backend applies besides the scheduler fields."""
@@ -53,6 +54,8 @@ async def _function(res: Resources, model: Document) -> dict[str, Any]:
         "minInstances": model.get("min_instances") or 0,
         "maxInstances": model.get("max_instances"),
         "idleTimeout": model.get("idle_timeout_s"),
+        # Tasks a worker takes at once; null: the scheduler's default (SDSWARM_MAX_BATCH).
+        "maxBatch": model.get("max_batch"),
         "resources": model.get("function") or {},
     }
 

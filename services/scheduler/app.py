@@ -32,7 +32,7 @@ from services.common.bus import worker_records
 from services.scheduler.hung import StepWatch
 from services.scheduler.lease import Lease
 from services.scheduler.policy import CheckpointLoad, Plan, plan
-from services.scheduler.settings import SchedulerSettings
+from services.scheduler.settings import SchedulerSettings, max_batch
 from services.storage.models import ModelStore
 from services.storage.mongo import Document
 from services.storage.tasks import TaskStore
@@ -62,11 +62,23 @@ def current_share(info: ConsumerInfo) -> tuple[int, int | None]:
     return limit, None
 
 
+def _slots(tasks: int, batch: int) -> int:
+    """Workers needed for ``tasks`` at ``batch`` tasks each."""
+    return -(-tasks // max(batch, 1))
+
+
 def extras_pool() -> Document:
     """Extras (upscaling) need no checkpoint: a pool of their own, scaled like a checkpoint's
     (its workers start with no checkpoint path; see services/inference/extras.py)."""
     key = names.EXTRAS_MODEL_KEY
-    return {"name": key, "model_key": key, "path": "", "status": ModelStatus.UNLOADED.value}
+    # Upscaling tasks never share a call: a worker takes one at a time.
+    return {
+        "name": key,
+        "model_key": key,
+        "path": "",
+        "status": ModelStatus.UNLOADED.value,
+        "max_batch": 1,
+    }
 
 
 class Backend(Protocol):
@@ -123,13 +135,20 @@ class Scheduler:
         if self.lease is not None and not self.lease.held():
             raise LeaseLost(self.lease.holder)
 
-    async def _load(self, model: Document, workers: int, now: float) -> CheckpointLoad:
+    async def _load(
+        self, model: Document, workers: int, busy: int, now: float
+    ) -> CheckpointLoad:
+        """The checkpoint's load in slots (workers): a slot holds up to ``max_batch``
+        tasks, so tasks queued, in flight and allowed are divided by it (rounded up), and
+        in flight is at least its busy workers."""
         key = model["model_key"]
         memory = self._memory.setdefault(key, _Memory())
         await bus.ensure_task_consumer(self.js, key, self.settings, paused=True)
         info = await self.js.consumer_info(names.TASK_STREAM, names.consumer_name(key))
         backlog, running = int(info.num_pending or 0), int(info.num_ack_pending or 0)
-        share, pinned = current_share(info)
+        batch = max_batch(self.settings, model)
+        limit, pinned = current_share(info)
+        share = _slots(limit, batch)
         if pinned is not None and memory.pin_logged != pinned:
             log.warning("%s: max_ack_pending %d set by an operator; honoured as a pin", key, pinned)
             memory.pin_logged = pinned
@@ -139,8 +158,8 @@ class Scheduler:
         wait = (dt.datetime.now(dt.UTC) - oldest).total_seconds() if oldest else 0.0
         return CheckpointLoad(
             key=key,
-            backlog=backlog,
-            running=running,
+            backlog=_slots(backlog, batch),
+            running=max(_slots(running, batch), busy),
             share=share,
             workers=workers,
             oldest_wait_s=max(wait, 0.0),
@@ -148,17 +167,20 @@ class Scheduler:
             idle_s=now - memory.last_demand,
             min_instances=int(model.get("min_instances") or 0),
             max_instances=model.get("max_instances"),
-            pinned=pinned,
+            pinned=_slots(pinned, batch) if pinned is not None else None,
             idle_timeout_s=model.get("idle_timeout_s"),
         )
 
-    async def _set_share(self, key: str, share: int) -> None:
+    async def _set_share(self, model: Document, share: int) -> None:
+        """``share`` slots: each of its workers may hold ``max_batch`` tasks."""
+        key = model["model_key"]
         consumer = names.consumer_name(key)
         if share == 0:
             await self.js.pause_consumer(names.TASK_STREAM, consumer, bus.PAUSED_FOREVER)
             return
-        config = bus.task_consumer_config(key, self.settings, max_ack_pending=share)
-        config.metadata = {SHARE_METADATA: str(share)}
+        limit = share * max_batch(self.settings, model)
+        config = bus.task_consumer_config(key, self.settings, max_ack_pending=limit)
+        config.metadata = {SHARE_METADATA: str(limit)}
         await self.js.add_consumer(names.TASK_STREAM, config)  # an update: same durable
         await self.js.resume_consumer(names.TASK_STREAM, consumer)
 
@@ -173,7 +195,14 @@ class Scheduler:
         await self._sync_statuses(models, records)
         await self._replace_hung(records)
         models.append(extras_pool())
-        loads = [await self._load(m, replicas.get(m["model_key"], 0), now) for m in models]
+        busy: dict[str, int] = {}
+        for record in records:
+            if record.state is WorkerState.BUSY:
+                busy[record.model_key] = busy.get(record.model_key, 0) + 1
+        loads = [
+            await self._load(m, replicas.get(m["model_key"], 0), busy.get(m["model_key"], 0), now)
+            for m in models
+        ]
         result = plan(
             loads,
             self.settings.gpu_slots,
@@ -190,9 +219,10 @@ class Scheduler:
             ),
             key=lambda k: result.shares[k] - by_key[k].share,
         )
+        by_model = {m["model_key"]: m for m in models}
         for key in changes:
             self._fence()
-            await self._set_share(key, result.shares[key])
+            await self._set_share(by_model[key], result.shares[key])
         for key, share in result.shares.items():
             memory = self._memory[key]
             memory.held_since = (memory.held_since or now) if share > 0 else None

@@ -21,7 +21,7 @@ import msgspec
 
 from proto.workers import WorkerStatus
 from services.common.settings import PREFIX, StoreSettings
-from services.scheduler.settings import SchedulerSettings
+from services.scheduler.settings import SchedulerSettings, max_batch
 from services.storage.mongo import Document
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ def worker_settings(settings: SchedulerSettings, model: Document) -> dict[str, s
         f"{PREFIX}DEVICE": settings.device,
         f"{PREFIX}ALLOW_PICKLE": "true" if settings.allow_pickle else "false",
         f"{PREFIX}PREDICTION_TYPE": model.get("prediction_type") or "",
+        f"{PREFIX}MAX_BATCH": str(max_batch(settings, model)),
     }
     return env
 

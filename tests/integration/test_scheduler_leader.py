@@ -255,8 +255,8 @@ async def test_a_plan_computed_under_a_lease_that_lapsed_is_not_applied(
         class SlowReads(Scheduler):
             """Reading the consumers takes longer than the lease has left."""
 
-            async def _load(self, model: Document, workers: int, now: float) -> Any:
-                load = await super()._load(model, workers, now)
+            async def _load(self, model: Document, workers: int, busy: int, now: float) -> Any:
+                load = await super()._load(model, workers, busy, now)
                 await asyncio.sleep(TTL_S)
                 return load
 
