@@ -1,0 +1,233 @@
+"""Images per second: plain diffusers (the ceiling), sdswarm's inference path, and the
+whole system, measured side by side in one run (compare the ratios, not the seconds).
+
+    .venv/bin/python bench/throughput.py                    # tiny model, CPU
+    .venv/bin/python bench/throughput.py --full-size        # random-weight SD1.5, a GPU
+
+1. plain diffusers: one pipeline call with ``batch`` prompts (and one with 1);
+2. sdswarm's path: ``DiffusersPipeline.generate`` for one task, ``generate_batch`` for
+   ``batch`` tasks (their PNGs encoded, as the worker does);
+3. the whole system (gateway → NATS → worker → store → MongoDB): ``depth`` sync
+   requests at once, for each queue depth, one worker of ``max_batch = batch``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgspec
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.models import build_full_sd1
+from proto import GenerateImage
+from proto.requests import Txt2ImgRequest
+from services.common.servers import MongoServer, NatsServer, free_port
+from services.common.settings import from_environ
+from services.embedded import running_system
+from services.gateway.settings import GatewaySettings
+from services.inference.batched import Member
+from services.inference.loader import load_pipeline
+from services.inference.pipeline import DiffusersPipeline
+from services.inference.tiny import build_tiny_sd1
+from services.scheduler.settings import SchedulerSettings
+
+NAME = "bench.safetensors"
+
+
+def _timed(call: Callable[[], object], repeats: int) -> float:
+    """Median seconds of ``repeats`` calls, after one warm-up call."""
+    call()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        call()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def _command(body: dict[str, Any], n: int) -> GenerateImage:
+    return GenerateImage(
+        task_id=f"bench{n}",
+        user="bench",
+        model_name=NAME,
+        model_key="bench-000000",
+        txt2img=msgspec.convert({**body, "seed": n, "prompt": f"a cat, {n}"}, Txt2ImgRequest),
+    )
+
+
+def in_process(
+    checkpoint: Path, cache: Path, device: str, body: dict[str, Any], batch: int, repeats: int
+) -> dict[str, float]:
+    """Images/s of plain diffusers and of sdswarm's inference path, batch 1 and ``batch``."""
+    pipe = load_pipeline(checkpoint, cache_dir=cache, device=device)
+    pipe.set_progress_bar_config(disable=True)
+    steps, width, height = body["steps"], body["width"], body["height"]
+
+    def plain(n: int) -> Callable[[], object]:
+        def call() -> object:
+            generators = [torch.Generator("cpu").manual_seed(i) for i in range(n)]
+            return pipe(
+                prompt=[f"a cat, {i}" for i in range(n)],
+                negative_prompt=[""] * n,
+                num_inference_steps=steps,
+                guidance_scale=body["cfg_scale"],
+                width=width,
+                height=height,
+                generator=generators,
+            ).images
+
+        return call
+
+    runner = DiffusersPipeline(pipe, model_name=NAME, model_hash="", device=device)
+    one = _command(body, 0)
+    commands = [_command(body, n) for n in range(batch)]
+
+    def ours_one() -> object:
+        return runner.generate(one, {}, lambda *_: None, lambda: False).images
+
+    def ours_batch() -> object:
+        members = [
+            Member(c, lambda *_: None, lambda: False, lambda: False, lambda: None)
+            for c in commands
+        ]
+        runner.generate_batch(members)
+        return [m.outcome.images for m in members if m.outcome is not None]  # type: ignore[union-attr]
+
+    return {
+        "diffusers batch 1": 1 / _timed(plain(1), repeats),
+        f"diffusers batch {batch}": batch / _timed(plain(batch), repeats),
+        "sdswarm path batch 1": 1 / _timed(ours_one, repeats),
+        f"sdswarm path batch {batch}": batch / _timed(ours_batch, repeats),
+    }
+
+
+async def whole_system(
+    root: Path, models: Path, device: str, body: dict[str, Any], batch: int, depths: list[int]
+) -> dict[int, tuple[float, float, float]]:
+    """Per queue depth: images/s, p50 and p95 latency (s) of ``depth`` sync requests sent
+    at once (after a warm-up request that pays the worker's cold start)."""
+    out: dict[int, tuple[float, float, float]] = {}
+    async with NatsServer(root / "nats") as nats, MongoServer(root / "mongo") as mongo:
+        port = free_port()
+        common = {
+            "nats_url": nats.url,
+            "mongodb_url": mongo.url,
+            "store_dir": str(root / "objects"),
+            "public_url": f"http://127.0.0.1:{port}",
+        }
+        gateway = from_environ(
+            GatewaySettings,
+            {},
+            port=port,
+            max_open_tasks_per_user=100_000,
+            max_tasks_per_minute=100_000,
+            sync_timeout_s=3600,
+            **common,
+        )
+        scheduler = from_environ(
+            SchedulerSettings,
+            {},
+            cache_dir=str(root / "cache"),
+            device=device,
+            gpu_slots=1,
+            max_batch=batch,
+            worker_log_dir=str(root / "logs"),
+            poll_interval_s=0.2,
+            **common,
+        )
+        url = f"http://127.0.0.1:{port}/txt2img"
+        timeout = aiohttp.ClientTimeout(total=None)
+        async with (
+            running_system(gateway, scheduler, models),
+            aiohttp.ClientSession(timeout=timeout) as http,
+        ):
+
+            async def one(n: int) -> float:
+                started = time.perf_counter()
+                request = {**body, "seed": n, "prompt": f"a cat, {n}"}
+                async with http.post(url, json=request) as response:
+                    result = await response.json()
+                assert result["status"] == "succeeded", result
+                return time.perf_counter() - started
+
+            await one(0)  # cold start
+            for depth in depths:
+                started = time.perf_counter()
+                latencies = sorted(await asyncio.gather(*(one(n) for n in range(depth))))
+                wall = time.perf_counter() - started
+                p95 = latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]
+                out[depth] = (depth / wall, statistics.median(latencies), p95)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--full-size", action="store_true", help="random-weight SD1.5")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=0, help="default: 8 on CUDA, 4 on CPU")
+    parser.add_argument("--steps", type=int, default=0, help="default: 30 full size, 4 tiny")
+    parser.add_argument("--size", type=int, default=0, help="default: 512 full size, 64 tiny")
+    parser.add_argument("--depths", default="1,8,32")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-system", action="store_true")
+    args = parser.parse_args()
+    cuda = args.device.startswith("cuda")
+    batch = args.batch or (8 if cuda else 4)
+    size = args.size or (512 if args.full_size else 64)
+    body: dict[str, Any] = {
+        "stable_diffusion_model": NAME,
+        "steps": args.steps or (30 if args.full_size else 4),
+        "width": size,
+        "height": size,
+        "cfg_scale": 7.0,
+        "sampler_name": "Euler",
+    }
+    if not cuda:
+        torch.set_flush_denormal(True)
+    depths = [int(d) for d in args.depths.split(",") if d]
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        models = root / "models"
+        target = models / "Stable-diffusion" / NAME
+        target.parent.mkdir(parents=True)
+        if args.full_size:
+            build_full_sd1(target)
+        else:
+            build_tiny_sd1(root / "tiny").single_file.rename(target)
+        started = time.perf_counter()
+        rates = in_process(target, root / "cache-direct", args.device, body, batch, args.repeats)
+        print(f"in-process measured in {time.perf_counter() - started:.0f} s", flush=True)
+        system = (
+            {}
+            if args.skip_system
+            else asyncio.run(whole_system(root, models, args.device, body, batch, depths))
+        )
+    print(
+        f"\nmodel={'SD1.5 random weights' if args.full_size else 'tiny'} device={args.device}"
+        f" {size}x{size} steps={body['steps']} Euler cfg 7 batch={batch}"
+    )
+    ceiling = rates[f"diffusers batch {batch}"]
+    for name, rate in rates.items():
+        print(f"{name:28} {rate:8.2f} images/s   {rate / ceiling:5.2f}x the ceiling")
+    for depth, (rate, p50, p95) in system.items():
+        print(
+            f"whole system depth {depth:<3}      {rate:8.2f} images/s   {rate / ceiling:5.2f}x"
+            f" the ceiling   p50 {p50:6.2f} s  p95 {p95:6.2f} s"
+        )
+
+
+if __name__ == "__main__":
+    main()
