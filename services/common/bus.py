@@ -27,7 +27,6 @@ from nats.js.errors import (
     BadRequestError,
     BucketNotFoundError,
     KeyNotFoundError,
-    NoKeysError,
     NotFoundError,
 )
 from nats.js.kv import KeyValue
@@ -175,12 +174,17 @@ async def has_event(js: JetStreamContext, task_id: str, kinds: tuple[str, ...]) 
 
 
 async def worker_records(js: JetStreamContext) -> list[WorkerStatus]:
-    """The live workers' records (expired ones are gone from the bucket)."""
+    """The live workers' records (expired ones are gone from the bucket).
+
+    The keys come from the bucket stream's subjects, not from ``KeyValue.keys()``: that
+    creates a consumer per call, which the server keeps a while after use, and callers
+    that poll (the scheduler's tick, ``sdswarm status``) ran into nats-server's limit of
+    consumers per stream ("maximum consumers limit reached").
+    """
     bucket = await worker_bucket(js)
-    try:
-        keys = await bucket.keys()
-    except NoKeysError:
-        return []
+    prefix = f"$KV.{names.WORKER_BUCKET}."
+    info = await js.stream_info(f"KV_{names.WORKER_BUCKET}", subjects_filter=prefix + ">")
+    keys = [subject.removeprefix(prefix) for subject in (info.state.subjects or {})]
     records = []
     for key in keys:
         with contextlib.suppress(KeyNotFoundError, msgspec.DecodeError):

@@ -32,6 +32,7 @@ async def system(tmp_path: Path, models_dir: Path, mongo_server: Any) -> AsyncIt
         models_dir,
         mongo_server.url,
         gpu_slots=2,
+        max_batch=4,  # workers take several tasks at once (kills then hit batches)
         ack_wait_s=3,  # a killed worker's task comes back within seconds
         max_deliver=5,
         reconcile_interval_s=2.0,
@@ -71,6 +72,35 @@ async def test_workers_killed_every_few_seconds(system: System) -> None:
     report = await run_scenario(system, "worker kill -9 every 2 s", kill_workers)
     REPORTS.append(report.line())
     assert report.faults > 0
+    assert report.passed, report.line()
+
+
+async def test_workers_killed_mid_batch(system: System) -> None:
+    """Kills land only on workers holding a batch of several tasks: every task of it
+    comes back and is finished once."""
+    rng = random.Random(11)
+
+    async def kill_batches(stop: asyncio.Event) -> int:
+        nc = await bus.connect(system.nats_url, "chaos-batch-killer")
+        kills = 0
+        try:
+            while not stop.is_set():
+                await _sleep_or_stop(stop, rng.uniform(0.5, 2.0))
+                if stop.is_set():
+                    break
+                records = await worker_records(nc.jetstream())
+                holding = [w.pid for w in records if w.pid and len(w.task_ids) >= 2]
+                if holding:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(rng.choice(holding), signal.SIGKILL)
+                        kills += 1
+        finally:
+            await nc.close()
+        return kills
+
+    report = await run_scenario(system, "worker kill -9 mid-batch", kill_batches)
+    REPORTS.append(report.line())
+    assert report.faults > 0, "no worker was ever caught holding a batch"
     assert report.passed, report.line()
 
 
