@@ -15,6 +15,7 @@ stacked: such a job runs member by member instead.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from services.inference.pipeline import (
 )
 from services.inference.previews import latent_preview
 
+log = logging.getLogger(__name__)
 TEXT_KEYS = frozenset({"prompt", "negative_prompt"})
 
 
@@ -84,12 +86,7 @@ def run_batch(pipeline: DiffusersPipeline, members: list[Member]) -> None:
                 active = [m for m in live if not m.cancelled and job_no < _n_iter(m)]
                 if not active:
                     break
-                try:
-                    _run_job(pipeline, active, job_no)
-                except _Unstackable:
-                    for member in active:
-                        if not member.cancelled:
-                            _run_job(pipeline, [member], job_no)
+                _run_split(pipeline, active, job_no)
     except LoraError as exc:
         for member in live:
             member.outcome = GenerationError("lora_failed", str(exc))
@@ -100,6 +97,30 @@ def run_batch(pipeline: DiffusersPipeline, members: list[Member]) -> None:
         if not member.cancelled and member.outcome is None:
             assert member.plan is not None
             member.outcome = member.plan.generation(member.frames, pipeline.png_compress_level)
+
+
+def _run_split(pipeline: DiffusersPipeline, active: list[Member], job_no: int) -> None:
+    """One call for ``active``; halves on out-of-memory (memory freed first) until a
+    single task is left, whose error then stands; member by member when their prompt
+    encodings cannot be stacked."""
+    try:
+        _run_job(pipeline, active, job_no)
+    except _Unstackable:
+        for member in active:
+            if not member.cancelled:
+                _run_job(pipeline, [member], job_no)
+    except torch.OutOfMemoryError:
+        if len(active) == 1:
+            raise
+        release_memory(pipeline.device)
+        half = len(active) // 2
+        log.warning(
+            "out of memory at %d tasks: retrying as %d + %d", len(active), half, len(active) - half
+        )
+        for part in (active[:half], active[half:]):
+            live = [m for m in part if not m.cancelled]
+            if live:
+                _run_split(pipeline, live, job_no)
 
 
 def _n_iter(member: Member) -> int:

@@ -486,7 +486,10 @@ class Worker:
             failed = TaskFailed(
                 **task.origin,
                 at=time.time(),
-                code="worker_error",
+                # torch.OutOfMemoryError, named without importing torch here.
+                code="out_of_memory"
+                if type(exc).__name__ == "OutOfMemoryError"
+                else "worker_error",
                 message=f"failed after {attempt} attempts: {type(exc).__name__}: {exc}",
             )
             await self._finish(task, failed)

@@ -153,3 +153,42 @@ def test_previews_show_each_tasks_own_rows(runner: DiffusersPipeline) -> None:
     ]
     runner.generate_batch([r.member for r in recorders])
     assert [3, 3] == [r.previews for r in recorders]
+
+
+def test_out_of_memory_retries_as_smaller_batches(
+    runner: DiffusersPipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call with more than two rows runs out of memory (injected): the batch is split
+    until the calls fit, and every task still gets its own image."""
+    real = runner._run_job
+    calls: list[int] = []
+
+    def tight_memory(*args: Any, **kwargs: Any) -> Any:
+        rows = len(args[2])
+        calls.append(rows)
+        if rows > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "_run_job", tight_memory)
+    commands = [tiny_command(t, seed=s) for t, s in (("o1", 1), ("o2", 2), ("o3", 3), ("o4", 4))]
+    recorders = [Recorder(c) for c in commands]
+    runner.generate_batch([r.member for r in recorders])
+    assert [4, 2, 2] == calls
+    monkeypatch.undo()
+    for command, recorder in zip(commands, recorders, strict=True):
+        outcome = recorder.member.outcome
+        assert isinstance(outcome, Generation), outcome
+        assert _max_difference(_alone(runner, command), outcome) <= TOLERANCE
+
+
+def test_out_of_memory_of_a_single_task_is_its_error(
+    runner: DiffusersPipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_memory(*args: Any, **kwargs: Any) -> Any:
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(runner, "_run_job", no_memory)
+    recorders = [Recorder(tiny_command(t)) for t in ("z1", "z2")]
+    with pytest.raises(torch.OutOfMemoryError):
+        runner.generate_batch([r.member for r in recorders])
