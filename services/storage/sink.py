@@ -11,12 +11,13 @@ import asyncio
 import logging
 
 import msgspec
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from pymongo.errors import PyMongoError
 
 from proto import names
-from proto.events import decode_event
+from proto.events import TaskEvent, TaskProgressed, decode_event
 from services.storage.tasks import TaskStore
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,21 @@ def sink_consumer_config() -> ConsumerConfig:
     )
 
 
+def _superseded(events: list[tuple[Msg, TaskEvent]]) -> set[int]:
+    """Progress events that a later progress event of the same task and attempt in the
+    same fetch replaces: the fold keeps only the newest progress, so one write does (a
+    batch of tasks sends one progress event per task per step)."""
+    latest: dict[tuple[str, int], int] = {}
+    for index, (_, event) in enumerate(events):
+        if isinstance(event, TaskProgressed):
+            latest[(event.task_id, event.attempt)] = index
+    return {
+        id(message)
+        for index, (message, event) in enumerate(events)
+        if isinstance(event, TaskProgressed) and latest[(event.task_id, event.attempt)] != index
+    }
+
+
 async def run_sink(js: JetStreamContext, tasks: TaskStore, stop: asyncio.Event) -> None:
     subscription = await js.pull_subscribe(
         names.EVENT_SUBJECTS,
@@ -48,13 +64,18 @@ async def run_sink(js: JetStreamContext, tasks: TaskStore, stop: asyncio.Event) 
                 messages = await subscription.fetch(BATCH, timeout=1)
             except TimeoutError:  # nats raises its own subclass or the builtin, by code path
                 continue
+            events = []
             for message in messages:
                 try:
-                    event = decode_event(message.data)
+                    events.append((message, decode_event(message.data)))
                 except msgspec.DecodeError:
                     # Poison message: no retry can ever decode it.
                     log.error("undecodable event on %s, terminating it", message.subject)
                     await message.term()
+            superseded = _superseded(events)
+            for message, event in events:
+                if id(message) in superseded:
+                    await message.ack()  # a later progress event of the batch covers it
                     continue
                 try:
                     await tasks.apply(event)
