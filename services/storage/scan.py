@@ -111,6 +111,11 @@ def inspect_as(path: Path, model_type: ModelType) -> Inspection:
         info = inspect_model(path)
     except ModelFileError as exc:
         return Inspection(family=None, error=str(exc))
+    except OSError as exc:
+        return Inspection(family=None, error=f"{path.name}: unreadable: {exc}")
+    except Exception as exc:  # a file the parser did not foresee: refuse it, never crash
+        log.exception("inspecting %s failed", path)
+        return Inspection(family=None, error=f"{path.name}: cannot be read ({exc!r})")
     family = info.family.value if info.family else None
     if info.model_type is not None and info.model_type is not model_type:
         return Inspection(
@@ -181,8 +186,11 @@ async def register_models(
             if (model_type, name) in found:
                 log.warning("%s %s: a second file of that name is ignored", model_type, path)
                 continue
-            await register_file(store, model_type, name, path, source="scan")
             found.append((model_type, name))
+            try:
+                await register_file(store, model_type, name, path, source="scan")
+            except OSError as exc:  # removed mid-scan: the next scan sees it gone
+                log.warning("%s %s: skipped, %s", model_type.value, path, exc)
         for document in await store.list(model_type):
             gone = not await asyncio.to_thread(Path(document["path"]).exists)
             if gone and document["status"] != ModelStatus.REGISTERING.value:
@@ -260,7 +268,10 @@ async def _file_sha256(
     unchanged = known and known.get("size_bytes") == size and known.get("mtime") == mtime
     if known and unchanged and known.get("sha256"):
         return str(known["sha256"])
-    return await asyncio.to_thread(sha256_of, path)
+    try:
+        return await asyncio.to_thread(sha256_of, path)
+    except OSError:
+        return None  # unreadable: the inspection that follows records why
 
 
 def _stat(path: Path) -> tuple[Path, int, float]:

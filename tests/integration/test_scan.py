@@ -119,3 +119,47 @@ async def test_every_type_folder_is_registered_by_a1111_names(
     await register_models(tmp_path, store)
     assert await store.get("ink", ModelType.LORA) is None
     assert "deleted" == (await store.get_any("ink", ModelType.LORA) or {})["status"]
+
+
+def _hostile(path: Path, header: bytes, data: bytes = b"\0" * 4) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(len(header).to_bytes(8, "little") + header + data)
+
+
+_LORA = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+_W = b'"w.lora_down.weight": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]}'
+HOSTILE = {
+    "a_string_metadata": b'{"__metadata__": "x", ' + _W + b"}",
+    "b_list_metadata": b'{"__metadata__": ["x"], ' + _W + b"}",
+    "c_deep": b'{"__metadata__": ' + b"[" * 100_000 + b"]" * 100_000 + b", " + _W + b"}",
+    "d_float_offsets": b'{"w.lora_down.weight": {"dtype": "U8", "shape": [4],'
+    b' "data_offsets": [0.0, 4.0]}}',
+}
+"""Malformed LoRAs sorted before a good one (issue 15, item 7)."""
+
+
+async def test_malformed_files_are_recorded_failed_and_the_scan_goes_on(
+    store: ModelStore, tmp_path: Path
+) -> None:
+    for stem, header in HOSTILE.items():
+        _hostile(tmp_path / "Lora" / f"{stem}.safetensors", header)
+    _tensors(tmp_path / "Lora" / "z_good.safetensors", {f"{_LORA}.lora_down.weight": (4, 768)})
+
+    found = await register_models(tmp_path, store, model_types=(ModelType.LORA,))
+    assert {*HOSTILE, "z_good"} == {name for _, name in found}
+    good = await store.get("z_good", ModelType.LORA)
+    assert "unloaded" == (good or {}).get("status"), "files after a bad one are registered"
+    reasons = {}
+    for stem in HOSTILE:
+        document = await store.get(stem, ModelType.LORA)
+        assert document is not None
+        assert "failed" == document["status"], stem
+        reasons[stem] = document["error"]
+    assert "__metadata__ must be an object" in reasons["a_string_metadata"]
+    assert "__metadata__ must be an object" in reasons["b_list_metadata"]
+    assert "nested too deeply" in reasons["c_deep"]
+    assert "data_offsets must be two integers" in reasons["d_float_offsets"]
+    # And again: a later scan is not stopped by them either.
+    assert sorted(found) == sorted(
+        await register_models(tmp_path, store, model_types=(ModelType.LORA,))
+    )
