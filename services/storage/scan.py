@@ -26,7 +26,7 @@ from pathlib import Path
 
 from proto import ModelStatus, ModelType
 from services.storage.modelfiles import ModelFileError, inspect_model
-from services.storage.models import ModelStore, model_document
+from services.storage.models import ModelStore, canonical_name, model_document, name_problem
 from services.storage.tasks import TaskStore
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,8 @@ def upload_folder(model_type: ModelType) -> str:
 
 
 def model_name(model_type: ModelType, relative: Path) -> str:
-    return relative.as_posix() if model_type in NAMED_BY_PATH else relative.stem
+    """A1111's name of a file, in its canonical spelling (NFC: one model per spelling)."""
+    return canonical_name(relative.as_posix() if model_type in NAMED_BY_PATH else relative.stem)
 
 
 def allowed_suffixes(model_type: ModelType, allow_pickle: bool) -> set[str]:
@@ -147,6 +148,8 @@ async def register_file(
     if sha256 is None:
         sha256 = await _file_sha256(store, model_type, name, path, size, mtime)
     found = await asyncio.to_thread(inspect_as, path, model_type)
+    if problem := name_problem(name):
+        found = Inspection(found.family, problem)
     document = model_document(
         name=name,
         model_type=model_type,

@@ -163,3 +163,27 @@ async def test_malformed_files_are_recorded_failed_and_the_scan_goes_on(
     assert sorted(found) == sorted(
         await register_models(tmp_path, store, model_types=(ModelType.LORA,))
     )
+
+
+async def test_nfc_and_nfd_spellings_of_one_name_are_one_model(
+    store: ModelStore, tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """Linux keeps both spellings as two files; they are one model, not two look-alikes."""
+    import unicodedata
+
+    nfc = unicodedata.normalize("NFC", "café.safetensors")
+    nfd = unicodedata.normalize("NFD", "café.safetensors")
+    root = tmp_path / "Stable-diffusion"
+    root.mkdir()
+    shutil.copy(tiny_checkpoint, root / nfd)
+    shutil.copy(tiny_checkpoint, root / nfc)
+    shutil.copy(tiny_checkpoint, root / "zero\u200bwidth.safetensors")
+
+    names = await register_checkpoints(tmp_path, store)
+    assert [nfc, "zero\u200bwidth.safetensors"] == sorted(names)
+    models = await store.list()
+    assert [nfc, "zero\u200bwidth.safetensors"] == sorted(m["name"] for m in models)
+    assert (await store.get(nfd) or {}).get("name") == nfc, "either spelling finds it"
+    look_alike = await store.get("zero\u200bwidth.safetensors")
+    assert look_alike is not None
+    assert ("failed", True) == (look_alike["status"], "U+200B" in look_alike["error"])

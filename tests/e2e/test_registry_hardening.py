@@ -1,4 +1,4 @@
-"""One malformed model file never breaks the system (issue 15, item 7).
+"""Hostile model files and names never break the registry (issue 15, items 7 and 10).
 
 A LoRA whose header has ``"__metadata__": "x"`` used to stop the system at start with an
 AttributeError, abort every later scan (files after it were never registered), and make
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import io
 import shutil
+import unicodedata
+import urllib.parse
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -87,3 +89,52 @@ async def test_uploading_a_malformed_file_is_a_422_with_the_reason(
         assert 422 == response.status, body
     assert "invalid_model" == body["code"]
     assert f"up_{stem}" not in await _loras(system), "a refused upload registers nothing"
+
+
+# Names (issue 15, item 10): one spelling per model.
+
+
+async def _put(system: System, name: str, data: bytes) -> tuple[int, Any]:
+    async with system.http.put(
+        f"{system.url}/models/{urllib.parse.quote(name)}",
+        data=io.BytesIO(data),
+        headers={"Content-Type": "application/octet-stream", "Content-Length": str(len(data))},
+    ) as response:
+        return response.status, await response.json()
+
+
+async def _checkpoints(system: System) -> list[str]:
+    params = {"type": "stableDiffusion"}
+    async with system.http.get(f"{system.url}/models", params=params) as response:
+        return sorted(m["name"] for m in await response.json())
+
+
+async def test_a_trailing_slash_and_nfd_spelling_name_the_same_model(
+    system: System, tiny_checkpoint: Path
+) -> None:
+    data = tiny_checkpoint.read_bytes()  # noqa: ASYNC240
+    nfc = unicodedata.normalize("NFC", "café.safetensors")
+    nfd = unicodedata.normalize("NFD", "café.safetensors")
+    assert 201 == (await _put(system, "x.safetensors", data))[0]
+    status, body = await _put(system, "x.safetensors/", data)
+    assert (200, "x.safetensors") == (status, body["model"]["name"]), "a replacement, not a new one"
+    assert 201 == (await _put(system, nfd, data))[0]
+    status, body = await _put(system, nfc, data)
+    assert (200, nfc) == (status, body["model"]["name"])
+    assert sorted([nfc, "tiny.safetensors", "x.safetensors"]) == await _checkpoints(system)
+    for spelling in (nfd, nfc, "x.safetensors/"):
+        async with system.http.get(f"{system.url}/models/{urllib.parse.quote(spelling)}") as got:
+            assert 200 == got.status, spelling
+    folder = Path(system.settings.models_dir) / "Stable-diffusion"
+    assert sorted([nfc, "tiny.safetensors", "x.safetensors"]) == sorted(
+        p.name for p in folder.iterdir() if p.is_file()
+    ), "one file per model, under its NFC name"
+
+
+async def test_a_look_alike_name_is_refused_naming_the_character(
+    system: System, tiny_checkpoint: Path
+) -> None:
+    data = tiny_checkpoint.read_bytes()  # noqa: ASYNC240
+    status, body = await _put(system, "tiny\u200b.safetensors", data)
+    assert (422, "name") == (status, body["field"])
+    assert "U+200B" in body["message"]
