@@ -102,6 +102,9 @@ class StoreSettings(BusSettings, kw_only=True, frozen=True):
     """A task younger than this is left alone (its publish may still be in flight)."""
     lost_after_s: float = 600.0
     """An open task whose message is gone is failed as lost once it is this old."""
+    reconcile_max_errors: int = 3
+    """Passing errors (timeouts, a full stream) in a row that end a reconciler pass early;
+    each such task is retried on the next pass, and one task's error never stops the pass."""
     webhook_allow_hosts: list[str] = msgspec.field(default_factory=list)
     """Hosts task webhooks may call (``hooks.example.com``, ``*.example.com``); empty: off."""
     webhook_allow_http: bool = False
