@@ -115,6 +115,17 @@ class StoreSettings(BusSettings, kw_only=True, frozen=True):
     webhook_backoff_s: list[float] = msgspec.field(default_factory=lambda: [1, 5, 30, 120, 600])
     """Delay before retry n (the last one repeats)."""
     webhook_timeout_s: float = 10.0
+    """A delivery that has not been answered in this long has failed (and is retried)."""
+    webhook_connect_timeout_s: float = 5.0
+    """Connecting to a receiver may take at most this long (within ``webhook_timeout_s``)."""
+    webhook_max_concurrency: int = 64
+    """Deliveries in progress at once, over all receivers."""
+    webhook_max_per_receiver: int = 4
+    """Deliveries in progress at once to one receiver (a user's scheme, host and port)."""
+    webhook_max_queued_per_receiver: int = 100
+    """Events held waiting for one receiver; more are handed back to the stream for later."""
+    webhook_max_in_flight: int = 1000
+    """Events the dispatcher holds at once (the consumer's ``max_ack_pending``)."""
     model_scan_interval_s: float = 60.0
     """Rescan ``models_dir`` this often for dropped-in and removed files; 0: only at start."""
     allow_pickle: bool = False
