@@ -313,6 +313,7 @@ class Dispatcher:
         target: Target,
         delivery_id: str,
     ) -> None:
+        attempts = 0
         try:
             secret = await self.secrets.get(task["user"])
             await deliver(
@@ -339,7 +340,7 @@ class Dispatcher:
                 await message.nak(delay=delay)
                 return
             await self._record_failure(task, hook, event, delivery_id, attempts, reason)
-        if message.metadata.num_delivered > 1:
+        if attempts or message.metadata.num_delivered > 1:  # done: forget failed attempts
             await self.db["webhook_attempts"].delete_one({"_id": delivery_id})
         await message.ack()
 
