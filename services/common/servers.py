@@ -71,10 +71,16 @@ class PortInUseError(RuntimeError):
 def port_free(host: str, port: int) -> bool:
     """Whether a server could listen on ``host:port`` now (SO_REUSEADDR, as servers bind:
     connections of a stopped server in TIME_WAIT do not count as taken)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except OSError:
+        return True  # not an address to check here: the server reports its own error
+    with socket.socket(family, kind, proto) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind((host, port))
+            sock.bind(address)
         except OSError:
             return False
     return True

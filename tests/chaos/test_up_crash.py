@@ -116,6 +116,10 @@ def models(tmp_path: Path, tiny_checkpoint: Path) -> Path:
     root = tmp_path / "models"
     (root / "Stable-diffusion").mkdir(parents=True)
     shutil.copy(tiny_checkpoint, root / "Stable-diffusion" / "tiny.safetensors")
+    # A malformed LoRA (issue 15, item 7) used to stop `up` at start with an AttributeError.
+    header = b'{"__metadata__": "x"}'
+    (root / "Lora").mkdir()
+    (root / "Lora" / "bad.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
     return root
 
 
@@ -128,6 +132,8 @@ async def test_kill_9_of_up_then_restart_loses_nothing(
     started: list[Up] = [first]
     try:
         await ready(first, http)
+        async with http.get(f"{first.url}/models/bad", params={"type": "lora"}) as response:
+            assert "failed" == (await response.json())["status"]
 
         # A second `up` on the taken NATS port fails clearly, and joins nothing.
         second = await start_up(
