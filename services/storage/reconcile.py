@@ -94,10 +94,12 @@ async def reconcile_once(
     async for task in tasks.collection.find(query, projection):
         task_id = task["_id"]
         try:
-            await _reconcile_task(js, tasks, task, now, lost_after_s, outcome)
-        except _Unpublishable as exc:
-            await _fail(js, task_id, int(task.get("attempt") or 0), "unpublishable", str(exc))
-            outcome.failed += 1
+            try:
+                await _reconcile_task(js, tasks, task, now, lost_after_s, outcome)
+            except _Unpublishable as exc:
+                attempt = int(task.get("attempt") or 0)
+                await _fail(js, task_id, attempt, "unpublishable", str(exc))
+                outcome.failed += 1
         except (NatsError, TimeoutError) as exc:
             outcome.skipped += 1
             errors_in_a_row += 1
