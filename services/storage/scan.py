@@ -184,11 +184,11 @@ async def register_models(
     """
     found: list[tuple[ModelType, str]] = []
     for model_type in model_types:
+        files: dict[str, list[Path]] = {}
         for path, relative in find_models(models_dir, model_type, allow_pickle):
-            name = model_name(model_type, relative)
-            if (model_type, name) in found:
-                log.warning("%s %s: a second file of that name is ignored", model_type, path)
-                continue
+            files.setdefault(model_name(model_type, relative), []).append(path)
+        for name, paths in files.items():
+            path = await _one_file(store, model_type, name, paths)
             found.append((model_type, name))
             try:
                 await register_file(store, model_type, name, path, source="scan")
@@ -200,6 +200,29 @@ async def register_models(
                 log.info("%s %s: file removed, marking deleted", model_type, document["name"])
                 await store.mark_deleted(document["name"], model_type)
     return found
+
+
+async def _one_file(store: ModelStore, model_type: ModelType, name: str, paths: list[Path]) -> Path:
+    """The file a model name stands for when several spell it (``x`` in NFC and in NFD, or
+    two stems with other suffixes): the one registered already, else the first."""
+    if len(paths) == 1:
+        return paths[0]
+    known = await store.get(name, model_type)
+    resolved = [await asyncio.to_thread(p.resolve) for p in paths]
+    chosen = (
+        paths[resolved.index(Path(known["path"]))]
+        if known and Path(known["path"]) in resolved
+        else paths[0]
+    )
+    for path in paths:
+        if path != chosen:
+            log.warning(
+                "%s %s: another file named %r is used; this one is ignored",
+                model_type.value,
+                path,
+                name,
+            )
+    return chosen
 
 
 async def register_checkpoints(

@@ -187,3 +187,11 @@ async def test_nfc_and_nfd_spellings_of_one_name_are_one_model(
     look_alike = await store.get("zero\u200bwidth.safetensors")
     assert look_alike is not None
     assert ("failed", True) == (look_alike["status"], "U+200B" in look_alike["error"])
+
+    # Whichever spelling the model was registered from (an upload writes the NFC one)
+    # stays its file on every rescan: the other is ignored, not swapped in.
+    for spelling in (nfc, nfd, nfc):
+        path = str((root / spelling).resolve())
+        await store.update(nfc, ModelType.STABLE_DIFFUSION, {"path": path})
+        await register_checkpoints(tmp_path, store)
+        assert path == (await store.get(nfc) or {}).get("path")
