@@ -17,7 +17,12 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--models-dir", type=Path, default=Path("models"))
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=7860)
-    up.add_argument("--nats-port", type=int, default=4222)
+    up.add_argument(
+        "--nats-port",
+        type=int,
+        default=None,
+        help="NATS client port; it must be free (default: 4222, or a free one if taken)",
+    )
     up.add_argument("--device", default="auto", help="auto, cpu or cuda (workers)")
     up.add_argument(
         "--gpu-slots",
@@ -69,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     match args.command:
         case "up":
-            from services.embedded import UpOptions, up
+            from services.common.servers import PortInUseError
+            from services.embedded import DataDirInUseError, UpOptions, up
 
             options = UpOptions(
                 data_dir=args.data_dir,
@@ -80,7 +86,10 @@ def main(argv: list[str] | None = None) -> None:
                 device=args.device,
                 gpu_slots=args.gpu_slots,
             )
-            asyncio.run(up(options))
+            try:
+                asyncio.run(up(options))
+            except (PortInUseError, DataDirInUseError) as exc:
+                raise SystemExit(f"sdswarm up: {exc}") from None
         case "demo-model":
             from services.inference.tiny import write_demo_checkpoint
 

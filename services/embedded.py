@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import msgspec
 from aiohttp import web
 
 from services.common import bus
-from services.common.servers import MongoServer, NatsServer
+from services.common.servers import MongoServer, NatsServer, claim_port
 from services.common.settings import from_environ
 from services.common.supervise import stop_on_signals, supervised
 from services.gateway.app import create_app
@@ -39,21 +40,63 @@ from services.usercli import ENDPOINTS_FILE
 log = logging.getLogger("sdswarm")
 
 
+LOCK_FILE = "sdswarm.lock"
+"""In the data dir, locked (``flock``) by the ``sdswarm up`` using it, holding its pid. The
+kernel drops the lock when that process dies, however it dies."""
+DEFAULT_NATS_PORT = 4222
+
+
+class DataDirInUseError(RuntimeError):
+    """Another live ``sdswarm up`` uses the data dir (its NATS and MongoDB stores)."""
+
+
 @dataclass(frozen=True)
 class UpOptions:
     data_dir: Path
     models_dir: Path
     host: str
     port: int
-    nats_port: int
+    nats_port: int | None
+    """None: 4222 when free, else any free port. A port given must be free."""
     device: str
     gpu_slots: int | None = None
+
+
+def lock_data_dir(data: Path) -> IO[str]:
+    """Lock ``data`` for this process (kept while the returned file is open), or refuse."""
+    handle = (data / LOCK_FILE).open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        handle.close()
+        raise DataDirInUseError(
+            f"data dir {data} is in use by another sdswarm up (pid {holder}): stop it, or"
+            " give this one another --data-dir"
+        ) from None
+    handle.truncate(0)
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 async def up(options: UpOptions) -> None:
     stop = stop_on_signals()
     data = options.data_dir.resolve()
     data.mkdir(parents=True, exist_ok=True)
+    lock = lock_data_dir(data)  # before any server touches the stores in it
+    try:
+        await _up(options, data, stop)
+    finally:
+        lock.close()
+
+
+async def _up(options: UpOptions, data: Path, stop: asyncio.Event) -> None:
+    # Taken ports are refused before anything starts (nats-server would die on "address
+    # already in use" while another instance's NATS answered in its place).
+    claim_port("gateway", options.host, options.port, asked=True)
+    nats_port = options.nats_port or claim_port("NATS", "127.0.0.1", DEFAULT_NATS_PORT, asked=False)
     if not find_checkpoints(options.models_dir):
         from services.inference.tiny import write_demo_checkpoint
 
@@ -64,7 +107,7 @@ async def up(options: UpOptions) -> None:
             path,
         )
     async with contextlib.AsyncExitStack() as stack:
-        nats_server = NatsServer(data / "nats", port=options.nats_port)
+        nats_server = NatsServer(data / "nats", port=nats_port)
         await nats_server.start()
         stack.push_async_callback(nats_server.stop)
         mongodb_url = os.environ.get("MONGODB_URL", "")

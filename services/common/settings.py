@@ -102,6 +102,9 @@ class StoreSettings(BusSettings, kw_only=True, frozen=True):
     """A task younger than this is left alone (its publish may still be in flight)."""
     lost_after_s: float = 600.0
     """An open task whose message is gone is failed as lost once it is this old."""
+    reconcile_max_errors: int = 3
+    """Passing errors (timeouts, a full stream) in a row that end a reconciler pass early;
+    each such task is retried on the next pass, and one task's error never stops the pass."""
     webhook_allow_hosts: list[str] = msgspec.field(default_factory=list)
     """Hosts task webhooks may call (``hooks.example.com``, ``*.example.com``); empty: off."""
     webhook_allow_http: bool = False
@@ -112,6 +115,17 @@ class StoreSettings(BusSettings, kw_only=True, frozen=True):
     webhook_backoff_s: list[float] = msgspec.field(default_factory=lambda: [1, 5, 30, 120, 600])
     """Delay before retry n (the last one repeats)."""
     webhook_timeout_s: float = 10.0
+    """A delivery that has not been answered in this long has failed (and is retried)."""
+    webhook_connect_timeout_s: float = 5.0
+    """Connecting to a receiver may take at most this long (within ``webhook_timeout_s``)."""
+    webhook_max_concurrency: int = 64
+    """Deliveries in progress at once, over all receivers."""
+    webhook_max_per_receiver: int = 4
+    """Deliveries in progress at once to one receiver (a user's scheme, host and port)."""
+    webhook_max_queued_per_receiver: int = 100
+    """Events held waiting for one receiver; more are handed back to the stream for later."""
+    webhook_max_in_flight: int = 1000
+    """Events the dispatcher holds at once (the consumer's ``max_ack_pending``)."""
     model_scan_interval_s: float = 60.0
     """Rescan ``models_dir`` this often for dropped-in and removed files; 0: only at start."""
     allow_pickle: bool = False

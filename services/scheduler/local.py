@@ -21,6 +21,7 @@ import msgspec
 
 from proto.workers import WorkerStatus
 from services.common.settings import PREFIX, StoreSettings
+from services.common.supervise import die_with_parent
 from services.scheduler.settings import SchedulerSettings, max_batch
 from services.storage.mongo import Document
 
@@ -165,6 +166,8 @@ class LocalBackend:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=log_file,
+                # Gone with the scheduler, even on its kill -9: its task is redelivered.
+                preexec_fn=die_with_parent(signal.SIGKILL),
             )
         self.started += 1
         if gpu is not None:

@@ -22,7 +22,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from proto import ModelType
-from services.storage.models import ModelStore
+from services.storage.models import ModelStore, canonical_name, name_problem
 from services.storage.scan import (
     NAMED_BY_PATH,
     allowed_suffixes,
@@ -52,17 +52,21 @@ def target_path(
 
     Checkpoints and VAEs are named by their path (``anime/model.safetensors``; sub-folders,
     spaces and Unicode allowed); other types by a bare stem (``<lora:ink>``), whose file
-    gets ``suffix`` (default ``.safetensors``).
+    gets ``suffix`` (default ``.safetensors``). The name is taken in its canonical
+    spelling (NFC, no trailing or doubled ``/``); look-alike characters are refused.
     """
+    if problem := name_problem(name):
+        raise IntakeError(422, "invalid_field", problem, field="name")
+    absolute = name.startswith("/")
+    name = canonical_name(name)
     parts = PurePosixPath(name).parts
     bad = (
         not name
         or len(name) > MAX_NAME_CHARS
         or name != name.strip()
         or "\\" in name
-        or name.startswith("/")
-        or any(part in (".", "..") or part.startswith(".") for part in parts)
-        or any(ord(c) < 32 or c == "\x7f" for c in name)
+        or absolute
+        or any(part in (".", "..") or part.startswith(".") for part in name.split("/"))
     )
     if bad:
         raise IntakeError(

@@ -9,6 +9,7 @@ tensor names and shapes — never from its file name.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,10 +49,29 @@ class CheckpointInfo:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
+DTYPE_BITS = {
+    "F64": 64, "I64": 64, "U64": 64, "C64": 64,
+    "F32": 32, "I32": 32, "U32": 32,
+    "F16": 16, "BF16": 16, "I16": 16, "U16": 16,
+    "I8": 8, "U8": 8, "BOOL": 8,
+    "F8_E4M3": 8, "F8_E4M3FNUZ": 8, "F8_E5M2": 8, "F8_E5M2FNUZ": 8, "F8_E8M0": 8,
+    "F6_E2M3": 6, "F6_E3M2": 6, "F4": 4,
+}  # fmt: skip
+"""Bits per element of each safetensors dtype (the format's own table)."""
+
+
 def read_safetensors_header(
     path: Path, max_header_bytes: int = MAX_HEADER_BYTES
 ) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Tensor table and ``__metadata__`` of a safetensors file, validated."""
+    """Tensor table and ``__metadata__`` of a safetensors file, validated.
+
+    As strictly as the safetensors library itself checks a file before loading it, so a
+    file accepted here never fails later in a worker: ``__metadata__`` is an object of
+    strings; every tensor has a known dtype, a shape of non-negative integers and
+    integer ``data_offsets`` whose span is exactly the tensor's size; the tensors,
+    ordered by offset, cover the data without gap or overlap, to its last byte. Anything
+    else raises :class:`ModelFileError` with the reason, never another exception.
+    """
     size = path.stat().st_size
     with path.open("rb") as handle:
         prefix = handle.read(8)
@@ -69,29 +89,90 @@ def read_safetensors_header(
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelFileError(f"{path.name}: not a safetensors file (header is not JSON)") from exc
+    except RecursionError as exc:
+        raise ModelFileError(
+            f"{path.name}: not a safetensors file (header nested too deeply)"
+        ) from exc
     if not isinstance(header, dict):
         raise ModelFileError(f"{path.name}: not a safetensors file (header is not an object)")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = _metadata(path.name, header.pop("__metadata__", None))
     data_size = size - 8 - length
     tensors: dict[str, TensorInfo] = {}
+    spans: list[tuple[int, int, str]] = []
     for name, entry in header.items():
-        tensors[name] = _tensor_info(path.name, name, entry, data_size)
-    return tensors, {str(k): str(v) for k, v in metadata.items()}
+        info, start, end = _tensor_info(path.name, name, entry, data_size)
+        tensors[name] = info
+        spans.append((start, end, name))
+    _check_coverage(path.name, sorted(spans), data_size)
+    return tensors, metadata
 
 
-def _tensor_info(file_name: str, name: str, entry: Any, data_size: int) -> TensorInfo:
-    try:
-        dtype, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-        valid = (
-            isinstance(dtype, str)
-            and all(isinstance(d, int) and d >= 0 for d in shape)
-            and 0 <= start <= end <= data_size
+def _metadata(file_name: str, value: Any) -> dict[str, str]:
+    """``__metadata__``: absent, or an object whose values are all strings (the format's rule)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ModelFileError(
+            f"{file_name}: __metadata__ must be an object of strings, not {type(value).__name__}"
         )
-    except (KeyError, TypeError, ValueError):
-        valid = False
-    if not valid:
-        raise ModelFileError(f"{file_name}: tensor {name!r} has an invalid or out-of-file entry")
-    return TensorInfo(dtype=dtype, shape=tuple(shape))
+    for key, item in value.items():
+        if not isinstance(item, str):
+            raise ModelFileError(
+                f"{file_name}: __metadata__ value {key!r} must be a string, not"
+                f" {type(item).__name__}"
+            )
+    return dict(value)
+
+
+def _is_int(value: Any) -> bool:
+    """A JSON integer (``true`` and ``1.0`` are not)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _tensor_info(
+    file_name: str, name: str, entry: Any, data_size: int
+) -> tuple[TensorInfo, int, int]:
+    """One tensor's entry, checked; with its byte span in the data section."""
+
+    def refuse(rule: str) -> ModelFileError:
+        return ModelFileError(f"{file_name}: tensor {name!r}: {rule}")
+
+    if not isinstance(entry, dict):
+        raise refuse("the entry must be an object with dtype, shape and data_offsets")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+        raise refuse(f"unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise refuse("shape must be a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_int, offsets))):
+        raise refuse("data_offsets must be two integers [start, end]")
+    start, end = offsets
+    if not 0 <= start <= end <= data_size:
+        raise refuse(
+            f"data_offsets [{start}, {end}] are out-of-file (the data section has"
+            f" {data_size} bytes)"
+        )
+    bits = DTYPE_BITS[dtype] * math.prod(shape)
+    if bits % 8 or end - start != bits // 8:
+        raise refuse(
+            f"data_offsets span {end - start} bytes but a {dtype} tensor of shape {shape}"
+            f" takes {bits / 8:g}"
+        )
+    return TensorInfo(dtype=dtype, shape=tuple(shape)), start, end
+
+
+def _check_coverage(file_name: str, spans: list[tuple[int, int, str]], data_size: int) -> None:
+    """Tensors ordered by offset must tile the data section exactly, as the library checks."""
+    position = 0
+    for start, end, name in spans:
+        if start != position:
+            gap = "overlaps the tensor before it" if start < position else "leaves a gap"
+            raise ModelFileError(f"{file_name}: tensor {name!r} at offset {start} {gap}")
+        position = end
+    if position != data_size:
+        raise ModelFileError(
+            f"{file_name}: the tensors cover {position} of the {data_size} data bytes"
+        )
 
 
 def cross_attention_dim(tensors: dict[str, TensorInfo]) -> int | None:
@@ -172,6 +253,12 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def _config_int(config: dict[str, Any], key: str) -> int | None:
+    """An integer setting of a diffusers config; None when absent or of another type."""
+    value = config.get(key)
+    return value if _is_int(value) else None
+
+
 def _family_from_diffusers(folder: Path) -> tuple[ModelFamily | None, dict[str, Any]]:
     """Family from the pipeline's configs (a diffusers folder names no LDM tensors)."""
     index = _read_json(folder / "model_index.json")
@@ -180,18 +267,19 @@ def _family_from_diffusers(folder: Path) -> tuple[ModelFamily | None, dict[str, 
     if in_channels not in (4, 9):
         return None, unet
     suffix = "_inpaint" if in_channels == 9 else ""
-    context = unet.get("cross_attention_dim")
-    if not (index.get("text_encoder") or [None])[0]:
+    context = _config_int(unet, "cross_attention_dim")
+    encoder = index.get("text_encoder")
+    if not (isinstance(encoder, list) and encoder and encoder[0]):
         return None, unet  # e.g. the SDXL refiner (one OpenCLIP encoder): not supported
     text = _read_json(folder / "text_encoder" / "config.json")
     base: str | None
     if "text_encoder_2" in index or unet.get("addition_embed_type") == "text_time":
         text_2 = _read_json(folder / "text_encoder_2" / "config.json")
-        widths = (text.get("hidden_size"), text_2.get("hidden_size"))
+        widths = (_config_int(text, "hidden_size"), _config_int(text_2, "hidden_size"))
         # SDXL concatenates both encoders' features (768 + 1280 for the base model).
         agree = context is None or None in widths or context == sum(w or 0 for w in widths)
         base = "sdxl" if agree else None
-    elif context is not None and text.get("hidden_size") not in (None, context):
+    elif context is not None and _config_int(text, "hidden_size") not in (None, context):
         base = None  # the UNet cannot attend to this text encoder's features
     else:
         # SD2's OpenCLIP text encoder uses exact GELU; SD1's CLIP uses quick GELU.
@@ -208,14 +296,13 @@ def inspect_checkpoint(path: Path, max_header_bytes: int = MAX_HEADER_BYTES) -> 
             len(read_safetensors_header(weights, max_header_bytes)[0])
             for weights in sorted(path.glob("*/*.safetensors"))
         )
-        in_channels = unet.get("in_channels")
-        context = unet.get("cross_attention_dim")
+        in_channels = _config_int(unet, "in_channels")
         return CheckpointInfo(
             family=family,
             tensors=count,
-            in_channels=in_channels if isinstance(in_channels, int) else None,
+            in_channels=in_channels,
             is_inpaint=in_channels == 9,
-            cross_attention_dim=context if isinstance(context, int) else None,
+            cross_attention_dim=_config_int(unet, "cross_attention_dim"),
             is_diffusers_folder=True,
         )
     if path.suffix.lower() != ".safetensors":

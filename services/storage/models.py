@@ -10,6 +10,8 @@ checkpoint's name names its subject, consumer and workers.
 from __future__ import annotations
 
 import datetime as dt
+import re
+import unicodedata
 from typing import Any
 
 from pymongo import ReturnDocument
@@ -22,12 +24,43 @@ from services.storage.mongo import Document
 CHECKPOINT = ModelType.STABLE_DIFFUSION
 
 
+def canonical_name(name: str) -> str:
+    """The one spelling of a model name: Unicode NFC, ``/`` separators never doubled nor
+    trailing. ``café`` typed on macOS (NFD) and on Linux (NFC), or ``x.safetensors/`` and
+    ``x.safetensors``, are one model. Every lookup and record goes through this."""
+    return _SEPARATORS.sub("/", unicodedata.normalize("NFC", name)).rstrip("/")
+
+
+_SEPARATORS = re.compile("/{2,}")
+_INVISIBLE = frozenset({"Cc", "Cf", "Co", "Cs", "Cn", "Zl", "Zp"})
+"""Controls, format characters (zero-width, bidi overrides), private-use, unassigned."""
+
+
+def name_problem(name: str) -> str | None:
+    """Why a name is refused as a look-alike of another, or None.
+
+    A name that differs from another only by characters nobody sees (a zero-width space,
+    a bidi override) or by an odd space (no-break, ideographic) would show as that other
+    name in every listing; normalisation cannot fold them, so they are refused.
+    """
+    for char in name:
+        category = unicodedata.category(char)
+        if category in _INVISIBLE or (category == "Zs" and char != " "):
+            return (
+                f"`name` must not contain invisible characters or spaces other than U+0020"
+                f" (found U+{ord(char):04X} {unicodedata.name(char, category)}): it would"
+                " look like another name"
+            )
+    return None
+
+
 def model_id(model_type: ModelType, name: str) -> str:
-    return f"{model_type.value}:{name}"
+    return f"{model_type.value}:{canonical_name(name)}"
 
 
 def model_key_for(model_type: ModelType, name: str) -> str:
     """Checkpoints keep the key of their bare name (their subject); others are scoped."""
+    name = canonical_name(name)
     return names.model_key(name if model_type is CHECKPOINT else model_id(model_type, name))
 
 
@@ -45,6 +78,7 @@ def model_document(
     source: str | None = None,
 ) -> Document:
     now = dt.datetime.now(dt.UTC)
+    name = canonical_name(name)
     return {
         "_id": model_id(model_type, name),
         "name": name,

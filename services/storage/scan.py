@@ -26,7 +26,7 @@ from pathlib import Path
 
 from proto import ModelStatus, ModelType
 from services.storage.modelfiles import ModelFileError, inspect_model
-from services.storage.models import ModelStore, model_document
+from services.storage.models import ModelStore, canonical_name, model_document, name_problem
 from services.storage.tasks import TaskStore
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,8 @@ def upload_folder(model_type: ModelType) -> str:
 
 
 def model_name(model_type: ModelType, relative: Path) -> str:
-    return relative.as_posix() if model_type in NAMED_BY_PATH else relative.stem
+    """A1111's name of a file, in its canonical spelling (NFC: one model per spelling)."""
+    return canonical_name(relative.as_posix() if model_type in NAMED_BY_PATH else relative.stem)
 
 
 def allowed_suffixes(model_type: ModelType, allow_pickle: bool) -> set[str]:
@@ -111,6 +112,11 @@ def inspect_as(path: Path, model_type: ModelType) -> Inspection:
         info = inspect_model(path)
     except ModelFileError as exc:
         return Inspection(family=None, error=str(exc))
+    except OSError as exc:
+        return Inspection(family=None, error=f"{path.name}: unreadable: {exc}")
+    except Exception as exc:  # a file the parser did not foresee: refuse it, never crash
+        log.exception("inspecting %s failed", path)
+        return Inspection(family=None, error=f"{path.name}: cannot be read ({exc!r})")
     family = info.family.value if info.family else None
     if info.model_type is not None and info.model_type is not model_type:
         return Inspection(
@@ -142,6 +148,8 @@ async def register_file(
     if sha256 is None:
         sha256 = await _file_sha256(store, model_type, name, path, size, mtime)
     found = await asyncio.to_thread(inspect_as, path, model_type)
+    if problem := name_problem(name):
+        found = Inspection(found.family, problem)
     document = model_document(
         name=name,
         model_type=model_type,
@@ -176,19 +184,45 @@ async def register_models(
     """
     found: list[tuple[ModelType, str]] = []
     for model_type in model_types:
+        files: dict[str, list[Path]] = {}
         for path, relative in find_models(models_dir, model_type, allow_pickle):
-            name = model_name(model_type, relative)
-            if (model_type, name) in found:
-                log.warning("%s %s: a second file of that name is ignored", model_type, path)
-                continue
-            await register_file(store, model_type, name, path, source="scan")
+            files.setdefault(model_name(model_type, relative), []).append(path)
+        for name, paths in files.items():
+            path = await _one_file(store, model_type, name, paths)
             found.append((model_type, name))
+            try:
+                await register_file(store, model_type, name, path, source="scan")
+            except OSError as exc:  # removed mid-scan: the next scan sees it gone
+                log.warning("%s %s: skipped, %s", model_type.value, path, exc)
         for document in await store.list(model_type):
             gone = not await asyncio.to_thread(Path(document["path"]).exists)
             if gone and document["status"] != ModelStatus.REGISTERING.value:
                 log.info("%s %s: file removed, marking deleted", model_type, document["name"])
                 await store.mark_deleted(document["name"], model_type)
     return found
+
+
+async def _one_file(store: ModelStore, model_type: ModelType, name: str, paths: list[Path]) -> Path:
+    """The file a model name stands for when several spell it (``x`` in NFC and in NFD, or
+    two stems with other suffixes): the one registered already, else the first."""
+    if len(paths) == 1:
+        return paths[0]
+    known = await store.get(name, model_type)
+    resolved = [await asyncio.to_thread(p.resolve) for p in paths]
+    chosen = (
+        paths[resolved.index(Path(known["path"]))]
+        if known and Path(known["path"]) in resolved
+        else paths[0]
+    )
+    for path in paths:
+        if path != chosen:
+            log.warning(
+                "%s %s: another file named %r is used; this one is ignored",
+                model_type.value,
+                path,
+                name,
+            )
+    return chosen
 
 
 async def register_checkpoints(
@@ -260,7 +294,10 @@ async def _file_sha256(
     unchanged = known and known.get("size_bytes") == size and known.get("mtime") == mtime
     if known and unchanged and known.get("sha256"):
         return str(known["sha256"])
-    return await asyncio.to_thread(sha256_of, path)
+    try:
+        return await asyncio.to_thread(sha256_of, path)
+    except OSError:
+        return None  # unreadable: the inspection that follows records why
 
 
 def _stat(path: Path) -> tuple[Path, int, float]:

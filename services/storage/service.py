@@ -53,6 +53,7 @@ def start_storage_tasks(
             interval_s=settings.reconcile_interval_s,
             grace_s=settings.reconcile_grace_s,
             lost_after_s=settings.lost_after_s,
+            max_errors=settings.reconcile_max_errors,
         ),
         "webhooks": lambda: Dispatcher(js, db, settings).run(stop),
         "model drains": lambda: run_drains(Path(settings.models_dir), models, tasks, stop),

@@ -15,7 +15,9 @@ secret (``GET /webhooks/secret``; ``whsec_`` + base64 of 32 random bytes).
 
 **Delivery** is a durable consumer on the event stream: a 2xx answer acks; anything else
 is retried after ``webhook_backoff_s`` steps, and after ``webhook_max_attempts`` the
-delivery is recorded in ``webhook_failures``, which its owner can read.
+delivery is recorded in ``webhook_failures``, which its owner can read. Deliveries run
+concurrently, each bounded by ``webhook_timeout_s``, with limits overall and per receiver
+(:class:`Dispatcher`), so a slow receiver delays only its own deliveries.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from pymongo import ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
 
 from proto import names
@@ -51,6 +54,10 @@ from services.storage.mongo import Document
 
 log = logging.getLogger(__name__)
 MAX_RESPONSE_BYTES = 64 * 1024
+FETCH_BATCH = 64
+"""Events fetched per request; deliveries start as soon as each arrives."""
+DEFER_S = 1.0
+"""An event for a receiver whose backlog is full comes back after this long."""
 COMPLETED = frozenset({"succeeded", "failed", "cancelled"})
 
 
@@ -173,7 +180,12 @@ def payload(event: TaskEvent) -> bytes:
 
 
 async def deliver(
-    target: Target, secret: str, delivery_id: str, body: bytes, timeout_s: float
+    target: Target,
+    secret: str,
+    delivery_id: str,
+    body: bytes,
+    timeout_s: float,
+    connect_timeout_s: float | None = None,
 ) -> None:
     """POST one signed delivery; raises with the reason unless the answer is 2xx."""
     timestamp = int(time.time())
@@ -192,7 +204,7 @@ async def deliver(
             data=body,
             headers=headers,
             allow_redirects=False,
-            timeout=aiohttp.ClientTimeout(total=timeout_s),
+            timeout=aiohttp.ClientTimeout(total=timeout_s, connect=connect_timeout_s),
         ) as response,
     ):
         await response.content.read(MAX_RESPONSE_BYTES)
@@ -202,12 +214,35 @@ async def deliver(
             )
 
 
+@dataclass
+class _Receiver:
+    """Deliveries to one receiver (a user's URL origin): running ones and those waiting."""
+
+    slots: asyncio.Semaphore
+    waiting: int = 0
+    active: int = 0
+
+
 class Dispatcher:
+    """Delivers each event on its own: one slow receiver never holds up another's.
+
+    Events are fetched as long as fewer than ``webhook_max_in_flight`` are held; each is
+    delivered by its own task, at most ``webhook_max_concurrency`` at once overall and
+    ``webhook_max_per_receiver`` at once to one receiver (a user's scheme, host and port).
+    An event waiting for a slot keeps its message alive with in-progress acks; beyond
+    ``webhook_max_queued_per_receiver`` waiting for one receiver, it is handed back for
+    later (not counted as an attempt), so a receiver's backlog cannot fill the dispatcher.
+    Failed attempts are counted in MongoDB (``webhook_attempts``), not by redeliveries.
+    """
+
     def __init__(
         self, js: JetStreamContext, db: AsyncDatabase[Document], settings: StoreSettings
     ) -> None:
         self.js, self.db, self.settings = js, db, settings
         self.secrets = WebhookSecrets(db)
+        self.slots = asyncio.Semaphore(settings.webhook_max_concurrency)
+        self.receivers: dict[tuple[str, str, str, int], _Receiver] = {}
+        self.ack_wait_s = max(settings.webhook_timeout_s * 3, 30)
 
     async def handle(self, message: Msg) -> None:
         try:
@@ -220,32 +255,104 @@ class Dispatcher:
         if not task or not hook or not subscribed(event_kind(event), hook.get("events", [])):
             await message.ack()
             return
-        attempt = message.metadata.num_delivered
         delivery_id = f"{event.task_id}.{message.metadata.sequence.stream}"
         try:
             target = await check_url(hook["url"], self.settings)
+        except WebhookRefusedError as exc:
+            await self._record_failure(task, hook, event, delivery_id, 1, str(exc))
+            await message.ack()
+            return
+        key = (
+            str(task["user"]),
+            urllib.parse.urlsplit(target.url).scheme,
+            target.host,
+            target.port,
+        )
+        receiver = self.receivers.get(key)
+        if receiver is None:
+            slots = asyncio.Semaphore(self.settings.webhook_max_per_receiver)
+            receiver = self.receivers[key] = _Receiver(slots)
+        if receiver.waiting >= self.settings.webhook_max_queued_per_receiver:
+            await message.nak(delay=DEFER_S)  # its backlog is full: later, not an attempt
+            return
+        receiver.waiting += 1
+        try:
+            await self._acquire(message, receiver.slots)
+            try:
+                await self._acquire(message, self.slots)
+            except BaseException:
+                receiver.slots.release()
+                raise
+        finally:
+            receiver.waiting -= 1
+        receiver.active += 1
+        try:
+            await self._attempt(message, task, hook, event, target, delivery_id)
+        finally:
+            receiver.active -= 1
+            self.slots.release()
+            receiver.slots.release()
+            if not (receiver.active or receiver.waiting):
+                self.receivers.pop(key, None)
+
+    async def _acquire(self, message: Msg, slots: asyncio.Semaphore) -> None:
+        """Wait for a slot, keeping the message from being redelivered meanwhile."""
+        while True:
+            try:
+                await asyncio.wait_for(slots.acquire(), self.ack_wait_s / 3)
+                return
+            except TimeoutError:
+                await message.in_progress()
+
+    async def _attempt(
+        self,
+        message: Msg,
+        task: Document,
+        hook: dict[str, Any],
+        event: TaskEvent,
+        target: Target,
+        delivery_id: str,
+    ) -> None:
+        attempts = 0
+        try:
             secret = await self.secrets.get(task["user"])
             await deliver(
-                target, secret, delivery_id, payload(event), self.settings.webhook_timeout_s
+                target,
+                secret,
+                delivery_id,
+                payload(event),
+                self.settings.webhook_timeout_s,
+                self.settings.webhook_connect_timeout_s,
             )
-        except (WebhookRefusedError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             reason = str(exc) or type(exc).__name__
-            if attempt < self.settings.webhook_max_attempts and not isinstance(
-                exc, WebhookRefusedError
-            ):
+            attempts = await self._count_attempt(delivery_id)
+            if attempts < self.settings.webhook_max_attempts:
                 backoff = self.settings.webhook_backoff_s
-                delay = backoff[min(attempt - 1, len(backoff) - 1)] if backoff else 1.0
+                delay = backoff[min(attempts - 1, len(backoff) - 1)] if backoff else 1.0
                 log.info(
                     "webhook %s attempt %d failed (%s); retry in %g s",
                     delivery_id,
-                    attempt,
+                    attempts,
                     reason,
                     delay,
                 )
                 await message.nak(delay=delay)
                 return
-            await self._record_failure(task, hook, event, delivery_id, attempt, reason)
+            await self._record_failure(task, hook, event, delivery_id, attempts, reason)
+        if attempts or message.metadata.num_delivered > 1:  # done: forget failed attempts
+            await self.db["webhook_attempts"].delete_one({"_id": delivery_id})
         await message.ack()
+
+    async def _count_attempt(self, delivery_id: str) -> int:
+        """Count one more failed attempt of a delivery; how many there have been."""
+        document = await self.db["webhook_attempts"].find_one_and_update(
+            {"_id": delivery_id},
+            {"$inc": {"attempts": 1}, "$set": {"at": dt.datetime.now(dt.UTC)}},
+            upsert=True,
+            return_document=ReturnDocument.AFTER,
+        )
+        return int((document or {}).get("attempts", 1))
 
     async def _record_failure(
         self,
@@ -274,6 +381,7 @@ class Dispatcher:
         log.warning("webhook %s gave up after %d attempts: %s", delivery_id, attempts, reason)
 
     async def run(self, stop: asyncio.Event) -> None:
+        limit = self.settings.webhook_max_in_flight
         subscription = await self.js.pull_subscribe(
             names.EVENT_SUBJECTS,
             durable=names.WEBHOOK_CONSUMER,
@@ -281,17 +389,34 @@ class Dispatcher:
             config=ConsumerConfig(
                 ack_policy=AckPolicy.EXPLICIT,
                 deliver_policy=DeliverPolicy.NEW,
-                ack_wait=max(self.settings.webhook_timeout_s * 3, 30),
-                max_ack_pending=10_000,
+                ack_wait=self.ack_wait_s,
+                max_ack_pending=limit,
             ),
         )
+        running: set[asyncio.Task[None]] = set()
         try:
             while not stop.is_set():
+                free = limit - len(running)
+                if free <= 0:
+                    await asyncio.wait(running, timeout=1, return_when=asyncio.FIRST_COMPLETED)
+                    continue
                 try:
-                    messages = await subscription.fetch(64, timeout=1)
+                    messages = await subscription.fetch(min(free, FETCH_BATCH), timeout=1)
                 except TimeoutError:
                     continue
-                # Deliveries run side by side: one slow receiver does not hold up others.
-                await asyncio.gather(*(self.handle(m) for m in messages))
+                for message in messages:
+                    job = asyncio.create_task(self._handle_logged(message))
+                    running.add(job)
+                    job.add_done_callback(running.discard)
         finally:
+            # Unacked deliveries come back after ack_wait (receivers dedupe on webhook-id).
+            for job in list(running):
+                job.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
             await subscription.unsubscribe()
+
+    async def _handle_logged(self, message: Msg) -> None:
+        try:
+            await self.handle(message)
+        except Exception:  # e.g. MongoDB away: the message comes back after ack_wait
+            log.exception("webhook delivery of %s failed", message.subject)

@@ -4,8 +4,9 @@ task whose message is gone ends `failed` with a reason instead of waiting foreve
 import datetime as dt
 import secrets
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
+import nats.errors
 import pytest
 from nats.js import JetStreamContext
 
@@ -36,8 +37,11 @@ async def parts(nats_server: Any, mongo_server: Any) -> AsyncIterator[tuple[Any,
     await nc.close()
 
 
-async def _task(tasks: TaskStore, age_s: float) -> tuple[str, bytes]:
-    """An open task document as the gateway inserts it, created ``age_s`` ago."""
+async def _task(
+    tasks: TaskStore, age_s: float, prompt: str = "p", raw: bytes | None = None
+) -> tuple[str, bytes]:
+    """An open task document as the gateway inserts it, created ``age_s`` ago (with the
+    command ``raw`` instead of a real one when given)."""
     task_id = secrets.token_hex(12)
     command = encode(
         GenerateImage(
@@ -45,9 +49,10 @@ async def _task(tasks: TaskStore, age_s: float) -> tuple[str, bytes]:
             user="u",
             model_name="m",
             model_key=KEY,
-            txt2img=Txt2ImgRequest(prompt="p", stable_diffusion_model="m"),
+            txt2img=Txt2ImgRequest(prompt=prompt, stable_diffusion_model="m"),
         )
     )
+    command = command if raw is None else raw
     document = new_task_document(
         task_id=task_id,
         user="u",
@@ -140,3 +145,68 @@ async def test_a_task_a_worker_reported_on_is_not_sent_again(
     assert (0, 0) == await _run(js, tasks)
     assert -1 == await _seq(tasks, task_id)
     assert (0, 0) == await _run(js, tasks), "landed at an unknown sequence: never failed as lost"
+
+
+async def test_an_unpublishable_task_fails_alone_and_the_pass_goes_on(
+    parts: tuple[Any, TaskStore],
+) -> None:
+    """Issue 15, item 2: a command larger than NATS's max payload used to abort every
+    pass, so other users' unconfirmed tasks were never published again."""
+    js, tasks = parts
+    huge, _ = await _task(tasks, age_s=90, prompt="x" * 1_200_000)
+    corrupt, _ = await _task(tasks, age_s=80, raw=b"\x93not a command")
+    stranded, command = await _task(tasks, age_s=60)
+
+    done = await reconcile_once(js, tasks, grace_s=30, lost_after_s=300)
+    assert (1, 2, 0) == (done.republished, done.failed, done.skipped)
+    seq = await _seq(tasks, stranded)
+    assert seq is not None, "the task after the bad ones was published again"
+    assert command == (await js.get_msg(names.TASK_STREAM, seq)).data
+    for task_id, reason in ((huge, "larger than the NATS server accepts"), (corrupt, "decoded")):
+        raw = await js.get_last_msg(names.EVENT_STREAM, names.event_subject(task_id, "failed"))
+        event = decode_event(raw.data or b"")
+        assert isinstance(event, TaskFailed)
+        assert ("unpublishable", "reconciler") == (event.code, event.worker)
+        assert reason in event.message
+        assert await tasks.apply(event)
+        document = await tasks.get(task_id)
+        assert document is not None
+        assert ("failed", "unpublishable") == (document["status"], document["code"])
+    # Folded: the next pass has nothing left to do.
+    assert (0, 0) == await _run(js, tasks)
+
+
+class _FlakyPublish:
+    """The real JetStream context whose next ``failures`` publishes time out."""
+
+    def __init__(self, js: JetStreamContext, failures: int) -> None:
+        self.js, self.failures = js, failures
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.js, name)
+
+    async def publish(self, *args: Any, **kwargs: Any) -> Any:
+        if self.failures:
+            self.failures -= 1
+            raise nats.errors.TimeoutError
+        return await self.js.publish(*args, **kwargs)
+
+
+async def test_a_passing_error_skips_one_task_until_the_next_pass(
+    parts: tuple[Any, TaskStore],
+) -> None:
+    js, tasks = parts
+    first, _ = await _task(tasks, age_s=90)
+    second, _ = await _task(tasks, age_s=60)
+    flaky = cast(JetStreamContext, _FlakyPublish(js, failures=1))
+    done = await reconcile_once(flaky, tasks, grace_s=30, lost_after_s=300)
+    assert (1, 0, 1) == (done.republished, done.failed, done.skipped)
+    assert [None, True] == [await _seq(tasks, first), await _seq(tasks, second) is not None]
+    assert (1, 0) == await _run(js, tasks), "retried on the next pass"
+
+    # NATS itself away: the pass ends after max_errors in a row instead of waiting on each.
+    await _task(tasks, age_s=60)
+    await _task(tasks, age_s=60)
+    flaky = cast(JetStreamContext, _FlakyPublish(js, failures=5))
+    with pytest.raises(nats.errors.TimeoutError):
+        await reconcile_once(flaky, tasks, grace_s=30, lost_after_s=300, max_errors=2)

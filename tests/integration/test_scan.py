@@ -119,3 +119,79 @@ async def test_every_type_folder_is_registered_by_a1111_names(
     await register_models(tmp_path, store)
     assert await store.get("ink", ModelType.LORA) is None
     assert "deleted" == (await store.get_any("ink", ModelType.LORA) or {})["status"]
+
+
+def _hostile(path: Path, header: bytes, data: bytes = b"\0" * 4) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(len(header).to_bytes(8, "little") + header + data)
+
+
+_LORA = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+_W = b'"w.lora_down.weight": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]}'
+HOSTILE = {
+    "a_string_metadata": b'{"__metadata__": "x", ' + _W + b"}",
+    "b_list_metadata": b'{"__metadata__": ["x"], ' + _W + b"}",
+    "c_deep": b'{"__metadata__": ' + b"[" * 100_000 + b"]" * 100_000 + b", " + _W + b"}",
+    "d_float_offsets": b'{"w.lora_down.weight": {"dtype": "U8", "shape": [4],'
+    b' "data_offsets": [0.0, 4.0]}}',
+}
+"""Malformed LoRAs sorted before a good one (issue 15, item 7)."""
+
+
+async def test_malformed_files_are_recorded_failed_and_the_scan_goes_on(
+    store: ModelStore, tmp_path: Path
+) -> None:
+    for stem, header in HOSTILE.items():
+        _hostile(tmp_path / "Lora" / f"{stem}.safetensors", header)
+    _tensors(tmp_path / "Lora" / "z_good.safetensors", {f"{_LORA}.lora_down.weight": (4, 768)})
+
+    found = await register_models(tmp_path, store, model_types=(ModelType.LORA,))
+    assert {*HOSTILE, "z_good"} == {name for _, name in found}
+    good = await store.get("z_good", ModelType.LORA)
+    assert "unloaded" == (good or {}).get("status"), "files after a bad one are registered"
+    reasons = {}
+    for stem in HOSTILE:
+        document = await store.get(stem, ModelType.LORA)
+        assert document is not None
+        assert "failed" == document["status"], stem
+        reasons[stem] = document["error"]
+    assert "__metadata__ must be an object" in reasons["a_string_metadata"]
+    assert "__metadata__ must be an object" in reasons["b_list_metadata"]
+    assert "nested too deeply" in reasons["c_deep"]
+    assert "data_offsets must be two integers" in reasons["d_float_offsets"]
+    # And again: a later scan is not stopped by them either.
+    assert sorted(found) == sorted(
+        await register_models(tmp_path, store, model_types=(ModelType.LORA,))
+    )
+
+
+async def test_nfc_and_nfd_spellings_of_one_name_are_one_model(
+    store: ModelStore, tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """Linux keeps both spellings as two files; they are one model, not two look-alikes."""
+    import unicodedata
+
+    nfc = unicodedata.normalize("NFC", "café.safetensors")
+    nfd = unicodedata.normalize("NFD", "café.safetensors")
+    root = tmp_path / "Stable-diffusion"
+    root.mkdir()
+    shutil.copy(tiny_checkpoint, root / nfd)
+    shutil.copy(tiny_checkpoint, root / nfc)
+    shutil.copy(tiny_checkpoint, root / "zero\u200bwidth.safetensors")
+
+    names = await register_checkpoints(tmp_path, store)
+    assert [nfc, "zero\u200bwidth.safetensors"] == sorted(names)
+    models = await store.list()
+    assert [nfc, "zero\u200bwidth.safetensors"] == sorted(m["name"] for m in models)
+    assert (await store.get(nfd) or {}).get("name") == nfc, "either spelling finds it"
+    look_alike = await store.get("zero\u200bwidth.safetensors")
+    assert look_alike is not None
+    assert ("failed", True) == (look_alike["status"], "U+200B" in look_alike["error"])
+
+    # Whichever spelling the model was registered from (an upload writes the NFC one)
+    # stays its file on every rescan: the other is ignored, not swapped in.
+    for spelling in (nfc, nfd, nfc):
+        path = str((root / spelling).resolve())
+        await store.update(nfc, ModelType.STABLE_DIFFUSION, {"path": path})
+        await register_checkpoints(tmp_path, store)
+        assert path == (await store.get(nfc) or {}).get("path")

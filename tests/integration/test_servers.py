@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,16 @@ from botocore.exceptions import ClientError
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from pymongo import AsyncMongoClient, ReturnDocument
 
-from services.common.servers import ManagedServer, MongoServer, NatsServer, SeaweedS3
+from services.common.servers import (
+    ManagedServer,
+    MongoServer,
+    NatsServer,
+    PortInUseError,
+    SeaweedS3,
+    claim_port,
+    port_free,
+)
+from tests.procs import processes
 from tests.servers import MongoInfo, NatsInfo, S3Info
 
 pytestmark = pytest.mark.integration
@@ -175,19 +185,7 @@ async def test_s3_refuses_a_wrong_secret(s3_server: S3Info) -> None:
 
 def _live_members(pgid: int) -> list[int]:
     """Processes of group ``pgid`` that are not zombies (a zombie waits on a reaper only)."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # "pid (comm) state ppid pgrp ...": comm may hold spaces, so split after ")".
-        state, _ppid, pgrp = stat.rsplit(")", 1)[1].split()[:3]
-        if int(pgrp) == pgid and state != "Z":
-            members.append(int(entry.name))
-    return members
+    return [p.pid for p in processes() if p.pgrp == pgid and p.state != "Z"]
 
 
 async def _group_alive(pgid: int) -> bool:
@@ -290,3 +288,76 @@ async def test_stop_kills_a_stubborn_process_group(tmp_path: Path) -> None:
     assert not await _group_alive(pid)
     assert grandchild not in _live_members(pid)
     assert "stubborn up" in server.tail_log(5)
+
+
+# Issue 15, item 6: a taken port is an error when asked for, and children die with
+# their parent however it dies.
+
+
+async def test_a_taken_nats_port_asked_for_is_a_clear_error(tmp_path: Path) -> None:
+    async with NatsServer(tmp_path / "first") as first:
+        second = NatsServer(tmp_path / "second", port=first.port)
+        with pytest.raises(PortInUseError, match=f"NATS port {first.port} .* already in use"):
+            await second.start()
+        assert second.pid is None, "nothing was started"
+        client = await nats.connect(first.url)  # the first one is untouched
+        await client.close()
+
+
+async def test_a_taken_mongodb_port_asked_for_is_a_clear_error(
+    tmp_path: Path, mongo_server: MongoInfo
+) -> None:
+    port = int(mongo_server.url.rsplit(":", 1)[1].split("/")[0])
+    with pytest.raises(PortInUseError, match=f"MongoDB port {port}"):
+        await MongoServer(tmp_path, port=port).start()
+
+
+def test_a_taken_port_not_asked_for_is_replaced_by_a_free_one() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert not port_free("127.0.0.1", port)
+        other = claim_port("NATS", "127.0.0.1", port, asked=False)
+        assert other != port
+        assert port_free("127.0.0.1", other)
+        with pytest.raises(PortInUseError):
+            claim_port("NATS", "127.0.0.1", port, asked=True)
+
+
+REPO = Path(__file__).resolve().parents[2]
+PARENT = """
+import asyncio, sys
+from pathlib import Path
+from services.common.servers import NatsServer
+
+async def main():
+    server = NatsServer(Path(sys.argv[1]))
+    await server.start()
+    print(server.pid, flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+async def test_a_server_dies_with_its_parent_on_kill_9(tmp_path: Path) -> None:
+    parent = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        PARENT,
+        str(tmp_path),
+        stdout=asyncio.subprocess.PIPE,
+        cwd=REPO,
+    )
+    assert parent.stdout is not None
+    line = await asyncio.wait_for(parent.stdout.readline(), 60)
+    child = int(line)
+    assert _live_members(child)
+    parent.kill()  # SIGKILL: no cleanup code of the parent runs
+    await parent.wait()
+    for _ in range(100):
+        if not _live_members(child):
+            break
+        await asyncio.sleep(0.1)
+    assert not _live_members(child), "nats-server outlived its parent's kill -9"

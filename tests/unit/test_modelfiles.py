@@ -298,3 +298,102 @@ def test_lycoris_loha_and_lokr_are_refused_at_registration(tmp_path: Path) -> No
     assert refused.error is not None
     assert "LoHa/LoKr" in refused.error
     assert inspect_as(lora, ModelType.LORA).error is None
+
+
+# Hostile headers (issue 15, items 7 and 10): each is refused with its reason, and
+# nothing but ModelFileError ever leaves the parser (an AttributeError or RecursionError
+# used to abort `sdswarm up` and every later scan).
+_W = {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]}
+
+
+def _raw(path: Path, raw: bytes, data: bytes = b"\0" * 4) -> Path:
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("header", "data", "reason"),
+    [
+        ({"__metadata__": "x", "w": _W}, 4, "__metadata__ must be an object"),
+        ({"__metadata__": ["a", "b"], "w": _W}, 4, "__metadata__ must be an object"),
+        ({"__metadata__": 7, "w": _W}, 4, "__metadata__ must be an object"),
+        ({"__metadata__": {"a": 1}, "w": _W}, 4, "value 'a' must be a string"),
+        ({"__metadata__": {"a": {"b": "c"}}, "w": _W}, 4, "value 'a' must be a string"),
+        ({"w": {**_W, "data_offsets": [0.0, 4.0]}}, 4, "two integers"),
+        ({"w": {**_W, "data_offsets": [0, 4.5]}}, 4, "two integers"),
+        ({"w": {**_W, "data_offsets": [False, 4]}}, 4, "two integers"),
+        ({"w": {**_W, "data_offsets": "04"}}, 4, "two integers"),
+        ({"w": {**_W, "data_offsets": [0, 4, 8]}}, 4, "two integers"),
+        ({"w": {**_W, "data_offsets": [4, 0]}}, 4, "out-of-file"),
+        ({"w": {**_W, "data_offsets": [-4, 0]}}, 4, "out-of-file"),
+        ({"w": {**_W, "shape": [4.0]}}, 4, "shape must be"),
+        ({"w": {**_W, "shape": [True, 4]}}, 4, "shape must be"),
+        ({"w": {**_W, "shape": "4"}}, 4, "shape must be"),
+        ({"w": {**_W, "dtype": "Q7"}}, 4, "unknown dtype"),
+        ({"w": {**_W, "dtype": ["U8"]}}, 4, "unknown dtype"),
+        ({"w": "x"}, 4, "must be an object"),
+        ({"w": {**_W, "shape": [2]}}, 4, "span 4 bytes"),
+        ({"w": {**_W, "dtype": "F32"}}, 4, "span 4 bytes"),
+        ({"w": _W, "v": _W}, 4, "overlaps"),
+        ({"w": {**_W, "data_offsets": [4, 8]}}, 8, "leaves a gap"),
+        ({"w": _W}, 12, "cover 4 of the 12"),
+    ],
+)
+def test_hostile_headers_are_refused_with_a_reason(
+    tmp_path: Path, header: dict[str, object], data: int, reason: str
+) -> None:
+    path = _raw(tmp_path / "bad.safetensors", json.dumps(header).encode(), b"\0" * data)
+    with pytest.raises(ModelFileError, match=reason):
+        read_safetensors_header(path)
+
+
+@pytest.mark.parametrize("depth", [5_000, 200_000])
+def test_a_very_deep_header_is_refused(tmp_path: Path, depth: int) -> None:
+    raw = b'{"__metadata__": ' + b"[" * depth + b"]" * depth + b"}"
+    path = _raw(tmp_path / "deep.safetensors", raw)
+    with pytest.raises(ModelFileError):
+        read_safetensors_header(path)
+    from services.storage.scan import inspect_as
+
+    assert inspect_as(path, ModelType.LORA).error is not None
+
+
+def test_tensors_in_any_key_order_that_tile_the_data_are_accepted(tmp_path: Path) -> None:
+    header = {
+        "b": {"dtype": "F16", "shape": [2], "data_offsets": [4, 8]},
+        "a": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]},
+        "empty": {"dtype": "F32", "shape": [0], "data_offsets": [8, 8]},
+        "__metadata__": {"format": "pt"},
+    }
+    path = _raw(tmp_path / "ok.safetensors", json.dumps(header).encode(), b"\0" * 8)
+    tensors, metadata = read_safetensors_header(path)
+    assert {"a", "b", "empty"} == set(tensors)
+    assert {"format": "pt"} == metadata
+
+
+def test_what_the_parser_accepts_the_safetensors_library_loads(tmp_path: Path) -> None:
+    """The same rules as the library: a file that passes here never fails in a worker."""
+    from safetensors import safe_open
+
+    header = {"a": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]}}
+    path = _raw(tmp_path / "ok.safetensors", json.dumps(header).encode())
+    read_safetensors_header(path)
+    with safe_open(str(path), "np") as handle:
+        assert ["a"] == list(handle.keys())
+
+
+@pytest.mark.parametrize(
+    "index",
+    [{"text_encoder": 5}, {"text_encoder": "x"}, {"text_encoder": []}, {"text_encoder": None}],
+)
+def test_diffusers_folder_with_odd_config_types_is_unknown_not_a_crash(
+    tmp_path: Path, index: dict[str, object]
+) -> None:
+    folder = tmp_path / "model"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "unet" / "config.json").write_text(
+        json.dumps({"in_channels": 4, "cross_attention_dim": "768"})
+    )
+    (folder / "model_index.json").write_text(json.dumps(index))
+    info = inspect_checkpoint(folder)
+    assert (None, None) == (info.family, info.cross_attention_dim)
