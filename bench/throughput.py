@@ -181,7 +181,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=0, help="default: 30 full size, 4 tiny")
     parser.add_argument("--size", type=int, default=0, help="default: 512 full size, 64 tiny")
     parser.add_argument("--depths", default="1,8,32")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-system", action="store_true")
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
