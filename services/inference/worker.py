@@ -47,7 +47,7 @@ from proto.events import (
     event_kind,
 )
 from proto.workers import WorkerState, WorkerStatus
-from services.common import bus
+from services.common import bus, consumer
 from services.inference import batching
 from services.inference.pipeline import (
     Generation,
@@ -299,20 +299,33 @@ class Worker:
             self._load_seconds,
         )
         idle_since = time.monotonic()
+
+        async def room() -> int:
+            await self._output_room()
+            return max(self.settings.max_batch, 1)
+
+        # Up to max_batch tasks: what is queued now, plus what arrives within the linger
+        # (batch_wait_ms; 0 takes only what is queued): a lone task waits no longer.
+        fetched = consumer.batches(
+            subscription,
+            stop,
+            room,
+            timeout_s=self.settings.fetch_timeout_s,
+            linger_s=self.settings.batch_wait_ms / 1000,
+            idle=True,
+        )
         try:
-            while not stop.is_set():
-                await self._output_room()
-                try:
-                    messages = await self._fetch(subscription)
-                except TimeoutError:  # nats raises its own subclass or the builtin, by code path
-                    idle = time.monotonic() - idle_since
-                    if self.settings.idle_exit_s and idle > self.settings.idle_exit_s:
-                        log.info("idle for %.0f s, exiting", idle)
-                        break
+            async for messages in fetched:
+                if messages:
+                    await self.handle_batch(messages, stop)
+                    idle_since = time.monotonic()
                     continue
-                await self.handle_batch(messages, stop)
-                idle_since = time.monotonic()
+                idle = time.monotonic() - idle_since
+                if self.settings.idle_exit_s and idle > self.settings.idle_exit_s:
+                    log.info("idle for %.0f s, exiting", idle)
+                    break
         finally:
+            await fetched.aclose()
             await self.drain_outputs()
             log.info("worker stopping after %d tasks", self.completed)
             heartbeat.cancel()
@@ -322,21 +335,7 @@ class Worker:
             with contextlib.suppress(Exception):
                 await restart_sub.unsubscribe()
             with contextlib.suppress(Exception):
-                await subscription.unsubscribe()
-            with contextlib.suppress(Exception):
                 await self._workers.delete(names.worker_kv_key(self.settings.worker_id))
-
-    async def _fetch(self, subscription: JetStreamContext.PullSubscription) -> list[Msg]:
-        """Up to ``max_batch`` tasks: what is queued now, plus what arrives within the
-        linger (``batch_wait_ms``; 0 takes only what is queued). A lone task is never
-        held back by more than the linger."""
-        want = max(self.settings.max_batch, 1)
-        messages = await subscription.fetch(want, timeout=self.settings.fetch_timeout_s)
-        linger = self.settings.batch_wait_ms / 1000
-        if len(messages) < want and linger > 0:
-            with contextlib.suppress(TimeoutError):
-                messages += await subscription.fetch(want - len(messages), timeout=linger)
-        return messages
 
     async def _pipeline_or_error(self) -> Pipeline:
         if self._load_error is not None:
@@ -389,9 +388,8 @@ class Worker:
         """Decode and look at one message; None when it needs no run (answered here)."""
         try:
             command = decode_generate(message.data)
-        except msgspec.DecodeError:
-            log.error("undecodable command on %s, terminating it", message.subject)
-            await message.term()
+        except msgspec.DecodeError as exc:
+            await consumer.settle(message, _poison(f"undecodable command: {exc}"))
             return None
         attempt = message.metadata.num_delivered
         if attempt > 1 and await bus.has_event(self.js, command.task_id, TERMINAL_KINDS):
@@ -497,9 +495,7 @@ class Worker:
     async def _finish(self, task: _Held, event: TaskEvent) -> None:
         """The terminal event, then the ack: ack is last."""
         task.done = True
-        await self._publish(event)
-        await task.message.ack()
-        self.completed += 1
+        self.completed += await consumer.settle(task.message, self._publish(event))
 
     def _start_output(self, task: _Held, generation: Generation) -> None:
         """PNG encoding, uploads, the terminal event and the ack run beside the next
@@ -520,6 +516,11 @@ class Worker:
             await asyncio.wait(set(self._outputs))
 
     async def _output(self, task: _Held, generation: Generation) -> None:
+        with contextlib.suppress(Exception):  # logged; an unsettled message comes back
+            self.completed += await consumer.settle(task.message, self._store(task, generation))
+
+    async def _store(self, task: _Held, generation: Generation) -> None:
+        """Encode and upload the images, then the terminal event (the ack follows)."""
         command, started = task.command, time.monotonic()
         try:
             pngs = await asyncio.to_thread(lambda: generation.images)
@@ -529,29 +530,25 @@ class Worker:
             await asyncio.gather(
                 *(self.objects.put(k, png) for k, png in zip(keys, pngs, strict=True))
             )
-            event: TaskEvent = TaskSucceeded(
-                **task.origin,
-                at=time.time(),
-                images=keys,
-                info=info_json(generation.info),
-                seeds=generation.seeds,
+            await self._publish(
+                TaskSucceeded(
+                    **task.origin,
+                    at=time.time(),
+                    images=keys,
+                    info=info_json(generation.info),
+                    seeds=generation.seeds,
+                )
             )
-            await self._publish(event)
-            await task.message.ack()
-            self.completed += 1
-            log.info(
-                "task %s: %d images stored in %.2f s",
-                command.task_id,
-                len(keys),
-                time.monotonic() - started,
-            )
-        except Exception:
-            # Not acked: JetStream redelivers it, and the next attempt stores it again.
-            log.exception(
-                "task %s: storing its output failed; it will be redelivered", command.task_id
-            )
-            with contextlib.suppress(Exception):
-                await task.message.nak(delay=NAK_DELAY_S)
+        except Exception as exc:
+            # Redelivered soon; the next attempt stores it again under the same keys.
+            log.exception("task %s: storing its output failed", command.task_id)
+            raise consumer.Retry(NAK_DELAY_S) from exc
+        log.info(
+            "task %s: %d images stored in %.2f s",
+            command.task_id,
+            len(keys),
+            time.monotonic() - started,
+        )
 
     async def _execute(self, group: list[_Held]) -> list[TaskEvent | Generation]:
         """Run the group: one outcome per task (an event, or a generation to store)."""
@@ -768,3 +765,7 @@ class _Reporter:
                 ),
                 dedupe_suffix=f".{item.job_no}.{item.step}" + (".skipped" if item.skipped else ""),
             )
+
+
+async def _poison(reason: str) -> None:
+    raise consumer.Poison(reason)

@@ -17,6 +17,7 @@ import logging
 import time
 
 import msgspec
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import NotFoundError
@@ -26,7 +27,7 @@ from proto import names
 from proto.advisories import MAX_DELIVER_TYPE, ConsumerAdvisory, decode_advisory
 from proto.codec import decode_generate
 from proto.events import TaskFailed
-from services.common import bus
+from services.common import bus, consumer
 from services.storage.mongo import Document
 
 log = logging.getLogger(__name__)
@@ -95,19 +96,14 @@ async def run_dead_letters(
         stream=names.ADVISORY_STREAM,
         config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=30),
     )
-    try:
-        while not stop.is_set():
-            try:
-                messages = await subscription.fetch(16, timeout=1)
-            except TimeoutError:  # nats raises its own subclass or the builtin, by code path
-                continue
-            for message in messages:
-                try:
-                    advisory = decode_advisory(message.data)
-                except msgspec.DecodeError:
-                    await message.term()
-                    continue
-                await handle_advisory(js, db, advisory)
-                await message.ack()
-    finally:
-        await subscription.unsubscribe()
+
+    async def handle(message: Msg) -> None:
+        try:
+            advisory = decode_advisory(message.data)
+        except msgspec.DecodeError as exc:
+            raise consumer.Poison(f"undecodable advisory: {exc}") from exc
+        await handle_advisory(js, db, advisory)
+
+    async for messages in consumer.batches(subscription, stop, consumer.fixed(16)):
+        for message in messages:
+            await consumer.settle(message, handle(message))

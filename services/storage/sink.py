@@ -18,7 +18,8 @@ from pymongo.errors import PyMongoError
 
 from proto import names
 from proto.events import TaskEvent, TaskProgressed, decode_event
-from services.storage.tasks import TaskStore
+from services.common import consumer
+from services.storage.tasks import TaskStore, progress_order
 
 log = logging.getLogger(__name__)
 BATCH = 64
@@ -36,17 +37,19 @@ def sink_consumer_config() -> ConsumerConfig:
 
 
 def _superseded(events: list[tuple[Msg, TaskEvent]]) -> set[int]:
-    """Progress events that a later progress event of the same task and attempt in the
-    same fetch replaces: the fold keeps only the newest progress, so one write does (a
-    batch of tasks sends one progress event per task per step)."""
-    latest: dict[tuple[str, int], int] = {}
+    """Progress events of one fetch that the fold would overwrite anyway: per task, only
+    the one it keeps (highest order, a skip marker winning a tie) needs a write; a batch
+    of tasks sends one progress event per task per step."""
+    kept: dict[str, tuple[tuple[int, bool], int]] = {}
     for index, (_, event) in enumerate(events):
         if isinstance(event, TaskProgressed):
-            latest[(event.task_id, event.attempt)] = index
+            rank = (progress_order(event.attempt, event.job_no, event.step), event.skipped)
+            if event.task_id not in kept or rank >= kept[event.task_id][0]:
+                kept[event.task_id] = (rank, index)
     return {
         id(message)
         for index, (message, event) in enumerate(events)
-        if isinstance(event, TaskProgressed) and latest[(event.task_id, event.attempt)] != index
+        if isinstance(event, TaskProgressed) and kept[event.task_id][1] != index
     }
 
 
@@ -57,35 +60,31 @@ async def run_sink(js: JetStreamContext, tasks: TaskStore, stop: asyncio.Event) 
         stream=names.EVENT_STREAM,
         config=sink_consumer_config(),
     )
+
+    async def fold(message: Msg, event: TaskEvent | None, superseded: set[int]) -> None:
+        if event is None:
+            raise consumer.Poison("undecodable event")  # no retry can ever decode it
+        if id(message) in superseded:
+            return  # a later progress event of the same fetch covers it
+        try:
+            await tasks.apply(event)
+        except PyMongoError as exc:
+            # MongoDB is down or failing over: keep the event, retry it shortly.
+            raise consumer.Retry(1.0, f"cannot fold yet: {exc}") from exc
+
     folded = 0
     try:
-        while not stop.is_set():
-            try:
-                messages = await subscription.fetch(BATCH, timeout=1)
-            except TimeoutError:  # nats raises its own subclass or the builtin, by code path
-                continue
-            events = []
-            for message in messages:
-                try:
-                    events.append((message, decode_event(message.data)))
-                except msgspec.DecodeError:
-                    # Poison message: no retry can ever decode it.
-                    log.error("undecodable event on %s, terminating it", message.subject)
-                    await message.term()
-            superseded = _superseded(events)
+        async for messages in consumer.batches(subscription, stop, consumer.fixed(BATCH)):
+            events = [(message, _decoded(message)) for message in messages]
+            superseded = _superseded([(m, e) for m, e in events if e is not None])
             for message, event in events:
-                if id(message) in superseded:
-                    await message.ack()  # a later progress event of the batch covers it
-                    continue
-                try:
-                    await tasks.apply(event)
-                except PyMongoError as exc:
-                    # MongoDB is down or failing over: keep the event, retry it shortly.
-                    log.warning("cannot fold %s yet: %s", message.subject, exc)
-                    await message.nak(delay=1)
-                    continue
-                await message.ack()
-                folded += 1
+                folded += await consumer.settle(message, fold(message, event, superseded))
     finally:
         log.info("event sink stopped after folding %d events", folded)
-        await subscription.unsubscribe()
+
+
+def _decoded(message: Msg) -> TaskEvent | None:
+    try:
+        return decode_event(message.data)
+    except msgspec.DecodeError:
+        return None

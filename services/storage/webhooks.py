@@ -49,6 +49,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from proto import names
 from proto.events import TaskEvent, decode_event, event_kind, event_to_builtins
+from services.common import consumer
 from services.common.settings import StoreSettings
 from services.storage.mongo import Document
 
@@ -245,22 +246,21 @@ class Dispatcher:
         self.ack_wait_s = max(settings.webhook_timeout_s * 3, 30)
 
     async def handle(self, message: Msg) -> None:
+        """Deliver one event (raises :class:`~services.common.consumer.Retry` to try again
+        later); the consumer loop acks it when this returns."""
         try:
             event = decode_event(message.data)
-        except msgspec.DecodeError:
-            await message.term()
-            return
+        except msgspec.DecodeError as exc:
+            raise consumer.Poison(f"undecodable event: {exc}") from exc
         task = await self.db["tasks"].find_one({"_id": event.task_id}, {"webhook": 1, "user": 1})
         hook = (task or {}).get("webhook")
         if not task or not hook or not subscribed(event_kind(event), hook.get("events", [])):
-            await message.ack()
             return
         delivery_id = f"{event.task_id}.{message.metadata.sequence.stream}"
         try:
             target = await check_url(hook["url"], self.settings)
         except WebhookRefusedError as exc:
             await self._record_failure(task, hook, event, delivery_id, 1, str(exc))
-            await message.ack()
             return
         key = (
             str(task["user"]),
@@ -273,8 +273,7 @@ class Dispatcher:
             slots = asyncio.Semaphore(self.settings.webhook_max_per_receiver)
             receiver = self.receivers[key] = _Receiver(slots)
         if receiver.waiting >= self.settings.webhook_max_queued_per_receiver:
-            await message.nak(delay=DEFER_S)  # its backlog is full: later, not an attempt
-            return
+            raise consumer.Retry(DEFER_S)  # its backlog is full: later, not an attempt
         receiver.waiting += 1
         try:
             await self._acquire(message, receiver.slots)
@@ -337,12 +336,10 @@ class Dispatcher:
                     reason,
                     delay,
                 )
-                await message.nak(delay=delay)
-                return
+                raise consumer.Retry(delay) from exc
             await self._record_failure(task, hook, event, delivery_id, attempts, reason)
         if attempts or message.metadata.num_delivered > 1:  # done: forget failed attempts
             await self.db["webhook_attempts"].delete_one({"_id": delivery_id})
-        await message.ack()
 
     async def _count_attempt(self, delivery_id: str) -> int:
         """Count one more failed attempt of a delivery; how many there have been."""
@@ -394,16 +391,14 @@ class Dispatcher:
             ),
         )
         running: set[asyncio.Task[None]] = set()
+
+        async def room() -> int:
+            while (free := limit - len(running)) <= 0:
+                await asyncio.wait(running, timeout=1, return_when=asyncio.FIRST_COMPLETED)
+            return min(free, FETCH_BATCH)
+
         try:
-            while not stop.is_set():
-                free = limit - len(running)
-                if free <= 0:
-                    await asyncio.wait(running, timeout=1, return_when=asyncio.FIRST_COMPLETED)
-                    continue
-                try:
-                    messages = await subscription.fetch(min(free, FETCH_BATCH), timeout=1)
-                except TimeoutError:
-                    continue
+            async for messages in consumer.batches(subscription, stop, room):
                 for message in messages:
                     job = asyncio.create_task(self._handle_logged(message))
                     running.add(job)
@@ -413,10 +408,9 @@ class Dispatcher:
             for job in list(running):
                 job.cancel()
             await asyncio.gather(*running, return_exceptions=True)
-            await subscription.unsubscribe()
 
     async def _handle_logged(self, message: Msg) -> None:
         try:
-            await self.handle(message)
+            await consumer.settle(message, self.handle(message))
         except Exception:  # e.g. MongoDB away: the message comes back after ack_wait
             log.exception("webhook delivery of %s failed", message.subject)

@@ -1,0 +1,93 @@
+"""The one consumer loop: fetching from a JetStream pull consumer and settling messages.
+
+Every service that consumes (the workers, the event sink, dead letters, webhooks) reads
+its messages through :func:`batches` and settles each one through :func:`settle`:
+handlers never ack; they return (ack), raise :class:`Retry` (nak with a delay: come
+again later) or :class:`Poison` (term: no attempt can ever succeed). Any other error
+leaves the message unsettled, so JetStream redelivers it after ``ack_wait``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, Awaitable, Callable
+
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+log = logging.getLogger(__name__)
+
+
+class Retry(Exception):
+    """Give the message back; it comes again after ``delay_s``."""
+
+    def __init__(self, delay_s: float, reason: str = "") -> None:
+        super().__init__(reason)
+        self.delay_s = delay_s
+
+
+class Poison(Exception):
+    """The message can never be handled (undecodable): terminate it."""
+
+
+async def settle(message: Msg, handling: Awaitable[None]) -> bool:
+    """Await the handling of ``message``, then ack it, nak it (:class:`Retry`) or term it
+    (:class:`Poison`). Whether it was acked."""
+    try:
+        await handling
+    except Poison as exc:
+        log.error("terminating a message on %s: %s", message.subject, exc)
+        await message.term()
+        return False
+    except Retry as exc:
+        if str(exc):
+            log.warning("%s: retry in %g s: %s", message.subject, exc.delay_s, exc)
+        await message.nak(delay=exc.delay_s)
+        return False
+    await message.ack()
+    return True
+
+
+Room = Callable[[], Awaitable[int]]
+"""How many messages to fetch next; may wait until there is room for any."""
+
+
+def fixed(size: int) -> Room:
+    async def room() -> int:
+        return size
+
+    return room
+
+
+async def batches(
+    subscription: JetStreamContext.PullSubscription,
+    stop: asyncio.Event,
+    room: Room,
+    *,
+    timeout_s: float = 1.0,
+    linger_s: float = 0.0,
+    idle: bool = False,
+) -> AsyncGenerator[list[Msg], None]:
+    """Messages as they come, until ``stop``: what is queued now (up to ``room()``), plus
+    what arrives within ``linger_s`` after the first. With ``idle``, an empty list after
+    each ``timeout_s`` without messages (for idle accounting). Unsubscribes at the end."""
+    try:
+        while not stop.is_set():
+            want = await room()
+            if stop.is_set():
+                break
+            try:
+                messages = await subscription.fetch(want, timeout=timeout_s)
+            except TimeoutError:  # nats raises its own subclass or the builtin, by code path
+                if idle:
+                    yield []
+                continue
+            if len(messages) < want and linger_s > 0:
+                with contextlib.suppress(TimeoutError):
+                    messages += await subscription.fetch(want - len(messages), timeout=linger_s)
+            yield messages
+    finally:
+        with contextlib.suppress(Exception):
+            await subscription.unsubscribe()
