@@ -425,7 +425,13 @@ class Worker:
 
     async def _run_group(self, group: list[_Held], stop: asyncio.Event | None) -> None:
         ids = [t.command.task_id for t in group]
+        log.info(
+            "running %s",
+            ", ".join(f"{t.command.task_id} (attempt {t.origin['attempt']})" for t in group),
+        )
         for task in group:
+            # The ack deadline starts over now; from here on every step renews it.
+            await task.message.in_progress()
             task.started = True
             await self._publish(
                 TaskStarted(**task.origin, at=time.time(), model_key=self.settings.model_key)
@@ -701,14 +707,27 @@ class _Reporter:
         # Extras: one job per input image.
         self.job_count = request.n_iter if request else max(len(command.input_keys), 1)
         self._publisher = loop.create_task(self._publish_all())
+        self._acking: asyncio.Task[None] | None = None
         self._closed = False
 
     def on_step(self, job_no: int, step: int, total: int, preview: bytes | None) -> None:
         # Called from the pipeline thread: hand over to the event loop.
         self.last = Progress(job_no, step, total)
+        self.loop.call_soon_threadsafe(self._keep_alive)
         self.loop.call_soon_threadsafe(
             self.steps.put_nowait, Progress(job_no, step, total, preview)
         )
+
+    def _keep_alive(self) -> None:
+        """An in-progress ack per step, sent at once: it must not queue behind the
+        progress events (each waits for JetStream to store it, which may be slow), or a
+        busy server would let the ack deadline pass while the task is making progress."""
+        if self._acking is None or self._acking.done():
+            self._acking = self.loop.create_task(self._ack_in_progress())
+
+    async def _ack_in_progress(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.task.message.in_progress()
 
     def should_skip(self) -> bool:
         """A1111's skip, asked between steps: the job ends, and progress says so."""
@@ -740,8 +759,6 @@ class _Reporter:
             elapsed = time.monotonic() - started
             eta = elapsed * (1 - done) / done if done > 0 else None
             worker._last_step_at = time.time()
-            with contextlib.suppress(Exception):
-                await task.message.in_progress()
             preview_key = None
             if item.preview is not None:
                 preview_key = names.preview_key(command.user, command.task_id)
