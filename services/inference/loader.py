@@ -23,6 +23,8 @@ from typing import Any
 import torch
 
 from proto import ModelFamily
+from services.inference import converted
+from services.inference.coldstart import Phases
 from services.inference.tokenizer import EOS, write_tokenizer_files
 from services.storage.modelfiles import (
     UNET,
@@ -280,27 +282,48 @@ def load_pipeline(
     dtype: torch.dtype | None = None,
     allow_pickle: bool = False,
     prediction_type: str | None = None,
+    sha256: str = "",
+    converted_cache_bytes: int = 0,
+    phases: Phases | None = None,
 ) -> Any:
     """A ready diffusers pipeline on ``device``; never contacts a model hub.
 
     ``family`` skips detection (the registry may already know it). ``prediction_type``
     ("epsilon" / "v_prediction") is a per-model setting: SD2 768-v models need
-    "v_prediction", and the weights cannot tell (the ML notes).
+    "v_prediction", and the weights cannot tell (the ML notes). With the file's
+    ``sha256`` and ``converted_cache_bytes`` > 0, a single file is converted once and
+    later loaded from the converted-weights cache (:mod:`services.inference.converted`).
+    ``phases`` receives the ``config`` and ``weights`` laps.
     """
     if dtype is None:
         # fp16 on CPU is ~100x slower than fp32 (ML notes); GPUs get fp16.
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    phases = phases or Phases()
+    dtype_name = str(dtype).removeprefix("torch.")
     try:
-        if checkpoint.is_dir():
+        cached = None
+        use_cache = bool(sha256) and converted_cache_bytes > 0 and checkpoint.is_file()
+        if use_cache:
+            cached = converted.lookup(cache_dir, checkpoint, sha256, dtype_name)
+            phases.weights_cached = cached is not None
+        if cached is not None:
+            phases.lap("config")
+            pipe = _load_folder(cached, family, dtype)
+        elif checkpoint.is_dir():
+            phases.lap("config")
             pipe = _load_folder(checkpoint, family, dtype)
         else:
-            pipe = _load_single_file(checkpoint, family, dtype, cache_dir, allow_pickle)
+            pipe = _load_single_file(checkpoint, family, dtype, cache_dir, allow_pickle, phases)
+            if use_cache:
+                converted.store(pipe, cache_dir, checkpoint, dtype_name, converted_cache_bytes)
         if prediction_type is not None:
             # from_config keeps every other setting of the shipped scheduler.
             pipe.scheduler = type(pipe.scheduler).from_config(
                 pipe.scheduler.config, prediction_type=prediction_type
             )
-        return pipe.to(device)
+        pipe = pipe.to(device)
+        phases.lap("weights")
+        return pipe
     except CheckpointError:
         raise
     except (ModelFileError, OSError, ValueError, KeyError, RuntimeError) as exc:
@@ -326,6 +349,7 @@ def _load_single_file(
     dtype: torch.dtype,
     cache_dir: Path,
     allow_pickle: bool,
+    phases: Phases,
 ) -> Any:
     if checkpoint.suffix.lower() in PICKLE_SUFFIXES:
         if not allow_pickle:
@@ -345,6 +369,7 @@ def _load_single_file(
             f"{checkpoint.name}: not a Stable Diffusion 1.x, 2.x or XL checkpoint"
         )
     config = materialise_config(checkpoint, tensors, family, cache_dir)
+    phases.lap("config")
     options: dict[str, Any] = {}
     if family not in (ModelFamily.SDXL, ModelFamily.SDXL_INPAINT):
         options["safety_checker"] = None
