@@ -50,3 +50,24 @@ def test_status_shows_the_cold_start_and_its_phases() -> None:
     }
     assert "5.5 s = imports 2.5 + device 0.2 + weights 2.8" == cold_start_text(model)
     assert "3.0 s" == cold_start_text({"cold_start_s": 3})
+
+
+def test_worker_records_of_older_workers_still_decode() -> None:
+    import msgspec
+
+    from proto.codec import encode
+    from proto.workers import WorkerState, WorkerStatus, decode_worker_status
+
+    old = b'{"worker":"w","model_key":"k","model_name":"m","state":"ready","load_seconds":3.5}'
+    record = decode_worker_status(old)
+    assert ({}, None, 3.5) == (record.load_phases, record.weights_cached, record.load_seconds)
+    new = WorkerStatus(
+        worker="w",
+        model_key="k",
+        model_name="m",
+        state=WorkerState.READY,
+        load_phases={"imports": 1.5},
+        weights_cached=True,
+    )
+    assert new == decode_worker_status(encode(new))
+    assert b"load_phases" not in encode(msgspec.structs.replace(new, load_phases={}))
