@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import pickle
 import re
@@ -35,6 +36,7 @@ from services.storage.modelfiles import (
     read_safetensors_header,
 )
 
+log = logging.getLogger(__name__)
 CONFIGS = Path(__file__).parent / "configs"
 SD1_TEXT = "cond_stage_model.transformer.text_model."
 SD2_TEXT = "cond_stage_model.model."
@@ -301,18 +303,18 @@ def load_pipeline(
     phases = phases or Phases()
     dtype_name = str(dtype).removeprefix("torch.")
     try:
-        cached = None
+        pipe = None
         use_cache = bool(sha256) and converted_cache_bytes > 0 and checkpoint.is_file()
         if use_cache:
             cached = converted.lookup(cache_dir, checkpoint, sha256, dtype_name)
-            phases.weights_cached = cached is not None
-        if cached is not None:
-            phases.lap("config")
-            pipe = _load_folder(cached, family, dtype)
-        elif checkpoint.is_dir():
+            if cached is not None:
+                phases.lap("config")
+                pipe = _load_cached(cached, family, dtype)
+            phases.weights_cached = pipe is not None
+        if pipe is None and checkpoint.is_dir():
             phases.lap("config")
             pipe = _load_folder(checkpoint, family, dtype)
-        else:
+        elif pipe is None:
             pipe = _load_single_file(checkpoint, family, dtype, cache_dir, allow_pickle, phases)
             if use_cache:
                 converted.store(pipe, cache_dir, checkpoint, dtype_name, converted_cache_bytes)
@@ -328,6 +330,17 @@ def load_pipeline(
         raise
     except (ModelFileError, OSError, ValueError, KeyError, RuntimeError) as exc:
         raise CheckpointError(f"{checkpoint.name}: cannot load: {exc}") from exc
+
+
+def _load_cached(folder: Path, family: ModelFamily | None, dtype: torch.dtype) -> Any:
+    """The converted copy, or None when it cannot be loaded (damaged, or removed under us
+    by another worker's eviction): the copy is dropped and the single file loads instead."""
+    try:
+        return _load_folder(folder, family, dtype)
+    except (CheckpointError, ModelFileError, OSError, ValueError, KeyError, RuntimeError) as exc:
+        log.warning("converted copy %s cannot be loaded (%s); using the file", folder.name, exc)
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
 
 
 def _load_folder(folder: Path, family: ModelFamily | None, dtype: torch.dtype) -> Any:

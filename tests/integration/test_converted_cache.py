@@ -96,3 +96,17 @@ def test_a_copy_larger_than_the_bound_is_not_kept(tiny_checkpoint: Path, tmp_pat
     assert [] == list(converted.root(tmp_path).iterdir())
     _, phases = _load(tiny_checkpoint, tmp_path, sha256, bound=1024)
     assert False is phases.weights_cached
+
+
+def test_a_damaged_copy_is_dropped_and_the_file_loads(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    sha256 = _sha256(tiny_checkpoint)
+    first, _ = _load(tiny_checkpoint, tmp_path, sha256)
+    copy = converted.entry(tmp_path, sha256, "float32")
+    weights = next(copy.glob("unet/*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated (a full disk, bit rot)
+    again, phases = _load(tiny_checkpoint, tmp_path, sha256)
+    assert (False, first) == (phases.weights_cached, again)
+    _, phases = _load(tiny_checkpoint, tmp_path, sha256)
+    assert True is phases.weights_cached, "converted again, then used"
