@@ -164,7 +164,11 @@ async def amain(settings: WorkerSettings) -> None:
         if settings.model_key == names.EXTRAS_MODEL_KEY:
             factory = make_extras_factory(settings)
         else:
-            settings = await local_checkpoint(settings, objects)
+            phases.lap("imports")
+            fetched = await local_checkpoint(settings, objects)
+            if fetched.checkpoint_path != settings.checkpoint_path:
+                phases.lap("fetch")  # a copy from the object store, not an import
+            settings = fetched
             factory = make_pipeline_factory(settings, phases)
         worker = Worker(settings, nc, objects, factory, phases)
         await worker.run(stop)

@@ -5,6 +5,7 @@ moment the kernel started the process), so they add up to "process started → r
 with no gap, and the interpreter's own start and every import are counted.
 
 ``imports``  interpreter, service imports, NATS connection, torch + diffusers imports
+``fetch``    only when the checkpoint was copied from the object store into the cache
 ``device``   device selection and initialisation (CUDA context)
 ``config``   reading the checkpoint's header, family detection, config materialisation
 ``weights``  weights read, converted (or taken from the converted-weights cache), moved
