@@ -1,0 +1,44 @@
+"""``SDSWARM_COMPILE`` per function: a function's ``env`` reaches its workers' settings and
+wins over the operator's default (no I/O: the environment a worker would start with)."""
+
+from __future__ import annotations
+
+import pytest
+
+from proto import ModelType
+from services.common.settings import from_environ
+from services.inference.settings import WorkerSettings
+from services.scheduler.local import worker_environ
+from services.scheduler.settings import SchedulerSettings
+from services.storage.models import model_document
+
+
+@pytest.mark.parametrize(
+    ("default", "function_env", "expected"),
+    [
+        (None, {}, False),
+        ("true", {}, True),
+        (None, {"SDSWARM_COMPILE": "true"}, True),
+        ("true", {"SDSWARM_COMPILE": "false"}, False),
+    ],
+)
+def test_a_functions_env_sets_compile_for_its_workers(
+    monkeypatch: pytest.MonkeyPatch,
+    default: str | None,
+    function_env: dict[str, str],
+    expected: bool,
+) -> None:
+    if default is None:
+        monkeypatch.delenv("SDSWARM_COMPILE", raising=False)
+    else:
+        monkeypatch.setenv("SDSWARM_COMPILE", default)
+    model = model_document(
+        name="m.safetensors",
+        model_type=ModelType.STABLE_DIFFUSION,
+        path="/models/m.safetensors",
+        family="sd1",
+        size_bytes=1,
+    )
+    model["function"] = {"env": function_env}
+    environ = worker_environ(SchedulerSettings(), model)
+    assert expected is from_environ(WorkerSettings, environ).compile
