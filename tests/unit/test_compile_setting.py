@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from proto import ModelType
 from services.common.settings import from_environ
 from services.inference.settings import WorkerSettings
 from services.scheduler.local import worker_environ
 from services.scheduler.settings import SchedulerSettings
-from services.storage.models import model_document
+from tests.integration.scheduling import checkpoint
 
 
 @pytest.mark.parametrize(
@@ -32,13 +31,7 @@ def test_a_functions_env_sets_compile_for_its_workers(
         monkeypatch.delenv("SDSWARM_COMPILE", raising=False)
     else:
         monkeypatch.setenv("SDSWARM_COMPILE", default)
-    model = model_document(
-        name="m.safetensors",
-        model_type=ModelType.STABLE_DIFFUSION,
-        path="/models/m.safetensors",
-        family="sd1",
-        size_bytes=1,
-    )
+    model = checkpoint("m.safetensors")
     model["function"] = {"env": function_env}
     environ = worker_environ(SchedulerSettings(), model)
     assert expected is from_environ(WorkerSettings, environ).compile
