@@ -306,6 +306,15 @@ def to_builtins(request: Struct) -> dict[str, Any]:
     return out
 
 
+class WarmModelRequest(Struct, kw_only=True, frozen=True, omit_defaults=True):
+    """``POST /models/{name}/warm``: keep a worker of the checkpoint loaded ahead of
+    traffic (an empty body takes the defaults)."""
+
+    seconds: Annotated[float, Meta(gt=0, le=7 * 86400)] = 600.0
+    """How long at least one worker is kept, counted from now (then the idle timeout
+    applies as usual); a later call replaces the deadline."""
+
+
 class BatchUpdateSdResourceRequest(Struct, kw_only=True, frozen=True, omit_defaults=True):
     """The seed's ``POST /batch_update_sd_resource``: settings of checkpoints' worker pools.
 

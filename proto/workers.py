@@ -38,6 +38,12 @@ class WorkerStatus(Struct, kw_only=True, frozen=True, omit_defaults=True):
     updated_at: float = 0.0
     load_seconds: float | None = None
     """How long loading the checkpoint took (cold-start ETA)."""
+    load_phases: dict[str, float] = {}
+    """Seconds per cold-start phase, laps from the process's own start: ``imports``,
+    ``device``, ``config``, ``weights``, ``warmup`` (services/inference/coldstart.py).
+    Their sum is process started → ready; filled in as loading goes."""
+    weights_cached: bool | None = None
+    """Whether the weights came from the converted-weights cache (None: not used)."""
     rss_bytes: int = 0
     """Resident memory of the worker process."""
     cuda_free_bytes: int | None = None

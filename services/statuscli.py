@@ -21,7 +21,7 @@ from services.common.settings import from_environ
 from services.scheduler.app import current_share
 from services.scheduler.settings import SchedulerSettings, max_batch
 from services.storage.models import ModelStore
-from services.storage.mongo import database, open_client
+from services.storage.mongo import Document, database, open_client
 from services.usercli import ENDPOINTS_FILE
 
 
@@ -37,6 +37,13 @@ def _settings(data_dir: Path) -> tuple[SchedulerSettings, int | None]:
     slots = saved.get("gpu_slots")
     settings = from_environ(SchedulerSettings, None, **overrides)
     return settings, slots if isinstance(slots, int) else None
+
+
+def cold_start_text(model: Document) -> str:
+    """``4.1 s = imports 2.0 + device 0.1 + config 0.2 + weights 1.5 + warmup 0.3``."""
+    phases = model.get("cold_start_phases") or {}
+    parts = " + ".join(f"{name} {seconds:.1f}" for name, seconds in phases.items())
+    return f"{float(model['cold_start_s']):.1f} s" + (f" = {parts}" if parts else "")
 
 
 async def run_status(args: argparse.Namespace) -> int:
@@ -76,6 +83,8 @@ async def run_status(args: argparse.Namespace) -> int:
                 f"{model['name'][:40]:40} {model['status']:9} {queued:>6} {running:>7}"
                 f" {share_text:>5} {batch:>5}  {states or '-'}"
             )
+            if model.get("cold_start_s") is not None:
+                print(f"  cold start {cold_start_text(model)}")
         print(
             f"budget: {in_use} of {budget} slots in use   (* = operator pin;"
             " share in slots, each a worker of up to `batch` tasks)"

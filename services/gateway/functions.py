@@ -10,6 +10,7 @@ never silently dropped. Only administrators may change functions.
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 import msgspec
@@ -17,11 +18,12 @@ from aiohttp import web
 from nats.js.errors import NotFoundError
 
 from proto import ModelType, names
-from proto.requests import BatchUpdateSdResourceRequest, DeleteFunctionsRequest
+from proto.requests import BatchUpdateSdResourceRequest, DeleteFunctionsRequest, WarmModelRequest
 from services.gateway.auth import require_admin
 from services.gateway.errors import ApiError
 from services.gateway.resources import Resources
 from services.gateway.validation import decode
+from services.storage.models import warm_until
 from services.storage.mongo import Document
 
 SCHEDULER_FIELDS: dict[str, str] = {
@@ -56,6 +58,11 @@ async def _function(res: Resources, model: Document) -> dict[str, Any]:
         "idleTimeout": model.get("idle_timeout_s"),
         # Tasks a worker takes at once; null: the scheduler's default (SDSWARM_MAX_BATCH).
         "maxBatch": model.get("max_batch"),
+        "warmUntil": until.isoformat() if (until := warm_until(model)) else None,
+        # The measured cold start (process start → ready) of the slowest live worker and
+        # its phases (imports, device, config, weights, warmup); null until measured.
+        "coldStartSeconds": model.get("cold_start_s"),
+        "coldStartPhases": model.get("cold_start_phases") or {},
         "resources": model.get("function") or {},
     }
 
@@ -148,6 +155,32 @@ async def delete_functions(request: web.Request) -> web.StreamResponse:
     return web.json_response({"status": "success"})
 
 
+async def warm(request: web.Request) -> web.StreamResponse:
+    """Pre-warm: start a checkpoint's worker ahead of traffic, with no task queued.
+
+    It sets ``warm_until`` on the checkpoint; until then the scheduler keeps at least one
+    worker (as ``minInstances`` 1 would), and afterwards the idle timeout applies.
+    """
+    res, _ = await require_admin(request, "warm models")
+    raw = await request.read()
+    body = decode(raw, WarmModelRequest) if raw.strip() else WarmModelRequest()
+    name = request.match_info["model_name"]
+    until = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=body.seconds)
+    model = await res.models.update(name, ModelType.STABLE_DIFFUSION, {"warm_until": until})
+    if model is None:
+        raise ApiError(404, "model_not_found", f"checkpoint {name!r} is not registered")
+    return web.json_response(
+        {
+            "message": "warming",
+            "model": name,
+            "functionName": names.consumer_name(model["model_key"]),
+            "warmUntil": until.isoformat(),
+            "coldStartSeconds": model.get("cold_start_s"),
+        },
+        status=202,
+    )
+
+
 async def restart(request: web.Request) -> web.StreamResponse:
     """The seed's ``POST /restart``: a rolling restart of every worker, losing no task.
 
@@ -166,3 +199,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/batch_update_sd_resource", batch_update)
     app.router.add_post("/del/sd/functions", delete_functions)
     app.router.add_post("/restart", restart)
+    # Beside the registry's /models/{name} (GET, PUT, DELETE): aiohttp goes on to this
+    # route for a POST, which those do not take.
+    app.router.add_post("/models/{model_name:.+}/warm", warm)

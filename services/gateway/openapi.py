@@ -27,6 +27,7 @@ from proto.requests import (
     Img2ImgRequest,
     RegisterModelRequest,
     Txt2ImgRequest,
+    WarmModelRequest,
 )
 
 
@@ -227,6 +228,17 @@ class FunctionsChange(msgspec.Struct, kw_only=True):
     errMsg: str = ""
 
 
+class Warming(msgspec.Struct, kw_only=True):
+    """``POST /models/{name}/warm`` (202): a worker is kept until ``warmUntil``."""
+
+    message: str
+    model: str
+    functionName: str
+    warmUntil: str
+    coldStartSeconds: float | None = None
+    """The last measured cold start (process start → ready), null until measured."""
+
+
 Param = tuple[str, Any, str]
 """A query or header parameter: name, type, description."""
 MODEL_TYPE: Param = ("type", ModelType, "model type (default stableDiffusion)")
@@ -327,6 +339,11 @@ ROUTES: list[Route] = [
         DeleteFunctionsRequest, partial_failure=True,
     ),
     Route("post", "/restart", "Rolling restart of every worker", Message),
+    Route(
+        "post", "/models/{model_name}/warm",
+        "Pre-warm: start a checkpoint's worker ahead of traffic (202)", Warming,
+        WarmModelRequest,
+    ),
     Route("get", "/healthz", "Health of NATS, MongoDB and the object store", Health),
     Route(
         "get", "/files/{key}", "Signed download link of the local object store",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -12,6 +13,7 @@ from proto import names
 from services.common import bus
 from services.common.settings import from_environ
 from services.common.supervise import stop_on_signals
+from services.inference.coldstart import Phases
 from services.inference.pipeline import DiffusersPipeline, GenerationError, Pipeline
 from services.inference.settings import WorkerSettings
 from services.inference.worker import Worker
@@ -29,16 +31,26 @@ def pick_device(setting: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def make_pipeline_factory(settings: WorkerSettings):  # type: ignore[no-untyped-def]
+def make_pipeline_factory(  # type: ignore[no-untyped-def]
+    settings: WorkerSettings, phases: Phases | None = None
+):
+    """The checkpoint's pipeline, loaded in timed phases (``phases``: see coldstart.py)."""
+    phases = phases or Phases()
+
     def factory() -> Pipeline:
+        import diffusers  # noqa: F401 - its import is the larger part of this phase
         import torch
 
         from services.inference.loader import CheckpointError, load_pipeline
 
+        phases.lap("imports")
         device = pick_device(settings.device)
         if device == "cpu":
             # Random or tiny weights hit denormals and run 10-50x slower without this.
             torch.set_flush_denormal(True)
+        elif device.startswith("cuda"):
+            torch.zeros(1, device=device)  # the CUDA context, here rather than in a phase below
+        phases.lap("device")
         try:
             pipe = load_pipeline(
                 Path(settings.checkpoint_path),
@@ -46,11 +58,18 @@ def make_pipeline_factory(settings: WorkerSettings):  # type: ignore[no-untyped-
                 cache_dir=Path(settings.cache_dir),
                 allow_pickle=settings.allow_pickle,
                 prediction_type=settings.prediction_type or None,
+                sha256=settings.model_sha256,
+                converted_cache_bytes=settings.converted_cache_bytes,
+                phases=phases,
             )
         except CheckpointError as exc:
             raise GenerationError("model_load_failed", str(exc)) from exc
         pipe.set_progress_bar_config(disable=True)
-        return DiffusersPipeline(
+        if settings.compile:
+            from services.inference.compiled import compile_unet
+
+            compile_unet(pipe.unet, device)
+        loaded = DiffusersPipeline(
             pipe,
             model_name=settings.model_name,
             model_hash=settings.model_hash,
@@ -59,8 +78,37 @@ def make_pipeline_factory(settings: WorkerSettings):  # type: ignore[no-untyped-
             cache_dir=Path(settings.cache_dir),
             png_compress_level=settings.png_compress_level,
         )
+        if settings.warmup_px > 0:
+            warm_up(pipe, settings.warmup_px)
+        phases.lap("warmup")
+        return loaded
 
     return factory
+
+
+def warm_up(pipe: Any, size: int) -> None:
+    """One one-step generation: the first call's lazy initialisation (kernels, allocator,
+    compiled graphs of this shape) is paid here, not by the first task. Its failure is
+    logged only: a task meets the same error with a proper reason."""
+    import inspect
+
+    import torch
+
+    if "mask_image" in inspect.signature(pipe.__call__).parameters:
+        return  # inpainting checkpoints need an image and a mask: nothing cheap to warm with
+    side = max(8, size // 8 * 8)
+    try:
+        with torch.inference_mode():
+            pipe(
+                prompt="",
+                num_inference_steps=1,
+                height=side,
+                width=side,
+                generator=torch.Generator("cpu").manual_seed(0),
+                output_type="pil",
+            )
+    except Exception as exc:
+        log.warning("warm-up call failed (%s: %s)", type(exc).__name__, exc)
 
 
 def make_extras_factory(settings: WorkerSettings):  # type: ignore[no-untyped-def]
@@ -108,6 +156,7 @@ async def local_checkpoint(settings: WorkerSettings, objects: ObjectStore) -> Wo
 
 
 async def amain(settings: WorkerSettings) -> None:
+    phases = Phases()  # from this process's start, read from /proc
     stop = stop_on_signals()
     nc = await bus.connect(settings.nats_url, f"sdswarm-worker-{settings.model_key}", settings)
     objects = await open_object_store(settings)
@@ -115,9 +164,13 @@ async def amain(settings: WorkerSettings) -> None:
         if settings.model_key == names.EXTRAS_MODEL_KEY:
             factory = make_extras_factory(settings)
         else:
-            settings = await local_checkpoint(settings, objects)
-            factory = make_pipeline_factory(settings)
-        worker = Worker(settings, nc, objects, factory)
+            phases.lap("imports")
+            fetched = await local_checkpoint(settings, objects)
+            if fetched.checkpoint_path != settings.checkpoint_path:
+                phases.lap("fetch")  # a copy from the object store, not an import
+            settings = fetched
+            factory = make_pipeline_factory(settings, phases)
+        worker = Worker(settings, nc, objects, factory, phases)
         await worker.run(stop)
         if worker.fatal:
             raise SystemExit(70)  # EX_SOFTWARE: the backend replaces a crashed worker

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import pickle
 import re
@@ -23,6 +24,8 @@ from typing import Any
 import torch
 
 from proto import ModelFamily
+from services.inference import converted
+from services.inference.coldstart import Phases
 from services.inference.tokenizer import EOS, write_tokenizer_files
 from services.storage.modelfiles import (
     UNET,
@@ -33,6 +36,7 @@ from services.storage.modelfiles import (
     read_safetensors_header,
 )
 
+log = logging.getLogger(__name__)
 CONFIGS = Path(__file__).parent / "configs"
 SD1_TEXT = "cond_stage_model.transformer.text_model."
 SD2_TEXT = "cond_stage_model.model."
@@ -280,31 +284,63 @@ def load_pipeline(
     dtype: torch.dtype | None = None,
     allow_pickle: bool = False,
     prediction_type: str | None = None,
+    sha256: str = "",
+    converted_cache_bytes: int = 0,
+    phases: Phases | None = None,
 ) -> Any:
     """A ready diffusers pipeline on ``device``; never contacts a model hub.
 
     ``family`` skips detection (the registry may already know it). ``prediction_type``
     ("epsilon" / "v_prediction") is a per-model setting: SD2 768-v models need
-    "v_prediction", and the weights cannot tell (the ML notes).
+    "v_prediction", and the weights cannot tell (the ML notes). With the file's
+    ``sha256`` and ``converted_cache_bytes`` > 0, a single file is converted once and
+    later loaded from the converted-weights cache (:mod:`services.inference.converted`).
+    ``phases`` receives the ``config`` and ``weights`` laps.
     """
     if dtype is None:
         # fp16 on CPU is ~100x slower than fp32 (ML notes); GPUs get fp16.
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    phases = phases or Phases()
+    dtype_name = str(dtype).removeprefix("torch.")
     try:
-        if checkpoint.is_dir():
+        pipe = None
+        use_cache = bool(sha256) and converted_cache_bytes > 0 and checkpoint.is_file()
+        if use_cache:
+            cached = converted.lookup(cache_dir, checkpoint, sha256, dtype_name)
+            if cached is not None:
+                phases.lap("config")
+                pipe = _load_cached(cached, family, dtype)
+            phases.weights_cached = pipe is not None
+        if pipe is None and checkpoint.is_dir():
+            phases.lap("config")
             pipe = _load_folder(checkpoint, family, dtype)
-        else:
-            pipe = _load_single_file(checkpoint, family, dtype, cache_dir, allow_pickle)
+        elif pipe is None:
+            pipe = _load_single_file(checkpoint, family, dtype, cache_dir, allow_pickle, phases)
+            if use_cache:
+                converted.store(pipe, cache_dir, checkpoint, dtype_name, converted_cache_bytes)
         if prediction_type is not None:
             # from_config keeps every other setting of the shipped scheduler.
             pipe.scheduler = type(pipe.scheduler).from_config(
                 pipe.scheduler.config, prediction_type=prediction_type
             )
-        return pipe.to(device)
+        pipe = pipe.to(device)
+        phases.lap("weights")
+        return pipe
     except CheckpointError:
         raise
     except (ModelFileError, OSError, ValueError, KeyError, RuntimeError) as exc:
         raise CheckpointError(f"{checkpoint.name}: cannot load: {exc}") from exc
+
+
+def _load_cached(folder: Path, family: ModelFamily | None, dtype: torch.dtype) -> Any:
+    """The converted copy, or None when it cannot be loaded (damaged, or removed under us
+    by another worker's eviction): the copy is dropped and the single file loads instead."""
+    try:
+        return _load_folder(folder, family, dtype)
+    except (CheckpointError, ModelFileError, OSError, ValueError, KeyError, RuntimeError) as exc:
+        log.warning("converted copy %s cannot be loaded (%s); using the file", folder.name, exc)
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
 
 
 def _load_folder(folder: Path, family: ModelFamily | None, dtype: torch.dtype) -> Any:
@@ -326,6 +362,7 @@ def _load_single_file(
     dtype: torch.dtype,
     cache_dir: Path,
     allow_pickle: bool,
+    phases: Phases,
 ) -> Any:
     if checkpoint.suffix.lower() in PICKLE_SUFFIXES:
         if not allow_pickle:
@@ -345,6 +382,7 @@ def _load_single_file(
             f"{checkpoint.name}: not a Stable Diffusion 1.x, 2.x or XL checkpoint"
         )
     config = materialise_config(checkpoint, tensors, family, cache_dir)
+    phases.lap("config")
     options: dict[str, Any] = {}
     if family not in (ModelFamily.SDXL, ModelFamily.SDXL_INPAINT):
         options["safety_checker"] = None

@@ -42,6 +42,7 @@ from services.inference.noise import initial_noise
 from services.inference.previews import latent_preview
 from services.inference.prompts import encode_weighted, encode_weighted_xl, needs_own_encoder
 from services.inference.samplers import apply_churn, build_scheduler, churn_options
+from services.inference.upcast import guard_decode
 
 if TYPE_CHECKING:
     from services.inference.batched import Member
@@ -300,6 +301,9 @@ class DiffusersPipeline:
         self.png_compress_level = png_compress_level
         self.cache_dir = cache_dir or Path("./data/cache")
         self._own_vae = pipe.vae
+        self.vae_upcasts = 0
+        """Decodes redone in float32 because the half-precision one was not finite."""
+        guard_decode(pipe.vae, self._count_upcast)
         self._vaes: collections.OrderedDict[str, Any] = collections.OrderedDict()
         self._embeddings: dict[str, str] = {}
         """Loaded textual inversions: name → file identity."""
@@ -407,6 +411,7 @@ class DiffusersPipeline:
             except CheckpointError as exc:
                 raise GenerationError("vae_failed", f"VAE {ref.name!r}: {exc}") from exc
             vae = vae.to(self.device)
+            guard_decode(vae, self._count_upcast)
             self._vaes[key] = vae
             while len(self._vaes) > MAX_VAES:
                 self._vaes.popitem(last=False)
@@ -474,6 +479,9 @@ class DiffusersPipeline:
         if self.xl:
             pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
         return pairs
+
+    def _count_upcast(self) -> None:
+        self.vae_upcasts += 1
 
     def _set_vae(self, vae: Any) -> None:
         for pipe in (self.pipe, *self._variants.values()):

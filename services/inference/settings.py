@@ -31,6 +31,16 @@ class WorkerSettings(StoreSettings, kw_only=True, frozen=True):
     """The registry's SHA-256 of the checkpoint; a fetched copy must match it."""
     model_cache_bytes: int = 200 * 1024**3
     """Fetched checkpoints kept in ``cache_dir`` (least recently used evicted first)."""
+    converted_cache_bytes: int = 50 * 1024**3
+    """Converted-weights cache (``cache_dir/converted``): a single file is converted to the
+    diffusers layout once, keyed by ``model_sha256``, and loaded from there afterwards;
+    least recently used copies are removed beyond this. 0: off."""
+    warmup_px: int = 64
+    """After loading, one one-step generation of this size (pixels a side) pays the first
+    call's lazy initialisation before a task would. 0: off."""
+    compile: bool = False
+    """Wrap the UNet in ``torch.compile`` (inductor; channels_last on CUDA). A compile that
+    fails falls back to eager with a logged reason, never a failed task."""
     device: str = "auto"
     """``auto`` picks CUDA when present, else the CPU."""
     prediction_type: str = ""

@@ -49,6 +49,7 @@ from proto.events import (
 from proto.workers import WorkerState, WorkerStatus
 from services.common import bus, consumer
 from services.inference import batching
+from services.inference.coldstart import Phases
 from services.inference.pipeline import (
     Generation,
     GenerationError,
@@ -148,8 +149,11 @@ class Worker:
         nc: Client,
         objects: ObjectStore,
         pipeline_factory: Callable[[], Pipeline],
+        phases: Phases | None = None,
     ) -> None:
         self.settings = settings
+        self.phases = phases
+        """The cold start's phases, filled by ``pipeline_factory`` (coldstart.py)."""
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream()
         self.objects = objects
@@ -186,6 +190,8 @@ class Worker:
             last_step_at=self._last_step_at,
             updated_at=time.time(),
             load_seconds=self._load_seconds,
+            load_phases=self.phases.seconds() if self.phases else {},
+            weights_cached=self.phases.weights_cached if self.phases else None,
             **_memory(),
         )
         try:
@@ -293,10 +299,11 @@ class Worker:
             durable=names.consumer_name(self.settings.model_key), stream=names.TASK_STREAM
         )
         log.info(
-            "worker %s serving %s (loaded in %.2f s)",
+            "worker %s serving %s (loaded in %.2f s; from process start: %s)",
             self.settings.worker_id,
             self.settings.model_name,
             self._load_seconds,
+            self.phases.seconds() if self.phases else "-",
         )
         idle_since = time.monotonic()
 

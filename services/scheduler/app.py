@@ -33,7 +33,7 @@ from services.scheduler.hung import StepWatch
 from services.scheduler.lease import Lease
 from services.scheduler.policy import CheckpointLoad, Plan, plan
 from services.scheduler.settings import SchedulerSettings, max_batch
-from services.storage.models import ModelStore
+from services.storage.models import ModelStore, warm_until
 from services.storage.mongo import Document
 from services.storage.tasks import TaskStore
 
@@ -60,6 +60,12 @@ def current_share(info: ConsumerInfo) -> tuple[int, int | None]:
     if recorded is not None and recorded.isdigit() and int(recorded) != limit:
         return limit, limit
     return limit, None
+
+
+def warming(model: Document) -> bool:
+    """Pre-warmed (``POST /models/{name}/warm``) and its deadline not yet passed."""
+    until = warm_until(model)
+    return until is not None and until > dt.datetime.now(dt.UTC)
 
 
 def _slots(tasks: int, batch: int) -> int:
@@ -165,7 +171,7 @@ class Scheduler:
             oldest_wait_s=max(wait, 0.0),
             held_since=memory.held_since,
             idle_s=now - memory.last_demand,
-            min_instances=int(model.get("min_instances") or 0),
+            min_instances=max(int(model.get("min_instances") or 0), 1 if warming(model) else 0),
             max_instances=model.get("max_instances"),
             pinned=_slots(pinned, batch) if pinned is not None else None,
             idle_timeout_s=model.get("idle_timeout_s"),
@@ -295,16 +301,22 @@ class Scheduler:
                 model["status"] = status.value
 
     async def _record_cold_start(self, model: Document, live: list[WorkerStatus]) -> None:
-        """The checkpoint's measured load time (the slowest of its live workers), kept on
-        its record as ``cold_start_s``: what a task waits for when no worker is warm."""
-        seconds = max((r.load_seconds for r in live if r.load_seconds is not None), default=None)
-        if seconds is None:
+        """The checkpoint's measured cold start (the slowest of its live workers), kept on
+        its record as ``cold_start_s``, what a task waits for when no worker is warm, with
+        that worker's phases as ``cold_start_phases``. A worker that reports phases is
+        measured from its process's start (their sum), an older one by its load alone."""
+        measured = [
+            (round(sum(r.load_phases.values()), 3) if r.load_phases else r.load_seconds, r)
+            for r in live
+        ]
+        known = [(s, r) for s, r in measured if s is not None]
+        if not known:
             return
-        if seconds != model.get("cold_start_s"):
-            await self.models.collection.update_one(
-                {"_id": model["_id"]}, {"$set": {"cold_start_s": seconds}}
-            )
-            model["cold_start_s"] = seconds
+        seconds, slowest = max(known, key=lambda m: m[0])
+        phases = dict(slowest.load_phases)
+        if (seconds, phases) != (model.get("cold_start_s"), model.get("cold_start_phases", {})):
+            await self.models.record_cold_start(model, seconds, phases)
+            model["cold_start_s"], model["cold_start_phases"] = seconds, phases
 
     async def run(self, stop: asyncio.Event) -> None:
         await bus.ensure_streams(self.js, self.settings)

@@ -98,6 +98,14 @@ def model_document(
     }
 
 
+def warm_until(model: Document) -> dt.datetime | None:
+    """Until when a pre-warmed checkpoint (``POST /models/{name}/warm``) keeps a worker."""
+    until = model.get("warm_until")
+    if not isinstance(until, dt.datetime):
+        return None
+    return until if until.tzinfo else until.replace(tzinfo=dt.UTC)  # MongoDB: naive UTC
+
+
 class ModelStore:
     def __init__(self, db: AsyncDatabase[Document]) -> None:
         self.collection: AsyncCollection[Document] = db["models"]
@@ -171,6 +179,15 @@ class ModelStore:
             {"_id": model_id(model_type, name), "status": {"$ne": ModelStatus.DELETED.value}},
             {"$set": {**fields, "modified_at": dt.datetime.now(dt.UTC)}},
             return_document=ReturnDocument.AFTER,
+        )
+
+    async def record_cold_start(
+        self, model: Document, seconds: float, phases: dict[str, float]
+    ) -> None:
+        """The checkpoint's measured cold start and its phases (the scheduler's view)."""
+        await self.collection.update_one(
+            {"_id": model["_id"]},
+            {"$set": {"cold_start_s": seconds, "cold_start_phases": phases}},
         )
 
     async def mark_deleted(self, name: str, model_type: ModelType) -> Document | None:

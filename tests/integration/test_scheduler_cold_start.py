@@ -48,13 +48,19 @@ async def test_the_slowest_live_workers_load_time_is_the_cold_start(
         scheduler = Scheduler(settings, js, models, backend, TaskStore(db))
         bucket = await bus.worker_bucket(js)
 
-        async def worker(worker_id: str, state: WorkerState, load_s: float | None) -> None:
+        async def worker(
+            worker_id: str,
+            state: WorkerState,
+            load_s: float | None,
+            phases: dict[str, float] | None = None,
+        ) -> None:
             status = WorkerStatus(
                 worker=worker_id,
                 model_key=model["model_key"],
                 model_name=model["name"],
                 state=state,
                 load_seconds=load_s,
+                load_phases=phases or {},
                 updated_at=time.time(),
             )
             await bucket.put(names.worker_kv_key(worker_id), encode(status))
@@ -73,6 +79,13 @@ async def test_the_slowest_live_workers_load_time_is_the_cold_start(
         await worker("w2", WorkerState.BUSY, 4.5)
         await scheduler.tick()
         assert 4.5 == (await models.get(model["name"]) or {}).get("cold_start_s")
+
+        # A worker that reports its phases is measured from its process's start.
+        phases = {"imports": 2.5, "device": 0.25, "config": 0.5, "weights": 1.5, "warmup": 0.75}
+        await worker("w3", WorkerState.READY, 2.75, phases)
+        await scheduler.tick()
+        record = await models.get(model["name"]) or {}
+        assert (5.5, phases) == (record.get("cold_start_s"), record.get("cold_start_phases"))
     finally:
         await backend.aclose()
         await nc.close()

@@ -1,0 +1,85 @@
+"""Pre-warm: ``POST /models/{name}/warm`` starts a checkpoint's worker with no task queued;
+its measured cold start (in phases) then shows in the function listing."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from proto.workers import WorkerState, WorkerStatus
+from services.common import bus
+from services.inference.coldstart import PHASES
+from tests.e2e.conftest import System
+
+pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("system", ["local"], indirect=True)]
+
+MODEL = "tiny.safetensors"
+
+
+async def _post(system: System, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    async with system.http.post(system.url + path, json=body) as response:
+        return response.status, await response.json()
+
+
+async def _function(system: System) -> dict[str, Any]:
+    async with system.http.get(f"{system.url}/list/sdapi/functions") as response:
+        [function] = (await response.json())["functions"]
+    assert isinstance(function, dict)
+    return function
+
+
+async def _ready_workers(system: System, want: int, timeout_s: float = 120) -> list[WorkerStatus]:
+    nc = await bus.connect(system.nats_url, "warm-test")
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            ready = [
+                r
+                for r in await bus.worker_records(nc.jetstream())
+                if r.state is WorkerState.READY and r.model_name == MODEL
+            ]
+            if len(ready) == want:
+                return ready
+            await asyncio.sleep(0.2)
+    finally:
+        await nc.close()
+    raise AssertionError(f"never {want} ready workers")
+
+
+async def test_warm_starts_a_worker_with_no_task_queued(system: System) -> None:
+    status, body = await _post(system, "/models/nope.safetensors/warm", {})
+    assert (404, "model_not_found") == (status, body["code"])
+    status, body = await _post(system, f"/models/{MODEL}/warm", {"seconds": 0})
+    assert 422 == status
+
+    started = time.monotonic()
+    status, body = await _post(system, f"/models/{MODEL}/warm", {"seconds": 600})
+    assert (202, "warming") == (status, body["message"])
+    [worker] = await _ready_workers(system, 1)
+    ready_after = time.monotonic() - started
+    assert 0 == await system.db["tasks"].count_documents({}), "no task was ever queued"
+    assert [] == worker.task_ids
+
+    # The worker measured its start in phases, from its own process's start.
+    assert list(PHASES) == list(worker.load_phases)
+    assert worker.load_phases["imports"] > 0.3, "the interpreter and torch's import count"
+    assert sum(worker.load_phases.values()) < ready_after
+    deadline = time.monotonic() + 30
+    while (function := await _function(system))["replicas"] == 0:
+        assert time.monotonic() < deadline, "the cold start never reached the listing"
+        await asyncio.sleep(0.2)
+    assert (1, "loaded") == (function["replicas"], function["state"])
+    assert worker.load_phases == function["coldStartPhases"]
+    assert function["coldStartSeconds"] == pytest.approx(sum(worker.load_phases.values()), 0.01)
+    assert function["warmUntil"] is not None
+    print(f"\nwarm: ready {ready_after:.1f} s after the request; phases {worker.load_phases}")
+
+    # Past its deadline a warmed pool goes back to the idle timeout: zero workers.
+    status, _ = await _post(system, "/batch_update_sd_resource", {"idleTimeout": 1})
+    assert 200 == status
+    status, _ = await _post(system, f"/models/{MODEL}/warm", {"seconds": 0.5})
+    assert 202 == status
+    await _ready_workers(system, 0)

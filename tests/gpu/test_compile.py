@@ -1,0 +1,61 @@
+"""``SDSWARM_COMPILE`` on a CUDA device: the compiled UNet's image matches eager's, and
+an fp16 decode gives no NaN (skipped where no GPU is present)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+TOLERANCE = 4
+"""Grey levels (of 255): inductor reorders fp16 reductions, so compiled and eager differ
+by rounding only; a broken graph differs by far more."""
+
+
+def _image(pipe: object) -> np.ndarray:
+    result = pipe(  # type: ignore[operator]
+        "a cat",
+        num_inference_steps=4,
+        width=64,
+        height=64,
+        generator=torch.Generator("cpu").manual_seed(3),
+    )
+    return np.asarray(result.images[0], dtype=np.int16)
+
+
+def test_compiled_unet_matches_eager_within_tolerance(
+    tiny_checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from services.inference.compiled import compile_unet
+    from services.inference.loader import load_pipeline
+
+    pipe = load_pipeline(tiny_checkpoint, cache_dir=tmp_path, device="cuda")
+    pipe.set_progress_bar_config(disable=True)
+    eager = _image(pipe)
+    with caplog.at_level(logging.WARNING, logger="services.inference.compiled"):
+        assert compile_unet(pipe.unet, "cuda")
+        compiled = _image(pipe)
+    assert [True] == pipe.unet.sdswarm_compiled, f"fell back to eager: {caplog.text}"
+    assert int(np.abs(eager - compiled).max()) <= TOLERANCE
+
+
+def test_fp16_decode_has_no_nan(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from services.inference.loader import load_pipeline
+    from services.inference.pipeline import DiffusersPipeline
+    from tests.fixtures.tiny_runner import run_tiny
+
+    pipe = load_pipeline(tiny_checkpoint, cache_dir=tmp_path, device="cuda")
+    pipe.set_progress_bar_config(disable=True)
+    runner = DiffusersPipeline(pipe, model_name="tiny", model_hash="abc", device="cuda")
+    assert torch.float16 == pipe.vae.dtype
+    assert run_tiny(runner).images[0]
+    assert 0 == runner.vae_upcasts, "the tiny VAE does not overflow in fp16"
