@@ -78,8 +78,11 @@ def make_pipeline_factory(  # type: ignore[no-untyped-def]
             cache_dir=Path(settings.cache_dir),
             png_compress_level=settings.png_compress_level,
         )
-        if settings.warmup_px > 0:
-            warm_up(pipe, settings.warmup_px)
+        warmup_px = settings.warmup_px
+        if warmup_px < 0:
+            warmup_px = 64 if device.startswith("cuda") else 0
+        if warmup_px > 0:
+            warm_up(pipe, warmup_px)
         phases.lap("warmup")
         return loaded
 

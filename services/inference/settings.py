@@ -35,9 +35,10 @@ class WorkerSettings(StoreSettings, kw_only=True, frozen=True):
     """Converted-weights cache (``cache_dir/converted``): a single file is converted to the
     diffusers layout once, keyed by ``model_sha256``, and loaded from there afterwards;
     least recently used copies are removed beyond this. 0: off."""
-    warmup_px: int = 64
+    warmup_px: int = -1
     """After loading, one one-step generation of this size (pixels a side) pays the first
-    call's lazy initialisation before a task would. 0: off."""
+    call's lazy initialisation before a task would. 0: off; -1: 64 on CUDA (kernels,
+    allocator, compiled graphs), off on CPU, where it only delays the worker's start."""
     compile: bool = False
     """Wrap the UNet in ``torch.compile`` (inductor; channels_last on CUDA). A compile that
     fails falls back to eager with a logged reason, never a failed task."""
