@@ -35,6 +35,7 @@ from services.gateway.images import store_inputs
 from services.gateway.resources import Resources, resources
 from services.gateway.tasks_api import (
     TASK_ID_HEADER,
+    TaskRef,
     admit,
     answer,
     enqueue,
@@ -106,12 +107,12 @@ async def submit_extras(
     options: ExtrasOptions,
     images: list[str],
     field: str,
-    task_id: str,
+    task: TaskRef,
     *,
     sync: bool,
     parameters: dict[str, Any],
     webhook: Webhook | None = None,
-) -> tuple[str, Document | None]:
+) -> Document | None:
     """Queue an extras task for ``images`` (base64 or owned keys); with ``sync``, wait."""
     check_options(options)
     if not images:
@@ -127,6 +128,7 @@ async def submit_extras(
     upscalers = await _resolve_upscalers(res, options)
     await admit(res, user)
     checked = await checked_webhook(res, webhook)
+    task_id = task.id
     keys = await store_inputs(res, user, task_id, images, field)
     await _check_output_sizes(res, options, keys, [f"{field}[{n}]" for n in range(len(keys))])
     key = names.EXTRAS_MODEL_KEY
@@ -151,9 +153,10 @@ async def submit_extras(
         total_steps=1,
         job_count=len(keys),
         command=encode(command),
+        client_id=task.client_id,
     )
     document["webhook"] = checked
-    return task_id, await enqueue(res, command, document, sync=sync)
+    return await enqueue(res, command, document, sync=sync)
 
 
 async def extra_images(request: web.Request) -> web.StreamResponse:
@@ -164,14 +167,14 @@ async def extra_images(request: web.Request) -> web.StreamResponse:
     parameters = to_builtins(body)
     del parameters["image"]
 
-    async def queue(task_id: str, sync: bool) -> tuple[str, Document | None]:
+    async def queue(task: TaskRef, sync: bool) -> Document | None:
         return await submit_extras(
             res,
             user,
             body,
             [body.image],
             "image",
-            task_id,
+            task,
             sync=sync,
             parameters=parameters,
             webhook=body.webhook,
@@ -225,8 +228,8 @@ async def _a1111_extras(
         request,
         res,
         user,
-        lambda task_id, sync: submit_extras(
-            res, user, body, images, field, task_id, sync=sync, parameters=parameters
+        lambda task, sync: submit_extras(
+            res, user, body, images, field, task, sync=sync, parameters=parameters
         ),
     )
     if not submitted.sync:

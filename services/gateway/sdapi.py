@@ -34,6 +34,7 @@ from services.storage.modelfiles import ModelFileError, read_safetensors_header
 from services.storage.mongo import Document
 from services.storage.objects import ObjectNotFoundError
 from services.storage.scan import register_models
+from services.storage.tasks import shown_task_id
 
 Processing = TypeVar("Processing", Txt2ImgRequest, Img2ImgRequest)
 CHECKPOINT_OPTION = "sd_model_checkpoint"
@@ -99,7 +100,7 @@ async def _generate(request: web.Request, cls: type[Processing]) -> web.StreamRe
         request,
         res,
         user,
-        lambda task_id, sync: submit(res, user, body, task_id, sync=sync),
+        lambda task, sync: submit(res, user, body, task, sync=sync),
         forced,
     )
     if not submitted.sync:
@@ -176,7 +177,7 @@ async def progress(request: web.Request) -> web.StreamResponse:
         state |= {
             "interrupted": status is TaskStatus.CANCELLED,
             "skipped": bool(snapshot.get("skipped")),
-            "job": f"task({document['_id']})",
+            "job": f"task({shown_task_id(document)})",
             "job_count": snapshot["job_count"],
             "job_timestamp": started.strftime("%Y%m%d%H%M%S") if started else "0",
             "job_no": snapshot["job_no"],

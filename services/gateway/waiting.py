@@ -37,7 +37,7 @@ from services.gateway.auth import caller
 from services.gateway.errors import ApiError
 from services.gateway.resources import resources
 from services.storage.mongo import Document
-from services.storage.tasks import TaskStore
+from services.storage.tasks import TaskStore, shown_task_id
 
 RECHECK_S = 5.0
 """How often a waiter re-reads MongoDB in case an event was missed."""
@@ -113,7 +113,7 @@ def _sse_frame(event_name: str, data: dict[str, Any], event_id: int | None = Non
 def _terminal_from_document(document: Document) -> dict[str, Any]:
     return {
         "kind": document["status"],
-        "task_id": document["_id"],
+        "task_id": shown_task_id(document),
         "images": document["images"],
         "message": document["message"],
     }
@@ -123,10 +123,11 @@ async def task_events(request: web.Request) -> web.StreamResponse:
     """``GET /tasks/{task_id}/events``: progress then the terminal event, as SSE."""
     res = resources(request)
     user = await caller(request, res)
-    task_id = request.match_info["task_id"]
-    document = await res.tasks.get(task_id, user)
+    asked = request.match_info["task_id"]
+    document = await res.tasks.get(asked, user)
     if document is None:
-        raise ApiError(404, "task_not_found", f"task {task_id!r} not found")
+        raise ApiError(404, "task_not_found", f"task {asked!r} not found")
+    task_id, shown = document["_id"], shown_task_id(document)
     last_id = request.headers.get("Last-Event-ID", "")
     config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
     if last_id.isdigit():
@@ -167,7 +168,8 @@ async def task_events(request: web.Request) -> web.StreamResponse:
             except msgspec.DecodeError:
                 continue
             sequence = message.metadata.sequence.stream
-            await response.write(_sse_frame(event_kind(event), event_to_builtins(event), sequence))
+            data = event_to_builtins(event) | {"task_id": shown}  # as the client knows it
+            await response.write(_sse_frame(event_kind(event), data, sequence))
             if isinstance(event, TaskSucceeded | TaskFailed | TaskCancelled):
                 break
     except ConnectionResetError:
