@@ -26,7 +26,7 @@ from services.gateway.auth import announce, auth_enabled, parse_api_keys
 from services.gateway.errors import ApiError, error_middleware
 from services.gateway.resources import RESOURCES, SETTINGS, Resources, resources
 from services.gateway.settings import GatewaySettings
-from services.gateway.validation import read_json
+from services.gateway.validation import bounded_int, read_json
 from services.storage.idempotency import IdempotencyStore
 from services.storage.models import ModelStore
 from services.storage.mongo import database, open_client
@@ -37,6 +37,8 @@ from services.storage.tasks import TaskStore
 from services.storage.users import UserStore
 
 log = logging.getLogger(__name__)
+MAX_EXPIRES = 10**11
+"""A signed link's expiry (Unix seconds) is below this (the year 5138)."""
 
 
 async def _open_resources(app: web.Application) -> AsyncIterator[None]:
@@ -108,9 +110,10 @@ async def download(request: web.Request) -> web.StreamResponse:
     if not isinstance(res.objects, LocalObjectStore):
         raise ApiError(404, "not_found", "downloads are served by the object store")
     key = request.match_info["key"]
-    expires = request.query.get("expires", "")
-    signature = request.query.get("signature", "")
-    if not expires.isdigit() or not res.objects.verify(key, int(expires), signature):
+    if "expires" not in request.query:
+        raise ApiError(403, "invalid_signature", "the link is invalid or has expired")
+    expires = bounded_int(request.query["expires"], "expires", 0, MAX_EXPIRES)
+    if not res.objects.verify(key, expires, request.query.get("signature", "")):
         raise ApiError(403, "invalid_signature", "the link is invalid or has expired")
     try:
         data = await res.objects.get(key)

@@ -125,12 +125,23 @@ async def get_model(request: web.Request) -> web.StreamResponse:
 
 def _target(res: Resources, model_type: ModelType, name: str, suffix: str = "") -> Path:
     settings = res.settings
+    root = Path(settings.models_dir).resolve()
     try:
-        return target_path(
-            Path(settings.models_dir).resolve(), model_type, name, settings.allow_pickle, suffix
-        )
+        target = target_path(root, model_type, name, settings.allow_pickle, suffix)
     except IntakeError as exc:
         raise _api_error(exc) from exc
+    for folder in target.parents:
+        if folder == root:
+            break
+        if folder.exists() and not folder.is_dir():
+            raise ApiError(
+                422,
+                "invalid_field",
+                f"`name` {name!r} would put a file below {folder.relative_to(root)},"
+                " which is a file, not a folder",
+                field="name",
+            )
+    return target
 
 
 def _api_error(exc: IntakeError) -> ApiError:

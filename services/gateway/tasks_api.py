@@ -36,7 +36,7 @@ from services.gateway.errors import ApiError
 from services.gateway.images import StagedInputs, stage_inputs, upload_staged
 from services.gateway.resources import Resources, resources
 from services.gateway.styles import apply_styles
-from services.gateway.validation import check_limits, decode
+from services.gateway.validation import bounded_int, check_limits, decode
 from services.gateway.webhooks_api import checked_webhook
 from services.storage.idempotency import IdempotencyConflictError, request_hash
 from services.storage.mongo import Document
@@ -587,12 +587,7 @@ async def list_tasks(request: web.Request) -> web.StreamResponse:
     if status and status not in {s.value for s in TaskStatus}:
         valid = ", ".join(s.value for s in TaskStatus)
         raise ApiError(422, "invalid_field", f"status must be one of {valid}", field="status")
-    limit_text = query.get("limit", "20")
-    if not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_PAGE:
-        raise ApiError(
-            422, "invalid_field", f"limit must be an integer from 1 to {MAX_PAGE}", field="limit"
-        )
-    limit = int(limit_text)
+    limit = bounded_int(query.get("limit", "20"), "limit", 1, MAX_PAGE)
     cursor = query.get("cursor")
     documents = await res.tasks.page(
         user,

@@ -28,6 +28,25 @@ T = TypeVar("T", bound=msgspec.Struct)
 TOO_DEEP = "request body is nested too deeply"
 
 
+def bounded_int(text: str, field: str, low: int, high: int) -> int:
+    """An integer from a query, header or path, where every one is parsed.
+
+    ASCII digits only (``str.isdigit`` also takes ``²`` and ``٣``, which ``int`` then
+    refuses or reads), no more digits than ``high`` has (``int`` refuses 4300+ digits),
+    within ``[low, high]``; anything else is a 422 naming ``field`` and the rule.
+    """
+    if not (text.isascii() and text.isdigit() and len(text) <= len(str(high))) or not (
+        low <= int(text) <= high
+    ):
+        raise ApiError(
+            422,
+            "invalid_field",
+            f"`{field}` must be an integer from {low} to {high} in ASCII digits",
+            field=field,
+        )
+    return int(text)
+
+
 def decode(body: bytes, cls: type[T]) -> T:
     try:
         decoded = msgspec.json.decode(body, type=cls)

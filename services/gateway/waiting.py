@@ -36,8 +36,13 @@ from proto.events import (
 from services.gateway.auth import caller
 from services.gateway.errors import ApiError
 from services.gateway.resources import resources
+from services.gateway.validation import bounded_int
 from services.storage.mongo import Document
 from services.storage.tasks import TaskStore, shown_task_id
+
+MAX_EVENT_ID = 2**53 - 1
+"""Event ids are JetStream sequences (uint64); a client's ``Last-Event-ID`` is at most
+this (exact in every JSON client), so ``+ 1`` stays a valid start sequence."""
 
 RECHECK_S = 5.0
 """How often a waiter re-reads MongoDB in case an event was missed."""
@@ -130,10 +135,11 @@ async def task_events(request: web.Request) -> web.StreamResponse:
     task_id, shown = document["_id"], shown_task_id(document)
     last_id = request.headers.get("Last-Event-ID", "")
     config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
-    if last_id.isdigit():
+    if last_id:
         # Event ids are stream sequences: resume right after the last one received.
+        after = bounded_int(last_id, "Last-Event-ID", 0, MAX_EVENT_ID)
         config = ConsumerConfig(
-            deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=int(last_id) + 1
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1
         )
     subscription = await res.js.subscribe(
         names.task_events_filter(task_id),
