@@ -22,9 +22,10 @@ import re
 
 from aiohttp import web
 
-from services.gateway.errors import ApiError
+from services.gateway.errors import ApiError, too_many
 from services.gateway.resources import Resources, resources
 from services.gateway.settings import GatewaySettings
+from services.gateway.validation import read_json
 
 log = logging.getLogger(__name__)
 DEFAULT_USER = "default"
@@ -109,6 +110,46 @@ async def _resolve(res: Resources, secret: str) -> str | None:
         if hmac.compare_digest(key, secret):
             return user
     return await res.users.resolve(secret)
+
+
+async def login(request: web.Request) -> web.StreamResponse:
+    """The seed's ``POST /login``: ``{userName, password}`` (field names in any case).
+
+    Throttled per user name and per client address (``login_*`` settings): attempts are
+    counted before the (slow, threaded) Argon2 check, so guesses beyond the limit cost
+    nothing and are refused with 429 even when the password is right.
+    """
+    res = resources(request)
+    body = await read_json(request)
+    fields = {str(k).lower(): v for k, v in body.items()} if isinstance(body, dict) else {}
+    name, password = fields.get("username"), fields.get("password")
+    if not isinstance(name, str) or not isinstance(password, str):
+        raise ApiError(
+            422,
+            "invalid_field",
+            "`userName` and `password` are required strings",
+            field="userName" if not isinstance(name, str) else "password",
+        )
+    settings = res.settings
+    # Names no user can have share one counter: they cannot be used to grow the store.
+    user_key = f"user:{name if USER_RE.fullmatch(name) else '?'}"
+    address_key = f"addr:{request.remote or '?'}"
+    refusal = await res.logins.attempt(
+        {
+            user_key: settings.login_max_failures_per_user,
+            address_key: settings.login_max_attempts_per_address,
+        },
+        settings.login_window_s,
+    )
+    if refusal is not None:
+        raise too_many("login_throttled", refusal.reason, refusal.retry_after_s)
+    async with res.password_checks:
+        verified = await res.users.verify_password(name, password)
+    if not verified:
+        raise ApiError(401, "login_failed", "unknown user or wrong password")
+    await res.logins.succeeded(user_key, address_key)
+    token = await res.users.login(name, settings.session_ttl_s)
+    return web.json_response({"token": token, "userName": name, "message": "login success"})
 
 
 async def require_admin(request: web.Request, what: str) -> tuple[Resources, str]:

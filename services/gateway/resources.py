@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -16,7 +17,7 @@ from services.storage.models import ModelStore
 from services.storage.mongo import Document
 from services.storage.objects import ObjectStore
 from services.storage.options import OptionStore
-from services.storage.quotas import QuotaStore
+from services.storage.quotas import LoginThrottle, QuotaStore
 from services.storage.tasks import TaskStore
 from services.storage.users import UserStore
 
@@ -37,6 +38,9 @@ class Resources:
     """Cancellation flags: a queued task whose id is here is skipped when fetched."""
     api_keys: dict[str, str]
     users: UserStore
+    logins: LoginThrottle
+    password_checks: asyncio.Semaphore
+    """Bounds the Argon2 checks running at once (``settings.password_checks``)."""
     auth: bool
     """Whether requests must carry credentials (see :mod:`services.gateway.auth`)."""
     """API key → user."""

@@ -19,6 +19,16 @@ class GatewaySettings(StoreSettings, kw_only=True, frozen=True):
     """Require credentials even on loopback (always required beyond it)."""
     session_ttl_s: float = 24 * 3600
     """Lifetime of a ``POST /login`` token."""
+    login_max_failures_per_user: int = 10
+    """Login attempts per user name in one ``login_window_s`` (a success clears them);
+    beyond it → 429 with ``Retry-After`` until the window ends, right password or not
+    (0: no limit)."""
+    login_max_attempts_per_address: int = 30
+    """Login attempts from one client address in one ``login_window_s`` (0: no limit)."""
+    login_window_s: float = 300
+    password_checks: int = 1
+    """Argon2 checks run at once, each in a worker thread (one takes ~60 MiB and several
+    cores for tens of ms); more logins wait their turn, other routes do not wait."""
     sync_timeout_s: float = 600
     """A sync request still unfinished after this answers 202 with its task id."""
 

@@ -32,7 +32,7 @@ from services.gateway import waiting
 from services.gateway.adapters import resolve_embeddings, resolve_loras, resolve_vae
 from services.gateway.auth import caller
 from services.gateway.controlnet_api import check_controlnets, claim_controlnets
-from services.gateway.errors import ApiError
+from services.gateway.errors import ApiError, too_many
 from services.gateway.images import StagedInputs, stage_inputs, upload_staged
 from services.gateway.resources import Resources, resources
 from services.gateway.styles import apply_styles
@@ -118,12 +118,7 @@ async def admit(res: Resources, user: str) -> None:
         per_minute=res.settings.max_tasks_per_minute,
     )
     if refusal is not None:
-        raise ApiError(
-            429,
-            "rate_limited",
-            refusal.reason,
-            headers={"Retry-After": str(refusal.retry_after_s)},
-        )
+        raise too_many("rate_limited", refusal.reason, refusal.retry_after_s)
 
 
 async def submit(

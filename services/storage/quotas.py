@@ -1,4 +1,5 @@
-"""Per-user limits on task submissions, read from the task store every replica shares.
+"""Per-user limits on task submissions, read from the task store every replica shares,
+and the login throttle (:class:`LoginThrottle`).
 
 Two limits, each off at 0: how many of a user's tasks may be open (waiting or running)
 at once, and how many tasks a user may submit in any 60 seconds (a sliding window over
@@ -14,6 +15,7 @@ import datetime as dt
 import math
 from dataclasses import dataclass
 
+from pymongo import ReturnDocument
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 
@@ -61,3 +63,55 @@ class QuotaStore:
                     retry_after_s=max(wait, 1),
                 )
         return None
+
+
+class LoginThrottle:
+    """Login attempts per key (``user:<name>``, ``addr:<address>``), in fixed windows.
+
+    An attempt is counted before the password is checked, so a burst of concurrent guesses
+    is cut at the limit too; a successful login clears its user's count (and gives its
+    address back the attempt). Counters live in MongoDB, so every gateway replica sees
+    them; a counter whose window has passed starts again at zero.
+    """
+
+    def __init__(self, db: AsyncDatabase[Document]) -> None:
+        self.collection: AsyncCollection[Document] = db["login_attempts"]
+
+    async def ensure_indexes(self) -> None:
+        await self.collection.create_index("until", expireAfterSeconds=0)
+
+    async def attempt(self, limits: dict[str, int], window_s: float) -> Refusal | None:
+        """Count one attempt under every key with a limit (0: none); a :class:`Refusal`
+        when a key is over its limit in its current window."""
+        now = dt.datetime.now(dt.UTC)
+        until = now + dt.timedelta(seconds=window_s)
+        refusal: Refusal | None = None
+        for key, limit in limits.items():
+            if limit <= 0:
+                continue
+            await self.collection.update_one(
+                {"_id": key, "until": {"$lte": now}}, {"$set": {"count": 0, "until": until}}
+            )
+            counter = await self.collection.find_one_and_update(
+                {"_id": key},
+                {"$inc": {"count": 1}, "$setOnInsert": {"until": until}},
+                upsert=True,
+                return_document=ReturnDocument.AFTER,
+            )
+            assert counter is not None  # upserted
+            if counter["count"] > limit and refusal is None:
+                ends = counter["until"]
+                if ends.tzinfo is None:
+                    ends = ends.replace(tzinfo=dt.UTC)
+                wait = max(math.ceil((ends - now).total_seconds()), 1)
+                refusal = Refusal(
+                    f"too many login attempts ({key.partition(':')[0]}); retry in {wait} s",
+                    retry_after_s=wait,
+                )
+        return refusal
+
+    async def succeeded(self, user_key: str, address_key: str) -> None:
+        await self.collection.delete_one({"_id": user_key})
+        await self.collection.update_one(
+            {"_id": address_key, "count": {"$gt": 0}}, {"$inc": {"count": -1}}
+        )

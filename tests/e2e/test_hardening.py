@@ -3,10 +3,15 @@ found, on the whole system with its real servers."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import io
 import json
+import time
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from tests.e2e.conftest import System
 
@@ -67,3 +72,42 @@ async def test_a_model_name_with_a_path_under_a_file_is_4xx(system: System, meth
         json={"type": "stableDiffusion", "name": f"{MODEL}/x.safetensors", "ossPath": "u/x"},
     )
     assert 400 <= status < 500, (status, body)
+
+
+def _png(size: tuple[int, int]) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (10, 200, 30)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+async def test_decoding_input_images_does_not_block_the_loop(system: System) -> None:
+    """Item 3: four 4096² PNGs in an img2img that is then refused (its mask does not match)
+    were decoded on the event loop (~1.3 s during which nothing else was served)."""
+    big = _png((4096, 4096))
+    body = {**BASE, "steps": 4, "width": 64, "height": 64, "init_images": [big] * 4}
+    body["mask"] = _png((8, 8))
+    latencies: list[float] = []
+
+    async def probe(stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            async with system.http.get(f"{system.url}/healthz") as response:
+                assert 200 == response.status
+            latencies.append(time.monotonic() - started)
+            await asyncio.sleep(0.01)
+
+    async def refused() -> None:
+        status, answer = await _json(system, "POST", "/img2img", json=body)
+        assert (422, "mask") == (status, answer["field"])
+
+    stop = asyncio.Event()
+    prober = asyncio.create_task(probe(stop))
+    await asyncio.gather(*(refused() for _ in range(3)))
+    stop.set()
+    await prober
+    worst = max(latencies) * 1000
+    print(
+        f"/healthz during 3 img2img of 4×4096² PNGs: worst {worst:.0f} ms, {len(latencies)} probes"
+    )
+    assert len(latencies) >= 5
+    assert worst < 600
