@@ -18,7 +18,10 @@ import binascii
 import hmac
 import ipaddress
 import logging
+import os
 import re
+from collections.abc import Callable
+from pathlib import Path
 
 from aiohttp import web
 
@@ -152,13 +155,36 @@ async def login(request: web.Request) -> web.StreamResponse:
     return web.json_response({"token": token, "userName": name, "message": "login success"})
 
 
-async def require_admin(request: web.Request, what: str) -> tuple[Resources, str]:
-    """The caller, who must be an administrator (``SDSWARM_ADMINS``) to do ``what``.
-
-    With authentication off (a loopback-only gateway) everyone is.
-    """
-    res = resources(request)
+async def caller_is_admin(request: web.Request, res: Resources) -> tuple[str, bool]:
+    """The caller, and whether they are an administrator (``SDSWARM_ADMINS``); with
+    authentication off (a loopback-only gateway) everyone is."""
     user = await caller(request, res)
-    if res.auth and user not in res.settings.admins:
+    return user, not res.auth or user in res.settings.admins
+
+
+async def require_admin(request: web.Request, what: str) -> tuple[Resources, str]:
+    """The caller, who must be an administrator to do ``what``."""
+    res = resources(request)
+    user, admin = await caller_is_admin(request, res)
+    if not admin:
         raise ApiError(403, "forbidden", f"only administrators (SDSWARM_ADMINS) {what}")
     return res, user
+
+
+def server_paths(res: Resources, admin: bool) -> Callable[[str], str]:
+    """How the caller sees text that may hold server paths (a model's file, an error
+    about it): administrators as it is; anyone else with the models folder's and the
+    object folder's absolute locations cut off, so a path reads ``Lora/ink.safetensors``
+    (A1111 shows absolute paths; they tell a client the server's layout)."""
+    if admin:
+        return str
+    roots = [
+        str(Path(folder).resolve()) for folder in (res.settings.models_dir, res.settings.store_dir)
+    ]
+
+    def shown(text: str) -> str:
+        for root in roots:
+            text = text.replace(root + os.sep, "").replace(root, ".")
+        return text
+
+    return shown

@@ -29,7 +29,7 @@ from proto.requests import (
     extras_options,
     to_builtins,
 )
-from services.gateway.auth import caller
+from services.gateway.auth import caller, caller_is_admin, server_paths
 from services.gateway.errors import ApiError
 from services.gateway.images import store_inputs
 from services.gateway.resources import Resources, resources
@@ -257,7 +257,7 @@ async def extra_batch_images(request: web.Request) -> web.StreamResponse:
 async def upscalers(request: web.Request) -> web.StreamResponse:
     """A1111 ``GET /sdapi/v1/upscalers``: the built-ins, then the registered models."""
     res = resources(request)
-    await caller(request, res)
+    shown = server_paths(res, (await caller_is_admin(request, res))[1])
     builtins = [
         {"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
         for name in BUILTIN_UPSCALERS
@@ -266,7 +266,7 @@ async def upscalers(request: web.Request) -> web.StreamResponse:
         {
             "name": m["name"],
             "model_name": str(m["name"]).rsplit("/", 1)[-1].rsplit(".", 1)[0],
-            "model_path": m.get("path"),
+            "model_path": shown(str(m.get("path") or "")),
             "model_url": None,
             "scale": m.get("scale") or DEFAULT_MODEL_SCALE,
         }

@@ -25,7 +25,7 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ from proto import ModelStatus, ModelType, names
 from proto.events import TaskFailed
 from proto.requests import RegisterModelRequest
 from services.common import bus
-from services.gateway.auth import caller, require_admin
+from services.gateway.auth import caller_is_admin, require_admin, server_paths
 from services.gateway.errors import ApiError
 from services.gateway.resources import Resources, resources
 from services.gateway.validation import decode
@@ -53,16 +53,18 @@ HEARTBEAT_S = 10.0
 """A copy in progress renews its claim this often; a claim 6× older is an interrupted one."""
 
 
-def model_attributes(doc: Document) -> dict[str, Any]:
-    """A registry document in the seed's ``ModelAttributes`` shape (plus our fields)."""
+def model_attributes(doc: Document, shown: Callable[[str], str] = str) -> dict[str, Any]:
+    """A registry document in the seed's ``ModelAttributes`` shape (plus our fields);
+    ``shown`` hides server paths from non-administrators (``auth.server_paths``)."""
     stale = _interrupted(doc)
+    error = "registration was interrupted; register it again" if stale else doc.get("error")
     return {
         "type": doc["type"],
         "name": doc["name"],
         # The object a model was registered from (the seed's meaning), else its file.
         "ossPath": source.removeprefix("object:")
         if (source := str(doc.get("source") or "")).startswith("object:")
-        else doc.get("path", ""),
+        else shown(str(doc.get("path", ""))),
         "source": doc.get("source") or "scan",
         "etag": doc.get("sha256") or "",
         "status": ModelStatus.FAILED.value if stale else doc["status"],
@@ -72,7 +74,7 @@ def model_attributes(doc: Document) -> dict[str, Any]:
         "modelKey": doc["model_key"],
         "sha256": doc.get("sha256"),
         "sizeBytes": doc.get("size_bytes"),
-        "error": "registration was interrupted; register it again" if stale else doc.get("error"),
+        "error": shown(str(error)) if error else error,
         "loadedWorkers": doc.get("loaded_workers", 0),
         "draining": bool(doc.get("draining")),
         "predictionType": doc.get("prediction_type") or "epsilon",
@@ -108,19 +110,19 @@ def _checked_type(request: web.Request) -> ModelType:
 
 async def list_models(request: web.Request) -> web.StreamResponse:
     res = resources(request)
-    await caller(request, res)
+    shown = server_paths(res, (await caller_is_admin(request, res))[1])
     documents = await res.models.list(_model_type(request, None))
-    return web.json_response([model_attributes(d) for d in documents])
+    return web.json_response([model_attributes(d, shown) for d in documents])
 
 
 async def get_model(request: web.Request) -> web.StreamResponse:
     res = resources(request)
-    await caller(request, res)
+    shown = server_paths(res, (await caller_is_admin(request, res))[1])
     name, model_type = request.match_info["model_name"], _checked_type(request)
     doc = await res.models.get(name, model_type)
     if doc is None:
         raise ApiError(404, "model_not_found", f"{model_type.value} {name!r} is not registered")
-    return web.json_response(model_attributes(doc))
+    return web.json_response(model_attributes(doc, shown))
 
 
 def _target(res: Resources, model_type: ModelType, name: str, suffix: str = "") -> Path:

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import contextlib
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,7 +24,7 @@ from proto.requests import Img2ImgRequest, Txt2ImgRequest, to_builtins
 from proto.samplers import SAMPLERS, SCHEDULE_TYPES
 from services.common import bus
 from services.gateway.adapters import families_match
-from services.gateway.auth import caller
+from services.gateway.auth import caller, caller_is_admin, server_paths
 from services.gateway.errors import ApiError, Handler, invalid_body
 from services.gateway.pnginfo import png_info
 from services.gateway.resources import Resources, resources
@@ -277,9 +278,7 @@ async def seed_options(request: web.Request) -> web.StreamResponse:
 
 
 async def sd_models(request: web.Request) -> web.StreamResponse:
-    res = resources(request)
-    await caller(request, res)
-    models = await res.models.list(ModelType.STABLE_DIFFUSION)
+    models, shown = await _registry_list(request, ModelType.STABLE_DIFFUSION)
     return web.json_response(
         [
             {
@@ -287,7 +286,7 @@ async def sd_models(request: web.Request) -> web.StreamResponse:
                 "model_name": str(m["name"]).rsplit("/", 1)[-1].rsplit(".", 1)[0],
                 "hash": (m.get("sha256") or "")[:10] or None,
                 "sha256": m.get("sha256"),
-                "filename": m["path"],
+                "filename": shown(m["path"]),
                 "config": None,
             }
             for m in models
@@ -296,25 +295,30 @@ async def sd_models(request: web.Request) -> web.StreamResponse:
     )
 
 
-async def _registry_list(request: web.Request, model_type: ModelType) -> list[Document]:
+async def _registry_list(
+    request: web.Request, model_type: ModelType
+) -> tuple[list[Document], Callable[[str], str]]:
+    """The registered models of a type, and how the caller may see their paths."""
     res = resources(request)
-    await caller(request, res)
-    return await res.models.list(model_type)
+    _, admin = await caller_is_admin(request, res)
+    return await res.models.list(model_type), server_paths(res, admin)
 
 
 async def sd_vae(request: web.Request) -> web.StreamResponse:
-    models = await _registry_list(request, ModelType.SD_VAE)
-    return web.json_response([{"model_name": m["name"], "filename": m["path"]} for m in models])
+    models, shown = await _registry_list(request, ModelType.SD_VAE)
+    return web.json_response(
+        [{"model_name": m["name"], "filename": shown(m["path"])} for m in models]
+    )
 
 
 async def loras(request: web.Request) -> web.StreamResponse:
-    models = await _registry_list(request, ModelType.LORA)
+    models, shown = await _registry_list(request, ModelType.LORA)
     return web.json_response(
         [
             {
                 "name": m["name"],
                 "alias": m["name"],
-                "path": m["path"],
+                "path": shown(m["path"]),
                 "metadata": {},
             }
             for m in models
@@ -372,6 +376,9 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     return web.json_response({"loaded": loaded, "skipped": skipped})
 
 
+ADMINS_ONLY = "reported to administrators (SDSWARM_ADMINS) only"
+
+
 def _host_ram() -> dict[str, int]:
     """The gateway host's memory, from /proc/meminfo (A1111's ``ram`` block)."""
     fields: dict[str, int] = {}
@@ -386,9 +393,10 @@ def _host_ram() -> dict[str, int]:
 async def memory(request: web.Request) -> web.StreamResponse:
     """A1111's ``/sdapi/v1/memory``: ``ram`` of the gateway's host; ``cuda`` summed over
     the workers on CUDA devices (from their liveness records), and each worker's figures
-    under ``workers`` (sdswarm extension)."""
+    under ``workers`` (sdswarm extension). The host's RAM and the workers (names, models,
+    memory) are for administrators only; others get ``cuda`` and an ``error`` for ``ram``."""
     res = resources(request)
-    await caller(request, res)
+    _, admin = await caller_is_admin(request, res)
     records = await bus.worker_records(res.js)
     on_cuda = [r for r in records if r.cuda_total_bytes]
     cuda: dict[str, Any] = {"error": "no worker runs on a CUDA device"}
@@ -413,6 +421,8 @@ async def memory(request: web.Request) -> web.StreamResponse:
         }
         for r in records
     ]
+    if not admin:
+        return web.json_response({"ram": {"error": ADMINS_ONLY}, "cuda": cuda})
     return web.json_response({"ram": _host_ram(), "cuda": cuda, "workers": workers})
 
 

@@ -8,12 +8,14 @@ import base64
 import io
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 from PIL import Image
 
 from tests.e2e.conftest import System
+from tests.e2e.gateways import extra_gateway
 
 pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("system", ["local"], indirect=True)]
 
@@ -111,3 +113,68 @@ async def test_decoding_input_images_does_not_block_the_loop(system: System) -> 
     )
     assert len(latencies) >= 5
     assert worst < 600
+
+
+ADMIN_KEY, USER_KEY = "admin-key-0123456789", "user-key-01234567890"
+
+
+async def test_non_admins_see_no_server_paths_ram_or_workers(system: System) -> None:
+    """Item 12: any user saw absolute server paths (`ossPath`, `filename`), the host's RAM
+    and the workers' names."""
+    await _json(system, "POST", "/txt2img", json={**BASE, "width": 64, "height": 64})  # a worker
+    root = str(await asyncio.to_thread(Path(system.settings.models_dir).resolve))
+    routes = [
+        "/models",
+        f"/models/{MODEL}",
+        "/models?type=lora",
+        "/sdapi/v1/sd-models",
+        "/sdapi/v1/sd-vae",
+        "/sdapi/v1/loras",
+        "/sdapi/v1/upscalers",
+    ]
+    async with extra_gateway(
+        system, api_keys=[f"root:{ADMIN_KEY}", f"user:{USER_KEY}"], admins=["root"]
+    ) as url:
+        for route in routes:
+            for key, sees_paths in ((USER_KEY, False), (ADMIN_KEY, True)):
+                headers = {"Authorization": f"Bearer {key}"}
+                async with system.http.get(url + route, headers=headers) as response:
+                    assert 200 == response.status, route
+                    text = await response.text()
+                if "tiny" in text:
+                    assert sees_paths == (root in text), (route, key, text)
+        async with system.http.get(
+            f"{url}/sdapi/v1/sd-models", headers={"Authorization": f"Bearer {USER_KEY}"}
+        ) as response:
+            assert "Stable-diffusion/tiny.safetensors" == (await response.json())[0]["filename"]
+        memory = {}
+        for key in (USER_KEY, ADMIN_KEY):
+            async with system.http.get(
+                f"{url}/sdapi/v1/memory", headers={"Authorization": f"Bearer {key}"}
+            ) as response:
+                memory[key] = await response.json()
+        assert "error" in memory[USER_KEY]["ram"]
+        assert "workers" not in memory[USER_KEY]
+        assert memory[ADMIN_KEY]["ram"]["total"] > 0
+        assert memory[ADMIN_KEY]["workers"], "the admin sees the workers"
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["2002:a00:1::1", "2002:a9fe:a9fe::1", "64:ff9b::a00:1", "::ffff:a00:1", "::a00:1"],
+)
+async def test_webhooks_to_ipv4_inside_ipv6_private_addresses_are_refused(
+    system: System, host: str
+) -> None:
+    """Item 12: a 6to4 address (2002::/16) wrapping a private IPv4 passed the public-address
+    check; so would NAT64, mapped and compatible forms."""
+    async with extra_gateway(system, webhook_allow_hosts=[host]) as url:
+        webhook = {"url": f"https://[{host}]/hook", "events": ["completed"]}
+        async with system.http.post(
+            f"{url}/txt2img",
+            json={**BASE, "width": 64, "height": 64, "webhook": webhook},
+            headers={"Request-Type": "async"},
+        ) as response:
+            answer = await response.json()
+    assert (422, "webhook.url") == (response.status, answer["field"]), answer
+    assert "non-public address" in answer["message"]

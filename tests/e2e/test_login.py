@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import os
 import sys
@@ -19,6 +18,7 @@ from services.common.servers import free_port
 from services.gateway.app import create_app
 from services.storage.users import UserStore
 from tests.e2e.conftest import System
+from tests.e2e.gateways import extra_gateway
 
 pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("system", ["local"], indirect=True)]
 
@@ -107,28 +107,15 @@ async def test_cli_users_login_tokens_and_keys(system: System, authed_url: str) 
             assert 401 == response.status
 
 
-@contextlib.asynccontextmanager
-async def _gateway(system: System, **settings: Any) -> AsyncIterator[str]:
-    """Another gateway on the same system, with authentication and ``settings``."""
-    port = free_port()
-    changed = msgspec.structs.replace(system.settings, port=port, auth=True, **settings)
-    runner = web.AppRunner(create_app(changed))
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
-
-
 async def test_logins_are_throttled_per_user_and_per_address(system: System) -> None:
     """Issue 15 item 3: 40 wrong passwords then the right one answered 200."""
     users = UserStore(system.db)
     await users.add("frank", PASSWORD)
     await users.add("grace", PASSWORD)
     window = 120
-    async with _gateway(
+    async with extra_gateway(
         system,
+        auth=True,
         login_max_failures_per_user=10,
         login_max_attempts_per_address=45,
         login_window_s=window,
@@ -179,8 +166,8 @@ async def test_bad_logins_do_not_block_the_event_loop(system: System) -> None:
     """Issue 15 item 3: Argon2 ran on the event loop; 30 concurrent bad logins made every
     other route wait (p50 226 ms). Throttling off here, to load Argon2 itself."""
     await UserStore(system.db).add("heidi", PASSWORD)
-    async with _gateway(
-        system, login_max_failures_per_user=0, login_max_attempts_per_address=0
+    async with extra_gateway(
+        system, auth=True, login_max_failures_per_user=0, login_max_attempts_per_address=0
     ) as url:
         quiet = await _healthz_latencies(system, url, 2)
         stop = asyncio.Event()
