@@ -30,6 +30,7 @@ from proto.requests import (
     to_builtins,
 )
 from services.gateway.auth import caller, caller_is_admin, server_paths
+from services.gateway.bounds import check_free_form
 from services.gateway.errors import ApiError
 from services.gateway.images import store_inputs
 from services.gateway.resources import Resources, resources
@@ -115,6 +116,7 @@ async def submit_extras(
 ) -> Document | None:
     """Queue an extras task for ``images`` (base64 or owned keys); with ``sync``, wait."""
     check_options(options)
+    check_free_form(options, res.settings)
     if not images:
         raise ApiError(422, "invalid_field", f"`{field}` needs at least one image", field=field)
     if len(images) > res.settings.max_input_images:

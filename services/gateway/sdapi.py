@@ -25,6 +25,7 @@ from proto.samplers import SAMPLERS, SCHEDULE_TYPES
 from services.common import bus
 from services.gateway.adapters import families_match
 from services.gateway.auth import caller, caller_is_admin, server_paths
+from services.gateway.bounds import check_options
 from services.gateway.errors import ApiError, Handler, invalid_body
 from services.gateway.pnginfo import png_info
 from services.gateway.resources import Resources, resources
@@ -248,6 +249,7 @@ async def set_options(request: web.Request) -> web.StreamResponse:
     if not isinstance(changes, dict):
         raise ApiError(400, "invalid_json", "options must be a JSON object")
     await _check_checkpoint_option(res, changes)
+    check_options({**await res.options.get(user), **changes}, res.settings, "options")
     await res.options.update(user, changes)
     return web.json_response(None)
 
@@ -273,6 +275,7 @@ async def seed_options(request: web.Request) -> web.StreamResponse:
     if not isinstance(data, dict):
         raise ApiError(422, "invalid_field", "`data` must be an object of options", field="data")
     await _check_checkpoint_option(res, data)
+    check_options(data, res.settings, "data")
     version = await res.options.update(user, data, replace=True)
     return web.json_response({"message": "success", "version": version})
 

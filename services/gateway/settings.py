@@ -44,6 +44,17 @@ class GatewaySettings(StoreSettings, kw_only=True, frozen=True):
     max_images: int = 32
     """``batch_size × n_iter`` per task."""
     max_prompt_chars: int = 20_000
+    max_text_chars: int = 20_000
+    """Any other string in a request (styles, names, values in ``override_settings``,
+    ``comments``, ``alwayson_scripts`` …); images are bounded as images."""
+    max_free_form_bytes: int = 64 * 1024
+    """JSON size of each free-form request field (``override_settings``, ``comments``,
+    ``alwayson_scripts``, ``script_args``, ``styles``, ``webhook``), images not counted."""
+    max_options_bytes: int = 64 * 1024
+    """JSON size of a user's stored options (merged into each of their requests)."""
+    max_command_bytes: int = 256 * 1024
+    """Largest encoded task command; never more than the NATS server's max payload
+    (less 4 KiB for headers), whatever this says: a larger one could not be queued."""
     max_input_images: int = 4
     """Images per request (``init_images``)."""
     max_controlnet_units: int = 4

@@ -31,6 +31,7 @@ from services.common import bus
 from services.gateway import waiting
 from services.gateway.adapters import resolve_embeddings, resolve_loras, resolve_vae
 from services.gateway.auth import caller
+from services.gateway.bounds import check_command, check_options
 from services.gateway.controlnet_api import check_controlnets, claim_controlnets
 from services.gateway.errors import ApiError, too_many
 from services.gateway.images import StagedInputs, stage_inputs, upload_staged
@@ -145,6 +146,8 @@ async def submit(
     )
     overrides = dict(body.override_settings or {})
     options = await res.options.get(user)
+    if overrides and not body.override_settings_restore_afterwards:
+        check_options({**options, **overrides}, res.settings, "override_settings")
     if options:
         # The caller's stored options apply to every request; the request's own win.
         merged = {**options, **(body.override_settings or {})}
@@ -206,6 +209,8 @@ async def enqueue(
     """Store the task document, publish its command; with ``sync``, its outcome (None:
     deadline passed or async)."""
     task_id = command.task_id
+    request = command.txt2img or command.img2img or command.extras
+    check_command(document["command"], request, res.settings, res.nc.max_payload)
     if res.nc.is_closed:  # while reconnecting, publishes wait in the client's buffer
         raise ApiError(503, "queue_unavailable", "the task queue is unreachable, retry later")
     # Subscribe before publishing so a fast worker's terminal event cannot be missed.

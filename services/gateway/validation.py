@@ -19,6 +19,7 @@ from proto.requests import (
     Txt2ImgRequest,
 )
 from proto.samplers import split_sampler
+from services.gateway.bounds import check_free_form
 from services.gateway.errors import ApiError, invalid_body
 from services.gateway.settings import GatewaySettings
 
@@ -106,6 +107,7 @@ def _at_most(field: str, value: int | float, limit: int | float, rule: str = "")
 
 
 def check_limits(request: Txt2ImgRequest | Img2ImgRequest, settings: GatewaySettings) -> None:
+    check_free_form(request, settings)
     _at_most("width", request.width, settings.max_width)
     _at_most("height", request.height, settings.max_height)
     _at_most(

@@ -178,3 +178,85 @@ async def test_webhooks_to_ipv4_inside_ipv6_private_addresses_are_refused(
             answer = await response.json()
     assert (422, "webhook.url") == (response.status, answer["field"]), answer
     assert "non-public address" in answer["message"]
+
+
+async def _refused(
+    system: System, url: str, path: str, body: Any, status: int, field: str
+) -> dict[str, Any]:
+    before = await system.db["tasks"].count_documents({})
+    async with system.http.post(
+        url + path,
+        data=io.BytesIO(json.dumps(body).encode()),
+        headers={"Request-Type": "async", "Content-Type": "application/json"},
+    ) as response:
+        answer: dict[str, Any] = await response.json()
+    assert (status, field) == (response.status, answer.get("field")), (path, answer)
+    assert before == await system.db["tasks"].count_documents({}), "nothing stored"
+    return answer
+
+
+async def test_free_form_fields_are_bounded(system: System) -> None:
+    """Item 2: a 1.2 MB `comments` was answered 202 and never queued (larger than NATS's
+    max payload): the task stayed waiting forever. Every free-form field is bounded."""
+    url = system.url
+    request = {**BASE, "width": 64, "height": 64}
+    cases: list[tuple[str, dict[str, Any], str]] = [
+        ("/txt2img", {"comments": {"x": "a" * 1_200_000}}, "comments.x"),
+        ("/txt2img", {"comments": {f"k{n}": "v" * 100 for n in range(1000)}}, "comments"),
+        ("/txt2img", {"override_settings": {"x": ["y" * 1000] * 100}}, "override_settings"),
+        ("/txt2img", {"styles": ["s" * 30_000]}, "styles[0]"),
+        ("/txt2img", {"sampler_name": "e" * 30_000}, "sampler_name"),
+        (
+            "/txt2img",
+            {"alwayson_scripts": {"a": {"args": ["z" * 70_000]}}},
+            "alwayson_scripts.a.args[0]",
+        ),
+        ("/sdapi/v1/txt2img", {"script_args": ["q"] * 20_000, **_CHECKPOINT}, "script_args"),
+    ]
+    for path, extra, field in cases:
+        answer = await _refused(system, url, path, {**request, **extra}, 422, field)
+        assert "limit_exceeded" == answer["code"]
+    big_options = {f"k{n}": "o" * 17_000 for n in range(4)}  # 68 000 bytes, each < 20 000
+    for path, body, field in (
+        ("/options", {"data": big_options}, "data"),
+        ("/sdapi/v1/options", big_options, "options"),
+    ):
+        await _refused(system, url, path, body, 422, field)
+    # A request's overrides become the caller's options: the sum stays bounded too.
+    half = {f"o{n}": "o" * 19_000 for n in range(2)}
+    async with system.http.post(f"{url}/options", json={"data": half}) as response:
+        assert 200 == response.status
+    overrides: dict[str, Any] = {
+        "override_settings": {f"r{n}": "r" * 19_000 for n in range(2)},
+        "override_settings_restore_afterwards": False,  # A1111: keep them as settings
+    }
+    await _refused(system, url, "/txt2img", {**request, **overrides}, 422, "override_settings")
+    async with system.http.post(f"{url}/options", json={"data": {}}) as response:
+        assert 200 == response.status
+
+
+_CHECKPOINT = {"override_settings": {"sd_model_checkpoint": MODEL}}
+
+
+async def test_a_command_larger_than_nats_max_payload_is_refused(system: System) -> None:
+    """Item 2, the case itself: with the field limits raised, 1.2 MB of `comments` still
+    never gives a task that cannot be queued: 413 naming the field, nothing stored."""
+    raised = {
+        "max_text_chars": 10**7,
+        "max_free_form_bytes": 10**8,
+        "max_command_bytes": 10**8,
+    }
+    async with extra_gateway(system, **raised) as url:
+        body = {**BASE, "width": 64, "height": 64, "comments": {"x": "a" * 1_200_000}}
+        answer = await _refused(system, url, "/txt2img", body, 413, "comments")
+        assert "command_too_large" == answer["code"]
+    async with extra_gateway(system, max_command_bytes=3000) as url:
+        body = {**BASE, "width": 64, "height": 64, "prompt": "p" * 5000}
+        await _refused(system, url, "/txt2img", body, 413, "prompt")
+        # Within bounds, the same route queues the task as before.
+        async with system.http.post(
+            f"{url}/txt2img",
+            json={**BASE, "width": 64, "height": 64},
+            headers={"Request-Type": "async"},
+        ) as response:
+            assert 202 == response.status
