@@ -24,7 +24,7 @@ from services.gateway import (
 )
 from services.gateway.auth import announce, auth_enabled, login, parse_api_keys
 from services.gateway.errors import ApiError, error_middleware
-from services.gateway.resources import RESOURCES, SETTINGS, Resources, resources
+from services.gateway.resources import RESOURCES, SETTINGS, Resources, StreamSlots, resources
 from services.gateway.settings import GatewaySettings
 from services.gateway.validation import bounded_int
 from services.storage.idempotency import IdempotencyStore
@@ -79,6 +79,7 @@ async def _open_resources(app: web.Application) -> AsyncIterator[None]:
             users=users,
             logins=logins,
             password_checks=asyncio.Semaphore(max(settings.password_checks, 1)),
+            streams=StreamSlots(settings.max_sse_streams, settings.max_sse_streams_per_user),
             auth=auth_enabled(settings),
         )
         yield

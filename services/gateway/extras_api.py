@@ -42,7 +42,7 @@ from services.gateway.tasks_api import (
     enqueue,
     submit_once,
 )
-from services.gateway.validation import decode
+from services.gateway.validation import decode, read_body
 from services.gateway.webhooks_api import checked_webhook
 from services.storage.mongo import Document
 from services.storage.tasks import new_task_document
@@ -165,7 +165,7 @@ async def extra_images(request: web.Request) -> web.StreamResponse:
     """The seed's ``POST /extra_images``: sync or async (``Request-Type``), a task."""
     res = resources(request)
     user = await caller(request, res)
-    body = decode(await request.read(), ExtraImagesRequest)
+    body = decode(await read_body(request), ExtraImagesRequest)
     parameters = to_builtins(body)
     del parameters["image"]
 
@@ -216,7 +216,7 @@ async def _a1111_extras(
     """A1111's extras endpoints: synchronous, results as base64 beside ``html_info``."""
     res = resources(request)
     user = await caller(request, res)
-    body: ExtraImagesRequest | ExtraBatchImagesRequest = decode(await request.read(), cls)
+    body: ExtraImagesRequest | ExtraBatchImagesRequest = decode(await read_body(request), cls)
     parameters = to_builtins(body)
     if isinstance(body, ExtraImagesRequest):
         field, images = "image", [body.image]

@@ -40,7 +40,7 @@ from services.common import bus
 from services.gateway.auth import caller_is_admin, require_admin, server_paths
 from services.gateway.errors import ApiError
 from services.gateway.resources import Resources, resources
-from services.gateway.validation import decode
+from services.gateway.validation import decode, read_body
 from services.storage.intake import IntakeError, install, receive, target_path
 from services.storage.models import model_document, model_id
 from services.storage.mongo import Document
@@ -283,7 +283,7 @@ def _answer(document: Document | None, status: int, message: str) -> web.StreamR
 async def register_model(request: web.Request) -> web.StreamResponse:
     """``POST /models``: register a file from the object store under a new name."""
     res, _ = await require_admin(request, "register models")
-    body = decode(await request.read(), RegisterModelRequest)
+    body = decode(await read_body(request), RegisterModelRequest)
     name = body.name or Path(body.ossPath).name
     if body.type not in (ModelType.STABLE_DIFFUSION, ModelType.SD_VAE):
         name = Path(name).stem if not body.name else name
@@ -298,7 +298,7 @@ async def put_model(request: web.Request) -> web.StreamResponse:
     res, _ = await require_admin(request, "register models")
     name = request.match_info["model_name"]
     if request.content_type == "application/json":
-        body = decode(await request.read(), RegisterModelRequest)
+        body = decode(await read_body(request), RegisterModelRequest)
         if await res.models.get(name, body.type) is None:
             raise ApiError(404, "model_not_found", f"{body.type.value} {name!r} is not registered")
         return await _register_from_store(request, res, body, name, created=False)

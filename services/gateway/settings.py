@@ -69,5 +69,12 @@ class GatewaySettings(StoreSettings, kw_only=True, frozen=True):
     """Task submissions per user in any 60 s, over all gateway replicas (0: no limit)."""
     max_model_bytes: int = 32 * 1024**3
     """Largest model file accepted by upload or registration (SDXL checkpoints are ~7 GB)."""
+    max_sse_streams: int = 1000
+    """Open ``/tasks/{id}/events`` streams on this gateway; one more → 429 (0: no limit)."""
+    max_sse_streams_per_user: int = 16
+    """Open event streams of one user on this gateway; one more → 429 (0: no limit)."""
+    body_read_timeout_s: float = 60.0
+    """A request body not fully received this long after the handler starts reading it
+    → 408: slow senders cannot hold the gateway's memory (model uploads stream apart)."""
     registry_wait_s: float = 10.0
     """``POST /models`` answers when its copy is done, or 202 after this long."""

@@ -37,7 +37,7 @@ from services.gateway.errors import ApiError, too_many
 from services.gateway.images import StagedInputs, stage_inputs, upload_staged
 from services.gateway.resources import Resources, resources
 from services.gateway.styles import apply_styles
-from services.gateway.validation import bounded_int, check_limits, decode
+from services.gateway.validation import bounded_int, check_limits, decode, read_body
 from services.gateway.webhooks_api import checked_webhook
 from services.storage.idempotency import IdempotencyConflictError, request_hash
 from services.storage.mongo import Document
@@ -281,7 +281,7 @@ async def _seed_submit(
 ) -> web.StreamResponse:
     res = resources(request)
     user = await caller(request, res)
-    body: Txt2ImgRequest | Img2ImgRequest = decode(await request.read(), cls).with_firstphase()
+    body: Txt2ImgRequest | Img2ImgRequest = decode(await read_body(request), cls).with_firstphase()
     check_limits(body, res.settings)
     submitted = await submit_once(
         request, res, user, lambda task, sync: submit(res, user, body, task, sync=sync)
@@ -315,7 +315,7 @@ async def submit_once(
     sync = request.headers.get(REQUEST_TYPE_HEADER, "sync").strip().lower() != "async"
     task = task_ref(user, task_id or requested_task_id(request))
     key = request.headers.get(IDEMPOTENCY_HEADER, "").strip()
-    digest = request_hash(request.path, await request.read())
+    digest = request_hash(request.path, await read_body(request))
     earlier = await _reserve(res, user, key, digest, task.id)
     if earlier is not None:
         # A retry of a request we already took: answer for the same task, but only once

@@ -7,6 +7,7 @@ at most 150 but is 500``.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, TypeVar
 
 import msgspec
@@ -21,6 +22,7 @@ from proto.requests import (
 from proto.samplers import split_sampler
 from services.gateway.bounds import check_free_form
 from services.gateway.errors import ApiError, invalid_body
+from services.gateway.resources import SETTINGS
 from services.gateway.settings import GatewaySettings
 
 T = TypeVar("T", bound=msgspec.Struct)
@@ -48,6 +50,21 @@ def bounded_int(text: str, field: str, low: int, high: int) -> int:
     return int(text)
 
 
+async def read_body(request: web.Request) -> bytes:
+    """The request body, received within ``body_read_timeout_s`` (else 408): a client
+    trickling a large body cannot hold the gateway's memory for long. Read once; later
+    reads return the same bytes at once."""
+    timeout = request.app[SETTINGS].body_read_timeout_s
+    try:
+        return await asyncio.wait_for(request.read(), timeout)
+    except TimeoutError as exc:
+        raise ApiError(
+            408,
+            "body_timeout",
+            f"the request body was not received within {timeout:g} s (SDSWARM_BODY_READ_TIMEOUT_S)",
+        ) from exc
+
+
 def decode(body: bytes, cls: type[T]) -> T:
     try:
         decoded = msgspec.json.decode(body, type=cls)
@@ -63,7 +80,7 @@ async def read_json(request: web.Request) -> Any:
     """The body as plain JSON data (UTF-8, no NaN or Infinity); 400 ``invalid_json`` if
     it is not JSON, 422 if a key could act as a MongoDB operator."""
     try:
-        data = msgspec.json.decode(await request.read())
+        data = msgspec.json.decode(await read_body(request))
     except msgspec.DecodeError as exc:
         raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from exc
     except RecursionError as exc:

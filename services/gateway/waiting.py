@@ -34,8 +34,8 @@ from proto.events import (
     event_to_builtins,
 )
 from services.gateway.auth import caller
-from services.gateway.errors import ApiError
-from services.gateway.resources import resources
+from services.gateway.errors import ApiError, too_many
+from services.gateway.resources import Resources, resources
 from services.gateway.validation import bounded_int
 from services.storage.mongo import Document
 from services.storage.tasks import TaskStore, shown_task_id
@@ -133,6 +133,17 @@ async def task_events(request: web.Request) -> web.StreamResponse:
     if document is None:
         raise ApiError(404, "task_not_found", f"task {asked!r} not found")
     task_id, shown = document["_id"], shown_task_id(document)
+    if (refused := res.streams.take(user)) is not None:
+        raise too_many("too_many_streams", refused, 5)
+    try:
+        return await _stream_events(request, res, user, task_id, shown)
+    finally:
+        res.streams.give_back(user)
+
+
+async def _stream_events(
+    request: web.Request, res: Resources, user: str, task_id: str, shown: str
+) -> web.StreamResponse:
     last_id = request.headers.get("Last-Event-ID", "")
     config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
     if last_id:
@@ -162,10 +173,10 @@ async def task_events(request: web.Request) -> web.StreamResponse:
             except TimeoutError:  # nats raises its own subclass or the builtin, by code path
                 # Quiet: keep the connection alive, and finish from MongoDB if the task
                 # ended while its events were already gone from the stream.
-                document = await res.tasks.get(task_id, user)
-                if document is not None and TaskStatus(document["status"]).terminal:
-                    frame = _terminal_from_document(document)
-                    await response.write(_sse_frame(document["status"], frame))
+                latest = await res.tasks.get(task_id, user)
+                if latest is not None and TaskStatus(latest["status"]).terminal:
+                    frame = _terminal_from_document(latest)
+                    await response.write(_sse_frame(latest["status"], frame))
                     break
                 await response.write(b": keep-alive\n\n")
                 continue

@@ -260,3 +260,22 @@ async def test_a_command_larger_than_nats_max_payload_is_refused(system: System)
             headers={"Request-Type": "async"},
         ) as response:
             assert 202 == response.status
+
+
+async def test_slow_request_bodies_time_out(system: System) -> None:
+    """Item 4: bodies had no read timeout (20 unauthenticated 30 MiB bodies held open for
+    a minute and more). A body still incomplete after the timeout → 408, connection freed."""
+    async with extra_gateway(system, body_read_timeout_s=1.0) as url:
+        port = int(url.rsplit(":", 1)[1])
+        for path in ("/txt2img", "/login", "/sdapi/v1/options"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            started = time.monotonic()
+            writer.write(
+                f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f'Content-Length: {30 * 2**20}\r\n\r\n{{"prompt": "'.encode()
+            )
+            await writer.drain()
+            status_line = await asyncio.wait_for(reader.readline(), 10)
+            assert b" 408 " in status_line, (path, status_line)
+            assert time.monotonic() - started < 5
+            writer.close()
