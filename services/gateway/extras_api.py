@@ -37,7 +37,7 @@ from services.gateway.resources import Resources, resources
 from services.gateway.tasks_api import (
     TASK_ID_HEADER,
     TaskRef,
-    admit,
+    admitted,
     answer,
     enqueue,
     submit_once,
@@ -128,37 +128,37 @@ async def submit_extras(
             field=field,
         )
     upscalers = await _resolve_upscalers(res, options)
-    await admit(res, user)
-    checked = await checked_webhook(res, webhook)
-    task_id = task.id
-    keys = await store_inputs(res, user, task_id, images, field)
-    await _check_output_sizes(res, options, keys, [f"{field}[{n}]" for n in range(len(keys))])
-    key = names.EXTRAS_MODEL_KEY
-    command = GenerateImage(
-        task_id=task_id,
-        user=user,
-        model_name=key,
-        model_key=key,
-        kind=TaskKind.EXTRAS,
-        extras=extras_options(options),
-        upscalers=upscalers,
-        input_keys=keys,
-        submitted_at=time.time(),
-    )
-    document = new_task_document(
-        task_id=task_id,
-        user=user,
-        kind=TaskKind.EXTRAS.value,
-        model_name=key,
-        model_key=key,
-        parameters=parameters | {field: keys if field == "imageList" else keys[0]},
-        total_steps=1,
-        job_count=len(keys),
-        command=encode(command),
-        client_id=task.client_id,
-    )
-    document["webhook"] = checked
-    return await enqueue(res, command, document, sync=sync)
+    async with admitted(res, user):
+        checked = await checked_webhook(res, webhook)
+        task_id = task.id
+        keys = await store_inputs(res, user, task_id, images, field)
+        await _check_output_sizes(res, options, keys, [f"{field}[{n}]" for n in range(len(keys))])
+        key = names.EXTRAS_MODEL_KEY
+        command = GenerateImage(
+            task_id=task_id,
+            user=user,
+            model_name=key,
+            model_key=key,
+            kind=TaskKind.EXTRAS,
+            extras=extras_options(options),
+            upscalers=upscalers,
+            input_keys=keys,
+            submitted_at=time.time(),
+        )
+        document = new_task_document(
+            task_id=task_id,
+            user=user,
+            kind=TaskKind.EXTRAS.value,
+            model_name=key,
+            model_key=key,
+            parameters=parameters | {field: keys if field == "imageList" else keys[0]},
+            total_steps=1,
+            job_count=len(keys),
+            command=encode(command),
+            client_id=task.client_id,
+        )
+        document["webhook"] = checked
+        return await enqueue(res, command, document, sync=sync)
 
 
 async def extra_images(request: web.Request) -> web.StreamResponse:

@@ -9,12 +9,13 @@ is removed again and the client gets a 429/503 it can retry.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import json
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NamedTuple
 
 import msgspec
@@ -122,6 +123,18 @@ async def admit(res: Resources, user: str) -> None:
         raise too_many("rate_limited", refusal.reason, refusal.retry_after_s)
 
 
+@contextlib.asynccontextmanager
+async def admitted(res: Resources, user: str) -> AsyncIterator[None]:
+    """The caller's limits for a submission (429 when over one), given back if the block
+    raises: a submission refused after admission counts for nothing."""
+    await admit(res, user)
+    try:
+        yield
+    except BaseException:
+        await res.quotas.release(user, per_minute=res.settings.max_tasks_per_minute)
+        raise
+
+
 async def submit(
     res: Resources,
     user: str,
@@ -132,7 +145,19 @@ async def submit(
 ) -> Document | None:
     """Queue a validated request; with ``sync``, wait for its outcome (None: deadline)."""
     model = await resolve_checkpoint(res, body.stable_diffusion_model, "stable_diffusion_model")
-    await admit(res, user)
+    async with admitted(res, user):
+        return await _submit_admitted(res, user, body, task, model, sync=sync)
+
+
+async def _submit_admitted(
+    res: Resources,
+    user: str,
+    body: Txt2ImgRequest | Img2ImgRequest,
+    task: TaskRef,
+    model: Document,
+    *,
+    sync: bool,
+) -> Document | None:
     webhook = await checked_webhook(res, body.webhook)
     if body.styles:
         prompt, negative = await apply_styles(res, body.styles, body.prompt, body.negative_prompt)
@@ -196,18 +221,27 @@ async def submit(
         client_id=task.client_id,
     )
     document["webhook"] = webhook
-    if overrides and not body.override_settings_restore_afterwards:
-        # A1111 keeps such overrides as its settings; here they become the caller's
-        # options (as POST /sdapi/v1/options would), never anyone else's.
-        await res.options.update(user, overrides)
-    return await enqueue(res, command, document, sync=sync)
+
+    async def keep_overrides() -> None:
+        if overrides and not body.override_settings_restore_afterwards:
+            # A1111 keeps such overrides as its settings; here they become the caller's
+            # options (as POST /sdapi/v1/options would), never anyone else's, and only
+            # once the task is accepted (a refused one changes nothing).
+            await res.options.update(user, overrides)
+
+    return await enqueue(res, command, document, sync=sync, accepted=keep_overrides)
 
 
 async def enqueue(
-    res: Resources, command: GenerateImage, document: Document, *, sync: bool
+    res: Resources,
+    command: GenerateImage,
+    document: Document,
+    *,
+    sync: bool,
+    accepted: Callable[[], Awaitable[None]] | None = None,
 ) -> Document | None:
-    """Store the task document, publish its command; with ``sync``, its outcome (None:
-    deadline passed or async)."""
+    """Store the task document, publish its command, then run ``accepted``; with
+    ``sync``, its outcome (None: deadline passed or async)."""
     task_id = command.task_id
     request = command.txt2img or command.img2img or command.extras
     check_command(document["command"], request, res.settings, res.nc.max_payload)
@@ -221,6 +255,8 @@ async def enqueue(
         except DuplicateKeyError as exc:
             raise _task_exists(shown_task_id(document)) from exc
         await _publish(res, command)
+        if accepted is not None:
+            await accepted()
         if waiter is None:
             return None
         return await waiter.wait(res.tasks, res.settings.sync_timeout_s)

@@ -103,6 +103,9 @@ def shown_task_id(document: Document) -> str:
 class TaskStore:
     def __init__(self, db: AsyncDatabase[Document]) -> None:
         self.collection: AsyncCollection[Document] = db["tasks"]
+        self.open_counts: AsyncCollection[Document] = db["task_open_counts"]
+        """Per user, ``{_id: user, n}``: tasks admitted and not yet ended (the quota's
+        counter; ``QuotaStore`` counts up at admission, a terminal fold counts down)."""
 
     async def ensure_indexes(self) -> None:
         await self.collection.create_index([("user", ASCENDING), ("created_at", DESCENDING)])
@@ -192,6 +195,15 @@ class TaskStore:
                 query, update = self._progressed(event)
             case TaskSucceeded() | TaskFailed() | TaskCancelled():
                 query, update = self._finished(event)
+                # The one transition to a terminal state: the owner has one open task less.
+                ended = await self.collection.find_one_and_update(
+                    query, update, projection={"user": 1}
+                )
+                if ended is not None:
+                    await self.open_counts.update_one(
+                        {"_id": ended["user"], "n": {"$gt": 0}}, {"$inc": {"n": -1}}
+                    )
+                return ended is not None
         result = await self.collection.update_one(query, update)
         return result.modified_count == 1
 
