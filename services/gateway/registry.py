@@ -146,6 +146,22 @@ def _target(res: Resources, model_type: ModelType, name: str, suffix: str = "") 
     return target
 
 
+async def _chunks(request: web.Request, idle_s: float) -> AsyncIterator[bytes]:
+    """An upload's chunks, streamed (a model may take minutes); 408 when none arrives for
+    ``idle_s``: a stalled sender does not hold the upload open."""
+    chunks = request.content.iter_chunked(1024 * 1024).__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(anext(chunks), idle_s)
+        except StopAsyncIteration:
+            return
+        except TimeoutError as exc:
+            raise IntakeError(
+                408, "body_timeout", f"the upload sent nothing for {idle_s:g} s"
+            ) from exc
+        yield chunk
+
+
 def _api_error(exc: IntakeError) -> ApiError:
     return ApiError(exc.status, exc.code, exc.message, field=exc.field)
 
@@ -319,7 +335,8 @@ async def _upload(
     started = time.monotonic()
     try:
         async with _renewing_claim(res, model_type, name):
-            received = await receive(request.content.iter_chunked(1024 * 1024), target, limit)
+            chunks = _chunks(request, res.settings.body_read_timeout_s)
+            received = await receive(chunks, target, limit)
             if received.size != request.content_length:
                 await asyncio.to_thread(received.part.unlink, missing_ok=True)
                 raise IntakeError(400, "incomplete", "the upload ended early")

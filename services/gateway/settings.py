@@ -75,6 +75,7 @@ class GatewaySettings(StoreSettings, kw_only=True, frozen=True):
     """Open event streams of one user on this gateway; one more → 429 (0: no limit)."""
     body_read_timeout_s: float = 60.0
     """A request body not fully received this long after the handler starts reading it
-    → 408: slow senders cannot hold the gateway's memory (model uploads stream apart)."""
+    → 408: slow senders cannot hold the gateway's memory. A model upload (streamed, it
+    may take minutes) → 408 when it sends nothing for this long."""
     registry_wait_s: float = 10.0
     """``POST /models`` answers when its copy is done, or 202 after this long."""

@@ -267,11 +267,17 @@ async def test_slow_request_bodies_time_out(system: System) -> None:
     a minute and more). A body still incomplete after the timeout → 408, connection freed."""
     async with extra_gateway(system, body_read_timeout_s=1.0) as url:
         port = int(url.rsplit(":", 1)[1])
-        for path in ("/txt2img", "/login", "/sdapi/v1/options"):
+        for method, path in (
+            ("POST", "/txt2img"),
+            ("POST", "/login"),
+            ("POST", "/sdapi/v1/options"),
+            ("PUT", "/models/slow.safetensors?type=lora"),  # streamed: an idle timeout
+        ):
+            kind = "application/json" if method == "POST" else "application/octet-stream"
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             started = time.monotonic()
             writer.write(
-                f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {kind}\r\n"
                 f'Content-Length: {30 * 2**20}\r\n\r\n{{"prompt": "'.encode()
             )
             await writer.drain()
@@ -279,3 +285,4 @@ async def test_slow_request_bodies_time_out(system: System) -> None:
             assert b" 408 " in status_line, (path, status_line)
             assert time.monotonic() - started < 5
             writer.close()
+    assert await system.db["models"].find_one({"name": "slow"}) is None
