@@ -92,6 +92,18 @@ def check_task_id(task_id: str) -> str:
     return task_id
 
 
+def scoped_task_id(user: str, client_id: str) -> str:
+    """The internal id of a task whose id the client chose (``taskId``, ``force_task_id``).
+
+    A client-chosen id is the client's name for its own task, not a global one: stored
+    as is, another user's id would answer 409 (an oracle) and ids could be squatted. The
+    internal id (Mongo ``_id``, ``Nats-Msg-Id``, subjects, object keys) is a hash of the
+    owner and the chosen id, shaped like a generated id (24 hex digits); the chosen one is
+    kept on the task document and is what the client is shown.
+    """
+    return hashlib.sha256(f"{user}\n{client_id}".encode()).hexdigest()[:24]
+
+
 def task_subject(key: str) -> str:
     return f"{TASK_SUBJECT_PREFIX}.{key}"
 

@@ -22,21 +22,23 @@ from services.gateway import (
     waiting,
     webhooks_api,
 )
-from services.gateway.auth import announce, auth_enabled, parse_api_keys
+from services.gateway.auth import announce, auth_enabled, login, parse_api_keys
 from services.gateway.errors import ApiError, error_middleware
-from services.gateway.resources import RESOURCES, SETTINGS, Resources, resources
+from services.gateway.resources import RESOURCES, SETTINGS, Resources, StreamSlots, resources
 from services.gateway.settings import GatewaySettings
-from services.gateway.validation import read_json
+from services.gateway.validation import bounded_int
 from services.storage.idempotency import IdempotencyStore
 from services.storage.models import ModelStore
 from services.storage.mongo import database, open_client
 from services.storage.objects import LocalObjectStore, ObjectNotFoundError, open_object_store
 from services.storage.options import OptionStore
-from services.storage.quotas import QuotaStore
+from services.storage.quotas import LoginThrottle, QuotaStore
 from services.storage.tasks import TaskStore
 from services.storage.users import UserStore
 
 log = logging.getLogger(__name__)
+MAX_EXPIRES = 10**11
+"""A signed link's expiry (Unix seconds) is below this (the year 5138)."""
 
 
 async def _open_resources(app: web.Application) -> AsyncIterator[None]:
@@ -55,6 +57,8 @@ async def _open_resources(app: web.Application) -> AsyncIterator[None]:
         await idempotency.ensure_indexes()
         quotas = QuotaStore(db)
         await quotas.ensure_indexes()
+        logins = LoginThrottle(db)
+        await logins.ensure_indexes()
         await tasks.ensure_indexes()
         await models.ensure_indexes()
         objects = await open_object_store(settings)
@@ -73,6 +77,9 @@ async def _open_resources(app: web.Application) -> AsyncIterator[None]:
             cancels=await bus.cancel_bucket(js, settings),
             api_keys=parse_api_keys(settings.api_keys),
             users=users,
+            logins=logins,
+            password_checks=asyncio.Semaphore(max(settings.password_checks, 1)),
+            streams=StreamSlots(settings.max_sse_streams, settings.max_sse_streams_per_user),
             auth=auth_enabled(settings),
         )
         yield
@@ -108,9 +115,10 @@ async def download(request: web.Request) -> web.StreamResponse:
     if not isinstance(res.objects, LocalObjectStore):
         raise ApiError(404, "not_found", "downloads are served by the object store")
     key = request.match_info["key"]
-    expires = request.query.get("expires", "")
-    signature = request.query.get("signature", "")
-    if not expires.isdigit() or not res.objects.verify(key, int(expires), signature):
+    if "expires" not in request.query:
+        raise ApiError(403, "invalid_signature", "the link is invalid or has expired")
+    expires = bounded_int(request.query["expires"], "expires", 0, MAX_EXPIRES)
+    if not res.objects.verify(key, expires, request.query.get("signature", "")):
         raise ApiError(403, "invalid_signature", "the link is invalid or has expired")
     try:
         data = await res.objects.get(key)
@@ -118,25 +126,6 @@ async def download(request: web.Request) -> web.StreamResponse:
         raise ApiError(404, "not_found", "no such object") from exc
     content_type = "image/png" if key.endswith(".png") else "application/octet-stream"
     return web.Response(body=data, content_type=content_type)
-
-
-async def login(request: web.Request) -> web.StreamResponse:
-    """The seed's ``POST /login``: ``{userName, password}`` (field names in any case)."""
-    res = resources(request)
-    body = await read_json(request)
-    fields = {str(k).lower(): v for k, v in body.items()} if isinstance(body, dict) else {}
-    name, password = fields.get("username"), fields.get("password")
-    if not isinstance(name, str) or not isinstance(password, str):
-        raise ApiError(
-            422,
-            "invalid_field",
-            "`userName` and `password` are required strings",
-            field="userName" if not isinstance(name, str) else "password",
-        )
-    if not await res.users.verify_password(name, password):
-        raise ApiError(401, "login_failed", "unknown user or wrong password")
-    token = await res.users.login(name, res.settings.session_ttl_s)
-    return web.json_response({"token": token, "userName": name, "message": "login success"})
 
 
 def create_app(settings: GatewaySettings) -> web.Application:

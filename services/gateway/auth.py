@@ -18,13 +18,17 @@ import binascii
 import hmac
 import ipaddress
 import logging
+import os
 import re
+from collections.abc import Callable
+from pathlib import Path
 
 from aiohttp import web
 
-from services.gateway.errors import ApiError
+from services.gateway.errors import ApiError, too_many
 from services.gateway.resources import Resources, resources
 from services.gateway.settings import GatewaySettings
+from services.gateway.validation import read_json
 
 log = logging.getLogger(__name__)
 DEFAULT_USER = "default"
@@ -111,13 +115,76 @@ async def _resolve(res: Resources, secret: str) -> str | None:
     return await res.users.resolve(secret)
 
 
-async def require_admin(request: web.Request, what: str) -> tuple[Resources, str]:
-    """The caller, who must be an administrator (``SDSWARM_ADMINS``) to do ``what``.
+async def login(request: web.Request) -> web.StreamResponse:
+    """The seed's ``POST /login``: ``{userName, password}`` (field names in any case).
 
-    With authentication off (a loopback-only gateway) everyone is.
+    Throttled per user name and per client address (``login_*`` settings): attempts are
+    counted before the (slow, threaded) Argon2 check, so guesses beyond the limit cost
+    nothing and are refused with 429 even when the password is right.
     """
     res = resources(request)
+    body = await read_json(request)
+    fields = {str(k).lower(): v for k, v in body.items()} if isinstance(body, dict) else {}
+    name, password = fields.get("username"), fields.get("password")
+    if not isinstance(name, str) or not isinstance(password, str):
+        raise ApiError(
+            422,
+            "invalid_field",
+            "`userName` and `password` are required strings",
+            field="userName" if not isinstance(name, str) else "password",
+        )
+    settings = res.settings
+    # Names no user can have share one counter: they cannot be used to grow the store.
+    user_key = f"user:{name if USER_RE.fullmatch(name) else '?'}"
+    address_key = f"addr:{request.remote or '?'}"
+    refusal = await res.logins.attempt(
+        {
+            user_key: settings.login_max_failures_per_user,
+            address_key: settings.login_max_attempts_per_address,
+        },
+        settings.login_window_s,
+    )
+    if refusal is not None:
+        raise too_many("login_throttled", refusal.reason, refusal.retry_after_s)
+    async with res.password_checks:
+        verified = await res.users.verify_password(name, password)
+    if not verified:
+        raise ApiError(401, "login_failed", "unknown user or wrong password")
+    await res.logins.succeeded(user_key, address_key)
+    token = await res.users.login(name, settings.session_ttl_s)
+    return web.json_response({"token": token, "userName": name, "message": "login success"})
+
+
+async def caller_is_admin(request: web.Request, res: Resources) -> tuple[str, bool]:
+    """The caller, and whether they are an administrator (``SDSWARM_ADMINS``); with
+    authentication off (a loopback-only gateway) everyone is."""
     user = await caller(request, res)
-    if res.auth and user not in res.settings.admins:
+    return user, not res.auth or user in res.settings.admins
+
+
+async def require_admin(request: web.Request, what: str) -> tuple[Resources, str]:
+    """The caller, who must be an administrator to do ``what``."""
+    res = resources(request)
+    user, admin = await caller_is_admin(request, res)
+    if not admin:
         raise ApiError(403, "forbidden", f"only administrators (SDSWARM_ADMINS) {what}")
     return res, user
+
+
+def server_paths(res: Resources, admin: bool) -> Callable[[str], str]:
+    """How the caller sees text that may hold server paths (a model's file, an error
+    about it): administrators as it is; anyone else with the models folder's and the
+    object folder's absolute locations cut off, so a path reads ``Lora/ink.safetensors``
+    (A1111 shows absolute paths; they tell a client the server's layout)."""
+    if admin:
+        return str
+    roots = [
+        str(Path(folder).resolve()) for folder in (res.settings.models_dir, res.settings.store_dir)
+    ]
+
+    def shown(text: str) -> str:
+        for root in roots:
+            text = text.replace(root + os.sep, "").replace(root, ".")
+        return text
+
+    return shown

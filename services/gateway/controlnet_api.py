@@ -41,7 +41,7 @@ from services.gateway.auth import caller
 from services.gateway.errors import ApiError
 from services.gateway.images import StagedInputs, stage_inputs
 from services.gateway.resources import Resources, resources
-from services.gateway.validation import decode
+from services.gateway.validation import decode, read_body
 from services.storage.mongo import Document
 
 Body = Txt2ImgRequest | Img2ImgRequest
@@ -266,7 +266,7 @@ async def detect(request: web.Request) -> web.StreamResponse:
     ``controlnet_processor_res`` (short side). Runs here, off the event loop."""
     res = resources(request)
     user = await caller(request, res)
-    body = decode(await request.read(), DetectRequest)
+    body = decode(await read_body(request), DetectRequest)
     field = "controlnet_input_images" if body.controlnet_input_images else "controlnet_images"
     values = body.controlnet_input_images or body.controlnet_images
     if not 1 <= len(values) <= res.settings.max_input_images:

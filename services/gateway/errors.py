@@ -43,6 +43,11 @@ class ApiError(Exception):
         return out
 
 
+def too_many(code: str, reason: str, retry_after_s: int) -> ApiError:
+    """A 429 that says when to come back."""
+    return ApiError(429, code, reason, headers={"Retry-After": str(retry_after_s)})
+
+
 _PATH_RE = re.compile(r"at `\$\.?([^`]*)`")
 
 

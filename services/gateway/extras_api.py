@@ -29,18 +29,20 @@ from proto.requests import (
     extras_options,
     to_builtins,
 )
-from services.gateway.auth import caller
+from services.gateway.auth import caller, caller_is_admin, server_paths
+from services.gateway.bounds import check_free_form
 from services.gateway.errors import ApiError
 from services.gateway.images import store_inputs
 from services.gateway.resources import Resources, resources
 from services.gateway.tasks_api import (
     TASK_ID_HEADER,
-    admit,
+    TaskRef,
+    admitted,
     answer,
     enqueue,
     submit_once,
 )
-from services.gateway.validation import decode
+from services.gateway.validation import decode, read_body
 from services.gateway.webhooks_api import checked_webhook
 from services.storage.mongo import Document
 from services.storage.tasks import new_task_document
@@ -106,14 +108,15 @@ async def submit_extras(
     options: ExtrasOptions,
     images: list[str],
     field: str,
-    task_id: str,
+    task: TaskRef,
     *,
     sync: bool,
     parameters: dict[str, Any],
     webhook: Webhook | None = None,
-) -> tuple[str, Document | None]:
+) -> Document | None:
     """Queue an extras task for ``images`` (base64 or owned keys); with ``sync``, wait."""
     check_options(options)
+    check_free_form(options, res.settings)
     if not images:
         raise ApiError(422, "invalid_field", f"`{field}` needs at least one image", field=field)
     if len(images) > res.settings.max_input_images:
@@ -125,53 +128,55 @@ async def submit_extras(
             field=field,
         )
     upscalers = await _resolve_upscalers(res, options)
-    await admit(res, user)
-    checked = await checked_webhook(res, webhook)
-    keys = await store_inputs(res, user, task_id, images, field)
-    await _check_output_sizes(res, options, keys, [f"{field}[{n}]" for n in range(len(keys))])
-    key = names.EXTRAS_MODEL_KEY
-    command = GenerateImage(
-        task_id=task_id,
-        user=user,
-        model_name=key,
-        model_key=key,
-        kind=TaskKind.EXTRAS,
-        extras=extras_options(options),
-        upscalers=upscalers,
-        input_keys=keys,
-        submitted_at=time.time(),
-    )
-    document = new_task_document(
-        task_id=task_id,
-        user=user,
-        kind=TaskKind.EXTRAS.value,
-        model_name=key,
-        model_key=key,
-        parameters=parameters | {field: keys if field == "imageList" else keys[0]},
-        total_steps=1,
-        job_count=len(keys),
-        command=encode(command),
-    )
-    document["webhook"] = checked
-    return task_id, await enqueue(res, command, document, sync=sync)
+    async with admitted(res, user):
+        checked = await checked_webhook(res, webhook)
+        task_id = task.id
+        keys = await store_inputs(res, user, task_id, images, field)
+        await _check_output_sizes(res, options, keys, [f"{field}[{n}]" for n in range(len(keys))])
+        key = names.EXTRAS_MODEL_KEY
+        command = GenerateImage(
+            task_id=task_id,
+            user=user,
+            model_name=key,
+            model_key=key,
+            kind=TaskKind.EXTRAS,
+            extras=extras_options(options),
+            upscalers=upscalers,
+            input_keys=keys,
+            submitted_at=time.time(),
+        )
+        document = new_task_document(
+            task_id=task_id,
+            user=user,
+            kind=TaskKind.EXTRAS.value,
+            model_name=key,
+            model_key=key,
+            parameters=parameters | {field: keys if field == "imageList" else keys[0]},
+            total_steps=1,
+            job_count=len(keys),
+            command=encode(command),
+            client_id=task.client_id,
+        )
+        document["webhook"] = checked
+        return await enqueue(res, command, document, sync=sync)
 
 
 async def extra_images(request: web.Request) -> web.StreamResponse:
     """The seed's ``POST /extra_images``: sync or async (``Request-Type``), a task."""
     res = resources(request)
     user = await caller(request, res)
-    body = decode(await request.read(), ExtraImagesRequest)
+    body = decode(await read_body(request), ExtraImagesRequest)
     parameters = to_builtins(body)
     del parameters["image"]
 
-    async def queue(task_id: str, sync: bool) -> tuple[str, Document | None]:
+    async def queue(task: TaskRef, sync: bool) -> Document | None:
         return await submit_extras(
             res,
             user,
             body,
             [body.image],
             "image",
-            task_id,
+            task,
             sync=sync,
             parameters=parameters,
             webhook=body.webhook,
@@ -211,7 +216,7 @@ async def _a1111_extras(
     """A1111's extras endpoints: synchronous, results as base64 beside ``html_info``."""
     res = resources(request)
     user = await caller(request, res)
-    body: ExtraImagesRequest | ExtraBatchImagesRequest = decode(await request.read(), cls)
+    body: ExtraImagesRequest | ExtraBatchImagesRequest = decode(await read_body(request), cls)
     parameters = to_builtins(body)
     if isinstance(body, ExtraImagesRequest):
         field, images = "image", [body.image]
@@ -225,8 +230,8 @@ async def _a1111_extras(
         request,
         res,
         user,
-        lambda task_id, sync: submit_extras(
-            res, user, body, images, field, task_id, sync=sync, parameters=parameters
+        lambda task, sync: submit_extras(
+            res, user, body, images, field, task, sync=sync, parameters=parameters
         ),
     )
     if not submitted.sync:
@@ -254,7 +259,7 @@ async def extra_batch_images(request: web.Request) -> web.StreamResponse:
 async def upscalers(request: web.Request) -> web.StreamResponse:
     """A1111 ``GET /sdapi/v1/upscalers``: the built-ins, then the registered models."""
     res = resources(request)
-    await caller(request, res)
+    shown = server_paths(res, (await caller_is_admin(request, res))[1])
     builtins = [
         {"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
         for name in BUILTIN_UPSCALERS
@@ -263,7 +268,7 @@ async def upscalers(request: web.Request) -> web.StreamResponse:
         {
             "name": m["name"],
             "model_name": str(m["name"]).rsplit("/", 1)[-1].rsplit(".", 1)[0],
-            "model_path": m.get("path"),
+            "model_path": shown(str(m.get("path") or "")),
             "model_url": None,
             "scale": m.get("scale") or DEFAULT_MODEL_SCALE,
         }

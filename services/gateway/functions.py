@@ -22,7 +22,7 @@ from proto.requests import BatchUpdateSdResourceRequest, DeleteFunctionsRequest,
 from services.gateway.auth import require_admin
 from services.gateway.errors import ApiError
 from services.gateway.resources import Resources
-from services.gateway.validation import decode
+from services.gateway.validation import decode, read_body
 from services.storage.models import warm_until
 from services.storage.mongo import Document
 
@@ -77,7 +77,7 @@ async def list_functions(request: web.Request) -> web.StreamResponse:
 
 async def batch_update(request: web.Request) -> web.StreamResponse:
     res, _ = await require_admin(request, "manage functions")
-    body = decode(await request.read(), BatchUpdateSdResourceRequest)
+    body = decode(await read_body(request), BatchUpdateSdResourceRequest)
     given = {
         k: v for k, v in msgspec.structs.asdict(body).items() if v is not None and k != "models"
     }
@@ -132,7 +132,7 @@ async def batch_update(request: web.Request) -> web.StreamResponse:
 async def delete_functions(request: web.Request) -> web.StreamResponse:
     """Back to defaults and to zero workers; the pool comes back on demand (serverless)."""
     res, _ = await require_admin(request, "manage functions")
-    body = decode(await request.read(), DeleteFunctionsRequest)
+    body = decode(await read_body(request), DeleteFunctionsRequest)
     models = {
         names.consumer_name(m["model_key"]): m
         for m in await res.models.list(ModelType.STABLE_DIFFUSION)

@@ -17,7 +17,7 @@ from PIL import Image
 
 from services.gateway.auth import caller
 from services.gateway.errors import ApiError
-from services.gateway.images import check_image, decode_base64
+from services.gateway.images import read_image
 from services.gateway.resources import resources
 from services.gateway.validation import read_json
 
@@ -59,9 +59,8 @@ async def png_info(request: web.Request) -> web.StreamResponse:
     value = body.get("image") if isinstance(body, dict) else None
     if not isinstance(value, str) or not value:
         raise ApiError(422, "invalid_field", "`image` must be a base64 image", field="image")
-    data = decode_base64(value, "image")
-    check_image(data, "image", res.settings.max_input_pixels)
-    with Image.open(io.BytesIO(data)) as image:
+    data, _, _ = await read_image(value, "image", res.settings.max_input_pixels)
+    with Image.open(io.BytesIO(data)) as image:  # the header only: text chunks, no pixels
         items = {str(k): str(v) for k, v in (image.info or {}).items() if isinstance(v, str)}
     info = items.get("parameters", "")
     return web.json_response(

@@ -25,7 +25,7 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -37,10 +37,10 @@ from proto import ModelStatus, ModelType, names
 from proto.events import TaskFailed
 from proto.requests import RegisterModelRequest
 from services.common import bus
-from services.gateway.auth import caller, require_admin
+from services.gateway.auth import caller_is_admin, require_admin, server_paths
 from services.gateway.errors import ApiError
 from services.gateway.resources import Resources, resources
-from services.gateway.validation import decode
+from services.gateway.validation import decode, read_body
 from services.storage.intake import IntakeError, install, receive, target_path
 from services.storage.models import model_document, model_id
 from services.storage.mongo import Document
@@ -53,16 +53,18 @@ HEARTBEAT_S = 10.0
 """A copy in progress renews its claim this often; a claim 6× older is an interrupted one."""
 
 
-def model_attributes(doc: Document) -> dict[str, Any]:
-    """A registry document in the seed's ``ModelAttributes`` shape (plus our fields)."""
+def model_attributes(doc: Document, shown: Callable[[str], str] = str) -> dict[str, Any]:
+    """A registry document in the seed's ``ModelAttributes`` shape (plus our fields);
+    ``shown`` hides server paths from non-administrators (``auth.server_paths``)."""
     stale = _interrupted(doc)
+    error = "registration was interrupted; register it again" if stale else doc.get("error")
     return {
         "type": doc["type"],
         "name": doc["name"],
         # The object a model was registered from (the seed's meaning), else its file.
         "ossPath": source.removeprefix("object:")
         if (source := str(doc.get("source") or "")).startswith("object:")
-        else doc.get("path", ""),
+        else shown(str(doc.get("path", ""))),
         "source": doc.get("source") or "scan",
         "etag": doc.get("sha256") or "",
         "status": ModelStatus.FAILED.value if stale else doc["status"],
@@ -72,7 +74,7 @@ def model_attributes(doc: Document) -> dict[str, Any]:
         "modelKey": doc["model_key"],
         "sha256": doc.get("sha256"),
         "sizeBytes": doc.get("size_bytes"),
-        "error": "registration was interrupted; register it again" if stale else doc.get("error"),
+        "error": shown(str(error)) if error else error,
         "loadedWorkers": doc.get("loaded_workers", 0),
         "draining": bool(doc.get("draining")),
         "predictionType": doc.get("prediction_type") or "epsilon",
@@ -108,29 +110,56 @@ def _checked_type(request: web.Request) -> ModelType:
 
 async def list_models(request: web.Request) -> web.StreamResponse:
     res = resources(request)
-    await caller(request, res)
+    shown = server_paths(res, (await caller_is_admin(request, res))[1])
     documents = await res.models.list(_model_type(request, None))
-    return web.json_response([model_attributes(d) for d in documents])
+    return web.json_response([model_attributes(d, shown) for d in documents])
 
 
 async def get_model(request: web.Request) -> web.StreamResponse:
     res = resources(request)
-    await caller(request, res)
+    shown = server_paths(res, (await caller_is_admin(request, res))[1])
     name, model_type = request.match_info["model_name"], _checked_type(request)
     doc = await res.models.get(name, model_type)
     if doc is None:
         raise ApiError(404, "model_not_found", f"{model_type.value} {name!r} is not registered")
-    return web.json_response(model_attributes(doc))
+    return web.json_response(model_attributes(doc, shown))
 
 
 def _target(res: Resources, model_type: ModelType, name: str, suffix: str = "") -> Path:
     settings = res.settings
+    root = Path(settings.models_dir).resolve()
     try:
-        return target_path(
-            Path(settings.models_dir).resolve(), model_type, name, settings.allow_pickle, suffix
-        )
+        target = target_path(root, model_type, name, settings.allow_pickle, suffix)
     except IntakeError as exc:
         raise _api_error(exc) from exc
+    for folder in target.parents:
+        if folder == root:
+            break
+        if folder.exists() and not folder.is_dir():
+            raise ApiError(
+                422,
+                "invalid_field",
+                f"`name` {name!r} would put a file below {folder.relative_to(root)},"
+                " which is a file, not a folder",
+                field="name",
+            )
+    return target
+
+
+async def _chunks(request: web.Request, idle_s: float) -> AsyncIterator[bytes]:
+    """An upload's chunks, streamed (a model may take minutes); 408 when none arrives for
+    ``idle_s``: a stalled sender does not hold the upload open."""
+    chunks = request.content.iter_chunked(1024 * 1024).__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(anext(chunks), idle_s)
+        except StopAsyncIteration:
+            return
+        except TimeoutError as exc:
+            raise IntakeError(
+                408, "body_timeout", f"the upload sent nothing for {idle_s:g} s"
+            ) from exc
+        yield chunk
 
 
 def _api_error(exc: IntakeError) -> ApiError:
@@ -270,7 +299,7 @@ def _answer(document: Document | None, status: int, message: str) -> web.StreamR
 async def register_model(request: web.Request) -> web.StreamResponse:
     """``POST /models``: register a file from the object store under a new name."""
     res, _ = await require_admin(request, "register models")
-    body = decode(await request.read(), RegisterModelRequest)
+    body = decode(await read_body(request), RegisterModelRequest)
     name = body.name or Path(body.ossPath).name
     if body.type not in (ModelType.STABLE_DIFFUSION, ModelType.SD_VAE):
         name = Path(name).stem if not body.name else name
@@ -285,7 +314,7 @@ async def put_model(request: web.Request) -> web.StreamResponse:
     res, _ = await require_admin(request, "register models")
     name = request.match_info["model_name"]
     if request.content_type == "application/json":
-        body = decode(await request.read(), RegisterModelRequest)
+        body = decode(await read_body(request), RegisterModelRequest)
         if await res.models.get(name, body.type) is None:
             raise ApiError(404, "model_not_found", f"{body.type.value} {name!r} is not registered")
         return await _register_from_store(request, res, body, name, created=False)
@@ -306,7 +335,8 @@ async def _upload(
     started = time.monotonic()
     try:
         async with _renewing_claim(res, model_type, name):
-            received = await receive(request.content.iter_chunked(1024 * 1024), target, limit)
+            chunks = _chunks(request, res.settings.body_read_timeout_s)
+            received = await receive(chunks, target, limit)
             if received.size != request.content_length:
                 await asyncio.to_thread(received.part.unlink, missing_ok=True)
                 raise IntakeError(400, "incomplete", "the upload ended early")

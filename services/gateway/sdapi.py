@@ -12,6 +12,7 @@ import asyncio
 import base64
 import contextlib
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,7 +24,8 @@ from proto.requests import Img2ImgRequest, Txt2ImgRequest, to_builtins
 from proto.samplers import SAMPLERS, SCHEDULE_TYPES
 from services.common import bus
 from services.gateway.adapters import families_match
-from services.gateway.auth import caller
+from services.gateway.auth import caller, caller_is_admin, server_paths
+from services.gateway.bounds import check_options
 from services.gateway.errors import ApiError, Handler, invalid_body
 from services.gateway.pnginfo import png_info
 from services.gateway.resources import Resources, resources
@@ -34,6 +36,7 @@ from services.storage.modelfiles import ModelFileError, read_safetensors_header
 from services.storage.mongo import Document
 from services.storage.objects import ObjectNotFoundError
 from services.storage.scan import register_models
+from services.storage.tasks import shown_task_id
 
 Processing = TypeVar("Processing", Txt2ImgRequest, Img2ImgRequest)
 CHECKPOINT_OPTION = "sd_model_checkpoint"
@@ -99,7 +102,7 @@ async def _generate(request: web.Request, cls: type[Processing]) -> web.StreamRe
         request,
         res,
         user,
-        lambda task_id, sync: submit(res, user, body, task_id, sync=sync),
+        lambda task, sync: submit(res, user, body, task, sync=sync),
         forced,
     )
     if not submitted.sync:
@@ -176,7 +179,7 @@ async def progress(request: web.Request) -> web.StreamResponse:
         state |= {
             "interrupted": status is TaskStatus.CANCELLED,
             "skipped": bool(snapshot.get("skipped")),
-            "job": f"task({document['_id']})",
+            "job": f"task({shown_task_id(document)})",
             "job_count": snapshot["job_count"],
             "job_timestamp": started.strftime("%Y%m%d%H%M%S") if started else "0",
             "job_no": snapshot["job_no"],
@@ -246,6 +249,7 @@ async def set_options(request: web.Request) -> web.StreamResponse:
     if not isinstance(changes, dict):
         raise ApiError(400, "invalid_json", "options must be a JSON object")
     await _check_checkpoint_option(res, changes)
+    check_options({**await res.options.get(user), **changes}, res.settings, "options")
     await res.options.update(user, changes)
     return web.json_response(None)
 
@@ -271,14 +275,13 @@ async def seed_options(request: web.Request) -> web.StreamResponse:
     if not isinstance(data, dict):
         raise ApiError(422, "invalid_field", "`data` must be an object of options", field="data")
     await _check_checkpoint_option(res, data)
+    check_options(data, res.settings, "data")
     version = await res.options.update(user, data, replace=True)
     return web.json_response({"message": "success", "version": version})
 
 
 async def sd_models(request: web.Request) -> web.StreamResponse:
-    res = resources(request)
-    await caller(request, res)
-    models = await res.models.list(ModelType.STABLE_DIFFUSION)
+    models, shown = await _registry_list(request, ModelType.STABLE_DIFFUSION)
     return web.json_response(
         [
             {
@@ -286,7 +289,7 @@ async def sd_models(request: web.Request) -> web.StreamResponse:
                 "model_name": str(m["name"]).rsplit("/", 1)[-1].rsplit(".", 1)[0],
                 "hash": (m.get("sha256") or "")[:10] or None,
                 "sha256": m.get("sha256"),
-                "filename": m["path"],
+                "filename": shown(m["path"]),
                 "config": None,
             }
             for m in models
@@ -295,25 +298,30 @@ async def sd_models(request: web.Request) -> web.StreamResponse:
     )
 
 
-async def _registry_list(request: web.Request, model_type: ModelType) -> list[Document]:
+async def _registry_list(
+    request: web.Request, model_type: ModelType
+) -> tuple[list[Document], Callable[[str], str]]:
+    """The registered models of a type, and how the caller may see their paths."""
     res = resources(request)
-    await caller(request, res)
-    return await res.models.list(model_type)
+    _, admin = await caller_is_admin(request, res)
+    return await res.models.list(model_type), server_paths(res, admin)
 
 
 async def sd_vae(request: web.Request) -> web.StreamResponse:
-    models = await _registry_list(request, ModelType.SD_VAE)
-    return web.json_response([{"model_name": m["name"], "filename": m["path"]} for m in models])
+    models, shown = await _registry_list(request, ModelType.SD_VAE)
+    return web.json_response(
+        [{"model_name": m["name"], "filename": shown(m["path"])} for m in models]
+    )
 
 
 async def loras(request: web.Request) -> web.StreamResponse:
-    models = await _registry_list(request, ModelType.LORA)
+    models, shown = await _registry_list(request, ModelType.LORA)
     return web.json_response(
         [
             {
                 "name": m["name"],
                 "alias": m["name"],
-                "path": m["path"],
+                "path": shown(m["path"]),
                 "metadata": {},
             }
             for m in models
@@ -371,6 +379,9 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     return web.json_response({"loaded": loaded, "skipped": skipped})
 
 
+ADMINS_ONLY = "reported to administrators (SDSWARM_ADMINS) only"
+
+
 def _host_ram() -> dict[str, int]:
     """The gateway host's memory, from /proc/meminfo (A1111's ``ram`` block)."""
     fields: dict[str, int] = {}
@@ -385,9 +396,10 @@ def _host_ram() -> dict[str, int]:
 async def memory(request: web.Request) -> web.StreamResponse:
     """A1111's ``/sdapi/v1/memory``: ``ram`` of the gateway's host; ``cuda`` summed over
     the workers on CUDA devices (from their liveness records), and each worker's figures
-    under ``workers`` (sdswarm extension)."""
+    under ``workers`` (sdswarm extension). The host's RAM and the workers (names, models,
+    memory) are for administrators only; others get ``cuda`` and an ``error`` for ``ram``."""
     res = resources(request)
-    await caller(request, res)
+    _, admin = await caller_is_admin(request, res)
     records = await bus.worker_records(res.js)
     on_cuda = [r for r in records if r.cuda_total_bytes]
     cuda: dict[str, Any] = {"error": "no worker runs on a CUDA device"}
@@ -412,6 +424,8 @@ async def memory(request: web.Request) -> web.StreamResponse:
         }
         for r in records
     ]
+    if not admin:
+        return web.json_response({"ram": {"error": ADMINS_ONLY}, "cuda": cuda})
     return web.json_response({"ram": _host_ram(), "cuda": cuda, "workers": workers})
 
 

@@ -9,12 +9,13 @@ is removed again and the client gets a 429/503 it can retry.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import json
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NamedTuple
 
 import msgspec
@@ -31,16 +32,17 @@ from services.common import bus
 from services.gateway import waiting
 from services.gateway.adapters import resolve_embeddings, resolve_loras, resolve_vae
 from services.gateway.auth import caller
+from services.gateway.bounds import check_command, check_options
 from services.gateway.controlnet_api import check_controlnets, claim_controlnets
-from services.gateway.errors import ApiError
+from services.gateway.errors import ApiError, too_many
 from services.gateway.images import StagedInputs, stage_inputs, upload_staged
 from services.gateway.resources import Resources, resources
 from services.gateway.styles import apply_styles
-from services.gateway.validation import check_limits, decode
+from services.gateway.validation import bounded_int, check_limits, decode, read_body
 from services.gateway.webhooks_api import checked_webhook
 from services.storage.idempotency import IdempotencyConflictError, request_hash
 from services.storage.mongo import Document
-from services.storage.tasks import new_task_document
+from services.storage.tasks import new_task_document, shown_task_id
 
 log = logging.getLogger(__name__)
 TASK_ID_HEADER = "taskId"
@@ -53,11 +55,33 @@ def new_task_id() -> str:
     return secrets.token_hex(12)
 
 
-def requested_task_id(request: web.Request) -> str:
+class TaskRef(NamedTuple):
+    """A new task's ids: ``id`` is internal (Mongo ``_id``, ``Nats-Msg-Id``, subjects,
+    object keys), ``shown`` is what its owner sees as ``taskId`` in every answer."""
+
+    id: str
+    shown: str
+
+    @property
+    def client_id(self) -> str | None:
+        """The id the client chose, if it chose one."""
+        return self.shown if self.shown != self.id else None
+
+
+def task_ref(user: str, chosen: str | None) -> TaskRef:
+    """A generated id, or the caller's chosen one scoped to the caller: another user's
+    choice of the same id neither collides with nor reveals this one."""
+    if not chosen:
+        generated = new_task_id()
+        return TaskRef(generated, generated)
+    return TaskRef(names.scoped_task_id(user, chosen), chosen)
+
+
+def requested_task_id(request: web.Request) -> str | None:
     """The seed lets clients choose the task id (``taskId`` header); it must be safe."""
     supplied = request.headers.get(TASK_ID_HEADER, "").strip()
     if not supplied:
-        return new_task_id()
+        return None
     try:
         return names.check_task_id(supplied)
     except ValueError as exc:
@@ -96,25 +120,44 @@ async def admit(res: Resources, user: str) -> None:
         per_minute=res.settings.max_tasks_per_minute,
     )
     if refusal is not None:
-        raise ApiError(
-            429,
-            "rate_limited",
-            refusal.reason,
-            headers={"Retry-After": str(refusal.retry_after_s)},
-        )
+        raise too_many("rate_limited", refusal.reason, refusal.retry_after_s)
+
+
+@contextlib.asynccontextmanager
+async def admitted(res: Resources, user: str) -> AsyncIterator[None]:
+    """The caller's limits for a submission (429 when over one), given back if the block
+    raises: a submission refused after admission counts for nothing."""
+    await admit(res, user)
+    try:
+        yield
+    except BaseException:
+        await res.quotas.release(user, per_minute=res.settings.max_tasks_per_minute)
+        raise
 
 
 async def submit(
     res: Resources,
     user: str,
     body: Txt2ImgRequest | Img2ImgRequest,
-    task_id: str,
+    task: TaskRef,
     *,
     sync: bool,
-) -> tuple[str, Document | None]:
+) -> Document | None:
     """Queue a validated request; with ``sync``, wait for its outcome (None: deadline)."""
     model = await resolve_checkpoint(res, body.stable_diffusion_model, "stable_diffusion_model")
-    await admit(res, user)
+    async with admitted(res, user):
+        return await _submit_admitted(res, user, body, task, model, sync=sync)
+
+
+async def _submit_admitted(
+    res: Resources,
+    user: str,
+    body: Txt2ImgRequest | Img2ImgRequest,
+    task: TaskRef,
+    model: Document,
+    *,
+    sync: bool,
+) -> Document | None:
     webhook = await checked_webhook(res, body.webhook)
     if body.styles:
         prompt, negative = await apply_styles(res, body.styles, body.prompt, body.negative_prompt)
@@ -128,12 +171,15 @@ async def submit(
     )
     overrides = dict(body.override_settings or {})
     options = await res.options.get(user)
+    if overrides and not body.override_settings_restore_afterwards:
+        check_options({**options, **overrides}, res.settings, "override_settings")
     if options:
         # The caller's stored options apply to every request; the request's own win.
         merged = {**options, **(body.override_settings or {})}
         body = msgspec.structs.replace(body, override_settings=merged)
     vae = await resolve_vae(res, body.sd_vae, body.override_settings)
     units = await check_controlnets(res, body, model)
+    task_id = task.id
     input_keys: list[str] = []
     staged: list[StagedInputs] = []
     if isinstance(body, Img2ImgRequest):
@@ -172,21 +218,33 @@ async def submit(
         total_steps=body.steps,
         job_count=body.n_iter,
         command=encode(command),
+        client_id=task.client_id,
     )
     document["webhook"] = webhook
-    if overrides and not body.override_settings_restore_afterwards:
-        # A1111 keeps such overrides as its settings; here they become the caller's
-        # options (as POST /sdapi/v1/options would), never anyone else's.
-        await res.options.update(user, overrides)
-    return task_id, await enqueue(res, command, document, sync=sync)
+
+    async def keep_overrides() -> None:
+        if overrides and not body.override_settings_restore_afterwards:
+            # A1111 keeps such overrides as its settings; here they become the caller's
+            # options (as POST /sdapi/v1/options would), never anyone else's, and only
+            # once the task is accepted (a refused one changes nothing).
+            await res.options.update(user, overrides)
+
+    return await enqueue(res, command, document, sync=sync, accepted=keep_overrides)
 
 
 async def enqueue(
-    res: Resources, command: GenerateImage, document: Document, *, sync: bool
+    res: Resources,
+    command: GenerateImage,
+    document: Document,
+    *,
+    sync: bool,
+    accepted: Callable[[], Awaitable[None]] | None = None,
 ) -> Document | None:
-    """Store the task document, publish its command; with ``sync``, its outcome (None:
-    deadline passed or async)."""
+    """Store the task document, publish its command, then run ``accepted``; with
+    ``sync``, its outcome (None: deadline passed or async)."""
     task_id = command.task_id
+    request = command.txt2img or command.img2img or command.extras
+    check_command(document["command"], request, res.settings, res.nc.max_payload)
     if res.nc.is_closed:  # while reconnecting, publishes wait in the client's buffer
         raise ApiError(503, "queue_unavailable", "the task queue is unreachable, retry later")
     # Subscribe before publishing so a fast worker's terminal event cannot be missed.
@@ -195,19 +253,22 @@ async def enqueue(
         try:
             await res.tasks.insert(document)
         except DuplicateKeyError as exc:
-            raise ApiError(
-                409,
-                "task_exists",
-                f"a task with id {task_id!r} already exists",
-                field=TASK_ID_HEADER,
-            ) from exc
+            raise _task_exists(shown_task_id(document)) from exc
         await _publish(res, command)
+        if accepted is not None:
+            await accepted()
         if waiter is None:
             return None
         return await waiter.wait(res.tasks, res.settings.sync_timeout_s)
     finally:
         if waiter is not None:
             await waiter.close()
+
+
+def _task_exists(shown: str) -> ApiError:
+    return ApiError(
+        409, "task_exists", f"a task with id {shown!r} already exists", field=TASK_ID_HEADER
+    )
 
 
 async def _claim_inputs(
@@ -256,21 +317,22 @@ async def _seed_submit(
 ) -> web.StreamResponse:
     res = resources(request)
     user = await caller(request, res)
-    body: Txt2ImgRequest | Img2ImgRequest = decode(await request.read(), cls).with_firstphase()
+    body: Txt2ImgRequest | Img2ImgRequest = decode(await read_body(request), cls).with_firstphase()
     check_limits(body, res.settings)
     submitted = await submit_once(
-        request, res, user, lambda task_id, sync: submit(res, user, body, task_id, sync=sync)
+        request, res, user, lambda task, sync: submit(res, user, body, task, sync=sync)
     )
     return await answer(res, submitted)
 
 
-Queue = Callable[[str, bool], Awaitable[tuple[str, Document | None]]]
-"""``queue(task_id, sync)`` queues the request as that task; its outcome when sync."""
+Queue = Callable[[TaskRef, bool], Awaitable[Document | None]]
+"""``queue(task, sync)`` queues the request as that task; its outcome when sync."""
 
 
 class Submitted(NamedTuple):
     user: str
     task_id: str
+    """As the client knows it (``TaskRef.shown``)."""
     outcome: Document | None
     """Sync: the terminal task document (None: the deadline passed first). Async: None, or
     the document of the earlier request when the ``Idempotency-Key`` was seen before."""
@@ -287,10 +349,10 @@ async def submit_once(
     earlier task; a different body is a 409; a refused submission releases its key.
     """
     sync = request.headers.get(REQUEST_TYPE_HEADER, "sync").strip().lower() != "async"
-    task_id = task_id or requested_task_id(request)
+    task = task_ref(user, task_id or requested_task_id(request))
     key = request.headers.get(IDEMPOTENCY_HEADER, "").strip()
-    digest = request_hash(request.path, await request.read())
-    earlier = await _reserve(res, user, key, digest, task_id)
+    digest = request_hash(request.path, await read_body(request))
+    earlier = await _reserve(res, user, key, digest, task.id)
     if earlier is not None:
         # A retry of a request we already took: answer for the same task, but only once
         # that task exists and is the caller's. The key is reserved before the task is
@@ -306,17 +368,21 @@ async def submit_once(
                 field=IDEMPOTENCY_HEADER,
                 headers={"Retry-After": "1"},
             )
+        shown = shown_task_id(document)
         if not sync:
-            return Submitted(user, earlier, document, sync)
+            return Submitted(user, shown, document, sync)
         waiter = await waiting.TerminalWaiter.start(res.nc, earlier, user)
         try:
             return Submitted(
-                user, earlier, await waiter.wait(res.tasks, res.settings.sync_timeout_s), sync
+                user, shown, await waiter.wait(res.tasks, res.settings.sync_timeout_s), sync
             )
         finally:
             await waiter.close()
     try:
-        return Submitted(user, *await queue(task_id, sync), sync)
+        if task.client_id and await res.tasks.get(task.client_id, user) is not None:
+            # The owner's own id again (chosen, or one of its generated ids): the seed's 409.
+            raise _task_exists(task.shown)
+        return Submitted(user, task.shown, await queue(task, sync), sync)
     except ApiError:
         if key:
             await res.idempotency.release(user, key)
@@ -430,7 +496,7 @@ async def task_result(request: web.Request) -> web.StreamResponse:
         info = json.loads(document["info"])
     return web.json_response(
         {
-            "taskId": document["_id"],
+            "taskId": shown_task_id(document),
             "status": status,
             "images": images,
             "ossUrl": [await res.objects.presign(k, res.settings.presign_ttl_s) for k in images],
@@ -461,14 +527,14 @@ async def task_progress(request: web.Request) -> web.StreamResponse:
     return web.json_response(
         {
             **extra,
-            "taskId": document["_id"],
+            "taskId": shown_task_id(document),
             "status": status.value,
             "progress": fraction,
             "etaRelative": eta,
             "state": {
                 "interrupted": status is TaskStatus.CANCELLED,
                 "skipped": bool(progress.get("skipped")),
-                "job": f"task({document['_id']})" if status is TaskStatus.RUNNING else "",
+                "job": f"task({shown_task_id(document)})" if status is TaskStatus.RUNNING else "",
                 "job_count": progress["job_count"],
                 "job_no": progress["job_no"],
                 "job_timestamp": started.strftime("%Y%m%d%H%M%S") if started else "0",
@@ -498,10 +564,10 @@ async def cancel_task(request: web.Request) -> web.StreamResponse:
 
 
 async def cancel_document(res: Resources, document: Document) -> web.StreamResponse:
-    task_id = document["_id"]
+    task_id, shown = document["_id"], shown_task_id(document)
     status = TaskStatus(document["status"])
     if status.terminal:
-        message = f"task {task_id!r} already ended {status.value}; nothing to cancel"
+        message = f"task {shown!r} already ended {status.value}; nothing to cancel"
         raise ApiError(409, "task_finished", message)
     await res.cancels.put(task_id, b"1")
     await res.nc.publish(names.cancel_subject(task_id), b"")
@@ -509,9 +575,9 @@ async def cancel_document(res: Resources, document: Document) -> web.StreamRespo
         event = TaskCancelled(task_id=task_id, attempt=0, at=time.time(), worker="gateway")
         await bus.publish_event(res.js, event, f"{task_id}.cancelled.0")
     return web.json_response(
-        {"taskId": task_id, "status": status.value, "message": "cancellation requested"},
+        {"taskId": shown, "status": status.value, "message": "cancellation requested"},
         status=202,
-        headers={TASK_ID_HEADER: task_id},
+        headers={TASK_ID_HEADER: shown},
     )
 
 
@@ -537,7 +603,7 @@ def _decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
 def task_summary(document: Document) -> dict[str, Any]:
     finished = document.get("finished_at")
     return {
-        "taskId": document["_id"],
+        "taskId": shown_task_id(document),
         "status": document["status"],
         "kind": document["kind"],
         "model": document["model_name"],
@@ -557,12 +623,7 @@ async def list_tasks(request: web.Request) -> web.StreamResponse:
     if status and status not in {s.value for s in TaskStatus}:
         valid = ", ".join(s.value for s in TaskStatus)
         raise ApiError(422, "invalid_field", f"status must be one of {valid}", field="status")
-    limit_text = query.get("limit", "20")
-    if not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_PAGE:
-        raise ApiError(
-            422, "invalid_field", f"limit must be an integer from 1 to {MAX_PAGE}", field="limit"
-        )
-    limit = int(limit_text)
+    limit = bounded_int(query.get("limit", "20"), "limit", 1, MAX_PAGE)
     cursor = query.get("cursor")
     documents = await res.tasks.page(
         user,

@@ -7,6 +7,7 @@ at most 150 but is 500``.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, TypeVar
 
 import msgspec
@@ -19,13 +20,49 @@ from proto.requests import (
     Txt2ImgRequest,
 )
 from proto.samplers import split_sampler
+from services.gateway.bounds import check_free_form
 from services.gateway.errors import ApiError, invalid_body
+from services.gateway.resources import SETTINGS
 from services.gateway.settings import GatewaySettings
 
 T = TypeVar("T", bound=msgspec.Struct)
 
 
 TOO_DEEP = "request body is nested too deeply"
+
+
+def bounded_int(text: str, field: str, low: int, high: int) -> int:
+    """An integer from a query, header or path, where every one is parsed.
+
+    ASCII digits only (``str.isdigit`` also takes ``²`` and ``٣``, which ``int`` then
+    refuses or reads), no more digits than ``high`` has (``int`` refuses 4300+ digits),
+    within ``[low, high]``; anything else is a 422 naming ``field`` and the rule.
+    """
+    if not (text.isascii() and text.isdigit() and len(text) <= len(str(high))) or not (
+        low <= int(text) <= high
+    ):
+        raise ApiError(
+            422,
+            "invalid_field",
+            f"`{field}` must be an integer from {low} to {high} in ASCII digits",
+            field=field,
+        )
+    return int(text)
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The request body, received within ``body_read_timeout_s`` (else 408): a client
+    trickling a large body cannot hold the gateway's memory for long. Read once; later
+    reads return the same bytes at once."""
+    timeout = request.app[SETTINGS].body_read_timeout_s
+    try:
+        return await asyncio.wait_for(request.read(), timeout)
+    except TimeoutError as exc:
+        raise ApiError(
+            408,
+            "body_timeout",
+            f"the request body was not received within {timeout:g} s (SDSWARM_BODY_READ_TIMEOUT_S)",
+        ) from exc
 
 
 def decode(body: bytes, cls: type[T]) -> T:
@@ -43,7 +80,7 @@ async def read_json(request: web.Request) -> Any:
     """The body as plain JSON data (UTF-8, no NaN or Infinity); 400 ``invalid_json`` if
     it is not JSON, 422 if a key could act as a MongoDB operator."""
     try:
-        data = msgspec.json.decode(await request.read())
+        data = msgspec.json.decode(await read_body(request))
     except msgspec.DecodeError as exc:
         raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from exc
     except RecursionError as exc:
@@ -87,6 +124,7 @@ def _at_most(field: str, value: int | float, limit: int | float, rule: str = "")
 
 
 def check_limits(request: Txt2ImgRequest | Img2ImgRequest, settings: GatewaySettings) -> None:
+    check_free_form(request, settings)
     _at_most("width", request.width, settings.max_width)
     _at_most("height", request.height, settings.max_height)
     _at_most(

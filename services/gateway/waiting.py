@@ -34,10 +34,15 @@ from proto.events import (
     event_to_builtins,
 )
 from services.gateway.auth import caller
-from services.gateway.errors import ApiError
-from services.gateway.resources import resources
+from services.gateway.errors import ApiError, too_many
+from services.gateway.resources import Resources, resources
+from services.gateway.validation import bounded_int
 from services.storage.mongo import Document
-from services.storage.tasks import TaskStore
+from services.storage.tasks import TaskStore, shown_task_id
+
+MAX_EVENT_ID = 2**53 - 1
+"""Event ids are JetStream sequences (uint64); a client's ``Last-Event-ID`` is at most
+this (exact in every JSON client), so ``+ 1`` stays a valid start sequence."""
 
 RECHECK_S = 5.0
 """How often a waiter re-reads MongoDB in case an event was missed."""
@@ -113,7 +118,7 @@ def _sse_frame(event_name: str, data: dict[str, Any], event_id: int | None = Non
 def _terminal_from_document(document: Document) -> dict[str, Any]:
     return {
         "kind": document["status"],
-        "task_id": document["_id"],
+        "task_id": shown_task_id(document),
         "images": document["images"],
         "message": document["message"],
     }
@@ -123,16 +128,29 @@ async def task_events(request: web.Request) -> web.StreamResponse:
     """``GET /tasks/{task_id}/events``: progress then the terminal event, as SSE."""
     res = resources(request)
     user = await caller(request, res)
-    task_id = request.match_info["task_id"]
-    document = await res.tasks.get(task_id, user)
+    asked = request.match_info["task_id"]
+    document = await res.tasks.get(asked, user)
     if document is None:
-        raise ApiError(404, "task_not_found", f"task {task_id!r} not found")
+        raise ApiError(404, "task_not_found", f"task {asked!r} not found")
+    task_id, shown = document["_id"], shown_task_id(document)
+    if (refused := res.streams.take(user)) is not None:
+        raise too_many("too_many_streams", refused, 5)
+    try:
+        return await _stream_events(request, res, user, task_id, shown)
+    finally:
+        res.streams.give_back(user)
+
+
+async def _stream_events(
+    request: web.Request, res: Resources, user: str, task_id: str, shown: str
+) -> web.StreamResponse:
     last_id = request.headers.get("Last-Event-ID", "")
     config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
-    if last_id.isdigit():
+    if last_id:
         # Event ids are stream sequences: resume right after the last one received.
+        after = bounded_int(last_id, "Last-Event-ID", 0, MAX_EVENT_ID)
         config = ConsumerConfig(
-            deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=int(last_id) + 1
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1
         )
     subscription = await res.js.subscribe(
         names.task_events_filter(task_id),
@@ -155,10 +173,10 @@ async def task_events(request: web.Request) -> web.StreamResponse:
             except TimeoutError:  # nats raises its own subclass or the builtin, by code path
                 # Quiet: keep the connection alive, and finish from MongoDB if the task
                 # ended while its events were already gone from the stream.
-                document = await res.tasks.get(task_id, user)
-                if document is not None and TaskStatus(document["status"]).terminal:
-                    frame = _terminal_from_document(document)
-                    await response.write(_sse_frame(document["status"], frame))
+                latest = await res.tasks.get(task_id, user)
+                if latest is not None and TaskStatus(latest["status"]).terminal:
+                    frame = _terminal_from_document(latest)
+                    await response.write(_sse_frame(latest["status"], frame))
                     break
                 await response.write(b": keep-alive\n\n")
                 continue
@@ -167,7 +185,8 @@ async def task_events(request: web.Request) -> web.StreamResponse:
             except msgspec.DecodeError:
                 continue
             sequence = message.metadata.sequence.stream
-            await response.write(_sse_frame(event_kind(event), event_to_builtins(event), sequence))
+            data = event_to_builtins(event) | {"task_id": shown}  # as the client knows it
+            await response.write(_sse_frame(event_kind(event), data, sequence))
             if isinstance(event, TaskSucceeded | TaskFailed | TaskCancelled):
                 break
     except ConnectionResetError:

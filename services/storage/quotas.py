@@ -1,26 +1,52 @@
-"""Per-user limits on task submissions, read from the task store every replica shares.
+"""Per-user limits on task submissions, from counters every gateway replica shares, and
+the login throttle (:class:`LoginThrottle`).
 
-Two limits, each off at 0: how many of a user's tasks may be open (waiting or running)
-at once, and how many tasks a user may submit in any 60 seconds (a sliding window over
-the tasks' creation times). Both are counted on the indexed task documents, so every
-gateway replica sees the same numbers; two submissions racing on two replicas may both
-pass the last free place (a soft limit, exact within one replica's request). A refusal
-says how long to wait.
+Two limits: how many of a user's tasks may be open (waiting or running) at once, and how
+many tasks a user may submit per minute. Each costs O(1) per submission, however long
+the queue (counting documents slowed submissions down as the queue grew):
+
+- open tasks: a counter per user, counted up at admission, down by the event fold when a
+  task ends (``TaskStore.apply``) or by :meth:`QuotaStore.release` when a submission is
+  refused after admission. Should it run ahead of the truth (a gateway died between
+  admission and insert), reaching the limit recounts the user's open tasks (an indexed
+  count of at most ``limit`` documents) and corrects it;
+- per minute: a counter per user and clock minute (expired by a TTL index); the last 60 s
+  are estimated as this minute's count plus the previous minute's, weighted by how much
+  of it is still inside the window (the sliding-window counter of rate limiters).
+
+Both are soft limits: two submissions racing on two replicas may both pass the last free
+place. A refusal says how long to wait, and counts nothing.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import math
+import time
 from dataclasses import dataclass
 
+from pymongo import ReturnDocument
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 
 from services.storage.mongo import Document
 from services.storage.tasks import TaskStore
 
-WINDOW = dt.timedelta(seconds=60)
+MINUTE_S = 60
+
+
+async def count_up(
+    collection: AsyncCollection[Document], key: str, field: str, on_insert: Document | None = None
+) -> Document:
+    """Add one to a counter document (created with ``on_insert`` if new); the document after."""
+    update: Document = {"$inc": {field: 1}}
+    if on_insert:
+        update["$setOnInsert"] = on_insert
+    counter = await collection.find_one_and_update(
+        {"_id": key}, update, upsert=True, return_document=ReturnDocument.AFTER
+    )
+    assert counter is not None  # upserted
+    return counter
 
 
 @dataclass(frozen=True)
@@ -33,31 +59,104 @@ class QuotaStore:
     def __init__(self, db: AsyncDatabase[Document]) -> None:
         self.store = TaskStore(db)
         self.tasks: AsyncCollection[Document] = self.store.collection
+        self.open_counts = self.store.open_counts
+        self.minutes: AsyncCollection[Document] = db["task_minutes"]
 
     async def ensure_indexes(self) -> None:
         await self.tasks.create_index([("user", 1), ("status", 1)])
+        await self.minutes.create_index("expires", expireAfterSeconds=0)
 
     async def admit(self, user: str, *, max_open: int, per_minute: int) -> Refusal | None:
-        """A :class:`Refusal` when ``user`` may not submit another task now."""
-        if max_open > 0:
-            open_tasks = await self.store.count_open({"user": user}, limit=max_open)
-            if open_tasks >= max_open:
-                return Refusal(
-                    f"you have {open_tasks} unfinished tasks, the limit is {max_open}:"
-                    " wait for some to finish",
-                    retry_after_s=5,
-                )
+        """Count a submission of ``user`` in; a :class:`Refusal` (nothing counted) when it
+        would break a limit (0: none). A submission refused later must be released."""
         if per_minute > 0:
-            now = dt.datetime.now(dt.UTC)
-            recent = {"user": user, "created_at": {"$gt": now - WINDOW}}
-            if await self.tasks.count_documents(recent, limit=per_minute) >= per_minute:
-                oldest = await self.tasks.find_one(recent, sort=[("created_at", 1)])
-                created = oldest["created_at"] if oldest else now
-                if created.tzinfo is None:
-                    created = created.replace(tzinfo=dt.UTC)
-                wait = math.ceil((created + WINDOW - now).total_seconds())
-                return Refusal(
-                    f"at most {per_minute} tasks per minute; retry in {max(wait, 1)} s",
-                    retry_after_s=max(wait, 1),
+            refusal = await self._count_minute(user, per_minute)
+            if refusal is not None:
+                return refusal
+        # Counted even with no limit, so the counter is right when a limit is set.
+        counter = await count_up(self.open_counts, user, "n")
+        if max_open <= 0 or counter["n"] <= max_open:
+            return None
+        actual = await self.store.count_open({"user": user}, limit=max_open)
+        if actual < max_open:  # the counter ran ahead: correct it, this one is admitted
+            await self.open_counts.update_one({"_id": user}, {"$set": {"n": actual + 1}})
+            return None
+        await self._uncount(user, per_minute > 0)
+        return Refusal(
+            f"you have {actual} unfinished tasks, the limit is {max_open}: wait for some to finish",
+            retry_after_s=5,
+        )
+
+    async def release(self, user: str, *, per_minute: int) -> None:
+        """Give back an admission whose submission was refused after all."""
+        await self._uncount(user, per_minute > 0)
+
+    async def _uncount(self, user: str, minute: bool) -> None:
+        await self.open_counts.update_one({"_id": user, "n": {"$gt": 0}}, {"$inc": {"n": -1}})
+        if minute:
+            key = f"{user}\n{int(time.time() // MINUTE_S)}"
+            await self.minutes.update_one({"_id": key, "n": {"$gt": 0}}, {"$inc": {"n": -1}})
+
+    async def _count_minute(self, user: str, per_minute: int) -> Refusal | None:
+        now = time.time()
+        minute = int(now // MINUTE_S)
+        inside = 1 - (now / MINUTE_S - minute)  # share of the previous minute still counted
+        key = f"{user}\n{minute}"
+        expires = dt.datetime.fromtimestamp((minute + 2) * MINUTE_S, dt.UTC)
+        current = await count_up(self.minutes, key, "n", {"expires": expires})
+        previous = await self.minutes.find_one({"_id": f"{user}\n{minute - 1}"})
+        estimate = current["n"] + (previous["n"] if previous else 0) * inside
+        if estimate <= per_minute:
+            return None
+        await self.minutes.update_one({"_id": key}, {"$inc": {"n": -1}})
+        # The estimate falls as this minute ends (then the previous one's weight fades).
+        wait = max(math.ceil(inside * MINUTE_S), 1)
+        return Refusal(
+            f"at most {per_minute} tasks per minute; retry in {wait} s", retry_after_s=wait
+        )
+
+
+class LoginThrottle:
+    """Login attempts per key (``user:<name>``, ``addr:<address>``), in fixed windows.
+
+    An attempt is counted before the password is checked, so a burst of concurrent guesses
+    is cut at the limit too; a successful login clears its user's count (and gives its
+    address back the attempt). Counters live in MongoDB, so every gateway replica sees
+    them; a counter whose window has passed starts again at zero.
+    """
+
+    def __init__(self, db: AsyncDatabase[Document]) -> None:
+        self.collection: AsyncCollection[Document] = db["login_attempts"]
+
+    async def ensure_indexes(self) -> None:
+        await self.collection.create_index("until", expireAfterSeconds=0)
+
+    async def attempt(self, limits: dict[str, int], window_s: float) -> Refusal | None:
+        """Count one attempt under every key with a limit (0: none); a :class:`Refusal`
+        when a key is over its limit in its current window."""
+        now = dt.datetime.now(dt.UTC)
+        until = now + dt.timedelta(seconds=window_s)
+        refusal: Refusal | None = None
+        for key, limit in limits.items():
+            if limit <= 0:
+                continue
+            await self.collection.update_one(
+                {"_id": key, "until": {"$lte": now}}, {"$set": {"count": 0, "until": until}}
+            )
+            counter = await count_up(self.collection, key, "count", {"until": until})
+            if counter["count"] > limit and refusal is None:
+                ends = counter["until"]
+                if ends.tzinfo is None:
+                    ends = ends.replace(tzinfo=dt.UTC)
+                wait = max(math.ceil((ends - now).total_seconds()), 1)
+                refusal = Refusal(
+                    f"too many login attempts ({key.partition(':')[0]}); retry in {wait} s",
+                    retry_after_s=wait,
                 )
-        return None
+        return refusal
+
+    async def succeeded(self, user_key: str, address_key: str) -> None:
+        await self.collection.delete_one({"_id": user_key})
+        await self.collection.update_one(
+            {"_id": address_key, "count": {"$gt": 0}}, {"$inc": {"count": -1}}
+        )

@@ -20,7 +20,7 @@ from pymongo import ASCENDING, DESCENDING
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 
-from proto import TaskStatus
+from proto import TaskStatus, names
 from proto.events import (
     TaskCancelled,
     TaskEvent,
@@ -55,10 +55,14 @@ def new_task_document(
     total_steps: int,
     job_count: int,
     command: bytes = b"",
+    client_id: str | None = None,
 ) -> Document:
     return {
         "_id": task_id,
         "user": user,
+        # The id the client chose, when it chose one (``_id`` is then derived from it and
+        # the user, see ``names.scoped_task_id``); what every answer calls ``taskId``.
+        "client_id": client_id,
         "status": TaskStatus.WAITING.value,
         "kind": kind,
         "model_name": model_name,
@@ -91,9 +95,17 @@ def new_task_document(
     }
 
 
+def shown_task_id(document: Document) -> str:
+    """The task's id as its owner knows it: the one they chose, else the generated one."""
+    return str(document.get("client_id") or document["_id"])
+
+
 class TaskStore:
     def __init__(self, db: AsyncDatabase[Document]) -> None:
         self.collection: AsyncCollection[Document] = db["tasks"]
+        self.open_counts: AsyncCollection[Document] = db["task_open_counts"]
+        """Per user, ``{_id: user, n}``: tasks admitted and not yet ended (the quota's
+        counter; ``QuotaStore`` counts up at admission, a terminal fold counts down)."""
 
     async def ensure_indexes(self) -> None:
         await self.collection.create_index([("user", ASCENDING), ("created_at", DESCENDING)])
@@ -117,11 +129,16 @@ class TaskStore:
         await self.collection.update_one({"_id": task_id}, {"$set": {"stream_seq": seq}})
 
     async def get(self, task_id: str, user: str | None = None) -> Document | None:
-        """One task; with ``user`` the query is scoped to its owner (others get None)."""
-        query: Document = {"_id": task_id}
-        if user is not None:
-            query["user"] = user
-        return await self.collection.find_one(query)
+        """One task by its internal id; with ``user`` the query is scoped to its owner
+        (others get None) and ``task_id`` may also be the id the owner chose."""
+        if user is None:
+            return await self.collection.find_one({"_id": task_id})
+        ids = [names.scoped_task_id(user, task_id), task_id]
+        # Both ids exist only if a chosen id repeats one of the user's own internal ids,
+        # which the gateway refuses (409); the chosen one wins anyway, deterministically.
+        found = [d async for d in self.collection.find({"_id": {"$in": ids}, "user": user})]
+        found.sort(key=lambda d: ids.index(d["_id"]))
+        return found[0] if found else None
 
     async def oldest_waiting(self, model_key: str) -> dt.datetime | None:
         document = await self.collection.find_one(
@@ -178,6 +195,15 @@ class TaskStore:
                 query, update = self._progressed(event)
             case TaskSucceeded() | TaskFailed() | TaskCancelled():
                 query, update = self._finished(event)
+                # The one transition to a terminal state: the owner has one open task less.
+                ended = await self.collection.find_one_and_update(
+                    query, update, projection={"user": 1}
+                )
+                if ended is not None:
+                    await self.open_counts.update_one(
+                        {"_id": ended["user"], "n": {"$gt": 0}}, {"$inc": {"n": -1}}
+                    )
+                return ended is not None
         result = await self.collection.update_one(query, update)
         return result.modified_count == 1
 

@@ -3,12 +3,15 @@
 Passwords are hashed with Argon2id (argon2-cffi). Session tokens and API keys are 256
 random bits from ``secrets``; only their SHA-256 is stored, so a database leak does not
 leak credentials. Sessions expire; API keys live until revoked. There is no default
-user and no default password: users are created with ``sdswarm users add``.
+user and no default password: users are created with ``sdswarm users add``. Argon2 is
+slow on purpose (tens of ms of CPU): it runs in a worker thread, never on the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import functools
 import hashlib
 import re
 import secrets
@@ -24,6 +27,19 @@ from services.storage.mongo import Document
 USER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MIN_PASSWORD = 8
 _hasher = PasswordHasher()
+
+
+@functools.cache
+def _unknown_user_hash() -> str:
+    return _hasher.hash(secrets.token_urlsafe(32))
+
+
+def _verify(stored: str | None, password: str) -> bool:
+    """``stored`` None: an unknown user, verified against a hash nothing matches."""
+    try:
+        return _hasher.verify(stored or _unknown_user_hash(), password) and stored is not None
+    except (VerificationError, InvalidHashError):
+        return False
 
 
 class UserError(ValueError):
@@ -54,7 +70,7 @@ class UserStore:
             await self.users.insert_one(
                 {
                     "_id": name,
-                    "password": _hasher.hash(password),
+                    "password": await asyncio.to_thread(_hasher.hash, password),
                     "created_at": dt.datetime.now(dt.UTC),
                 }
             )
@@ -73,13 +89,10 @@ class UserStore:
 
     async def verify_password(self, name: str, password: str) -> bool:
         document = await self.users.find_one({"_id": name})
-        if document is None:
-            _hasher.hash(password)  # same work either way: no user-existence timing oracle
-            return False
-        try:
-            return _hasher.verify(document["password"], password)
-        except (VerificationError, InvalidHashError):
-            return False
+        # Same work either way (a verification against a hash no password matches): no
+        # user-existence timing oracle.
+        stored = document["password"] if document is not None else None
+        return await asyncio.to_thread(_verify, stored, password)
 
     async def _issue(self, user: str, kind: str, expires: dt.datetime | None, label: str) -> str:
         secret = secrets.token_urlsafe(32)

@@ -35,7 +35,9 @@ class System:
     nats_server: NatsServer
 
     async def task(self, task_id: str) -> Document | None:
-        doc: Document | None = await self.db["tasks"].find_one({"_id": task_id})
+        # A generated id, or one the client chose (stored under an internal id).
+        query = {"$or": [{"_id": task_id}, {"client_id": task_id}]}
+        doc: Document | None = await self.db["tasks"].find_one(query)
         return doc
 
     async def submit(self, body: dict[str, Any], headers: dict[str, str] | None = None) -> str:

@@ -40,7 +40,9 @@ async def test_extra_images_sync_runs_on_the_extras_pool(system: System) -> None
     status, result = await _post(system, "/extra_images", body, {"taskId": "extras-sync-1"})
     assert (200, "succeeded") == (status, result["status"]), result
     assert "extras-sync-1" == result["taskId"]
-    assert [names.image_key("default", "extras-sync-1", 1)] == result["images"]
+    # Object keys carry the task's internal id (a chosen one is scoped to its user).
+    internal = names.scoped_task_id("default", "extras-sync-1")
+    assert [names.image_key("default", internal, 1)] == result["images"]
     image = Image.open(io.BytesIO(await system.objects.get(result["images"][0])))
     assert (80, 48) == image.size
     # A sync answer comes once the task document is terminal: the result route agrees.
@@ -52,7 +54,7 @@ async def test_extra_images_sync_runs_on_the_extras_pool(system: System) -> None
     async with system.http.get(f"{system.url}/tasks/extras-sync-1/result") as response:
         stored = await response.json()
     assert "Postprocess upscaler: Lanczos" in stored["info"]["postprocessing"]
-    assert "inputs/default/extras-sync-1_0.png" == stored["parameters"]["image"]
+    assert f"inputs/default/{internal}_0.png" == stored["parameters"]["image"]
 
 
 async def test_a1111_extra_single_image_and_upscalers(system: System) -> None:

@@ -204,6 +204,14 @@ def corpus() -> Iterator[Attack]:
         "file traversal": "/files/..%2F..%2Fetc%2Fpasswd?expires=9999999999&signature=x",
         "file unsigned": "/files/images/default/x.png",
         "model traversal": "/models/..%2F..%2Fetc%2Fpasswd",
+        # Integers in queries: non-ASCII digits, 5000 digits, beyond 64 bits (issue 15).
+        "limit superscript": "/tasks?limit=%C2%B2",
+        "limit arabic digit": "/tasks?limit=%D9%A3",
+        "limit 5000 digits": "/tasks?limit=" + "1" * 5000,
+        "expires 5000 digits": "/files/images/default/x.png?signature=x&expires=" + "9" * 5000,
+        "expires superscript": "/files/images/default/x.png?signature=x&expires=%C2%B2",
+        "expires 2^64": f"/files/images/default/x.png?signature=x&expires={2**64}",
+        "model below a file": "/models/tiny.safetensors/x.safetensors",
     }.items():
         yield Attack(f"GET {label}", "GET", path, b"")
     models: dict[str, dict[str, Any]] = {
@@ -219,6 +227,7 @@ def corpus() -> Iterator[Attack]:
         "upload traversal": "..%2F..%2Fescape.safetensors",
         "upload pickle": "evil.ckpt",
         "upload not safetensors": "notes.safetensors",
+        "upload below a file": "tiny.safetensors/x.safetensors",
     }.items():
         yield Attack(
             f"PUT {label}",
@@ -279,7 +288,8 @@ async def test_hostile_corpus_costs_nothing(system: System) -> None:
     assert [] == server_errors
     async with system.http.get(f"{system.url}/healthz") as response:
         assert 200 == response.status, "the gateway survived"
-    assert sorted(accepted) == sorted(await system.db["tasks"].distinct("_id")), (
+    # The corpus names every request's task (`taskId`): chosen ids are kept as `client_id`.
+    assert sorted(accepted) == sorted(await system.db["tasks"].distinct("client_id")), (
         "a task document exists exactly for each accepted request"
     )
     nc = await bus.connect(system.nats_url, "hostile-check")

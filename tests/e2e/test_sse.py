@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import os
+import secrets
+import sys
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
+from services.common.servers import free_port
+from services.storage.tasks import new_task_document
 from tests.e2e.conftest import System
+from tests.e2e.gateways import extra_gateway
 
 pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("system", ["local"], indirect=True)]
 
@@ -54,3 +64,119 @@ async def test_reconnect_with_last_event_id_misses_nothing(system: System) -> No
     assert [e[0] for e in everything] == [e[0] for e in received], "no gap, no duplicate"
     assert "succeeded" == received[-1][1]
     assert list(range(1, 41)) == [e[2]["step"] for e in received if e[1] == "progress"]
+
+
+async def _waiting_task(system: System, user: str = "default") -> str:
+    """A task that stays waiting (stored, never queued): its event stream stays open."""
+    task_id = secrets.token_hex(12)
+    document = new_task_document(
+        task_id=task_id,
+        user=user,
+        kind="txt2img",
+        model_name="tiny.safetensors",
+        model_key="none-000000",
+        parameters={},
+        total_steps=1,
+        job_count=1,
+    )
+    await system.db["tasks"].insert_one(document)
+    return task_id
+
+
+async def test_open_event_streams_are_capped_per_user_and_in_all(system: System) -> None:
+    """Issue 15 item 4: no cap on open SSE streams (600 streams → 1.84 GB)."""
+    keys = {"ann": "ann-key-0123456789ab", "ben": "ben-key-0123456789ab"}
+    caps = {"max_sse_streams": 5, "max_sse_streams_per_user": 3}
+    api_keys = [f"{user}:{key}" for user, key in keys.items()]
+    tasks = {user: await _waiting_task(system, user) for user in keys}
+    async with (
+        extra_gateway(system, api_keys=api_keys, **caps) as url,
+        contextlib.AsyncExitStack() as held,
+    ):
+
+        async def open_stream(user: str) -> int:
+            response = await held.enter_async_context(
+                system.http.get(
+                    f"{url}/tasks/{tasks[user]}/events",
+                    headers={"Authorization": f"Bearer {keys[user]}"},
+                )
+            )
+            if response.status == 429:
+                assert "Retry-After" in response.headers
+                assert "too_many_streams" == (await response.json())["code"]
+            return response.status
+
+        assert [200, 200, 200, 429] == [await open_stream("ann") for _ in range(4)]
+        assert [200, 200, 429] == [await open_stream("ben") for _ in range(3)]
+        # Closed streams give their slots back (noticed at the next keep-alive, ≤ 5 s).
+        await held.aclose()
+        deadline = asyncio.get_running_loop().time() + 15
+        while await open_stream("ben") != 200:
+            assert asyncio.get_running_loop().time() < deadline, "slots never came back"
+            await asyncio.sleep(0.5)
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+async def test_memory_per_open_event_stream(system: System, tmp_path: Path) -> None:
+    """Issue 15 item 4: each open stream cost ~2 MB of gateway memory. Measured here on a
+    gateway process of its own: RSS with 200 streams open, per stream."""
+    port = free_port()
+    settings = system.settings
+    env = {
+        **os.environ,
+        "SDSWARM_NATS_URL": settings.nats_url,
+        "SDSWARM_MONGODB_URL": settings.mongodb_url,
+        "SDSWARM_MONGODB_DB": settings.mongodb_db,
+        "SDSWARM_STORE_DIR": settings.store_dir,
+        "SDSWARM_MODELS_DIR": settings.models_dir,
+        "SDSWARM_PORT": str(port),
+        "SDSWARM_MAX_SSE_STREAMS_PER_USER": "0",
+    }
+    log = (tmp_path / "gateway.log").open("wb")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.gateway.app", env=env, stdout=log, stderr=log
+    )
+    url = f"http://127.0.0.1:{port}"
+    streams = 200
+    try:
+        for _ in range(300):
+            with contextlib.suppress(aiohttp.ClientError):
+                async with system.http.get(f"{url}/healthz") as response:
+                    if response.status == 200:
+                        break
+            await asyncio.sleep(0.1)
+        task_id = await _waiting_task(system)
+        # Warm up (first stream, imports, connection pools), then measure.
+        async with system.http.get(f"{url}/tasks/{task_id}/events") as response:
+            assert 200 == response.status
+        await asyncio.sleep(0.5)
+        before = await asyncio.to_thread(_rss_bytes, process.pid)
+        connector = aiohttp.TCPConnector(limit=0)
+        async with (
+            aiohttp.ClientSession(connector=connector) as http,
+            contextlib.AsyncExitStack() as held,
+        ):
+            for _ in range(streams):
+                response = await held.enter_async_context(http.get(f"{url}/tasks/{task_id}/events"))
+                assert 200 == response.status
+            await asyncio.sleep(1)
+            during = await asyncio.to_thread(_rss_bytes, process.pid)
+        await asyncio.sleep(2)
+        after = await asyncio.to_thread(_rss_bytes, process.pid)
+    finally:
+        process.terminate()
+        await process.wait()
+        log.close()
+    per_stream = (during - before) / streams
+    print(
+        f"gateway RSS {before / 2**20:.1f} MiB; with {streams} open event streams"
+        f" {during / 2**20:.1f} MiB ({per_stream / 1024:.0f} KiB per stream);"
+        f" after closing them {after / 2**20:.1f} MiB"
+    )
+    assert per_stream < 256 * 1024

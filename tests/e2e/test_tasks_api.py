@@ -179,21 +179,22 @@ async def test_another_users_task_id_never_answers_with_that_task(
             return response.status, await response.text()
 
     answers = await asyncio.gather(*(attempt() for _ in range(20)))
+    # Client-chosen ids are scoped per user: Alice's id is just a name Bob gives his own
+    # task. Every answer is about Bob's one task (or asks him to retry), never Alice's.
     for status, text in answers:
-        assert 409 == status, text
         assert "images/alice" not in text
-        assert "ossUrl" not in text
-    codes = sorted({msgspec.json.decode(text)["code"] for _, text in answers})
-    assert set(codes) <= {"task_exists", "idempotency_in_flight"}, codes
-    # The key was released by the refused request: Bob's own retry with a fresh id works.
-    retry = {k: v for k, v in headers.items() if k != "taskId"} | {"Request-Type": "async"}
-    async with system.http.post(
-        f"{keyed_url}/txt2img", json={**request, "height": 64}, headers=retry
-    ) as response:
-        assert 202 == response.status, await response.text()
-        own = (await response.json())["taskId"]
-    assert own != task_id
-    await _wait_done(system, own, keyed_url, {"Authorization": f"Bearer {BOB}"})
+        assert status in (200, 202, 409), text
+        answer = msgspec.json.decode(text)
+        if status == 409:
+            assert "idempotency_in_flight" == answer["code"], text
+        else:
+            assert task_id == answer["taskId"], text
+    assert any(status != 409 for status, _ in answers)
+    bob = {"Authorization": f"Bearer {BOB}"}
+    await _wait_done(system, task_id, keyed_url, bob)
+    async with system.http.get(f"{keyed_url}/tasks/{task_id}/result", headers=bob) as response:
+        assert all(k.startswith("images/bob/") for k in (await response.json())["images"])
+    assert 1 == await system.db["tasks"].count_documents({"user": "bob", "client_id": task_id})
 
 
 async def test_idempotency_keys(system: System) -> None:
@@ -287,3 +288,86 @@ async def test_idempotency_keys_on_every_submitting_route(
     assert ids["async"][0] != ids["sync"][0]
     assert before + 2 == await system.db["tasks"].count_documents({})
     await _wait_done(system, ids["async"][0])
+
+
+async def _sse_task_ids(
+    system: System, url: str, task_id: str, headers: dict[str, str]
+) -> set[str]:
+    seen: set[str] = set()
+    async with system.http.get(f"{url}/tasks/{task_id}/events", headers=headers) as response:
+        assert 200 == response.status
+        async for raw in response.content:
+            line = raw.decode()
+            if line.startswith("data: "):
+                data = msgspec.json.decode(line[6:])
+                seen.add(data["task_id"])
+                if data["kind"] in ("succeeded", "failed", "cancelled"):
+                    break
+    return seen
+
+
+async def test_client_chosen_ids_are_scoped_per_user(system: System, keyed_url: str) -> None:
+    """Issue 15 item 8: a chosen id taken by another user was a 409 `task_exists` (an
+    oracle, and ids could be squatted). Now each user's chosen ids are their own: the
+    same id works for both, each sees only their own task under it, everywhere."""
+    alice = {"Authorization": f"Bearer {ALICE}"}
+    bob = {"Authorization": f"Bearer {BOB}"}
+    status, body = await _submit(system, url=keyed_url, headers=alice)
+    assert 202 == status
+    generated = body["taskId"]
+    for who in (alice, bob):
+        status, body = await _submit(system, url=keyed_url, headers={**who, "taskId": "shared"})
+        assert (202, "shared") == (status, body["taskId"]), body
+    # Bob names Alice's generated id: his own task, no collision, nothing revealed.
+    status, body = await _submit(system, url=keyed_url, headers={**bob, "taskId": generated})
+    assert (202, generated) == (status, body["taskId"]), body
+    # The owner's reuse of an id stays the seed's 409, for a chosen or a generated one.
+    for taken in ("shared", generated):
+        status, body = await _submit(system, url=keyed_url, headers={**alice, "taskId": taken})
+        assert (409, "task_exists", "taskId") == (status, body["code"], body["field"])
+    # A1111's force_task_id is scoped the same way.
+    async with system.http.post(
+        f"{keyed_url}/sdapi/v1/txt2img",
+        json={**_GENERATE, "force_task_id": "shared"},
+        headers={**bob, "Request-Type": "async"},
+    ) as response:
+        assert (409, "task_exists") == (response.status, (await response.json())["code"])
+    async with system.http.post(
+        f"{keyed_url}/sdapi/v1/txt2img",
+        json={**_GENERATE, "force_task_id": generated + "-a1111"},
+        headers={**alice, "Request-Type": "async"},
+    ) as response:
+        assert 202 == response.status
+        assert generated + "-a1111" == response.headers["taskId"]
+
+    for who, user in ((alice, "alice"), (bob, "bob")):
+        for task_id in ("shared", generated):
+            await _wait_done(system, task_id, keyed_url, who)
+            async with system.http.get(
+                f"{keyed_url}/tasks/{task_id}/result", headers=who
+            ) as response:
+                result = await response.json()
+            assert (200, task_id, "succeeded") == (
+                response.status,
+                result["taskId"],
+                result["status"],
+            )
+            assert [f"images/{user}/"] == [k[: len(user) + 8] for k in result["images"]]
+            async with system.http.get(
+                f"{keyed_url}/tasks/{task_id}/progress", headers=who
+            ) as response:
+                assert task_id == (await response.json())["taskId"]
+            assert {task_id} == await _sse_task_ids(system, keyed_url, task_id, who)
+            async with system.http.post(
+                f"{keyed_url}/tasks/{task_id}/cancellation", headers=who
+            ) as response:
+                assert (409, "task_finished") == (response.status, (await response.json())["code"])
+        async with system.http.get(f"{keyed_url}/tasks", headers=who) as response:
+            listed = [t["taskId"] for t in (await response.json())["tasks"]]
+        assert {"shared", generated} <= set(listed)
+        assert len(listed) == len(set(listed))
+    await _wait_done(system, generated + "-a1111", keyed_url, alice)
+    # Stored apart: two documents named "shared", one per owner, neither with that _id.
+    shared = await system.db["tasks"].find({"client_id": "shared"}).to_list()
+    assert ["alice", "bob"] == sorted(d["user"] for d in shared)
+    assert "shared" not in {d["_id"] for d in shared}

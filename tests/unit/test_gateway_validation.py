@@ -5,7 +5,7 @@ from proto.requests import Txt2ImgRequest
 from services.gateway.auth import auth_enabled, is_loopback, parse_api_keys
 from services.gateway.errors import ApiError
 from services.gateway.settings import GatewaySettings
-from services.gateway.validation import check_limits, decode
+from services.gateway.validation import bounded_int, check_limits, decode
 
 
 def _request(**fields: object) -> Txt2ImgRequest:
@@ -174,3 +174,14 @@ def test_image_denoising_must_run_a_step() -> None:
     with pytest.raises(ApiError) as info:
         check_limits(hires, GatewaySettings())
     assert (422, "hr_second_pass_steps") == (info.value.status, info.value.field)
+
+
+@pytest.mark.parametrize("text", ["", "²", "٣", "１", "1" * 5000, "-1", "+1", "1e3", "0x1", "101"])
+def test_bounded_int_refuses_what_is_not_a_small_ascii_integer(text: str) -> None:
+    with pytest.raises(ApiError) as raised:
+        bounded_int(text, "limit", 1, 100)
+    assert (422, "limit") == (raised.value.status, raised.value.field)
+
+
+def test_bounded_int_reads_ascii_digits_within_bounds() -> None:
+    assert (1, 100, 7) == tuple(bounded_int(t, "limit", 1, 100) for t in ("1", "100", "007"))

@@ -37,3 +37,12 @@ def test_subjects_streams_and_consumers() -> None:
 def test_task_ids_that_would_break_subjects_are_refused(task_id: str) -> None:
     with pytest.raises(ValueError, match="task id"):
         names.event_subject(task_id, "started")
+
+
+def test_chosen_task_ids_are_scoped_per_user() -> None:
+    alice, bob = names.scoped_task_id("alice", "x"), names.scoped_task_id("bob", "x")
+    assert alice != bob
+    assert alice == names.scoped_task_id("alice", "x")
+    # Shaped like a generated id: subject- and key-safe.
+    assert 24 == len(alice)
+    assert alice == names.check_task_id(alice)

@@ -9,6 +9,7 @@ import hmac
 
 import pytest
 
+from services.common import netguard
 from services.common.settings import StoreSettings
 from services.storage.webhooks import WebhookRefusedError, check_url, sign, subscribed
 
@@ -79,3 +80,57 @@ def test_signature_is_standard_webhooks_hmac() -> None:
 )
 def test_subscriptions(kind: str, events: list[str], expected: bool) -> None:
     assert expected == subscribed(kind, events)
+
+
+@pytest.mark.parametrize(
+    ("address", "public"),
+    [
+        ("93.184.216.34", True),
+        ("2606:4700::1111", True),
+        ("10.0.0.1", False),
+        # 6to4 (2002::/16) wrapping a private or loopback IPv4 (issue 15 item 12).
+        ("2002:0a00:0001::1", False),
+        ("2002:7f00:0001::1", False),
+        ("2002:a9fe:a9fe::1", False),  # 169.254.169.254, the metadata service
+        ("2002:5db8:d822::1", True),  # 93.184.216.34
+        # NAT64, well-known and local-use prefixes.
+        ("64:ff9b::10.0.0.1", False),
+        ("64:ff9b::127.0.0.1", False),
+        ("64:ff9b:1::a9fe:a9fe", False),
+        ("64:ff9b::93.184.216.34", True),
+        # IPv4-mapped and IPv4-compatible.
+        ("::ffff:10.0.0.1", False),
+        ("::ffff:169.254.169.254", False),
+        ("::ffff:93.184.216.34", True),
+        ("::10.0.0.1", False),
+        ("::1", False),
+        # Teredo: server 10.0.0.1, client ~0xa2472b37 = 93.184.212.200.
+        ("2001:0:a00:1::a247:2b37", False),
+    ],
+)
+def test_public_addresses_look_inside_ipv6(address: str, public: bool) -> None:
+    assert public == netguard.public_address(address)
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "scheme", "entries", "allowed"),
+    [
+        ("hooks.example.com", 443, "https", ["hooks.example.com"], True),
+        # A host allowed without a port: its default port only (issue 15 item 12).
+        ("hooks.example.com", 22, "https", ["hooks.example.com"], False),
+        ("hooks.example.com", 8443, "https", ["hooks.example.com"], False),
+        ("hooks.example.com", 80, "http", ["hooks.example.com"], True),
+        ("hooks.example.com", 8443, "https", ["hooks.example.com:8443"], True),
+        ("hooks.example.com", 443, "https", ["hooks.example.com:8443"], False),
+        ("a.example.org", 9000, "https", ["*.example.org:*"], True),
+        ("a.example.org", 443, "https", ["*.example.org"], True),
+        ("evil.test", 443, "https", ["*.example.org:*"], False),
+        ("::1", 8443, "https", ["[::1]:8443"], True),
+        ("::1", 443, "https", ["::1"], True),
+        ("::1", 8443, "https", ["::1"], False),
+    ],
+)
+def test_allow_list_entries_include_ports(
+    host: str, port: int, scheme: str, entries: list[str], allowed: bool
+) -> None:
+    assert allowed == netguard.host_allowed(host, port, scheme, entries)

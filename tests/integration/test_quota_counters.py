@@ -1,0 +1,100 @@
+"""Quotas from counters (issue 15, "bursts are accepted fast"): an admission costs the
+same whether the user has no open task or thousands, and the counters follow the fold."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from proto.events import TaskSucceeded
+from services.storage.mongo import database, open_client
+from services.storage.quotas import QuotaStore
+from services.storage.tasks import new_task_document
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def quotas(mongo_server: Any) -> AsyncIterator[QuotaStore]:
+    client = open_client(mongo_server.url)
+    name = f"test_{secrets.token_hex(4)}"
+    quotas = QuotaStore(database(client, name))
+    await quotas.store.ensure_indexes()
+    await quotas.ensure_indexes()
+    yield quotas
+    await client.drop_database(name)
+    await client.close()
+
+
+def _task(user: str, task_id: str | None = None) -> dict[str, Any]:
+    return new_task_document(
+        task_id=task_id or secrets.token_hex(12),
+        user=user,
+        kind="txt2img",
+        model_name="m",
+        model_key="m-000000",
+        parameters={},
+        total_steps=1,
+        job_count=1,
+    )
+
+
+async def _admissions_per_s(quotas: QuotaStore, user: str, n: int = 40) -> float:
+    started = time.perf_counter()
+    for _ in range(n):
+        assert await quotas.admit(user, max_open=100_000, per_minute=100_000) is None
+    return n / (time.perf_counter() - started)
+
+
+async def test_admission_does_not_slow_down_as_the_queue_grows(quotas: QuotaStore) -> None:
+    """Counting a user's open tasks and last minute's submissions on every request made
+    admission slower with every queued task (21-34/s with a deep queue)."""
+    empty = await _admissions_per_s(quotas, "fresh")
+    await quotas.tasks.insert_many([_task("busy") for _ in range(5000)])
+    await quotas.open_counts.update_one({"_id": "busy"}, {"$set": {"n": 5000}}, upsert=True)
+    deep = await _admissions_per_s(quotas, "busy")
+    print(f"admissions/s: no open task {empty:.0f}, 5000 open tasks {deep:.0f}")
+    assert deep > 0.5 * empty
+
+
+async def test_counters_follow_admissions_the_fold_and_releases(quotas: QuotaStore) -> None:
+    limits = {"max_open": 2, "per_minute": 100}
+    ids = [secrets.token_hex(12) for _ in range(2)]
+    for task_id in ids:
+        assert await quotas.admit("ann", **limits) is None
+        await quotas.store.insert(_task("ann", task_id))
+    refusal = await quotas.admit("ann", **limits)
+    assert refusal is not None
+    assert "unfinished tasks" in refusal.reason
+    # A task ending (the event fold) frees its place; folding it twice frees one only.
+    for _ in range(2):
+        await quotas.store.apply(TaskSucceeded(task_id=ids[0], attempt=1, images=[]))
+    assert await quotas.admit("ann", **limits) is None
+    await quotas.store.insert(_task("ann"))
+    assert await quotas.admit("ann", **limits) is not None
+    # A submission refused after admission gives its place back.
+    await quotas.store.apply(TaskSucceeded(task_id=ids[1], attempt=1, images=[]))
+    assert await quotas.admit("ann", **limits) is None
+    assert {"_id": "ann", "n": 2} == await quotas.open_counts.find_one({"_id": "ann"})
+    await quotas.release("ann", per_minute=100)
+    assert {"_id": "ann", "n": 1} == await quotas.open_counts.find_one({"_id": "ann"})
+
+
+async def test_a_counter_ahead_of_the_truth_is_corrected(quotas: QuotaStore) -> None:
+    """A gateway that died between admission and insert left the counter too high."""
+    await quotas.open_counts.update_one({"_id": "cid"}, {"$set": {"n": 50}}, upsert=True)
+    assert await quotas.admit("cid", max_open=2, per_minute=0) is None
+    assert {"_id": "cid", "n": 1} == await quotas.open_counts.find_one({"_id": "cid"})
+
+
+async def test_submissions_per_minute(quotas: QuotaStore) -> None:
+    for _ in range(3):
+        assert await quotas.admit("dee", max_open=0, per_minute=3) is None
+    refusal = await quotas.admit("dee", max_open=0, per_minute=3)
+    assert refusal is not None
+    assert "per minute" in refusal.reason
+    assert 1 <= refusal.retry_after_s <= 60
