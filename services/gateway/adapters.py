@@ -1,6 +1,7 @@
 """Adapters a request names are resolved before anything is queued: the LoRAs of its
-prompt (``<lora:name:weight>``), its VAE (``sd_vae`` or ``override_settings.sd_vae``) and
-the textual-inversion embeddings its prompts mention.
+prompt (``<lora:name:weight>``), its VAE (``sd_vae`` or ``override_settings.sd_vae``),
+the textual-inversion embeddings its prompts mention and the upscaler models it names
+(hires fix, extras).
 A name that is not a usable registered model is a 422 naming it."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 from proto import ModelStatus, ModelType
 from proto.commands import AdapterRef
 from proto.extra_networks import lora_tags
+from proto.requests import HIRES_IMAGE_UPSCALERS, LATENT_UPSCALE_MODES, Txt2ImgRequest
 from services.gateway.errors import ApiError
 from services.gateway.resources import Resources
 
@@ -132,3 +134,42 @@ async def resolve_embeddings(
         and _mentions(text, m["name"])
         and families_match(family, m.get("family"))
     ]
+
+
+def usable(model: dict[str, Any] | None) -> bool:
+    """Registered, readable and not being deleted."""
+    return (
+        model is not None
+        and model.get("status") not in (ModelStatus.FAILED.value, ModelStatus.REGISTERING.value)
+        and not model.get("draining")
+    )
+
+
+async def resolve_upscaler(
+    res: Resources, name: str, field: str, builtins: tuple[str, ...]
+) -> AdapterRef:
+    """The registered ``upscaler`` model ``name``; a 422 listing what is available (the
+    ``builtins`` first, then the usable registered models) when there is none."""
+    model = await res.models.get(name, ModelType.UPSCALER)
+    if model is None or not usable(model):
+        known = [m["name"] for m in await res.models.list(ModelType.UPSCALER) if usable(m)]
+        raise ApiError(
+            422,
+            "upscaler_not_found",
+            f"`{field}` {name!r} is not an upscaler; available: " + ", ".join([*builtins, *known]),
+            field=field,
+        )
+    return AdapterRef(name=model["name"], path=model["path"], sha256=model.get("sha256") or "")
+
+
+HIRES_BUILTINS = (*LATENT_UPSCALE_MODES, *HIRES_IMAGE_UPSCALERS)
+"""A1111's hires-fix upscalers that need no model file."""
+
+
+async def resolve_hr_upscaler(res: Resources, request: Txt2ImgRequest) -> AdapterRef | None:
+    """Hires fix with a model upscaler: the registered file ``hr_upscaler`` names; None
+    without hires fix or for a built-in (``Latent`` …, ``Lanczos``, ``Nearest``, ``None``)."""
+    name = request.hr_upscaler or "Latent"
+    if not request.enable_hr or name in HIRES_BUILTINS:
+        return None
+    return await resolve_upscaler(res, name, "hr_upscaler", HIRES_BUILTINS)

@@ -29,6 +29,7 @@ from proto.requests import (
     extras_options,
     to_builtins,
 )
+from services.gateway.adapters import resolve_upscaler
 from services.gateway.auth import caller
 from services.gateway.errors import ApiError
 from services.gateway.images import store_inputs
@@ -56,19 +57,8 @@ async def _resolve_upscalers(res: Resources, options: ExtrasOptions) -> dict[str
     wanted = [("upscaler_1", options.upscaler_1), ("upscaler_2", options.upscaler_2)]
     found: dict[str, str] = {}
     for field, name in wanted:
-        if name in BUILTIN_UPSCALERS:
-            continue
-        model = await res.models.get(name, ModelType.UPSCALER)
-        if model is None or model.get("status") == "failed" or model.get("draining"):
-            known = [m["name"] for m in await res.models.list(ModelType.UPSCALER)]
-            raise ApiError(
-                422,
-                "invalid_field",
-                f"`{field}` {name!r} is not an upscaler; known: "
-                + ", ".join([*BUILTIN_UPSCALERS, *known]),
-                field=field,
-            )
-        found[name] = str(model["path"])
+        if name not in BUILTIN_UPSCALERS:
+            found[name] = (await resolve_upscaler(res, name, field, BUILTIN_UPSCALERS)).path
     return found
 
 

@@ -29,7 +29,12 @@ from proto.events import TaskCancelled
 from proto.requests import Img2ImgRequest, Txt2ImgRequest, to_builtins
 from services.common import bus
 from services.gateway import waiting
-from services.gateway.adapters import resolve_embeddings, resolve_loras, resolve_vae
+from services.gateway.adapters import (
+    resolve_embeddings,
+    resolve_hr_upscaler,
+    resolve_loras,
+    resolve_vae,
+)
 from services.gateway.auth import caller
 from services.gateway.controlnet_api import check_controlnets, claim_controlnets
 from services.gateway.errors import ApiError
@@ -114,6 +119,7 @@ async def submit(
 ) -> tuple[str, Document | None]:
     """Queue a validated request; with ``sync``, wait for its outcome (None: deadline)."""
     model = await resolve_checkpoint(res, body.stable_diffusion_model, "stable_diffusion_model")
+    hr_upscaler = await resolve_hr_upscaler(res, body) if isinstance(body, Txt2ImgRequest) else None
     await admit(res, user)
     webhook = await checked_webhook(res, body.webhook)
     if body.styles:
@@ -157,6 +163,7 @@ async def submit(
         input_keys=input_keys,
         loras=loras,
         hr_loras=hr_loras,
+        hr_upscaler=hr_upscaler,
         vae=vae,
         embeddings=embeddings,
         controlnets=controlnets,

@@ -58,6 +58,8 @@ def make_pipeline_factory(settings: WorkerSettings):  # type: ignore[no-untyped-
             preview_interval_s=settings.preview_interval_s,
             cache_dir=Path(settings.cache_dir),
             png_compress_level=settings.png_compress_level,
+            upscale_tile_px=settings.upscale_tile_px,
+            upscale_tile_overlap_px=settings.upscale_tile_overlap_px,
         )
 
     return factory

@@ -295,8 +295,14 @@ class DiffusersPipeline:
         max_loras: int = 8,
         cache_dir: Path | None = None,
         png_compress_level: int = PNG_COMPRESS_LEVEL,
+        upscale_tile_px: int = 192,
+        upscale_tile_overlap_px: int = 16,
     ) -> None:
         self.pipe = pipe
+        self.upscale_tile_px = upscale_tile_px
+        self.upscale_tile_overlap_px = upscale_tile_overlap_px
+        self._upscalers: Any = None
+        """Hires fix's model upscalers (``upscalers.ModelCache``), made on first use."""
         self.png_compress_level = png_compress_level
         self.cache_dir = cache_dir or Path("./data/cache")
         self._own_vae = pipe.vae
@@ -347,6 +353,7 @@ class DiffusersPipeline:
                             should_skip,
                             subseeds=plan.job_subseeds(job_no),
                             hr_loras=command.hr_loras,
+                            hr_upscaler=command.hr_upscaler,
                         )
                     except JobSkippedError:
                         continue  # skipped: no images from this job, on with the next
@@ -505,6 +512,7 @@ class DiffusersPipeline:
         should_skip: Callable[[], bool] = lambda: False,
         subseeds: list[int] | None = None,
         hr_loras: list[AdapterRef] | None = None,
+        hr_upscaler: AdapterRef | None = None,
         *,
         prompt_options: dict[str, Any] | None = None,
         step_callback: Callable[..., Any] | None = None,
@@ -598,7 +606,14 @@ class DiffusersPipeline:
                 if hr_loras is not None:  # hr_prompt's LoRAs, as A1111 activates them
                     self.loras.activate(hr_loras)
                 result = self._hires_pass(
-                    request, result.images, seeds, generators, callback, control
+                    request,
+                    result.images,
+                    seeds,
+                    generators,
+                    callback,
+                    control,
+                    model=hr_upscaler,
+                    should_stop=should_stop,
                 )
         images: list[Image.Image] = result.images
         if images_in is not None:  # pasted back into the originals (A1111's overlay)
@@ -669,13 +684,19 @@ class DiffusersPipeline:
         generators: list[torch.Generator],
         callback: Callable[..., Any],
         control: Control | None = None,
+        *,
+        model: AdapterRef | None = None,
+        should_stop: Callable[[], bool] = lambda: False,
     ) -> Any:
-        """A1111's hires fix: upscale the first pass (its latents, or the decoded image)
-        to ``hr_size`` and denoise it again with img2img at ``denoising_strength``."""
+        """A1111's hires fix: upscale the first pass (its latents, or the decoded image;
+        with ``model``, the registered upscaler ``hr_upscaler`` names, tile by tile) to
+        ``hr_size`` and denoise it again with img2img at ``denoising_strength``."""
         width, height = request.hr_size()
         upscaler = request.hr_upscaler or "Latent"
         image: Any
-        if upscaler in LATENT_UPSCALE_MODES:
+        if model is not None:
+            image = [self._model_upscale(model, im, (width, height), should_stop) for im in first]
+        elif upscaler in LATENT_UPSCALE_MODES:
             mode, antialias = LATENT_UPSCALE_MODES[upscaler]
             image = torch.nn.functional.interpolate(
                 first,
@@ -716,6 +737,29 @@ class DiffusersPipeline:
             output_type="pil",
             **options,
             **self._prompt_options(pipe, request, prompt, negative, len(seeds)),
+        )
+
+    def _model_upscale(
+        self,
+        ref: AdapterRef,
+        image: Image.Image,
+        size: tuple[int, int],
+        should_stop: Callable[[], bool],
+    ) -> Image.Image:
+        """``image`` to ``size`` through an upscaler model (spandrel), tiled as extras are;
+        cancellation is checked between tiles."""
+        from services.inference.upscalers import ModelCache, upscale_with_model
+
+        if self._upscalers is None:
+            self._upscalers = ModelCache(self.device, capacity=1)
+        upscaler = self._upscalers.get(ref.name, ref.path)
+        return upscale_with_model(
+            upscaler,
+            image,
+            size,
+            tile=self.upscale_tile_px,
+            overlap=self.upscale_tile_overlap_px,
+            should_stop=should_stop,
         )
 
     def _info(

@@ -48,7 +48,7 @@ class WorkerSettings(StoreSettings, kw_only=True, frozen=True):
     """Exit (after the current task) once this process is no longer our parent: the
     local backend passes its pid, so a worker never outlives it. 0: no such check."""
     upscale_tile_px: int = 192
-    """Extras workers: model upscalers run on tiles of this many pixels a side (0: whole
+    """Model upscalers (extras, hires fix) run on tiles of this many pixels a side (0: whole
     image at once), which bounds memory on large images (A1111's ``ESRGAN_tile``)."""
     upscale_tile_overlap_px: int = 16
     """Context around each tile, dropped from its output (A1111's ``ESRGAN_tile_overlap``)."""

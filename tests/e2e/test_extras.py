@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from proto import ModelType, names
+from proto.codec import decode_generate
 from services.storage.models import ModelStore
 from services.storage.scan import register_models
 from tests.e2e.conftest import System
@@ -117,3 +118,36 @@ async def test_registered_model_upscaler(system: System, tmp_path: Path) -> None
     assert (200, "succeeded") == (status, result["status"]), result
     image = Image.open(io.BytesIO(await system.objects.get(result["images"][0])))
     assert (32, 16) == image.size
+
+
+async def test_hires_fix_with_a_registered_model_upscaler(system: System, tmp_path: Path) -> None:
+    """``hr_upscaler`` may name a registered upscaler; an unknown name is a 422 that lists
+    the built-ins and the registered models, and queues nothing."""
+    save_compact(tmp_path / "ESRGAN" / "tiny_hr_x2.safetensors")
+    await register_models(tmp_path, ModelStore(system.db), False, (ModelType.UPSCALER,))
+    body = {
+        "stable_diffusion_model": "tiny.safetensors",
+        "prompt": "a cat",
+        "steps": 2,
+        "width": 64,
+        "height": 64,
+        "enable_hr": True,
+        "hr_scale": 2,
+        "denoising_strength": 0.5,
+    }
+    before = await system.db["tasks"].count_documents({})
+    status, result = await _post(system, "/txt2img", body | {"hr_upscaler": "4x-UltraSharp"})
+    assert (422, "hr_upscaler") == (status, result["field"]), result
+    assert "Latent (bicubic antialiased)" in result["message"]
+    assert "Lanczos" in result["message"] and "tiny_hr_x2" in result["message"]
+    assert before == await system.db["tasks"].count_documents({})
+    status, result = await _post(system, "/txt2img", body | {"hr_upscaler": "tiny_hr_x2"})
+    assert (200, "succeeded") == (status, result["status"]), result
+    image = Image.open(io.BytesIO(await system.objects.get(result["images"][0])))
+    assert (128, 128) == image.size
+    assert "Hires upscaler: tiny_hr_x2" in image.text["parameters"]  # type: ignore[attr-defined]
+    doc = await system.task(result["taskId"])
+    assert doc is not None
+    command = decode_generate(doc["command"])
+    assert command.hr_upscaler is not None, "the worker is told which file to run"
+    assert command.hr_upscaler.path.endswith("tiny_hr_x2.safetensors")
