@@ -43,6 +43,9 @@ class GenerateImage(Struct, kw_only=True, frozen=True, omit_defaults=True):
     """Hires fix: the registered ``upscaler`` model that ``hr_upscaler`` names, resolved to
     its file; it upscales the first pass's images. None for the built-in resamplers and
     the latent modes."""
+    face_restorer: AdapterRef | None = None
+    """The registered ``faceRestorer`` model that restores faces after generation
+    (``restore_faces``) or in extras (``gfpgan_visibility`` > 0); None: no restoration."""
     controlnets: list[ControlUnit] = []
     """Enabled ControlNet units (``alwayson_scripts.controlnet``), resolved; their images
     are ``input_keys`` too."""

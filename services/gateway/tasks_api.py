@@ -33,6 +33,7 @@ from services.gateway.adapters import (
     resolve_embeddings,
     resolve_hr_upscaler,
     resolve_loras,
+    resolve_restore_faces,
     resolve_vae,
 )
 from services.gateway.auth import caller
@@ -139,6 +140,7 @@ async def submit(
         merged = {**options, **(body.override_settings or {})}
         body = msgspec.structs.replace(body, override_settings=merged)
     vae = await resolve_vae(res, body.sd_vae, body.override_settings)
+    face_restorer = await resolve_restore_faces(res, body.restore_faces, body.override_settings)
     units = await check_controlnets(res, body, model)
     input_keys: list[str] = []
     staged: list[StagedInputs] = []
@@ -164,6 +166,7 @@ async def submit(
         loras=loras,
         hr_loras=hr_loras,
         hr_upscaler=hr_upscaler,
+        face_restorer=face_restorer,
         vae=vae,
         embeddings=embeddings,
         controlnets=controlnets,

@@ -60,6 +60,7 @@ def make_pipeline_factory(settings: WorkerSettings):  # type: ignore[no-untyped-
             png_compress_level=settings.png_compress_level,
             upscale_tile_px=settings.upscale_tile_px,
             upscale_tile_overlap_px=settings.upscale_tile_overlap_px,
+            face_detector_path=settings.face_detector_path,
         )
 
     return factory
@@ -72,6 +73,7 @@ def make_extras_factory(settings: WorkerSettings):  # type: ignore[no-untyped-de
         import torch
 
         from services.inference.extras import ExtrasRunner
+        from services.inference.faces import FaceRestoration
         from services.inference.upscalers import ModelCache
 
         device = pick_device(settings.device)
@@ -82,6 +84,7 @@ def make_extras_factory(settings: WorkerSettings):  # type: ignore[no-untyped-de
             tile=settings.upscale_tile_px,
             overlap=settings.upscale_tile_overlap_px,
             models=ModelCache(device),
+            faces=FaceRestoration(device, settings.face_detector_path),
         )
 
     return factory

@@ -192,6 +192,7 @@ def infotext(
     controlnets: list[ControlUnit] | None = None,
     *,
     subseed: int | None = None,
+    face_restoration: str | None = None,
 ) -> str:
     """A1111's human-readable generation parameters (also stored in each PNG)."""
     sampler, schedule = split_sampler(request.effective_sampler, request.scheduler)
@@ -212,6 +213,7 @@ def infotext(
             else []
         ),
         f"Size: {request.width}x{request.height}",
+        *([f"Face restoration: {face_restoration}"] if face_restoration else []),
         *(
             [f"Denoising strength: {request.denoising_strength:g}"]
             if isinstance(request, Img2ImgRequest) and request.denoising_strength is not None
@@ -297,8 +299,12 @@ class DiffusersPipeline:
         png_compress_level: int = PNG_COMPRESS_LEVEL,
         upscale_tile_px: int = 192,
         upscale_tile_overlap_px: int = 16,
+        face_detector_path: str = "",
     ) -> None:
         self.pipe = pipe
+        self.face_detector_path = face_detector_path
+        self._faces: Any = None
+        """``faces.FaceRestoration``, made when a task first restores faces."""
         self.upscale_tile_px = upscale_tile_px
         self.upscale_tile_overlap_px = upscale_tile_overlap_px
         self._upscalers: Any = None
@@ -357,6 +363,8 @@ class DiffusersPipeline:
                         )
                     except JobSkippedError:
                         continue  # skipped: no images from this job, on with the next
+                    if command.face_restorer is not None:  # A1111: after decoding
+                        images = self._restore_faces(command.face_restorer, images, should_stop)
                     frames += zip(images, plan.job_infotexts(job_no), strict=True)
         except LoraError as exc:
             raise GenerationError("lora_failed", str(exc)) from exc
@@ -380,6 +388,7 @@ class DiffusersPipeline:
         seeds = [(first_seed + i) % (MAX_SEED + 1) for i in range(count)]
         first_subseed = resolve_seed(request.subseed)
         subseeds = [(first_subseed + i) % (MAX_SEED + 1) for i in range(count)]
+        restorer = command.face_restorer.name if command.face_restorer else None
         infotexts = [
             infotext(
                 request,
@@ -391,10 +400,11 @@ class DiffusersPipeline:
                 command.embeddings,
                 command.controlnets,
                 subseed=subseed,
+                face_restoration=restorer,
             )
             for seed, subseed in zip(seeds, subseeds, strict=True)
         ]
-        info = self._info(request, seeds, infotexts, subseeds)
+        info = self._info(request, seeds, infotexts, subseeds, restored=restorer is not None)
         return TaskPlan(request, seeds, subseeds, infotexts, info)
 
     @contextlib.contextmanager
@@ -739,6 +749,19 @@ class DiffusersPipeline:
             **self._prompt_options(pipe, request, prompt, negative, len(seeds)),
         )
 
+    def _restore_faces(
+        self, ref: AdapterRef, images: list[Image.Image], should_stop: Callable[[], bool]
+    ) -> list[Image.Image]:
+        """``restore_faces``: each image's faces restored by the task's restorer."""
+        from services.inference.faces import FaceRestoration
+
+        if self._faces is None:
+            self._faces = FaceRestoration(self.device, self.face_detector_path)
+        return [
+            self._faces.restore(ref.name, ref.path, image, should_stop=should_stop)
+            for image in images
+        ]
+
     def _model_upscale(
         self,
         ref: AdapterRef,
@@ -763,7 +786,13 @@ class DiffusersPipeline:
         )
 
     def _info(
-        self, request: Request, seeds: list[int], texts: list[str], subseeds: list[int]
+        self,
+        request: Request,
+        seeds: list[int],
+        texts: list[str],
+        subseeds: list[int],
+        *,
+        restored: bool = False,
     ) -> dict[str, Any]:
         sampler, schedule = split_sampler(request.effective_sampler, request.scheduler)
         return {
@@ -784,7 +813,7 @@ class DiffusersPipeline:
             "steps": request.steps,
             "batch_size": request.batch_size,
             "n_iter": request.n_iter,
-            "restore_faces": False,
+            "restore_faces": restored,
             "sd_model_name": Path(self.model_name).stem,
             "sd_model_hash": self.model_hash,
             "seed_resize_from_w": request.seed_resize_from_w,
@@ -792,7 +821,7 @@ class DiffusersPipeline:
             "denoising_strength": request.denoising_strength,
             "extra_generation_params": {},
             "index_of_first_image": 0,
-            "warnings": _warnings(request),
+            "warnings": _warnings(request, restored=restored),
             "infotexts": texts,
             "styles": request.styles,
             "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
@@ -823,7 +852,7 @@ ANCESTRAL_SAMPLERS = frozenset({"Euler a", "DPM2 a", "DPM++ 2S a"})
 """A1111 applies ``eta`` as their noise multiplier; their diffusers schedulers have none."""
 
 
-def _warnings(request: Request) -> list[str]:
+def _warnings(request: Request, *, restored: bool = False) -> list[str]:
     """Parameters accepted but not honoured for this request (sdswarm extension)."""
     warnings = []
     sampler, _ = split_sampler(request.effective_sampler, request.scheduler)
@@ -833,7 +862,7 @@ def _warnings(request: Request) -> list[str]:
         warnings.append(f"eta {request.eta:g} is not applied: diffusers' {sampler} uses 1")
     if request.s_min_uncond:
         warnings.append("s_min_uncond is not applied: the negative prompt runs at every step")
-    if request.restore_faces:
+    if request.restore_faces and not restored:  # a command queued before restorers existed
         warnings.append("restore_faces: no face-restoration model is available")
     if isinstance(request, Img2ImgRequest) and noise_seed_delta(request):
         warnings.append(

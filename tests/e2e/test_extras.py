@@ -139,7 +139,8 @@ async def test_hires_fix_with_a_registered_model_upscaler(system: System, tmp_pa
     status, result = await _post(system, "/txt2img", body | {"hr_upscaler": "4x-UltraSharp"})
     assert (422, "hr_upscaler") == (status, result["field"]), result
     assert "Latent (bicubic antialiased)" in result["message"]
-    assert "Lanczos" in result["message"] and "tiny_hr_x2" in result["message"]
+    assert "Lanczos" in result["message"]
+    assert "tiny_hr_x2" in result["message"]
     assert before == await system.db["tasks"].count_documents({})
     status, result = await _post(system, "/txt2img", body | {"hr_upscaler": "tiny_hr_x2"})
     assert (200, "succeeded") == (status, result["status"]), result
