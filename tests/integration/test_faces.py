@@ -130,3 +130,72 @@ def test_extras_restore_then_upscale_with_visibility(gfpgan: Path) -> None:
     inside[max(y0, 0) : y1, max(x0, 0) : x1] = True
     assert not changed[~inside].any()
     assert changed[inside].mean() > 0.5
+
+
+def test_restore_faces_in_img2img_changes_only_the_face(
+    gfpgan: Path, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """img2img inpainting a corner far from the face (A1111 pastes the rest back), with
+    and without ``restore_faces``: the two results differ only inside the face's crop."""
+    import io
+
+    from proto import GenerateImage, TaskKind
+    from proto.requests import Img2ImgRequest
+    from tests.fixtures.tiny_runner import tiny_runner
+
+    runner = tiny_runner(tiny_checkpoint, tmp_path_factory.mktemp("cache"))
+    init = _face_image()
+    mask = Image.new("L", init.size, 0)
+    mask.paste(255, (400, 240, 480, 320))
+    inputs = {"init": _encode(init), "mask": _encode(mask)}
+    body = {
+        "stable_diffusion_model": "tiny.safetensors",
+        "prompt": "a portrait",
+        "steps": 2,
+        "width": 480,
+        "height": 320,
+        "seed": 3,
+        "denoising_strength": 0.75,
+        "init_images": ["init"],
+        "mask": "mask",
+        "inpaint_full_res": False,
+        "restore_faces": True,
+    }
+    ref = AdapterRef(name="tiny_gfpgan", path=str(gfpgan))
+
+    def run(restorer: AdapterRef | None) -> tuple[Image.Image, dict[str, object]]:
+        command = GenerateImage(
+            task_id="t",
+            user="u",
+            model_name="tiny.safetensors",
+            model_key="tiny-000000",
+            kind=TaskKind.IMG2IMG,
+            img2img=msgspec.convert(body, Img2ImgRequest),
+            face_restorer=restorer,
+        )
+        result = runner.generate(command, inputs, lambda *_: None, lambda: False)
+        return Image.open(io.BytesIO(result.images[0])).convert("RGB"), result.info
+
+    plain, plain_info = run(None)
+    restored, info = run(ref)
+    assert ["restore_faces: no face-restoration model is available"] == [
+        w for w in plain_info["warnings"] if "restore_faces" in w  # type: ignore[attr-defined]
+    ], "an old command without a restorer still says so"
+    assert info["restore_faces"] is True
+    assert "Face restoration: tiny_gfpgan" in info["infotexts"][0]  # type: ignore[index]
+    (box,) = FaceDetector().detect(plain)
+    changed = _changed(plain, restored)
+    x0, y0, x1, y1 = face_region(box)
+    inside = np.zeros_like(changed)
+    inside[max(y0, 0) : y1, max(x0, 0) : x1] = True
+    assert not changed[~inside].any(), "restoration touched a pixel outside the face"
+    x, y, w, h = box
+    assert changed[y : y + h, x : x + w].mean() > 0.9
+
+
+def _encode(image: Image.Image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
