@@ -50,7 +50,8 @@ def _face_image() -> Image.Image:
 
 
 def _changed(before: Image.Image, after: Image.Image) -> np.ndarray:
-    return np.any(np.asarray(before) != np.asarray(after), axis=2)
+    changed: np.ndarray = np.any(np.asarray(before) != np.asarray(after), axis=2)
+    return changed
 
 
 def test_the_cascade_finds_the_drawn_face_and_nothing_else() -> None:
