@@ -76,7 +76,7 @@ async def test_a1111_extra_single_image_and_upscalers(system: System) -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("upscaler_1", "R-ESRGAN 4x+"), ("gfpgan_visibility", 0.5), ("upscaling_resize", 9)],
+    [("upscaler_1", "R-ESRGAN 4x+"), ("codeformer_visibility", 0.5), ("upscaling_resize", 9)],
 )
 async def test_bad_field_is_refused_and_nothing_queued(
     system: System, field: str, value: Any
@@ -112,7 +112,8 @@ async def test_registered_model_upscaler(system: System, tmp_path: Path) -> None
     save_compact(tmp_path / "ESRGAN" / "tiny_x2.safetensors")
     await register_models(tmp_path, ModelStore(system.db), False, (ModelType.UPSCALER,))
     async with system.http.get(f"{system.url}/sdapi/v1/upscalers") as response:
-        assert "tiny_x2" in [u["name"] for u in await response.json()]
+        listed = {u["name"]: u["scale"] for u in await response.json()}
+    assert 2 == listed["tiny_x2"], "the true scale, read from the weights at registration"
     body = {"image": _png((16, 8)), "upscaler_1": "tiny_x2", "upscaling_resize": 2}
     status, result = await _post(system, "/extra_images", body)
     assert (200, "succeeded") == (status, result["status"]), result
