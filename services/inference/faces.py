@@ -11,9 +11,9 @@ registered GFPGAN-style network, pasted back with a feathered mask.
   the S-Lab licence (non-commercial), and spandrel keeps it out of its main package.
 - **Alignment.** The cascade gives a box, no landmarks: a square of
   :data:`CROP_SCALE` × the box around its centre (GFPGAN was trained on FFHQ crops, which
-  hold the whole head) is warped to the network's 512 × 512, level unless both eyes are
-  found in the box (the eye cascade), in which case the crop is rotated so that the eyes
-  are level.
+  hold the whole head) is scaled to the network's 512 × 512. It is not rotated: the
+  frontal cascade finds upright faces only (it missed the test face tilted by 8°), and
+  OpenCV's eye cascade did not find drawn eyes reliably enough to level by them.
 - **Paste-back.** The restored square is warped back and blended in through a mask that
   is 1 inside and falls off over the outer :data:`FEATHER` of the square; pixels outside
   every face's square are never touched.
@@ -21,7 +21,6 @@ registered GFPGAN-style network, pasted back with a feathered mask.
 
 from __future__ import annotations
 
-import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -43,7 +42,6 @@ CROP_SCALE = 1.6
 FEATHER = 0.1
 """Fraction of the crop's side over which the paste-back mask falls from 1 to 0."""
 DEFAULT_CASCADE = "haarcascade_frontalface_default.xml"
-EYE_CASCADE = "haarcascade_eye.xml"
 
 Box = tuple[int, int, int, int]
 """``(x, y, width, height)`` of a detected face, in image pixels."""
@@ -56,7 +54,7 @@ def _cv2() -> Any:
 
 
 class FaceDetector:
-    """OpenCV's Haar cascades: frontal faces, and eyes inside them (for the roll)."""
+    """OpenCV's frontal-face Haar cascade."""
 
     def __init__(self, cascade_path: str = "") -> None:
         cv2 = _cv2()
@@ -69,8 +67,6 @@ class FaceDetector:
         data = Path(getattr(getattr(cv2, "data", None), "haarcascades", "") or ".")
         path = Path(cascade_path) if cascade_path else data / DEFAULT_CASCADE
         self._faces = self._load(cv2, path)
-        eyes = data / EYE_CASCADE
-        self._eyes = self._load(cv2, eyes) if eyes.is_file() else None
         self._lock = threading.Lock()
 
     @staticmethod
@@ -93,22 +89,6 @@ class FaceDetector:
             )
         boxes = [(int(x), int(y), int(w), int(h)) for x, y, w, h in found]
         return sorted(boxes, key=lambda b: b[2] * b[3], reverse=True)
-
-    def roll(self, image: Image.Image, box: Box) -> float:
-        """The face's roll in degrees from its two eyes (0 when they are not both found)."""
-        if self._eyes is None:
-            return 0.0
-        x, y, w, h = box
-        upper = np.asarray(image.convert("L"))[y : y + h // 2 + 1, x : x + w]
-        with self._lock:
-            eyes = self._eyes.detectMultiScale(upper, scaleFactor=1.1, minNeighbors=5)
-        if len(eyes) != 2:
-            return 0.0
-        (ax, ay, aw, ah), (bx, by, bw, bh) = sorted(eyes.tolist(), key=lambda e: e[0])
-        dx = (bx + bw / 2) - (ax + aw / 2)
-        dy = (by + bh / 2) - (ay + ah / 2)
-        angle = math.degrees(math.atan2(dy, dx))
-        return angle if abs(angle) <= 45 else 0.0
 
 
 @dataclass(frozen=True)
@@ -184,15 +164,18 @@ class RestorerCache:
             return model
 
 
-def crop_transform(box: Box, angle: float) -> np.ndarray:
+def crop_transform(box: Box) -> np.ndarray:
     """The 2×3 affine map from image pixels to the ``FACE_SIZE`` square of ``box``'s
-    face: centred on the box, :data:`CROP_SCALE` × its side, rotated by ``angle``."""
-    cv2 = _cv2()
+    face: centred on the box, :data:`CROP_SCALE` × its side."""
     x, y, w, h = box
-    side = CROP_SCALE * max(w, h)
-    matrix = cv2.getRotationMatrix2D((x + w / 2, y + h / 2), angle, FACE_SIZE / side)
-    matrix[:, 2] += (FACE_SIZE / 2 - (x + w / 2), FACE_SIZE / 2 - (y + h / 2))
-    return np.asarray(matrix, dtype=np.float64)
+    scale = FACE_SIZE / (CROP_SCALE * max(w, h))
+    centre_x, centre_y = x + w / 2, y + h / 2
+    return np.array(
+        [
+            [scale, 0.0, FACE_SIZE / 2 - scale * centre_x],
+            [0.0, scale, FACE_SIZE / 2 - scale * centre_y],
+        ]
+    )
 
 
 def feather_mask() -> np.ndarray:
@@ -223,7 +206,7 @@ def restore_faces(
     for box in boxes:
         if should_stop():
             raise TaskCancelledError
-        matrix = crop_transform(box, detector.roll(rgb, box))
+        matrix = crop_transform(box)
         face = cv2.warpAffine(
             out, matrix, (FACE_SIZE, FACE_SIZE), flags=cv2.INTER_LINEAR,
             borderMode=cv2.BORDER_REFLECT_101,
@@ -242,10 +225,10 @@ def restore_faces(
     return Image.fromarray(result, "RGB"), boxes
 
 
-def face_region(box: Box, angle: float = 0.0) -> tuple[int, int, int, int]:
+def face_region(box: Box) -> tuple[int, int, int, int]:
     """``(x0, y0, x1, y1)`` bounding the pixels a restored face may change."""
     cv2 = _cv2()
-    inverse = cv2.invertAffineTransform(crop_transform(box, angle))
+    inverse = cv2.invertAffineTransform(crop_transform(box))
     corners = np.array([[0, 0, 1], [FACE_SIZE, 0, 1], [0, FACE_SIZE, 1], [FACE_SIZE, FACE_SIZE, 1]])
     points = corners @ inverse.T
     x0, y0 = np.floor(points.min(axis=0)).astype(int)
