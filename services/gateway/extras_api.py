@@ -264,7 +264,7 @@ async def upscalers(request: web.Request) -> web.StreamResponse:
             "scale": m.get("scale") or DEFAULT_MODEL_SCALE,
         }
         for m in await res.models.list(ModelType.UPSCALER)
-        if m.get("status") != "failed"
+        if usable(m)
     ]
     return web.json_response(builtins + models)
 
