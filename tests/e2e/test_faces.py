@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,15 @@ async def test_face_restoration_end_to_end(system: System, tmp_path: Path) -> No
         status, result = await _post(system, "/txt2img", body)
         assert (422, code) == (status, result["code"]), result
         assert f"override_settings.{option}" == result["field"]
+
+    # txt2img: the gateway hands the worker the restorer; the tiny model draws no face,
+    # so the image stays as generated and the infotext names the restorer.
+    body = TXT2IMG | {"restore_faces": True, "override_settings": {option: "GFPGAN"}}
+    status, result = await _post(system, "/sdapi/v1/txt2img", body)
+    assert 200 == status, result
+    info = json.loads(result["info"])
+    assert info["restore_faces"] is True
+    assert "Face restoration: tiny_gfpgan" in info["infotexts"][0]
 
     status, result = await _post(system, "/sdapi/v1/extra-single-image", extras)
     assert 200 == status, result
