@@ -212,8 +212,8 @@ def infotext(
             if request.seed_resize_from_w > 0 and request.seed_resize_from_h > 0
             else []
         ),
+        *([f"Face restoration: {face_restoration}"] if face_restoration else []),  # A1111's place
         f"Size: {request.width}x{request.height}",
-        *([f"Face restoration: {face_restoration}"] if face_restoration else []),
         *(
             [f"Denoising strength: {request.denoising_strength:g}"]
             if isinstance(request, Img2ImgRequest) and request.denoising_strength is not None
