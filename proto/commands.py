@@ -39,6 +39,13 @@ class GenerateImage(Struct, kw_only=True, frozen=True, omit_defaults=True):
     hr_loras: list[AdapterRef] | None = None
     """The LoRAs of ``hr_prompt`` for the hires pass (A1111 activates them there); None
     when the hires pass uses the prompt's."""
+    hr_upscaler: AdapterRef | None = None
+    """Hires fix: the registered ``upscaler`` model that ``hr_upscaler`` names, resolved to
+    its file; it upscales the first pass's images. None for the built-in resamplers and
+    the latent modes."""
+    face_restorer: AdapterRef | None = None
+    """The registered ``faceRestorer`` model that restores faces after generation
+    (``restore_faces``) or in extras (``gfpgan_visibility`` > 0); None: no restoration."""
     controlnets: list[ControlUnit] = []
     """Enabled ControlNet units (``alwayson_scripts.controlnet``), resolved; their images
     are ``input_keys`` too."""

@@ -39,7 +39,7 @@ class TaskKind(enum.StrEnum):
 
 
 class ModelType(enum.StrEnum):
-    """The seed's model types, plus upscalers and embeddings."""
+    """The seed's model types, plus upscalers, embeddings and face restorers."""
 
     STABLE_DIFFUSION = "stableDiffusion"
     SD_VAE = "sdVae"
@@ -47,6 +47,8 @@ class ModelType(enum.StrEnum):
     CONTROL_NET = "controlNet"
     UPSCALER = "upscaler"
     EMBEDDING = "embedding"
+    FACE_RESTORER = "faceRestorer"
+    """GFPGAN-style face restoration networks (A1111's ``GFPGAN/`` folder)."""
 
 
 class ModelStatus(enum.StrEnum):

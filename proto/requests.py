@@ -219,9 +219,12 @@ class ExtrasOptions(Struct, kw_only=True, frozen=True, omit_defaults=True):
     """0: scale by ``upscaling_resize``; 1: scale to ``upscaling_resize_w`` × ``_h``."""
     show_extras_results: bool = True
     gfpgan_visibility: UnitFloat = 0.0
-    """Face restoration is not implemented: > 0 is refused (422) naming the field."""
+    """> 0: faces restored by the registered face restorer (``faceRestorer``), blended over
+    the image with this weight; 422 when none is registered."""
     codeformer_visibility: UnitFloat = 0.0
+    """CodeFormer is not supported (its licence is non-commercial): > 0 is refused (422)."""
     codeformer_weight: UnitFloat = 0.0
+    """CodeFormer's fidelity weight; accepted, meaningful only with CodeFormer."""
     upscaling_resize: Annotated[float, Meta(ge=0, le=8)] = 2.0
     """Factor for ``resize_mode`` 0; below 1 counts as 1 (A1111)."""
     upscaling_resize_w: Annotated[int, Meta(ge=1, le=16384)] = 512
@@ -234,7 +237,7 @@ class ExtrasOptions(Struct, kw_only=True, frozen=True, omit_defaults=True):
     extras_upscaler_2_visibility: UnitFloat = 0.0
     """Blend weight of ``upscaler_2``'s result over ``upscaler_1``'s (``Image.blend``)."""
     upscale_first: bool = False
-    """Order of upscaling and face restoration; no effect while the latter is refused."""
+    """Upscale, then restore faces (A1111's order is the other way round by default)."""
 
     def upscale_size(self, width: int, height: int) -> tuple[int, int]:
         """The size both upscalers resize a ``width`` × ``height`` image to.

@@ -1,6 +1,7 @@
 """Adapters a request names are resolved before anything is queued: the LoRAs of its
-prompt (``<lora:name:weight>``), its VAE (``sd_vae`` or ``override_settings.sd_vae``) and
-the textual-inversion embeddings its prompts mention.
+prompt (``<lora:name:weight>``), its VAE (``sd_vae`` or ``override_settings.sd_vae``),
+the textual-inversion embeddings its prompts mention, the upscaler models it names
+(hires fix, extras) and the face restorer (``restore_faces``, extras' visibilities).
 A name that is not a usable registered model is a 422 naming it."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 from proto import ModelStatus, ModelType
 from proto.commands import AdapterRef
 from proto.extra_networks import lora_tags
+from proto.requests import HIRES_IMAGE_UPSCALERS, LATENT_UPSCALE_MODES, Txt2ImgRequest
 from services.gateway.errors import ApiError
 from services.gateway.resources import Resources
 
@@ -132,3 +134,99 @@ async def resolve_embeddings(
         and _mentions(text, m["name"])
         and families_match(family, m.get("family"))
     ]
+
+
+def usable(model: dict[str, Any] | None) -> bool:
+    """Registered, readable and not being deleted."""
+    return (
+        model is not None
+        and model.get("status") not in (ModelStatus.FAILED.value, ModelStatus.REGISTERING.value)
+        and not model.get("draining")
+    )
+
+
+async def resolve_upscaler(
+    res: Resources, name: str, field: str, builtins: tuple[str, ...]
+) -> AdapterRef:
+    """The registered ``upscaler`` model ``name``; a 422 listing what is available (the
+    ``builtins`` first, then the usable registered models) when there is none."""
+    model = await res.models.get(name, ModelType.UPSCALER)
+    if model is None or not usable(model):
+        known = [m["name"] for m in await res.models.list(ModelType.UPSCALER) if usable(m)]
+        raise ApiError(
+            422,
+            "upscaler_not_found",
+            f"`{field}` {name!r} is not an upscaler; available: " + ", ".join([*builtins, *known]),
+            field=field,
+        )
+    return AdapterRef(name=model["name"], path=model["path"], sha256=model.get("sha256") or "")
+
+
+HIRES_BUILTINS = (*LATENT_UPSCALE_MODES, *HIRES_IMAGE_UPSCALERS)
+"""A1111's hires-fix upscalers that need no model file."""
+
+
+async def resolve_hr_upscaler(res: Resources, request: Txt2ImgRequest) -> AdapterRef | None:
+    """Hires fix with a model upscaler: the registered file ``hr_upscaler`` names; None
+    without hires fix or for a built-in (``Latent`` …, ``Lanczos``, ``Nearest``, ``None``)."""
+    name = request.hr_upscaler or "Latent"
+    if not request.enable_hr or name in HIRES_BUILTINS:
+        return None
+    return await resolve_upscaler(res, name, "hr_upscaler", HIRES_BUILTINS)
+
+
+FACE_RESTORATION_OPTION = "face_restoration_model"
+"""A1111's option naming the restorer ``restore_faces`` uses (``GFPGAN``, ``CodeFormer``)."""
+ANY_RESTORER = frozenset({"", "GFPGAN", "Automatic"})
+"""Values that take the registered restorer (the first by name when there are several)."""
+CODEFORMER_REFUSAL = (
+    "CodeFormer is not supported: its code and weights are under the S-Lab licence, which"
+    " forbids commercial use; use a GFPGAN restorer"
+)
+MISSING_RESTORER = (
+    "needs a face-restoration model and none is registered: register a GFPGAN file"
+    " (GFPGANv1.4 or another GFPGAN v1 'clean' or RestoreFormer network; .safetensors, or"
+    " .pth with SDSWARM_ALLOW_PICKLE) as type `faceRestorer` (POST /models, or the models"
+    " folder's GFPGAN/)"
+)
+
+
+async def resolve_face_restorer(res: Resources, wanted: Any, field: str) -> AdapterRef:
+    """The registered face restorer ``wanted`` names (A1111's ``GFPGAN``, or a registered
+    name); a 422 naming what to register when there is none."""
+    if isinstance(wanted, str) and wanted.strip().lower() == "codeformer":
+        raise ApiError(422, "unsupported", f"`{field}`: {CODEFORMER_REFUSAL}", field=field)
+    models = sorted(
+        (m for m in await res.models.list(ModelType.FACE_RESTORER) if usable(m)),
+        key=lambda m: str(m["name"]),
+    )
+    if not models:
+        raise ApiError(422, "face_restorer_missing", f"`{field}` {MISSING_RESTORER}", field=field)
+    if wanted is None or (isinstance(wanted, str) and wanted.strip() in ANY_RESTORER):
+        model = models[0]
+    else:
+        named = [m for m in models if m["name"] == wanted]
+        if not named:
+            known = ", ".join(["GFPGAN", *(m["name"] for m in models)])
+            raise ApiError(
+                422,
+                "face_restorer_not_found",
+                f"`{field}` {wanted!r} is not a registered face restorer; available: {known}",
+                field=field,
+            )
+        model = named[0]
+    return AdapterRef(name=model["name"], path=model["path"], sha256=model.get("sha256") or "")
+
+
+async def resolve_restore_faces(
+    res: Resources, restore_faces: bool | None, override_settings: dict[str, Any] | None
+) -> AdapterRef | None:
+    """txt2img/img2img ``restore_faces``: the restorer that
+    ``override_settings.face_restoration_model`` (or the caller's option) names."""
+    if not restore_faces:
+        return None
+    settings = override_settings or {}
+    if FACE_RESTORATION_OPTION in settings:
+        field = f"override_settings.{FACE_RESTORATION_OPTION}"
+        return await resolve_face_restorer(res, settings[FACE_RESTORATION_OPTION], field)
+    return await resolve_face_restorer(res, None, "restore_faces")

@@ -3,8 +3,9 @@
 Extras need no checkpoint: they queue on the extras pool's subject
 (``sd.task.extras``, consumer ``sd_extras``), which the scheduler scales like a
 checkpoint's. Everything a worker could refuse is refused here first, with nothing
-queued: face restoration (not implemented), an upscaler that is neither built in nor
-registered as type ``upscaler``, a result larger than ``max_input_pixels``.
+queued: face restoration with no restorer registered, CodeFormer (not supported), an
+upscaler that is neither built in nor registered as type ``upscaler``, a result larger
+than ``max_input_pixels``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import base64
 import io
 import time
+from pathlib import PurePath
 from typing import Any
 
 import msgspec
@@ -20,6 +22,7 @@ from PIL import Image
 
 from proto import GenerateImage, ModelType, TaskKind, names
 from proto.codec import encode
+from proto.commands import AdapterRef
 from proto.requests import (
     BUILTIN_UPSCALERS,
     ExtraBatchImagesRequest,
@@ -28,6 +31,12 @@ from proto.requests import (
     Webhook,
     extras_options,
     to_builtins,
+)
+from services.gateway.adapters import (
+    CODEFORMER_REFUSAL,
+    resolve_face_restorer,
+    resolve_upscaler,
+    usable,
 )
 from services.gateway.auth import caller, caller_is_admin, server_paths
 from services.gateway.bounds import check_free_form
@@ -47,7 +56,6 @@ from services.gateway.webhooks_api import checked_webhook
 from services.storage.mongo import Document
 from services.storage.tasks import new_task_document
 
-FACE_FIELDS = ("gfpgan_visibility", "codeformer_visibility")
 DEFAULT_MODEL_SCALE = 4
 """What ``/sdapi/v1/upscalers`` reports when the registry does not know a model's
 scale (A1111 reports 4 for models it has not loaded either)."""
@@ -58,32 +66,19 @@ async def _resolve_upscalers(res: Resources, options: ExtrasOptions) -> dict[str
     wanted = [("upscaler_1", options.upscaler_1), ("upscaler_2", options.upscaler_2)]
     found: dict[str, str] = {}
     for field, name in wanted:
-        if name in BUILTIN_UPSCALERS:
-            continue
-        model = await res.models.get(name, ModelType.UPSCALER)
-        if model is None or model.get("status") == "failed" or model.get("draining"):
-            known = [m["name"] for m in await res.models.list(ModelType.UPSCALER)]
-            raise ApiError(
-                422,
-                "invalid_field",
-                f"`{field}` {name!r} is not an upscaler; known: "
-                + ", ".join([*BUILTIN_UPSCALERS, *known]),
-                field=field,
-            )
-        found[name] = str(model["path"])
+        if name not in BUILTIN_UPSCALERS:
+            found[name] = (await resolve_upscaler(res, name, field, BUILTIN_UPSCALERS)).path
     return found
 
 
-def check_options(options: ExtrasOptions) -> None:
-    for field in FACE_FIELDS:
-        if getattr(options, field) > 0:
-            raise ApiError(
-                422,
-                "not_implemented",
-                f"`{field}` > 0 asks for face restoration, which sdswarm does not implement"
-                " (no face-restoration model can be registered); send 0",
-                field=field,
-            )
+async def _resolve_restorer(res: Resources, options: ExtrasOptions) -> AdapterRef | None:
+    """The face restorer ``gfpgan_visibility`` > 0 asks for; CodeFormer is refused."""
+    if options.codeformer_visibility > 0:
+        field = "codeformer_visibility"
+        raise ApiError(422, "unsupported", f"`{field}` > 0: {CODEFORMER_REFUSAL}", field=field)
+    if options.gfpgan_visibility <= 0:
+        return None
+    return await resolve_face_restorer(res, None, "gfpgan_visibility")
 
 
 async def _check_output_sizes(
@@ -115,7 +110,6 @@ async def submit_extras(
     webhook: Webhook | None = None,
 ) -> Document | None:
     """Queue an extras task for ``images`` (base64 or owned keys); with ``sync``, wait."""
-    check_options(options)
     check_free_form(options, res.settings)
     if not images:
         raise ApiError(422, "invalid_field", f"`{field}` needs at least one image", field=field)
@@ -128,6 +122,7 @@ async def submit_extras(
             field=field,
         )
     upscalers = await _resolve_upscalers(res, options)
+    face_restorer = await _resolve_restorer(res, options)
     async with admitted(res, user):
         checked = await checked_webhook(res, webhook)
         task_id = task.id
@@ -142,6 +137,7 @@ async def submit_extras(
             kind=TaskKind.EXTRAS,
             extras=extras_options(options),
             upscalers=upscalers,
+            face_restorer=face_restorer,
             input_keys=keys,
             submitted_at=time.time(),
         )
@@ -273,9 +269,23 @@ async def upscalers(request: web.Request) -> web.StreamResponse:
             "scale": m.get("scale") or DEFAULT_MODEL_SCALE,
         }
         for m in await res.models.list(ModelType.UPSCALER)
-        if m.get("status") != "failed"
+        if usable(m)
     ]
     return web.json_response(builtins + models)
+
+
+async def face_restorers(request: web.Request) -> web.StreamResponse:
+    """A1111 ``GET /sdapi/v1/face-restorers``: the registered restorers (``name``,
+    ``cmd_dir``: the folder of the file, as A1111 reports its models' folder)."""
+    res = resources(request)
+    await caller(request, res)
+    return web.json_response(
+        [
+            {"name": m["name"], "cmd_dir": str(PurePath(str(m.get("path") or "")).parent)}
+            for m in await res.models.list(ModelType.FACE_RESTORER)
+            if usable(m)
+        ]
+    )
 
 
 def add_routes(app: web.Application) -> None:
@@ -283,3 +293,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/sdapi/v1/extra-single-image", extra_single_image)
     app.router.add_post("/sdapi/v1/extra-batch-images", extra_batch_images)
     app.router.add_get("/sdapi/v1/upscalers", upscalers)
+    app.router.add_get("/sdapi/v1/face-restorers", face_restorers)

@@ -390,6 +390,7 @@ ROUTES: list[Route] = [
         A1111ExtrasBatchResponse, ExtraBatchImagesRequest, headers=TASK_HEADERS,
     ),
     Route("get", "/sdapi/v1/upscalers", "A1111 upscalers", A1111_LIST),
+    Route("get", "/sdapi/v1/face-restorers", "A1111 face restorers", A1111_LIST),
     Route("get", "/controlnet/model_list", "ControlNet extension: models", A1111_OBJECT),
     Route(
         "get", "/controlnet/module_list", "ControlNet extension: preprocessors", A1111_OBJECT

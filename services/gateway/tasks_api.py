@@ -26,11 +26,18 @@ from pymongo.errors import DuplicateKeyError
 
 from proto import GenerateImage, TaskKind, TaskStatus, names
 from proto.codec import encode
+from proto.commands import AdapterRef
 from proto.events import TaskCancelled
 from proto.requests import Img2ImgRequest, Txt2ImgRequest, to_builtins
 from services.common import bus
 from services.gateway import waiting
-from services.gateway.adapters import resolve_embeddings, resolve_loras, resolve_vae
+from services.gateway.adapters import (
+    resolve_embeddings,
+    resolve_hr_upscaler,
+    resolve_loras,
+    resolve_restore_faces,
+    resolve_vae,
+)
 from services.gateway.auth import caller
 from services.gateway.bounds import check_command, check_options
 from services.gateway.controlnet_api import check_controlnets, claim_controlnets
@@ -145,8 +152,9 @@ async def submit(
 ) -> Document | None:
     """Queue a validated request; with ``sync``, wait for its outcome (None: deadline)."""
     model = await resolve_checkpoint(res, body.stable_diffusion_model, "stable_diffusion_model")
+    hr_upscaler = await resolve_hr_upscaler(res, body) if isinstance(body, Txt2ImgRequest) else None
     async with admitted(res, user):
-        return await _submit_admitted(res, user, body, task, model, sync=sync)
+        return await _submit_admitted(res, user, body, task, model, hr_upscaler, sync=sync)
 
 
 async def _submit_admitted(
@@ -155,6 +163,7 @@ async def _submit_admitted(
     body: Txt2ImgRequest | Img2ImgRequest,
     task: TaskRef,
     model: Document,
+    hr_upscaler: AdapterRef | None,
     *,
     sync: bool,
 ) -> Document | None:
@@ -178,6 +187,7 @@ async def _submit_admitted(
         merged = {**options, **(body.override_settings or {})}
         body = msgspec.structs.replace(body, override_settings=merged)
     vae = await resolve_vae(res, body.sd_vae, body.override_settings)
+    face_restorer = await resolve_restore_faces(res, body.restore_faces, body.override_settings)
     units = await check_controlnets(res, body, model)
     task_id = task.id
     input_keys: list[str] = []
@@ -203,6 +213,8 @@ async def _submit_admitted(
         input_keys=input_keys,
         loras=loras,
         hr_loras=hr_loras,
+        hr_upscaler=hr_upscaler,
+        face_restorer=face_restorer,
         vae=vae,
         embeddings=embeddings,
         controlnets=controlnets,

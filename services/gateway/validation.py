@@ -13,12 +13,7 @@ from typing import Any, TypeVar
 import msgspec
 from aiohttp import web
 
-from proto.requests import (
-    HIRES_IMAGE_UPSCALERS,
-    LATENT_UPSCALE_MODES,
-    Img2ImgRequest,
-    Txt2ImgRequest,
-)
+from proto.requests import Img2ImgRequest, Txt2ImgRequest
 from proto.samplers import split_sampler
 from services.gateway.bounds import check_free_form
 from services.gateway.errors import ApiError, invalid_body
@@ -253,15 +248,6 @@ def _check_hires(request: Txt2ImgRequest, settings: GatewaySettings) -> None:
     _at_most("hr_scale", height, settings.max_height, " pixels high after hires fix")
     _at_most("hr_scale", width * height, settings.max_pixels, " pixels after hires fix")
     _at_most("hr_second_pass_steps", request.hr_second_pass_steps, settings.max_steps)
-    upscaler = request.hr_upscaler or "Latent"
-    if upscaler not in LATENT_UPSCALE_MODES and upscaler not in HIRES_IMAGE_UPSCALERS:
-        known = ", ".join([*LATENT_UPSCALE_MODES, *HIRES_IMAGE_UPSCALERS])
-        raise ApiError(
-            422,
-            "invalid_field",
-            f"`hr_upscaler` {upscaler!r} is not available for hires fix; use one of {known}",
-            field="hr_upscaler",
-        )
     if request.hr_sampler_name and request.hr_sampler_name != "Use same sampler":
         try:
             split_sampler(request.hr_sampler_name, request.hr_scheduler)

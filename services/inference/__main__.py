@@ -77,6 +77,9 @@ def make_pipeline_factory(  # type: ignore[no-untyped-def]
             preview_interval_s=settings.preview_interval_s,
             cache_dir=Path(settings.cache_dir),
             png_compress_level=settings.png_compress_level,
+            upscale_tile_px=settings.upscale_tile_px,
+            upscale_tile_overlap_px=settings.upscale_tile_overlap_px,
+            face_detector_path=settings.face_detector_path,
         )
         warmup_px = settings.warmup_px
         if warmup_px < 0:
@@ -121,6 +124,7 @@ def make_extras_factory(settings: WorkerSettings):  # type: ignore[no-untyped-de
         import torch
 
         from services.inference.extras import ExtrasRunner
+        from services.inference.faces import FaceRestoration
         from services.inference.upscalers import ModelCache
 
         device = pick_device(settings.device)
@@ -131,6 +135,7 @@ def make_extras_factory(settings: WorkerSettings):  # type: ignore[no-untyped-de
             tile=settings.upscale_tile_px,
             overlap=settings.upscale_tile_overlap_px,
             models=ModelCache(device),
+            faces=FaceRestoration(device, settings.face_detector_path),
         )
 
     return factory

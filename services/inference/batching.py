@@ -12,6 +12,7 @@ batch neighbours are never batched (``None``: they run alone):
 
 - anything but txt2img (img2img and inpaint carry per-task images and masks; extras);
 - hires fix and ControlNet units (several calls per job, per-task control images);
+- face restoration (``restore_faces``), which runs on each task's images after the call;
 - the DPM++ SDE sampler, whose Brownian-tree noise is seeded once per call (its first
   seed), not per row as every other sampler's noise is.
 """
@@ -42,6 +43,8 @@ def batch_key(command: GenerateImage) -> str | None:
     if command.kind is not TaskKind.TXT2IMG or request is None:
         return None
     if request.enable_hr or command.controlnets or command.hr_loras is not None:
+        return None
+    if command.face_restorer is not None:  # restored per task, after its own decoding
         return None
     try:
         sampler, schedule = split_sampler(request.effective_sampler, request.scheduler)

@@ -23,7 +23,9 @@ from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
 from proto import GenerateImage
+from proto.commands import AdapterRef
 from proto.requests import BUILTIN_UPSCALERS, ExtrasOptions
+from services.inference.faces import FaceRestoration
 from services.inference.pipeline import (
     Generation,
     GenerationError,
@@ -39,15 +41,9 @@ from services.inference.upscalers import (
     upscale_with_model,
 )
 
-FACE_FIELDS = ("gfpgan_visibility", "codeformer_visibility")
-
-
-def face_restoration_refusal(options: ExtrasOptions) -> str | None:
-    """The field asking for face restoration, which sdswarm does not implement."""
-    for field in FACE_FIELDS:
-        if getattr(options, field) > 0:
-            return field
-    return None
+CODEFORMER_REFUSAL = (
+    "CodeFormer is not supported (its licence forbids commercial use); use gfpgan_visibility"
+)
 
 
 def crop_to(image: Image.Image, width: int, height: int) -> Image.Image:
@@ -59,12 +55,15 @@ def crop_to(image: Image.Image, width: int, height: int) -> Image.Image:
 
 def infotext(options: ExtrasOptions) -> str:
     """A1111's postprocessing parameters line."""
-    if options.upscaler_1 == "None":
-        return ""
     parts = (
-        [f"Postprocess upscale by: {max(options.upscaling_resize, 1.0):g}"]
+        [f"GFPGAN visibility: {options.gfpgan_visibility:g}"] if options.gfpgan_visibility else []
+    )
+    if options.upscaler_1 == "None":
+        return ", ".join(parts)
+    parts.append(
+        f"Postprocess upscale by: {max(options.upscaling_resize, 1.0):g}"
         if options.resize_mode == 0
-        else [f"Postprocess upscale to: {options.upscaling_resize_w}x{options.upscaling_resize_h}"]
+        else f"Postprocess upscale to: {options.upscaling_resize_w}x{options.upscaling_resize_h}"
     )
     if options.resize_mode == 1 and options.upscaling_crop:
         parts.append(
@@ -98,11 +97,20 @@ class _Steps:
 class ExtrasRunner:
     """The extras worker's pipeline; blocking and not re-entrant, like the diffusers one."""
 
-    def __init__(self, *, device: str, tile: int, overlap: int, models: ModelCache) -> None:
+    def __init__(
+        self,
+        *,
+        device: str,
+        tile: int,
+        overlap: int,
+        models: ModelCache,
+        faces: FaceRestoration | None = None,
+    ) -> None:
         self.device = device
         self.tile = tile
         self.overlap = overlap
         self.models = models
+        self.faces = faces or FaceRestoration(device)
 
     def generate(
         self,
@@ -116,10 +124,13 @@ class ExtrasRunner:
         options = command.extras
         if options is None:
             raise GenerationError("wrong_worker", "an extras worker got a task without extras")
-        refused = face_restoration_refusal(options)
-        if refused:
+        if options.codeformer_visibility > 0:
             raise GenerationError(
-                "not_implemented", f"`{refused}` > 0 needs face restoration, not available"
+                "unsupported", f"`codeformer_visibility` > 0: {CODEFORMER_REFUSAL}"
+            )
+        if options.gfpgan_visibility > 0 and command.face_restorer is None:
+            raise GenerationError(
+                "face_restorer_missing", "`gfpgan_visibility` > 0 but no face restorer was given"
             )
         text = infotext(options)
         images: list[bytes] = []
@@ -127,7 +138,15 @@ class ExtrasRunner:
             if should_stop():
                 raise TaskCancelledError
             source = _open(inputs[key], key)
-            result = self.process(source, options, command.upscalers, job_no, on_step, should_stop)
+            result = self.process(
+                source,
+                options,
+                command.upscalers,
+                job_no,
+                on_step,
+                should_stop,
+                restorer=command.face_restorer,
+            )
             images.append(_png(result, source, text))
         info = {"html_info": f"<p>{text}</p>" if text else "", "postprocessing": text}
         return Generation(images=images, seeds=[], info=info)
@@ -140,24 +159,47 @@ class ExtrasRunner:
         job_no: int = 0,
         on_step: StepCallback = lambda *_: None,
         should_stop: Callable[[], bool] = lambda: False,
+        *,
+        restorer: AdapterRef | None = None,
     ) -> Image.Image:
-        """One image through A1111's upscale step."""
+        """One image through A1111's face restoration and upscale steps (in that order,
+        or upscaling first with ``upscale_first``)."""
         image = image.convert("RGB")
-        if options.upscaler_1 == "None":
+        restore = restorer is not None and options.gfpgan_visibility > 0
+        upscale = options.upscaler_1 != "None"
+        if not upscale and not restore:
             on_step(job_no, 1, 1, None)
             return image
         target = options.upscale_size(image.width, image.height)
         names = [options.upscaler_1] + ([options.upscaler_2] if second_upscaler(options) else [])
-        steps = _Steps(
-            job_no, sum(self._steps(n, image.size, target, upscalers) for n in names), on_step
-        )
-        results = [self._upscale(n, image, target, upscalers, steps, should_stop) for n in names]
-        result = results[0]
-        if len(results) > 1:
-            result = Image.blend(result, results[1], options.extras_upscaler_2_visibility)
-        if options.resize_mode == 1 and options.upscaling_crop:
-            result = crop_to(result, options.upscaling_resize_w, options.upscaling_resize_h)
-        return result
+        if not upscale:
+            names = []
+        total = sum(self._steps(n, image.size, target, upscalers) for n in names) + int(restore)
+        steps = _Steps(job_no, total, on_step)
+
+        def faces(source: Image.Image) -> Image.Image:
+            if restorer is None or not restore:
+                return source
+            restored = self.faces.restore(
+                restorer.name, restorer.path, source, should_stop=should_stop
+            )
+            steps.advance()
+            return Image.blend(source, restored, options.gfpgan_visibility)
+
+        if not options.upscale_first:
+            image = faces(image)
+        if upscale:
+            results = [
+                self._upscale(n, image, target, upscalers, steps, should_stop) for n in names
+            ]
+            image = results[0]
+            if len(results) > 1:
+                image = Image.blend(image, results[1], options.extras_upscaler_2_visibility)
+            if options.resize_mode == 1 and options.upscaling_crop:
+                image = crop_to(image, options.upscaling_resize_w, options.upscaling_resize_h)
+        if options.upscale_first:
+            image = faces(image)
+        return image
 
     def _steps(
         self, name: str, size: tuple[int, int], target: tuple[int, int], upscalers: dict[str, str]

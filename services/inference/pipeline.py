@@ -193,6 +193,7 @@ def infotext(
     controlnets: list[ControlUnit] | None = None,
     *,
     subseed: int | None = None,
+    face_restoration: str | None = None,
 ) -> str:
     """A1111's human-readable generation parameters (also stored in each PNG)."""
     sampler, schedule = split_sampler(request.effective_sampler, request.scheduler)
@@ -212,6 +213,7 @@ def infotext(
             if request.seed_resize_from_w > 0 and request.seed_resize_from_h > 0
             else []
         ),
+        *([f"Face restoration: {face_restoration}"] if face_restoration else []),  # A1111's place
         f"Size: {request.width}x{request.height}",
         *(
             [f"Denoising strength: {request.denoising_strength:g}"]
@@ -296,8 +298,18 @@ class DiffusersPipeline:
         max_loras: int = 8,
         cache_dir: Path | None = None,
         png_compress_level: int = PNG_COMPRESS_LEVEL,
+        upscale_tile_px: int = 192,
+        upscale_tile_overlap_px: int = 16,
+        face_detector_path: str = "",
     ) -> None:
         self.pipe = pipe
+        self.face_detector_path = face_detector_path
+        self._faces: Any = None
+        """``faces.FaceRestoration``, made when a task first restores faces."""
+        self.upscale_tile_px = upscale_tile_px
+        self.upscale_tile_overlap_px = upscale_tile_overlap_px
+        self._upscalers: Any = None
+        """Hires fix's model upscalers (``upscalers.ModelCache``), made on first use."""
         self.png_compress_level = png_compress_level
         self.cache_dir = cache_dir or Path("./data/cache")
         self._own_vae = pipe.vae
@@ -351,9 +363,12 @@ class DiffusersPipeline:
                             should_skip,
                             subseeds=plan.job_subseeds(job_no),
                             hr_loras=command.hr_loras,
+                            hr_upscaler=command.hr_upscaler,
                         )
                     except JobSkippedError:
                         continue  # skipped: no images from this job, on with the next
+                    if command.face_restorer is not None:  # A1111: after decoding
+                        images = self._restore_faces(command.face_restorer, images, should_stop)
                     frames += zip(images, plan.job_infotexts(job_no), strict=True)
         except LoraError as exc:
             raise GenerationError("lora_failed", str(exc)) from exc
@@ -377,6 +392,7 @@ class DiffusersPipeline:
         seeds = [(first_seed + i) % (MAX_SEED + 1) for i in range(count)]
         first_subseed = resolve_seed(request.subseed)
         subseeds = [(first_subseed + i) % (MAX_SEED + 1) for i in range(count)]
+        restorer = command.face_restorer.name if command.face_restorer else None
         infotexts = [
             infotext(
                 request,
@@ -388,10 +404,11 @@ class DiffusersPipeline:
                 command.embeddings,
                 command.controlnets,
                 subseed=subseed,
+                face_restoration=restorer,
             )
             for seed, subseed in zip(seeds, subseeds, strict=True)
         ]
-        info = self._info(request, seeds, infotexts, subseeds)
+        info = self._info(request, seeds, infotexts, subseeds, restored=restorer is not None)
         return TaskPlan(request, seeds, subseeds, infotexts, info)
 
     @contextlib.contextmanager
@@ -513,6 +530,7 @@ class DiffusersPipeline:
         should_skip: Callable[[], bool] = lambda: False,
         subseeds: list[int] | None = None,
         hr_loras: list[AdapterRef] | None = None,
+        hr_upscaler: AdapterRef | None = None,
         *,
         prompt_options: dict[str, Any] | None = None,
         step_callback: Callable[..., Any] | None = None,
@@ -606,7 +624,14 @@ class DiffusersPipeline:
                 if hr_loras is not None:  # hr_prompt's LoRAs, as A1111 activates them
                     self.loras.activate(hr_loras)
                 result = self._hires_pass(
-                    request, result.images, seeds, generators, callback, control
+                    request,
+                    result.images,
+                    seeds,
+                    generators,
+                    callback,
+                    control,
+                    model=hr_upscaler,
+                    should_stop=should_stop,
                 )
         images: list[Image.Image] = result.images
         if images_in is not None:  # pasted back into the originals (A1111's overlay)
@@ -677,13 +702,19 @@ class DiffusersPipeline:
         generators: list[torch.Generator],
         callback: Callable[..., Any],
         control: Control | None = None,
+        *,
+        model: AdapterRef | None = None,
+        should_stop: Callable[[], bool] = lambda: False,
     ) -> Any:
-        """A1111's hires fix: upscale the first pass (its latents, or the decoded image)
-        to ``hr_size`` and denoise it again with img2img at ``denoising_strength``."""
+        """A1111's hires fix: upscale the first pass (its latents, or the decoded image;
+        with ``model``, the registered upscaler ``hr_upscaler`` names, tile by tile) to
+        ``hr_size`` and denoise it again with img2img at ``denoising_strength``."""
         width, height = request.hr_size()
         upscaler = request.hr_upscaler or "Latent"
         image: Any
-        if upscaler in LATENT_UPSCALE_MODES:
+        if model is not None:
+            image = [self._model_upscale(model, im, (width, height), should_stop) for im in first]
+        elif upscaler in LATENT_UPSCALE_MODES:
             mode, antialias = LATENT_UPSCALE_MODES[upscaler]
             image = torch.nn.functional.interpolate(
                 first,
@@ -726,8 +757,50 @@ class DiffusersPipeline:
             **self._prompt_options(pipe, request, prompt, negative, len(seeds)),
         )
 
+    def _restore_faces(
+        self, ref: AdapterRef, images: list[Image.Image], should_stop: Callable[[], bool]
+    ) -> list[Image.Image]:
+        """``restore_faces``: each image's faces restored by the task's restorer."""
+        from services.inference.faces import FaceRestoration
+
+        if self._faces is None:
+            self._faces = FaceRestoration(self.device, self.face_detector_path)
+        return [
+            self._faces.restore(ref.name, ref.path, image, should_stop=should_stop)
+            for image in images
+        ]
+
+    def _model_upscale(
+        self,
+        ref: AdapterRef,
+        image: Image.Image,
+        size: tuple[int, int],
+        should_stop: Callable[[], bool],
+    ) -> Image.Image:
+        """``image`` to ``size`` through an upscaler model (spandrel), tiled as extras are;
+        cancellation is checked between tiles."""
+        from services.inference.upscalers import ModelCache, upscale_with_model
+
+        if self._upscalers is None:
+            self._upscalers = ModelCache(self.device, capacity=1)
+        upscaler = self._upscalers.get(ref.name, ref.path)
+        return upscale_with_model(
+            upscaler,
+            image,
+            size,
+            tile=self.upscale_tile_px,
+            overlap=self.upscale_tile_overlap_px,
+            should_stop=should_stop,
+        )
+
     def _info(
-        self, request: Request, seeds: list[int], texts: list[str], subseeds: list[int]
+        self,
+        request: Request,
+        seeds: list[int],
+        texts: list[str],
+        subseeds: list[int],
+        *,
+        restored: bool = False,
     ) -> dict[str, Any]:
         sampler, schedule = split_sampler(request.effective_sampler, request.scheduler)
         return {
@@ -748,7 +821,7 @@ class DiffusersPipeline:
             "steps": request.steps,
             "batch_size": request.batch_size,
             "n_iter": request.n_iter,
-            "restore_faces": False,
+            "restore_faces": restored,
             "sd_model_name": Path(self.model_name).stem,
             "sd_model_hash": self.model_hash,
             "seed_resize_from_w": request.seed_resize_from_w,
@@ -756,7 +829,7 @@ class DiffusersPipeline:
             "denoising_strength": request.denoising_strength,
             "extra_generation_params": {},
             "index_of_first_image": 0,
-            "warnings": _warnings(request),
+            "warnings": _warnings(request, restored=restored),
             "infotexts": texts,
             "styles": request.styles,
             "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
@@ -787,7 +860,7 @@ ANCESTRAL_SAMPLERS = frozenset({"Euler a", "DPM2 a", "DPM++ 2S a"})
 """A1111 applies ``eta`` as their noise multiplier; their diffusers schedulers have none."""
 
 
-def _warnings(request: Request) -> list[str]:
+def _warnings(request: Request, *, restored: bool = False) -> list[str]:
     """Parameters accepted but not honoured for this request (sdswarm extension)."""
     warnings = []
     sampler, _ = split_sampler(request.effective_sampler, request.scheduler)
@@ -797,7 +870,7 @@ def _warnings(request: Request) -> list[str]:
         warnings.append(f"eta {request.eta:g} is not applied: diffusers' {sampler} uses 1")
     if request.s_min_uncond:
         warnings.append("s_min_uncond is not applied: the negative prompt runs at every step")
-    if request.restore_faces:
+    if request.restore_faces and not restored:  # a command queued before restorers existed
         warnings.append("restore_faces: no face-restoration model is available")
     if isinstance(request, Img2ImgRequest) and noise_seed_delta(request):
         warnings.append(

@@ -59,10 +59,13 @@ class WorkerSettings(StoreSettings, kw_only=True, frozen=True):
     """Exit (after the current task) once this process is no longer our parent: the
     local backend passes its pid, so a worker never outlives it. 0: no such check."""
     upscale_tile_px: int = 192
-    """Extras workers: model upscalers run on tiles of this many pixels a side (0: whole
+    """Model upscalers (extras, hires fix) run on tiles of this many pixels a side (0: whole
     image at once), which bounds memory on large images (A1111's ``ESRGAN_tile``)."""
     upscale_tile_overlap_px: int = 16
     """Context around each tile, dropped from its output (A1111's ``ESRGAN_tile_overlap``)."""
+    face_detector_path: str = ""
+    """Face restoration: the OpenCV Haar cascade that finds faces; empty: the frontal-face
+    cascade that ships in ``opencv-python-headless`` 4.x (``cv2.data``)."""
     max_batch: int = 1
     """Tasks taken at once; compatible ones share one diffusers call (see README,
     "Batching"). The scheduler sets it per checkpoint (``SDSWARM_MAX_BATCH``)."""

@@ -107,7 +107,7 @@ class ModelUpscaler:
     device: str
 
 
-def _spandrel() -> Any:
+def spandrel_module() -> Any:
     try:
         import spandrel
     except (ImportError, RuntimeError, OSError) as exc:
@@ -122,7 +122,7 @@ def _spandrel() -> Any:
 
 def load_model_upscaler(name: str, path: Path, device: str) -> ModelUpscaler:
     """Load an upscaler file (``.pth``, ``.safetensors``) with spandrel's detection."""
-    spandrel = _spandrel()
+    spandrel = spandrel_module()
     if not path.is_file():
         raise GenerationError("upscaler_not_found", f"upscaler {name!r}: no file {path}")
     try:

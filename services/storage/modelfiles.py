@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -330,6 +331,10 @@ _CONTROLNET_MARKERS = (
     "controlnet_cond_embedding.",
 )
 _EMBEDDING_KEYS = ("emb_params", "clip_l", "clip_g")
+_FACE_RESTORER_KEYS = (
+    ("toRGB.0.weight", "stylegan_decoder.style_mlp.1.weight"),  # GFPGAN (spandrel's test)
+    ("quantize.embedding.weight", "quant_conv.weight"),  # RestoreFormer
+)
 _UPSCALER_MARKERS = ("conv_first.", "RRDB_trunk.", "model.0.weight", "body.0.", "layers.0.")
 _CONTEXT_BY_TYPE = {768: ModelFamily.SD1, 1024: ModelFamily.SD2, 2048: ModelFamily.SDXL}
 
@@ -343,6 +348,8 @@ class ModelInfo:
     metadata: dict[str, str] = field(default_factory=dict)
     unusable: str | None = None
     """Why a file of a known type still cannot be used here, e.g. a LoHa."""
+    scale: int | None = None
+    """An upscaler's factor where its layout tells (see :func:`upscaler_scale`)."""
 
 
 _LYCORIS_ONLY = (".hada_w1_a", ".hada_w1_b", ".lokr_w1", ".lokr_w2")
@@ -370,6 +377,8 @@ def detect_model_type(tensors: dict[str, TensorInfo]) -> ModelType | None:
         return ModelType.CONTROL_NET
     if any(k in _EMBEDDING_KEYS or k.startswith("string_to_param.") for k in keys):
         return ModelType.EMBEDDING
+    if any(all(k in tensors for k in marks) for marks in _FACE_RESTORER_KEYS):
+        return ModelType.FACE_RESTORER  # before the VAE: RestoreFormer has a VAE's decoder
     if any(
         k.startswith(prefix + "decoder.conv_in.")
         for k in keys
@@ -424,4 +433,45 @@ def inspect_model(path: Path, max_header_bytes: int = MAX_HEADER_BYTES) -> Model
     else:
         family = None
     unusable = lora_unusable(tensors) if model_type is ModelType.LORA else None
-    return ModelInfo(model_type, family, len(tensors), metadata, unusable)
+    scale = upscaler_scale(tensors) if model_type is ModelType.UPSCALER else None
+    return ModelInfo(model_type, family, len(tensors), metadata, unusable, scale)
+
+
+_UPCONV = re.compile(r"(?:upconv|conv_up)(\d+)\.weight$")
+_SEQUENCE = re.compile(r"^(model|body)\.(\d+)\.")
+
+
+def _last_index(tensors: dict[str, TensorInfo], prefix: str) -> int:
+    found = [int(m.group(2)) for k in tensors if (m := _SEQUENCE.match(k)) and m.group(1) == prefix]
+    return max(found, default=-1)
+
+
+def upscaler_scale(tensors: dict[str, TensorInfo]) -> int | None:
+    """The factor an upscaler enlarges by, read from its shapes the way spandrel reads
+    them: ESRGAN (old ``model.N`` and new ``conv_first`` layouts, Real-ESRGAN's pixel
+    unshuffle for ×2 and ×1) and Real-ESRGAN's Compact net (``body.N``, the last
+    convolution's ``3·scale²`` channels). None for other layouts."""
+    if "conv_first.weight" in tensors and "conv_last.weight" in tensors:
+        ups = {m.group(1) for k in tensors if (m := _UPCONV.match(k))}
+        scale: int = 2 ** len(ups)
+        first, last = tensors["conv_first.weight"], tensors["conv_last.weight"]
+    elif "model.0.weight" in tensors:
+        length = _last_index(tensors, "model") + 1
+        if f"model.{length - 1}.weight" not in tensors:
+            return None
+        scale = int(2 ** ((length - 5) // 3))
+        first, last = tensors["model.0.weight"], tensors[f"model.{length - 1}.weight"]
+    elif "body.0.weight" in tensors:
+        final = tensors.get(f"body.{_last_index(tensors, 'body')}.weight")
+        if final is None or len(final.shape) != 4 or final.shape[0] % 3:
+            return None
+        root = math.isqrt(final.shape[0] // 3)
+        return root if root * root * 3 == final.shape[0] else None
+    else:
+        return None
+    if len(first.shape) != 4 or len(last.shape) != 4:
+        return None
+    in_nc, out_nc = int(first.shape[1]), int(last.shape[0])
+    if in_nc in (out_nc * 4, out_nc * 16):  # pixel unshuffle before the net
+        scale //= math.isqrt(in_nc // out_nc)
+    return max(scale, 1)

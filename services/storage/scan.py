@@ -7,7 +7,7 @@ diffusers folders (a directory with ``model_index.json``).
 
 Names follow A1111: a checkpoint or VAE is named by its path relative to its folder
 with ``/`` separators (so two files of the same name in different sub-folders stay
-distinct); a LoRA, embedding, ControlNet or upscaler by its file stem, which is what
+distinct); a LoRA, embedding, ControlNet, upscaler or face restorer by its file stem, which is what
 prompts and ControlNet units name. Each file's type and family are detected from its
 tensors; a file that cannot be read, or whose tensors say it is another type than its
 folder, is registered ``failed`` with the reason and never loaded.
@@ -41,6 +41,8 @@ FOLDERS: dict[ModelType, tuple[str, ...]] = {
     ModelType.EMBEDDING: ("embeddings",),
     ModelType.CONTROL_NET: ("ControlNet",),
     ModelType.UPSCALER: ("ESRGAN", "RealESRGAN", "SwinIR", "DAT", "ScuNET"),
+    # A1111's Codeformer/ folder is left out: CodeFormer is not supported (licence, README).
+    ModelType.FACE_RESTORER: ("GFPGAN",),
 }
 """Where A1111 (and its ControlNet extension) keeps each type, under the models folder."""
 
@@ -101,6 +103,8 @@ def find_checkpoints(models_dir: Path, allow_pickle: bool = False) -> list[Path]
 class Inspection:
     family: str | None
     error: str | None
+    scale: int | None = None
+    """An upscaler's factor, read from its shapes (None: not known until loaded)."""
 
 
 def inspect_as(path: Path, model_type: ModelType) -> Inspection:
@@ -128,7 +132,7 @@ def inspect_as(path: Path, model_type: ModelType) -> Inspection:
         return Inspection(
             None, "not a Stable Diffusion checkpoint this server can run (unknown layout)"
         )
-    return Inspection(family=family, error=None)
+    return Inspection(family=family, error=None, scale=info.scale)
 
 
 async def register_file(
@@ -161,6 +165,8 @@ async def register_file(
         prediction_type=prediction_type_of(path),
         source=source,
     )
+    if model_type is ModelType.UPSCALER:
+        document["scale"] = found.scale
     if found.error:
         log.warning("cannot use %s %s: %s", model_type.value, name, found.error)
         document |= {"status": ModelStatus.FAILED.value, "error": found.error}

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from proto import ModelType, names
+from proto.codec import decode_generate
 from services.storage.models import ModelStore
 from services.storage.scan import register_models
 from tests.e2e.conftest import System
@@ -77,7 +78,7 @@ async def test_a1111_extra_single_image_and_upscalers(system: System) -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("upscaler_1", "R-ESRGAN 4x+"), ("gfpgan_visibility", 0.5), ("upscaling_resize", 9)],
+    [("upscaler_1", "R-ESRGAN 4x+"), ("codeformer_visibility", 0.5), ("upscaling_resize", 9)],
 )
 async def test_bad_field_is_refused_and_nothing_queued(
     system: System, field: str, value: Any
@@ -113,9 +114,44 @@ async def test_registered_model_upscaler(system: System, tmp_path: Path) -> None
     save_compact(tmp_path / "ESRGAN" / "tiny_x2.safetensors")
     await register_models(tmp_path, ModelStore(system.db), False, (ModelType.UPSCALER,))
     async with system.http.get(f"{system.url}/sdapi/v1/upscalers") as response:
-        assert "tiny_x2" in [u["name"] for u in await response.json()]
+        listed = {u["name"]: u["scale"] for u in await response.json()}
+    assert 2 == listed["tiny_x2"], "the true scale, read from the weights at registration"
     body = {"image": _png((16, 8)), "upscaler_1": "tiny_x2", "upscaling_resize": 2}
     status, result = await _post(system, "/extra_images", body)
     assert (200, "succeeded") == (status, result["status"]), result
     image = Image.open(io.BytesIO(await system.objects.get(result["images"][0])))
     assert (32, 16) == image.size
+
+
+async def test_hires_fix_with_a_registered_model_upscaler(system: System, tmp_path: Path) -> None:
+    """``hr_upscaler`` may name a registered upscaler; an unknown name is a 422 that lists
+    the built-ins and the registered models, and queues nothing."""
+    save_compact(tmp_path / "ESRGAN" / "tiny_hr_x2.safetensors")
+    await register_models(tmp_path, ModelStore(system.db), False, (ModelType.UPSCALER,))
+    body = {
+        "stable_diffusion_model": "tiny.safetensors",
+        "prompt": "a cat",
+        "steps": 2,
+        "width": 64,
+        "height": 64,
+        "enable_hr": True,
+        "hr_scale": 2,
+        "denoising_strength": 0.5,
+    }
+    before = await system.db["tasks"].count_documents({})
+    status, result = await _post(system, "/txt2img", body | {"hr_upscaler": "4x-UltraSharp"})
+    assert (422, "hr_upscaler") == (status, result["field"]), result
+    assert "Latent (bicubic antialiased)" in result["message"]
+    assert "Lanczos" in result["message"]
+    assert "tiny_hr_x2" in result["message"]
+    assert before == await system.db["tasks"].count_documents({})
+    status, result = await _post(system, "/txt2img", body | {"hr_upscaler": "tiny_hr_x2"})
+    assert (200, "succeeded") == (status, result["status"]), result
+    image = Image.open(io.BytesIO(await system.objects.get(result["images"][0])))
+    assert (128, 128) == image.size
+    assert "Hires upscaler: tiny_hr_x2" in image.text["parameters"]  # type: ignore[attr-defined]
+    doc = await system.task(result["taskId"])
+    assert doc is not None
+    command = decode_generate(doc["command"])
+    assert command.hr_upscaler is not None, "the worker is told which file to run"
+    assert command.hr_upscaler.path.endswith("tiny_hr_x2.safetensors")

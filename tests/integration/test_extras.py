@@ -196,11 +196,16 @@ def test_generate_one_png_per_input_with_infotext() -> None:
     assert [(0, 1, 1), (1, 1, 1)] == steps
 
 
-def test_generate_refuses_face_restoration_and_unknown_upscalers() -> None:
+def test_generate_refuses_codeformer_a_missing_restorer_and_unknown_upscalers() -> None:
     inputs = {"k.png": _png(_stripes(8, 8))}
-    with pytest.raises(GenerationError, match="gfpgan_visibility"):
+    with pytest.raises(GenerationError, match="no face restorer") as missing:
         _runner().generate(
             _command(_options(gfpgan_visibility=0.5), list(inputs)), inputs, _ignore, _never
+        )
+    assert "face_restorer_missing" == missing.value.code
+    with pytest.raises(GenerationError, match="CodeFormer is not supported"):
+        _runner().generate(
+            _command(_options(codeformer_visibility=0.5), list(inputs)), inputs, _ignore, _never
         )
     with pytest.raises(GenerationError, match="no upscaler 'Nope'") as caught:
         _runner().generate(

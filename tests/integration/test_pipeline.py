@@ -109,6 +109,42 @@ def test_hires_fix(runner: DiffusersPipeline, upscaler: str) -> None:
     assert "Denoising strength: 0.5" in text
 
 
+def test_hires_fix_with_a_model_upscaler(runner: DiffusersPipeline, tmp_path: Path) -> None:
+    """``hr_upscaler`` naming a registered model: spandrel's net upscales between passes."""
+    from proto.commands import AdapterRef
+    from services.inference.pipeline import TaskCancelledError
+    from tests.fixtures.upscaler import save_compact
+
+    model = AdapterRef(name="tiny_x2", path=str(save_compact(tmp_path / "tiny_x2.safetensors")))
+    common: dict[str, Any] = {
+        "enable_hr": True,
+        "hr_scale": 2,
+        "hr_second_pass_steps": 4,
+        "denoising_strength": 0.5,
+    }
+    steps: list[int] = []
+    result = run_tiny(runner, steps, hr_model=model, hr_upscaler="tiny_x2", **common)
+    image = Image.open(io.BytesIO(result.images[0]))
+    assert (128, 128) == image.size
+    assert [1, 2, 3, 4, 5] == steps
+    assert "Hires upscaler: tiny_x2" in result.info["infotexts"][0]
+    lanczos = run_tiny(runner, hr_upscaler="Lanczos", **common)
+    assert _pixels(lanczos.images[0]) != image.tobytes(), "the model, not Lanczos, upscaled"
+    again = run_tiny(runner, hr_model=model, hr_upscaler="tiny_x2", **common)
+    assert image.tobytes() == _pixels(again.images[0])
+    # Cancelled once the first pass is done: the upscaler stops before its first tile.
+    with pytest.raises(TaskCancelledError):
+        run_tiny(
+            runner,
+            steps,
+            hr_model=model,
+            hr_upscaler="tiny_x2",
+            should_stop=lambda: len(steps) >= 8,  # the 3 first-pass steps of this run
+            **common,
+        )
+    assert 8 == len(steps)
+
+
 def test_hires_prompt_and_resize(runner: DiffusersPipeline) -> None:
     common: dict[str, Any] = {"enable_hr": True, "hr_resize_x": 96, "denoising_strength": 0.6}
     base = run_tiny(runner, **common).images[0]

@@ -46,7 +46,6 @@ def test_missing_required_field_is_named() -> None:
             "hr_scale",
             "pixels wide after hires fix",
         ),
-        ({"enable_hr": True, "hr_upscaler": "4x-Magic"}, "hr_upscaler", "not available"),
         ({"enable_hr": True, "hr_sampler_name": "Nope"}, "hr_sampler_name", "valid samplers"),
     ],
 )

@@ -269,6 +269,23 @@ _K = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
             "upscaler",
         ),
         ({"body.0.weight": (64, 3, 3, 3), "body.1.weight": (64,)}, "upscaler"),
+        (
+            {
+                "toRGB.0.weight": (3, 512, 1, 1),
+                "stylegan_decoder.style_mlp.1.weight": (512, 512),
+                "conv_body_first.weight": (32, 3, 1, 1),
+            },
+            "faceRestorer",
+        ),
+        (
+            {
+                "quantize.embedding.weight": (1024, 256),
+                "quant_conv.weight": (256, 256, 1, 1),
+                "encoder.conv_in.weight": (64, 3, 3, 3),
+                "decoder.conv_in.weight": (512, 256, 3, 3),
+            },
+            "faceRestorer",
+        ),
         ({"something.else": (2, 2)}, None),
     ],
 )
@@ -278,6 +295,55 @@ def test_model_type_from_tensor_names(
     found = detect_model_type(_infos(shapes))
     assert expected == (found.value if found else None)
     assert found is None or isinstance(found, ModelType)
+
+
+def _esrgan_new(in_nc: int, upconvs: int) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {
+        "conv_first.weight": (64, in_nc, 3, 3),
+        "body.0.rdb1.conv1.weight": (32, 64, 3, 3),
+        "conv_body.weight": (64, 64, 3, 3),
+        "conv_hr.weight": (64, 64, 3, 3),
+        "conv_last.weight": (3, 64, 3, 3),
+    }
+    for n in range(1, upconvs + 1):
+        shapes[f"conv_up{n}.weight"] = (64, 64, 3, 3)
+    return shapes
+
+
+def _esrgan_old(stages: int) -> dict[str, tuple[int, ...]]:
+    """``model.0`` conv, ``model.1`` trunk, 3 modules per ×2 stage, HR conv, act, last."""
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.0.weight": (64, 3, 3, 3),
+        "model.1.sub.0.RDB1.conv1.0.weight": (32, 64, 3, 3),
+    }
+    for n in range(stages):
+        shapes[f"model.{3 + 3 * n}.weight"] = (64, 64, 3, 3)
+    last = 3 * stages + 4
+    shapes[f"model.{last - 2}.weight"] = (64, 64, 3, 3)
+    shapes[f"model.{last}.weight"] = (3, 64, 3, 3)
+    return shapes
+
+
+@pytest.mark.parametrize(
+    ("shapes", "expected"),
+    [
+        (_esrgan_new(3, 2), 4),  # RealESRGAN_x4plus
+        (_esrgan_new(12, 2), 2),  # RealESRGAN_x2plus: pixel unshuffle by 2 first
+        (_esrgan_new(48, 2), 1),
+        (_esrgan_old(2), 4),  # 4x-UltraSharp and other old-layout ESRGAN files
+        (_esrgan_old(1), 2),
+        (_esrgan_old(3), 8),
+        ({"body.0.weight": (64, 3, 3, 3), "body.2.weight": (48, 64, 3, 3)}, 4),  # Compact
+        ({"body.0.weight": (64, 3, 3, 3), "body.2.weight": (12, 64, 3, 3)}, 2),
+        ({"layers.0.weight": (64, 3, 3, 3)}, None),  # a layout not read here
+    ],
+)
+def test_upscaler_scale_from_shapes(
+    shapes: Mapping[str, tuple[int, ...]], expected: int | None
+) -> None:
+    from services.storage.modelfiles import upscaler_scale
+
+    assert expected == upscaler_scale(_infos(shapes))
 
 
 def test_lycoris_loha_and_lokr_are_refused_at_registration(tmp_path: Path) -> None:
