@@ -85,10 +85,8 @@ async def run_status(args: argparse.Namespace) -> int:
             )
             if model.get("cold_start_s") is not None:
                 print(f"  cold start {cold_start_text(model)}")
-        print(
-            f"budget: {in_use} of {budget} slots in use   (* = operator pin;"
-            " share in slots, each a worker of up to `batch` tasks)"
-        )
+        # share is in slots: workers of up to `batch` tasks each
+        print(f"budget: {in_use} of {budget} slots in use   (* = operator pin)")
     finally:
         await client.close()
         await nc.close()

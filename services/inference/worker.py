@@ -165,6 +165,8 @@ class Worker:
         self._state = WorkerState.LOADING
         self._task_ids: list[str] = []
         self._outputs: set[asyncio.Task[None]] = set()
+        self._finishing: dict[str, asyncio.Task[None]] = {}
+        """Outputs in flight by task id: a redelivery of one of them waits for it."""
         """Finished tasks whose images are being encoded and stored (beside the GPU)."""
         self._last_step_at: float | None = None
         self._load_seconds: float | None = None
@@ -399,6 +401,11 @@ class Worker:
             await consumer.settle(message, _poison(f"undecodable command: {exc}"))
             return None
         attempt = message.metadata.num_delivered
+        finishing = self._finishing.get(command.task_id)
+        if finishing is not None:
+            # Redelivered while this worker still stores the earlier attempt's output
+            # (its ack deadline passed meanwhile): that attempt ends it; never run twice.
+            await asyncio.wait({finishing})
         if attempt > 1 and await bus.has_event(self.js, command.task_id, TERMINAL_KINDS):
             # An earlier attempt stored its outcome but died before its ack: done already.
             log.info("task %s attempt %d: already finished, acking", command.task_id, attempt)
@@ -514,9 +521,17 @@ class Worker:
         """PNG encoding, uploads, the terminal event and the ack run beside the next
         batch's denoising (bounded: see :meth:`_output_room`)."""
         task.done = True
+        task_id = task.command.task_id
         output = asyncio.create_task(self._output(task, generation))
         self._outputs.add(output)
-        output.add_done_callback(self._outputs.discard)
+        self._finishing[task_id] = output
+
+        def done(finished: asyncio.Task[None]) -> None:
+            self._outputs.discard(finished)
+            if self._finishing.get(task_id) is finished:
+                del self._finishing[task_id]
+
+        output.add_done_callback(done)
 
     async def _output_room(self) -> None:
         """At most ``max_batch`` tasks' outputs in flight: memory stays bounded and a
@@ -529,8 +544,21 @@ class Worker:
             await asyncio.wait(set(self._outputs))
 
     async def _output(self, task: _Held, generation: Generation) -> None:
-        with contextlib.suppress(Exception):  # logged; an unsettled message comes back
-            self.completed += await consumer.settle(task.message, self._store(task, generation))
+        # Storing is part of the task: its ack deadline keeps moving until the ack.
+        keeper = asyncio.create_task(self._keep_alive(task.message))
+        try:
+            with contextlib.suppress(Exception):  # logged; an unsettled message comes back
+                stored = self._store(task, generation)
+                self.completed += await consumer.settle(task.message, stored)
+        finally:
+            keeper.cancel()
+
+    async def _keep_alive(self, message: Msg) -> None:
+        period = max(self.settings.ack_wait_s / 3, 0.2)
+        while True:
+            with contextlib.suppress(Exception):
+                await message.in_progress()
+            await asyncio.sleep(period)
 
     async def _store(self, task: _Held, generation: Generation) -> None:
         """Encode and upload the images, then the terminal event (the ack follows)."""

@@ -96,8 +96,8 @@ async def test_queued_tasks_share_calls_and_each_gets_its_own_result(
         assert [1, 2, 3] == [data["step"] for name, data in events if name == "progress"]
     # Each image equals the same request run alone (synchronously, nothing beside it).
     for i, (task_id, prompt) in enumerate(zip(ids, prompts, strict=True)):
-        batched = await system.task(task_id)
-        assert batched is not None
+        # The SSE stream ends with the event; the document follows once the sink folds it.
+        batched = await system.task_when(task_id, lambda d: d["status"] == "succeeded")
         async with system.http.post(
             f"{system.url}/txt2img", json=_body(prompt=prompt, seed=100 + i)
         ) as response:
