@@ -20,6 +20,7 @@ from services.common.servers import free_port
 from services.gateway.app import create_app
 from tests.e2e.conftest import System, start_system
 from tests.fixtures.tiny_controlnet import write_tiny_controlnet
+from tests.fixtures.upscaler import save_compact
 
 webuiapi = pytest.importorskip("webuiapi")
 
@@ -38,6 +39,7 @@ async def system(
     (models / "Stable-diffusion").mkdir(parents=True)
     shutil.copy(tiny_checkpoint, models / "Stable-diffusion" / MODEL)
     write_tiny_controlnet(models / "ControlNet" / "control_tiny_canny.safetensors")
+    save_compact(models / "ESRGAN" / "tiny_x2.safetensors")  # a model upscaler (spandrel)
     async with start_system(data, models, mongo_server.url) as system:
         yield system
 
@@ -129,6 +131,17 @@ async def test_an_a1111_client_works_unchanged(port: int) -> None:
         api.extra_single_image, image=first.image, upscaler_1="Lanczos", upscaling_resize=2
     )
     assert (128, 128) == upscaled.image.size
+    # A registered model upscaler by name, as webui clients send it (registered by the
+    # models-folder scan at startup).
+    for _ in range(100):
+        if "tiny_x2" in [u["name"] for u in await _call(api.get_upscalers)]:
+            break
+        await asyncio.sleep(0.2)
+    by_model = await _call(
+        api.extra_single_image, image=first.image, upscaler_1="tiny_x2", upscaling_resize=2
+    )
+    assert (128, 128) == by_model.image.size
+    assert by_model.image.tobytes() != upscaled.image.tobytes()
 
     progress = await _call(api.get_progress)
     assert 0 == progress["state"]["job_count"]
