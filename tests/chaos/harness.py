@@ -138,11 +138,12 @@ async def run_scenario(
         deadline = time.monotonic() + drain_s
         pending = set(task_ids)
         while pending and time.monotonic() < deadline:
+            # The ids are the client's (`taskId`), kept as `client_id` (stored per user).
             async for finished in system.db["tasks"].find(
-                {"_id": {"$in": list(pending)}, "status": {"$in": list(TERMINAL)}},
-                {"_id": 1},
+                {"client_id": {"$in": list(pending)}, "status": {"$in": list(TERMINAL)}},
+                {"client_id": 1},
             ):
-                pending.discard(finished["_id"])
+                pending.discard(finished["client_id"])
             await asyncio.sleep(0.5)
     finally:
         stop.set()
@@ -150,7 +151,7 @@ async def run_scenario(
     report.seconds = time.monotonic() - started
     events = await terminal_events(system.nats_url)
     for task_id in task_ids:
-        doc: dict[str, Any] | None = await system.db["tasks"].find_one({"_id": task_id})
+        doc: dict[str, Any] | None = await system.db["tasks"].find_one({"client_id": task_id})
         if doc is None:
             report.lost += 1
             continue
@@ -164,5 +165,5 @@ async def run_scenario(
                 report.failed_without_reason += 1
         else:
             report.stuck += 1
-        report.duplicated += events[task_id] > 1
+        report.duplicated += events[doc["_id"]] > 1  # the bus knows the internal id
     return report
