@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
-import fnmatch
 import hashlib
 import hmac
 import ipaddress
@@ -49,9 +48,10 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from proto import names
 from proto.events import TaskEvent, decode_event, event_kind, event_to_builtins
-from services.common import consumer
+from services.common import consumer, netguard
 from services.common.settings import StoreSettings
 from services.storage.mongo import Document
+from services.storage.tasks import shown_task_id
 
 log = logging.getLogger(__name__)
 MAX_RESPONSE_BYTES = 64 * 1024
@@ -75,17 +75,6 @@ class Target:
     """The checked IP address the delivery connects to."""
 
 
-def _host_allowed(host: str, patterns: list[str]) -> bool:
-    return any(fnmatch.fnmatchcase(host, p.lower()) for p in patterns)
-
-
-def _address_allowed(address: str) -> bool:
-    ip = ipaddress.ip_address(address)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_link_local)
-
-
 async def check_url(url: str, settings: StoreSettings) -> Target:
     """Refuse a URL the operator's webhook rules do not allow; else where to connect."""
     if not settings.webhook_allow_hosts:
@@ -101,16 +90,21 @@ async def check_url(url: str, settings: StoreSettings) -> Target:
     host = (parts.hostname or "").lower()
     if not host or parts.username or parts.password:
         raise WebhookRefusedError("the URL needs a host and no credentials")
-    if not _host_allowed(host, settings.webhook_allow_hosts):
-        raise WebhookRefusedError(f"host {host!r} is not in the operator's allowed hosts")
     port = port or (443 if parts.scheme == "https" else 80)
+    if not netguard.host_allowed(host, port, parts.scheme, settings.webhook_allow_hosts):
+        raise WebhookRefusedError(
+            f"host {host!r} port {port} is not in the operator's allowed hosts"
+            " (an entry without a port allows the scheme's default port only)"
+        )
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as exc:
         raise WebhookRefusedError(f"host {host!r} does not resolve: {exc}") from exc
     addresses = [str(info[4][0]) for info in infos]
     if not settings.webhook_allow_private:
-        blocked = [a for a in addresses if not _address_allowed(a)]
+        # Every address, and every IPv4 address inside an IPv6 one (6to4, NAT64, mapped,
+        # Teredo), must be public.
+        blocked = [a for a in sorted(set(addresses)) if not netguard.public_address(a)]
         if blocked:
             raise WebhookRefusedError(
                 f"host {host!r} resolves to a non-public address ({blocked[0]})"
@@ -170,10 +164,13 @@ def subscribed(kind: str, events: list[str]) -> bool:
     return ("completed" if kind in COMPLETED else kind) in events
 
 
-def payload(event: TaskEvent) -> bytes:
+def payload(event: TaskEvent, task_id: str | None = None) -> bytes:
+    """The delivery body; ``task_id`` is the id the client knows (its own chosen id, when
+    it chose one), else the event's."""
     kind = event_kind(event)
     data = event_to_builtins(event)
-    data["taskId"] = data.pop("task_id")
+    data["taskId"] = task_id or data.pop("task_id")
+    data.pop("task_id", None)
     return json.dumps(
         {"type": f"task.{kind}", "timestamp": dt.datetime.now(dt.UTC).isoformat(), "data": data},
         separators=(",", ":"),
@@ -252,7 +249,9 @@ class Dispatcher:
             event = decode_event(message.data)
         except msgspec.DecodeError as exc:
             raise consumer.Poison(f"undecodable event: {exc}") from exc
-        task = await self.db["tasks"].find_one({"_id": event.task_id}, {"webhook": 1, "user": 1})
+        task = await self.db["tasks"].find_one(
+            {"_id": event.task_id}, {"webhook": 1, "user": 1, "client_id": 1}
+        )
         hook = (task or {}).get("webhook")
         if not task or not hook or not subscribed(event_kind(event), hook.get("events", [])):
             return
@@ -319,7 +318,7 @@ class Dispatcher:
                 target,
                 secret,
                 delivery_id,
-                payload(event),
+                payload(event, shown_task_id(task)),
                 self.settings.webhook_timeout_s,
                 self.settings.webhook_connect_timeout_s,
             )

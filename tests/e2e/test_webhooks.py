@@ -67,7 +67,7 @@ async def system(tmp_path: Path, models_dir: Path, mongo_server: Any) -> AsyncIt
         tmp_path,
         models_dir,
         mongo_server.url,
-        webhook_allow_hosts=["127.0.0.1"],
+        webhook_allow_hosts=["127.0.0.1:*"],
         webhook_allow_http=True,  # a loopback receiver: the operator's explicit opt-ins
         webhook_allow_private=True,
         webhook_backoff_s=[0.2],
@@ -104,6 +104,16 @@ async def test_signed_deliveries_with_retries(system: System, receiver: Receiver
     assert first["webhook-id"] == retry["webhook-id"], "a retry is the same delivery"
     data = json.loads(receiver.deliveries[-1][1])["data"]
     assert (task_id, [f"images/default/{task_id}_1.png"]) == (data["taskId"], data["images"])
+
+
+async def test_a_chosen_task_id_is_the_one_delivered(system: System, receiver: Receiver) -> None:
+    """Ids clients choose are stored under an internal id; the hook names the chosen one."""
+    hook = {"url": f"{receiver.url}/hooks/chosen", "events": ["completed"]}
+    chosen = await system.submit({**BODY, "webhook": hook}, headers={"taskId": "my-order-7"})
+    assert "my-order-7" == chosen
+    await _wait(lambda: any(b"my-order-7" in b for _, b in receiver.deliveries))
+    data = [json.loads(b)["data"] for _, b in receiver.deliveries if b"my-order-7" in b][0]
+    assert "my-order-7" == data["taskId"]
 
 
 async def test_a_receiver_that_keeps_failing_is_listed(system: System, receiver: Receiver) -> None:

@@ -101,7 +101,7 @@ async def dispatching(
     settings = from_environ(
         StoreSettings,
         {},
-        webhook_allow_hosts=["127.0.0.1"],
+        webhook_allow_hosts=["127.0.0.1:*"],
         webhook_allow_http=True,
         webhook_allow_private=True,
         **overrides,

@@ -48,13 +48,22 @@ async def test_refused(url: str, settings: StoreSettings, rule: str) -> None:
 
 
 async def test_allowed_public_address_is_pinned() -> None:
-    target = await check_url("https://93.184.216.34:8443/hook?x=1", ALLOWED)
-    assert ("93.184.216.34", 8443, "93.184.216.34") == (target.host, target.port, target.address)
+    target = await check_url("https://93.184.216.34/hook?x=1", ALLOWED)
+    assert ("93.184.216.34", 443, "93.184.216.34") == (target.host, target.port, target.address)
+
+
+async def test_ports_are_part_of_the_allow_list() -> None:
+    """Item 12: an entry without a port allows the scheme's default port only."""
+    with pytest.raises(WebhookRefusedError, match="port 8443 is not in the operator's"):
+        await check_url("https://93.184.216.34:8443/hook", ALLOWED)
+    for entry in ("93.184.216.34:8443", "93.184.216.34:*"):
+        settings = StoreSettings(webhook_allow_hosts=[entry])
+        assert 8443 == (await check_url("https://93.184.216.34:8443/hook", settings)).port
 
 
 async def test_private_addresses_only_with_the_operators_opt_in() -> None:
     settings = StoreSettings(
-        webhook_allow_hosts=["127.0.0.1"], webhook_allow_http=True, webhook_allow_private=True
+        webhook_allow_hosts=["127.0.0.1:*"], webhook_allow_http=True, webhook_allow_private=True
     )
     assert "127.0.0.1" == (await check_url("http://127.0.0.1:9/x", settings)).address
 
