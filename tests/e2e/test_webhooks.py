@@ -112,7 +112,7 @@ async def test_a_chosen_task_id_is_the_one_delivered(system: System, receiver: R
     chosen = await system.submit({**BODY, "webhook": hook}, headers={"taskId": "my-order-7"})
     assert "my-order-7" == chosen
     await _wait(lambda: any(b"my-order-7" in b for _, b in receiver.deliveries))
-    data = [json.loads(b)["data"] for _, b in receiver.deliveries if b"my-order-7" in b][0]
+    data = next(json.loads(b)["data"] for _, b in receiver.deliveries if b"my-order-7" in b)
     assert "my-order-7" == data["taskId"]
 
 
