@@ -712,6 +712,8 @@ class DiffusersPipeline:
         width, height = request.hr_size()
         upscaler = request.hr_upscaler or "Latent"
         image: Any
+        if should_stop():  # between stages too, not only between steps (issue 15, item 11)
+            raise TaskCancelledError
         if model is not None:
             image = [self._model_upscale(model, im, (width, height), should_stop) for im in first]
         elif upscaler in LATENT_UPSCALE_MODES:
@@ -727,6 +729,8 @@ class DiffusersPipeline:
                 Image.Resampling.NEAREST if upscaler == "Nearest" else Image.Resampling.LANCZOS
             )
             image = [im.resize((width, height), resample) for im in first]
+        if should_stop():  # the upscale may have taken a while
+            raise TaskCancelledError
         pipe = self._variant("StableDiffusionImg2ImgPipeline")
         sampler = request.hr_sampler_name
         if not sampler or sampler == "Use same sampler":

@@ -109,6 +109,38 @@ def test_hires_fix(runner: DiffusersPipeline, upscaler: str) -> None:
     assert "Denoising strength: 0.5" in text
 
 
+@pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
+def test_a_cancel_between_the_passes_stops_before_the_second(
+    runner: DiffusersPipeline, upscaler: str
+) -> None:
+    """Issue 15, item 11: a cancel that arrives after the first pass's last step ends the
+    task before the upscale and the second pass, not after them."""
+    from services.inference.pipeline import TaskCancelledError
+    from tests.fixtures.tiny_runner import tiny_command
+
+    command = tiny_command(
+        enable_hr=True, hr_scale=2, hr_upscaler=upscaler, denoising_strength=0.5
+    )
+    asked: list[int] = []
+    steps: list[int] = []
+
+    def cancelled_after_first_pass() -> bool:
+        asked.append(len(steps))
+        return len(steps) >= 3  # every first-pass step ran, then the cancel came
+
+    calls: list[int] = []
+    hook = runner.pipe.unet.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with pytest.raises(TaskCancelledError):
+            runner.generate(
+                command, {}, lambda j, step, t, p: steps.append(step), cancelled_after_first_pass
+            )
+    finally:
+        hook.remove()
+    assert [1, 2, 3] == steps
+    assert 3 == len(calls), "the UNet ran for the first pass only"
+
+
 def test_hires_fix_with_a_model_upscaler(runner: DiffusersPipeline, tmp_path: Path) -> None:
     """``hr_upscaler`` naming a registered model: spandrel's net upscales between passes."""
     from proto.commands import AdapterRef
