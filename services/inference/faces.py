@@ -22,7 +22,6 @@ registered GFPGAN-style network, pasted back with a feathered mask.
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ import torch
 from PIL import Image
 
 from services.inference.pipeline import GenerationError, TaskCancelledError
-from services.inference.upscalers import TensorFn, spandrel_module
+from services.inference.upscalers import LoadedModels, TensorFn, spandrel_module
 
 FACE_SIZE = 512
 """Side of the square the restorers work on (GFPGAN's ``out_size``)."""
@@ -137,7 +136,7 @@ def load_face_restorer(name: str, path: Path, device: str) -> FaceRestorer:
     return FaceRestorer(name=name, fn=fn, device=device)
 
 
-class RestorerCache:
+class RestorerCache(LoadedModels[FaceRestorer]):
     """Loaded restorers by path (one kept: GFPGAN holds ~350 MB of weights)."""
 
     def __init__(
@@ -146,22 +145,7 @@ class RestorerCache:
         capacity: int = 1,
         loader: Callable[[str, Path, str], FaceRestorer] = load_face_restorer,
     ) -> None:
-        self.device = device
-        self.capacity = capacity
-        self._loader = loader
-        self._models: OrderedDict[str, FaceRestorer] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, name: str, path: str) -> FaceRestorer:
-        with self._lock:
-            model = self._models.get(path)
-            if model is None:
-                model = self._loader(name, Path(path), self.device)
-                self._models[path] = model
-            self._models.move_to_end(path)
-            while len(self._models) > self.capacity:
-                self._models.popitem(last=False)
-            return model
+        super().__init__(device, capacity, loader)
 
 
 def crop_transform(box: Box) -> np.ndarray:

@@ -20,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -145,22 +145,23 @@ def load_model_upscaler(name: str, path: Path, device: str) -> ModelUpscaler:
     return ModelUpscaler(name=name, scale=int(descriptor.scale), fn=descriptor, device=device)
 
 
-class ModelCache:
-    """Loaded upscaler models by path, least recently used evicted past ``capacity``."""
+M = TypeVar("M")
+
+
+class LoadedModels(Generic[M]):
+    """Loaded models by path, least recently used evicted past ``capacity``; ``loader``
+    makes one from ``(name, path, device)``. Thread-safe (pipeline threads share it)."""
 
     def __init__(
-        self,
-        device: str,
-        capacity: int = 2,
-        loader: Callable[[str, Path, str], ModelUpscaler] = load_model_upscaler,
+        self, device: str, capacity: int, loader: Callable[[str, Path, str], M]
     ) -> None:
         self.device = device
         self.capacity = capacity
         self._loader = loader
-        self._models: OrderedDict[str, ModelUpscaler] = OrderedDict()
+        self._models: OrderedDict[str, M] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, name: str, path: str) -> ModelUpscaler:
+    def get(self, name: str, path: str) -> M:
         with self._lock:
             model = self._models.get(path)
             if model is None:
@@ -170,6 +171,18 @@ class ModelCache:
             while len(self._models) > self.capacity:
                 self._models.popitem(last=False)
             return model
+
+
+class ModelCache(LoadedModels[ModelUpscaler]):
+    """Loaded upscaler models by path."""
+
+    def __init__(
+        self,
+        device: str,
+        capacity: int = 2,
+        loader: Callable[[str, Path, str], ModelUpscaler] = load_model_upscaler,
+    ) -> None:
+        super().__init__(device, capacity, loader)
 
 
 def model_passes(size: tuple[int, int], target: tuple[int, int], scale: int) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import secrets
 import shutil
 import time
@@ -48,6 +49,22 @@ class System:
             assert 202 == response.status, await response.text()
             task_id: str = (await response.json())["taskId"]
         return task_id
+
+    async def events(self, task_id: str) -> list[tuple[str, dict[str, Any]]]:
+        """A task's SSE stream (``GET /tasks/{id}/events``) read to its end, as (event
+        name, data) pairs."""
+        events: list[tuple[str, dict[str, Any]]] = []
+        async with self.http.get(f"{self.url}/tasks/{task_id}/events") as response:
+            assert 200 == response.status
+            assert response.headers["Content-Type"].startswith("text/event-stream")
+            name = ""
+            async for raw in response.content:
+                line = raw.decode().rstrip("\n")
+                if line.startswith("event: "):
+                    name = line[7:]
+                elif line.startswith("data: "):
+                    events.append((name, json.loads(line[6:])))
+        return events
 
     async def task_when(
         self, task_id: str, check: Callable[[Document], bool], timeout_s: float = 180

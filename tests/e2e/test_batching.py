@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -44,19 +43,6 @@ def _body(**fields: Any) -> dict[str, Any]:
     return {"stable_diffusion_model": MODEL, "steps": 3, "width": 64, "height": 64, **fields}
 
 
-async def _events(system: System, task_id: str) -> list[tuple[str, dict[str, Any]]]:
-    events: list[tuple[str, dict[str, Any]]] = []
-    async with system.http.get(f"{system.url}/tasks/{task_id}/events") as response:
-        name = ""
-        async for raw in response.content:
-            line = raw.decode().rstrip("\n")
-            if line.startswith("event: "):
-                name = line[7:]
-            elif line.startswith("data: "):
-                events.append((name, json.loads(line[6:])))
-    return events
-
-
 async def _pixels(system: System, key: str) -> np.ndarray[Any, Any]:
     data = await system.objects.get(key)
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
@@ -87,7 +73,7 @@ async def test_queued_tasks_share_calls_and_each_gets_its_own_result(
     ids = [await system.submit(_body(prompt=p, seed=100 + i)) for i, p in enumerate(prompts)]
     batch = await _batch_seen(system, MAX_BATCH)
     assert sorted(ids) == sorted(batch)
-    streams = await asyncio.gather(*(_events(system, t) for t in ids))
+    streams = await asyncio.gather(*(system.events(t) for t in ids))
     for task_id, events in zip(ids, streams, strict=True):
         kinds = [name for name, _ in events]
         assert "started" == kinds[0]

@@ -46,21 +46,6 @@ async def _poll_result(system: System, task_id: str) -> dict[str, Any]:
     raise AssertionError(f"task {task_id} did not finish in {DEADLINE_S} s")
 
 
-async def _read_sse(system: System, task_id: str) -> list[tuple[str, dict[str, Any]]]:
-    events: list[tuple[str, dict[str, Any]]] = []
-    async with system.http.get(f"{system.url}/tasks/{task_id}/events") as response:
-        assert 200 == response.status
-        assert response.headers["Content-Type"].startswith("text/event-stream")
-        name = ""
-        async for raw in response.content:
-            line = raw.decode().rstrip("\n")
-            if line.startswith("event: "):
-                name = line[7:]
-            elif line.startswith("data: "):
-                events.append((name, json.loads(line[6:])))
-    return events
-
-
 async def test_async_txt2img_progress_sse_and_result(system: System) -> None:
     started = time.monotonic()
     async with system.http.post(
@@ -73,7 +58,7 @@ async def test_async_txt2img_progress_sse_and_result(system: System) -> None:
     assert time.monotonic() - started < 5, "async submit must answer at once"
     task_id = body["taskId"]
 
-    events = await asyncio.wait_for(_read_sse(system, task_id), DEADLINE_S)
+    events = await asyncio.wait_for(system.events(task_id), DEADLINE_S)
     kinds = [name for name, _ in events]
     assert "succeeded" == kinds[-1], kinds
     steps = [data["step"] for name, data in events if name == "progress"]
