@@ -71,6 +71,11 @@ async def test_in_flight_stays_within_the_budget_across_a_leader_crash(
         mongodb_url=mongo_server.url,
         mongodb_db=name,
         gpu_slots=BUDGET,
+        # One task per slot: the consumer limit then caps tasks in flight at the budget
+        # even while the new leader's workers run beside the old one's (local backend).
+        # With batching, that cap is budget × max_batch, and busy workers are bounded by
+        # the backend alone (tests/e2e/test_budget.py checks that invariant).
+        max_batch=1,
         starvation_s=1.0,
         poll_interval_s=0.1,
         lease_ttl_s=TTL_S,
