@@ -25,7 +25,6 @@ from typing import TypeVar
 import msgspec
 
 from proto import GenerateImage, TaskKind
-from proto.requests import Txt2ImgRequest
 from proto.samplers import split_sampler
 
 CLIP_SKIP_OPTION = "CLIP_stop_at_last_layers"
@@ -94,8 +93,3 @@ def group(items: list[T], key: Callable[[T], Hashable | None]) -> list[list[T]]:
             by_key[k] = [item]
             groups.append(by_key[k])
     return groups
-
-
-def rows(request: Txt2ImgRequest) -> int:
-    """Images one job of the task adds to a call."""
-    return request.batch_size
