@@ -5,7 +5,15 @@ Every message on NATS is a msgspec Struct defined here, and every name on the bu
 """
 
 from proto.commands import GenerateImage
-from proto.enums import ModelFamily, ModelStatus, ModelType, TaskKind, TaskStatus
+from proto.enums import (
+    OPEN_STATUSES,
+    TERMINAL_STATUSES,
+    ModelFamily,
+    ModelStatus,
+    ModelType,
+    TaskKind,
+    TaskStatus,
+)
 from proto.events import (
     TaskCancelled,
     TaskEvent,
@@ -17,6 +25,8 @@ from proto.events import (
 from proto.requests import ExtraImagesRequest, Img2ImgRequest, Txt2ImgRequest
 
 __all__ = [
+    "OPEN_STATUSES",
+    "TERMINAL_STATUSES",
     "ExtraImagesRequest",
     "GenerateImage",
     "Img2ImgRequest",

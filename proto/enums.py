@@ -14,7 +14,7 @@ class TaskStatus(enum.StrEnum):
 
     @property
     def terminal(self) -> bool:
-        return self in _TERMINAL
+        return self in TERMINAL_STATUSES
 
     @property
     def rank(self) -> int:
@@ -22,7 +22,10 @@ class TaskStatus(enum.StrEnum):
         return _RANK[self]
 
 
-_TERMINAL = frozenset({TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED})
+TERMINAL_STATUSES = frozenset({TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED})
+"""The one definition of "ended": final, never left. Events of the same names end a task."""
+OPEN_STATUSES = (TaskStatus.WAITING, TaskStatus.RUNNING)
+"""A task in these may still change: it is queued or on a worker."""
 _RANK = {
     TaskStatus.WAITING: 0,
     TaskStatus.RUNNING: 1,

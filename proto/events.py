@@ -77,6 +77,10 @@ def event_kind(event: TaskEvent) -> str:
     return tag
 
 
+TERMINAL_KINDS: tuple[str, ...] = tuple(str(kind.__struct_config__.tag) for kind in TERMINAL_EVENTS)
+"""The kinds (subject tokens) of the events that end a task: the terminal statuses."""
+
+
 def encode_event(event: TaskEvent) -> bytes:
     return _encoder.encode(event)
 

@@ -130,6 +130,17 @@ def image_key(user: str, task_id: str, n: int) -> str:
     return f"images/{user}/{check_task_id(task_id)}_{n}.png"
 
 
+def input_key(user: str, task_id: str, n: int, extension: str) -> str:
+    """Object key of the n-th input image a request carried inline (0-based)."""
+    return f"inputs/{user}/{check_task_id(task_id)}_{n}.{extension}"
+
+
+def owned_prefixes(user: str) -> tuple[str, ...]:
+    """The key prefixes of a user's own objects (results and inputs): what a request of
+    theirs may name as an input image."""
+    return f"images/{user}/", f"inputs/{user}/"
+
+
 def preview_key(user: str, task_id: str) -> str:
     return f"images/{user}/{check_task_id(task_id)}_progress.png"
 

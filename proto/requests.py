@@ -208,6 +208,26 @@ def _floor8(value: float) -> int:
     return max(int(round(value, 6)) // 8 * 8, 8)
 
 
+CODEFORMER_REFUSAL = (
+    "CodeFormer is not supported: its code and weights are under the S-Lab licence, which"
+    " forbids commercial use; use a GFPGAN restorer"
+)
+MISSING_RESTORER = (
+    "needs a face-restoration model and none is registered: register a GFPGAN file"
+    " (GFPGANv1.4 or another GFPGAN v1 'clean' or RestoreFormer network; .safetensors, or"
+    " .pth with SDSWARM_ALLOW_PICKLE) as type `faceRestorer` (POST /models, or the models"
+    " folder's GFPGAN/)"
+)
+
+
+class Refusal(Struct, frozen=True):
+    """Why a request cannot be served: the field, a stable code, the message."""
+
+    field: str
+    code: str
+    message: str
+
+
 class ExtrasOptions(Struct, kw_only=True, frozen=True, omit_defaults=True):
     """A1111's extras (postprocessing) parameters, without the images.
 
@@ -256,6 +276,17 @@ class ExtrasOptions(Struct, kw_only=True, frozen=True, omit_defaults=True):
                 max(math.ceil(round(height * scale, 6)), self.upscaling_resize_h),
             )
         return _floor8(width * scale), _floor8(height * scale)
+
+    def face_refusal(self, has_restorer: bool) -> Refusal | None:
+        """The face-restoration rule, checked by the gateway (before anything is queued)
+        and again by the worker: CodeFormer is refused; GFPGAN needs a restorer."""
+        if self.codeformer_visibility > 0:
+            field = "codeformer_visibility"
+            return Refusal(field, "unsupported", f"`{field}` > 0: {CODEFORMER_REFUSAL}")
+        if self.gfpgan_visibility > 0 and not has_restorer:
+            field = "gfpgan_visibility"
+            return Refusal(field, "face_restorer_missing", f"`{field}` {MISSING_RESTORER}")
+        return None
 
     def output_size(self, width: int, height: int) -> tuple[int, int]:
         """The size of the result for a ``width`` × ``height`` input."""

@@ -17,6 +17,7 @@ from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
+    ConsumerInfo,
     DeliverPolicy,
     DiscardPolicy,
     RetentionPolicy,
@@ -125,21 +126,28 @@ async def ensure_task_consumer(
     max_ack_pending: int = 1,
     *,
     paused: bool = False,
-) -> None:
-    """Create the checkpoint's consumer if missing (``paused``: until the scheduler grants)."""
+) -> ConsumerInfo:
+    """The checkpoint's consumer, created if missing (``paused``: until the scheduler
+    grants); its info, read once."""
     name = names.consumer_name(model_key)
+    info: ConsumerInfo
     try:
-        await js.consumer_info(names.TASK_STREAM, name)
+        info = await js.consumer_info(names.TASK_STREAM, name)
     except NotFoundError:
         config = task_consumer_config(model_key, settings, max_ack_pending)
         if paused:
             config.pause_until = PAUSED_FOREVER
         try:
-            await js.add_consumer(names.TASK_STREAM, config)
+            info = await js.add_consumer(names.TASK_STREAM, config)
         except BadRequestError:
             # Created concurrently by another service: fine, it has the same config.
-            await js.consumer_info(names.TASK_STREAM, name)
+            info = await js.consumer_info(names.TASK_STREAM, name)
+    return info
 
+
+JS_STORE_LIMIT = 10077
+"""JetStream's error code for a publish refused by a stream limit (``maximum messages``,
+``bytes`` or ``messages per subject exceeded`` with the discard-new policy)."""
 
 WORKER_TTL_S = 20.0
 """A worker record not refreshed for this long disappears: the worker is gone."""

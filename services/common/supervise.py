@@ -15,19 +15,36 @@ from collections.abc import Awaitable, Callable
 log = logging.getLogger(__name__)
 
 
+def restart_delay(crashes: int, backoff_s: float, max_backoff_s: float) -> float:
+    """The pause before restart number ``crashes`` (1-based) of a loop that keeps crashing:
+    ``backoff_s`` doubled each time, at most ``max_backoff_s``."""
+    return float(min(backoff_s * 2 ** min(crashes - 1, 32), max_backoff_s))
+
+
 async def supervised(
-    name: str, run: Callable[[], Awaitable[None]], stop: asyncio.Event, backoff_s: float = 1.0
+    name: str,
+    run: Callable[[], Awaitable[None]],
+    stop: asyncio.Event,
+    backoff_s: float = 1.0,
+    max_backoff_s: float = 30.0,
 ) -> None:
-    """Run ``run()`` until ``stop`` is set; a crash is logged and retried after a pause."""
+    """Run ``run()`` until ``stop`` is set; a crash is logged and retried after a pause
+    that grows while it keeps crashing (:func:`restart_delay`) and starts over once a
+    run has lasted ``max_backoff_s``."""
+    crashes = 0
+    loop = asyncio.get_running_loop()
     while not stop.is_set():
+        started = loop.time()
         try:
             await run()
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("%s crashed; restarting in %.0f s", name, backoff_s)
+            crashes = 1 if loop.time() - started >= max_backoff_s else crashes + 1
+            delay = restart_delay(crashes, backoff_s, max_backoff_s)
+            log.exception("%s crashed; restarting in %.3g s", name, delay)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), backoff_s)
+                await asyncio.wait_for(stop.wait(), delay)
 
 
 def stop_on_signals() -> asyncio.Event:

@@ -13,7 +13,13 @@ from typing import Any
 from proto import ModelStatus, ModelType
 from proto.commands import AdapterRef
 from proto.extra_networks import lora_tags
-from proto.requests import HIRES_IMAGE_UPSCALERS, LATENT_UPSCALE_MODES, Txt2ImgRequest
+from proto.requests import (
+    CODEFORMER_REFUSAL,
+    HIRES_IMAGE_UPSCALERS,
+    LATENT_UPSCALE_MODES,
+    MISSING_RESTORER,
+    Txt2ImgRequest,
+)
 from services.gateway.errors import ApiError
 from services.gateway.resources import Resources
 
@@ -179,16 +185,6 @@ FACE_RESTORATION_OPTION = "face_restoration_model"
 """A1111's option naming the restorer ``restore_faces`` uses (``GFPGAN``, ``CodeFormer``)."""
 ANY_RESTORER = frozenset({"", "GFPGAN", "Automatic"})
 """Values that take the registered restorer (the first by name when there are several)."""
-CODEFORMER_REFUSAL = (
-    "CodeFormer is not supported: its code and weights are under the S-Lab licence, which"
-    " forbids commercial use; use a GFPGAN restorer"
-)
-MISSING_RESTORER = (
-    "needs a face-restoration model and none is registered: register a GFPGAN file"
-    " (GFPGANv1.4 or another GFPGAN v1 'clean' or RestoreFormer network; .safetensors, or"
-    " .pth with SDSWARM_ALLOW_PICKLE) as type `faceRestorer` (POST /models, or the models"
-    " folder's GFPGAN/)"
-)
 
 
 async def resolve_face_restorer(res: Resources, wanted: Any, field: str) -> AdapterRef:

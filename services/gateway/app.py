@@ -27,6 +27,7 @@ from services.gateway.errors import ApiError, error_middleware
 from services.gateway.resources import RESOURCES, SETTINGS, Resources, StreamSlots, resources
 from services.gateway.settings import GatewaySettings
 from services.gateway.validation import bounded_int
+from services.storage.deliveries import WebhookStore
 from services.storage.idempotency import IdempotencyStore
 from services.storage.models import ModelStore
 from services.storage.mongo import database, open_client
@@ -61,6 +62,8 @@ async def _open_resources(app: web.Application) -> AsyncIterator[None]:
         await logins.ensure_indexes()
         await tasks.ensure_indexes()
         await models.ensure_indexes()
+        webhooks = WebhookStore(db)
+        await webhooks.ensure_indexes()
         objects = await open_object_store(settings)
         stack.push_async_callback(objects.aclose)
         app[RESOURCES] = Resources(
@@ -77,6 +80,7 @@ async def _open_resources(app: web.Application) -> AsyncIterator[None]:
             cancels=await bus.cancel_bucket(js, settings),
             api_keys=parse_api_keys(settings.api_keys),
             users=users,
+            webhooks=webhooks,
             logins=logins,
             password_checks=asyncio.Semaphore(max(settings.password_checks, 1)),
             streams=StreamSlots(settings.max_sse_streams, settings.max_sse_streams_per_user),
@@ -121,11 +125,11 @@ async def download(request: web.Request) -> web.StreamResponse:
     if not res.objects.verify(key, expires, request.query.get("signature", "")):
         raise ApiError(403, "invalid_signature", "the link is invalid or has expired")
     try:
-        data = await res.objects.get(key)
+        path = await res.objects.file(key)
     except (ObjectNotFoundError, ValueError) as exc:
         raise ApiError(404, "not_found", "no such object") from exc
-    content_type = "image/png" if key.endswith(".png") else "application/octet-stream"
-    return web.Response(body=data, content_type=content_type)
+    # Streamed from the file (sendfile), with Range, ETag and Last-Modified.
+    return web.FileResponse(path, headers={"X-Content-Type-Options": "nosniff"})
 
 
 def create_app(settings: GatewaySettings) -> web.Application:

@@ -10,15 +10,12 @@ than ``max_input_pixels``.
 
 from __future__ import annotations
 
-import base64
-import io
 import time
 from pathlib import PurePath
 from typing import Any
 
 import msgspec
 from aiohttp import web
-from PIL import Image
 
 from proto import GenerateImage, ModelType, TaskKind, names
 from proto.codec import encode
@@ -33,7 +30,6 @@ from proto.requests import (
     to_builtins,
 )
 from services.gateway.adapters import (
-    CODEFORMER_REFUSAL,
     resolve_face_restorer,
     resolve_upscaler,
     usable,
@@ -41,11 +37,12 @@ from services.gateway.adapters import (
 from services.gateway.auth import caller, caller_is_admin, server_paths
 from services.gateway.bounds import check_free_form
 from services.gateway.errors import ApiError
-from services.gateway.images import store_inputs
+from services.gateway.images import stage_inputs, upload_staged
 from services.gateway.resources import Resources, resources
 from services.gateway.tasks_api import (
     TASK_ID_HEADER,
     TaskRef,
+    a1111_images,
     admitted,
     answer,
     enqueue,
@@ -73,26 +70,27 @@ async def _resolve_upscalers(res: Resources, options: ExtrasOptions) -> dict[str
 
 async def _resolve_restorer(res: Resources, options: ExtrasOptions) -> AdapterRef | None:
     """The face restorer ``gfpgan_visibility`` > 0 asks for; CodeFormer is refused."""
-    if options.codeformer_visibility > 0:
-        field = "codeformer_visibility"
-        raise ApiError(422, "unsupported", f"`{field}` > 0: {CODEFORMER_REFUSAL}", field=field)
+    refusal = options.face_refusal(has_restorer=True)  # whether one is: resolved below
+    if refusal is not None:
+        raise ApiError(422, refusal.code, refusal.message, field=refusal.field)
     if options.gfpgan_visibility <= 0:
         return None
     return await resolve_face_restorer(res, None, "gfpgan_visibility")
 
 
-async def _check_output_sizes(
-    res: Resources, options: ExtrasOptions, keys: list[str], fields: list[str]
+def _check_output_sizes(
+    res: Resources, options: ExtrasOptions, sizes: list[tuple[int, int]], field: str
 ) -> None:
+    """Each image's size after the upscale is within ``max_input_pixels``: measured on
+    the sizes read when the inputs were checked, before anything is stored."""
     limit = res.settings.max_input_pixels
-    for key, field in zip(keys, fields, strict=True):
-        with Image.open(io.BytesIO(await res.objects.get(key))) as image:
-            width, height = options.output_size(*image.size)
+    for n, size in enumerate(sizes):
+        width, height = options.output_size(*size)
         if width * height > limit:
             raise ApiError(
                 422,
                 "limit_exceeded",
-                f"`{field}` would become {width}×{height} pixels; at most {limit} allowed",
+                f"`{field}[{n}]` would become {width}×{height} pixels; at most {limit} allowed",
                 field="upscaling_resize" if options.resize_mode == 0 else "upscaling_resize_w",
             )
 
@@ -126,8 +124,10 @@ async def submit_extras(
     async with admitted(res, user):
         checked = await checked_webhook(res, webhook)
         task_id = task.id
-        keys = await store_inputs(res, user, task_id, images, field)
-        await _check_output_sizes(res, options, keys, [f"{field}[{n}]" for n in range(len(keys))])
+        staged = await stage_inputs(res, user, task_id, images, field)
+        _check_output_sizes(res, options, staged.sizes, field)
+        await upload_staged(res, staged)
+        keys = staged.keys
         key = names.EXTRAS_MODEL_KEY
         command = GenerateImage(
             task_id=task_id,
@@ -181,26 +181,6 @@ async def extra_images(request: web.Request) -> web.StreamResponse:
     return await answer(res, await submit_once(request, res, user, queue))
 
 
-async def _a1111_outcome(res: Resources, task_id: str, outcome: Document | None) -> list[str]:
-    """Base64 results of a finished sync extras task; A1111-style errors otherwise."""
-    headers = {TASK_ID_HEADER: task_id}
-    if outcome is None:
-        raise ApiError(
-            504,
-            "timeout",
-            f"task {task_id} is still running; follow /tasks/{task_id}/events",
-            headers=headers,
-        )
-    if outcome["status"] != "succeeded":
-        raise ApiError(
-            500 if outcome["status"] == "failed" else 409,
-            outcome.get("code") or outcome["status"],
-            outcome["message"] or f"task {outcome['status']}",
-            headers=headers,
-        )
-    return [base64.b64encode(await res.objects.get(k)).decode() for k in outcome["images"]]
-
-
 def _html_info(outcome: Document | None) -> str:
     info = msgspec.json.decode((outcome or {}).get("info") or "{}")
     return str(info.get("html_info", "")) if isinstance(info, dict) else ""
@@ -233,7 +213,7 @@ async def _a1111_extras(
     if not submitted.sync:
         return await answer(res, submitted)
     _, task_id, outcome, _ = submitted
-    results = await _a1111_outcome(res, task_id, outcome)
+    results = await a1111_images(res, task_id, outcome)
     reply: dict[str, Any] = {"html_info": _html_info(outcome)}
     if isinstance(body, ExtraImagesRequest):
         reply["image"] = results[0]

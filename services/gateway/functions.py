@@ -105,7 +105,7 @@ async def batch_update(request: web.Request) -> web.StreamResponse:
             if field not in SCHEDULER_FIELDS:
                 changes[f"function.{field}"] = value
         if changes:
-            await res.models.collection.update_one({"_id": model["_id"]}, {"$set": changes})
+            await res.models.configure(model, changes)
         unsupported = sorted(
             k for k in given if k not in SCHEDULER_FIELDS and k not in LOCAL_FIELDS
         )
@@ -143,13 +143,7 @@ async def delete_functions(request: web.Request) -> web.StreamResponse:
     for function in body.functions:
         model = models.get(function)
         if model is not None:
-            await res.models.collection.update_one(
-                {"_id": model["_id"]},
-                {
-                    "$set": {"min_instances": 0, "max_instances": None, "idle_timeout_s": 0.0},
-                    "$unset": {"function": ""},
-                },
-            )
+            await res.models.reset_function(model)
     if fails:
         return web.json_response({"status": "fail", "fails": fails}, status=500)
     return web.json_response({"status": "success"})

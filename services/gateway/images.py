@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 
 from PIL import Image, UnidentifiedImageError
 
+from proto import names
 from services.gateway.errors import ApiError
 from services.gateway.resources import Resources
-from services.storage.objects import check_key
+from services.storage.objects import ObjectNotFoundError, check_key
 
 FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
 
@@ -58,7 +59,10 @@ async def inspect_image(data: bytes, field: str, max_pixels: int) -> tuple[str, 
     return await asyncio.to_thread(_inspect, data, field, max_pixels)
 
 
-def _inspect(data: bytes, field: str, max_pixels: int) -> tuple[str, tuple[int, int]]:
+def _inspect(
+    data: bytes, field: str, max_pixels: int, *, decode: bool = True
+) -> tuple[str, tuple[int, int]]:
+    """``decode``: decode every pixel once (a header alone can hide a truncated file)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -79,7 +83,8 @@ def _inspect(data: bytes, field: str, max_pixels: int) -> tuple[str, tuple[int, 
                         f"`{field}` has {width}×{height} pixels; at most {max_pixels} allowed",
                         field=field,
                     )
-                image.load()  # decode once: truncated or corrupt files fail here
+                if decode:
+                    image.load()  # truncated or corrupt files fail here
     except ApiError:
         raise
     except (
@@ -103,9 +108,31 @@ def _owned_key(value: str, user: str) -> str | None:
         key = check_key(value)
     except ValueError:
         return None
-    if not (key.startswith(f"images/{user}/") or key.startswith(f"inputs/{user}/")):
-        return None
-    return key
+    return key if key.startswith(names.owned_prefixes(user)) else None
+
+
+HEADER_BYTES = 64 * 1024
+"""Read of a stored input to learn its size: PNG and WebP say it in their first bytes,
+JPEG after its metadata segments (a file whose metadata is larger is read whole)."""
+
+
+async def _stored_size(res: Resources, key: str, label: str, max_pixels: int) -> tuple[int, int]:
+    """The size of an image already in the store, from its header: one ranged read.
+
+    Stored inputs were fully checked when they arrived (results are the workers' own),
+    so the header is enough; only a header too long for one read costs a whole read."""
+    try:
+        head = await res.objects.get(key, HEADER_BYTES)
+    except ObjectNotFoundError as exc:
+        message = f"`{label}`: no object {key!r}"
+        raise ApiError(404, "image_not_found", message, field=label) from exc
+    try:
+        _, size = await asyncio.to_thread(_inspect, head, label, max_pixels, decode=False)
+    except ApiError:
+        if len(head) < HEADER_BYTES:
+            raise
+        _, size = await inspect_image(await res.objects.get(key), label, max_pixels)
+    return size
 
 
 @dataclass
@@ -127,7 +154,7 @@ async def stage_inputs(
     name: str | None = None,
 ) -> StagedInputs:
     """Check the request's images (each base64 or an object key of the caller's) and
-    name their keys; inline ones will go under ``inputs/{user}/``. Nothing is stored:
+    name their keys (``names.input_key``). Nothing is stored:
     :func:`upload_staged` does that once every check of the request has passed.
     Errors name ``field[i]`` (``mask``: the field), or ``name`` when given."""
     staged = StagedInputs()
@@ -136,12 +163,10 @@ async def stage_inputs(
         label = name or (f"{field}[{offset}]" if field != "mask" else field)
         key = _owned_key(value, user)
         if key is not None:
-            if not await res.objects.exists(key):
-                raise ApiError(404, "image_not_found", f"`{label}`: no object {key!r}", field=label)
-            _, size = await inspect_image(await res.objects.get(key), label, max_pixels)
+            size = await _stored_size(res, key, label, max_pixels)
         else:
             data, extension, size = await read_image(value, label, max_pixels)
-            key = f"inputs/{user}/{task_id}_{first + offset}.{extension}"
+            key = names.input_key(user, task_id, first + offset, extension)
             staged.uploads.append((key, data, extension))
         staged.keys.append(key)
         staged.sizes.append(size)
@@ -152,15 +177,3 @@ async def upload_staged(res: Resources, *staged: StagedInputs) -> None:
     for batch in staged:
         for key, data, extension in batch.uploads:
             await res.objects.put(key, data, content_type=f"image/{extension}")
-
-
-async def store_inputs(
-    res: Resources, user: str, task_id: str, values: list[str], field: str, first: int = 0
-) -> list[str]:
-    """Object keys for the request's images, uploading inline ones under ``inputs/{user}/``.
-
-    Everything is validated before the first upload, so a bad image stores nothing.
-    """
-    staged = await stage_inputs(res, user, task_id, values, field, first)
-    await upload_staged(res, staged)
-    return staged.keys

@@ -22,7 +22,6 @@ Reading is open to every caller; changing the registry is for administrators.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -42,21 +41,19 @@ from services.gateway.errors import ApiError
 from services.gateway.resources import Resources, resources
 from services.gateway.validation import decode, read_body
 from services.storage.intake import IntakeError, install, receive, target_path
-from services.storage.models import model_document, model_id
+from services.storage.models import CLAIM_RENEW_S, ClaimedError, claim_interrupted
 from services.storage.mongo import Document
 from services.storage.objects import ObjectNotFoundError, check_key
 from services.storage.scan import remove_model_file
 
 log = logging.getLogger(__name__)
 JOBS = web.AppKey("registry_jobs", set[asyncio.Task[None]])
-HEARTBEAT_S = 10.0
-"""A copy in progress renews its claim this often; a claim 6× older is an interrupted one."""
 
 
 def model_attributes(doc: Document, shown: Callable[[str], str] = str) -> dict[str, Any]:
     """A registry document in the seed's ``ModelAttributes`` shape (plus our fields);
     ``shown`` hides server paths from non-administrators (``auth.server_paths``)."""
-    stale = _interrupted(doc)
+    stale = claim_interrupted(doc)
     error = "registration was interrupted; register it again" if stale else doc.get("error")
     return {
         "type": doc["type"],
@@ -79,16 +76,6 @@ def model_attributes(doc: Document, shown: Callable[[str], str] = str) -> dict[s
         "draining": bool(doc.get("draining")),
         "predictionType": doc.get("prediction_type") or "epsilon",
     }
-
-
-def _interrupted(doc: Document) -> bool:
-    """A ``registering`` record whose copy stopped renewing its claim (a gateway died)."""
-    until = doc.get("registering_until")
-    if doc["status"] != ModelStatus.REGISTERING.value or until is None:
-        return False
-    if until.tzinfo is None:
-        until = until.replace(tzinfo=dt.UTC)
-    return bool(until < dt.datetime.now(dt.UTC))
 
 
 def _model_type(request: web.Request, default: ModelType | None) -> ModelType | None:
@@ -168,36 +155,13 @@ def _api_error(exc: IntakeError) -> ApiError:
 
 async def _claim(
     res: Resources, model_type: ModelType, name: str, target: Path, source: str
-) -> None:
-    """Record the model as ``registering``; 409 while another registration of it runs."""
-    known = await res.models.get(name, model_type)
-    if known and known["status"] == ModelStatus.REGISTERING.value and not _interrupted(known):
-        raise ApiError(409, "registering", f"{model_type.value} {name!r} is being registered")
-    document = model_document(
-        name=name,
-        model_type=model_type,
-        path=str(target),
-        family=None,
-        size_bytes=0,
-        status=ModelStatus.REGISTERING,
-        source=source,
-    )
-    document["registering_until"] = _claim_deadline()
-    if known:  # a re-registration keeps what the file had until the new one is in place
-        document |= {k: known.get(k) for k in ("family", "size_bytes", "sha256")}
-    await res.models.upsert(document)
-
-
-async def _unclaim(
-    res: Resources, model_type: ModelType, name: str, known: Document | None
-) -> None:
-    """Put back the record a failed registration claimed (none, or the model as it was)."""
-    if known is None:
-        await res.models.collection.delete_one(
-            {"_id": model_id(model_type, name), "status": ModelStatus.REGISTERING.value}
-        )
-    else:
-        await res.models.collection.replace_one({"_id": known["_id"]}, known)
+) -> Document | None:
+    """Claim the model for this registration (409 while another one runs); the record
+    as it was before."""
+    try:
+        return await res.models.claim(model_type, name, str(target), source)
+    except ClaimedError as exc:
+        raise ApiError(409, "registering", str(exc)) from exc
 
 
 @asynccontextmanager
@@ -206,18 +170,14 @@ async def _renewing_claim(res: Resources, model_type: ModelType, name: str) -> A
 
     async def renew() -> None:
         while True:
-            await asyncio.sleep(HEARTBEAT_S)
-            await res.models.update(name, model_type, {"registering_until": _claim_deadline()})
+            await asyncio.sleep(CLAIM_RENEW_S)
+            await res.models.renew_claim(name, model_type)
 
     renewing = asyncio.create_task(renew())
     try:
         yield
     finally:
         renewing.cancel()
-
-
-def _claim_deadline() -> dt.datetime:
-    return dt.datetime.now(dt.UTC) + dt.timedelta(seconds=6 * HEARTBEAT_S)
 
 
 async def _copy_from_store(
@@ -304,7 +264,7 @@ async def register_model(request: web.Request) -> web.StreamResponse:
     if body.type not in (ModelType.STABLE_DIFFUSION, ModelType.SD_VAE):
         name = Path(name).stem if not body.name else name
     known = await res.models.get(name, body.type)
-    if known and known["status"] != ModelStatus.FAILED.value and not _interrupted(known):
+    if known and known["status"] != ModelStatus.FAILED.value and not claim_interrupted(known):
         raise ApiError(409, "model_exists", f"models existed: {body.type.value} {name!r}")
     return await _register_from_store(request, res, body, name, created=True)
 
@@ -330,8 +290,7 @@ async def _upload(
     if request.content_length > limit:
         raise ApiError(413, "too_large", f"model files are limited to {limit} bytes")
     target = _target(res, model_type, name, request.query.get("suffix", ""))
-    known = await res.models.get(name, model_type)
-    await _claim(res, model_type, name, target, "upload")
+    known = await _claim(res, model_type, name, target, "upload")
     started = time.monotonic()
     try:
         async with _renewing_claim(res, model_type, name):
@@ -351,7 +310,7 @@ async def _upload(
             )
     except BaseException as exc:
         # A refused or broken upload leaves the registry as it was.
-        await asyncio.shield(_unclaim(res, model_type, name, known))
+        await asyncio.shield(res.models.unclaim(model_type, name, known))
         if isinstance(exc, IntakeError):
             raise _api_error(exc) from exc
         raise
@@ -406,12 +365,10 @@ async def _fail_queued(res: Resources, model: Document) -> int:
         await res.js.purge_stream(names.TASK_STREAM, subject=names.task_subject(key))
     with suppress(NotFoundError):
         await res.js.delete_consumer(names.TASK_STREAM, names.consumer_name(key))
-    count = 0
-    async for task in res.tasks.collection.find(
-        {"model_key": key, "status": "waiting"}, {"_id": 1}
-    ):
+    waiting = await res.tasks.waiting_ids(key)
+    for task_id in waiting:
         event = TaskFailed(
-            task_id=task["_id"],
+            task_id=task_id,
             attempt=0,
             at=time.time(),
             worker="gateway",
@@ -419,8 +376,7 @@ async def _fail_queued(res: Resources, model: Document) -> int:
             message=f"checkpoint {model['name']!r} was deleted before the task started",
         )
         await bus.publish_event(res.js, event, f"{event.task_id}.failed.model-deleted")
-        count += 1
-    return count
+    return len(waiting)
 
 
 async def _cancel_jobs(app: web.Application) -> AsyncIterator[None]:

@@ -12,6 +12,7 @@ from nats.js.kv import KeyValue
 from pymongo import AsyncMongoClient
 
 from services.gateway.settings import GatewaySettings
+from services.storage.deliveries import WebhookStore
 from services.storage.idempotency import IdempotencyStore
 from services.storage.models import ModelStore
 from services.storage.mongo import Document
@@ -62,6 +63,7 @@ class Resources:
     """Cancellation flags: a queued task whose id is here is skipped when fetched."""
     api_keys: dict[str, str]
     users: UserStore
+    webhooks: WebhookStore
     logins: LoginThrottle
     streams: StreamSlots
     """Open SSE streams, per user and in all (``settings.max_sse_streams*``)."""

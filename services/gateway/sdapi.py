@@ -30,7 +30,13 @@ from services.gateway.errors import ApiError, Handler, invalid_body
 from services.gateway.pnginfo import png_info
 from services.gateway.resources import Resources, resources
 from services.gateway.styles import prompt_styles
-from services.gateway.tasks_api import answer, cancel_document, submit, submit_once
+from services.gateway.tasks_api import (
+    a1111_images,
+    answer,
+    cancel_document,
+    submit,
+    submit_once,
+)
 from services.gateway.validation import check_limits, read_json
 from services.storage.modelfiles import ModelFileError, read_safetensors_header
 from services.storage.mongo import Document
@@ -108,23 +114,8 @@ async def _generate(request: web.Request, cls: type[Processing]) -> web.StreamRe
     if not submitted.sync:
         return await answer(res, submitted)
     _, task_id, outcome, _ = submitted
-    if outcome is None:
-        raise ApiError(
-            504,
-            "timeout",
-            f"task {task_id} is still running; follow /tasks/{task_id}/events",
-            headers={"taskId": task_id},
-        )
-    if outcome["status"] != TaskStatus.SUCCEEDED.value:
-        raise ApiError(
-            500 if outcome["status"] == TaskStatus.FAILED.value else 409,
-            outcome.get("code") or outcome["status"],
-            outcome["message"] or f"task {outcome['status']}",
-            headers={"taskId": task_id},
-        )
-    images = []
-    if body.send_images:
-        images = [base64.b64encode(await res.objects.get(k)).decode() for k in outcome["images"]]
+    images = await a1111_images(res, task_id, outcome, send=body.send_images)
+    assert outcome is not None
     info = outcome.get("info") or ""
     parameters = to_builtins(body)
     if isinstance(body, Img2ImgRequest) and not body.include_init_images:
@@ -144,22 +135,11 @@ def _forced(task_id: str) -> str:
         raise ApiError(422, "invalid_field", str(exc), field="force_task_id") from exc
 
 
-async def _current_task(res: Resources, user: str) -> Document | None:
-    """The caller's running task, else its oldest waiting one: A1111's "current job"."""
-    for status in (TaskStatus.RUNNING, TaskStatus.WAITING):
-        found = await res.tasks.collection.find_one(
-            {"user": user, "status": status.value}, sort=[("created_at", 1)]
-        )
-        if found is not None:
-            return found
-    return None
-
-
 async def progress(request: web.Request) -> web.StreamResponse:
     res = resources(request)
     user = await caller(request, res)
     task_id = request.query.get("id_task")
-    document = await res.tasks.get(task_id, user) if task_id else await _current_task(res, user)
+    document = await res.tasks.get(task_id, user) if task_id else await res.tasks.current(user)
     state: dict[str, Any] = {
         "skipped": False,
         "interrupted": False,
@@ -208,7 +188,7 @@ async def interrupt(request: web.Request) -> web.StreamResponse:
     """Stop the caller's current task only (A1111's interrupt is global; ours is not)."""
     res = resources(request)
     user = await caller(request, res)
-    document = await _current_task(res, user)
+    document = await res.tasks.current(user)
     if document is not None:
         await cancel_document(res, document)
     return web.json_response({})
@@ -219,7 +199,7 @@ async def skip(request: web.Request) -> web.StreamResponse:
     goes on with the next; the task itself is not cancelled."""
     res = resources(request)
     user = await caller(request, res)
-    document = await _current_task(res, user)
+    document = await res.tasks.current(user)
     if document is not None and document["status"] == TaskStatus.RUNNING.value:
         await res.nc.publish(names.cancel_subject(document["_id"]), names.SKIP_PAYLOAD)
         await res.nc.flush()

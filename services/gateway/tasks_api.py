@@ -449,7 +449,7 @@ async def _publish(res: Resources, command: GenerateImage) -> None:
         )
     except APIError as exc:
         await res.tasks.delete(command.task_id)
-        if "maximum" in (exc.description or "").lower():
+        if exc.err_code == bus.JS_STORE_LIMIT:
             raise ApiError(
                 429,
                 "queue_full",
@@ -485,6 +485,32 @@ async def _sync_response(
         body["code"] = outcome.get("code")
         return web.json_response(body, status=500, headers=headers)
     return web.json_response(body, headers=headers)
+
+
+async def a1111_images(
+    res: Resources, task_id: str, outcome: Document | None, *, send: bool = True
+) -> list[str]:
+    """A finished sync A1111 task's images as base64 (none unless ``send``); A1111-style
+    errors otherwise: 504 while it still runs, 500 when it failed, 409 when cancelled."""
+    headers = {TASK_ID_HEADER: task_id}
+    if outcome is None:
+        raise ApiError(
+            504,
+            "timeout",
+            f"task {task_id} is still running; follow /tasks/{task_id}/events",
+            headers=headers,
+        )
+    status = outcome["status"]
+    if status != TaskStatus.SUCCEEDED.value:
+        raise ApiError(
+            500 if status == TaskStatus.FAILED.value else 409,
+            outcome.get("code") or status,
+            outcome["message"] or f"task {status}",
+            headers=headers,
+        )
+    if not send:
+        return []
+    return [base64.b64encode(await res.objects.get(k)).decode() for k in outcome["images"]]
 
 
 async def _owned_task(request: web.Request) -> tuple[Resources, Document]:

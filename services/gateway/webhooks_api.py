@@ -9,7 +9,7 @@ from proto.requests import Webhook
 from services.gateway.auth import caller
 from services.gateway.errors import ApiError
 from services.gateway.resources import Resources, resources
-from services.storage.webhooks import WebhookRefusedError, WebhookSecrets, check_url
+from services.storage.webhooks import WebhookRefusedError, check_url
 
 MAX_LISTED = 200
 
@@ -28,20 +28,12 @@ async def checked_webhook(res: Resources, webhook: Webhook | None) -> dict[str, 
 async def secret(request: web.Request) -> web.StreamResponse:
     res = resources(request)
     user = await caller(request, res)
-    return web.json_response(
-        {"secret": await WebhookSecrets(res.tasks.collection.database).get(user)}
-    )
+    return web.json_response({"secret": await res.webhooks.secret(user)})
 
 
 async def failures(request: web.Request) -> web.StreamResponse:
     res = resources(request)
     user = await caller(request, res)
-    cursor = (
-        res.tasks.collection.database["webhook_failures"]
-        .find({"user": user})
-        .sort("at", -1)
-        .limit(MAX_LISTED)
-    )
     return web.json_response(
         [
             {
@@ -53,7 +45,7 @@ async def failures(request: web.Request) -> web.StreamResponse:
                 "error": doc["error"],
                 "at": doc["at"].isoformat(),
             }
-            async for doc in cursor
+            for doc in await res.webhooks.list_failures(user, MAX_LISTED)
         ]
     )
 

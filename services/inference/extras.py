@@ -41,10 +41,6 @@ from services.inference.upscalers import (
     upscale_with_model,
 )
 
-CODEFORMER_REFUSAL = (
-    "CodeFormer is not supported (its licence forbids commercial use); use gfpgan_visibility"
-)
-
 
 def crop_to(image: Image.Image, width: int, height: int) -> Image.Image:
     """Centre crop (A1111 pastes the image centred on a box of the target size)."""
@@ -124,14 +120,9 @@ class ExtrasRunner:
         options = command.extras
         if options is None:
             raise GenerationError("wrong_worker", "an extras worker got a task without extras")
-        if options.codeformer_visibility > 0:
-            raise GenerationError(
-                "unsupported", f"`codeformer_visibility` > 0: {CODEFORMER_REFUSAL}"
-            )
-        if options.gfpgan_visibility > 0 and command.face_restorer is None:
-            raise GenerationError(
-                "face_restorer_missing", "`gfpgan_visibility` > 0 but no face restorer was given"
-            )
+        refusal = options.face_refusal(has_restorer=command.face_restorer is not None)
+        if refusal is not None:
+            raise GenerationError(refusal.code, refusal.message)
         text = infotext(options)
         images: list[bytes] = []
         for job_no, key in enumerate(command.input_keys):

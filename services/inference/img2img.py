@@ -28,9 +28,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageFilter, ImageOps
 
 from proto.requests import Img2ImgRequest
 
@@ -151,42 +152,18 @@ def binary_mask(image: Image.Image, *, round_alpha: bool = True) -> Image.Image:
     return image.convert("L")
 
 
-DIRECT_TAPS = 65
-"""Kernels up to this many taps are applied directly; longer ones through an FFT."""
+def _gaussian(values: np.ndarray, sigma: float, axis: int) -> np.ndarray:
+    """A Gaussian of σ ``sigma`` along one axis, borders mirrored (OpenCV's default).
 
-
-def _gaussian_kernel(sigma: float, max_radius: int) -> np.ndarray:
-    """OpenCV's kernel size for σ (``2·int(2.5σ + 0.5) + 1``), at most ``max_radius``
-    each side: beyond a few times the image, a wider kernel changes nothing visible."""
-    radius = min(int(2.5 * sigma + 0.5), max_radius)
-    taps = np.arange(-radius, radius + 1, dtype=np.float64)
-    kernel = np.exp(-(taps**2) / (2 * sigma * sigma))
-    normalised: np.ndarray = kernel / kernel.sum()
-    return normalised
-
-
-def _blur_axis(values: np.ndarray, sigma: float, axis: int) -> np.ndarray:
-    """A Gaussian along one axis, borders mirrored (OpenCV's default, edge not repeated)."""
-    size = values.shape[axis]
-    kernel = _gaussian_kernel(sigma, max_radius=2 * size)
-    radius = len(kernel) // 2
-    pad = [(0, 0), (0, 0)]
-    pad[axis] = (radius, radius)
-    padded = np.pad(values, pad, mode="reflect" if size > 1 else "edge")
-    if len(kernel) > DIRECT_TAPS:  # any σ costs the same (a mask_blur of 10⁶ included)
-        length = padded.shape[axis] + len(kernel) - 1
-        shape = [1, 1]
-        shape[axis] = -1
-        spectrum = np.fft.rfft(padded, length, axis=axis)
-        spectrum *= np.fft.rfft(kernel, length).reshape(shape)
-        full = np.fft.irfft(spectrum, length, axis=axis)
-        valid: np.ndarray = np.take(full, np.arange(2 * radius, 2 * radius + size), axis=axis)
-        return valid
-    out = np.zeros_like(values)
-    for offset, weight in enumerate(kernel):
-        window = padded[offset : offset + size] if axis == 0 else padded[:, offset : offset + size]
-        out += weight * window
-    return out
+    The kernel is OpenCV's size for σ (``2·int(2.5σ + 0.5) + 1`` taps), cut at twice the
+    image's extent each side: beyond that a wider one changes nothing visible. OpenCV
+    filters long kernels through a DFT, so any σ costs about the same."""
+    size = values.shape[1 - axis]
+    radius = min(int(2.5 * sigma + 0.5), 2 * size)
+    kernel = cv2.getGaussianKernel(2 * radius + 1, sigma)
+    kernel = kernel.reshape(1, -1) if axis == 0 else kernel
+    blurred: np.ndarray = cv2.filter2D(values, -1, kernel, borderType=cv2.BORDER_REFLECT_101)
+    return blurred
 
 
 def blur_mask(mask: Image.Image, blur_x: float, blur_y: float) -> Image.Image:
@@ -194,58 +171,36 @@ def blur_mask(mask: Image.Image, blur_x: float, blur_y: float) -> Image.Image:
     σ ``blur_y`` (0 = none)."""
     if blur_x <= 0 and blur_y <= 0:
         return mask
-    values = np.asarray(mask.convert("L"), dtype=np.float64)
+    values = np.asarray(mask.convert("L"), dtype=np.float32)
     if blur_x > 0:
-        values = _blur_axis(values, blur_x, axis=1)
+        values = _gaussian(values, blur_x, axis=0)
     if blur_y > 0:
-        values = _blur_axis(values, blur_y, axis=0)
+        values = _gaussian(values, blur_y, axis=1)
     return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+
+
+FILL_LAYERS = ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1))
+"""``inpainting_fill`` 0's blur radii, widest first, and how often each is laid on."""
 
 
 def fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
     """``inpainting_fill`` 0: the masked area painted from the colours around it.
 
-    Normalised blurs of the unmasked pixels at falling radii, each layered over the
-    last, so far pixels get the broad average and near ones the local colour; the
-    unmasked pixels stay as they were.
+    The unmasked pixels, premultiplied by their visibility, are blurred at falling radii
+    (Pillow's Gaussian costs the same at any radius); un-premultiplied, each blur is the
+    local average of the visible colours, and each is composited over the last, so far
+    pixels get the broad average and near ones the local colour. The last layer is the
+    unblurred image: the unmasked pixels stay as they were.
     """
-    rgb = np.asarray(image.convert("RGB"), dtype=np.float64)
-    keep = 1.0 - np.asarray(mask.convert("L"), dtype=np.float64) / 255.0
-    if keep.max() <= 0:
-        return image.convert("RGB")  # nothing around to take colours from
-    result = np.broadcast_to((rgb * keep[..., None]).sum((0, 1)) / keep.sum(), rgb.shape)
-    for radius in (256, 64, 16, 4, 2):
-        weights = _smooth(keep, radius)
-        colours = np.stack([_smooth(rgb[..., c] * keep, radius) for c in range(3)], -1)
-        layer = colours / np.maximum(weights, 1e-6)[..., None]
-        alpha = np.clip(weights * 4, 0, 1)[..., None]  # where this radius sees enough
-        result = result * (1 - alpha) + layer * alpha
-    result = result * (1 - keep[..., None]) + rgb * keep[..., None]
-    return Image.fromarray(np.clip(np.rint(result), 0, 255).astype(np.uint8), "RGB")
-
-
-def _smooth(values: np.ndarray, sigma: float) -> np.ndarray:
-    """About a Gaussian of ``sigma`` over a plane (three box blurs each way, zeros
-    beyond the border): cheap at any radius, for :func:`fill_masked`."""
-    # Three boxes of odd width w have variance (w² − 1) / 4.
-    width = 2 * round(((4 * sigma * sigma + 1) ** 0.5 - 1) / 2) + 1
-    out = values
-    for axis in (0, 1):
-        for _ in range(3):
-            out = _box(out, width, axis)
-    return out
-
-
-def _box(values: np.ndarray, width: int, axis: int) -> np.ndarray:
-    size = values.shape[axis]
-    before = width // 2
-    pad = [(0, 0), (0, 0)]
-    pad[axis] = (before + 1, width - before)
-    sums = np.cumsum(np.pad(values, pad), axis=axis)
-    upper = np.take(sums, np.arange(width, width + size), axis=axis)
-    lower = np.take(sums, np.arange(0, size), axis=axis)
-    result: np.ndarray = (upper - lower) / width
-    return result
+    visible = Image.new("RGBa", image.size)
+    visible.paste(image.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(mask.convert("L")))
+    canvas = Image.new("RGBA", image.size)
+    for radius, times in FILL_LAYERS:
+        layer = visible.filter(ImageFilter.GaussianBlur(radius)) if radius else visible
+        layer = layer.convert("RGBA")
+        for _ in range(times):
+            canvas.alpha_composite(layer)
+    return canvas.convert("RGB")
 
 
 def flatten(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:

@@ -38,6 +38,7 @@ from nats.js.kv import KeyValue
 from proto import GenerateImage, names
 from proto.codec import decode_generate, encode
 from proto.events import (
+    TERMINAL_KINDS,
     TaskCancelled,
     TaskEvent,
     TaskFailed,
@@ -67,7 +68,6 @@ HEARTBEAT_S = 5.0
 
 
 CHECKPOINT_WATCH_S = 2.0
-TERMINAL_KINDS = ("succeeded", "failed", "cancelled")
 STICKY_CUDA_ERRORS = (
     "illegal memory access",
     "device-side assert",

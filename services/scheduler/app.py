@@ -141,16 +141,13 @@ class Scheduler:
         if self.lease is not None and not self.lease.held():
             raise LeaseLost(self.lease.holder)
 
-    async def _load(
-        self, model: Document, workers: int, busy: int, now: float
-    ) -> CheckpointLoad:
+    async def _load(self, model: Document, workers: int, busy: int, now: float) -> CheckpointLoad:
         """The checkpoint's load in slots (workers): a slot holds up to ``max_batch``
         tasks, so tasks queued, in flight and allowed are divided by it (rounded up), and
         in flight is at least its busy workers."""
         key = model["model_key"]
         memory = self._memory.setdefault(key, _Memory())
-        await bus.ensure_task_consumer(self.js, key, self.settings, paused=True)
-        info = await self.js.consumer_info(names.TASK_STREAM, names.consumer_name(key))
+        info = await bus.ensure_task_consumer(self.js, key, self.settings, paused=True)
         backlog, running = int(info.num_pending or 0), int(info.num_ack_pending or 0)
         batch = max_batch(self.settings, model)
         limit, pinned = current_share(info)

@@ -17,11 +17,33 @@ from typing import Any
 from pymongo import ReturnDocument
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
 
 from proto import ModelStatus, ModelType, names
 from services.storage.mongo import Document
 
 CHECKPOINT = ModelType.STABLE_DIFFUSION
+CLAIM_RENEW_S = 10.0
+"""A registration in progress renews its claim this often; a claim 6× older is an
+interrupted one (the gateway copying the file died)."""
+
+
+class ClaimedError(Exception):
+    """Another registration of the model is in progress."""
+
+
+def claim_interrupted(doc: Document) -> bool:
+    """A ``registering`` record whose copy stopped renewing its claim."""
+    until = doc.get("registering_until")
+    if doc["status"] != ModelStatus.REGISTERING.value or until is None:
+        return False
+    if until.tzinfo is None:
+        until = until.replace(tzinfo=dt.UTC)  # MongoDB: naive UTC
+    return bool(until < dt.datetime.now(dt.UTC))
+
+
+def _claim_deadline() -> dt.datetime:
+    return dt.datetime.now(dt.UTC) + dt.timedelta(seconds=6 * CLAIM_RENEW_S)
 
 
 def canonical_name(name: str) -> str:
@@ -114,17 +136,80 @@ class ModelStore:
         await self.collection.create_index("model_key", unique=True)
         await self.collection.create_index([("type", 1), ("name", 1)])
 
-    async def upsert(self, document: Document) -> None:
+    async def upsert(self, document: Document, only_if: Document | None = None) -> None:
         """Register or refresh a model; the registration time of an existing one is kept.
 
         A model registered again after a delete starts a new life: its status and error
-        are whatever ``document`` says.
+        are whatever ``document`` says. With ``only_if``, an existing record is changed
+        only when it matches (else :class:`pymongo.errors.DuplicateKeyError`).
         """
         fields = {k: v for k, v in document.items() if k not in ("_id", "registered_at")}
         await self.collection.update_one(
-            {"_id": document["_id"]},
+            {"_id": document["_id"], **(only_if or {})},
             {"$set": fields, "$setOnInsert": {"registered_at": document["registered_at"]}},
             upsert=True,
+        )
+
+    async def claim(
+        self, model_type: ModelType, name: str, path: str, source: str
+    ) -> Document | None:
+        """Record the model as ``registering`` for one registration, atomically; returns
+        the live record as it was (None when new). :class:`ClaimedError` while another
+        registration holds a fresh claim. The holder renews it (:meth:`renew_claim`)
+        every ``CLAIM_RENEW_S``; a re-registration keeps what the old file had until the
+        new one is in place."""
+        known = await self.get(name, model_type)
+        registering = known is not None and known["status"] == ModelStatus.REGISTERING.value
+        if registering and not claim_interrupted(known or {}):
+            raise ClaimedError(f"{model_type.value} {name!r} is being registered")
+        document = model_document(
+            name=name,
+            model_type=model_type,
+            path=path,
+            family=None,
+            size_bytes=0,
+            status=ModelStatus.REGISTERING,
+            source=source,
+        )
+        document["registering_until"] = _claim_deadline()
+        if known:
+            document |= {k: known.get(k) for k in ("family", "size_bytes", "sha256")}
+        free = {
+            "$or": [
+                {"status": {"$ne": ModelStatus.REGISTERING.value}},
+                {"registering_until": {"$lt": dt.datetime.now(dt.UTC)}},
+            ]
+        }
+        try:
+            await self.upsert(document, only_if=free)
+        except DuplicateKeyError as exc:  # claimed by another since we looked
+            raise ClaimedError(f"{model_type.value} {name!r} is being registered") from exc
+        return known
+
+    async def renew_claim(self, name: str, model_type: ModelType) -> None:
+        await self.update(name, model_type, {"registering_until": _claim_deadline()})
+
+    async def unclaim(self, model_type: ModelType, name: str, known: Document | None) -> None:
+        """Put back the record a failed registration claimed (none, or the model as it was)."""
+        if known is None:
+            await self.collection.delete_one(
+                {"_id": model_id(model_type, name), "status": ModelStatus.REGISTERING.value}
+            )
+        else:
+            await self.collection.replace_one({"_id": known["_id"]}, known)
+
+    async def configure(self, model: Document, changes: dict[str, Any]) -> None:
+        """Set a checkpoint's function settings (scheduler fields and ``function.*``)."""
+        await self.collection.update_one({"_id": model["_id"]}, {"$set": changes})
+
+    async def reset_function(self, model: Document) -> None:
+        """A checkpoint's function back to defaults and to zero workers."""
+        await self.collection.update_one(
+            {"_id": model["_id"]},
+            {
+                "$set": {"min_instances": 0, "max_instances": None, "idle_timeout_s": 0.0},
+                "$unset": {"function": ""},
+            },
         )
 
     async def get(self, name: str, model_type: ModelType = CHECKPOINT) -> Document | None:

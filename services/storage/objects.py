@@ -44,7 +44,10 @@ def check_key(key: str) -> str:
 
 class ObjectStore(Protocol):
     async def put(self, key: str, data: bytes, content_type: str = "image/png") -> None: ...
-    async def get(self, key: str) -> bytes: ...
+    async def get(self, key: str, limit: int | None = None) -> bytes:
+        """The object's bytes (its first ``limit`` bytes only, when given)."""
+        ...
+
     async def exists(self, key: str) -> bool: ...
     def stream(self, key: str, chunk_size: int = CHUNK) -> AsyncIterator[bytes]:
         """The object's bytes in chunks, never whole in memory (model files)."""
@@ -57,6 +60,11 @@ class ObjectStore(Protocol):
     async def presign(self, key: str, ttl_s: int) -> str: ...
     async def ping(self) -> None: ...
     async def aclose(self) -> None: ...
+
+
+def _read(path: Path, limit: int | None) -> bytes:
+    with path.open("rb") as handle:
+        return handle.read(-1 if limit is None else limit)
 
 
 class LocalObjectStore:
@@ -78,10 +86,10 @@ class LocalObjectStore:
         path = self._path(key)
         await asyncio.to_thread(_atomic_write, path, data)
 
-    async def get(self, key: str) -> bytes:
+    async def get(self, key: str, limit: int | None = None) -> bytes:
         path = self._path(key)
         try:
-            return await asyncio.to_thread(path.read_bytes)
+            return await asyncio.to_thread(_read, path, limit)
         except FileNotFoundError as exc:
             raise ObjectNotFoundError(key) from exc
 
@@ -99,6 +107,13 @@ class LocalObjectStore:
                 yield chunk
         finally:
             handle.close()
+
+    async def file(self, key: str) -> Path:
+        """The file holding an object (served as it is: Range, ETag, sendfile)."""
+        path = self._path(key)
+        if not await asyncio.to_thread(path.is_file):
+            raise ObjectNotFoundError(key)
+        return path
 
     async def etag(self, key: str) -> str | None:
         if not await asyncio.to_thread(self._path(key).is_file):
@@ -180,9 +195,12 @@ class S3ObjectStore:
             Bucket=self.bucket, Key=check_key(key), Body=data, ContentType=content_type
         )
 
-    async def get(self, key: str) -> bytes:
+    async def get(self, key: str, limit: int | None = None) -> bytes:
+        ranged = {} if limit is None else {"Range": f"bytes=0-{max(limit, 1) - 1}"}
         try:
-            response = await self._client.get_object(Bucket=self.bucket, Key=check_key(key))
+            response = await self._client.get_object(
+                Bucket=self.bucket, Key=check_key(key), **ranged
+            )
         except self._client.exceptions.NoSuchKey as exc:
             raise ObjectNotFoundError(key) from exc
         async with response["Body"] as body:

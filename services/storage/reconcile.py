@@ -40,13 +40,13 @@ from nats.js.errors import APIError, NotFoundError
 
 from proto import names
 from proto.codec import decode_generate
-from proto.events import TaskFailed
+from proto.events import TERMINAL_KINDS, TaskFailed
 from services.common import bus
 from services.storage.mongo import Document
-from services.storage.tasks import OPEN_STATUSES, TaskStore
+from services.storage.tasks import TaskStore
 
 log = logging.getLogger(__name__)
-EVIDENCE = ("started", "succeeded", "failed", "cancelled")
+EVIDENCE = ("started", *TERMINAL_KINDS)
 """Events only a worker (or a terminal decision) publishes: the task was delivered."""
 LANDED = -1
 """``stream_seq`` of a task whose publish landed (a worker reported on it) at an
@@ -85,13 +85,9 @@ async def reconcile_once(
     Only ``max_errors`` passing errors in a row (NATS itself is away) end it early."""
     now = dt.datetime.now(dt.UTC)
     outcome = Reconciled()
-    query = {
-        "status": {"$in": OPEN_STATUSES},
-        "created_at": {"$lt": now - dt.timedelta(seconds=grace_s)},
-    }
-    projection = {"command": 1, "stream_seq": 1, "created_at": 1, "attempt": 1}
+    before = now - dt.timedelta(seconds=grace_s)
     errors_in_a_row = 0
-    async for task in tasks.collection.find(query, projection):
+    async for task in tasks.open_before(before, "command", "stream_seq", "created_at", "attempt"):
         task_id = task["_id"]
         try:
             try:

@@ -14,12 +14,14 @@ late deliveries are safe without transactions:
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import AsyncIterator
 from typing import Any
 
 from pymongo import ASCENDING, DESCENDING
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 
+import proto
 from proto import TaskStatus, names
 from proto.events import (
     TaskCancelled,
@@ -31,8 +33,7 @@ from proto.events import (
 )
 from services.storage.mongo import Document
 
-OPEN_STATUSES = [TaskStatus.WAITING.value, TaskStatus.RUNNING.value]
-"""A task in these may still change: it is queued or on a worker."""
+OPEN_STATUSES = [status.value for status in proto.OPEN_STATUSES]
 
 
 def _utc(ts: float) -> dt.datetime:
@@ -139,6 +140,31 @@ class TaskStore:
         found = [d async for d in self.collection.find({"_id": {"$in": ids}, "user": user})]
         found.sort(key=lambda d: ids.index(d["_id"]))
         return found[0] if found else None
+
+    async def fields(self, task_id: str, *names_: str) -> Document | None:
+        """Some fields of one task by its internal id (unscoped: for the services)."""
+        return await self.collection.find_one({"_id": task_id}, dict.fromkeys(names_, 1))
+
+    async def current(self, user: str) -> Document | None:
+        """The user's running task, else their oldest waiting one (A1111's "current job")."""
+        for status in (TaskStatus.RUNNING, TaskStatus.WAITING):
+            found = await self.collection.find_one(
+                {"user": user, "status": status.value}, sort=[("created_at", ASCENDING)]
+            )
+            if found is not None:
+                return found
+        return None
+
+    async def waiting_ids(self, model_key: str) -> list[str]:
+        """The ids of a checkpoint's tasks still waiting for a worker."""
+        query = {"model_key": model_key, "status": TaskStatus.WAITING.value}
+        return [d["_id"] async for d in self.collection.find(query, {"_id": 1})]
+
+    async def open_before(self, before: dt.datetime, *names_: str) -> AsyncIterator[Document]:
+        """Open tasks created before ``before``, with the named fields (the reconciler)."""
+        query = {"status": {"$in": OPEN_STATUSES}, "created_at": {"$lt": before}}
+        async for document in self.collection.find(query, dict.fromkeys(names_, 1)):
+            yield document
 
     async def oldest_waiting(self, model_key: str) -> dt.datetime | None:
         document = await self.collection.find_one(

@@ -30,7 +30,6 @@ import hmac
 import ipaddress
 import json
 import logging
-import secrets
 import socket
 import time
 import urllib.parse
@@ -43,15 +42,21 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from pymongo import ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
 
 from proto import names
-from proto.events import TaskEvent, decode_event, event_kind, event_to_builtins
+from proto.events import (
+    TERMINAL_KINDS,
+    TaskEvent,
+    decode_event,
+    event_kind,
+    event_to_builtins,
+)
 from services.common import consumer, netguard
 from services.common.settings import StoreSettings
+from services.storage.deliveries import WebhookStore
 from services.storage.mongo import Document
-from services.storage.tasks import shown_task_id
+from services.storage.tasks import TaskStore, shown_task_id
 
 log = logging.getLogger(__name__)
 MAX_RESPONSE_BYTES = 64 * 1024
@@ -59,7 +64,7 @@ FETCH_BATCH = 64
 """Events fetched per request; deliveries start as soon as each arrives."""
 DEFER_S = 1.0
 """An event for a receiver whose backlog is full comes back after this long."""
-COMPLETED = frozenset({"succeeded", "failed", "cancelled"})
+COMPLETED = frozenset(TERMINAL_KINDS)
 
 
 class WebhookRefusedError(ValueError):
@@ -145,21 +150,6 @@ def sign(secret: str, delivery_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
 
 
-class WebhookSecrets:
-    def __init__(self, db: AsyncDatabase[Document]) -> None:
-        self.collection = db["webhook_secrets"]
-
-    async def get(self, user: str) -> str:
-        """The user's signing secret, created on first use."""
-        fresh = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
-        await self.collection.update_one(
-            {"_id": user}, {"$setOnInsert": {"secret": fresh}}, upsert=True
-        )
-        document = await self.collection.find_one({"_id": user})
-        assert document is not None
-        return str(document["secret"])
-
-
 def subscribed(kind: str, events: list[str]) -> bool:
     return ("completed" if kind in COMPLETED else kind) in events
 
@@ -236,8 +226,8 @@ class Dispatcher:
     def __init__(
         self, js: JetStreamContext, db: AsyncDatabase[Document], settings: StoreSettings
     ) -> None:
-        self.js, self.db, self.settings = js, db, settings
-        self.secrets = WebhookSecrets(db)
+        self.js, self.settings = js, settings
+        self.tasks, self.store = TaskStore(db), WebhookStore(db)
         self.slots = asyncio.Semaphore(settings.webhook_max_concurrency)
         self.receivers: dict[tuple[str, str, str, int], _Receiver] = {}
         self.ack_wait_s = max(settings.webhook_timeout_s * 3, 30)
@@ -249,9 +239,7 @@ class Dispatcher:
             event = decode_event(message.data)
         except msgspec.DecodeError as exc:
             raise consumer.Poison(f"undecodable event: {exc}") from exc
-        task = await self.db["tasks"].find_one(
-            {"_id": event.task_id}, {"webhook": 1, "user": 1, "client_id": 1}
-        )
+        task = await self.tasks.fields(event.task_id, "webhook", "user", "client_id")
         hook = (task or {}).get("webhook")
         if not task or not hook or not subscribed(event_kind(event), hook.get("events", [])):
             return
@@ -313,7 +301,7 @@ class Dispatcher:
     ) -> None:
         attempts = 0
         try:
-            secret = await self.secrets.get(task["user"])
+            secret = await self.store.secret(task["user"])
             await deliver(
                 target,
                 secret,
@@ -324,7 +312,7 @@ class Dispatcher:
             )
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             reason = str(exc) or type(exc).__name__
-            attempts = await self._count_attempt(delivery_id)
+            attempts = await self.store.count_attempt(delivery_id)
             if attempts < self.settings.webhook_max_attempts:
                 backoff = self.settings.webhook_backoff_s
                 delay = backoff[min(attempts - 1, len(backoff) - 1)] if backoff else 1.0
@@ -338,17 +326,7 @@ class Dispatcher:
                 raise consumer.Retry(delay) from exc
             await self._record_failure(task, hook, event, delivery_id, attempts, reason)
         if attempts or message.metadata.num_delivered > 1:  # done: forget failed attempts
-            await self.db["webhook_attempts"].delete_one({"_id": delivery_id})
-
-    async def _count_attempt(self, delivery_id: str) -> int:
-        """Count one more failed attempt of a delivery; how many there have been."""
-        document = await self.db["webhook_attempts"].find_one_and_update(
-            {"_id": delivery_id},
-            {"$inc": {"attempts": 1}, "$set": {"at": dt.datetime.now(dt.UTC)}},
-            upsert=True,
-            return_document=ReturnDocument.AFTER,
-        )
-        return int((document or {}).get("attempts", 1))
+            await self.store.forget_attempts(delivery_id)
 
     async def _record_failure(
         self,
@@ -359,20 +337,14 @@ class Dispatcher:
         attempts: int,
         reason: str,
     ) -> None:
-        await self.db["webhook_failures"].update_one(
-            {"_id": delivery_id},
-            {
-                "$setOnInsert": {
-                    "user": task["user"],
-                    "task_id": event.task_id,
-                    "url": hook["url"],
-                    "event": event_kind(event),
-                    "attempts": attempts,
-                    "error": reason,
-                    "at": dt.datetime.now(dt.UTC),
-                }
-            },
-            upsert=True,
+        await self.store.record_failure(
+            delivery_id,
+            user=task["user"],
+            task_id=event.task_id,
+            url=hook["url"],
+            event=event_kind(event),
+            attempts=attempts,
+            error=reason,
         )
         log.warning("webhook %s gave up after %d attempts: %s", delivery_id, attempts, reason)
 

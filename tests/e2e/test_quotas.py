@@ -55,3 +55,17 @@ async def test_open_tasks_and_rate_limits(limited: System) -> None:
     body = await _refused(system, "over-rate-limit")
     assert "per minute" in body["message"]
     await system.task_when(third, lambda d: d["status"] == "succeeded")
+
+
+async def test_a_full_queue_refuses_with_429_and_creates_nothing(
+    tmp_path: Path, models_dir: Path, mongo_server: Any
+) -> None:
+    """The task stream holds one message: while the first task is queued or running (its
+    worker is still starting), a second is refused by JetStream's limit: 429 queue_full."""
+    async with start_system(
+        tmp_path, models_dir, mongo_server.url, task_stream_max_msgs=1
+    ) as system:
+        first = await system.submit({**BODY, "steps": 2})
+        body = await _refused(system, "over-queue")
+        assert "queue_full" == body["code"]
+        await system.task_when(first, lambda d: d["status"] == "succeeded")

@@ -82,10 +82,17 @@ async def test_async_txt2img_progress_sse_and_result(system: System) -> None:
         assert isinstance(image, PngImageFile)
         assert (64, 64) == image.size
         assert "Steps: 4, Sampler: Euler a" in image.text["parameters"]
-    for url in result["ossUrl"]:
+    for url, key in zip(result["ossUrl"], result["images"], strict=True):
         async with system.http.get(url) as download:
             assert 200 == download.status
-            assert (await download.read()).startswith(b"\x89PNG")
+            assert "image/png" == download.content_type
+            assert await system.objects.get(key) == await download.read()
+            etag = download.headers["ETag"]
+        # Served from the file: ranges and revalidation, not a whole read into memory.
+        async with system.http.get(url, headers={"Range": "bytes=1-3"}) as part:
+            assert (206, b"PNG") == (part.status, await part.read())
+        async with system.http.get(url, headers={"If-None-Match": etag}) as again:
+            assert 304 == again.status
     assert [1234, 1235] == result["info"]["all_seeds"]
     assert 4 == result["parameters"]["steps"]
 

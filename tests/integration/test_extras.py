@@ -198,7 +198,7 @@ def test_generate_one_png_per_input_with_infotext() -> None:
 
 def test_generate_refuses_codeformer_a_missing_restorer_and_unknown_upscalers() -> None:
     inputs = {"k.png": _png(_stripes(8, 8))}
-    with pytest.raises(GenerationError, match="no face restorer") as missing:
+    with pytest.raises(GenerationError, match="needs a face-restoration model") as missing:
         _runner().generate(
             _command(_options(gfpgan_visibility=0.5), list(inputs)), inputs, _ignore, _never
         )

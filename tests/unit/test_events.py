@@ -80,3 +80,14 @@ def test_skipped_progress_is_optional_on_the_wire() -> None:
     assert b"skipped" not in encode_event(old)
     marked = TaskProgressed(task_id="t1", step=3, total_steps=20, skipped=True)
     assert marked == decode_event(encode_event(marked))
+
+
+def test_terminal_events_are_the_terminal_statuses() -> None:
+    """One definition: the events that end a task carry the names of the final statuses,
+    and the open statuses are exactly the others."""
+    from proto import OPEN_STATUSES, TERMINAL_STATUSES, TaskStatus
+    from proto.events import TERMINAL_KINDS
+
+    assert {s.value for s in TERMINAL_STATUSES} == set(TERMINAL_KINDS)
+    assert set(TaskStatus) == set(OPEN_STATUSES) | TERMINAL_STATUSES
+    assert not set(OPEN_STATUSES) & TERMINAL_STATUSES

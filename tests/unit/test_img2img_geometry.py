@@ -227,18 +227,28 @@ def test_what_is_not_honoured_is_a_warning() -> None:
     assert 4 == len(warnings(request, controlnet=True))
 
 
-def test_long_kernels_match_the_direct_blur_and_any_sigma_is_cheap(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from services.inference import img2img
+def _reference_blur_rows(values: np.ndarray, sigma: float) -> np.ndarray:
+    """A Gaussian along each row, written out: OpenCV's kernel size, mirrored borders."""
+    radius = int(2.5 * sigma + 0.5)
+    taps = np.arange(-radius, radius + 1)
+    kernel = np.exp(-(taps**2) / (2 * sigma * sigma))
+    padded = np.pad(values, [(0, 0), (radius, radius)], mode="reflect")
+    width = values.shape[1]
+    out = np.zeros_like(values)
+    for i, weight in enumerate(kernel / kernel.sum()):
+        out += weight * padded[:, i : i + width]
+    return out
 
-    values = np.random.default_rng(0).random((30, 50)) * 255
-    for axis in (0, 1):
-        fft = img2img._blur_axis(values, 20, axis)
-        monkeypatch.setattr(img2img, "DIRECT_TAPS", 10**6)
-        direct = img2img._blur_axis(values, 20, axis)
-        monkeypatch.undo()
-        assert np.allclose(fft, direct)
+
+def test_mask_blur_is_a_gaussian_per_axis_at_any_sigma() -> None:
+    values = (np.random.default_rng(0).random((30, 50)) > 0.5).astype(np.uint8) * 255
+    mask = Image.fromarray(values, "L")
+    for sigma in (1.5, 8):  # a short kernel and one longer than OpenCV filters directly
+        rows = np.asarray(blur_mask(mask, sigma, 0), dtype=float)
+        columns = np.asarray(blur_mask(mask.transpose(Image.Transpose.TRANSPOSE), 0, sigma))
+        expected = _reference_blur_rows(values.astype(float), sigma)
+        assert np.abs(rows - expected).max() <= 1
+        assert np.abs(columns.T - expected).max() <= 1
     # A blur far wider than the mask: about its mean (a quarter is white), computed with a
     # kernel cut at twice the image's size.
     flat = np.asarray(blur_mask(_edge_mask(), 10**6, 10**6), dtype=float)
