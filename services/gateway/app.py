@@ -6,40 +6,29 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
 
 from aiohttp import web
 
 from services.common import bus
 from services.gateway import (
-    controlnet_api,
-    extras_api,
-    functions,
-    openapi,
     registry,
-    sdapi,
-    tasks_api,
-    waiting,
-    webhooks_api,
+    routes,
 )
-from services.gateway.auth import announce, auth_enabled, login, parse_api_keys
-from services.gateway.errors import ApiError, error_middleware
-from services.gateway.resources import RESOURCES, SETTINGS, Resources, StreamSlots, resources
+from services.gateway.auth import announce, auth_enabled, parse_api_keys
+from services.gateway.errors import error_middleware
+from services.gateway.resources import RESOURCES, SETTINGS, Resources, StreamSlots
 from services.gateway.settings import GatewaySettings
-from services.gateway.validation import bounded_int
 from services.storage.deliveries import WebhookStore
 from services.storage.idempotency import IdempotencyStore
 from services.storage.models import ModelStore
 from services.storage.mongo import database, open_client
-from services.storage.objects import LocalObjectStore, ObjectNotFoundError, open_object_store
+from services.storage.objects import open_object_store
 from services.storage.options import OptionStore
 from services.storage.quotas import LoginThrottle, QuotaStore
 from services.storage.tasks import TaskStore
 from services.storage.users import UserStore
 
 log = logging.getLogger(__name__)
-MAX_EXPIRES = 10**11
-"""A signed link's expiry (Unix seconds) is below this (the year 5138)."""
 
 
 async def _open_resources(app: web.Application) -> AsyncIterator[None]:
@@ -89,72 +78,13 @@ async def _open_resources(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
-async def healthz(request: web.Request) -> web.StreamResponse:
-    """200 only when NATS, MongoDB and the object store all answer."""
-    res = resources(request)
-    checks: dict[str, str] = {}
-
-    async def probe(name: str, check: Any) -> None:
-        try:
-            await asyncio.wait_for(check, 3)
-            checks[name] = "ok"
-        except Exception as exc:
-            checks[name] = f"error: {type(exc).__name__}: {exc}"
-
-    await asyncio.gather(
-        probe("nats", res.nc.flush(timeout=2)),
-        probe("mongodb", res.mongo.admin.command("ping")),
-        probe("objects", res.objects.ping()),
-    )
-    healthy = all(v == "ok" for v in checks.values())
-    return web.json_response(
-        {"status": "ok" if healthy else "unavailable", "checks": checks},
-        status=200 if healthy else 503,
-    )
-
-
-async def download(request: web.Request) -> web.StreamResponse:
-    """Signed download links of the local-folder object store."""
-    res = resources(request)
-    if not isinstance(res.objects, LocalObjectStore):
-        raise ApiError(404, "not_found", "downloads are served by the object store")
-    key = request.match_info["key"]
-    if "expires" not in request.query:
-        raise ApiError(403, "invalid_signature", "the link is invalid or has expired")
-    expires = bounded_int(request.query["expires"], "expires", 0, MAX_EXPIRES)
-    if not res.objects.verify(key, expires, request.query.get("signature", "")):
-        raise ApiError(403, "invalid_signature", "the link is invalid or has expired")
-    try:
-        path = await res.objects.file(key)
-    except (ObjectNotFoundError, ValueError) as exc:
-        raise ApiError(404, "not_found", "no such object") from exc
-    # Streamed from the file (sendfile), with Range, ETag and Last-Modified.
-    return web.FileResponse(path, headers={"X-Content-Type-Options": "nosniff"})
-
-
 def create_app(settings: GatewaySettings) -> web.Application:
     announce(settings)
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_open_resources)
-    app.router.add_post("/login", login)
-    app.router.add_post("/txt2img", tasks_api.txt2img)
-    app.router.add_post("/img2img", tasks_api.img2img)
-    app.router.add_get("/tasks", tasks_api.list_tasks)
-    app.router.add_get("/tasks/{task_id}/result", tasks_api.task_result)
-    app.router.add_get("/tasks/{task_id}/progress", tasks_api.task_progress)
-    app.router.add_get("/tasks/{task_id}/events", waiting.task_events)
-    app.router.add_post("/tasks/{task_id}/cancellation", tasks_api.cancel_task)
-    registry.add_routes(app)
-    webhooks_api.add_routes(app)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/openapi.json", openapi.openapi_json)
-    app.router.add_get("/docs", openapi.docs)
-    sdapi.add_routes(app)
-    extras_api.add_routes(app)
-    controlnet_api.add_routes(app)
-    functions.add_routes(app)
-    app.router.add_get("/files/{key:.+}", download)
+    registry.add_jobs(app)
+    routes.add_routes(app)
     return app
 
 

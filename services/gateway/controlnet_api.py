@@ -315,11 +315,3 @@ async def settings(request: web.Request) -> web.StreamResponse:
     res = resources(request)
     await caller(request, res)
     return web.json_response({"control_net_unit_count": res.settings.max_controlnet_units})
-
-
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/controlnet/model_list", model_list)
-    app.router.add_get("/controlnet/module_list", module_list)
-    app.router.add_get("/controlnet/version", version)
-    app.router.add_post("/controlnet/detect", detect)
-    app.router.add_get("/controlnet/settings", settings)

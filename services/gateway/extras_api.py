@@ -18,7 +18,6 @@ import msgspec
 from aiohttp import web
 
 from proto import GenerateImage, ModelType, TaskKind, names
-from proto.codec import encode
 from proto.commands import AdapterRef
 from proto.requests import (
     BUILTIN_UPSCALERS,
@@ -39,8 +38,9 @@ from services.gateway.bounds import check_free_form
 from services.gateway.errors import ApiError
 from services.gateway.images import stage_inputs, upload_staged
 from services.gateway.resources import Resources, resources
-from services.gateway.tasks_api import (
+from services.gateway.submit import (
     TASK_ID_HEADER,
+    Echo,
     TaskRef,
     a1111_images,
     admitted,
@@ -51,7 +51,6 @@ from services.gateway.tasks_api import (
 from services.gateway.validation import decode, read_body
 from services.gateway.webhooks_api import checked_webhook
 from services.storage.mongo import Document
-from services.storage.tasks import new_task_document
 
 DEFAULT_MODEL_SCALE = 4
 """What ``/sdapi/v1/upscalers`` reports when the registry does not know a model's
@@ -141,20 +140,9 @@ async def submit_extras(
             input_keys=keys,
             submitted_at=time.time(),
         )
-        document = new_task_document(
-            task_id=task_id,
-            user=user,
-            kind=TaskKind.EXTRAS.value,
-            model_name=key,
-            model_key=key,
-            parameters=parameters | {field: keys if field == "imageList" else keys[0]},
-            total_steps=1,
-            job_count=len(keys),
-            command=encode(command),
-            client_id=task.client_id,
-        )
-        document["webhook"] = checked
-        return await enqueue(res, command, document, sync=sync)
+        shown = parameters | {field: keys if field == "imageList" else keys[0]}
+        echo = Echo(shown, total_steps=1, job_count=len(keys), webhook=checked)
+        return await enqueue(res, command, task, echo, sync=sync)
 
 
 async def extra_images(request: web.Request) -> web.StreamResponse:
@@ -266,11 +254,3 @@ async def face_restorers(request: web.Request) -> web.StreamResponse:
             if usable(m)
         ]
     )
-
-
-def add_routes(app: web.Application) -> None:
-    app.router.add_post("/extra_images", extra_images)
-    app.router.add_post("/sdapi/v1/extra-single-image", extra_single_image)
-    app.router.add_post("/sdapi/v1/extra-batch-images", extra_batch_images)
-    app.router.add_get("/sdapi/v1/upscalers", upscalers)
-    app.router.add_get("/sdapi/v1/face-restorers", face_restorers)

@@ -185,14 +185,3 @@ async def restart(request: web.Request) -> web.StreamResponse:
     await res.nc.publish(names.RESTART_SUBJECT, user.encode())
     await res.nc.flush()
     return web.json_response({"message": "success"})
-
-
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/list/sdapi/functions", list_functions)
-    app.router.add_get("/list/sdapi/fucntions", list_functions)  # the seed document's spelling
-    app.router.add_post("/batch_update_sd_resource", batch_update)
-    app.router.add_post("/del/sd/functions", delete_functions)
-    app.router.add_post("/restart", restart)
-    # Beside the registry's /models/{name} (GET, PUT, DELETE): aiohttp goes on to this
-    # route for a POST, which those do not take.
-    app.router.add_post("/models/{model_name:.+}/warm", warm)

@@ -1,9 +1,10 @@
 """OpenAPI 3.1 for the gateway, generated from the msgspec Structs in ``proto/``.
 
 Request bodies are the very Structs the gateway decodes with, so the document cannot
-drift from the validation. Response shapes are declared here as Structs too. Every route
-the app registers is listed in ``ROUTES`` (a unit test walks the router). ``/docs``
-renders the document as a plain HTML page (no external scripts: it works offline).
+drift from the validation. Response shapes are declared here as Structs too. The route
+table itself (:mod:`services.gateway.routes`) is what the app registers and what
+:func:`build_document` describes. ``/docs`` renders the document as a plain HTML page
+(no external scripts: it works offline).
 """
 
 from __future__ import annotations
@@ -11,24 +12,13 @@ from __future__ import annotations
 import html
 import re
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 
 import msgspec
 from aiohttp import web
-from msgspec import Meta
 
 from proto import ModelStatus, ModelType, TaskStatus
-from proto.controlnet import DetectRequest, DetectResponse
-from proto.requests import (
-    BatchUpdateSdResourceRequest,
-    DeleteFunctionsRequest,
-    ExtraBatchImagesRequest,
-    ExtraImagesRequest,
-    Img2ImgRequest,
-    RegisterModelRequest,
-    Txt2ImgRequest,
-    WarmModelRequest,
-)
+from services.gateway.errors import Handler
 
 
 class Error(msgspec.Struct, kw_only=True):
@@ -37,26 +27,48 @@ class Error(msgspec.Struct, kw_only=True):
     field: str | None = None
 
 
-class SubmitTaskResponse(msgspec.Struct, kw_only=True):
-    taskId: str
-    status: str
-    ossUrl: list[str] = []
-    images: list[str] = []
-    message: str = ""
+class _Strict(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    """A response the handler encodes from this very Struct: the document lists every field
+    it can carry and no other (``additionalProperties: false``); fields with a default are
+    left out when they have it."""
 
 
-class TaskResultResponse(msgspec.Struct, kw_only=True):
+def respond(
+    body: msgspec.Struct, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    """Send a response Struct as JSON: what the document describes is what is sent."""
+    return web.Response(
+        body=msgspec.json.encode(body),
+        status=status,
+        headers=headers,
+        content_type="application/json",
+    )
+
+
+class SubmitTaskResponse(_Strict):
+    """A submission's answer: async, ``taskId`` and ``status`` (202); sync, the outcome
+    (500 with ``code`` when it failed)."""
+
     taskId: str
-    status: str
+    status: TaskStatus
+    message: str | None = None
+    ossUrl: list[str] | None = None
+    images: list[str] | None = None
+    code: str | None = None
+
+
+class TaskResultResponse(_Strict):
+    taskId: str
+    status: TaskStatus
     images: list[str]
     ossUrl: list[str]
     parameters: dict[str, Any]
     info: dict[str, Any]
     message: str
-    code: str | None = None
+    code: str | None
 
 
-class ProgressState(msgspec.Struct, kw_only=True):
+class ProgressState(_Strict):
     interrupted: bool
     skipped: bool
     job: str
@@ -67,15 +79,21 @@ class ProgressState(msgspec.Struct, kw_only=True):
     sampling_steps: int
 
 
-class TaskProgressResponse(msgspec.Struct, kw_only=True):
+class TaskProgressResponse(_Strict):
     taskId: str
-    status: str
+    status: TaskStatus
     progress: float
     etaRelative: float
     state: ProgressState
     currentImage: str
+    """The live preview's object key ("" when there is none)."""
+    currentImageUrl: str
+    """A signed link to the preview ("" when there is none)."""
     message: str
     queuePosition: int | None = None
+    """Waiting tasks: 1-based place among the checkpoint's waiting tasks."""
+    coldStartSeconds: float | None = None
+    """Waiting tasks with no worker loaded: the checkpoint's measured cold start."""
 
 
 class A1111ImageResponse(msgspec.Struct, kw_only=True):
@@ -255,6 +273,8 @@ A1111_OBJECT = dict[str, Any]
 class Route:
     method: str
     path: str
+    """aiohttp's path: ``{name}`` parameters, ``{name:regex}`` where they span slashes."""
+    handler: Handler | None
     summary: str
     response: Any = None
     """The success body's type (None: none described)."""
@@ -269,141 +289,6 @@ class Route:
     """500 with the same body when some named item failed (the seed's contract)."""
 
 
-ROUTES: list[Route] = [
-    Route("post", "/login", "Log in", LoginResponse, LoginRequest),
-    Route(
-        "post", "/txt2img", f"Generate from text. {SUBMIT}", SubmitTaskResponse, Txt2ImgRequest,
-        headers=TASK_HEADERS,
-    ),
-    Route(
-        "post", "/img2img", f"Generate from images. {SUBMIT}", SubmitTaskResponse, Img2ImgRequest,
-        headers=TASK_HEADERS,
-    ),
-    Route(
-        "post", "/extra_images", f"Upscale an image as a task. {SUBMIT}", SubmitTaskResponse,
-        ExtraImagesRequest, headers=TASK_HEADERS,
-    ),
-    Route(
-        "get", "/tasks", "The caller's tasks, newest first", TaskList,
-        query=(
-            ("status", TaskStatus, "only tasks in this status"),
-            ("model", str, "only tasks of this checkpoint"),
-            ("limit", Annotated[int, Meta(ge=1, le=100)], "page size (20)"),
-            ("cursor", str, "nextCursor of the previous page"),
-        ),
-    ),
-    Route("get", "/tasks/{taskId}/result", "A task's result", TaskResultResponse),
-    Route("get", "/tasks/{taskId}/progress", "A task's progress", TaskProgressResponse),
-    Route("get", "/tasks/{taskId}/events", "A task's events (text/event-stream)"),
-    Route("post", "/tasks/{taskId}/cancellation", "Cancel a task", CancelResponse, status=202),
-    Route(
-        "post", "/options", "Store a new snapshot of the caller's options", SeedOptionsResponse,
-        SeedOptionsRequest,
-    ),
-    Route("get", "/models", "Registered models", list[ModelAttributes], query=(MODEL_TYPE,)),
-    Route(
-        "post", "/models", "Register a file from the object store (202 while it is copied)",
-        ModelChange, RegisterModelRequest, status=201,
-    ),
-    Route(
-        "get", "/models/{model_name}", "One registered model", ModelAttributes,
-        query=(MODEL_TYPE,),
-    ),
-    Route(
-        "put", "/models/{model_name}",
-        "Register again from ossPath (JSON), or upload the file itself (any other body)",
-        ModelChange, RegisterModelRequest, upload=True,
-        query=(
-            MODEL_TYPE,
-            ("sha256", str, "upload: the file's SHA-256, checked"),
-            ("suffix", str, "upload: the file's extension when the name has none"),
-        ),
-    ),
-    Route(
-        "delete", "/models/{model_name}", "Delete a model (drain=true: after its open tasks)",
-        ModelDeleted, query=(MODEL_TYPE, ("drain", bool, "run the queued tasks first (202)")),
-    ),
-    Route("get", "/webhooks/secret", "The caller's webhook signing secret", WebhookSecret),
-    Route(
-        "get", "/webhooks/failures", "Webhook deliveries that gave up, newest first",
-        list[WebhookFailure],
-    ),
-    Route("get", "/list/sdapi/functions", "Checkpoints' worker pools", FunctionsList),
-    Route("get", "/list/sdapi/fucntions", "The same (the seed document's spelling)", FunctionsList),
-    Route(
-        "post", "/batch_update_sd_resource", "Change worker pools' settings", FunctionsChange,
-        BatchUpdateSdResourceRequest, partial_failure=True,
-    ),
-    Route(
-        "post", "/del/sd/functions", "Reset worker pools to their defaults", FunctionsChange,
-        DeleteFunctionsRequest, partial_failure=True,
-    ),
-    Route("post", "/restart", "Rolling restart of every worker", Message),
-    Route(
-        "post", "/models/{model_name}/warm",
-        "Pre-warm: start a checkpoint's worker ahead of traffic (202)", Warming,
-        WarmModelRequest,
-    ),
-    Route("get", "/healthz", "Health of NATS, MongoDB and the object store", Health),
-    Route(
-        "get", "/files/{key}", "Signed download link of the local object store",
-        query=(("expires", int, "Unix time"), ("signature", str, "the link's HMAC")),
-    ),
-    Route(
-        "post", "/sdapi/v1/txt2img", "A1111 txt2img", A1111ImageResponse, Txt2ImgRequest,
-        headers=TASK_HEADERS,
-    ),
-    Route(
-        "post", "/sdapi/v1/img2img", "A1111 img2img", A1111ImageResponse, Img2ImgRequest,
-        headers=TASK_HEADERS,
-    ),
-    Route(
-        "get", "/sdapi/v1/progress", "A1111 progress of the caller's task", A1111Progress,
-        query=(
-            ("id_task", str, "this task instead of the current one"),
-            ("skip_current_image", bool, "leave the preview out"),
-        ),
-    ),
-    Route("post", "/sdapi/v1/interrupt", "A1111 interrupt of the caller's task", A1111_OBJECT),
-    Route("post", "/sdapi/v1/skip", "A1111 skip: the caller's task ends its current job",
-          A1111_OBJECT),
-    Route("get", "/sdapi/v1/options", "A1111 options", A1111_OBJECT),
-    Route("post", "/sdapi/v1/options", "A1111 options update", None, A1111_OBJECT),
-    Route("get", "/sdapi/v1/sd-models", "A1111 checkpoints", A1111_LIST),
-    Route("get", "/sdapi/v1/sd-vae", "A1111 VAEs", A1111_LIST),
-    Route("get", "/sdapi/v1/loras", "A1111 LoRAs", A1111_LIST),
-    Route("get", "/sdapi/v1/embeddings", "A1111 textual-inversion embeddings", A1111_OBJECT),
-    Route("get", "/sdapi/v1/memory", "A1111 memory (gateway RAM, workers' CUDA)", A1111_OBJECT),
-    Route("get", "/sdapi/v1/samplers", "A1111 samplers", A1111_LIST),
-    Route("get", "/sdapi/v1/schedulers", "A1111 schedule types", A1111_LIST),
-    Route("post", "/sdapi/v1/refresh-checkpoints", "Scan the checkpoints folder"),
-    Route("post", "/sdapi/v1/refresh-vae", "Scan the VAE folder"),
-    Route("post", "/sdapi/v1/refresh-loras", "Scan the LoRA folders"),
-    Route("post", "/sdapi/v1/png-info", "A1111 PNG info", PngInfoResponse, PngInfoRequest),
-    Route("get", "/sdapi/v1/prompt-styles", "A1111 prompt styles", A1111_LIST),
-    Route(
-        "post", "/sdapi/v1/extra-single-image", "A1111 extras", A1111ExtrasResponse,
-        ExtraImagesRequest, headers=TASK_HEADERS,
-    ),
-    Route(
-        "post", "/sdapi/v1/extra-batch-images", "A1111 extras, several images",
-        A1111ExtrasBatchResponse, ExtraBatchImagesRequest, headers=TASK_HEADERS,
-    ),
-    Route("get", "/sdapi/v1/upscalers", "A1111 upscalers", A1111_LIST),
-    Route("get", "/sdapi/v1/face-restorers", "A1111 face restorers", A1111_LIST),
-    Route("get", "/controlnet/model_list", "ControlNet extension: models", A1111_OBJECT),
-    Route(
-        "get", "/controlnet/module_list", "ControlNet extension: preprocessors", A1111_OBJECT
-    ),
-    Route("get", "/controlnet/version", "ControlNet extension: API version", A1111_OBJECT),
-    Route("get", "/controlnet/settings", "ControlNet extension: settings", A1111_OBJECT),
-    Route(
-        "post", "/controlnet/detect", "ControlNet extension: a preprocessor's maps",
-        DetectResponse, DetectRequest,
-    ),
-]  # fmt: skip
-UNDOCUMENTED = frozenset({"/openapi.json", "/docs"})
-"""Routes the document leaves out: the document itself."""
 ERRORS = [
     ("400", "malformed"),
     ("401", "unauthorized"),
@@ -418,9 +303,14 @@ def _json(schema: dict[str, Any]) -> dict[str, Any]:
     return {"application/json": {"schema": schema}}
 
 
-def build_document() -> dict[str, Any]:
+def openapi_path(path: str) -> str:
+    """``/models/{model_name:.+}`` as OpenAPI writes it: ``/models/{model_name}``."""
+    return re.sub(r"\{(\w+):[^}]*\}", r"{\1}", path)
+
+
+def build_document(routes: list[Route]) -> dict[str, Any]:
     types: list[Any] = [Error]
-    for route in ROUTES:
+    for route in routes:
         types += [t for t in (route.request, route.response) if t is not None]
         types += [t for _, t, _ in route.query + route.headers]
     schemas, components = msgspec.json.schema_components(
@@ -429,11 +319,12 @@ def build_document() -> dict[str, Any]:
     schema_of = {id(t): schema for t, schema in zip(types, schemas, strict=True)}
     error = schema_of[id(Error)]
     paths: dict[str, dict[str, Any]] = {}
-    for route in ROUTES:
+    for route in routes:
+        path = openapi_path(route.path)
         operation: dict[str, Any] = {"summary": route.summary, "responses": {}}
         parameters = [
             {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-            for name in re.findall(r"\{(\w+)\}", route.path)
+            for name in re.findall(r"\{(\w+)\}", path)
         ]
         for where, params in (("query", route.query), ("header", route.headers)):
             parameters += [
@@ -457,7 +348,7 @@ def build_document() -> dict[str, Any]:
             operation["responses"]["500"] = {**ok, "description": "some named item failed"}
         for code, why in ERRORS:
             operation["responses"][code] = {"description": why, "content": _json(error)}
-        paths.setdefault(route.path, {})[route.method] = operation
+        paths.setdefault(path, {})[route.method] = operation
     return {
         "openapi": "3.1.0",
         "info": {
@@ -477,16 +368,10 @@ def build_document() -> dict[str, Any]:
     }
 
 
-_DOCUMENT = build_document()
-
-
-async def openapi_json(request: web.Request) -> web.StreamResponse:
-    return web.json_response(_DOCUMENT)
-
-
-async def docs(request: web.Request) -> web.StreamResponse:
+def render_docs(document: dict[str, Any]) -> str:
+    """The document as a plain HTML page (no scripts: it works offline)."""
     rows = []
-    for path, operations in _DOCUMENT["paths"].items():
+    for path, operations in document["paths"].items():
         for method, operation in operations.items():
             rows.append(
                 f"<tr><td><code>{method.upper()}</code></td><td><code>{html.escape(path)}"
@@ -498,4 +383,4 @@ async def docs(request: web.Request) -> web.StreamResponse:
         "<h1>sdswarm API</h1><p>Machine-readable: <a href=/openapi.json>/openapi.json</a>"
         " (OpenAPI 3.1).</p><table>" + "".join(rows) + "</table>"
     )
-    return web.Response(text=page, content_type="text/html")
+    return page

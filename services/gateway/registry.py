@@ -388,10 +388,6 @@ async def _cancel_jobs(app: web.Application) -> AsyncIterator[None]:
     await asyncio.gather(*jobs, return_exceptions=True)
 
 
-def add_routes(app: web.Application) -> None:
+def add_jobs(app: web.Application) -> None:
+    """Registration jobs still copying when the app stops are cancelled."""
     app.cleanup_ctx.append(_cancel_jobs)
-    app.router.add_get("/models", list_models)
-    app.router.add_post("/models", register_model)
-    app.router.add_get("/models/{model_name:.+}", get_model)
-    app.router.add_put("/models/{model_name:.+}", put_model)
-    app.router.add_delete("/models/{model_name:.+}", delete_model)

@@ -27,16 +27,14 @@ from services.gateway.adapters import families_match
 from services.gateway.auth import caller, caller_is_admin, server_paths
 from services.gateway.bounds import check_options
 from services.gateway.errors import ApiError, Handler, invalid_body
-from services.gateway.pnginfo import png_info
 from services.gateway.resources import Resources, resources
-from services.gateway.styles import prompt_styles
-from services.gateway.tasks_api import (
+from services.gateway.submit import (
     a1111_images,
     answer,
-    cancel_document,
     submit,
     submit_once,
 )
+from services.gateway.tasks_api import cancel_document
 from services.gateway.validation import check_limits, read_json
 from services.storage.modelfiles import ModelFileError, read_safetensors_header
 from services.storage.mongo import Document
@@ -428,7 +426,7 @@ async def schedulers(request: web.Request) -> web.StreamResponse:
     )
 
 
-def _refresh(model_type: ModelType) -> Handler:
+def refresh(model_type: ModelType) -> Handler:
     """A1111's ``refresh-*``: rescan the models folder for files of one type now."""
 
     async def refresh(request: web.Request) -> web.StreamResponse:
@@ -439,27 +437,3 @@ def _refresh(model_type: ModelType) -> Handler:
         return web.json_response(None)
 
     return refresh
-
-
-def add_routes(app: web.Application) -> None:
-    prefix = "/sdapi/v1"
-    app.router.add_post(f"{prefix}/txt2img", txt2img)
-    app.router.add_post(f"{prefix}/img2img", img2img)
-    app.router.add_get(f"{prefix}/progress", progress)
-    app.router.add_post(f"{prefix}/interrupt", interrupt)
-    app.router.add_post(f"{prefix}/skip", skip)
-    app.router.add_get(f"{prefix}/options", get_options)
-    app.router.add_post(f"{prefix}/options", set_options)
-    app.router.add_get(f"{prefix}/sd-models", sd_models)
-    app.router.add_get(f"{prefix}/sd-vae", sd_vae)
-    app.router.add_get(f"{prefix}/loras", loras)
-    app.router.add_get(f"{prefix}/embeddings", embeddings)
-    app.router.add_get(f"{prefix}/memory", memory)
-    app.router.add_get(f"{prefix}/samplers", samplers)
-    app.router.add_get(f"{prefix}/schedulers", schedulers)
-    app.router.add_post(f"{prefix}/refresh-checkpoints", _refresh(ModelType.STABLE_DIFFUSION))
-    app.router.add_post(f"{prefix}/refresh-vae", _refresh(ModelType.SD_VAE))
-    app.router.add_post(f"{prefix}/refresh-loras", _refresh(ModelType.LORA))
-    app.router.add_post(f"{prefix}/png-info", png_info)
-    app.router.add_get(f"{prefix}/prompt-styles", prompt_styles)
-    app.router.add_post("/options", seed_options)

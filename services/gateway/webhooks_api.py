@@ -48,8 +48,3 @@ async def failures(request: web.Request) -> web.StreamResponse:
             for doc in await res.webhooks.list_failures(user, MAX_LISTED)
         ]
     )
-
-
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/webhooks/secret", secret)
-    app.router.add_get("/webhooks/failures", failures)

@@ -311,7 +311,7 @@ async def test_schemathesis_finds_no_server_error(system: System, tmp_path: Path
         "run",
         f"{system.url}/openapi.json",
         "--checks",
-        "not_a_server_error",
+        "not_a_server_error,response_schema_conformance",
         "--max-examples",
         "15",
         "--seed",
