@@ -10,11 +10,12 @@ from typing import Any
 
 from aiohttp import web
 
-from services.common import bus
+from services.common import bus, logs
 from services.gateway import (
     controlnet_api,
     extras_api,
     functions,
+    observe,
     openapi,
     registry,
     sdapi,
@@ -130,7 +131,10 @@ async def download(request: web.Request) -> web.StreamResponse:
 
 def create_app(settings: GatewaySettings) -> web.Application:
     announce(settings)
-    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
+    app = web.Application(
+        middlewares=[error_middleware, observe.observe_middleware],
+        client_max_size=settings.max_body_bytes,
+    )
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_open_resources)
     app.router.add_post("/login", login)
@@ -144,6 +148,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
     registry.add_routes(app)
     webhooks_api.add_routes(app)
     app.router.add_get("/healthz", healthz)
+    observe.add_routes(app)
     app.router.add_get("/openapi.json", openapi.openapi_json)
     app.router.add_get("/docs", openapi.docs)
     sdapi.add_routes(app)
@@ -157,8 +162,8 @@ def create_app(settings: GatewaySettings) -> web.Application:
 def main() -> None:
     from services.common.settings import from_environ
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = from_environ(GatewaySettings)
+    logs.setup(settings)
     web.run_app(create_app(settings), host=settings.host, port=settings.port)
 
 

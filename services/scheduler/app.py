@@ -27,7 +27,7 @@ from nats.js.api import ConsumerInfo
 
 from proto import ModelStatus, ModelType, names
 from proto.workers import WorkerState, WorkerStatus
-from services.common import bus
+from services.common import bus, metrics
 from services.common.bus import worker_records
 from services.scheduler.hung import StepWatch
 from services.scheduler.lease import Lease
@@ -152,6 +152,7 @@ class Scheduler:
         await bus.ensure_task_consumer(self.js, key, self.settings, paused=True)
         info = await self.js.consumer_info(names.TASK_STREAM, names.consumer_name(key))
         backlog, running = int(info.num_pending or 0), int(info.num_ack_pending or 0)
+        metrics.consumer_seen(key, backlog, running)
         batch = max_batch(self.settings, model)
         limit, pinned = current_share(info)
         share = _slots(limit, batch)
@@ -242,6 +243,7 @@ class Scheduler:
             await self.backend.ensure(model, result.workers[key])
         await self._stop_orphans(replicas, {m["model_key"] for m in models})
         self.last_plan = result
+        metrics.scheduled(self.settings.gpu_slots, loads, result, records, replicas)
         self.ticks += 1
         return result
 
@@ -329,6 +331,7 @@ class Scheduler:
                     await self._tick_logged()
                 elif acting:
                     acting = False
+                    metrics.stood_down()
                     await self.backend.step_down()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.settings.poll_interval_s)

@@ -48,7 +48,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from proto import names
 from proto.events import TaskEvent, decode_event, event_kind, event_to_builtins
-from services.common import consumer, netguard
+from services.common import consumer, metrics, netguard
 from services.common.settings import StoreSettings
 from services.storage.mongo import Document
 from services.storage.tasks import shown_task_id
@@ -322,7 +322,9 @@ class Dispatcher:
                 self.settings.webhook_timeout_s,
                 self.settings.webhook_connect_timeout_s,
             )
+            metrics.webhook("delivered")
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            metrics.webhook("failed")
             reason = str(exc) or type(exc).__name__
             attempts = await self._count_attempt(delivery_id)
             if attempts < self.settings.webhook_max_attempts:
@@ -375,6 +377,7 @@ class Dispatcher:
             upsert=True,
         )
         log.warning("webhook %s gave up after %d attempts: %s", delivery_id, attempts, reason)
+        metrics.webhook("gave_up")
 
     async def run(self, stop: asyncio.Event) -> None:
         limit = self.settings.webhook_max_in_flight
