@@ -346,6 +346,10 @@ ROUTES: list[Route] = [
     ),
     Route("get", "/healthz", "Health of NATS, MongoDB and the object store", Health),
     Route(
+        "get", "/metrics",
+        "Prometheus metrics (text exposition format); administrators only once auth is on",
+    ),
+    Route(
         "get", "/files/{key}", "Signed download link of the local object store",
         query=(("expires", int, "Unix time"), ("signature", str, "the link's HMAC")),
     ),
