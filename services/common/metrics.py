@@ -309,8 +309,16 @@ def worker_targets() -> list[dict[str, Any]]:
 
 
 def scrape_address(host: str, port: int) -> str:
-    """Where Prometheus reaches a listener on ``host:port`` (a wildcard: this host's name)."""
-    return f"{socket.gethostname() if host in ('', '0.0.0.0', '::') else host}:{port}"
+    """Where Prometheus reaches a listener on ``host:port``. A wildcard: this host's own
+    address (in a container, its address on its first network: Docker writes the
+    hostname into ``/etc/hosts``), else its name."""
+    if host not in ("", "0.0.0.0", "::"):
+        return f"{host}:{port}"
+    name = socket.gethostname()
+    try:
+        return f"{socket.gethostbyname(name)}:{port}"
+    except OSError:
+        return f"{name}:{port}"
 
 
 async def metrics_response(_: web.Request) -> web.Response:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
+import re
 import secrets
+from pathlib import Path
 
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
@@ -138,3 +141,22 @@ def test_the_exposition_parses_and_names_no_user() -> None:
         for name in sample.labels
     }
     assert not {"user", "task_id", "host"} & labels
+
+
+def dashboard_queries() -> list[str]:
+    """Every PromQL expression of ``deploy/grafana-dashboard.json``."""
+    path = Path(__file__).parents[2] / "deploy" / "grafana-dashboard.json"
+    dashboard = json.loads(path.read_text())
+    return [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
+
+
+def test_the_dashboard_names_only_metrics_that_exist() -> None:
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
+    exposed = {
+        family.name + suffix
+        for family in REGISTRY.collect()
+        for suffix in suffixes.get(family.type, ("",))
+    }
+    named = {name for expr in dashboard_queries() for name in re.findall(r"sdswarm_\w+", expr)}
+    assert 20 <= len(named)
+    assert set() == named - exposed
