@@ -237,7 +237,11 @@ class Scheduler:
             key = model["model_key"]
             if key in result.reasons:
                 log.info(
-                    "%s: scaling to %d workers (%s)", key, result.workers[key], result.reasons[key]
+                    "%s: scaling to %d workers (%s)",
+                    key,
+                    result.workers[key],
+                    result.reasons[key],
+                    extra={"model_key": key},
                 )
             self._fence()
             await self.backend.ensure(model, result.workers[key])
@@ -271,6 +275,11 @@ class Scheduler:
                 worker.model_key,
                 worker.task_id,
                 self.settings.hung_after_s,
+                extra={
+                    "model_key": worker.model_key,
+                    "worker": worker.worker,
+                    "task_id": worker.task_id,
+                },
             )
             self._fence()
             self.steps.handled(worker.worker)
