@@ -10,7 +10,7 @@ import asyncio
 import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +33,12 @@ def prometheus_binary() -> str:
 class PrometheusServer(ManagedServer):
     name = "prometheus"
 
-    def __init__(self, data_dir: Path, scrape_configs: list[dict[str, Any]]) -> None:
+    def __init__(
+        self, data_dir: Path, scrape_configs: list[dict[str, Any]], rule_files: Sequence[Path] = ()
+    ) -> None:
         super().__init__(data_dir)
         self.scrape_configs = scrape_configs
+        self.rule_files = [str(Path(p).resolve()) for p in rule_files]
         self.port = 0
 
     @property
@@ -46,8 +49,13 @@ class PrometheusServer(ManagedServer):
         self.port = free_port()
         config = {
             # Timeout ≤ interval, or Prometheus refuses the configuration.
-            "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
+            "global": {
+                "scrape_interval": "1s",
+                "scrape_timeout": "1s",
+                "evaluation_interval": "1s",
+            },
             "scrape_configs": self.scrape_configs,
+            "rule_files": self.rule_files,
         }
         (self.data_dir / "prometheus.yml").write_text(json.dumps(config, indent=1))
 
@@ -79,6 +87,15 @@ class PrometheusServer(ManagedServer):
         assert "success" == body["status"], body
         result: list[dict[str, Any]] = body["data"]["result"]
         return result
+
+    async def rule_groups(self) -> list[dict[str, Any]]:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"{self.url}/api/v1/rules") as response,
+        ):
+            body = await response.json()
+        groups: list[dict[str, Any]] = body["data"]["groups"]
+        return groups
 
     async def value_when(
         self, promql: str, check: Callable[[float], bool], timeout_s: float = 60

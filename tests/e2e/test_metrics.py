@@ -4,6 +4,8 @@ of gateway, storage and scheduler on its metrics port, and the workers it lists 
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -39,7 +41,8 @@ async def watched(
                 ],
             },
         ]
-        async with PrometheusServer(data / "prometheus", scrape) as prometheus:
+        alerts = [Path(__file__).parents[2] / "deploy" / "prometheus-alerts.yml"]
+        async with PrometheusServer(data / "prometheus", scrape, alerts) as prometheus:
             yield system, prometheus
 
 
@@ -126,3 +129,20 @@ async def test_every_dashboard_query_runs_on_prometheus(
         promql = expr.replace("$__rate_interval", "1m").replace("$model", ".*")
         answered += bool(await prometheus.query(promql))
     assert 12 <= answered  # the rest need what this run never does (errors, webhooks)
+
+
+async def test_the_alert_rules_are_loaded_and_evaluated(
+    watched: tuple[System, PrometheusServer],
+) -> None:
+    """deploy/prometheus-alerts.yml: Prometheus started with it (an invalid rule stops it),
+    and evaluates every rule without error."""
+    _, prometheus = watched
+    deadline = time.monotonic() + 30
+    while True:
+        rules = [rule for group in await prometheus.rule_groups() for rule in group["rules"]]
+        if rules and all(r.get("lastEvaluation", "").startswith("20") for r in rules):
+            break
+        assert time.monotonic() < deadline, rules
+        await asyncio.sleep(0.25)
+    assert 10 == len(rules)
+    assert [] == [r["name"] for r in rules if r["health"] != "ok"]
