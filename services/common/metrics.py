@@ -29,7 +29,14 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 from prometheus_client import generate_latest as _generate_latest
 
 if TYPE_CHECKING:
@@ -40,6 +47,9 @@ if TYPE_CHECKING:
     from services.scheduler.policy import CheckpointLoad, Plan
 
 log = logging.getLogger(__name__)
+# A ``*_created`` series beside every counter and histogram doubles what Prometheus stores
+# for a timestamp it does not need (counter resets are detected without it).
+disable_created_metrics()
 
 _SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
 """Task and cold-start durations: tiny models on CPU take 0.1 s, SDXL at 1024² minutes."""
