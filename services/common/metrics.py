@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 # A ``*_created`` series beside every counter and histogram doubles what Prometheus stores
 # for a timestamp it does not need (counter resets are detected without it).
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 _SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
 """Task and cold-start durations: tiny models on CPU take 0.1 s, SDXL at 1024² minutes."""
@@ -359,7 +359,15 @@ async def listening(settings: BusSettings, what: str = "metrics") -> AsyncIterat
     await runner.setup()
     try:
         site = web.TCPSite(runner, settings.metrics_host, max(settings.metrics_port, 0))
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            from services.common.servers import PortInUseError
+
+            raise PortInUseError(
+                f"{what}: cannot listen on {settings.metrics_host}:{settings.metrics_port}"
+                f" ({exc.strerror}): choose another SDSWARM_METRICS_PORT, or -1 for a free one"
+            ) from exc
         server = site._server
         sockets = getattr(server, "sockets", None) or []
         port = int(sockets[0].getsockname()[1]) if sockets else settings.metrics_port
