@@ -34,19 +34,23 @@ class PrometheusServer(ManagedServer):
     name = "prometheus"
 
     def __init__(
-        self, data_dir: Path, scrape_configs: list[dict[str, Any]], rule_files: Sequence[Path] = ()
+        self,
+        data_dir: Path,
+        scrape_configs: list[dict[str, Any]],
+        rule_files: Sequence[Path] = (),
+        port: int = 0,
     ) -> None:
         super().__init__(data_dir)
         self.scrape_configs = scrape_configs
         self.rule_files = [str(Path(p).resolve()) for p in rule_files]
-        self.port = 0
+        self.port = port
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def prepare(self) -> None:
-        self.port = free_port()
+        self.port = self.port or free_port()
         config = {
             # Timeout ≤ interval, or Prometheus refuses the configuration.
             "global": {

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
-from services.common.servers import free_port
+from services.common.servers import free_ports
 from tests.e2e.conftest import System, start_system
 from tests.e2e.gateways import extra_gateway
 from tests.e2e.prometheus import PrometheusServer
@@ -28,22 +28,25 @@ async def watched(
     tmp_path_factory: pytest.TempPathFactory, models_dir: Path, mongo_server: Any
 ) -> AsyncIterator[tuple[System, PrometheusServer]]:
     data = tmp_path_factory.mktemp("metrics")
-    port = free_port()
-    async with start_system(
-        data, models_dir, mongo_server.url, metrics_port=port, worker_metrics_port=-1
-    ) as system:
-        scrape = [
-            {"job_name": "sdswarm", "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]},
-            {
-                "job_name": "workers",
-                "http_sd_configs": [
-                    {"url": f"http://127.0.0.1:{port}/targets", "refresh_interval": "1s"}
-                ],
-            },
-        ]
-        alerts = [Path(__file__).parents[2] / "deploy" / "prometheus-alerts.yml"]
-        async with PrometheusServer(data / "prometheus", scrape, alerts) as prometheus:
-            yield system, prometheus
+    port, prometheus_port = free_ports(2)
+    scrape = [
+        {"job_name": "sdswarm", "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]},
+        {
+            "job_name": "workers",
+            "http_sd_configs": [
+                {"url": f"http://127.0.0.1:{port}/targets", "refresh_interval": "1s"}
+            ],
+        },
+    ]
+    alerts = [Path(__file__).parents[2] / "deploy" / "prometheus-alerts.yml"]
+    # Prometheus first: it is ready while the system starts, and scrapes it once it is up.
+    async with (
+        PrometheusServer(data / "prometheus", scrape, alerts, prometheus_port) as prometheus,
+        start_system(
+            data, models_dir, mongo_server.url, metrics_port=port, worker_metrics_port=-1
+        ) as system,
+    ):
+        yield system, prometheus
 
 
 def at_least(n: float) -> Callable[[float], bool]:
