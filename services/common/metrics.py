@@ -59,7 +59,8 @@ _BATCHES = (1, 2, 3, 4, 6, 8, 12, 16, 32)
 TASKS = Counter(
     "sdswarm_tasks",
     "Tasks entering a status, by checkpoint: waiting when submitted (gateway), the others"
-    " as the storage sink folds their events (each transition counted once).",
+    " as the storage sink folds their events, once each (running: once per delivery"
+    " attempt, a redelivered task starts again).",
     ["model", "status"],
 )
 TASK_ERRORS = Counter(
@@ -111,7 +112,9 @@ OLDEST_WAIT = Gauge(
     "Age of the oldest waiting task, per checkpoint (0 when none waits).",
     ["model"],
 )
-BUDGET = Gauge("sdswarm_budget_slots", "The global GPU budget (SDSWARM_GPU_SLOTS).")
+BUDGET = Gauge(
+    "sdswarm_budget_slots", "The global GPU budget (SDSWARM_GPU_SLOTS); 0 on a standby replica."
+)
 SHARE = Gauge(
     "sdswarm_budget_share_slots", "Slots of the budget granted to each checkpoint.", ["model"]
 )
@@ -304,7 +307,8 @@ def scheduled(
 def stood_down() -> None:
     """This replica no longer leads: what it would report is the leader's to say."""
     LEADER.set(0)
-    for gauge in (*_SCHEDULER_GAUGES, BUDGET):
+    BUDGET.set(0)
+    for gauge in _SCHEDULER_GAUGES:
         gauge.clear()
     _scheduler.consumers.clear()
     _scheduler.targets = []

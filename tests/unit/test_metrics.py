@@ -125,7 +125,7 @@ def test_a_tick_sets_gauges_afresh_counts_cold_starts_once_and_lists_targets() -
     ] == metrics.worker_targets()
 
     metrics.stood_down()
-    assert 0 == _value("sdswarm_scheduler_leader")
+    assert (0, 0) == (_value("sdswarm_scheduler_leader"), _value("sdswarm_budget_slots"))
     assert REGISTRY.get_sample_value("sdswarm_queue_depth", {"model": model}) is None
     assert [] == metrics.worker_targets()
 
