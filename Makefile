@@ -5,7 +5,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install run lint typecheck test test-unit chaos bench clean
+.PHONY: install run lint typecheck prometheus test test-unit chaos bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -22,8 +22,13 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy
 
+# The metrics test runs a real Prometheus (Debian's package; apt needs root). Nothing to do
+# once it is there.
+prometheus:
+	@test -x /usr/bin/prometheus || { apt-get update -q && apt-get install -y -q prometheus; }
+
 # pytest exits 5 when it collects nothing: the suite went missing, which is a failure.
-test: lint typecheck
+test: lint typecheck prometheus
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 

@@ -51,6 +51,8 @@ class WorkerStatus(Struct, kw_only=True, frozen=True, omit_defaults=True):
     """Free and total memory of the worker's CUDA device (None on CPU)."""
     cuda_allocated_bytes: int | None = None
     """What this process's tensors hold on the device."""
+    metrics_address: str = ""
+    """``host:port`` of the worker's Prometheus listener ('' when off)."""
 
 
 _decoder = msgspec.json.Decoder(WorkerStatus)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 from pathlib import Path
 
 
@@ -29,6 +28,14 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="global budget: tasks running at once over all checkpoints (default 1)",
+    )
+
+    up.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="Prometheus /metrics of this process (workers' are listed at /targets);"
+        " it must be free; 0: off (default: 9464, or a free one if taken)",
     )
 
     demo = commands.add_parser("demo-model", help="write a tiny random-weight demo checkpoint")
@@ -71,7 +78,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from services.common import logs
+    from services.common.settings import LogSettings, from_environ
+
+    logs.setup(from_environ(LogSettings))
     match args.command:
         case "up":
             from services.common.servers import PortInUseError
@@ -85,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
                 nats_port=args.nats_port,
                 device=args.device,
                 gpu_slots=args.gpu_slots,
+                metrics_port=args.metrics_port,
             )
             try:
                 asyncio.run(up(options))

@@ -23,7 +23,7 @@ from typing import IO, Any
 import msgspec
 from aiohttp import web
 
-from services.common import bus
+from services.common import bus, metrics
 from services.common.servers import MongoServer, NatsServer, claim_port
 from services.common.settings import from_environ
 from services.common.supervise import stop_on_signals, supervised
@@ -44,6 +44,9 @@ LOCK_FILE = "sdswarm.lock"
 """In the data dir, locked (``flock``) by the ``sdswarm up`` using it, holding its pid. The
 kernel drops the lock when that process dies, however it dies."""
 DEFAULT_NATS_PORT = 4222
+DEFAULT_METRICS_PORT = 9464
+"""OpenTelemetry's Prometheus exporter port: clear of Prometheus' own 9090 and of 9100
+(node exporter)."""
 
 
 class DataDirInUseError(RuntimeError):
@@ -60,6 +63,10 @@ class UpOptions:
     """None: 4222 when free, else any free port. A port given must be free."""
     device: str
     gpu_slots: int | None = None
+    metrics_port: int | None = None
+    """Prometheus listener of this process (gateway, scheduler, storage); workers get free
+    ports of their own, listed at ``/targets``. None: 9464 when free, else any free port;
+    0: off (workers' too)."""
 
 
 def lock_data_dir(data: Path) -> IO[str]:
@@ -97,6 +104,7 @@ async def _up(options: UpOptions, data: Path, stop: asyncio.Event) -> None:
     # already in use" while another instance's NATS answered in its place).
     claim_port("gateway", options.host, options.port, asked=True)
     nats_port = options.nats_port or claim_port("NATS", "127.0.0.1", DEFAULT_NATS_PORT, asked=False)
+    metrics_port = _metrics_port(options.metrics_port)
     if not find_checkpoints(options.models_dir):
         from services.inference.tiny import write_demo_checkpoint
 
@@ -131,6 +139,8 @@ async def _up(options: UpOptions, data: Path, stop: asyncio.Event) -> None:
             worker_log_dir=str(data / "logs"),
             device=options.device,
             gpu_slots=options.gpu_slots,
+            metrics_port=metrics_port,
+            worker_metrics_port=-1 if metrics_port else 0,
             **overrides,
         )
         await stack.enter_async_context(
@@ -145,16 +155,18 @@ async def _up(options: UpOptions, data: Path, stop: asyncio.Event) -> None:
                     "mongodb_url": mongodb_url,
                     "mongodb_db": gateway_settings.mongodb_db,
                     "gpu_slots": scheduler_settings.gpu_slots,
+                    "metrics": _metrics_url(scheduler_settings),
                 }
             )
         )
         stack.callback(endpoints.unlink, missing_ok=True)
         log.info(
-            "sdswarm is up: %s (NATS %s, MongoDB %s, objects %s)",
+            "sdswarm is up: %s (NATS %s, MongoDB %s, objects %s, metrics %s)",
             gateway_settings.public_url,
             nats_server.url,
             mongodb_url,
             gateway_settings.s3_endpoint_url or gateway_settings.store_dir,
+            _metrics_url(scheduler_settings) or "off",
         )
         await stop.wait()
         log.info("stopping")
@@ -173,9 +185,11 @@ async def running_system(
     """
     stop = asyncio.Event()
     folder = str(await asyncio.to_thread(models_dir.resolve))
-    gateway_settings = msgspec.structs.replace(gateway_settings, models_dir=folder)
+    # One process, one registry: the scheduler's listener serves the gateway's metrics too.
+    gateway_settings = msgspec.structs.replace(gateway_settings, models_dir=folder, metrics_port=0)
     scheduler_settings = msgspec.structs.replace(scheduler_settings, models_dir=folder)
     async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(metrics.listening(scheduler_settings))
         stores = await open_stores(stack, scheduler_settings)
         db, models, tasks = stores.db, stores.models, stores.tasks
         found = await register_models(models_dir, models, scheduler_settings.allow_pickle)
@@ -206,6 +220,18 @@ async def running_system(
         stack.push_async_callback(runner.cleanup)
         await web.TCPSite(runner, gateway_settings.host, gateway_settings.port).start()
         yield
+
+
+def _metrics_port(asked: int | None) -> int:
+    if asked is None:
+        return claim_port("metrics", "127.0.0.1", DEFAULT_METRICS_PORT, asked=False)
+    return claim_port("metrics", "127.0.0.1", asked, asked=True) if asked > 0 else 0
+
+
+def _metrics_url(settings: SchedulerSettings) -> str:
+    if not settings.metrics_port:
+        return ""
+    return f"http://{_url_host(settings.metrics_host)}:{settings.metrics_port}/metrics"
 
 
 def _url_host(host: str) -> str:

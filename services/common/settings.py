@@ -53,7 +53,17 @@ def from_environ(cls: type[T], environ: Mapping[str, str] | None = None, **overr
         raise SystemExit(f"invalid setting: {exc} (environment prefix {PREFIX})") from exc
 
 
-class BusSettings(msgspec.Struct, kw_only=True, frozen=True):
+class LogSettings(msgspec.Struct, kw_only=True, frozen=True):
+    """How every process logs (services/common/logs.py)."""
+
+    log_level: str = "INFO"
+    """DEBUG, INFO, WARNING, ERROR."""
+    log_format: str = "auto"
+    """``json`` (one object a line), ``text`` (for people), or ``auto``: text on a
+    terminal, else JSON."""
+
+
+class BusSettings(LogSettings, kw_only=True, frozen=True):
     """What every service needs to reach NATS."""
 
     nats_url: str = "nats://127.0.0.1:4222"
@@ -74,6 +84,12 @@ class BusSettings(msgspec.Struct, kw_only=True, frozen=True):
     ack_wait_s: float = 60
     """No ack or in-progress ack for this long means the worker is gone: redeliver."""
     max_deliver: int = 3
+    metrics_port: int = 0
+    """Prometheus ``/metrics`` listener (no auth: bind it where only Prometheus reaches it).
+    0: off; -1: a free port chosen at start (logged; workers report it in their liveness
+    record, and the scheduler's ``/targets`` lists it for Prometheus' ``http_sd_configs``)."""
+    metrics_host: str = "127.0.0.1"
+    """Address the metrics listener binds (``0.0.0.0`` in containers)."""
 
 
 class StoreSettings(BusSettings, kw_only=True, frozen=True):

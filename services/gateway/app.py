@@ -9,8 +9,9 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from services.common import bus
+from services.common import bus, logs
 from services.gateway import (
+    observe,
     registry,
     routes,
 )
@@ -80,10 +81,14 @@ async def _open_resources(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(settings: GatewaySettings) -> web.Application:
     announce(settings)
-    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
+    app = web.Application(
+        middlewares=[error_middleware, observe.observe_middleware],
+        client_max_size=settings.max_body_bytes,
+    )
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_open_resources)
     registry.add_jobs(app)
+    observe.add_listener(app)
     routes.add_routes(app)
     return app
 
@@ -91,8 +96,8 @@ def create_app(settings: GatewaySettings) -> web.Application:
 def main() -> None:
     from services.common.settings import from_environ
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = from_environ(GatewaySettings)
+    logs.setup(settings)
     web.run_app(create_app(settings), host=settings.host, port=settings.port)
 
 

@@ -17,6 +17,8 @@ from aiohttp import web
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+HTTP_ERROR_CODES = {413: "body_too_large", 404: "not_found", 405: "method_not_allowed"}
+"""The ``code`` of aiohttp's own HTTP errors (any other: ``http_error``)."""
 
 
 class ApiError(Exception):
@@ -72,9 +74,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        code = {413: "body_too_large", 404: "not_found", 405: "method_not_allowed"}.get(
-            exc.status, "http_error"
-        )
+        code = HTTP_ERROR_CODES.get(exc.status, "http_error")
         return web.json_response({"code": code, "message": exc.reason}, status=exc.status)
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)

@@ -11,6 +11,7 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 from pymongo import AsyncMongoClient
 
+from services.common import metrics
 from services.gateway.settings import GatewaySettings
 from services.storage.deliveries import WebhookStore
 from services.storage.idempotency import IdempotencyStore
@@ -37,10 +38,12 @@ class StreamSlots:
         if self.per_user and self.open.get(user, 0) >= self.per_user:
             return f"you have {self.per_user} open event streams, the limit; close one"
         self.open[user] = self.open.get(user, 0) + 1
+        metrics.SSE_CLIENTS.inc()
         return None
 
     def give_back(self, user: str) -> None:
         left = self.open.get(user, 0) - 1
+        metrics.SSE_CLIENTS.dec()
         if left > 0:
             self.open[user] = left
         else:

@@ -33,6 +33,7 @@ from services.gateway import (
     controlnet_api,
     extras_api,
     functions,
+    observe,
     pnginfo,
     registry,
     sdapi,
@@ -261,6 +262,12 @@ ROUTES: list[Route] = [
         system_api.healthz,
         "Health of NATS, MongoDB and the object store",
         Health,
+    ),
+    Route(
+        "get",
+        "/metrics",
+        observe.metrics_route,
+        "Prometheus metrics (text exposition format); administrators only once auth is on",
     ),
     Route(
         "get",

@@ -10,7 +10,7 @@ from typing import Any
 import msgspec
 
 from proto import names
-from services.common import bus
+from services.common import bus, logs, metrics
 from services.common.settings import from_environ
 from services.common.supervise import stop_on_signals
 from services.inference.coldstart import Phases
@@ -188,8 +188,9 @@ async def amain(settings: WorkerSettings) -> None:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    asyncio.run(amain(from_environ(WorkerSettings)))
+    settings = from_environ(WorkerSettings)
+    logs.setup(settings, model_key=settings.model_key, worker=settings.worker_id)
+    asyncio.run(metrics.serving(settings, amain(settings), "worker metrics"))
 
 
 if __name__ == "__main__":

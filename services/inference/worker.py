@@ -48,7 +48,7 @@ from proto.events import (
     event_kind,
 )
 from proto.workers import WorkerState, WorkerStatus
-from services.common import bus, consumer
+from services.common import bus, consumer, logs, metrics
 from services.inference import batching
 from services.inference.coldstart import Phases
 from services.inference.pipeline import (
@@ -194,6 +194,7 @@ class Worker:
             load_seconds=self._load_seconds,
             load_phases=self.phases.seconds() if self.phases else {},
             weights_cached=self.phases.weights_cached if self.phases else None,
+            metrics_address=metrics.listening_at(),
             **_memory(),
         )
         try:
@@ -201,8 +202,12 @@ class Worker:
         except Exception as exc:  # liveness must never take a task down with it
             log.warning("cannot write the liveness record: %s", exc)
 
+    def _phases(self) -> dict[str, float] | None:
+        return self.phases.seconds() if self.phases else None
+
     async def _set_state(self, state: WorkerState, task_ids: list[str] | None = None) -> None:
         self._state, self._task_ids = state, task_ids or []
+        metrics.worker_state(self.settings.model_key, state, len(self._task_ids), self._phases())
         await self._beat()
 
     async def _hand_back_on_stop(
@@ -385,7 +390,8 @@ class Worker:
             keeper = asyncio.create_task(self._keep_waiting_alive(held))
             try:
                 for group in batching.group(held, lambda t: batching.batch_key(t.command)):
-                    await self._run_group(group, stop)
+                    ids = ",".join(t.command.task_id for t in group)
+                    await logs.with_fields(self._run_group(group, stop), task_id=ids)
             finally:
                 keeper.cancel()
         finally:

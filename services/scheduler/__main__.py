@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 
-from services.common import bus
+from services.common import bus, logs, metrics
 from services.common.settings import from_environ
 from services.common.supervise import stop_on_signals
 from services.scheduler.app import Backend, Scheduler
@@ -64,8 +64,9 @@ async def serve(settings: SchedulerSettings) -> None:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    asyncio.run(serve(from_environ(SchedulerSettings)))
+    settings = from_environ(SchedulerSettings)
+    logs.setup(settings)
+    asyncio.run(metrics.serving(settings, serve(settings), "scheduler metrics"))
 
 
 if __name__ == "__main__":

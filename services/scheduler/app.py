@@ -27,7 +27,7 @@ from nats.js.api import ConsumerInfo
 
 from proto import ModelStatus, ModelType, names
 from proto.workers import WorkerState, WorkerStatus
-from services.common import bus
+from services.common import bus, metrics
 from services.common.bus import worker_records
 from services.scheduler.hung import StepWatch
 from services.scheduler.lease import Lease
@@ -149,6 +149,7 @@ class Scheduler:
         memory = self._memory.setdefault(key, _Memory())
         info = await bus.ensure_task_consumer(self.js, key, self.settings, paused=True)
         backlog, running = int(info.num_pending or 0), int(info.num_ack_pending or 0)
+        metrics.consumer_seen(key, backlog, running)
         batch = max_batch(self.settings, model)
         limit, pinned = current_share(info)
         share = _slots(limit, batch)
@@ -233,12 +234,17 @@ class Scheduler:
             key = model["model_key"]
             if key in result.reasons:
                 log.info(
-                    "%s: scaling to %d workers (%s)", key, result.workers[key], result.reasons[key]
+                    "%s: scaling to %d workers (%s)",
+                    key,
+                    result.workers[key],
+                    result.reasons[key],
+                    extra={"model_key": key},
                 )
             self._fence()
             await self.backend.ensure(model, result.workers[key])
         await self._stop_orphans(replicas, {m["model_key"] for m in models})
         self.last_plan = result
+        metrics.scheduled(self.settings.gpu_slots, loads, result, records, replicas)
         self.ticks += 1
         return result
 
@@ -266,6 +272,11 @@ class Scheduler:
                 worker.model_key,
                 worker.task_id,
                 self.settings.hung_after_s,
+                extra={
+                    "model_key": worker.model_key,
+                    "worker": worker.worker,
+                    "task_id": worker.task_id,
+                },
             )
             self._fence()
             self.steps.handled(worker.worker)
@@ -326,6 +337,7 @@ class Scheduler:
                     await self._tick_logged()
                 elif acting:
                     acting = False
+                    metrics.stood_down()
                     await self.backend.step_down()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.settings.poll_interval_s)

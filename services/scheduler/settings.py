@@ -40,6 +40,9 @@ class SchedulerSettings(StoreSettings, kw_only=True, frozen=True):
     lease_ttl_s: float = 6.0
     """Leader lease (several replicas): a leader that stops renewing is replaced within
     about this long; a deposed one stops acting before the others can take over."""
+    worker_metrics_port: int = 0
+    """Workers' ``SDSWARM_METRICS_PORT`` (0: off; -1: each picks a free port, which suits
+    several workers on one host; the scheduler's ``/targets`` lists them)."""
     scheduler_backend: str = "local"
     """Where workers run: ``local`` (processes here) or ``swarm`` (Docker Swarm services)."""
     hung_after_s: float = 600.0

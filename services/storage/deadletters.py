@@ -82,7 +82,13 @@ async def handle_advisory(
     if task_id is not None:
         event = failure_for(advisory, task_id)
         await bus.publish_event(js, event, f"{task_id}.failed.deadletter")
-    log.warning("dead letter %s seq %d (task %s)", advisory.type, advisory.stream_seq, task_id)
+    log.warning(
+        "dead letter %s seq %d (task %s)",
+        advisory.type,
+        advisory.stream_seq,
+        task_id,
+        extra={"task_id": task_id},
+    )
     with contextlib.suppress(NotFoundError):
         await js.delete_msg(advisory.stream, advisory.stream_seq)
 

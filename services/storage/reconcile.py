@@ -134,6 +134,7 @@ async def _reconcile_task(
             task_id,
             "it had landed" if ack.duplicate else "published again",
             ack.seq,
+            extra={"task_id": task_id},
         )
         outcome.republished += 0 if ack.duplicate else 1
         return
@@ -195,7 +196,7 @@ async def _fail(js: JetStreamContext, task_id: str, attempt: int, code: str, why
     )
     await bus.publish_event(js, event, f"{task_id}.failed.{code}")
     if code != "task_lost":
-        log.error("task %s: failed, %s", task_id, why)
+        log.error("task %s: failed, %s", task_id, why, extra={"task_id": task_id})
 
 
 async def run_reconciler(

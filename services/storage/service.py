@@ -19,7 +19,7 @@ from pathlib import Path
 from nats.js import JetStreamContext
 from pymongo.asynchronous.database import AsyncDatabase
 
-from services.common import bus
+from services.common import bus, logs, metrics
 from services.common.settings import StoreSettings, from_environ
 from services.common.supervise import stop_on_signals, supervised
 from services.storage.deadletters import run_dead_letters
@@ -87,4 +87,6 @@ async def serve(settings: StoreSettings) -> None:
 
 
 def main() -> None:
-    asyncio.run(serve(from_environ(StoreSettings)))
+    settings = from_environ(StoreSettings)
+    logs.setup(settings)
+    asyncio.run(metrics.serving(settings, serve(settings), "storage metrics"))

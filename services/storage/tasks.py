@@ -31,6 +31,7 @@ from proto.events import (
     TaskStarted,
     TaskSucceeded,
 )
+from services.common import metrics
 from services.storage.mongo import Document
 
 OPEN_STATUSES = [status.value for status in proto.OPEN_STATUSES]
@@ -38,6 +39,10 @@ OPEN_STATUSES = [status.value for status in proto.OPEN_STATUSES]
 
 def _utc(ts: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(ts, dt.UTC) if ts else dt.datetime.now(dt.UTC)
+
+
+def _code(event: TaskEvent) -> str:
+    return event.code if isinstance(event, TaskFailed) else ""
 
 
 def progress_order(attempt: int, job_no: int, step: int) -> int:
@@ -117,6 +122,7 @@ class TaskStore:
 
     async def insert(self, document: Document) -> None:
         await self.collection.insert_one(document)
+        metrics.task_submitted(document["model_key"])
 
     async def count_open(self, match: Document, limit: int = 0) -> int:
         """How many tasks matching ``match`` are waiting or running (at most ``limit``)."""
@@ -223,14 +229,17 @@ class TaskStore:
                 query, update = self._finished(event)
                 # The one transition to a terminal state: the owner has one open task less.
                 ended = await self.collection.find_one_and_update(
-                    query, update, projection={"user": 1}
+                    query, update, projection=metrics.ENDED_FIELDS
                 )
                 if ended is not None:
+                    metrics.task_ended(ended, update["$set"]["status"], event.at, _code(event))
                     await self.open_counts.update_one(
                         {"_id": ended["user"], "n": {"$gt": 0}}, {"$inc": {"n": -1}}
                     )
                 return ended is not None
         result = await self.collection.update_one(query, update)
+        if result.modified_count == 1 and isinstance(event, TaskStarted):
+            metrics.task_started(event.model_key)
         return result.modified_count == 1
 
     @staticmethod

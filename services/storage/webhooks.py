@@ -52,7 +52,7 @@ from proto.events import (
     event_kind,
     event_to_builtins,
 )
-from services.common import consumer, netguard
+from services.common import consumer, metrics, netguard
 from services.common.settings import StoreSettings
 from services.storage.deliveries import WebhookStore
 from services.storage.mongo import Document
@@ -310,7 +310,9 @@ class Dispatcher:
                 self.settings.webhook_timeout_s,
                 self.settings.webhook_connect_timeout_s,
             )
+            metrics.webhook("delivered")
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            metrics.webhook("failed")
             reason = str(exc) or type(exc).__name__
             attempts = await self.store.count_attempt(delivery_id)
             if attempts < self.settings.webhook_max_attempts:
@@ -347,6 +349,7 @@ class Dispatcher:
             error=reason,
         )
         log.warning("webhook %s gave up after %d attempts: %s", delivery_id, attempts, reason)
+        metrics.webhook("gave_up")
 
     async def run(self, stop: asyncio.Event) -> None:
         limit = self.settings.webhook_max_in_flight
