@@ -9,11 +9,13 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import secrets
 
 from pymongo import ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
 
 from services.storage.mongo import Document
 
@@ -30,12 +32,11 @@ class WebhookStore:
     async def secret(self, user: str) -> str:
         """The user's signing secret (``whsec_`` + base64 of 32 random bytes)."""
         fresh = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
-        document = await self.secrets.find_one_and_update(
-            {"_id": user},
-            {"$setOnInsert": {"secret": fresh}},
-            upsert=True,
-            return_document=ReturnDocument.AFTER,
-        )
+        with contextlib.suppress(DuplicateKeyError):  # a concurrent first use made it
+            await self.secrets.update_one(
+                {"_id": user}, {"$setOnInsert": {"secret": fresh}}, upsert=True
+            )
+        document = await self.secrets.find_one({"_id": user})
         assert document is not None
         return str(document["secret"])
 

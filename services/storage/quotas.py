@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pymongo import ReturnDocument
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
 
 from services.storage.mongo import Document
 from services.storage.tasks import TaskStore
@@ -42,11 +43,21 @@ async def count_up(
     update: Document = {"$inc": {field: 1}}
     if on_insert:
         update["$setOnInsert"] = on_insert
-    counter = await collection.find_one_and_update(
-        {"_id": key}, update, upsert=True, return_document=ReturnDocument.AFTER
-    )
-    assert counter is not None  # upserted
-    return counter
+    for _ in range(3):
+        try:
+            counter = await collection.find_one_and_update(
+                {"_id": key}, update, upsert=True, return_document=ReturnDocument.AFTER
+            )
+        except DuplicateKeyError:
+            continue  # MongoDB: a concurrent upsert created it first; not applied, again
+        if counter is None:
+            # Applied, but a server lost the post-image in the race (SecantusDB answers
+            # None to all but one of concurrent first upserts): read it. It may include
+            # others' counts too, which errs on the side of the limit.
+            counter = await collection.find_one({"_id": key})
+        if counter is not None:
+            return counter
+    raise RuntimeError(f"counter {key!r} in {collection.name} could not be updated")
 
 
 @dataclass(frozen=True)

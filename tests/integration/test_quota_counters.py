@@ -126,3 +126,17 @@ async def test_submissions_per_minute(quotas: QuotaStore) -> None:
     assert refusal is not None
     assert "per minute" in refusal.reason
     assert 1 <= refusal.retry_after_s <= 60
+
+
+async def test_a_users_first_submissions_at_once_are_all_counted(quotas: QuotaStore) -> None:
+    """Concurrent first admissions race to create the user's counters: each is counted
+    once, none fails (a lost upsert race is retried as an update)."""
+    import asyncio
+
+    refusals = await asyncio.gather(
+        *(quotas.admit("racer", max_open=100, per_minute=100) for _ in range(8))
+    )
+    assert [None] * 8 == refusals
+    counts = await quotas.open_counts.find_one({"_id": "racer"})
+    assert counts is not None
+    assert 8 == counts["n"]
