@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Generator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from services.common.servers import MongoServer, NatsServer, SeaweedS3
 from tests import servers
 from tests.servers import MongoInfo, NatsInfo, S3Info
+
+if TYPE_CHECKING:  # the whole system's imports stay out of unit-test runs
+    from tests.system import SystemFactory
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -67,3 +71,19 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from services.inference.tiny import build_tiny_sd1
 
     return build_tiny_sd1(tmp_path_factory.mktemp("tiny")).single_file
+
+
+@pytest.fixture(scope="session")
+def make_system(
+    tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path, mongo_server: MongoInfo
+) -> SystemFactory:
+    """``async with make_system(**overrides) as system``: the whole system, stopped after."""
+    from tests.system import SystemFactory
+
+    return SystemFactory(tmp_path_factory, tiny_checkpoint, mongo_server.url)
+
+
+@pytest.fixture(scope="session")
+def models_dir(make_system: SystemFactory) -> Path:
+    """The tiny checkpoint as ``Stable-diffusion/tiny.safetensors``: shared, never change it."""
+    return make_system.default_models

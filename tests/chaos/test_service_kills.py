@@ -33,7 +33,7 @@ from services.storage.scan import register_models
 from services.storage.tasks import TaskStore
 from tests.chaos.conftest import REPORTS
 from tests.chaos.harness import TERMINAL, run_scenario
-from tests.e2e.conftest import System
+from tests.system import System
 
 pytestmark = pytest.mark.chaos
 SSE_CLIENTS = 10

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import io
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,7 +14,7 @@ from PIL import Image
 
 from proto.workers import WorkerState
 from services.common import bus
-from tests.e2e.conftest import System, start_system
+from tests.system import System, SystemFactory
 
 pytestmark = pytest.mark.e2e
 
@@ -26,16 +25,8 @@ TOLERANCE = 2
 
 
 @pytest.fixture
-async def batching_system(
-    tmp_path: Path, models_dir: Path, mongo_server: Any
-) -> AsyncIterator[System]:
-    async with start_system(
-        tmp_path,
-        models_dir,
-        mongo_server.url,
-        max_batch=MAX_BATCH,
-        gpu_slots=1,
-    ) as system:
+async def batching_system(make_system: SystemFactory) -> AsyncIterator[System]:
+    async with make_system(max_batch=MAX_BATCH, gpu_slots=1) as system:
         yield system
 
 

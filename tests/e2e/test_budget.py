@@ -8,18 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import random
-import shutil
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
-from typing import Any
 
 import pytest
 
 from proto import names
 from proto.workers import WorkerState
 from services.common import bus
-from tests.e2e.conftest import System, start_system
+from tests.system import System, SystemFactory
 
 pytestmark = pytest.mark.e2e
 
@@ -29,19 +26,9 @@ MAX_BATCH = 2
 
 
 @pytest.fixture
-async def four_checkpoints(
-    tmp_path: Path, tiny_checkpoint: Path, mongo_server: Any
-) -> AsyncIterator[System]:
-    models = tmp_path / "models" / "Stable-diffusion"
-    models.mkdir(parents=True)
-    for name in CHECKPOINTS:
-        shutil.copy(tiny_checkpoint, models / name)
-    store = {"store_dir": str(tmp_path / "objects")}
-    async with start_system(
-        tmp_path,
-        tmp_path / "models",
-        mongo_server.url,
-        store,
+async def four_checkpoints(make_system: SystemFactory) -> AsyncIterator[System]:
+    async with make_system(
+        models=make_system.models(CHECKPOINTS),
         gpu_slots=BUDGET,
         max_batch=MAX_BATCH,
         starvation_s=20,

@@ -14,8 +14,8 @@ from proto import ModelType, names
 from proto.codec import decode_generate
 from services.storage.models import ModelStore
 from services.storage.scan import register_models
-from tests.e2e.conftest import System
 from tests.fixtures.upscaler import save_compact
+from tests.system import System
 
 pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("system", ["local"], indirect=True)]
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from services.common import bus
-from tests.e2e.conftest import System
+from tests.system import System
 
 pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("system", ["local"], indirect=True)]
 

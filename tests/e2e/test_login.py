@@ -17,8 +17,8 @@ from aiohttp import web
 from services.common.servers import free_port
 from services.gateway.app import create_app
 from services.storage.users import UserStore
-from tests.e2e.conftest import System
 from tests.e2e.gateways import extra_gateway
+from tests.system import System
 
 pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("system", ["local"], indirect=True)]
 

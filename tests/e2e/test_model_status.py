@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -15,26 +14,19 @@ from typing import Any
 import pytest
 from safetensors.torch import load_file, save_file
 
-from tests.e2e.conftest import System, start_system
+from tests.system import System, SystemFactory
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
-async def good_and_bad(
-    tmp_path: Path, tiny_checkpoint: Path, mongo_server: Any
-) -> AsyncIterator[System]:
-    models = tmp_path / "models" / "Stable-diffusion"
-    models.mkdir(parents=True)
-    shutil.copy(tiny_checkpoint, models / "good.safetensors")
+async def good_and_bad(make_system: SystemFactory, tiny_checkpoint: Path) -> AsyncIterator[System]:
+    models = make_system.models(["good.safetensors"])
     # Passes the header checks, but a UNet tensor is missing: only loading finds out.
     state = load_file(str(tiny_checkpoint))
     del state["model.diffusion_model.out.2.bias"]
-    save_file(state, str(models / "bad.safetensors"))
-    store = {"store_dir": str(tmp_path / "objects")}
-    async with start_system(
-        tmp_path, tmp_path / "models", mongo_server.url, store, gpu_slots=2
-    ) as system:
+    save_file(state, str(models / "Stable-diffusion" / "bad.safetensors"))
+    async with make_system(models=models, gpu_slots=2) as system:
         yield system
 
 

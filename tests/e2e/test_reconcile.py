@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import AsyncIterator
-from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -15,20 +13,14 @@ from proto.codec import encode
 from proto.requests import Txt2ImgRequest, to_builtins
 from services.storage.models import ModelStore
 from services.storage.tasks import new_task_document
-from tests.e2e.conftest import System, start_system
+from tests.system import System, SystemFactory
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
-async def system(tmp_path: Path, models_dir: Path, mongo_server: Any) -> AsyncIterator[System]:
-    async with start_system(
-        tmp_path,
-        models_dir,
-        mongo_server.url,
-        reconcile_interval_s=0.5,
-        reconcile_grace_s=1.0,
-    ) as system:
+async def system(make_system: SystemFactory) -> AsyncIterator[System]:
+    async with make_system(reconcile_interval_s=0.5, reconcile_grace_s=1.0) as system:
         yield system
 
 

@@ -26,23 +26,15 @@ from safetensors.torch import save_file as save_file_torch
 
 from services.common import bus
 from services.common.bus import worker_records
-from tests.e2e.conftest import System, start_system
+from tests.system import System, SystemFactory
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-async def system(
-    tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path, mongo_server: Any
-) -> AsyncIterator[System]:
-    data = tmp_path_factory.mktemp("registry")
-    models = data / "models"
-    (models / "Stable-diffusion").mkdir(parents=True)
-    shutil.copy(tiny_checkpoint, models / "Stable-diffusion" / "tiny.safetensors")
-    store = {"store_dir": str(data / "objects")}
-    async with start_system(
-        data, models, mongo_server.url, store, gpu_slots=1, registry_wait_s=30
-    ) as system:
+async def system(make_system: SystemFactory) -> AsyncIterator[System]:
+    models = make_system.models()
+    async with make_system(models=models, gpu_slots=1, registry_wait_s=30) as system:
         yield system
 
 

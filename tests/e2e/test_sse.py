@@ -16,8 +16,8 @@ import pytest
 
 from services.common.servers import free_port
 from services.storage.tasks import new_task_document
-from tests.e2e.conftest import System
 from tests.e2e.gateways import extra_gateway
+from tests.system import System
 
 pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("system", ["local"], indirect=True)]
 

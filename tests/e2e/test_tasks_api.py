@@ -16,7 +16,7 @@ from PIL import Image
 
 from services.common.servers import free_port
 from services.gateway.app import create_app
-from tests.e2e.conftest import System
+from tests.system import System
 
 pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("system", ["local"], indirect=True)]
 

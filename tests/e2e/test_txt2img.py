@@ -16,7 +16,7 @@ from PIL.PngImagePlugin import PngImageFile
 
 from proto import names
 from services.common import bus
-from tests.e2e.conftest import System
+from tests.system import System
 
 pytestmark = pytest.mark.e2e
 

@@ -12,7 +12,7 @@ import pytest
 from proto.workers import WorkerState, WorkerStatus
 from services.common import bus
 from services.inference.coldstart import PHASES
-from tests.e2e.conftest import System
+from tests.system import System
 
 pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("system", ["local"], indirect=True)]
 

@@ -5,9 +5,7 @@ gateway — with HTTP Basic auth, as such clients authenticate to a webui starte
 from __future__ import annotations
 
 import asyncio
-import shutil
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
@@ -18,9 +16,9 @@ from PIL import Image, ImageDraw
 
 from services.common.servers import free_port
 from services.gateway.app import create_app
-from tests.e2e.conftest import System, start_system
 from tests.fixtures.tiny_controlnet import write_tiny_controlnet
 from tests.fixtures.upscaler import save_compact
+from tests.system import System, SystemFactory
 
 webuiapi = pytest.importorskip("webuiapi")
 
@@ -31,16 +29,11 @@ MODEL = "tiny.safetensors"
 
 
 @pytest.fixture(scope="module")
-async def system(
-    tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path, mongo_server: Any
-) -> AsyncIterator[System]:
-    data = tmp_path_factory.mktemp("webuiapi")
-    models = data / "models"
-    (models / "Stable-diffusion").mkdir(parents=True)
-    shutil.copy(tiny_checkpoint, models / "Stable-diffusion" / MODEL)
+async def system(make_system: SystemFactory) -> AsyncIterator[System]:
+    models = make_system.models([MODEL])
     write_tiny_controlnet(models / "ControlNet" / "control_tiny_canny.safetensors")
     save_compact(models / "ESRGAN" / "tiny_x2.safetensors")  # a model upscaler (spandrel)
-    async with start_system(data, models, mongo_server.url) as system:
+    async with make_system(models=models) as system:
         yield system
 
 
