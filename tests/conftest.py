@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator, Generator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -63,6 +64,20 @@ async def s3_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[S
             secret_key=server.secret_key,
             region=server.region,
         )
+
+
+@pytest.fixture
+async def fresh_db(mongo_server: MongoInfo) -> AsyncIterator[Any]:
+    """A database of the test's own on the session's MongoDB server, dropped after."""
+    from services.storage.mongo import database, open_client
+
+    client = open_client(mongo_server.url)
+    name = f"t_{secrets.token_hex(4)}"
+    try:
+        yield database(client, name)
+    finally:
+        await client.drop_database(name)
+        await client.close()
 
 
 @pytest.fixture(scope="session")

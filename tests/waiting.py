@@ -11,6 +11,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+import aiohttp
+
 T = TypeVar("T")
 
 
@@ -34,11 +36,38 @@ async def eventually(
 
 
 async def until(
-    predicate: Callable[[], bool], what: str = "condition", *, timeout_s: float = 60
-) -> None:
-    """:func:`eventually` for a plain predicate over state the test holds."""
+    predicate: Callable[[], bool],
+    what: str = "condition",
+    *,
+    timeout_s: float = 60,
+    interval_s: float = 0.05,
+) -> float:
+    """:func:`eventually` for a plain predicate over state the test holds; the seconds
+    it took."""
+    started = time.monotonic()
 
     async def holds() -> bool:
         return predicate()
 
-    await eventually(holds, what, timeout_s=timeout_s)
+    await eventually(holds, what, timeout_s=timeout_s, interval_s=interval_s)
+    return time.monotonic() - started
+
+
+async def serving(
+    http: aiohttp.ClientSession,
+    url: str,
+    process: asyncio.subprocess.Process | None = None,
+    timeout_s: float = 60,
+) -> None:
+    """Until ``{url}/healthz`` answers 200 (a gateway just started); fails at once when
+    its ``process`` has exited."""
+
+    async def healthy() -> bool:
+        assert process is None or process.returncode is None, f"{url}: the process exited"
+        try:
+            async with http.get(f"{url}/healthz") as response:
+                return response.status == 200
+        except aiohttp.ClientError:
+            return False
+
+    await eventually(healthy, f"{url} serving", timeout_s=timeout_s, interval_s=0.1)

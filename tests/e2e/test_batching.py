@@ -15,6 +15,7 @@ from PIL import Image
 from proto.workers import WorkerState
 from services.common import bus
 from tests.system import System, SystemFactory
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -42,17 +43,17 @@ async def _pixels(system: System, key: str) -> np.ndarray[Any, Any]:
 async def _batch_seen(system: System, size: int, timeout_s: float = 120) -> list[str]:
     """The task ids of the first batch of at least ``size`` tasks a worker reports."""
     nc = await bus.connect(system.nats_url, "batch-watch")
+
+    async def held() -> list[str] | None:
+        for record in await bus.worker_records(nc.jetstream()):
+            if record.state is WorkerState.BUSY and len(record.task_ids) >= size:
+                return record.task_ids
+        return None
+
     try:
-        js = nc.jetstream()
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        while asyncio.get_running_loop().time() < deadline:
-            for record in await bus.worker_records(js):
-                if record.state is WorkerState.BUSY and len(record.task_ids) >= size:
-                    return record.task_ids
-            await asyncio.sleep(0.05)
+        return await eventually(held, f"a worker holding {size} tasks", timeout_s=timeout_s)
     finally:
         await nc.close()
-    raise AssertionError(f"no worker held a batch of {size} tasks")
 
 
 async def test_queued_tasks_share_calls_and_each_gets_its_own_result(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -79,16 +78,10 @@ async def test_in_flight_never_exceeds_the_budget(four_checkpoints: System) -> N
                     assert 202 == response.status
                     task_ids.append((await response.json())["taskId"])
             await asyncio.sleep(rng.uniform(0.5, 3))
-        deadline = time.monotonic() + 300
-        pending = set(task_ids)
-        while pending and time.monotonic() < deadline:
-            for task_id in list(pending):
-                doc = await system.task(task_id)
-                if doc is not None and doc["status"] in ("succeeded", "failed", "cancelled"):
-                    assert "succeeded" == doc["status"], doc["message"]
-                    pending.discard(task_id)
-            await asyncio.sleep(0.2)
-        assert not pending, f"{len(pending)} tasks never finished"
+        finished = await system.all_finished(task_ids, timeout_s=300)
+        assert ["succeeded"] * len(finished) == [d["status"] for d in finished], [
+            d["message"] for d in finished if d["status"] != "succeeded"
+        ]
     finally:
         done.set()
         await sampler

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from tests.system import System, SystemFactory
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -35,15 +35,6 @@ async def _models(system: System) -> dict[str, dict[str, Any]]:
         return {m["name"]: m for m in await response.json()}
 
 
-async def _until(check: Any, timeout_s: float = 120) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if result := await check():
-            return result
-        await asyncio.sleep(0.1)
-    raise AssertionError("condition not met in time")
-
-
 async def test_statuses_are_true(good_and_bad: System) -> None:
     system = good_and_bad
     assert {"good.safetensors": "unloaded", "bad.safetensors": "unloaded"} == {
@@ -60,12 +51,8 @@ async def test_statuses_are_true(good_and_bad: System) -> None:
         }
         tasks[name] = await system.submit(body)
 
-    async def finished(name: str) -> Any:
-        doc = await system.task(tasks[name])
-        return doc if doc and doc["status"] in ("succeeded", "failed") else None
-
-    good = await _until(lambda: finished("good.safetensors"))
-    bad = await _until(lambda: finished("bad.safetensors"))
+    good = await system.finished(tasks["good.safetensors"])
+    bad = await system.finished(tasks["bad.safetensors"])
     assert "succeeded" == good["status"]
     assert ("failed", "model_load_failed") == (bad["status"], bad["code"])
     assert "bad.safetensors" in bad["message"]
@@ -75,7 +62,7 @@ async def test_statuses_are_true(good_and_bad: System) -> None:
         ok = models["good.safetensors"]["status"] == "loaded"
         return models if ok and models["bad.safetensors"]["status"] == "failed" else None
 
-    models = await _until(settled)
+    models = await eventually(settled, "good loaded, bad failed", timeout_s=120)
     assert 1 == models["good.safetensors"]["loadedWorkers"]
     assert "bad.safetensors" in models["bad.safetensors"]["error"]
     # New work for the failed checkpoint is refused up front.

@@ -12,7 +12,7 @@ from proto import GenerateImage
 from proto.codec import encode
 from proto.requests import Txt2ImgRequest, to_builtins
 from services.storage.models import ModelStore
-from services.storage.tasks import new_task_document
+from tests.documents import task_document
 from tests.system import System, SystemFactory
 
 pytestmark = pytest.mark.e2e
@@ -40,19 +40,17 @@ async def test_a_task_stored_but_never_published_still_runs(system: System) -> N
     )
     # What the gateway had written when it died: the document, no publish.
     await system.db["tasks"].insert_one(
-        new_task_document(
-            task_id=task_id,
+        task_document(
+            task_id,
             user="default",
-            kind="txt2img",
             model_name=model["name"],
             model_key=model["model_key"],
             parameters=to_builtins(request),
             total_steps=2,
-            job_count=1,
             command=encode(command),
         )
     )
-    done = await system.task_when(task_id, lambda d: d["status"] in ("succeeded", "failed"))
+    done = await system.finished(task_id)
     assert "succeeded" == done["status"], done["message"]
     assert done["stream_seq"] is not None
     async with system.http.get(f"{system.url}/tasks/{task_id}/result") as response:

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from tests.system import System
+from tests.waiting import eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("system", ["local"], indirect=True)]
 
@@ -146,13 +147,14 @@ async def test_progress_and_interrupt_touch_only_the_callers_task(system: System
         "force_task_id": "slow-a1111-task",
     }
     call = asyncio.create_task(system.http.post(f"{system.url}/sdapi/v1/txt2img", json=slow))
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+
+    async def stepping() -> dict[str, Any] | None:
         progress = await _get(system, "/sdapi/v1/progress")
         state = progress["state"]
-        if state["job"] == "task(slow-a1111-task)" and state["sampling_step"] >= 2:
-            break
-        await asyncio.sleep(0.05)
+        running = state["job"] == "task(slow-a1111-task)" and state["sampling_step"] >= 2
+        return progress if running else None
+
+    progress = await eventually(stepping, "the slow task stepping", timeout_s=120)
     assert 0 < progress["progress"] < 1
     assert 150 == progress["state"]["sampling_steps"]
     async with system.http.post(f"{system.url}/sdapi/v1/interrupt") as response:
