@@ -90,6 +90,12 @@ class System:
         """The task document once it is terminal (succeeded, failed or cancelled)."""
         return await self.task_when(task_id, terminal, timeout_s)
 
+    async def succeeded(self, task_id: str, timeout_s: float = 180) -> Document:
+        """The task document once terminal, asserting it succeeded (else: its message)."""
+        doc = await self.finished(task_id, timeout_s)
+        assert "succeeded" == doc["status"], doc["message"]
+        return doc
+
     async def all_finished(self, task_ids: Iterable[str], timeout_s: float = 300) -> list[Document]:
         """The documents of all ``task_ids`` once every one is terminal, in their order."""
         ids = list(task_ids)

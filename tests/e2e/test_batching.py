@@ -75,7 +75,7 @@ async def test_queued_tasks_share_calls_and_each_gets_its_own_result(
     # Each image equals the same request run alone (synchronously, nothing beside it).
     for i, (task_id, prompt) in enumerate(zip(ids, prompts, strict=True)):
         # The SSE stream ends with the event; the document follows once the sink folds it.
-        batched = await system.task_when(task_id, lambda d: d["status"] == "succeeded")
+        batched = await system.succeeded(task_id)
         async with system.http.post(
             f"{system.url}/txt2img", json=_body(prompt=prompt, seed=100 + i)
         ) as response:

@@ -16,22 +16,19 @@ BODY = {
     "stable_diffusion_model": "tiny.safetensors",
     "prompt": "x",
     "seed": 9,
-    "steps": 40,
+    "steps": 20,
     "width": 256,
     "height": 256,
 }
 
 
-async def _signal_mid_task(
-    system: System, signum: signal.Signals, done_within_s: float = 180
-) -> tuple[Document, Document]:
+async def _signal_mid_task(system: System, signum: signal.Signals) -> tuple[Document, Document]:
     """Send ``signum`` to the worker of a task that has made steps; the task document
-    then, and once it is terminal (within ``done_within_s`` of the signal)."""
+    then, and once it is terminal."""
     task_id = await system.submit(BODY)
     running = await system.task_when(task_id, lambda d: d["progress"]["step"] >= 2)
     os.kill(int(running["worker"].rsplit("-", 1)[1]), signum)
-    done = await system.finished(task_id, timeout_s=done_within_s)
-    assert "succeeded" == done["status"], done["message"]
+    done = await system.succeeded(task_id)
     # Attempt 2: the signal landed mid-task (a task finished first would stay attempt 1).
     assert (2, [f"images/default/{task_id}_1.png"]) == (done["attempt"], done["images"])
     assert running["worker"] != done["worker"]
@@ -48,9 +45,8 @@ async def test_a_killed_worker_loses_no_task(make_system: SystemFactory) -> None
 async def test_a_stopped_worker_hands_its_task_back_at_once(
     make_system: SystemFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Operators' SDSWARM_* settings reach the workers; the ack deadline stays long, so a
-    # fast redelivery can only come from the hand-back.
+    # Operators' SDSWARM_* settings reach the workers. The ack deadline (an hour) is far
+    # beyond the test's waits: a redelivery within them can only come from the hand-back.
     monkeypatch.setenv("SDSWARM_STOP_GRACE_S", "0.5")
-    async with make_system(ack_wait_s=120) as system:
-        # Done within 100 s of the signal: redelivered by the hand-back, not the deadline.
-        await _signal_mid_task(system, signal.SIGTERM, done_within_s=100)
+    async with make_system(ack_wait_s=3600) as system:
+        await _signal_mid_task(system, signal.SIGTERM)

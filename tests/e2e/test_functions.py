@@ -96,13 +96,12 @@ async def test_restart_rolls_the_workers_and_loses_no_task(system: System) -> No
         "height": 64,
     }
     first = await system.submit(body)
-    before = (await system.task_when(first, lambda d: d["status"] == "succeeded"))["worker"]
+    before = (await system.succeeded(first))["worker"]
     async with system.http.post(f"{system.url}/restart") as response:
         assert (200, {"message": "success"}) == (response.status, await response.json())
     after = [await system.submit({**body, "steps": 6}) for _ in range(3)]
     for task_id in after:
-        done = await system.finished(task_id)
-        assert "succeeded" == done["status"], done["message"]
+        await system.succeeded(task_id)
     # The worker that was up stepped down; a fresh one serves the pool.
     nc = await bus.connect(system.nats_url, "restart-test")
     try:
@@ -114,5 +113,5 @@ async def test_restart_rolls_the_workers_and_loses_no_task(system: System) -> No
     finally:
         await nc.close()
     last = await system.submit(body)
-    done = await system.task_when(last, lambda d: d["status"] == "succeeded")
+    done = await system.succeeded(last)
     assert before != done["worker"]

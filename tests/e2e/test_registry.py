@@ -339,7 +339,7 @@ async def test_statuses_follow_upload_load_and_idle_stop(
     assert "waiting" == progress["status"], "its pool was stopped: it waits for a cold start"
     assert progress["coldStartSeconds"] > 0
     assert progress["coldStartSeconds"] == progress["etaRelative"]
-    await system.task_when(task_id, lambda d: d["status"] == "succeeded")
+    await system.succeeded(task_id)
 
 
 async def test_replacing_a_checkpoint_rolls_its_workers_and_loses_no_task(
@@ -367,8 +367,7 @@ async def test_replacing_a_checkpoint_rolls_its_workers_and_loses_no_task(
     assert 200 == status, replaced
     assert hashlib.sha256(second).hexdigest() == replaced["model"]["sha256"]
     for task_id in queued:
-        done = await system.finished(task_id)
-        assert "succeeded" == done["status"], done["message"]
+        await system.succeeded(task_id)
     # The worker that held the old weights stepped down; a fresh one loaded the new file.
     new_hash = hashlib.sha256(second).hexdigest()[:10]
 
@@ -393,8 +392,7 @@ async def test_delete_with_drain_runs_the_queue_first(
     async with system.http.post(f"{system.url}/txt2img", json=body) as response:
         assert 404 == response.status, "no new work for a draining model"
     for task_id in queued:
-        done = await system.finished(task_id)
-        assert "succeeded" == done["status"], done["message"]
+        await system.succeeded(task_id)
     await eventually(lambda: _status_is(system, name, None), "model deleted", timeout_s=30)
     history = await system.db["models"].find_one({"name": name})
     assert "deleted" == history["status"]

@@ -176,7 +176,7 @@ async def test_seed_task_headers_on_the_a1111_routes(system: System) -> None:
         assert 202 == r.status, await r.text()
         assert "seed-flagged-1" == r.headers["taskId"]
         assert {"taskId": "seed-flagged-1", "status": "waiting"} == await r.json()
-    done = await system.task_when("seed-flagged-1", lambda d: d["status"] == "succeeded")
+    done = await system.succeeded("seed-flagged-1")
     async with system.http.get(f"{system.url}/tasks/{done['_id']}/result") as r:
         result = await r.json()
     assert ("succeeded", 1) == (result["status"], len(result["images"]))
@@ -217,7 +217,7 @@ async def test_prompt_styles_from_the_a1111_styles_file(system: System) -> None:
     ) as r:
         refused = await r.json()
         assert (422, "styles[0]") == (r.status, refused["field"])
-    await system.task_when(task_id, lambda d: d["status"] == "succeeded")
+    await system.succeeded(task_id)
 
 
 async def test_memory_reports_host_and_workers(system: System) -> None:

@@ -19,6 +19,7 @@ from services.gateway.app import create_app
 from tests.fixtures.tiny_controlnet import write_tiny_controlnet
 from tests.fixtures.upscaler import save_compact
 from tests.system import System, SystemFactory
+from tests.waiting import eventually
 
 webuiapi = pytest.importorskip("webuiapi")
 
@@ -126,10 +127,11 @@ async def test_an_a1111_client_works_unchanged(port: int) -> None:
     assert (128, 128) == upscaled.image.size
     # A registered model upscaler by name, as webui clients send it (registered by the
     # models-folder scan at startup).
-    for _ in range(100):
-        if "tiny_x2" in [u["name"] for u in await _call(api.get_upscalers)]:
-            break
-        await asyncio.sleep(0.2)
+
+    async def listed() -> bool:
+        return "tiny_x2" in [u["name"] for u in await _call(api.get_upscalers)]
+
+    await eventually(listed, "tiny_x2 among the upscalers", timeout_s=20, interval_s=0.2)
     by_model = await _call(
         api.extra_single_image, image=first.image, upscaler_1="tiny_x2", upscaling_resize=2
     )
@@ -138,5 +140,6 @@ async def test_an_a1111_client_works_unchanged(port: int) -> None:
 
     progress = await _call(api.get_progress)
     assert 0 == progress["state"]["job_count"]
-    await _call(api.interrupt)
-    await _call(api.util_wait_for_ready, check_interval=0.2)
+    assert {} == await _call(api.interrupt), "A1111's answer: nothing of the caller's runs"
+    # The client's own idle wait loops until progress 0 and no jobs: it must return.
+    await asyncio.wait_for(_call(api.util_wait_for_ready, check_interval=0.2), 30)
