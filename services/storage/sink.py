@@ -23,6 +23,10 @@ from services.storage.tasks import TaskStore, progress_order
 
 log = logging.getLogger(__name__)
 BATCH = 64
+FETCH_TIMEOUT_S = 1.0
+"""How long one fetch waits for events before the loop looks at ``stop`` again."""
+RETRY_S = 1.0
+"""How soon an event that could not be folded (MongoDB down or failing over) comes back."""
 
 
 def sink_consumer_config() -> ConsumerConfig:
@@ -53,7 +57,14 @@ def _superseded(events: list[tuple[Msg, TaskEvent]]) -> set[int]:
     }
 
 
-async def run_sink(js: JetStreamContext, tasks: TaskStore, stop: asyncio.Event) -> None:
+async def run_sink(
+    js: JetStreamContext,
+    tasks: TaskStore,
+    stop: asyncio.Event,
+    *,
+    fetch_timeout_s: float = FETCH_TIMEOUT_S,
+    retry_s: float = RETRY_S,
+) -> None:
     subscription = await js.pull_subscribe(
         names.EVENT_SUBJECTS,
         durable=names.STORAGE_CONSUMER,
@@ -70,11 +81,14 @@ async def run_sink(js: JetStreamContext, tasks: TaskStore, stop: asyncio.Event) 
             await tasks.apply(event)
         except PyMongoError as exc:
             # MongoDB is down or failing over: keep the event, retry it shortly.
-            raise consumer.Retry(1.0, f"cannot fold yet: {exc}") from exc
+            raise consumer.Retry(retry_s, f"cannot fold yet: {exc}") from exc
 
     folded = 0
     try:
-        async for messages in consumer.batches(subscription, stop, consumer.fixed(BATCH)):
+        batches = consumer.batches(
+            subscription, stop, consumer.fixed(BATCH), timeout_s=fetch_timeout_s
+        )
+        async for messages in batches:
             events = [(message, _decoded(message)) for message in messages]
             superseded = _superseded([(m, e) for m, e in events if e is not None])
             for message, event in events:

@@ -22,7 +22,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from proto import names
 from services.common import bus
-from tests.e2e.conftest import System
+from tests.system import System
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 TASKS = int(os.environ.get("CHAOS_TASKS", "60"))

@@ -10,8 +10,6 @@ import os
 import random
 import signal
 from collections.abc import AsyncIterator
-from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -19,18 +17,14 @@ from services.common import bus
 from services.common.bus import worker_records
 from tests.chaos.conftest import REPORTS
 from tests.chaos.harness import run_scenario
-from tests.e2e.conftest import System, models_dir, start_system
+from tests.system import System, SystemFactory
 
 pytestmark = pytest.mark.chaos
-__all__ = ["models_dir"]  # the e2e tier's fixture, shared
 
 
 @pytest.fixture
-async def system(tmp_path: Path, models_dir: Path, mongo_server: Any) -> AsyncIterator[System]:
-    async with start_system(
-        tmp_path,
-        models_dir,
-        mongo_server.url,
+async def system(make_system: SystemFactory) -> AsyncIterator[System]:
+    async with make_system(
         gpu_slots=2,
         max_batch=4,  # workers take several tasks at once (kills then hit batches)
         ack_wait_s=3,  # a killed worker's task comes back within seconds

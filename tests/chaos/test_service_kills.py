@@ -33,7 +33,8 @@ from services.storage.scan import register_models
 from services.storage.tasks import TaskStore
 from tests.chaos.conftest import REPORTS
 from tests.chaos.harness import TERMINAL, run_scenario
-from tests.e2e.conftest import System
+from tests.system import System
+from tests.waiting import serving
 
 pytestmark = pytest.mark.chaos
 SSE_CLIENTS = 10
@@ -126,14 +127,7 @@ async def split_system(
         await service.start()
     url = f"http://127.0.0.1:{port}"
     async with aiohttp.ClientSession() as http:
-        deadline = time.monotonic() + 60
-        while True:
-            with contextlib.suppress(aiohttp.ClientError):
-                async with http.get(f"{url}/healthz") as response:
-                    if response.status == 200:
-                        break
-            assert time.monotonic() < deadline, "the gateway did not come up"
-            await asyncio.sleep(0.2)
+        await serving(http, url)
         try:
             yield (
                 System(

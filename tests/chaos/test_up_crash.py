@@ -15,7 +15,6 @@ import os
 import shutil
 import signal
 import sys
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +22,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from proto.enums import TaskStatus
 from services.common.servers import free_ports
 from tests.procs import processes
+from tests.waiting import eventually, serving, until
 
 pytestmark = pytest.mark.chaos
 REPO = Path(__file__).resolve().parents[2]
@@ -62,18 +63,10 @@ async def start_up(data: Path, models: Path, port: int, nats_port: int, log: Pat
 
 
 async def ready(up: Up, http: aiohttp.ClientSession, timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if up.process.returncode is not None:
-            raise AssertionError(f"sdswarm up exited {up.process.returncode}:\n{up.output()}")
-        try:
-            async with http.get(f"{up.url}/healthz") as response:
-                if response.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.5)
-    raise AssertionError(f"sdswarm up not ready in {timeout_s} s:\n{up.output()}")
+    try:
+        await serving(http, up.url, up.process, timeout_s)
+    except AssertionError as exc:
+        raise AssertionError(f"sdswarm up: {exc}\n{up.output()}") from exc
 
 
 def descendants(pid: int) -> dict[int, str]:
@@ -97,12 +90,8 @@ def alive(pids: dict[int, str]) -> dict[int, str]:
     return {p.pid: p.name for p in processes() if p.pid in pids and p.state != "Z"}
 
 
-async def until_gone(pids: dict[int, str], timeout_s: float = 30) -> dict[int, str]:
-    for _ in range(int(timeout_s / 0.2)):
-        if not alive(pids):
-            break
-        await asyncio.sleep(0.2)
-    return alive(pids)
+async def until_gone(pids: dict[int, str], what: str, timeout_s: float = 30) -> None:
+    await until(lambda: not alive(pids), what, timeout_s=timeout_s, interval_s=0.2)
 
 
 @pytest.fixture
@@ -157,39 +146,39 @@ async def test_kill_9_of_up_then_restart_loses_nothing(
             ) as response:
                 assert 202 == response.status, await response.text()
                 task_ids.append((await response.json())["taskId"])
-        children: dict[int, str] = {}
-        for _ in range(100):  # until the scheduler has started a worker for the tasks
+
+        async def with_a_worker() -> dict[int, str] | None:
             children = descendants(first.process.pid)
-            if len(children) > 2:
-                break
-            await asyncio.sleep(0.2)
+            return children if len(children) > 2 else None
+
+        children = await eventually(with_a_worker, "a worker started for the tasks", timeout_s=60)
         print(f"\nchildren of sdswarm up at the kill: {sorted(children.values())}")
         assert {"nats-server", "secantusd-py"} < set(children.values()), children
 
         first.process.send_signal(signal.SIGKILL)
         await first.process.wait()
-        left = await until_gone(children)
-        assert {} == left, f"children outlived sdswarm up's kill -9: {left}"
+        await until_gone(children, f"no child of {children} outliving sdswarm up's kill -9")
 
         again = await start_up(data, models, port, nats_port, tmp_path / "up-4.log")
         started.append(again)
         await ready(again, http)
-        deadline = time.monotonic() + 300
-        statuses: dict[str, str] = {}
-        while time.monotonic() < deadline:
+
+        async def finished() -> dict[str, str] | None:
+            statuses: dict[str, str] = {}
             for task_id in task_ids:
                 async with http.get(f"{again.url}/tasks/{task_id}/result") as response:
                     assert 200 == response.status, f"task {task_id} lost: {await response.text()}"
                     statuses[task_id] = (await response.json())["status"]
-            if all(s in ("succeeded", "failed", "cancelled") for s in statuses.values()):
-                break
-            await asyncio.sleep(1)
+            done = all(TaskStatus(s).terminal for s in statuses.values())
+            return statuses if done else None
+
+        statuses = await eventually(finished, "every task finished", timeout_s=300, interval_s=1)
         assert {t: "succeeded" for t in task_ids} == statuses, again.output()
 
         children = descendants(again.process.pid)
         again.process.send_signal(signal.SIGTERM)
         assert 0 == await asyncio.wait_for(again.process.wait(), 120), again.output()
-        assert {} == await until_gone(children), "a clean stop leaves nothing either"
+        await until_gone(children, "nothing left after a clean stop either")
     finally:
         for up in started:
             if up.process.returncode is None:

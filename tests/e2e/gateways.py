@@ -11,7 +11,7 @@ from aiohttp import web
 
 from services.common.servers import free_port
 from services.gateway.app import create_app
-from tests.e2e.conftest import System
+from tests.system import System
 
 
 @contextlib.asynccontextmanager

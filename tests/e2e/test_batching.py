@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import io
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,7 +14,8 @@ from PIL import Image
 
 from proto.workers import WorkerState
 from services.common import bus
-from tests.e2e.conftest import System, start_system
+from tests.system import System, SystemFactory
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -26,16 +26,8 @@ TOLERANCE = 2
 
 
 @pytest.fixture
-async def batching_system(
-    tmp_path: Path, models_dir: Path, mongo_server: Any
-) -> AsyncIterator[System]:
-    async with start_system(
-        tmp_path,
-        models_dir,
-        mongo_server.url,
-        max_batch=MAX_BATCH,
-        gpu_slots=1,
-    ) as system:
+async def batching_system(make_system: SystemFactory) -> AsyncIterator[System]:
+    async with make_system(max_batch=MAX_BATCH, gpu_slots=1) as system:
         yield system
 
 
@@ -51,17 +43,17 @@ async def _pixels(system: System, key: str) -> np.ndarray[Any, Any]:
 async def _batch_seen(system: System, size: int, timeout_s: float = 120) -> list[str]:
     """The task ids of the first batch of at least ``size`` tasks a worker reports."""
     nc = await bus.connect(system.nats_url, "batch-watch")
+
+    async def held() -> list[str] | None:
+        for record in await bus.worker_records(nc.jetstream()):
+            if record.state is WorkerState.BUSY and len(record.task_ids) >= size:
+                return record.task_ids
+        return None
+
     try:
-        js = nc.jetstream()
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        while asyncio.get_running_loop().time() < deadline:
-            for record in await bus.worker_records(js):
-                if record.state is WorkerState.BUSY and len(record.task_ids) >= size:
-                    return record.task_ids
-            await asyncio.sleep(0.05)
+        return await eventually(held, f"a worker holding {size} tasks", timeout_s=timeout_s)
     finally:
         await nc.close()
-    raise AssertionError(f"no worker held a batch of {size} tasks")
 
 
 async def test_queued_tasks_share_calls_and_each_gets_its_own_result(
@@ -83,7 +75,7 @@ async def test_queued_tasks_share_calls_and_each_gets_its_own_result(
     # Each image equals the same request run alone (synchronously, nothing beside it).
     for i, (task_id, prompt) in enumerate(zip(ids, prompts, strict=True)):
         # The SSE stream ends with the event; the document follows once the sink folds it.
-        batched = await system.task_when(task_id, lambda d: d["status"] == "succeeded")
+        batched = await system.succeeded(task_id)
         async with system.http.post(
             f"{system.url}/txt2img", json=_body(prompt=prompt, seed=100 + i)
         ) as response:

@@ -8,18 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import random
-import shutil
-import time
 from collections.abc import AsyncIterator
-from pathlib import Path
-from typing import Any
 
 import pytest
 
 from proto import names
 from proto.workers import WorkerState
 from services.common import bus
-from tests.e2e.conftest import System, start_system
+from tests.system import System, SystemFactory
 
 pytestmark = pytest.mark.e2e
 
@@ -29,19 +25,9 @@ MAX_BATCH = 2
 
 
 @pytest.fixture
-async def four_checkpoints(
-    tmp_path: Path, tiny_checkpoint: Path, mongo_server: Any
-) -> AsyncIterator[System]:
-    models = tmp_path / "models" / "Stable-diffusion"
-    models.mkdir(parents=True)
-    for name in CHECKPOINTS:
-        shutil.copy(tiny_checkpoint, models / name)
-    store = {"store_dir": str(tmp_path / "objects")}
-    async with start_system(
-        tmp_path,
-        tmp_path / "models",
-        mongo_server.url,
-        store,
+async def four_checkpoints(make_system: SystemFactory) -> AsyncIterator[System]:
+    async with make_system(
+        models=make_system.models(CHECKPOINTS),
         gpu_slots=BUDGET,
         max_batch=MAX_BATCH,
         starvation_s=20,
@@ -92,16 +78,10 @@ async def test_in_flight_never_exceeds_the_budget(four_checkpoints: System) -> N
                     assert 202 == response.status
                     task_ids.append((await response.json())["taskId"])
             await asyncio.sleep(rng.uniform(0.5, 3))
-        deadline = time.monotonic() + 300
-        pending = set(task_ids)
-        while pending and time.monotonic() < deadline:
-            for task_id in list(pending):
-                doc = await system.task(task_id)
-                if doc is not None and doc["status"] in ("succeeded", "failed", "cancelled"):
-                    assert "succeeded" == doc["status"], doc["message"]
-                    pending.discard(task_id)
-            await asyncio.sleep(0.2)
-        assert not pending, f"{len(pending)} tasks never finished"
+        finished = await system.all_finished(task_ids, timeout_s=300)
+        assert ["succeeded"] * len(finished) == [d["status"] for d in finished], [
+            d["message"] for d in finished if d["status"] != "succeeded"
+        ]
     finally:
         done.set()
         await sampler

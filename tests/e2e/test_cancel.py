@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import System
+from tests.system import System
+from tests.waiting import eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("system", ["local"], indirect=True)]
 
@@ -22,14 +21,14 @@ async def _submit(system: System, **fields: Any) -> str:
 
 
 async def _until(system: System, task_id: str, check: Any) -> dict[str, Any]:
-    deadline = time.monotonic() + DEADLINE_S
-    while time.monotonic() < deadline:
+    """The task's ``GET /tasks/{id}/progress`` once ``check`` holds for it."""
+
+    async def holds() -> dict[str, Any] | None:
         async with system.http.get(f"{system.url}/tasks/{task_id}/progress") as response:
             progress: dict[str, Any] = await response.json()
-        if check(progress):
-            return progress
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"task {task_id}: condition not met in {DEADLINE_S} s")
+        return progress if check(progress) else None
+
+    return await eventually(holds, f"task {task_id}", timeout_s=DEADLINE_S)
 
 
 async def _cancel(system: System, task_id: str) -> tuple[int, dict[str, Any]]:

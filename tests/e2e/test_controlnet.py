@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from tests.e2e.conftest import System, start_system
 from tests.fixtures.tiny_controlnet import write_tiny_controlnet
 from tests.fixtures.tiny_vae import write_tiny_vae
+from tests.system import System, SystemFactory
 
 pytestmark = pytest.mark.e2e
 
@@ -71,18 +71,15 @@ BODY = {
 
 
 @pytest.fixture(scope="module")
-async def system(
-    tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path, mongo_server: Any
-) -> AsyncIterator[System]:
-    data = tmp_path_factory.mktemp("controlnet")
-    models = data / "models"
+async def system(make_system: SystemFactory, tiny_checkpoint: Path) -> AsyncIterator[System]:
+    models = make_system.models([])
     # The seed's names: a diffusers-folder checkpoint is registered by its folder name.
     shutil.copytree(
         tiny_checkpoint.parent / "tiny-diffusers", models / "Stable-diffusion" / "diffusion_v1"
     )
     write_tiny_vae(models / "VAE" / "vae_v1.safetensors")
     write_tiny_controlnet(models / "ControlNet" / f"{CONTROLNET}.safetensors")
-    async with start_system(data, models, mongo_server.url) as system:
+    async with make_system(models=models) as system:
         yield system
 
 

@@ -14,8 +14,8 @@ from proto import ModelType, names
 from proto.codec import decode_generate
 from services.storage.models import ModelStore
 from services.storage.scan import register_models
-from tests.e2e.conftest import System
 from tests.fixtures.upscaler import save_compact
+from tests.system import System
 
 pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("system", ["local"], indirect=True)]
 
@@ -95,7 +95,7 @@ async def test_async_extras_and_batch(system: System) -> None:
     body = {"image": _png((16, 8)), "upscaler_1": "Nearest", "upscaling_resize": 3}
     status, result = await _post(system, "/extra_images", body, {"Request-Type": "async"})
     assert (202, "waiting") == (status, result["status"]), result
-    doc = await system.task_when(result["taskId"], lambda d: d["status"] == "succeeded")
+    doc = await system.succeeded(result["taskId"])
     image = Image.open(io.BytesIO(await system.objects.get(doc["images"][0])))
     assert (48, 24) == image.size
     batch = {

@@ -16,8 +16,8 @@ from PIL import Image
 from proto import ModelType
 from services.storage.models import ModelStore
 from services.storage.scan import register_models
-from tests.e2e.conftest import System
 from tests.fixtures.faces import draw_face, save_gfpgan
+from tests.system import System
 
 pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("system", ["local"], indirect=True)]
 

@@ -3,14 +3,14 @@ zero after the idle timeout, settings a backend cannot express reported, not dro
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
 import pytest
 
 from services.common import bus
-from tests.e2e.conftest import System
+from tests.system import System
+from tests.waiting import eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("system", ["local"], indirect=True)]
 
@@ -31,12 +31,13 @@ async def _update(system: System, body: dict[str, Any]) -> tuple[int, dict[str, 
 
 async def _replicas_become(system: System, count: int, timeout_s: float = 90) -> float:
     started = time.monotonic()
-    while time.monotonic() - started < timeout_s:
+
+    async def reached() -> bool:
         [function] = (await _functions(system))["functions"]
-        if function["replicas"] == count:
-            return time.monotonic() - started
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"replicas never became {count}")
+        return bool(function["replicas"] == count)
+
+    await eventually(reached, f"{count} replicas", timeout_s=timeout_s, interval_s=0.2)
+    return time.monotonic() - started
 
 
 async def test_functions_lifecycle(system: System) -> None:
@@ -95,25 +96,22 @@ async def test_restart_rolls_the_workers_and_loses_no_task(system: System) -> No
         "height": 64,
     }
     first = await system.submit(body)
-    before = (await system.task_when(first, lambda d: d["status"] == "succeeded"))["worker"]
+    before = (await system.succeeded(first))["worker"]
     async with system.http.post(f"{system.url}/restart") as response:
         assert (200, {"message": "success"}) == (response.status, await response.json())
     after = [await system.submit({**body, "steps": 6}) for _ in range(3)]
     for task_id in after:
-        done = await system.task_when(task_id, lambda d: d["status"] in ("succeeded", "failed"))
-        assert "succeeded" == done["status"], done["message"]
+        await system.succeeded(task_id)
     # The worker that was up stepped down; a fresh one serves the pool.
     nc = await bus.connect(system.nats_url, "restart-test")
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            workers = {w.worker for w in await bus.worker_records(nc.jetstream())}
-            if before not in workers:
-                break
-            assert time.monotonic() < deadline, f"{before} never stepped down"
-            await asyncio.sleep(0.2)
+
+        async def stepped_down() -> bool:
+            return before not in {w.worker for w in await bus.worker_records(nc.jetstream())}
+
+        await eventually(stepped_down, f"{before} stepped down", interval_s=0.2)
     finally:
         await nc.close()
     last = await system.submit(body)
-    done = await system.task_when(last, lambda d: d["status"] == "succeeded")
+    done = await system.succeeded(last)
     assert before != done["worker"]

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from tests.e2e.conftest import System
 from tests.e2e.gateways import extra_gateway
+from tests.system import System
 
 pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("system", ["local"], indirect=True)]
 

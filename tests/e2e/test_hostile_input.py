@@ -10,7 +10,6 @@ import io
 import itertools
 import json
 import os
-import shutil
 import struct
 import sys
 import zlib
@@ -25,7 +24,7 @@ from PIL import Image
 from proto import names
 from services.common import bus
 from services.common.bus import worker_records
-from tests.e2e.conftest import System, start_system
+from tests.system import System, SystemFactory
 
 pytestmark = pytest.mark.e2e
 BASE: dict[str, Any] = {
@@ -238,17 +237,14 @@ def corpus() -> Iterator[Attack]:
         )
 
 
-@pytest.fixture
-async def system(tmp_path: Path, models_dir: Path, mongo_server: Any) -> AsyncIterator[System]:
+@pytest.fixture(scope="module")
+async def system(make_system: SystemFactory) -> AsyncIterator[System]:
     # A models folder of its own: the fuzzer may delete or replace models (DELETE and PUT
     # /models are in the OpenAPI document), which must not reach other tests' systems.
-    models = tmp_path / "models"
-    shutil.copytree(models_dir, models)
-    # Low limits: whatever a fuzzer gets accepted is a tiny task.
-    async with start_system(
-        tmp_path,
-        models,
-        mongo_server.url,
+    # One system for both tests: the corpus (first) counts on a fresh one; the fuzzer
+    # (second) on nothing but the server staying up.
+    async with make_system(
+        models=make_system.models(),
         max_steps=2,
         max_width=64,
         max_height=64,

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 import json
-import time
 from typing import Any
 
 import pytest
 from PIL import Image
 
-from tests.e2e.conftest import System
+from tests.system import System
+from tests.waiting import eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("system", ["local", "s3"], indirect=True)]
 
@@ -129,11 +128,8 @@ async def test_a1111_img2img(system: System) -> None:
     assert 200 == status, echoed
     assert body["init_images"] == echoed["parameters"]["init_images"], "as the client sent them"
     # The queue is drained: nothing left behind by the sync call.
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if not await system.db["tasks"].count_documents(
-            {"status": {"$in": ["waiting", "running"]}}
-        ):
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError("tasks left open")
+    async def drained() -> bool:
+        query = {"status": {"$in": ["waiting", "running"]}}
+        return not await system.db["tasks"].count_documents(query)
+
+    await eventually(drained, "no task left open", timeout_s=10)

@@ -17,8 +17,9 @@ from aiohttp import web
 from services.common.servers import free_port
 from services.gateway.app import create_app
 from services.storage.users import UserStore
-from tests.e2e.conftest import System
 from tests.e2e.gateways import extra_gateway
+from tests.system import System
+from tests.waiting import until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("system", ["local"], indirect=True)]
 
@@ -182,7 +183,7 @@ async def test_bad_logins_do_not_block_the_event_loop(system: System) -> None:
                 logins += 1
 
         guessers = [asyncio.create_task(guess()) for _ in range(30)]
-        await asyncio.sleep(0.5)
+        await until(lambda: logins >= 30, "the guessers under way")
         loaded = await _healthz_latencies(system, url, 4)
         stop.set()
         await asyncio.gather(*guessers)

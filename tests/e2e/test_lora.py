@@ -4,21 +4,19 @@ recorded in the infotext; an unknown one is a 422 naming it, with nothing queued
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from proto.codec import decode_generate
-from tests.e2e.conftest import System, start_system
 from tests.fixtures.tiny_lora import write_tiny_lora
 from tests.fixtures.tiny_vae import (
     write_tiny_embedding,
     write_tiny_sdxl_embedding,
     write_tiny_vae,
 )
+from tests.system import System, SystemFactory
 
 pytestmark = pytest.mark.e2e
 BODY = {
@@ -31,18 +29,13 @@ BODY = {
 
 
 @pytest.fixture(scope="module")
-async def system(
-    tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path, mongo_server: Any
-) -> AsyncIterator[System]:
-    data = tmp_path_factory.mktemp("lora")
-    models = data / "models"
-    (models / "Stable-diffusion").mkdir(parents=True)
-    shutil.copy(tiny_checkpoint, models / "Stable-diffusion" / "tiny.safetensors")
+async def system(make_system: SystemFactory) -> AsyncIterator[System]:
+    models = make_system.models()
     write_tiny_lora(models / "Lora" / "ink style.safetensors")
     write_tiny_vae(models / "VAE" / "other vae.safetensors")
     write_tiny_embedding(models / "embeddings" / "bad-hands.safetensors")
     write_tiny_sdxl_embedding(models / "embeddings" / "xl-hands.safetensors")
-    async with start_system(data, models, mongo_server.url) as system:
+    async with make_system(models=models) as system:
         yield system
 
 

@@ -8,16 +8,15 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
 
 from services.common.servers import free_ports
-from tests.e2e.conftest import System, start_system
 from tests.e2e.gateways import extra_gateway
 from tests.e2e.prometheus import PrometheusServer
 from tests.e2e.test_txt2img import BODY
+from tests.system import System, SystemFactory
 from tests.unit.test_metrics import dashboard_queries
 
 pytestmark = pytest.mark.e2e
@@ -25,7 +24,7 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 async def watched(
-    tmp_path_factory: pytest.TempPathFactory, models_dir: Path, mongo_server: Any
+    tmp_path_factory: pytest.TempPathFactory, make_system: SystemFactory
 ) -> AsyncIterator[tuple[System, PrometheusServer]]:
     data = tmp_path_factory.mktemp("metrics")
     port, prometheus_port = free_ports(2)
@@ -42,9 +41,7 @@ async def watched(
     # Prometheus first: it is ready while the system starts, and scrapes it once it is up.
     async with (
         PrometheusServer(data / "prometheus", scrape, alerts, prometheus_port) as prometheus,
-        start_system(
-            data, models_dir, mongo_server.url, metrics_port=port, worker_metrics_port=-1
-        ) as system,
+        make_system(metrics_port=port, worker_metrics_port=-1) as system,
     ):
         yield system, prometheus
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,41 +13,26 @@ from typing import Any
 import pytest
 from safetensors.torch import load_file, save_file
 
-from tests.e2e.conftest import System, start_system
+from tests.system import System, SystemFactory
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
-async def good_and_bad(
-    tmp_path: Path, tiny_checkpoint: Path, mongo_server: Any
-) -> AsyncIterator[System]:
-    models = tmp_path / "models" / "Stable-diffusion"
-    models.mkdir(parents=True)
-    shutil.copy(tiny_checkpoint, models / "good.safetensors")
+async def good_and_bad(make_system: SystemFactory, tiny_checkpoint: Path) -> AsyncIterator[System]:
+    models = make_system.models(["good.safetensors"])
     # Passes the header checks, but a UNet tensor is missing: only loading finds out.
     state = load_file(str(tiny_checkpoint))
     del state["model.diffusion_model.out.2.bias"]
-    save_file(state, str(models / "bad.safetensors"))
-    store = {"store_dir": str(tmp_path / "objects")}
-    async with start_system(
-        tmp_path, tmp_path / "models", mongo_server.url, store, gpu_slots=2
-    ) as system:
+    save_file(state, str(models / "Stable-diffusion" / "bad.safetensors"))
+    async with make_system(models=models, gpu_slots=2) as system:
         yield system
 
 
 async def _models(system: System) -> dict[str, dict[str, Any]]:
     async with system.http.get(f"{system.url}/models") as response:
         return {m["name"]: m for m in await response.json()}
-
-
-async def _until(check: Any, timeout_s: float = 120) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if result := await check():
-            return result
-        await asyncio.sleep(0.1)
-    raise AssertionError("condition not met in time")
 
 
 async def test_statuses_are_true(good_and_bad: System) -> None:
@@ -68,12 +51,8 @@ async def test_statuses_are_true(good_and_bad: System) -> None:
         }
         tasks[name] = await system.submit(body)
 
-    async def finished(name: str) -> Any:
-        doc = await system.task(tasks[name])
-        return doc if doc and doc["status"] in ("succeeded", "failed") else None
-
-    good = await _until(lambda: finished("good.safetensors"))
-    bad = await _until(lambda: finished("bad.safetensors"))
+    good = await system.finished(tasks["good.safetensors"])
+    bad = await system.finished(tasks["bad.safetensors"])
     assert "succeeded" == good["status"]
     assert ("failed", "model_load_failed") == (bad["status"], bad["code"])
     assert "bad.safetensors" in bad["message"]
@@ -83,7 +62,7 @@ async def test_statuses_are_true(good_and_bad: System) -> None:
         ok = models["good.safetensors"]["status"] == "loaded"
         return models if ok and models["bad.safetensors"]["status"] == "failed" else None
 
-    models = await _until(settled)
+    models = await eventually(settled, "good loaded, bad failed", timeout_s=120)
     assert 1 == models["good.safetensors"]["loadedWorkers"]
     assert "bad.safetensors" in models["bad.safetensors"]["error"]
     # New work for the failed checkpoint is refused up front.

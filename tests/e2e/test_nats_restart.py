@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import AsyncIterator
-from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import System, start_system
+from proto.enums import TaskStatus
+from tests.system import System, SystemFactory
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-async def restartable(tmp_path: Path, models_dir: Path, mongo_server: Any) -> AsyncIterator[System]:
-    store = {"store_dir": str(tmp_path / "objects")}
-    async with start_system(tmp_path, models_dir, mongo_server.url, store, ack_wait_s=5) as system:
-        yield system
-
 
 BODY = {
     "stable_diffusion_model": "tiny.safetensors",
@@ -31,31 +20,28 @@ BODY = {
 }
 
 
+@pytest.fixture(scope="module")
+async def restartable(make_system: SystemFactory) -> AsyncIterator[System]:
+    # One system for both restarts: the second meets a system that survived the first.
+    async with make_system(ack_wait_s=5) as system:
+        yield system
+
+
 @pytest.mark.parametrize("hard", [False, True], ids=["sigterm", "sigkill"])
 async def test_tasks_survive_a_nats_restart(restartable: System, hard: bool) -> None:
     system = restartable
     before = [await system.submit(BODY) for _ in range(3)]
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:  # the first task is running
-        doc = await system.task(before[0])
-        if doc is not None and doc["status"] != "waiting":
-            break
-        await asyncio.sleep(0.05)
+    # The premise: work is under way when the server goes (fails if it never starts).
+    await system.task_when(before[0], lambda d: d["status"] != "waiting", timeout_s=120)
     server = system.nats_server
-    if hard:
-        server.stop_grace_s = 0.0  # straight to SIGKILL
+    server.stop_grace_s = 0.0 if hard else type(server).stop_grace_s  # SIGKILL, or a clean stop
     await server.stop()
-    await asyncio.sleep(1.0)
+    open_then = [doc for t in before if (doc := await system.task(t)) is not None]
+    assert any(not TaskStatus(doc["status"]).terminal for doc in open_then), (
+        "every task had finished before the restart: it tested nothing"
+    )
     await server.start()  # same port, same JetStream store
     after = [await system.submit(BODY) for _ in range(2)]
 
-    deadline = time.monotonic() + 240
-    pending = set(before + after)
-    while pending and time.monotonic() < deadline:
-        for task_id in list(pending):
-            doc = await system.task(task_id)
-            if doc is not None and doc["status"] in ("succeeded", "failed", "cancelled"):
-                assert "succeeded" == doc["status"], (task_id, doc["message"])
-                pending.discard(task_id)
-        await asyncio.sleep(0.2)
-    assert not pending, f"stuck after the restart: {sorted(pending)}"
+    done = await system.all_finished(before + after, timeout_s=240)
+    assert ["succeeded"] * 5 == [d["status"] for d in done], [d["message"] for d in done]

@@ -4,27 +4,22 @@ Retry-After, and the refused request creates nothing."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import System, start_system
+from tests.system import System, SystemFactory
 
 pytestmark = pytest.mark.e2e
-BODY = {"stable_diffusion_model": "tiny.safetensors", "prompt": "x", "steps": 150}
+BODY = {"stable_diffusion_model": "tiny.safetensors", "prompt": "x", "steps": 2}
 
 
 @pytest.fixture
-async def limited(tmp_path: Path, models_dir: Path, mongo_server: Any) -> AsyncIterator[System]:
-    async with start_system(
-        tmp_path,
-        models_dir,
-        mongo_server.url,
-        max_open_tasks_per_user=2,
-        max_tasks_per_minute=3,
-    ) as system:
-        yield system
+async def limited(make_system: SystemFactory) -> AsyncIterator[System]:
+    # A budget of 0 slots: every task stays queued (open) until cancelled, and no worker
+    # runs diffusion for a test that only needs tasks held open.
+    async with make_system(max_open_tasks_per_user=2, max_tasks_per_minute=3, gpu_slots=0) as s:
+        yield s
 
 
 async def _refused(system: System, task_id: str) -> dict[str, Any]:
@@ -51,21 +46,23 @@ async def test_open_tasks_and_rate_limits(limited: System) -> None:
         async with system.http.post(f"{system.url}/tasks/{task_id}/cancellation") as response:
             assert 202 == response.status
         await system.task_when(task_id, lambda d: d["status"] == "cancelled")
-    third = await system.submit({**BODY, "steps": 2})  # the 3rd submission this minute
+    third = await system.submit(BODY)  # the 3rd submission this minute: open slots came back
+    doc = await system.task(third)
+    assert doc is not None
+    assert "waiting" == doc["status"], "no slot: nothing runs, the tasks stay open"
     body = await _refused(system, "over-rate-limit")
     assert "per minute" in body["message"]
-    await system.task_when(third, lambda d: d["status"] == "succeeded")
 
 
 async def test_a_full_queue_refuses_with_429_and_creates_nothing(
-    tmp_path: Path, models_dir: Path, mongo_server: Any
+    make_system: SystemFactory,
 ) -> None:
-    """The task stream holds one message: while the first task is queued or running (its
-    worker is still starting), a second is refused by JetStream's limit: 429 queue_full."""
-    async with start_system(
-        tmp_path, models_dir, mongo_server.url, task_stream_max_msgs=1
-    ) as system:
-        first = await system.submit({**BODY, "steps": 2})
+    """The task stream holds one message and no slot runs it: a second task is refused by
+    JetStream's limit (its error code, not its wording): 429 queue_full, nothing stored."""
+    async with make_system(task_stream_max_msgs=1, gpu_slots=0) as system:
+        first = await system.submit(BODY)
         body = await _refused(system, "over-queue")
         assert "queue_full" == body["code"]
-        await system.task_when(first, lambda d: d["status"] == "succeeded")
+        doc = await system.task(first)
+        assert doc is not None
+        assert "waiting" == doc["status"]

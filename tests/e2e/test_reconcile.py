@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import AsyncIterator
-from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -14,21 +12,15 @@ from proto import GenerateImage
 from proto.codec import encode
 from proto.requests import Txt2ImgRequest, to_builtins
 from services.storage.models import ModelStore
-from services.storage.tasks import new_task_document
-from tests.e2e.conftest import System, start_system
+from tests.documents import task_document
+from tests.system import System, SystemFactory
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
-async def system(tmp_path: Path, models_dir: Path, mongo_server: Any) -> AsyncIterator[System]:
-    async with start_system(
-        tmp_path,
-        models_dir,
-        mongo_server.url,
-        reconcile_interval_s=0.5,
-        reconcile_grace_s=1.0,
-    ) as system:
+async def system(make_system: SystemFactory) -> AsyncIterator[System]:
+    async with make_system(reconcile_interval_s=0.5, reconcile_grace_s=1.0) as system:
         yield system
 
 
@@ -48,20 +40,17 @@ async def test_a_task_stored_but_never_published_still_runs(system: System) -> N
     )
     # What the gateway had written when it died: the document, no publish.
     await system.db["tasks"].insert_one(
-        new_task_document(
-            task_id=task_id,
+        task_document(
+            task_id,
             user="default",
-            kind="txt2img",
             model_name=model["name"],
             model_key=model["model_key"],
             parameters=to_builtins(request),
             total_steps=2,
-            job_count=1,
             command=encode(command),
         )
     )
-    done = await system.task_when(task_id, lambda d: d["status"] in ("succeeded", "failed"))
-    assert "succeeded" == done["status"], done["message"]
+    done = await system.succeeded(task_id)
     assert done["stream_seq"] is not None
     async with system.http.get(f"{system.url}/tasks/{task_id}/result") as response:
         result = await response.json()

@@ -12,7 +12,6 @@ import os
 import pickle
 import shutil
 import sys
-import time
 import urllib.parse
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,24 +25,23 @@ from safetensors.torch import save_file as save_file_torch
 
 from services.common import bus
 from services.common.bus import worker_records
-from tests.e2e.conftest import System, start_system
+from tests.system import System, SystemFactory
+from tests.waiting import eventually, until
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-async def system(
-    tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path, mongo_server: Any
-) -> AsyncIterator[System]:
-    data = tmp_path_factory.mktemp("registry")
-    models = data / "models"
-    (models / "Stable-diffusion").mkdir(parents=True)
-    shutil.copy(tiny_checkpoint, models / "Stable-diffusion" / "tiny.safetensors")
-    store = {"store_dir": str(data / "objects")}
-    async with start_system(
-        data, models, mongo_server.url, store, gpu_slots=1, registry_wait_s=30
-    ) as system:
+async def system(make_system: SystemFactory) -> AsyncIterator[System]:
+    models = make_system.models()
+    async with make_system(models=models, gpu_slots=1, registry_wait_s=30) as system:
         yield system
+
+
+async def _status_is(system: System, name: str, status: str | None) -> bool:
+    """Whether the model's status is ``status`` (None: the model is gone, 404)."""
+    code, body = await _get(system, name)
+    return (code == 404) if status is None else (code == 200 and body["status"] == status)
 
 
 def _url(system: System, name: str, **query: str) -> str:
@@ -97,10 +95,8 @@ async def test_upload_then_generate_with_a_unicode_name(
             result = await response.json()
             assert 200 == response.status, result
         assert "succeeded" == result["status"]
-        deadline = time.monotonic() + 30
-        while "loaded" not in seen:  # the scheduler syncs statuses on its next tick
-            assert time.monotonic() < deadline, seen
-            await asyncio.sleep(0.05)
+        # The scheduler syncs statuses on its next tick.
+        await until(lambda: "loaded" in seen, f"loaded among {seen}", timeout_s=30)
     finally:
         watcher.cancel()
     assert "loaded" in seen, seen
@@ -232,12 +228,12 @@ async def test_delete_fails_queued_tasks_and_stops_workers(
     assert not (Path(system.settings.models_dir) / "Stable-diffusion" / name).exists()
     nc = await bus.connect(system.nats_url, "registry-test")
     try:
-        deadline = time.monotonic() + 60
-        while any(
-            w.model_key == history["model_key"] for w in await worker_records(nc.jetstream())
-        ):
-            assert time.monotonic() < deadline, "a worker of the deleted model is still running"
-            await asyncio.sleep(0.2)
+
+        async def stopped() -> bool:
+            workers = await worker_records(nc.jetstream())
+            return all(w.model_key != history["model_key"] for w in workers)
+
+        await eventually(stopped, "no worker of the deleted model", interval_s=0.2)
     finally:
         await nc.close()
 
@@ -327,10 +323,7 @@ async def test_statuses_follow_upload_load_and_idle_stop(
         body["stable_diffusion_model"] = name
         async with system.http.post(f"{system.url}/txt2img", json=body) as response:
             assert 200 == response.status, await response.text()
-        deadline = time.monotonic() + 60
-        while (await _get(system, name))[1]["status"] != "unloaded":
-            assert time.monotonic() < deadline, "the idle worker was not stopped"
-            await asyncio.sleep(0.1)
+        await eventually(lambda: _status_is(system, name, "unloaded"), "the idle worker stopped")
 
     seen = await _statuses_while(system, name, generate_then_idle())
     # `loading` lasts as long as the tiny model takes to load (about a second here), so a
@@ -346,7 +339,7 @@ async def test_statuses_follow_upload_load_and_idle_stop(
     assert "waiting" == progress["status"], "its pool was stopped: it waits for a cold start"
     assert progress["coldStartSeconds"] > 0
     assert progress["coldStartSeconds"] == progress["etaRelative"]
-    await system.task_when(task_id, lambda d: d["status"] == "succeeded")
+    await system.succeeded(task_id)
 
 
 async def test_replacing_a_checkpoint_rolls_its_workers_and_loses_no_task(
@@ -374,12 +367,14 @@ async def test_replacing_a_checkpoint_rolls_its_workers_and_loses_no_task(
     assert 200 == status, replaced
     assert hashlib.sha256(second).hexdigest() == replaced["model"]["sha256"]
     for task_id in queued:
-        done = await system.task_when(task_id, lambda d: d["status"] in ("succeeded", "failed"))
-        assert "succeeded" == done["status"], done["message"]
+        await system.succeeded(task_id)
     # The worker that held the old weights stepped down; a fresh one loaded the new file.
-    deadline = time.monotonic() + 60
-    while (found := await model_hash()) != hashlib.sha256(second).hexdigest()[:10]:
-        assert time.monotonic() < deadline, f"still the old weights ({found})"
+    new_hash = hashlib.sha256(second).hexdigest()[:10]
+
+    async def new_weights() -> bool:
+        return await model_hash() == new_hash
+
+    await eventually(new_weights, "a worker with the new weights")
 
 
 async def test_delete_with_drain_runs_the_queue_first(
@@ -397,12 +392,8 @@ async def test_delete_with_drain_runs_the_queue_first(
     async with system.http.post(f"{system.url}/txt2img", json=body) as response:
         assert 404 == response.status, "no new work for a draining model"
     for task_id in queued:
-        done = await system.task_when(task_id, lambda d: d["status"] in ("succeeded", "failed"))
-        assert "succeeded" == done["status"], done["message"]
-    deadline = time.monotonic() + 30
-    while (await _get(system, name))[0] != 404:
-        assert time.monotonic() < deadline, "the drained model was not deleted"
-        await asyncio.sleep(0.2)
+        await system.succeeded(task_id)
+    await eventually(lambda: _status_is(system, name, None), "model deleted", timeout_s=30)
     history = await system.db["models"].find_one({"name": name})
     assert "deleted" == history["status"]
     assert not (Path(system.settings.models_dir) / "Stable-diffusion" / name).exists()

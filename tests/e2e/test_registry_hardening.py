@@ -9,7 +9,6 @@ AttributeError, abort every later scan (files after it were never registered), a
 from __future__ import annotations
 
 import io
-import shutil
 import unicodedata
 import urllib.parse
 from collections.abc import AsyncIterator
@@ -20,8 +19,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from tests.e2e.conftest import System, start_system
 from tests.integration.test_scan import HOSTILE, _hostile
+from tests.system import System, SystemFactory
 
 pytestmark = pytest.mark.e2e
 _LORA = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
@@ -32,17 +31,12 @@ def _good_lora(path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-async def system(
-    tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path, mongo_server: Any
-) -> AsyncIterator[System]:
-    data = tmp_path_factory.mktemp("bad-models")
-    models = data / "models"
-    (models / "Stable-diffusion").mkdir(parents=True)
-    shutil.copy(tiny_checkpoint, models / "Stable-diffusion" / "tiny.safetensors")
+async def system(make_system: SystemFactory) -> AsyncIterator[System]:
+    models = make_system.models()
     # Present at start: what `sdswarm up` registers before it serves.
     _hostile(models / "Lora" / "a_bad.safetensors", HOSTILE["a_string_metadata"])
     _good_lora(models / "Lora" / "b_good.safetensors")
-    async with start_system(data, models, mongo_server.url) as system:
+    async with make_system(models=models) as system:
         yield system
 
 

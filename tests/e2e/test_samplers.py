@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e.conftest import System
+from tests.system import System
 
 pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("system", ["local"], indirect=True)]
 

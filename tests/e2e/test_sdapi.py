@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from tests.e2e.conftest import System
+from tests.system import System
+from tests.waiting import eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("system", ["local"], indirect=True)]
 
@@ -146,13 +147,14 @@ async def test_progress_and_interrupt_touch_only_the_callers_task(system: System
         "force_task_id": "slow-a1111-task",
     }
     call = asyncio.create_task(system.http.post(f"{system.url}/sdapi/v1/txt2img", json=slow))
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+
+    async def stepping() -> dict[str, Any] | None:
         progress = await _get(system, "/sdapi/v1/progress")
         state = progress["state"]
-        if state["job"] == "task(slow-a1111-task)" and state["sampling_step"] >= 2:
-            break
-        await asyncio.sleep(0.05)
+        running = state["job"] == "task(slow-a1111-task)" and state["sampling_step"] >= 2
+        return progress if running else None
+
+    progress = await eventually(stepping, "the slow task stepping", timeout_s=120)
     assert 0 < progress["progress"] < 1
     assert 150 == progress["state"]["sampling_steps"]
     async with system.http.post(f"{system.url}/sdapi/v1/interrupt") as response:
@@ -174,7 +176,7 @@ async def test_seed_task_headers_on_the_a1111_routes(system: System) -> None:
         assert 202 == r.status, await r.text()
         assert "seed-flagged-1" == r.headers["taskId"]
         assert {"taskId": "seed-flagged-1", "status": "waiting"} == await r.json()
-    done = await system.task_when("seed-flagged-1", lambda d: d["status"] == "succeeded")
+    done = await system.succeeded("seed-flagged-1")
     async with system.http.get(f"{system.url}/tasks/{done['_id']}/result") as r:
         result = await r.json()
     assert ("succeeded", 1) == (result["status"], len(result["images"]))
@@ -215,7 +217,7 @@ async def test_prompt_styles_from_the_a1111_styles_file(system: System) -> None:
     ) as r:
         refused = await r.json()
         assert (422, "styles[0]") == (r.status, refused["field"])
-    await system.task_when(task_id, lambda d: d["status"] == "succeeded")
+    await system.succeeded(task_id)
 
 
 async def test_memory_reports_host_and_workers(system: System) -> None:

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import os
-import secrets
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,9 +14,10 @@ import aiohttp
 import pytest
 
 from services.common.servers import free_port
-from services.storage.tasks import new_task_document
-from tests.e2e.conftest import System
+from tests.documents import task_document
 from tests.e2e.gateways import extra_gateway
+from tests.system import System
+from tests.waiting import eventually, serving
 
 pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("system", ["local"], indirect=True)]
 
@@ -68,19 +68,9 @@ async def test_reconnect_with_last_event_id_misses_nothing(system: System) -> No
 
 async def _waiting_task(system: System, user: str = "default") -> str:
     """A task that stays waiting (stored, never queued): its event stream stays open."""
-    task_id = secrets.token_hex(12)
-    document = new_task_document(
-        task_id=task_id,
-        user=user,
-        kind="txt2img",
-        model_name="tiny.safetensors",
-        model_key="none-000000",
-        parameters={},
-        total_steps=1,
-        job_count=1,
-    )
+    document = task_document(user=user, model_name="tiny.safetensors", model_key="none-000000")
     await system.db["tasks"].insert_one(document)
-    return task_id
+    return str(document["_id"])
 
 
 async def test_open_event_streams_are_capped_per_user_and_in_all(system: System) -> None:
@@ -110,10 +100,11 @@ async def test_open_event_streams_are_capped_per_user_and_in_all(system: System)
         assert [200, 200, 429] == [await open_stream("ben") for _ in range(3)]
         # Closed streams give their slots back (noticed at the next keep-alive, ≤ 5 s).
         await held.aclose()
-        deadline = asyncio.get_running_loop().time() + 15
-        while await open_stream("ben") != 200:
-            assert asyncio.get_running_loop().time() < deadline, "slots never came back"
-            await asyncio.sleep(0.5)
+
+        async def slot_back() -> bool:
+            return await open_stream("ben") == 200
+
+        await eventually(slot_back, "a closed stream's slot back", timeout_s=15, interval_s=0.5)
 
 
 def _rss_bytes(pid: int) -> int:
@@ -145,12 +136,7 @@ async def test_memory_per_open_event_stream(system: System, tmp_path: Path) -> N
     url = f"http://127.0.0.1:{port}"
     streams = 200
     try:
-        for _ in range(300):
-            with contextlib.suppress(aiohttp.ClientError):
-                async with system.http.get(f"{url}/healthz") as response:
-                    if response.status == 200:
-                        break
-            await asyncio.sleep(0.1)
+        await serving(system.http, url, process)
         task_id = await _waiting_task(system)
         # Warm up (first stream, imports, connection pools), then measure.
         async with system.http.get(f"{url}/tasks/{task_id}/events") as response:

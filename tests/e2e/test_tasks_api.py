@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,9 +13,11 @@ import pytest
 from aiohttp import web
 from PIL import Image
 
+from proto.enums import TaskStatus
 from services.common.servers import free_port
 from services.gateway.app import create_app
-from tests.e2e.conftest import System
+from tests.system import System
+from tests.waiting import eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("system", ["local"], indirect=True)]
 
@@ -46,15 +47,15 @@ async def _submit(
 async def _wait_done(
     system: System, task_id: str, url: str | None = None, headers: dict[str, str] | None = None
 ) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+    """Until ``GET /tasks/{id}/result`` (through ``url``, as its caller) says finished."""
+
+    async def finished() -> bool:
         async with system.http.get(
             f"{url or system.url}/tasks/{task_id}/result", headers=headers
         ) as response:
-            if (await response.json())["status"] in ("succeeded", "failed", "cancelled"):
-                return
-        await asyncio.sleep(0.05)
-    raise AssertionError("task did not finish")
+            return bool(TaskStatus((await response.json())["status"]).terminal)
+
+    await eventually(finished, f"task {task_id} finished", timeout_s=120)
 
 
 async def test_client_chosen_task_ids(system: System) -> None:

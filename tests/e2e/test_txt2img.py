@@ -15,8 +15,10 @@ from PIL import Image
 from PIL.PngImagePlugin import PngImageFile
 
 from proto import names
+from proto.enums import TaskStatus
 from services.common import bus
-from tests.e2e.conftest import System
+from tests.system import System
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -35,15 +37,13 @@ DEADLINE_S = 180
 
 
 async def _poll_result(system: System, task_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + DEADLINE_S
-    while time.monotonic() < deadline:
+    async def finished() -> dict[str, Any] | None:
         async with system.http.get(f"{system.url}/tasks/{task_id}/result") as response:
             assert 200 == response.status
             result: dict[str, Any] = await response.json()
-        if result["status"] in ("succeeded", "failed", "cancelled"):
-            return result
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"task {task_id} did not finish in {DEADLINE_S} s")
+        return result if TaskStatus(result["status"]).terminal else None
+
+    return await eventually(finished, f"task {task_id} finished", timeout_s=DEADLINE_S)
 
 
 async def test_async_txt2img_progress_sse_and_result(system: System) -> None:

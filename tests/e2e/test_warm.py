@@ -3,7 +3,6 @@ its measured cold start (in phases) then shows in the function listing."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
@@ -12,7 +11,8 @@ import pytest
 from proto.workers import WorkerState, WorkerStatus
 from services.common import bus
 from services.inference.coldstart import PHASES
-from tests.e2e.conftest import System
+from tests.system import System
+from tests.waiting import eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("system", ["local"], indirect=True)]
 
@@ -33,20 +33,20 @@ async def _function(system: System) -> dict[str, Any]:
 
 async def _ready_workers(system: System, want: int, timeout_s: float = 120) -> list[WorkerStatus]:
     nc = await bus.connect(system.nats_url, "warm-test")
+
+    async def ready() -> tuple[list[WorkerStatus]] | None:
+        found = [
+            r
+            for r in await bus.worker_records(nc.jetstream())
+            if r.state is WorkerState.READY and r.model_name == MODEL
+        ]
+        return (found,) if len(found) == want else None  # a tuple: [] is an answer too
+
     try:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            ready = [
-                r
-                for r in await bus.worker_records(nc.jetstream())
-                if r.state is WorkerState.READY and r.model_name == MODEL
-            ]
-            if len(ready) == want:
-                return ready
-            await asyncio.sleep(0.2)
+        [found] = await eventually(ready, f"{want} ready workers", timeout_s=timeout_s)
     finally:
         await nc.close()
-    raise AssertionError(f"never {want} ready workers")
+    return found
 
 
 async def test_warm_starts_a_worker_with_no_task_queued(system: System) -> None:
@@ -67,10 +67,12 @@ async def test_warm_starts_a_worker_with_no_task_queued(system: System) -> None:
     assert list(PHASES) == list(worker.load_phases)
     assert worker.load_phases["imports"] > 0.3, "the interpreter and torch's import count"
     assert sum(worker.load_phases.values()) < ready_after
-    deadline = time.monotonic() + 30
-    while (function := await _function(system))["replicas"] == 0:
-        assert time.monotonic() < deadline, "the cold start never reached the listing"
-        await asyncio.sleep(0.2)
+
+    async def listed() -> dict[str, Any] | None:
+        function = await _function(system)
+        return function if function["replicas"] else None
+
+    function = await eventually(listed, "the cold start in the listing", timeout_s=30)
     assert (1, "loaded") == (function["replicas"], function["state"])
     assert worker.load_phases == function["coldStartPhases"]
     assert function["coldStartSeconds"] == pytest.approx(sum(worker.load_phases.values()), 0.01)

@@ -5,9 +5,7 @@ gateway — with HTTP Basic auth, as such clients authenticate to a webui starte
 from __future__ import annotations
 
 import asyncio
-import shutil
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
@@ -18,9 +16,10 @@ from PIL import Image, ImageDraw
 
 from services.common.servers import free_port
 from services.gateway.app import create_app
-from tests.e2e.conftest import System, start_system
 from tests.fixtures.tiny_controlnet import write_tiny_controlnet
 from tests.fixtures.upscaler import save_compact
+from tests.system import System, SystemFactory
+from tests.waiting import eventually
 
 webuiapi = pytest.importorskip("webuiapi")
 
@@ -31,16 +30,11 @@ MODEL = "tiny.safetensors"
 
 
 @pytest.fixture(scope="module")
-async def system(
-    tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path, mongo_server: Any
-) -> AsyncIterator[System]:
-    data = tmp_path_factory.mktemp("webuiapi")
-    models = data / "models"
-    (models / "Stable-diffusion").mkdir(parents=True)
-    shutil.copy(tiny_checkpoint, models / "Stable-diffusion" / MODEL)
+async def system(make_system: SystemFactory) -> AsyncIterator[System]:
+    models = make_system.models([MODEL])
     write_tiny_controlnet(models / "ControlNet" / "control_tiny_canny.safetensors")
     save_compact(models / "ESRGAN" / "tiny_x2.safetensors")  # a model upscaler (spandrel)
-    async with start_system(data, models, mongo_server.url) as system:
+    async with make_system(models=models) as system:
         yield system
 
 
@@ -133,10 +127,11 @@ async def test_an_a1111_client_works_unchanged(port: int) -> None:
     assert (128, 128) == upscaled.image.size
     # A registered model upscaler by name, as webui clients send it (registered by the
     # models-folder scan at startup).
-    for _ in range(100):
-        if "tiny_x2" in [u["name"] for u in await _call(api.get_upscalers)]:
-            break
-        await asyncio.sleep(0.2)
+
+    async def listed() -> bool:
+        return "tiny_x2" in [u["name"] for u in await _call(api.get_upscalers)]
+
+    await eventually(listed, "tiny_x2 among the upscalers", timeout_s=20, interval_s=0.2)
     by_model = await _call(
         api.extra_single_image, image=first.image, upscaler_1="tiny_x2", upscaling_resize=2
     )
@@ -145,5 +140,6 @@ async def test_an_a1111_client_works_unchanged(port: int) -> None:
 
     progress = await _call(api.get_progress)
     assert 0 == progress["state"]["job_count"]
-    await _call(api.interrupt)
-    await _call(api.util_wait_for_ready, check_interval=0.2)
+    assert {} == await _call(api.interrupt), "A1111's answer: nothing of the caller's runs"
+    # The client's own idle wait loops until progress 0 and no jobs: it must return.
+    await asyncio.wait_for(_call(api.util_wait_for_ready, check_interval=0.2), 30)

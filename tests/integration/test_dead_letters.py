@@ -19,7 +19,8 @@ from services.common.settings import BusSettings
 from services.storage.deadletters import run_dead_letters
 from services.storage.mongo import database, open_client
 from services.storage.sink import run_sink
-from services.storage.tasks import TaskStore, new_task_document
+from services.storage.tasks import TaskStore
+from tests.documents import task_document
 
 pytestmark = pytest.mark.integration
 
@@ -38,18 +39,7 @@ async def test_max_deliveries_fails_the_task_and_keeps_a_dead_letter(
         db = database(client, f"dl_{secrets.token_hex(4)}")
         tasks = TaskStore(db)
         task_id = secrets.token_hex(6)
-        await tasks.insert(
-            new_task_document(
-                task_id=task_id,
-                user="u",
-                kind="txt2img",
-                model_name="m",
-                model_key="m-000000",
-                parameters={},
-                total_steps=1,
-                job_count=1,
-            )
-        )
+        await tasks.insert(task_document(task_id))
         command = GenerateImage(
             task_id=task_id,
             user="u",

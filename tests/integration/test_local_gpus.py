@@ -5,7 +5,6 @@ The workers are real processes (a stand-in that records its environment and slee
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 from services.scheduler.local import LocalBackend
 from services.scheduler.settings import SchedulerSettings
 from tests.integration.scheduling import checkpoint
+from tests.waiting import until
 
 RECORD = (
     "import os, sys, time; "
@@ -22,12 +22,9 @@ RECORD = (
 
 
 async def _gpus(folder: Path, pids: list[int]) -> dict[int, str]:
-    for _ in range(200):
-        files = {pid: folder / str(pid) for pid in pids}
-        if all(f.exists() and f.read_text() for f in files.values()):
-            return {pid: f.read_text() for pid, f in files.items()}
-        await asyncio.sleep(0.05)
-    raise AssertionError("the workers did not start")
+    files = {pid: folder / str(pid) for pid in pids}
+    await until(lambda: all(f.exists() and f.read_text() for f in files.values()), "started")
+    return {pid: f.read_text() for pid, f in files.items()}
 
 
 def _model(name: str) -> dict[str, object]:

@@ -16,8 +16,8 @@ CKPT = ModelType.STABLE_DIFFUSION
 
 
 @pytest.fixture
-async def store(scratch_db: AsyncDatabase[Document]) -> ModelStore:
-    store = ModelStore(scratch_db)
+async def store(fresh_db: AsyncDatabase[Document]) -> ModelStore:
+    store = ModelStore(fresh_db)
     await store.ensure_indexes()
     return store
 

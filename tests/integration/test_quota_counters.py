@@ -4,43 +4,29 @@ same whether the user has no open task or thousands, and the counters follow the
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from pymongo import AsyncMongoClient, monitoring
 
 from proto.events import TaskSucceeded
-from services.storage.mongo import Document, database, open_client
+from services.storage.mongo import Document, database
 from services.storage.quotas import QuotaStore
-from services.storage.tasks import new_task_document
+from tests.documents import task_document
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-async def quotas(mongo_server: Any) -> AsyncIterator[QuotaStore]:
-    client = open_client(mongo_server.url)
-    name = f"test_{secrets.token_hex(4)}"
-    quotas = QuotaStore(database(client, name))
+async def quotas(fresh_db: Any) -> QuotaStore:
+    quotas = QuotaStore(fresh_db)
     await quotas.store.ensure_indexes()
     await quotas.ensure_indexes()
-    yield quotas
-    await client.drop_database(name)
-    await client.close()
+    return quotas
 
 
 def _task(user: str, task_id: str | None = None) -> dict[str, Any]:
-    return new_task_document(
-        task_id=task_id or secrets.token_hex(12),
-        user=user,
-        kind="txt2img",
-        model_name="m",
-        model_key="m-000000",
-        parameters={},
-        total_steps=1,
-        job_count=1,
-    )
+    return task_document(task_id, user=user)
 
 
 class _Commands(monitoring.CommandListener):

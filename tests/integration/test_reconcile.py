@@ -16,24 +16,20 @@ from proto.events import TaskFailed, TaskStarted, decode_event, encode_event
 from proto.requests import Txt2ImgRequest
 from services.common import bus
 from services.common.settings import BusSettings
-from services.storage.mongo import database, open_client
 from services.storage.reconcile import reconcile_once
-from services.storage.tasks import TaskStore, new_task_document
+from services.storage.tasks import TaskStore
+from tests.documents import task_document
 
 pytestmark = pytest.mark.integration
 KEY = f"reconcile-{secrets.token_hex(3)}"
 
 
 @pytest.fixture
-async def parts(nats_server: Any, mongo_server: Any) -> AsyncIterator[tuple[Any, TaskStore]]:
+async def parts(nats_server: Any, fresh_db: Any) -> AsyncIterator[tuple[Any, TaskStore]]:
     nc = await bus.connect(nats_server.url, "reconcile-test")
     js = nc.jetstream()
     await bus.ensure_streams(js, BusSettings())
-    client = open_client(mongo_server.url)
-    name = f"rec_{secrets.token_hex(4)}"
-    yield js, TaskStore(database(client, name))
-    await client.drop_database(name)
-    await client.close()
+    yield js, TaskStore(fresh_db)
     await nc.close()
 
 
@@ -53,17 +49,7 @@ async def _task(
         )
     )
     command = command if raw is None else raw
-    document = new_task_document(
-        task_id=task_id,
-        user="u",
-        kind="txt2img",
-        model_name="m",
-        model_key=KEY,
-        parameters={},
-        total_steps=1,
-        job_count=1,
-        command=command,
-    )
+    document = task_document(task_id, model_key=KEY, command=command)
     document["created_at"] -= dt.timedelta(seconds=age_s)
     await tasks.insert(document)
     return task_id, command

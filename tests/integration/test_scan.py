@@ -1,9 +1,7 @@
 """Models in the A1111 layout are registered with type, family, hash and errors."""
 
 import hashlib
-import secrets
 import shutil
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -13,21 +11,16 @@ from safetensors.numpy import save_file
 
 from proto import ModelType
 from services.storage.models import ModelStore
-from services.storage.mongo import database, open_client
 from services.storage.scan import register_checkpoints, register_models
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-async def store(mongo_server: Any) -> AsyncIterator[ModelStore]:
-    client = open_client(mongo_server.url)
-    name = f"scan_{secrets.token_hex(4)}"
-    store = ModelStore(database(client, name))
+async def store(fresh_db: Any) -> ModelStore:
+    store = ModelStore(fresh_db)
     await store.ensure_indexes()
-    yield store
-    await client.drop_database(name)
-    await client.close()
+    return store
 
 
 async def test_register_a1111_layout(

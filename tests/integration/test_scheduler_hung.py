@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -24,11 +23,9 @@ from services.common import bus
 from services.common.bus import worker_records
 from services.scheduler.app import Scheduler
 from services.scheduler.local import LocalBackend
-from services.scheduler.settings import SchedulerSettings
 from services.storage.models import ModelStore
-from services.storage.mongo import database, open_client
 from services.storage.tasks import TaskStore
-from tests.integration.scheduling import checkpoint, stand_in_worker
+from tests.integration.scheduling import checkpoint, scheduler_settings, stand_in_worker
 
 pytestmark = pytest.mark.integration
 HUNG_AFTER_S = 1.5
@@ -69,37 +66,28 @@ asyncio.run(main())
 
 
 async def test_a_worker_stuck_in_a_step_is_killed_and_its_task_delivered_again(
-    private_nats_url: str, mongo_server: Any, tmp_path: Path
+    private_nats_url: str, mongo_server: Any, fresh_db: Any, tmp_path: Path
 ) -> None:
-    nats_url = private_nats_url
     command = stand_in_worker(tmp_path, "stuck_worker", STUCK_WORKER)
-    name = f"hung_{secrets.token_hex(4)}"
-    settings = SchedulerSettings(
-        nats_url=nats_url,
-        mongodb_url=mongo_server.url,
-        mongodb_db=name,
+    settings = scheduler_settings(
+        private_nats_url, mongo_server.url, fresh_db, tmp_path,
         poll_interval_s=0.2,
         hung_after_s=HUNG_AFTER_S,
         ack_wait_s=2,
-        worker_log_dir=str(tmp_path / "logs"),
     )
     async with contextlib.AsyncExitStack() as stack:
-        mongo = open_client(mongo_server.url)
-        stack.push_async_callback(mongo.close)
-        stack.push_async_callback(mongo.drop_database, name)
-        db = database(mongo, name)
-        models = ModelStore(db)
+        models = ModelStore(fresh_db)
         model = checkpoint("stuck.safetensors")
         await models.upsert(model)
         key = model["model_key"]
-        nc = await bus.connect(nats_url, "hung-test")
+        nc = await bus.connect(private_nats_url, "hung-test")
         stack.push_async_callback(nc.close)
         js = nc.jetstream()
         await bus.ensure_streams(js, settings)
         ack = await js.publish(names.task_subject(key), b"{}")
         backend = LocalBackend(settings, command=command)
         stack.push_async_callback(backend.aclose)
-        scheduler = Scheduler(settings, js, models, backend, TaskStore(db))
+        scheduler = Scheduler(settings, js, models, backend, TaskStore(fresh_db))
         stop = asyncio.Event()
         run = asyncio.create_task(scheduler.run(stop))
 

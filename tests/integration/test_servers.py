@@ -34,6 +34,7 @@ from services.common.servers import (
 )
 from tests.procs import processes
 from tests.servers import MongoInfo, NatsInfo, S3Info
+from tests.waiting import until
 
 pytestmark = pytest.mark.integration
 
@@ -188,13 +189,9 @@ def _live_members(pgid: int) -> list[int]:
     return [p.pid for p in processes() if p.pgrp == pgid and p.state != "Z"]
 
 
-async def _group_alive(pgid: int) -> bool:
-    """Whether group ``pgid`` still has a live member a second after a SIGKILL went out."""
-    for _ in range(20):
-        if not _live_members(pgid):
-            return False
-        await asyncio.sleep(0.05)
-    return True
+async def _group_gone(pgid: int) -> None:
+    """Until group ``pgid`` has no live member (after a SIGKILL went out)."""
+    await until(lambda: not _live_members(pgid), f"process group {pgid} gone", timeout_s=5)
 
 
 async def test_nats_fsyncs_every_write(tmp_path: Path) -> None:
@@ -213,7 +210,7 @@ async def test_stop_leaves_no_process(kind: type[ManagedServer], tmp_path: Path)
         assert pid is not None
         assert _live_members(pid)
     assert server.pid is None
-    assert not await _group_alive(pid)
+    await _group_gone(pid)
     assert server.log_path.exists()
 
 
@@ -237,7 +234,7 @@ async def test_two_seaweeds_side_by_side_then_nothing_left(tmp_path: Path) -> No
         await asyncio.gather(first.stop(), second.stop())
     for pid in pids:
         assert pid is not None
-        assert not await _group_alive(pid)
+        await _group_gone(pid)
     ports = {p for s in (first, second) for p in (*s.ports.values(), *s.grpc_ports.values())}
     assert [] == _weed_sockets(ports)
 
@@ -285,7 +282,7 @@ async def test_stop_kills_a_stubborn_process_group(tmp_path: Path) -> None:
     grandchild = int(server.ready_file.read_text())
     assert grandchild in _live_members(pid)
     await server.stop()
-    assert not await _group_alive(pid)
+    await _group_gone(pid)
     assert grandchild not in _live_members(pid)
     assert "stubborn up" in server.tail_log(5)
 
@@ -356,8 +353,4 @@ async def test_a_server_dies_with_its_parent_on_kill_9(tmp_path: Path) -> None:
     assert _live_members(child)
     parent.kill()  # SIGKILL: no cleanup code of the parent runs
     await parent.wait()
-    for _ in range(100):
-        if not _live_members(child):
-            break
-        await asyncio.sleep(0.1)
-    assert not _live_members(child), "nats-server outlived its parent's kill -9"
+    await until(lambda: not _live_members(child), "nats-server gone with its parent's kill -9")

@@ -3,11 +3,12 @@
 import asyncio
 import logging
 import secrets
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from proto import names
@@ -22,30 +23,29 @@ from proto.events import (
 from services.common import bus
 from services.common.settings import BusSettings
 from services.common.supervise import supervised
-from services.storage.mongo import database, open_client
+from services.storage.mongo import Document
 from services.storage.sink import run_sink
-from services.storage.tasks import TaskStore, new_task_document
+from services.storage.tasks import TaskStore
+from tests.documents import task_document
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-async def sink(
-    nats_server: Any, mongo_server: Any
-) -> AsyncIterator[tuple[JetStreamContext, TaskStore]]:
+async def sink(nats_server: Any, fresh_db: Any) -> AsyncIterator[tuple[NATS, TaskStore]]:
     nc = await bus.connect(nats_server.url, "test-sink")
     js = nc.jetstream()
     await bus.ensure_streams(js, BusSettings())
-    client = open_client(mongo_server.url)
-    db_name = f"sink_{secrets.token_hex(4)}"
-    tasks = TaskStore(database(client, db_name))
+    tasks = TaskStore(fresh_db)
     stop = asyncio.Event()
-    runner = asyncio.create_task(supervised("sink", lambda: run_sink(js, tasks, stop), stop))
-    yield js, tasks
+    # Short empty fetches: the test sees several of them without waiting a second each.
+    runner = asyncio.create_task(
+        supervised("sink", lambda: run_sink(js, tasks, stop, fetch_timeout_s=0.1), stop)
+    )
+    yield nc, tasks
     stop.set()
     await runner
-    await client.drop_database(db_name)
-    await client.close()
     await nc.close()
 
 
@@ -56,35 +56,34 @@ async def _publish(js: JetStreamContext, event: TaskEvent, msg_id: str | None = 
     )
 
 
-async def _eventually(check: Any, timeout_s: float = 15) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if result := await check():
-            return result
-        await asyncio.sleep(0.05)
-    raise AssertionError("condition not met in time")
+async def _empty_fetches(nc: NATS, fetches: int) -> None:
+    """Until ``fetches`` of the sink's fetches have ended empty (nothing is published
+    meanwhile): its pull requests, seen on the server. A fetch asks once or twice, so
+    ``2 * fetches + 2`` asks hold at least ``fetches`` whole fetches."""
+    asked = asyncio.Semaphore(0)
+
+    async def seen(_: Msg) -> None:
+        asked.release()
+
+    subject = f"$JS.API.CONSUMER.MSG.NEXT.{names.EVENT_STREAM}.{names.STORAGE_CONSUMER}"
+    subscription = await nc.subscribe(subject, cb=seen)
+    try:
+        for _ in range(2 * fetches + 2):
+            await asyncio.wait_for(asked.acquire(), 15)
+    finally:
+        await subscription.unsubscribe()
 
 
 async def test_events_are_folded_idempotently_after_idle_periods(
-    sink: tuple[JetStreamContext, TaskStore], caplog: pytest.LogCaptureFixture
+    sink: tuple[NATS, TaskStore], caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.ERROR)
-    js, tasks = sink
+    nc, tasks = sink
+    js = nc.jetstream()
     task_id = secrets.token_hex(6)
-    await tasks.insert(
-        new_task_document(
-            task_id=task_id,
-            user="u",
-            kind="txt2img",
-            model_name="m",
-            model_key="m-000000",
-            parameters={},
-            total_steps=2,
-            job_count=1,
-        )
-    )
-    # Longer than the sink's fetch timeout: the loop must survive empty fetches.
-    await asyncio.sleep(2.5)
+    await tasks.insert(task_document(task_id, total_steps=2))
+    # The loop must survive empty fetches: several end empty before any event comes.
+    await _empty_fetches(nc, 3)
     await js.publish(names.event_subject(task_id, "progress"), b"not json at all")
     await _publish(js, TaskStarted(task_id=task_id, attempt=1))
     await _publish(js, TaskProgressed(task_id=task_id, step=2, total_steps=2, progress=1.0))
@@ -92,14 +91,14 @@ async def test_events_are_folded_idempotently_after_idle_periods(
     await _publish(js, TaskSucceeded(task_id=task_id, images=["k"]))
     await _publish(js, TaskStarted(task_id=task_id, attempt=1))
 
-    async def finished() -> Any:
+    async def finished() -> Document | None:
         doc = await tasks.get(task_id)
         return doc if doc and doc["status"] == "succeeded" else None
 
-    doc = await _eventually(finished)
+    doc = await eventually(finished, "the task folded to succeeded")
     assert (["k"], 2) == (doc["images"], doc["progress"]["step"])
     info = await js.consumer_info(names.EVENT_STREAM, names.STORAGE_CONSUMER)
-    await _eventually(lambda: _drained(js))
+    await eventually(lambda: _drained(js), "every event settled (the poison one terminated)")
     assert info.config.durable_name == names.STORAGE_CONSUMER
     # Empty fetches and the poison message were handled, not survived by a restart.
     assert [] == [r.getMessage() for r in caplog.records if "crashed" in r.getMessage()]

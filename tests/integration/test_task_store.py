@@ -1,7 +1,6 @@
 """The event fold against a real MongoDB-wire server: forward-only, fenced, idempotent."""
 
 import secrets
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -13,36 +12,23 @@ from proto.events import (
     TaskStarted,
     TaskSucceeded,
 )
-from services.storage.mongo import database, open_client
-from services.storage.tasks import TaskStore, new_task_document
+from services.storage.tasks import TaskStore
+from tests.documents import task_document
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-async def store(mongo_server: Any) -> AsyncIterator[TaskStore]:
-    client = open_client(mongo_server.url)
-    name = f"test_{secrets.token_hex(4)}"
-    store = TaskStore(database(client, name))
+async def store(fresh_db: Any) -> TaskStore:
+    store = TaskStore(fresh_db)
     await store.ensure_indexes()
-    yield store
-    await client.drop_database(name)
-    await client.close()
+    return store
 
 
 async def _new_task(store: TaskStore) -> str:
     task_id = secrets.token_hex(6)
     await store.insert(
-        new_task_document(
-            task_id=task_id,
-            user="alice",
-            kind="txt2img",
-            model_name="m",
-            model_key="m-000000",
-            parameters={"steps": 4},
-            total_steps=4,
-            job_count=1,
-        )
+        task_document(task_id, user="alice", parameters={"steps": 4}, total_steps=4)
     )
     return task_id
 

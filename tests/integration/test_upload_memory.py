@@ -21,6 +21,7 @@ import aiohttp
 import pytest
 
 from services.common.servers import free_port
+from tests.waiting import serving
 
 pytestmark = pytest.mark.integration
 
@@ -77,17 +78,7 @@ async def gateway(
     url = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession() as http:
-            deadline = time.monotonic() + 60
-            while True:
-                assert process.returncode is None, "the gateway exited"
-                try:
-                    async with http.get(f"{url}/healthz") as response:
-                        if response.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                assert time.monotonic() < deadline, "the gateway did not come up"
-                await asyncio.sleep(0.2)
+            await serving(http, url, process)
         yield url, process.pid, models
     finally:
         process.terminate()

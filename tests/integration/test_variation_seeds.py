@@ -74,7 +74,7 @@ def test_each_image_gets_its_own_subseed(runner: DiffusersPipeline) -> None:
     alone, batched = _pixels(_run(runner, seed=42)), _pixels(result, 2)
     # A batch of two is not bitwise a batch of one (matmul blocking): within one level.
     assert max(abs(a - b) for a, b in zip(alone, batched, strict=True)) <= 1
-    json.dumps(result.info)
+    assert result.info == json.loads(json.dumps(result.info)), "the infotext is plain JSON"
 
 
 def test_seed_resize_changes_the_start_and_keeps_the_size(runner: DiffusersPipeline) -> None:

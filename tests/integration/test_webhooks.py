@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from nats.js.errors import NotFoundError
 
 from proto import names
 from proto.events import TaskEvent, TaskProgressed, TaskSucceeded, encode_event
@@ -26,6 +27,7 @@ from services.common.servers import free_port
 from services.common.settings import StoreSettings, from_environ
 from services.storage.mongo import database, open_client
 from services.storage.webhooks import Dispatcher
+from tests.waiting import eventually, until
 
 pytestmark = pytest.mark.integration
 SLOW_S = 10.0
@@ -114,7 +116,16 @@ async def dispatching(
     stop = asyncio.Event()
     dispatcher = asyncio.create_task(Dispatcher(js, db, settings).run(stop))
     try:
-        await asyncio.sleep(1.0)  # the consumer exists (it delivers only new events)
+
+        async def subscribed() -> bool:
+            try:
+                await js.consumer_info(names.EVENT_STREAM, names.WEBHOOK_CONSUMER)
+            except NotFoundError:
+                return False
+            return True
+
+        # It delivers only events published after its consumer exists.
+        await eventually(subscribed, "the dispatcher's consumer")
         yield Dispatching(js, db)
     finally:
         stop.set()
@@ -140,7 +151,7 @@ async def test_a_slow_receiver_does_not_delay_another_users_delivery(
         for step in range(1, 9):  # a backlog for the slow receiver: 8 × 10 s
             progressed = TaskProgressed(task_id=slow_task, step=step, total_steps=8)
             await hooks.publish(progressed, "progress")
-        await asyncio.sleep(1.0)  # the slow deliveries are under way
+        await until(lambda: slow.concurrent == 2, "the slow deliveries under way")
         sent = time.monotonic()
         await hooks.publish(TaskSucceeded(task_id=fast_task, images=[]), "succeeded")
         await asyncio.wait_for(fast.arrived.wait(), 3 * SLOW_S)
@@ -171,10 +182,7 @@ async def test_a_full_receiver_backlog_is_deferred_not_failed(
         await hooks.hooks((task, "a", receiver, "progress"))
         for step in range(1, 7):
             await hooks.publish(TaskProgressed(task_id=task, step=step, total_steps=6), "progress")
-        for _ in range(300):
-            if len(receiver.arrivals) >= 6:
-                break
-            await asyncio.sleep(0.1)
+        await until(lambda: len(receiver.arrivals) >= 6, "six deliveries", timeout_s=30)
         assert 6 == len(receiver.arrivals)
         assert 1 == receiver.most_concurrent
         assert 0 == await hooks.db["webhook_failures"].count_documents({})

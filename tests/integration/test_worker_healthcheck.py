@@ -4,6 +4,7 @@ runs it, a process per check, against a real nats-server holding the worker's re
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 import time
@@ -30,14 +31,23 @@ async def _check(env: dict[str, str]) -> tuple[int, str]:
     return int(process.returncode or 0), output.decode()
 
 
+def _age(state: Path, seconds: float) -> None:
+    """Move what the check remembers ``seconds`` into the past: the clock it compares
+    against, turned forward without waiting."""
+    seen = json.loads(state.read_text())
+    seen["since"] -= seconds
+    state.write_text(json.dumps(seen))
+
+
 async def test_a_worker_stuck_on_a_task_turns_unhealthy(
     private_nats_url: str, tmp_path: Path
 ) -> None:
+    state = tmp_path / "health.json"
     env = {
         "SDSWARM_NATS_URL": private_nats_url,
         "SDSWARM_WORKER_ID": WORKER,
-        "SDSWARM_HUNG_AFTER_S": "1",
-        "SDSWARM_HEALTH_STATE": str(tmp_path / "health.json"),
+        "SDSWARM_HUNG_AFTER_S": "600",
+        "SDSWARM_HEALTH_STATE": str(state),
     }
     nc = await bus.connect(private_nats_url, "healthcheck-test")
     try:
@@ -58,13 +68,15 @@ async def test_a_worker_stuck_on_a_task_turns_unhealthy(
 
         await record(WorkerState.BUSY, "t1", 100.0)
         assert 0 == (await _check(env))[0]  # first sight of this step
-        await asyncio.sleep(1.1)
+        _age(state, 599)
+        assert 0 == (await _check(env))[0]  # not yet the limit
+        _age(state, 2)
         code, output = await _check(env)
         assert 1 == code
-        assert output.startswith("unhealthy: no step of task t1 for "), output
+        assert output.startswith("unhealthy: no step of task t1 for 60"), output
         await record(WorkerState.BUSY, "t1", 101.0)  # a step: healthy again
         assert 0 == (await _check(env))[0]
-        await asyncio.sleep(1.1)
+        _age(state, 601)
         await record(WorkerState.READY, None, 101.0)  # idle is never hung
         assert 0 == (await _check(env))[0]
         await record(WorkerState.BUSY, "t2", 101.0)  # a new task starts its own clock

@@ -119,16 +119,29 @@ def test_noise_options_are_checked(cls: str, fields: dict[str, object], field: s
     assert (422, expected) == (info.value.status, info.value.field)
 
 
+def _accepted(**fields: object) -> Txt2ImgRequest:
+    """The request as the gateway queues it: decoded from the client's JSON and checked."""
+    body = msgspec.json.encode({"stable_diffusion_model": "m", **fields})
+    request = decode(body, Txt2ImgRequest)
+    check_limits(request, GatewaySettings())
+    return request
+
+
 def test_noise_options_that_run_pass() -> None:
-    check_limits(
-        _request(
-            subseed=5,
-            subseed_strength=0.3,
-            seed_resize_from_w=256,
-            seed_resize_from_h=320,
-            override_settings={"eta_noise_seed_delta": 31337},
-        ),
-        GatewaySettings(),
+    request = _accepted(
+        subseed=5,
+        subseed_strength=0.3,
+        seed_resize_from_w=256,
+        seed_resize_from_h=320,
+        override_settings={"eta_noise_seed_delta": 31337},
+    )
+    # Queued as sent: nothing dropped or coerced on the way.
+    assert (5, 0.3, 256, 320, {"eta_noise_seed_delta": 31337}) == (
+        request.subseed,
+        request.subseed_strength,
+        request.seed_resize_from_w,
+        request.seed_resize_from_h,
+        request.override_settings,
     )
 
 
@@ -145,17 +158,23 @@ def test_refiner_and_hires_checkpoint_are_refused(fields: dict[str, object], fie
     assert (422, "unsupported", field) == (info.value.status, info.value.code, info.value.field)
 
 
-def test_their_no_op_values_pass() -> None:
-    for fields in (
-        {"refiner_checkpoint": "None", "hr_checkpoint_name": "Use same checkpoint"},
-        {"refiner_checkpoint": "", "hr_checkpoint_name": "m"},
-    ):
-        check_limits(_request(**fields), GatewaySettings())
+@pytest.mark.parametrize(
+    ("refiner", "hires"), [("None", "Use same checkpoint"), ("", "m"), (None, None)]
+)
+def test_their_no_op_values_pass(refiner: str | None, hires: str | None) -> None:
+    fields = {"refiner_checkpoint": refiner, "enable_hr": True, "hr_checkpoint_name": hires}
+    request = _accepted(**fields)
+    assert (refiner, True, hires) == (
+        request.refiner_checkpoint,
+        request.enable_hr,
+        request.hr_checkpoint_name,
+    )
 
 
 def test_integers_mongodb_cannot_store_are_refused() -> None:
     body = b'{"stable_diffusion_model": "m", "override_settings": {"x": [1, %d]}}'
-    decode(body % (2**63 - 1), Txt2ImgRequest)  # fits in 64 bits
+    fits = decode(body % (2**63 - 1), Txt2ImgRequest)  # fits in 64 bits
+    assert {"x": [1, 2**63 - 1]} == fits.override_settings
     with pytest.raises(ApiError) as info:
         decode(body % 2**63, Txt2ImgRequest)
     assert (422, "override_settings.x[1]") == (info.value.status, info.value.field)
