@@ -12,6 +12,7 @@ from aiohttp import web
 
 from services.common import bus
 from services.gateway import (
+    console,
     controlnet_api,
     extras_api,
     functions,
@@ -151,6 +152,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
     controlnet_api.add_routes(app)
     functions.add_routes(app)
     app.router.add_get("/files/{key:.+}", download)
+    console.add_routes(app)
     return app
 
 

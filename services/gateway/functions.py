@@ -22,7 +22,8 @@ from proto.requests import BatchUpdateSdResourceRequest, DeleteFunctionsRequest,
 from services.gateway.auth import require_admin
 from services.gateway.errors import ApiError
 from services.gateway.resources import Resources
-from services.gateway.validation import decode, read_body
+from services.gateway.validation import bounded_int, decode, read_body
+from services.storage.deadletters import recent_dead_letters
 from services.storage.models import warm_until
 from services.storage.mongo import Document
 
@@ -193,12 +194,34 @@ async def restart(request: web.Request) -> web.StreamResponse:
     return web.json_response({"message": "success"})
 
 
+async def dead_letters(request: web.Request) -> web.StreamResponse:
+    """Tasks JetStream gave up on (``services.storage.deadletters``), newest first."""
+    res, _ = await require_admin(request, "list dead letters")
+    limit = bounded_int(request.query.get("limit", "50"), "limit", 1, 500)
+    letters = await recent_dead_letters(res.tasks.collection.database, limit)
+    return web.json_response(
+        [
+            {
+                "id": doc["_id"],
+                "taskId": doc.get("task_id"),
+                "subject": doc.get("subject"),
+                "advisory": doc.get("advisory"),
+                "consumer": doc.get("consumer"),
+                "deliveries": doc.get("deliveries"),
+                "at": doc["at"].isoformat(),
+            }
+            for doc in letters
+        ]
+    )
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/list/sdapi/functions", list_functions)
     app.router.add_get("/list/sdapi/fucntions", list_functions)  # the seed document's spelling
     app.router.add_post("/batch_update_sd_resource", batch_update)
     app.router.add_post("/del/sd/functions", delete_functions)
     app.router.add_post("/restart", restart)
+    app.router.add_get("/deadletters", dead_letters)
     # Beside the registry's /models/{name} (GET, PUT, DELETE): aiohttp goes on to this
     # route for a POST, which those do not take.
     app.router.add_post("/models/{model_name:.+}/warm", warm)

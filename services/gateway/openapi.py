@@ -169,6 +169,16 @@ class WebhookFailure(msgspec.Struct, kw_only=True):
     at: str
 
 
+class DeadLetter(msgspec.Struct, kw_only=True):
+    id: str
+    taskId: str | None
+    subject: str
+    advisory: str
+    consumer: str
+    deliveries: int
+    at: str
+
+
 class SeedOptionsRequest(msgspec.Struct, kw_only=True):
     data: dict[str, Any]
 
@@ -340,6 +350,10 @@ ROUTES: list[Route] = [
     ),
     Route("post", "/restart", "Rolling restart of every worker", Message),
     Route(
+        "get", "/deadletters", "Tasks JetStream gave up on, newest first (administrators)",
+        list[DeadLetter], query=(("limit", int, "at most this many (1 to 500, default 50)"),),
+    ),
+    Route(
         "post", "/models/{model_name}/warm",
         "Pre-warm: start a checkpoint's worker ahead of traffic (202)", Warming,
         WarmModelRequest,
@@ -402,8 +416,8 @@ ROUTES: list[Route] = [
         DetectResponse, DetectRequest,
     ),
 ]  # fmt: skip
-UNDOCUMENTED = frozenset({"/openapi.json", "/docs"})
-"""Routes the document leaves out: the document itself."""
+UNDOCUMENTED = frozenset({"/openapi.json", "/docs", "/", "/console"})
+"""Routes the document leaves out: the document itself and the web console's files."""
 ERRORS = [
     ("400", "malformed"),
     ("401", "unauthorized"),

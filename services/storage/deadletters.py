@@ -87,6 +87,12 @@ async def handle_advisory(
         await js.delete_msg(advisory.stream, advisory.stream_seq)
 
 
+async def recent_dead_letters(db: AsyncDatabase[Document], limit: int) -> list[Document]:
+    """The newest dead letters first, without their payloads (commands may be large)."""
+    cursor = db["dead_letters"].find({}, {"payload": 0}).sort("at", -1).limit(limit)
+    return [doc async for doc in cursor]
+
+
 async def run_dead_letters(
     js: JetStreamContext, db: AsyncDatabase[Document], stop: asyncio.Event
 ) -> None:
