@@ -33,7 +33,7 @@ async function functions() {
   const { functions: pools } = await api("GET", "/list/sdapi/functions");
   const total = pools.reduce((sum, fn) => sum + fn.share, 0);
   $("#functions-table tbody").replaceChildren(...pools.map((fn) => {
-    const row = h("tr", { "data-function": fn.functionName },
+    const row = h("tr", { "data-function": fn.functionName, "data-model": fn.model },
       h("th", { scope: "row" }, fn.functionName, h("br"), h("small", {}, fn.model)),
       h("td", {}, statusBadge(fn.state)),
       h("td", {}, fn.backlog),

@@ -181,8 +181,18 @@ async function watch(taskId) {
   }
 }
 
+/** The result once the task document has it: the terminal event can arrive a moment
+ * before the store has folded it in. */
+async function finalResult(taskId) {
+  for (let pause = 50; ; pause = Math.min(pause * 2, 1000)) {
+    const result = await api("GET", `/tasks/${encodeURIComponent(taskId)}/result`);
+    if (!["waiting", "running"].includes(result.status)) return result;
+    await new Promise((resolve) => setTimeout(resolve, pause));
+  }
+}
+
 async function showResult(taskId) {
-  const result = await api("GET", `/tasks/${encodeURIComponent(taskId)}/result`);
+  const result = await finalResult(taskId);
   lastResult = result;
   $("#preview").hidden = true;
   $("#images").replaceChildren(
