@@ -89,7 +89,9 @@ class Console:
 
     def sign_in(self, user: str) -> None:
         """Sign in through the form, from a fresh page with no session."""
-        self.driver.get(self.url + "/")
+        # Away from the console (a hash change alone would not reload it), forget the
+        # session, then load it afresh.
+        self.driver.get(self.url + "/console/console.css")
         self.driver.execute_script("sessionStorage.clear()")
         self.driver.get(self.url + "/#playground")
         self.visible("#login-form [name=userName]").send_keys(user)

@@ -152,6 +152,7 @@ async def test_painted_mask_inpaints_only_the_painted_half(console: Console, tmp
         console.find("#gen-form [name=mode][value=img2img]").click()
         console.visible("#init-file").send_keys(str(source))
         canvas = console.visible("#mask-canvas")
+        console.driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", canvas)
         width = canvas.size["width"]
         # A stroke down the left quarter of the image (offsets from the canvas centre).
         x = -width * 3 // 8
