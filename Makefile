@@ -5,7 +5,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install run lint typecheck test test-unit chaos bench clean
+.PHONY: install run lint typecheck test test-unit browser chaos bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -22,8 +22,18 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy
 
+# The browser tests (tests/browser) drive Debian's chromium through its chromedriver:
+# installed once, as root, through apt; nothing is downloaded when the tests run.
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  if [ "$$(id -u)" != 0 ]; then \
+	    echo "browser tests need Debian's chromium and chromium-driver: run as root" >&2; exit 1; \
+	  fi; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
+	fi
+
 # pytest exits 5 when it collects nothing: the suite went missing, which is a failure.
-test: lint typecheck
+test: lint typecheck browser
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 

@@ -19,8 +19,8 @@ from typing import Any, TypeVar
 import pytest
 from selenium import webdriver
 from selenium.common.exceptions import TimeoutException
+from selenium.webdriver import Chrome as WebDriver
 from selenium.webdriver.chrome.service import Service
-from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -74,7 +74,8 @@ class Console:
                 "return ['notice', 'task-status', 'task-id', 'who']"
                 ".map(id => `${id}: ${document.getElementById(id)?.textContent}`).join('; ')"
             )
-            logs = [entry["message"] for entry in self.driver.get_log("browser")]
+            entries = self.driver.get_log("browser")  # type: ignore[no-untyped-call]
+            logs = [entry["message"] for entry in entries]
             raise AssertionError(f"page: {page}; console: {logs}; screenshot: {shot}") from exc
 
     def find(self, css: str) -> WebElement:
@@ -82,7 +83,10 @@ class Console:
 
     def visible(self, css: str) -> WebElement:
         """The element once it is displayed."""
-        return self.wait(lambda d: (e := d.find_element("css selector", css)).is_displayed() and e)
+        element: WebElement = self.wait(
+            lambda d: (e := d.find_element("css selector", css)).is_displayed() and e
+        )
+        return element
 
     def text_of(self, css: str, text: str) -> None:
         self.wait(lambda d: d.find_element("css selector", css).text == text)
@@ -124,18 +128,27 @@ def chromium(profile: Path) -> Iterator[WebDriver]:
         driver.quit()
 
 
+def _browser_installed() -> bool:
+    return CHROMIUM.exists() and CHROMEDRIVER.exists()
+
+
+def _models_dir(data: Path, tiny_checkpoint: Path) -> Path:
+    root = data / "models"
+    (root / "Stable-diffusion").mkdir(parents=True)
+    shutil.copy(tiny_checkpoint, root / "Stable-diffusion" / MODEL)
+    return root
+
+
 @pytest.fixture(scope="module")
 async def console(
     tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path, mongo_server: Any
 ) -> AsyncIterator[Console]:
     """One system (authentication on, ``admin`` an administrator, two GPU slots so an
     uploaded checkpoint gets a worker beside the tiny one) and one browser per module."""
-    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+    if not _browser_installed():
         pytest.skip("needs /usr/bin/chromium and /usr/bin/chromedriver (make test installs them)")
     data = tmp_path_factory.mktemp("console")
-    models_dir = data / "models"
-    (models_dir / "Stable-diffusion").mkdir(parents=True)
-    shutil.copy(tiny_checkpoint, models_dir / "Stable-diffusion" / MODEL)
+    models_dir = _models_dir(data, tiny_checkpoint)
     async with start_system(
         data, models_dir, mongo_server.url, auth=True, admins=[ADMIN], gpu_slots=2
     ) as system:

@@ -37,7 +37,9 @@ def _generate(console: Console, *, model: str = MODEL, steps: int = 3, size: int
 
 def _succeeded(console: Console) -> None:
     console.text_of("#task-status", "succeeded")
-    console.wait(lambda d: d.execute_script("return document.querySelector('#images img')?.naturalWidth"))
+    console.wait(
+        lambda d: d.execute_script("return document.querySelector('#images img')?.naturalWidth")
+    )
 
 
 async def _token(console: Console, user: str) -> str:
@@ -59,7 +61,8 @@ async def test_sign_in_is_labelled_responsive_and_themed(console: Console) -> No
         # Every form control on every page has a label (or an aria-label).
         unlabelled = driver.execute_script(
             "return [...document.querySelectorAll('input, select, textarea')]"
-            ".filter(e => !e.labels?.length && !e.getAttribute('aria-label')).map(e => e.name || e.id)"
+            ".filter(e => !e.labels?.length && !e.getAttribute('aria-label'))"
+            ".map(e => e.name || e.id)"
         )
         light = driver.execute_script("return getComputedStyle(document.body).backgroundColor")
         driver.execute_cdp_cmd(
@@ -97,6 +100,12 @@ async def test_non_administrator_does_not_see_operations(console: Console) -> No
         )
 
     assert (False, False, False) == await console.run(check)
+    token = await _token(console, USER)
+    for path in ("/list/sdapi/functions", "/deadletters"):
+        async with console.system.http.get(
+            f"{console.url}{path}", headers={"Authorization": f"Bearer {token}"}
+        ) as response:
+            assert 403 == response.status, path
 
 
 async def test_txt2img_shows_progress_to_100_and_the_image(console: Console) -> None:
@@ -113,7 +122,7 @@ async def test_txt2img_shows_progress_to_100_and_the_image(console: Console) -> 
         console.screenshot("playground")
         # The gallery lists it; opening it shows its image and parameters.
         console.go("gallery")
-        console.visible(f"#gallery-table button.link").click()
+        console.visible("#gallery-table button.link").click()
         console.visible("#gallery-detail img")
         console.screenshot("gallery")
         return task_id, progress, width, infotext + console.find("#gallery-detail").text
@@ -132,7 +141,8 @@ async def test_cancel_stops_a_running_task(console: Console) -> None:
     def flow() -> str:
         console.sign_in(USER)
         task_id = _generate(console, steps=150, size=256)
-        console.wait(lambda d: int(d.find_element("css selector", "#progress").get_attribute("value")) >= 1)
+        progress = "return document.querySelector('#progress').value"
+        console.wait(lambda d: d.execute_script(progress) >= 1)
         console.find("#cancel").click()
         console.text_of("#task-status", "cancelled")
         return task_id
@@ -143,7 +153,9 @@ async def test_cancel_stops_a_running_task(console: Console) -> None:
     assert document["progress"]["step"] < 150
 
 
-async def test_painted_mask_inpaints_only_the_painted_half(console: Console, tmp_path: Path) -> None:
+async def test_painted_mask_inpaints_only_the_painted_half(
+    console: Console, tmp_path: Path
+) -> None:
     source = tmp_path / "input.png"
     Image.new("RGB", (64, 64), (200, 40, 40)).save(source)
 
@@ -156,8 +168,9 @@ async def test_painted_mask_inpaints_only_the_painted_half(console: Console, tmp
         width = canvas.size["width"]
         # A stroke down the left quarter of the image (offsets from the canvas centre).
         x = -width * 3 // 8
-        ActionChains(console.driver).move_to_element_with_offset(canvas, x, -width // 3)\
-            .click_and_hold().move_by_offset(0, width * 2 // 3).release().perform()
+        ActionChains(console.driver).move_to_element_with_offset(
+            canvas, x, -width // 3
+        ).click_and_hold().move_by_offset(0, width * 2 // 3).release().perform()
         console.find("#gen-form [name=prompt]").send_keys("a stone wall")
         task_id = _generate(console, steps=3)
         _succeeded(console)
@@ -189,9 +202,7 @@ async def test_uploaded_model_becomes_usable(console: Console, tiny_checkpoint: 
         console.wait(lambda d: d.find_element("css selector", row).text == "unloaded")
         console.screenshot("models")
         console.go("playground")
-        console.wait(
-            lambda d: d.find_elements("css selector", f'option[value="{UPLOADED}"]')
-        )
+        console.wait(lambda d: d.find_elements("css selector", f'option[value="{UPLOADED}"]'))
         task_id = _generate(console, model=UPLOADED, steps=2)
         _succeeded(console)
         return task_id
@@ -211,8 +222,10 @@ async def test_administrator_changes_max_instances(console: Console) -> None:
         field.clear()
         field.send_keys("3")
         row.find_element("css selector", "button").click()
-        console.wait(lambda d: d.find_element("css selector", "#ops-status").text.startswith("saved"))
+        saved = "#ops-status"
+        console.wait(lambda d: d.find_element("css selector", saved).text.startswith("saved"))
         console.visible("#workers-table tbody tr")
+        console.text_of("#dead-table tbody", "No dead letters.")  # GET /deadletters answered
         console.screenshot("operations")
 
     await console.run(flow)
