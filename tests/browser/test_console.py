@@ -119,6 +119,7 @@ async def test_txt2img_shows_progress_to_100_and_the_image(console: Console) -> 
             "return document.querySelector('#images img').naturalWidth"
         )
         infotext = console.visible("#infotext").text
+        console.driver.execute_script("window.scrollTo(0, 0)")
         console.screenshot("playground")
         # The gallery lists it; opening it shows its image and parameters.
         console.go("gallery")
