@@ -24,6 +24,8 @@ UPLOADED = "uploaded.safetensors"
 
 def _generate(console: Console, *, model: str = MODEL, steps: int = 3, size: int = 64) -> str:
     """Fill the playground's sampling fields, press Generate; the task id it shows."""
+    option = f'[name=stable_diffusion_model] option[value="{model}"]'
+    console.wait(lambda d: d.find_elements("css selector", option))  # the lists load after sign-in
     Select(console.find("[name=stable_diffusion_model]")).select_by_value(model)
     for name, value in (("steps", steps), ("width", size), ("height", size), ("seed", 7)):
         field = console.find(f"#gen-form [name={name}]")
