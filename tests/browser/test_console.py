@@ -12,9 +12,11 @@ from typing import Any
 
 import pytest
 from PIL import Image
+from selenium.webdriver import Chrome as WebDriver
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.support.ui import Select
 
+from services.storage.users import UserStore
 from tests.browser.conftest import ADMIN, MODEL, PASSWORD, USER, Console
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
@@ -31,8 +33,9 @@ def _generate(console: Console, *, model: str = MODEL, steps: int = 3, size: int
         field = console.find(f"#gen-form [name={name}]")
         field.clear()
         field.send_keys(str(value))
+    before = console.find("#task-id").text
     console.find("#generate").click()
-    console.wait(lambda d: d.find_element("css selector", "#task-id").text)
+    console.wait(lambda d: d.find_element("css selector", "#task-id").text not in ("", before))
     task_id: str = console.find("#task-id").text
     return task_id
 
@@ -89,6 +92,36 @@ async def test_sign_in_is_labelled_responsive_and_themed(console: Console) -> No
     assert 0 == seen["overflow"]
 
 
+async def test_wrong_password_api_key_and_an_ended_session(console: Console) -> None:
+    key = await UserStore(console.system.db).create_api_key(USER, "browser test")
+
+    def flow() -> tuple[str, str, bool]:
+        console.driver.get(console.url + "/console/console.css")
+        console.driver.execute_script("sessionStorage.clear()")
+        console.driver.get(console.url + "/")
+        console.visible("#login-form [name=userName]").send_keys(USER)
+        console.find("#login-form [name=password]").send_keys("not the password\n")
+        console.visible("#notice")
+        refused = console.find("#notice").text
+        console.find("#key-form [name=key]").send_keys(key + "\n")
+        console.wait(lambda d: d.find_element("css selector", "#who").text == "API key")
+        console.go("gallery")
+        # The credential stops working (expired, revoked): the console asks to sign in again.
+        console.driver.execute_script("sessionStorage.setItem('sdswarm.token', 'revoked')")
+        console.driver.execute_script("location.hash = '#models'")
+        console.visible("#login-form")
+        ended = "Your session has ended: please sign in again."
+        console.text_of("#notice", ended)
+        console.sign_in(USER)
+        console.find("#sign-out").click()
+        console.visible("#login-form")
+        return refused, console.find("#who").text, console.find("#nav").is_displayed()
+
+    refused, who, nav = await console.run(flow)
+    assert "Sign-in failed: unknown user or wrong password" == refused
+    assert ("", False) == (who, nav)
+
+
 async def test_non_administrator_does_not_see_operations(console: Console) -> None:
     def check() -> tuple[bool, bool, bool]:
         console.sign_in(USER)
@@ -123,9 +156,12 @@ async def test_txt2img_shows_progress_to_100_and_the_image(console: Console) -> 
         infotext = console.visible("#infotext").text
         console.driver.execute_script("window.scrollTo(0, 0)")
         console.screenshot("playground")
+        console.find("#rerun").click()  # the same request again: a new task
+        console.wait(lambda d: d.find_element("css selector", "#task-id").text != task_id)
+        _succeeded(console)
         # The gallery lists it; opening it shows its image and parameters.
         console.go("gallery")
-        console.visible("#gallery-table button.link").click()
+        console.visible(f'#gallery-table button.link[data-task="{task_id}"]').click()
         console.visible("#gallery-detail img")
         console.screenshot("gallery")
         return task_id, progress, width, infotext + console.find("#gallery-detail").text
@@ -148,6 +184,19 @@ async def test_cancel_stops_a_running_task(console: Console) -> None:
         console.wait(lambda d: d.execute_script(progress) >= 1)
         console.find("#cancel").click()
         console.text_of("#task-status", "cancelled")
+        console.go("gallery")
+        Select(console.find("#gallery-filter [name=status]")).select_by_visible_text("cancelled")
+
+        def listed(driver: WebDriver) -> bool:
+            # Filtered again until the store has folded the cancellation in (a moment).
+            driver.find_element("css selector", "#gallery-filter button[type=submit]").click()
+            return task_id in driver.find_element("css selector", "#gallery-table").text
+
+        console.wait(listed)
+        statuses = {
+            e.text for e in console.driver.find_elements("css selector", "#gallery-table .status")
+        }
+        assert {"cancelled"} == statuses
         return task_id
 
     task_id = await console.run(flow)
@@ -162,7 +211,7 @@ async def test_painted_mask_inpaints_only_the_painted_half(
     source = tmp_path / "input.png"
     Image.new("RGB", (64, 64), (200, 40, 40)).save(source)
 
-    def flow() -> str:
+    def flow() -> tuple[str, str]:
         console.sign_in(USER)
         console.find("#gen-form [name=mode][value=img2img]").click()
         console.visible("#init-file").send_keys(str(source))
@@ -178,9 +227,21 @@ async def test_painted_mask_inpaints_only_the_painted_half(
         task_id = _generate(console, steps=3)
         _succeeded(console)
         console.screenshot("inpaint")
-        return task_id
+        # The result goes back in as the next input (by its object key), unmasked.
+        result = console.find("#images img").get_attribute("src")
+        console.find("#send-img2img").click()
+        shown = "return document.querySelector('#init-canvas').dataset.source"
+        console.wait(lambda d: d.execute_script(shown) == result)
+        console.find("#mask-clear").click()
+        again = _generate(console, steps=3)
+        _succeeded(console)
+        return task_id, again
 
-    task_id = await console.run(flow)
+    task_id, again = await console.run(flow)
+    sent = await console.system.task(again)
+    assert sent is not None
+    assert ("img2img", "succeeded") == (sent["kind"], sent["status"])
+    assert sent["parameters"].get("mask") is None
     document = await console.system.task(task_id)
     assert document is not None
     assert "img2img" == document["kind"]
@@ -238,3 +299,18 @@ async def test_administrator_changes_max_instances(console: Console) -> None:
     ) as response:
         functions = {f["model"]: f for f in (await response.json())["functions"]}
     assert 3 == functions[MODEL]["maxInstances"]
+
+
+async def test_administrator_deletes_a_model_with_drain(console: Console) -> None:
+    def flow() -> None:
+        console.sign_in(ADMIN)
+        console.go("models")
+        console.visible(f'tr[data-model="{UPLOADED}"] button').click()
+        console.driver.switch_to.alert.accept()  # "Delete …? Queued tasks run first"
+        row = f'table[data-type=stableDiffusion] tr[data-model="{UPLOADED}"]'
+        console.wait(lambda d: not d.find_elements("css selector", row))
+
+    await console.run(flow)
+    document = await console.system.db["models"].find_one({"name": UPLOADED})
+    assert document is not None
+    assert "deleted" == document["status"]

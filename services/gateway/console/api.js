@@ -45,7 +45,11 @@ export async function api(method, path, body, extraHeaders = {}) {
   }
   const response = await fetch(path, init);
   const data = await parse(response);
-  if (!response.ok) throw new ApiError(response.status, data);
+  if (!response.ok) {
+    // A session that expired (or a key that was revoked): the shell asks to sign in again.
+    if (response.status === 401 && session.token) window.dispatchEvent(new Event("sdswarm:unauthorized"));
+    throw new ApiError(response.status, data);
+  }
   return data;
 }
 

@@ -50,7 +50,8 @@ async function route() {
   try {
     await PAGES[name].enter({ admin: state.admin });
   } catch (error) {
-    notify(error.message, true);
+    // A 401 sends the user back to sign in ("sdswarm:unauthorized"), which says so.
+    if (!(error instanceof ApiError && error.status === 401)) notify(error.message, true);
   }
 }
 
@@ -104,4 +105,12 @@ $("#sign-out").addEventListener("click", async () => {
 });
 
 window.addEventListener("hashchange", () => route());
+window.addEventListener("sdswarm:unauthorized", async () => {
+  if (!state.signedIn) return;
+  if (state.current) PAGES[state.current].leave?.();
+  state.current = null;
+  session.clear();
+  await start();
+  notify("Your session has ended: please sign in again.", true);
+});
 start().catch((error) => notify(error.message, true));

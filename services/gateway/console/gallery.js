@@ -19,7 +19,10 @@ async function load() {
   const page = await api("GET", `/tasks?${query}`);
   const rows = page.tasks.map((task) =>
     h("tr", {},
-      h("td", {}, h("button", { type: "button", class: "link mono", onclick: () => open(task) }, task.taskId)),
+      h("td", {}, h("button", {
+        type: "button", class: "link mono", "data-task": task.taskId,
+        "aria-label": `Open task ${task.taskId}`, onclick: () => open(task),
+      }, task.taskId)),
       h("td", {}, statusBadge(task.status)),
       h("td", {}, task.model),
       h("td", {}, task.kind),

@@ -28,6 +28,7 @@ export class Painter {
         this.image.getContext("2d").drawImage(img, 0, 0);
         this.clear();
         this.box.hidden = false;
+        this.image.dataset.source = url; // which image is shown (tests wait on it)
         resolve({ width: img.naturalWidth, height: img.naturalHeight });
       };
       img.onerror = () => reject(new Error("the image could not be shown"));
