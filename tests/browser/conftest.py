@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import pytest
 from selenium import webdriver
-from selenium.common.exceptions import TimeoutException
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
 from selenium.webdriver import Chrome as WebDriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.remote.webelement import WebElement
@@ -67,7 +67,11 @@ class Console:
 
     def wait(self, check: Callable[[WebDriver], Any], timeout_s: float = WAIT_S) -> Any:
         try:
-            return WebDriverWait(self.driver, timeout_s, poll_frequency=0.1).until(check)
+            # Pages redraw their tables while a check reads them: a stale element is a retry.
+            wait = WebDriverWait(
+                self.driver, timeout_s, 0.1, ignored_exceptions=[StaleElementReferenceException]
+            )
+            return wait.until(check)
         except TimeoutException as exc:
             shot = self.screenshot("timed-out")
             page = self.driver.execute_script(

@@ -182,21 +182,24 @@ async def test_cancel_stops_a_running_task(console: Console) -> None:
         task_id = _generate(console, steps=150, size=256)
         progress = "return document.querySelector('#progress').value"
         console.wait(lambda d: d.execute_script(progress) >= 1)
+        # A live preview of the latents is shown while it denoises.
+        preview = "return document.querySelector('#preview').naturalWidth"
+        console.wait(lambda d: d.execute_script(preview) > 0)
+        console.screenshot("playground-running")
         console.find("#cancel").click()
         console.text_of("#task-status", "cancelled")
         console.go("gallery")
         Select(console.find("#gallery-filter [name=status]")).select_by_visible_text("cancelled")
 
         def listed(driver: WebDriver) -> bool:
-            # Filtered again until the store has folded the cancellation in (a moment).
+            # Filtered again until the store has folded the cancellation in (a moment):
+            # then the task is listed, and only cancelled tasks are.
             driver.find_element("css selector", "#gallery-filter button[type=submit]").click()
-            return task_id in driver.find_element("css selector", "#gallery-table").text
+            table = driver.find_element("css selector", "#gallery-table")
+            statuses = {e.text for e in table.find_elements("css selector", ".status")}
+            return task_id in table.text and {"cancelled"} == statuses
 
         console.wait(listed)
-        statuses = {
-            e.text for e in console.driver.find_elements("css selector", "#gallery-table .status")
-        }
-        assert {"cancelled"} == statuses
         return task_id
 
     task_id = await console.run(flow)

@@ -5,6 +5,7 @@ import { $, fillSelect, h, notify } from "./dom.js";
 import { Painter } from "./painter.js";
 
 const form = $("#gen-form");
+const PREVIEW_MS = 1000;
 const painter = new Painter($("#painter"), $("#init-canvas"), $("#mask-canvas"), $("#brush"));
 /** The input image of img2img: base64 of a chosen file, or the object key of a result. */
 let init = null;
@@ -69,6 +70,11 @@ async function buildBody() {
     batch_size: number("batch_size"),
     n_iter: number("n_iter"),
   };
+  if (!form.elements.previews.checked) {
+    // A1111's option (0: no previews) for this request only (restored afterwards); unset,
+    // workers preview about once a second.
+    body.override_settings = { show_progress_every_n_steps: 0 };
+  }
   if (form.elements.sampler_name.value) body.sampler_name = form.elements.sampler_name.value;
   if (form.elements.scheduler.value) body.scheduler = form.elements.scheduler.value;
   if (form.elements.cn_enabled.checked) {
@@ -140,11 +146,14 @@ async function watch(taskId) {
   running?.controller.abort();
   const controller = new AbortController();
   running = { taskId, controller };
-  let previewKey = null;
+  // A preview keeps its object key while its picture changes: re-read it at most once a
+  // second; the store may not have folded the first one in yet, so an empty answer retries.
   let previewBusy = false;
+  let previewAt = 0;
   const showPreview = async () => {
-    if (previewBusy) return;
+    if (previewBusy || Date.now() - previewAt < PREVIEW_MS) return;
     previewBusy = true;
+    previewAt = Date.now();
     try {
       const progress = await api("GET", `/tasks/${encodeURIComponent(taskId)}/progress`);
       if (progress.currentImageUrl && running?.taskId === taskId) {
@@ -162,10 +171,7 @@ async function watch(taskId) {
       else if (name === "progress") {
         setStatus("running", taskId);
         setProgress(data.progress ?? 0, data.eta_seconds);
-        if (data.preview_key && data.preview_key !== previewKey) {
-          previewKey = data.preview_key;
-          showPreview().catch(() => {});
-        }
+        if (data.preview_key) showPreview().catch(() => {});
       } else if (name === "succeeded") {
         setProgress(1, null);
         showResult(taskId).catch((error) => notify(error.message, true));
