@@ -6,6 +6,7 @@ the user it needs. Every page is also saved as a screenshot (``test-artifacts/br
 
 from __future__ import annotations
 
+import asyncio
 import io
 from pathlib import Path
 from typing import Any
@@ -144,7 +145,7 @@ async def test_non_administrator_does_not_see_operations(console: Console) -> No
 
 
 async def test_txt2img_shows_progress_to_100_and_the_image(console: Console) -> None:
-    def flow() -> tuple[str, str, int, str]:
+    def flow() -> tuple[str, str, int, str, str, int]:
         console.sign_in(USER)
         console.find("#gen-form [name=prompt]").send_keys("a lighthouse at dusk")
         task_id = _generate(console, steps=4)
@@ -159,14 +160,23 @@ async def test_txt2img_shows_progress_to_100_and_the_image(console: Console) -> 
         console.find("#rerun").click()  # the same request again: a new task
         console.wait(lambda d: d.find_element("css selector", "#task-id").text != task_id)
         _succeeded(console)
+        # Hires fix: a second pass at twice the size.
+        console.find("#gen-form details summary").click()
+        console.find("#gen-form [name=enable_hr]").click()
+        hires = _generate(console, steps=2)
+        _succeeded(console)
+        hires_width = console.driver.execute_script(
+            "return document.querySelector('#images img').naturalWidth"
+        )
         # The gallery lists it; opening it shows its image and parameters.
         console.go("gallery")
         console.visible(f'#gallery-table button.link[data-task="{task_id}"]').click()
         console.visible("#gallery-detail img")
         console.screenshot("gallery")
-        return task_id, progress, width, infotext + console.find("#gallery-detail").text
+        detail = console.find("#gallery-detail").text
+        return task_id, progress, width, infotext + detail, hires, hires_width
 
-    task_id, progress, width, texts = await console.run(flow)
+    task_id, progress, width, texts, hires, hires_width = await console.run(flow)
     assert "100" == progress
     assert 64 == width
     assert "a lighthouse at dusk" in texts
@@ -174,6 +184,10 @@ async def test_txt2img_shows_progress_to_100_and_the_image(console: Console) -> 
     document = await console.system.task(task_id)
     assert document is not None
     assert ("succeeded", USER) == (document["status"], document["user"])
+    assert 128 == hires_width
+    hires_document = await console.system.task(hires)
+    assert hires_document is not None
+    assert hires_document["parameters"]["enable_hr"]
 
 
 async def test_cancel_stops_a_running_task(console: Console) -> None:
@@ -304,10 +318,23 @@ async def test_administrator_changes_max_instances(console: Console) -> None:
     assert 3 == functions[MODEL]["maxInstances"]
 
 
-async def test_administrator_deletes_a_model_with_drain(console: Console) -> None:
+async def test_administrator_registers_from_the_store_and_deletes_with_drain(
+    console: Console, tiny_checkpoint: Path
+) -> None:
+    stored = "uploads/stored.safetensors"
+    data = await asyncio.to_thread(tiny_checkpoint.read_bytes)
+    await console.system.objects.put(stored, data, "application/octet-stream")
+
     def flow() -> None:
         console.sign_in(ADMIN)
         console.go("models")
+        form = "#register-form"
+        Select(console.find(f"{form} [name=type]")).select_by_value("stableDiffusion")
+        console.find(f"{form} [name=ossPath]").send_keys(stored)
+        console.find(f"{form} button[type=submit]").click()
+        console.text_of("#register-status", "register success")
+        status = 'table[data-type=stableDiffusion] tr[data-model="stored.safetensors"] .status'
+        console.wait(lambda d: d.find_element("css selector", status).text == "unloaded")
         console.visible(f'tr[data-model="{UPLOADED}"] button').click()
         console.driver.switch_to.alert.accept()  # "Delete …? Queued tasks run first"
         row = f'table[data-type=stableDiffusion] tr[data-model="{UPLOADED}"]'

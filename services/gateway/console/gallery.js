@@ -50,7 +50,7 @@ async function open(task) {
       : null,
   );
   detail.hidden = false;
-  detail.focus?.();
+  detail.focus();
 }
 
 export async function enter() {

@@ -46,7 +46,7 @@ async function loadLists() {
     ...Object.keys(embeddings.loaded || {}).map((n) => [n, `Embedding: ${n}`]),
   ]);
   $("#insert-network").disabled = !$("#network").options.length;
-  fillSelect(form.elements.hr_upscaler, upscalers.map((u) => u.name));
+  fillSelect(form.elements.hr_upscaler, [["", "Default"], ...upscalers.map((u) => u.name)]);
   fillSelect(form.elements.cn_module, cnModules.module_list || []);
   fillSelect(form.elements.cn_model, cnModels.model_list || []);
   listsLoaded = true;
