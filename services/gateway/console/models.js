@@ -22,6 +22,8 @@ function describe(model) {
   if (model.status === "failed") return model.error || "failed";
   if (model.draining) return "draining: deleted once its queue is empty";
   if (model.status === "loaded") return `${model.loadedWorkers} worker(s)`;
+  if (model.status === "unloaded" && model.type === "stableDiffusion") return "ready: a worker starts on demand";
+  if (model.status === "registering") return "copying and checking the file…";
   return "";
 }
 
