@@ -5,7 +5,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install run lint typecheck prometheus test test-unit chaos bench clean
+.PHONY: install run lint typecheck system-packages test test-unit chaos bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -22,13 +22,22 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy
 
-# The metrics test runs a real Prometheus (Debian's package; apt needs root). Nothing to do
-# once it is there.
-prometheus:
-	@test -x /usr/bin/prometheus || { apt-get update -q && apt-get install -y -q prometheus; }
+# Real components from Debian that tests drive: Prometheus (the metrics test) and Chromium
+# with its chromedriver (tests/browser). Installed once, as root, with one apt-get update;
+# nothing to do once they are there, and nothing is downloaded when the tests run.
+DEBIAN_PACKAGES := /usr/bin/prometheus:prometheus /usr/bin/chromium:chromium /usr/bin/chromedriver:chromium-driver
+system-packages:
+	@missing=""; for entry in $(DEBIAN_PACKAGES); do \
+	  [ -x "$${entry%%:*}" ] || missing="$$missing $${entry#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then \
+	    echo "the tests need Debian's$$missing: run as root (or install them)" >&2; exit 1; \
+	  fi; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
 
 # pytest exits 5 when it collects nothing: the suite went missing, which is a failure.
-test: lint typecheck prometheus
+test: lint typecheck system-packages
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 

@@ -19,6 +19,7 @@ from services.gateway.auth import announce, auth_enabled, parse_api_keys
 from services.gateway.errors import error_middleware
 from services.gateway.resources import RESOURCES, SETTINGS, Resources, StreamSlots
 from services.gateway.settings import GatewaySettings
+from services.storage.deadletters import DeadLetterStore
 from services.storage.deliveries import WebhookStore
 from services.storage.idempotency import IdempotencyStore
 from services.storage.models import ModelStore
@@ -71,6 +72,7 @@ async def _open_resources(app: web.Application) -> AsyncIterator[None]:
             api_keys=parse_api_keys(settings.api_keys),
             users=users,
             webhooks=webhooks,
+            dead_letters=DeadLetterStore(db),
             logins=logins,
             password_checks=asyncio.Semaphore(max(settings.password_checks, 1)),
             streams=StreamSlots(settings.max_sse_streams, settings.max_sse_streams_per_user),

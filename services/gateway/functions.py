@@ -22,7 +22,7 @@ from proto.requests import BatchUpdateSdResourceRequest, DeleteFunctionsRequest,
 from services.gateway.auth import require_admin
 from services.gateway.errors import ApiError
 from services.gateway.resources import Resources
-from services.gateway.validation import decode, read_body
+from services.gateway.validation import bounded_int, decode, read_body
 from services.storage.models import warm_until
 from services.storage.mongo import Document
 
@@ -185,3 +185,23 @@ async def restart(request: web.Request) -> web.StreamResponse:
     await res.nc.publish(names.RESTART_SUBJECT, user.encode())
     await res.nc.flush()
     return web.json_response({"message": "success"})
+
+
+async def dead_letters(request: web.Request) -> web.StreamResponse:
+    """Tasks JetStream gave up on (``services.storage.deadletters``), newest first."""
+    res, _ = await require_admin(request, "list dead letters")
+    limit = bounded_int(request.query.get("limit", "50"), "limit", 1, 500)
+    return web.json_response(
+        [
+            {
+                "id": doc["_id"],
+                "taskId": doc.get("task_id"),
+                "subject": doc.get("subject"),
+                "advisory": doc.get("advisory"),
+                "consumer": doc.get("consumer"),
+                "deliveries": doc.get("deliveries"),
+                "at": doc["at"].isoformat(),
+            }
+            for doc in await res.dead_letters.recent(limit)
+        ]
+    )

@@ -187,6 +187,16 @@ class WebhookFailure(msgspec.Struct, kw_only=True):
     at: str
 
 
+class DeadLetter(msgspec.Struct, kw_only=True):
+    id: str
+    taskId: str | None
+    subject: str
+    advisory: str
+    consumer: str
+    deliveries: int
+    at: str
+
+
 class SeedOptionsRequest(msgspec.Struct, kw_only=True):
     data: dict[str, Any]
 

@@ -13,6 +13,7 @@ from pymongo import AsyncMongoClient
 
 from services.common import metrics
 from services.gateway.settings import GatewaySettings
+from services.storage.deadletters import DeadLetterStore
 from services.storage.deliveries import WebhookStore
 from services.storage.idempotency import IdempotencyStore
 from services.storage.models import ModelStore
@@ -67,6 +68,7 @@ class Resources:
     api_keys: dict[str, str]
     users: UserStore
     webhooks: WebhookStore
+    dead_letters: DeadLetterStore
     logins: LoginThrottle
     streams: StreamSlots
     """Open SSE streams, per user and in all (``settings.max_sse_streams*``)."""

@@ -30,6 +30,7 @@ from proto.requests import (
 )
 from services.gateway import (
     auth,
+    console,
     controlnet_api,
     extras_api,
     functions,
@@ -54,6 +55,7 @@ from services.gateway.openapi import (
     A1111ImageResponse,
     A1111Progress,
     CancelResponse,
+    DeadLetter,
     FunctionsChange,
     FunctionsList,
     Health,
@@ -248,6 +250,14 @@ ROUTES: list[Route] = [
         partial_failure=True,
     ),
     Route("post", "/restart", functions.restart, "Rolling restart of every worker", Message),
+    Route(
+        "get",
+        "/deadletters",
+        functions.dead_letters,
+        "Tasks JetStream gave up on, newest first (administrators)",
+        list[DeadLetter],
+        query=(("limit", int, "at most this many (1 to 500, default 50)"),),
+    ),
     Route(
         "post",
         "/models/{model_name:.+}/warm",
@@ -450,7 +460,8 @@ UNDOCUMENTED: list[tuple[str, str, Any]] = [
     ("get", "/openapi.json", openapi_json),
     ("get", "/docs", docs),
 ]
-"""Routes the document leaves out: the document itself."""
+"""Routes the document leaves out: the document itself (and the console's files)."""
+UNDOCUMENTED_PATHS = frozenset({path for _, path, _ in UNDOCUMENTED} | console.PATHS)
 
 
 def add_routes(app: web.Application) -> None:
@@ -459,3 +470,4 @@ def add_routes(app: web.Application) -> None:
         app.router.add_route(route.method.upper(), route.path, route.handler)
     for method, path, handler in UNDOCUMENTED:
         app.router.add_route(method.upper(), path, handler)
+    console.add_routes(app)

@@ -93,6 +93,18 @@ async def handle_advisory(
         await js.delete_msg(advisory.stream, advisory.stream_seq)
 
 
+class DeadLetterStore:
+    """What the operations page reads of the dead letters the service records."""
+
+    def __init__(self, db: AsyncDatabase[Document]) -> None:
+        self.collection = db["dead_letters"]
+
+    async def recent(self, limit: int) -> list[Document]:
+        """The newest first, without their payloads (commands may be large)."""
+        cursor = self.collection.find({}, {"payload": 0}).sort("at", -1).limit(limit)
+        return [doc async for doc in cursor]
+
+
 async def run_dead_letters(
     js: JetStreamContext, db: AsyncDatabase[Document], stop: asyncio.Event
 ) -> None:

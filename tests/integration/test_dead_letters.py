@@ -16,7 +16,7 @@ from proto.requests import Txt2ImgRequest
 from services.common import bus
 from services.common.servers import NatsServer
 from services.common.settings import BusSettings
-from services.storage.deadletters import run_dead_letters
+from services.storage.deadletters import DeadLetterStore, run_dead_letters
 from services.storage.mongo import database, open_client
 from services.storage.sink import run_sink
 from services.storage.tasks import TaskStore
@@ -76,6 +76,11 @@ async def test_max_deliveries_fails_the_task_and_keeps_a_dead_letter(
         letter = await db["dead_letters"].find_one({"task_id": task_id})
         assert letter is not None
         assert command == msgspec.json.decode(letter["payload"], type=GenerateImage)
+        # What GET /deadletters lists: the record without its (possibly large) payload.
+        listed = await DeadLetterStore(db).recent(10)
+        assert [letter["_id"]] == [d["_id"] for d in listed]
+        assert "payload" not in listed[0]
+        assert (task_id, 2) == (listed[0]["task_id"], listed[0]["deliveries"])
         # The command is gone from the work queue instead of lingering there.
         with pytest.raises(NotFoundError):
             await js.get_msg(names.TASK_STREAM, 1)
