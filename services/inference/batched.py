@@ -34,9 +34,9 @@ from services.inference.pipeline import (
     StepCallback,
     TaskCancelledError,
     TaskPlan,
-    preview_every,
     release_memory,
 )
+from services.inference.presentation import preview_every
 from services.inference.previews import latent_preview
 
 log = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ def _callback(
             due = (every > 0 and done % every == 0) if every is not None else timed
             preview = None
             if due and latents is not None:
-                preview = latent_preview(latents[start:end], xl=pipeline.xl)
+                preview = latent_preview(latents[start:end], pipeline.traits.preview_factors)
             member.on_step(job_no, done, total, preview)
         if not left:
             raise JobSkippedError
@@ -251,7 +251,7 @@ def _as_embeddings(
             negative_prompt=options["negative_prompt"],
         )
         names = ["prompt_embeds", "negative_prompt_embeds"]
-        if pipeline.xl:
+        if pipeline.traits.xl:
             names += ["pooled_prompt_embeds", "negative_pooled_prompt_embeds"]
         embeds = dict(zip(names, encoded, strict=True))
     if not guided:

@@ -55,8 +55,8 @@ from services.inference.pipeline import (
     GenerationError,
     Pipeline,
     TaskCancelledError,
-    info_json,
 )
+from services.inference.presentation import info_json
 from services.inference.settings import WorkerSettings
 from services.storage.objects import ObjectNotFoundError, ObjectStore
 
