@@ -2,9 +2,11 @@
 
 Both read ``sd.event.<task_id>.>``. Sync requests use a core-NATS subscription made
 before publishing (events reach core subscribers as they are stored) to learn that the
-task ended, then answer from the task document once the sink has folded the end in, so
-``GET /tasks/{id}/result`` agrees with every sync answer. MongoDB is also re-read
-periodically, so an event missed during a reconnect only delays the answer.
+task ended, fold that terminal event into the task document themselves (the fold is
+idempotent: the sink's fold of the same event then changes nothing) and answer from the
+document, so ``GET /tasks/{id}/result`` agrees with every sync answer and the answer does
+not wait for the sink to reach the event. MongoDB is also re-read periodically, so an
+event missed during a reconnect only delays the answer.
 SSE uses a JetStream ordered consumer over ``SD_EVENTS``: it replays the task's
 history first, and ``Last-Event-ID`` (the stream sequence) resumes after a reconnect.
 """
@@ -22,6 +24,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import ConsumerConfig, DeliverPolicy
+from pymongo.errors import PyMongoError
 
 from proto import TaskStatus, names
 from proto.events import (
@@ -49,16 +52,16 @@ RECHECK_S = 5.0
 
 
 FOLD_POLL_S = (0.005, 0.1)
-"""After the terminal event: first and longest pause between reads of the task document
-while the sink folds the event in (the pause doubles)."""
+"""When folding the terminal event here failed (MongoDB busy): first and longest pause
+between reads of the task document while the sink folds it in (the pause doubles)."""
 
 
 class TerminalWaiter:
     """Waits until a task's document is terminal: what ``GET /tasks/{id}/result`` reads.
 
-    The terminal event (core NATS, subscribed before publishing) only says the wait is
-    nearly over; the answer is the document once the sink has folded the event, so a
-    sync answer never runs ahead of the result route.
+    The terminal event (core NATS, subscribed before publishing) is folded in here, as
+    the sink would; the answer is the document, so a sync answer never runs ahead of the
+    result route.
     """
 
     def __init__(self, task_id: str, user: str) -> None:
@@ -66,6 +69,7 @@ class TerminalWaiter:
         # Every read is scoped to the caller: a task id alone never reveals a task.
         self.user = user
         self._heard = asyncio.Event()
+        self._terminal: TaskSucceeded | TaskFailed | TaskCancelled | None = None
         self._subscription: Subscription | None = None
 
     @classmethod
@@ -82,13 +86,20 @@ class TerminalWaiter:
         except msgspec.DecodeError:
             return
         if isinstance(event, TaskSucceeded | TaskFailed | TaskCancelled):
+            if event.task_id == self.task_id:
+                self._terminal = event
             self._heard.set()
 
     async def wait(self, tasks: TaskStore, timeout_s: float) -> Document | None:
         """The terminal task document, or None when ``timeout_s`` passes first."""
         deadline = time.monotonic() + timeout_s
         pause = FOLD_POLL_S[0]
+        folded = False
         while True:
+            if self._terminal is not None and not folded:
+                folded = True
+                with contextlib.suppress(PyMongoError):  # then the sink's fold is awaited
+                    await tasks.apply(self._terminal)
             document = await tasks.get(self.task_id, self.user)
             if document is not None and TaskStatus(document["status"]).terminal:
                 return document
