@@ -33,6 +33,7 @@ from services.inference.controlnet import (
     runs,
     with_control,
 )
+from services.inference.decoding import decode_by_rows, interruptible_vae, tiled_decode
 from services.inference.family import Variant, detect_loaded, traits
 from services.inference.lora import LoraError, LoraSet
 from services.inference.noise import initial_noise
@@ -232,6 +233,7 @@ class DiffusersPipeline:
         upscale_tile_px: int = 192,
         upscale_tile_overlap_px: int = 16,
         face_detector_path: str = "",
+        vae_tile_px: int = 0,
         family: ModelFamily | None = None,
     ) -> None:
         self.pipe = pipe
@@ -242,6 +244,9 @@ class DiffusersPipeline:
         """``faces.FaceRestoration``, made when a task first restores faces."""
         self.upscale_tile_px = upscale_tile_px
         self.upscale_tile_overlap_px = upscale_tile_overlap_px
+        self.vae_tile_px = vae_tile_px
+        """Images larger than this a side decode in tiles of this size (0: never; see
+        :mod:`decoding`)."""
         self._upscalers: Any = None
         """Hires fix's model upscalers (``upscalers.ModelCache``), made on first use."""
         self.png_compress_level = png_compress_level
@@ -250,6 +255,7 @@ class DiffusersPipeline:
         self.vae_upcasts = 0
         """Decodes redone in float32 because the half-precision one was not finite."""
         guard_decode(pipe.vae, self._count_upcast)
+        decode_by_rows(pipe.vae)
         self._vaes: collections.OrderedDict[str, Any] = collections.OrderedDict()
         self._embeddings: dict[str, str] = {}
         """Loaded textual inversions: name → file identity."""
@@ -275,12 +281,19 @@ class DiffusersPipeline:
         if request is None:
             raise GenerationError("unsupported_task", f"{command.kind} is not supported yet")
         images_in = _load_images(request, inputs) if isinstance(request, Img2ImgRequest) else None
+        if should_stop():  # the inputs' preparation (masks, blurs) may have taken a while
+            raise TaskCancelledError
         plan = self.plan(command, request)
         frames: list[tuple[Image.Image, str]] = []
         try:
             control = self._control(command, inputs)
             self._load_embeddings(command.embeddings)
-            with self.loras.applied(command.loras), self._vae(command.vae):
+            with (
+                self.loras.applied(command.loras),
+                self._vae(command.vae),
+                # Between the rows and tiles of the VAE's encode and decode too.
+                interruptible_vae(self.pipe.vae, should_stop, TaskCancelledError),
+            ):
                 for job_no in range(request.n_iter):
                     if command.hr_loras is not None:  # the last job's hires pass switched
                         self.loras.activate(command.loras)
@@ -370,6 +383,7 @@ class DiffusersPipeline:
                 raise GenerationError("vae_failed", f"VAE {ref.name!r}: {exc}") from exc
             vae = vae.to(self.device)
             guard_decode(vae, self._count_upcast)
+            decode_by_rows(vae)
             self._vaes[key] = vae
             while len(self._vaes) > MAX_VAES:
                 self._vaes.popitem(last=False)
@@ -538,7 +552,11 @@ class DiffusersPipeline:
 
         if request.eta is not None and "eta" in _call_parameters(pipe):
             options["eta"] = request.eta
-        with torch.inference_mode(), seamless(pipe, enabled=bool(request.tiling)):
+        with (
+            torch.inference_mode(),
+            seamless(pipe, enabled=bool(request.tiling)),
+            tiled_decode(pipe.vae, self.vae_tile_px),
+        ):
             if prompt_options is None:
                 prompt_options = self._prompt_options(
                     pipe, request, request.prompt, request.negative_prompt, len(seeds)
