@@ -61,6 +61,7 @@ def noise_seed_delta(request: Request) -> int:
 
 
 def churn(request: Request) -> dict[str, float] | None:
+    """The request's stochastic churn (``s_churn`` …), or None when it has none."""
     return churn_options(request.s_churn, request.s_tmin, request.s_tmax, request.s_noise)
 
 
