@@ -3,6 +3,11 @@ worker → object store → MongoDB, against the same pipeline called directly, 
 side in one run (these machines are noisy: compare the ratio, not the seconds).
 
     .venv/bin/python bench/system_overhead.py [--requests 20] [--steps 4] [--size 64]
+
+Direct calls and requests through the system alternate, so load from other processes
+falls on both alike. ``--breakdown`` also prints where a request's time goes (medians),
+from the command's and events' own timestamps and when a core-NATS subscriber heard them
+(one clock: everything runs on this machine); see ``PHASES``.
 """
 
 from __future__ import annotations
@@ -10,27 +15,44 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
+import sys
 import tempfile
 import time
+from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import msgspec
+import nats
 import torch
 
-from proto import GenerateImage
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.system import started_system
+from proto import GenerateImage, names
+from proto.codec import decode_generate
+from proto.events import TaskProgressed, TaskStarted, TaskSucceeded, decode_event
 from proto.requests import Txt2ImgRequest
-from services.common.servers import MongoServer, NatsServer, free_port
-from services.common.settings import from_environ
-from services.embedded import running_system
-from services.gateway.settings import GatewaySettings
 from services.inference.loader import load_pipeline
 from services.inference.pipeline import DiffusersPipeline
 from services.inference.tiny import build_tiny_sd1
-from services.scheduler.settings import SchedulerSettings
+
+PHASES = (
+    ("gateway", "resolution: sent → the command's submitted_at"),
+    ("publish", "task insert + JetStream publish: → the command on sd.task"),
+    ("to worker", "delivery, fetch, admission: → TaskStarted.at"),
+    ("first step", "prompt encoding and the first step: → its TaskProgressed.at"),
+    ("steps", "the other steps: → the last TaskProgressed.at"),
+    ("output", "VAE decode, PNG, upload: → TaskSucceeded.at"),
+    ("event out", "terminal event stored and delivered: → heard on sd.event"),
+    ("answer", "fold into MongoDB, the waiter's read, presigning: → response"),
+)
 
 
-def direct(checkpoint: Path, cache: Path, body: dict[str, object], n: int) -> list[float]:
+def direct_runner(checkpoint: Path, cache: Path, body: dict[str, Any]) -> Callable[[], float]:
+    """One direct call of the pipeline (with PNG encoding, as the worker does): seconds."""
     torch.set_flush_denormal(True)
     pipe = load_pipeline(checkpoint, cache_dir=cache)
     pipe.set_progress_bar_config(disable=True)
@@ -42,42 +64,77 @@ def direct(checkpoint: Path, cache: Path, body: dict[str, object], n: int) -> li
         model_key="tiny-000000",
         txt2img=msgspec.convert(body, Txt2ImgRequest),
     )
-    times = []
-    for _ in range(n + 1):
+
+    def call() -> float:
         started = time.perf_counter()
-        runner.generate(command, {}, lambda *_: None, lambda: False)
-        times.append(time.perf_counter() - started)
-    return times[1:]  # the first call warms caches
+        assert runner.generate(command, {}, lambda *_: None, lambda: False).images
+        return time.perf_counter() - started
+
+    return call
 
 
-async def through_system(root: Path, models: Path, body: dict[str, object], n: int) -> list[float]:
-    async with NatsServer(root / "nats") as nats, MongoServer(root / "mongo") as mongo:
-        port = free_port()
-        common = {
-            "nats_url": nats.url,
-            "mongodb_url": mongo.url,
-            "store_dir": str(root / "objects"),
-            "public_url": f"http://127.0.0.1:{port}",
-        }
-        gateway = from_environ(GatewaySettings, {}, port=port, **common)
-        scheduler = from_environ(
-            SchedulerSettings,
-            {},
-            cache_dir=str(root / "cache"),
-            device="cpu",
-            worker_log_dir=str(root / "logs"),
-            poll_interval_s=0.2,
-            **common,
-        )
-        async with running_system(gateway, scheduler, models), aiohttp.ClientSession() as http:
-            times = []
-            for _ in range(n + 1):
-                started = time.perf_counter()
-                async with http.post(f"http://127.0.0.1:{port}/txt2img", json=body) as response:
+class Marks:
+    """When each task's command and events were heard (core NATS, this clock)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, dict[str, float]] = defaultdict(dict)
+
+    async def on_command(self, message: Any) -> None:
+        command = decode_generate(message.data)
+        self.seen[command.task_id] |= {"submitted": command.submitted_at, "published": time.time()}
+
+    async def on_event(self, message: Any) -> None:
+        event = decode_event(message.data)
+        if isinstance(event, TaskStarted):
+            self.seen[event.task_id]["started"] = event.at
+        elif isinstance(event, TaskProgressed):
+            key = "first step" if event.step == 1 else "last step"
+            self.seen[event.task_id][key] = event.at
+        elif isinstance(event, TaskSucceeded):
+            self.seen[event.task_id] |= {"succeeded": event.at, "heard": time.time()}
+
+
+async def measure(
+    root: Path, models: Path, body: dict[str, Any], n: int, direct: Callable[[], float]
+) -> tuple[list[float], list[float], dict[str, list[float]]]:
+    """Alternating direct calls and sync requests: their seconds, and the phases'."""
+    direct_times: list[float] = []
+    system_times: list[float] = []
+    phases: dict[str, list[float]] = {name: [] for name, _ in PHASES}
+    marks = Marks()
+    async with started_system(root, models) as system, aiohttp.ClientSession() as http:
+        nc = await nats.connect(system.nats_url)
+        await nc.subscribe(names.TASK_SUBJECTS, cb=marks.on_command)
+        await nc.subscribe(names.EVENT_SUBJECTS, cb=marks.on_event)
+        try:
+            for index in range(n + 1):  # the first pair warms caches and starts the worker
+                took = await asyncio.to_thread(direct)
+                sent, started = time.time(), time.perf_counter()
+                async with http.post(f"{system.url}/txt2img", json=body) as response:
                     result = await response.json()
+                elapsed, received = time.perf_counter() - started, time.time()
                 assert result["status"] == "succeeded", result
-                times.append(time.perf_counter() - started)
-            return times[1:]  # the first includes the worker's cold start
+                if index == 0:
+                    continue
+                direct_times.append(took)
+                system_times.append(elapsed)
+                seen = marks.seen[result["taskId"]]
+                keys = (
+                    "submitted",
+                    "published",
+                    "started",
+                    "first step",
+                    "last step",
+                    "succeeded",
+                    "heard",
+                )
+                if all(key in seen for key in keys):
+                    points = [sent, *(seen[key] for key in keys), received]
+                    for (name, _), a, b in zip(PHASES, points, points[1:], strict=False):
+                        phases[name].append(b - a)
+        finally:
+            await nc.close()
+    return direct_times, system_times, phases
 
 
 def main() -> None:
@@ -85,6 +142,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--breakdown", action="store_true")
     args = parser.parse_args()
     body = {
         "stable_diffusion_model": "tiny.safetensors",
@@ -101,13 +159,22 @@ def main() -> None:
         (models / "Stable-diffusion").mkdir(parents=True)
         tiny.single_file.rename(models / "Stable-diffusion" / "tiny.safetensors")
         checkpoint = models / "Stable-diffusion" / "tiny.safetensors"
-        direct_times = direct(checkpoint, root / "cache-direct", body, args.requests)
-        system_times = asyncio.run(through_system(root, models, body, args.requests))
+        direct = direct_runner(checkpoint, root / "cache-direct", body)
+        direct_times, system_times, phases = asyncio.run(
+            measure(root, models, body, args.requests, direct)
+        )
     d, s = statistics.median(direct_times), statistics.median(system_times)
+    pairs = statistics.median(b / a for a, b in zip(direct_times, system_times, strict=True))
     print(f"requests={args.requests} steps={args.steps} size={args.size}x{args.size}")
     print(f"direct pipeline   median {d * 1000:8.1f} ms")
     print(f"through sdswarm   median {s * 1000:8.1f} ms")
     print(f"ratio system/direct {s / d:6.2f}  (overhead {1000 * (s - d):.1f} ms per request)")
+    print(f"median of the pairs' ratios {pairs:6.2f}")
+    if args.breakdown:
+        for name, meaning in PHASES:
+            values = phases[name]
+            if values:
+                print(f"  {name:10} median {1000 * statistics.median(values):7.1f} ms  {meaning}")
 
 
 if __name__ == "__main__":

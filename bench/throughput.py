@@ -30,17 +30,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.models import build_full_sd1
+from bench.system import started_system
 from proto import GenerateImage
 from proto.requests import Txt2ImgRequest
-from services.common.servers import MongoServer, NatsServer, free_port
-from services.common.settings import from_environ
-from services.embedded import running_system
-from services.gateway.settings import GatewaySettings
 from services.inference.batched import Member
 from services.inference.loader import load_pipeline
 from services.inference.pipeline import DiffusersPipeline
 from services.inference.tiny import build_tiny_sd1
-from services.scheduler.settings import SchedulerSettings
 
 NAME = "bench.safetensors"
 
@@ -100,8 +96,7 @@ def in_process(
 
     def ours_batch() -> object:
         members = [
-            Member(c, lambda *_: None, lambda: False, lambda: False, lambda: None)
-            for c in commands
+            Member(c, lambda *_: None, lambda: False, lambda: False, lambda: None) for c in commands
         ]
         runner.generate_batch(members)
         return [m.outcome.images for m in members if m.outcome is not None]  # type: ignore[union-attr]
@@ -120,56 +115,36 @@ async def whole_system(
     """Per queue depth: images/s, p50 and p95 latency (s) of ``depth`` sync requests sent
     at once (after a warm-up request that pays the worker's cold start)."""
     out: dict[int, tuple[float, float, float]] = {}
-    async with NatsServer(root / "nats") as nats, MongoServer(root / "mongo") as mongo:
-        port = free_port()
-        common = {
-            "nats_url": nats.url,
-            "mongodb_url": mongo.url,
-            "store_dir": str(root / "objects"),
-            "public_url": f"http://127.0.0.1:{port}",
-        }
-        gateway = from_environ(
-            GatewaySettings,
-            {},
-            port=port,
-            max_open_tasks_per_user=100_000,
-            max_tasks_per_minute=100_000,
-            sync_timeout_s=3600,
-            **common,
-        )
-        scheduler = from_environ(
-            SchedulerSettings,
-            {},
-            cache_dir=str(root / "cache"),
+    async with (
+        started_system(
+            root,
+            models,
             device=device,
-            gpu_slots=1,
-            max_batch=batch,
-            worker_log_dir=str(root / "logs"),
-            poll_interval_s=0.2,
-            **common,
-        )
-        url = f"http://127.0.0.1:{port}/txt2img"
-        timeout = aiohttp.ClientTimeout(total=None)
-        async with (
-            running_system(gateway, scheduler, models),
-            aiohttp.ClientSession(timeout=timeout) as http,
-        ):
+            gateway={
+                "max_open_tasks_per_user": 100_000,
+                "max_tasks_per_minute": 100_000,
+                "sync_timeout_s": 3600,
+            },
+            scheduler={"gpu_slots": 1, "max_batch": batch},
+        ) as system,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as http,
+    ):
 
-            async def one(n: int) -> float:
-                started = time.perf_counter()
-                request = {**body, "seed": n, "prompt": f"a cat, {n}"}
-                async with http.post(url, json=request) as response:
-                    result = await response.json()
-                assert result["status"] == "succeeded", result
-                return time.perf_counter() - started
+        async def one(n: int) -> float:
+            started = time.perf_counter()
+            request = {**body, "seed": n, "prompt": f"a cat, {n}"}
+            async with http.post(f"{system.url}/txt2img", json=request) as response:
+                result = await response.json()
+            assert result["status"] == "succeeded", result
+            return time.perf_counter() - started
 
-            await one(0)  # cold start
-            for depth in depths:
-                started = time.perf_counter()
-                latencies = sorted(await asyncio.gather(*(one(n) for n in range(depth))))
-                wall = time.perf_counter() - started
-                p95 = latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]
-                out[depth] = (depth / wall, statistics.median(latencies), p95)
+        await one(0)  # cold start
+        for depth in depths:
+            started = time.perf_counter()
+            latencies = sorted(await asyncio.gather(*(one(n) for n in range(depth))))
+            wall = time.perf_counter() - started
+            p95 = latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]
+            out[depth] = (depth / wall, statistics.median(latencies), p95)
     return out
 
 

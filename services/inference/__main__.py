@@ -79,6 +79,7 @@ def make_pipeline_factory(  # type: ignore[no-untyped-def]
             png_compress_level=settings.png_compress_level,
             upscale_tile_px=settings.upscale_tile_px,
             upscale_tile_overlap_px=settings.upscale_tile_overlap_px,
+            vae_tile_px=settings.vae_tile_px,
             face_detector_path=settings.face_detector_path,
         )
         warmup_px = settings.warmup_px

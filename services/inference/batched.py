@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from proto import GenerateImage
+from services.inference.decoding import interruptible_vae
 from services.inference.lora import LoraError
 from services.inference.pipeline import (
     DiffusersPipeline,
@@ -34,9 +35,9 @@ from services.inference.pipeline import (
     StepCallback,
     TaskCancelledError,
     TaskPlan,
-    preview_every,
     release_memory,
 )
+from services.inference.presentation import preview_every
 from services.inference.previews import latent_preview
 
 log = logging.getLogger(__name__)
@@ -146,19 +147,26 @@ def _run_job(pipeline: DiffusersPipeline, active: list[Member], job_no: int) -> 
     prompts = _stacked_prompts(pipeline, active)
     skipped: set[int] = set()
     callback = _callback(pipeline, spans, job_no, skipped)
+
+    def nobody_left() -> bool:
+        """Asked between the rows of the decode: a cancel seen there ends its task at
+        once (its row is decoded for nothing); the call stops when nobody is left."""
+        return all(_stopped(m) or i in skipped for i, (m, _, _) in enumerate(spans))
+
     try:
-        images = pipeline._run_job(
-            request,
-            None,
-            seeds,
-            job_no,
-            None,
-            _no_step,
-            _never,
-            subseeds=subseeds,
-            prompt_options=prompts,
-            step_callback=callback,
-        )
+        with interruptible_vae(pipeline.pipe.vae, nobody_left, TaskCancelledError):
+            images = pipeline._run_job(
+                request,
+                None,
+                seeds,
+                job_no,
+                None,
+                _no_step,
+                _never,
+                subseeds=subseeds,
+                prompt_options=prompts,
+                step_callback=callback,
+            )
     except (JobSkippedError, TaskCancelledError):
         return  # nobody was left in the call: every member was cancelled or skipped
     for index, (member, start, end) in enumerate(spans):
@@ -184,11 +192,7 @@ def _callback(
         timed = pipeline._preview_due(None, done, time.monotonic())
         left = 0
         for index, (member, start, end) in enumerate(spans):
-            if member.cancelled or index in skipped:
-                continue
-            if member.should_stop():
-                member.cancelled = True
-                member.on_cancelled()
+            if member.cancelled or index in skipped or _stopped(member):
                 continue
             if member.should_skip():
                 skipped.add(index)  # A1111's skip: this job of this member ends
@@ -198,7 +202,7 @@ def _callback(
             due = (every > 0 and done % every == 0) if every is not None else timed
             preview = None
             if due and latents is not None:
-                preview = latent_preview(latents[start:end], xl=pipeline.xl)
+                preview = latent_preview(latents[start:end], pipeline.traits.preview_factors)
             member.on_step(job_no, done, total, preview)
         if not left:
             raise JobSkippedError
@@ -251,12 +255,20 @@ def _as_embeddings(
             negative_prompt=options["negative_prompt"],
         )
         names = ["prompt_embeds", "negative_prompt_embeds"]
-        if pipeline.xl:
+        if pipeline.traits.xl:
             names += ["pooled_prompt_embeds", "negative_pooled_prompt_embeds"]
         embeds = dict(zip(names, encoded, strict=True))
     if not guided:
         embeds = {k: v for k, v in embeds.items() if not k.startswith("negative")}
     return {k: v for k, v in embeds.items() if v is not None}
+
+
+def _stopped(member: Member) -> bool:
+    """Whether the member is cancelled; the first time it is seen, it is told at once."""
+    if not member.cancelled and member.should_stop():
+        member.cancelled = True
+        member.on_cancelled()
+    return member.cancelled
 
 
 def _no_step(job_no: int, step: int, total: int, preview: bytes | None) -> None:

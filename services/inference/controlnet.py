@@ -25,82 +25,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from PIL import Image
 
-from proto.controlnet import CONTROL_MODES, ControlUnit
+from proto.controlnet import ControlUnit
 from services.inference.preprocessors import ControlNetError as ControlNetError
 from services.inference.preprocessors import preprocess
 from services.storage.modelfiles import ModelFileError, read_safetensors_header
 
-SOFT_INJECTION_BASE = 0.825
-"""The extension's per-layer decay of the residuals in the two unbalanced control modes."""
 MAX_LOADED = 2
 """ControlNet models kept loaded per worker (an SD1.5 one is ~720 MB in half precision)."""
-
-
-# --- control modes ----------------------------------------------------------------------
-
-
-class ControlUnits(MultiControlNetModel):
-    """The task's ControlNets as diffusers' multi-ControlNet, with each unit's control
-    mode applied to its residuals; a unit whose scale is 0 this step is not run."""
-
-    def __init__(self, nets: list[Any], modes: list[str], *, guided: bool) -> None:
-        if not nets:
-            raise ControlNetError("no ControlNet unit to run")
-        super().__init__(nets)
-        self.modes = modes
-        self.guided = guided
-        """Classifier-free guidance is on: the batch is [unconditional, conditional]."""
-
-    def forward(  # type: ignore[override]
-        self,
-        sample: torch.Tensor,
-        timestep: Any,
-        encoder_hidden_states: torch.Tensor,
-        controlnet_cond: list[torch.Tensor],
-        conditioning_scale: list[float],
-        **kwargs: Any,
-    ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        kwargs["return_dict"] = False
-        down_total: list[torch.Tensor] | None = None
-        mid_total: torch.Tensor | None = None
-        units = list(zip(controlnet_cond, conditioning_scale, self.nets, self.modes, strict=True))
-        active = [unit for unit in units if unit[1] != 0] or units[:1]
-        for image, scale, net, mode in active:
-            down, mid = net(
-                sample=sample,
-                timestep=timestep,
-                encoder_hidden_states=encoder_hidden_states,
-                controlnet_cond=image,
-                conditioning_scale=scale,
-                **kwargs,
-            )
-            down, mid = self._shape(list(down), mid, mode)
-            if down_total is None or mid_total is None:
-                down_total, mid_total = down, mid
-            else:
-                down_total = [a + b for a, b in zip(down_total, down, strict=True)]
-                mid_total = mid_total + mid
-        assert down_total is not None
-        assert mid_total is not None
-        return down_total, mid_total
-
-    def _shape(
-        self, down: list[torch.Tensor], mid: torch.Tensor, mode: str
-    ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        if mode == CONTROL_MODES[0]:
-            return down, mid
-        layers = len(down) + 1  # the middle block is the deepest, at full weight
-        down = [d * SOFT_INJECTION_BASE ** (layers - 1 - i) for i, d in enumerate(down)]
-        if mode == CONTROL_MODES[2] and self.guided:
-            half = mid.shape[0] // 2
-            keep = torch.ones(mid.shape[0], 1, 1, 1, dtype=mid.dtype, device=mid.device)
-            keep[:half] = 0
-            down = [d * keep for d in down]
-            mid = mid * keep
-        return down, mid
 
 
 # --- loading ----------------------------------------------------------------------------
@@ -221,7 +154,12 @@ class Control:
             for source, unit in zip(self.sources, self.units, strict=True)
         ]
 
-    def model(self, *, guided: bool) -> ControlUnits:
+    def model(self, *, guided: bool) -> Any:
+        """The units as one diffusers multi-ControlNet (:mod:`control_units`)."""
+        # Imported here: diffusers' ControlNet modules (and what they pull in, OpenCV
+        # among it) cost the worker's start a second and most tasks never use them.
+        from services.inference.control_units import ControlUnits
+
         return ControlUnits(self.nets, [u.control_mode for u in self.units], guided=guided)
 
     def options(self, width: int, height: int, *, image_key: str) -> dict[str, Any]:

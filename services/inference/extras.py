@@ -33,6 +33,7 @@ from services.inference.pipeline import (
     StepCallback,
     TaskCancelledError,
 )
+from services.inference.presentation import extras_infotext, second_upscaler
 from services.inference.upscalers import (
     RESAMPLERS,
     ModelCache,
@@ -47,33 +48,6 @@ def crop_to(image: Image.Image, width: int, height: int) -> Image.Image:
     left = (image.width - width) // 2
     top = (image.height - height) // 2
     return image.crop((left, top, left + width, top + height))
-
-
-def infotext(options: ExtrasOptions) -> str:
-    """A1111's postprocessing parameters line."""
-    parts = (
-        [f"GFPGAN visibility: {options.gfpgan_visibility:g}"] if options.gfpgan_visibility else []
-    )
-    if options.upscaler_1 == "None":
-        return ", ".join(parts)
-    parts.append(
-        f"Postprocess upscale by: {max(options.upscaling_resize, 1.0):g}"
-        if options.resize_mode == 0
-        else f"Postprocess upscale to: {options.upscaling_resize_w}x{options.upscaling_resize_h}"
-    )
-    if options.resize_mode == 1 and options.upscaling_crop:
-        parts.append(
-            f"Postprocess crop to: {options.upscaling_resize_w}x{options.upscaling_resize_h}"
-        )
-    parts.append(f"Postprocess upscaler: {options.upscaler_1}")
-    if second_upscaler(options):
-        parts.append(f"Postprocess upscaler 2: {options.upscaler_2}")
-        parts.append(f"Postprocess upscaler 2 visibility: {options.extras_upscaler_2_visibility:g}")
-    return ", ".join(parts)
-
-
-def second_upscaler(options: ExtrasOptions) -> bool:
-    return options.upscaler_2 != "None" and options.extras_upscaler_2_visibility > 0
 
 
 @dataclass
@@ -123,7 +97,7 @@ class ExtrasRunner:
         refusal = options.face_refusal(has_restorer=command.face_restorer is not None)
         if refusal is not None:
             raise GenerationError(refusal.code, refusal.message)
-        text = infotext(options)
+        text = extras_infotext(options)
         images: list[bytes] = []
         for job_no, key in enumerate(command.input_keys):
             if should_stop():

@@ -34,17 +34,16 @@ import torch
 from PIL import Image, ImageFilter, ImageOps
 
 from proto.requests import Img2ImgRequest
+from services.inference.family import Variant
+from services.inference.presentation import (
+    CROP_AND_RESIZE,
+    LATENT_NOISE,
+    LATENT_NOTHING,
+    LATENT_RESIZE,
+    ORIGINAL,
+    RESIZE_AND_FILL,
+)
 
-JUST_RESIZE, CROP_AND_RESIZE, RESIZE_AND_FILL, LATENT_RESIZE = 0, 1, 2, 3
-FILL, ORIGINAL, LATENT_NOISE, LATENT_NOTHING = 0, 1, 2, 3
-RESIZE_MODE_NAMES = {
-    JUST_RESIZE: "Just resize",
-    CROP_AND_RESIZE: "Crop and resize",
-    RESIZE_AND_FILL: "Resize and fill",
-    LATENT_RESIZE: "Just resize (latent upscale)",
-}
-MASKED_CONTENT = {FILL: "fill", ORIGINAL: "original", LATENT_NOISE: "latent noise"}
-MASKED_CONTENT[LATENT_NOTHING] = "latent nothing"
 LANCZOS = Image.Resampling.LANCZOS
 
 Box = tuple[int, int, int, int]
@@ -424,12 +423,12 @@ def initial_latents(
     return latents, torch.cat(masked)
 
 
-INPAINT, IMG2IMG = "StableDiffusionInpaintPipeline", "StableDiffusionImg2ImgPipeline"
+INPAINT, IMG2IMG = Variant.INPAINT, Variant.IMG2IMG
 
 
 def call_options(
     pipe: Any, inputs: ImageInputs, seeds: list[int], *, latents: bool = True
-) -> tuple[str, dict[str, Any]]:
+) -> tuple[Variant, dict[str, Any]]:
     """The pipeline variant to run and its image arguments.
 
     With ``latents`` the init image goes in as latents prepared here (resize mode 3,
@@ -458,21 +457,6 @@ def call_options(
         # Unused by 4-channel models, but keeps diffusers from mixing latents and pixels.
         "masked_image_latents": masked if masked is not None else init,
     }
-
-
-def warnings(request: Img2ImgRequest, *, controlnet: bool) -> list[str]:
-    """img2img parameters accepted but not (fully) honoured for this request."""
-    out = []
-    if request.mask and not request.mask_round:
-        out.append("mask_round: diffusers rounds the sampler's mask at one half regardless")
-    if controlnet and request.resize_mode == LATENT_RESIZE:
-        out.append("resize_mode 3 with ControlNet: the image is resized in pixels")
-    if controlnet and request.mask and request.inpainting_fill in (LATENT_NOISE, LATENT_NOTHING):
-        out.append("inpainting_fill 2/3 with ControlNet: the masked area starts as with 0 (fill)")
-    multiplier = request.initial_noise_multiplier
-    if controlnet and multiplier is not None and multiplier != 1:
-        out.append("initial_noise_multiplier is not applied with ControlNet")
-    return out
 
 
 def scale_initial_noise(pipe: Any, scheduler: Any, multiplier: float) -> None:

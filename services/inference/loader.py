@@ -26,6 +26,7 @@ import torch
 from proto import ModelFamily
 from services.inference import converted
 from services.inference.coldstart import Phases
+from services.inference.family import traits
 from services.inference.tokenizer import EOS, write_tokenizer_files
 from services.storage.modelfiles import (
     UNET,
@@ -94,7 +95,7 @@ def derive_unet(tensors: dict[str, TensorInfo], base: dict[str, Any], family: Mo
         base["cross_attention_dim"] = tensors[attn_key].shape[1]
     if proj_in:
         base["use_linear_projection"] = len(tensors[proj_in].shape) == 2
-    if family not in (ModelFamily.SD1, ModelFamily.SD1_INPAINT):
+    if traits(family).wide_heads:
         # SD2 and SDXL use 64-channel attention heads (SD1 uses 8 heads of any width).
         base["attention_head_dim"] = [max(1, c // 64) for c in channels]
     if any(d != 1 for d in depth) or "transformer_layers_per_block" in base:
@@ -191,18 +192,8 @@ def materialise_config(
     shutil.copytree(CONFIGS / family.value, staging, dirs_exist_ok=True)
     _patch(staging, "unet", "config.json", lambda c: derive_unet(tensors, c, family))
     _patch(staging, "vae", "config.json", lambda c: derive_vae(tensors, c))
-    pad = EOS
-    if family in (ModelFamily.SD1, ModelFamily.SD1_INPAINT):
-        _patch(staging, "text_encoder", "config.json", lambda c: derive_clip(tensors, SD1_TEXT, c))
-    elif family in (ModelFamily.SD2, ModelFamily.SD2_INPAINT):
-        _patch(
-            staging,
-            "text_encoder",
-            "config.json",
-            lambda c: derive_open_clip(tensors, SD2_TEXT, c, penultimate=True),
-        )
-        pad = "!"  # OpenCLIP pads with id 0, which is "!"
-    else:
+    kind = traits(family)
+    if kind.xl:
         _patch(staging, "text_encoder", "config.json", lambda c: derive_clip(tensors, XL_TEXT_1, c))
         _patch(
             staging,
@@ -211,7 +202,17 @@ def materialise_config(
             lambda c: derive_open_clip(tensors, XL_TEXT_2, c, penultimate=False),
         )
         write_tokenizer_files(staging / "tokenizer_2", pad_token="!")
-    write_tokenizer_files(staging / "tokenizer", pad_token=pad)
+    elif kind.open_clip_pad:  # SD2's OpenCLIP encoder
+        _patch(
+            staging,
+            "text_encoder",
+            "config.json",
+            lambda c: derive_open_clip(tensors, SD2_TEXT, c, penultimate=True),
+        )
+    else:
+        _patch(staging, "text_encoder", "config.json", lambda c: derive_clip(tensors, SD1_TEXT, c))
+    # OpenCLIP pads with id 0, which is "!"
+    write_tokenizer_files(staging / "tokenizer", pad_token="!" if kind.open_clip_pad else EOS)
     try:
         staging.rename(folder)
     except OSError:
@@ -222,14 +223,13 @@ def materialise_config(
 def _pipeline_class(family: ModelFamily) -> Any:
     import diffusers
 
-    return {
-        ModelFamily.SD1: diffusers.StableDiffusionPipeline,
-        ModelFamily.SD2: diffusers.StableDiffusionPipeline,
-        ModelFamily.SD1_INPAINT: diffusers.StableDiffusionInpaintPipeline,
-        ModelFamily.SD2_INPAINT: diffusers.StableDiffusionInpaintPipeline,
-        ModelFamily.SDXL: diffusers.StableDiffusionXLPipeline,
-        ModelFamily.SDXL_INPAINT: diffusers.StableDiffusionXLInpaintPipeline,
-    }[family]
+    kind = traits(family)
+    return getattr(diffusers, kind.class_name(kind.loaded_variant))
+
+
+def _pipeline_options(family: ModelFamily) -> dict[str, Any]:
+    """No safety checker is ever loaded (its weights are not shipped with a checkpoint)."""
+    return {"safety_checker": None} if traits(family).takes_safety_checker else {}
 
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -348,11 +348,8 @@ def _load_folder(folder: Path, family: ModelFamily | None, dtype: torch.dtype) -
         family = inspect_checkpoint(folder).family
     if family is None:
         raise CheckpointError(f"{folder.name}: unknown diffusers pipeline")
-    options: dict[str, Any] = {}
-    if family not in (ModelFamily.SDXL, ModelFamily.SDXL_INPAINT):
-        options["safety_checker"] = None
     return _pipeline_class(family).from_pretrained(
-        folder, local_files_only=True, **_dtype_option(dtype), **options
+        folder, local_files_only=True, **_dtype_option(dtype), **_pipeline_options(family)
     )
 
 
@@ -383,15 +380,12 @@ def _load_single_file(
         )
     config = materialise_config(checkpoint, tensors, family, cache_dir)
     phases.lap("config")
-    options: dict[str, Any] = {}
-    if family not in (ModelFamily.SDXL, ModelFamily.SDXL_INPAINT):
-        options["safety_checker"] = None
     return _pipeline_class(family).from_single_file(
         str(checkpoint),
         config=str(config),
         local_files_only=True,
         **_dtype_option(dtype),
-        **options,
+        **_pipeline_options(family),
     )
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import io
-import json
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -22,14 +21,11 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from proto import GenerateImage
+from proto import GenerateImage, ModelFamily
 from proto.commands import AdapterRef
-from proto.controlnet import ControlUnit
 from proto.extra_networks import strip_tags
 from proto.requests import LATENT_UPSCALE_MODES, Img2ImgRequest, Txt2ImgRequest
-from proto.samplers import split_sampler
 from services.inference import img2img
-from services.inference.batching import CLIP_SKIP_OPTION, ENSD_OPTION
 from services.inference.controlnet import (
     Control,
     ControlNetCache,
@@ -37,17 +33,27 @@ from services.inference.controlnet import (
     runs,
     with_control,
 )
+from services.inference.decoding import decode_by_rows, interruptible_vae, tiled_decode
+from services.inference.family import Variant, detect_loaded, traits
 from services.inference.lora import LoraError, LoraSet
 from services.inference.noise import initial_noise
+from services.inference.presentation import (
+    Request,
+    churn,
+    clip_skip,
+    info,
+    infotext,
+    noise_seed_delta,
+    preview_every,
+)
 from services.inference.previews import latent_preview
 from services.inference.prompts import encode_weighted, encode_weighted_xl, needs_own_encoder
-from services.inference.samplers import apply_churn, build_scheduler, churn_options
+from services.inference.samplers import apply_churn, build_scheduler
 from services.inference.upcast import guard_decode
 
 if TYPE_CHECKING:
     from services.inference.batched import Member
 
-VERSION = "sdswarm"
 PNG_COMPRESS_LEVEL = 6
 """zlib level of output PNGs (Pillow's default); lower is faster and larger."""
 MAX_VAES = 2
@@ -134,15 +140,6 @@ def resolve_seed(seed: int) -> int:
     return random.SystemRandom().randrange(MAX_SEED) if seed == -1 else seed
 
 
-Request = Txt2ImgRequest | Img2ImgRequest
-
-
-def clip_skip(request: Request) -> int:
-    """A1111's ``CLIP_stop_at_last_layers`` (1 = last layer) as diffusers' ``clip_skip``."""
-    value = (request.override_settings or {}).get(CLIP_SKIP_OPTION, 1)
-    return max(int(value) - 1, 0) if isinstance(value, int | float) else 0
-
-
 def encode_skipping(pipe: Any, prompts: list[str], skip: int) -> Any:
     """CLIP embeddings from ``skip`` layers before the last, final layer norm applied."""
     if hasattr(pipe, "maybe_convert_prompt"):  # multi-vector textual inversions
@@ -180,71 +177,6 @@ def seamless(pipe: Any, *, enabled: bool) -> Iterator[None]:
     finally:
         for module, mode in zip(convolutions, saved, strict=True):
             module.padding_mode = mode
-
-
-def infotext(
-    request: Request,
-    seed: int,
-    model_name: str,
-    model_hash: str,
-    loras: list[AdapterRef] | None = None,
-    vae: AdapterRef | None = None,
-    embeddings: list[AdapterRef] | None = None,
-    controlnets: list[ControlUnit] | None = None,
-    *,
-    subseed: int | None = None,
-    face_restoration: str | None = None,
-) -> str:
-    """A1111's human-readable generation parameters (also stored in each PNG)."""
-    sampler, schedule = split_sampler(request.effective_sampler, request.scheduler)
-    parts = [
-        f"Steps: {request.steps}",
-        f"Sampler: {sampler}",
-        f"Schedule type: {schedule}",
-        f"CFG scale: {request.cfg_scale:g}",
-        f"Seed: {seed}",
-        *(
-            [f"Variation seed: {subseed}", f"Variation seed strength: {request.subseed_strength:g}"]
-            if request.subseed_strength > 0 and subseed is not None
-            else []
-        ),
-        *(
-            [f"Seed resize from: {request.seed_resize_from_w}x{request.seed_resize_from_h}"]
-            if request.seed_resize_from_w > 0 and request.seed_resize_from_h > 0
-            else []
-        ),
-        *([f"Face restoration: {face_restoration}"] if face_restoration else []),  # A1111's place
-        f"Size: {request.width}x{request.height}",
-        *(
-            [f"Denoising strength: {request.denoising_strength:g}"]
-            if isinstance(request, Img2ImgRequest) and request.denoising_strength is not None
-            else []
-        ),
-        *_hires_infotext(request),
-        *_img2img_infotext(request),
-        f"Model hash: {model_hash}",
-        *([f"Clip skip: {clip_skip(request) + 1}"] if clip_skip(request) else []),
-        *(["Tiling: True"] if request.tiling else []),
-        f"Model: {Path(model_name).stem}",
-        *([f"ENSD: {noise_seed_delta(request)}"] if noise_seed_delta(request) else []),
-        *([f"VAE hash: {vae.sha256[:10]}", f"VAE: {vae.name}"] if vae else []),
-        *(
-            [f'TI hashes: "{", ".join(f"{e.name}: {e.sha256[:12]}" for e in embeddings)}"']
-            if embeddings
-            else []
-        ),
-        *(
-            [f'Lora hashes: "{", ".join(f"{r.name}: {r.sha256[:12]}" for r in loras)}"']
-            if loras
-            else []
-        ),
-        *(f'ControlNet {i}: "{unit.infotext()}"' for i, unit in enumerate(controlnets or [])),
-        f"Version: {VERSION}",
-    ]
-    text = request.prompt
-    if request.negative_prompt:
-        text += f"\nNegative prompt: {request.negative_prompt}"
-    return f"{text}\n{', '.join(parts)}"
 
 
 def encode_png(image: Image.Image, text: str, compress_level: int = PNG_COMPRESS_LEVEL) -> bytes:
@@ -301,13 +233,20 @@ class DiffusersPipeline:
         upscale_tile_px: int = 192,
         upscale_tile_overlap_px: int = 16,
         face_detector_path: str = "",
+        vae_tile_px: int = 0,
+        family: ModelFamily | None = None,
     ) -> None:
         self.pipe = pipe
+        self.traits = traits(family or detect_loaded(pipe))
+        """What this checkpoint's family does differently (encoders, variants, previews)."""
         self.face_detector_path = face_detector_path
         self._faces: Any = None
         """``faces.FaceRestoration``, made when a task first restores faces."""
         self.upscale_tile_px = upscale_tile_px
         self.upscale_tile_overlap_px = upscale_tile_overlap_px
+        self.vae_tile_px = vae_tile_px
+        """Images larger than this a side decode in tiles of this size (0: never; see
+        :mod:`decoding`)."""
         self._upscalers: Any = None
         """Hires fix's model upscalers (``upscalers.ModelCache``), made on first use."""
         self.png_compress_level = png_compress_level
@@ -316,12 +255,12 @@ class DiffusersPipeline:
         self.vae_upcasts = 0
         """Decodes redone in float32 because the half-precision one was not finite."""
         guard_decode(pipe.vae, self._count_upcast)
+        decode_by_rows(pipe.vae)
         self._vaes: collections.OrderedDict[str, Any] = collections.OrderedDict()
         self._embeddings: dict[str, str] = {}
         """Loaded textual inversions: name → file identity."""
         self.preview_interval_s = preview_interval_s
         self._next_preview = 0.0
-        self.xl = "XL" in type(pipe).__name__
         self.model_name = model_name
         self.model_hash = model_hash
         self.device = device
@@ -342,12 +281,19 @@ class DiffusersPipeline:
         if request is None:
             raise GenerationError("unsupported_task", f"{command.kind} is not supported yet")
         images_in = _load_images(request, inputs) if isinstance(request, Img2ImgRequest) else None
+        if should_stop():  # the inputs' preparation (masks, blurs) may have taken a while
+            raise TaskCancelledError
         plan = self.plan(command, request)
         frames: list[tuple[Image.Image, str]] = []
         try:
             control = self._control(command, inputs)
             self._load_embeddings(command.embeddings)
-            with self.loras.applied(command.loras), self._vae(command.vae):
+            with (
+                self.loras.applied(command.loras),
+                self._vae(command.vae),
+                # Between the rows and tiles of the VAE's encode and decode too.
+                interruptible_vae(self.pipe.vae, should_stop, TaskCancelledError),
+            ):
                 for job_no in range(request.n_iter):
                     if command.hr_loras is not None:  # the last job's hires pass switched
                         self.loras.activate(command.loras)
@@ -408,8 +354,16 @@ class DiffusersPipeline:
             )
             for seed, subseed in zip(seeds, subseeds, strict=True)
         ]
-        info = self._info(request, seeds, infotexts, subseeds, restored=restorer is not None)
-        return TaskPlan(request, seeds, subseeds, infotexts, info)
+        summary = info(
+            request,
+            seeds,
+            infotexts,
+            subseeds,
+            model_name=self.model_name,
+            model_hash=self.model_hash,
+            restored=restorer is not None,
+        )
+        return TaskPlan(request, seeds, subseeds, infotexts, summary)
 
     @contextlib.contextmanager
     def _vae(self, ref: AdapterRef | None) -> Iterator[None]:
@@ -429,6 +383,7 @@ class DiffusersPipeline:
                 raise GenerationError("vae_failed", f"VAE {ref.name!r}: {exc}") from exc
             vae = vae.to(self.device)
             guard_decode(vae, self._count_upcast)
+            decode_by_rows(vae)
             self._vaes[key] = vae
             while len(self._vaes) > MAX_VAES:
                 self._vaes.popitem(last=False)
@@ -455,15 +410,14 @@ class DiffusersPipeline:
                 if not ref.path.endswith(".safetensors"):
                     raise ValueError("only .safetensors embeddings are loaded")
                 state = load_file(ref.path)
-                if self.xl != ("clip_g" in state):
+                keys = self.traits.embedding_keys
+                if bool(keys) != ("clip_g" in state):
                     raise ValueError(
                         "SDXL embeddings (clip_l + clip_g) work with SDXL checkpoints only,"
                         " and SD1/SD2 embeddings with SD1/SD2 checkpoints only"
                     )
-                if self.xl:  # one set of vectors per text encoder
-                    for key, (tokenizer, encoder) in zip(
-                        ("clip_l", "clip_g"), self._text_encoders(), strict=True
-                    ):
+                if keys:  # one set of vectors per text encoder
+                    for key, (tokenizer, encoder) in zip(keys, self._text_encoders(), strict=True):
                         self.pipe.load_textual_inversion(
                             state[key], token=ref.name, tokenizer=tokenizer, text_encoder=encoder
                         )
@@ -493,7 +447,7 @@ class DiffusersPipeline:
     def _text_encoders(self) -> list[tuple[Any, Any]]:
         pipe = self.pipe
         pairs = [(pipe.tokenizer, pipe.text_encoder)]
-        if self.xl:
+        if self.traits.text_encoders == 2:
             pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
         return pairs
 
@@ -504,12 +458,11 @@ class DiffusersPipeline:
         for pipe in (self.pipe, *self._variants.values()):
             pipe.vae = vae
 
-    def _variant(self, name: str) -> Any:
+    def _variant(self, variant: Variant) -> Any:
         """img2img / inpaint pipelines share the loaded components (no extra memory)."""
         import diffusers
 
-        if self.xl:  # StableDiffusionImg2ImgPipeline → StableDiffusionXLImg2ImgPipeline …
-            name = name.replace("StableDiffusion", "StableDiffusionXL", 1)
+        name = self.traits.class_name(variant)
         cached = self._variants.get(name)
         if cached is None:
             cls = getattr(diffusers, name)
@@ -543,7 +496,7 @@ class DiffusersPipeline:
             request.scheduler,
             seed=seeds[0],
         )
-        apply_churn(scheduler, _churn(request))
+        apply_churn(scheduler, churn(request))
         pipe = self.pipe
         options: dict[str, Any] = {"width": request.width, "height": request.height}
         if images_in is not None:
@@ -593,13 +546,17 @@ class DiffusersPipeline:
             now = time.monotonic()
             latents = kwargs.get("latents")
             if latents is not None and self._preview_due(every, done, now):
-                preview = latent_preview(latents, xl=self.xl)
+                preview = latent_preview(latents, self.traits.preview_factors)
             on_step(job_no, done, total, preview)
             return kwargs
 
         if request.eta is not None and "eta" in _call_parameters(pipe):
             options["eta"] = request.eta
-        with torch.inference_mode(), seamless(pipe, enabled=bool(request.tiling)):
+        with (
+            torch.inference_mode(),
+            seamless(pipe, enabled=bool(request.tiling)),
+            tiled_decode(pipe.vae, self.vae_tile_px),
+        ):
             if prompt_options is None:
                 prompt_options = self._prompt_options(
                     pipe, request, request.prompt, request.negative_prompt, len(seeds)
@@ -670,7 +627,7 @@ class DiffusersPipeline:
         # The encoder sees the prompts without their <lora:…> tags (applied as adapters).
         prompts, negatives = [strip_tags(prompt)] * count, [strip_tags(negative)] * count
         own = any(needs_own_encoder(text, pipe.tokenizer) for text in (prompts[0], negatives[0]))
-        if self.xl:
+        if self.traits.xl:
             if own or skip:  # emphasis, BREAK, long prompts, clip skip: both encoders
                 return encode_weighted_xl(pipe, prompts[0], negatives[0], skip, count)
             return {"prompt": prompts, "negative_prompt": negatives}
@@ -731,7 +688,7 @@ class DiffusersPipeline:
             image = [im.resize((width, height), resample) for im in first]
         if should_stop():  # the upscale may have taken a while
             raise TaskCancelledError
-        pipe = self._variant("StableDiffusionImg2ImgPipeline")
+        pipe = self._variant(Variant.IMG2IMG)
         sampler = request.hr_sampler_name
         if not sampler or sampler == "Use same sampler":
             sampler = request.effective_sampler
@@ -741,7 +698,7 @@ class DiffusersPipeline:
             request.hr_scheduler or request.scheduler,
             seed=seeds[0],
         )
-        apply_churn(pipe.scheduler, _churn(request))
+        apply_churn(pipe.scheduler, churn(request))
         prompt = request.hr_prompt or request.prompt
         negative = request.hr_negative_prompt or request.negative_prompt
         options: dict[str, Any] = {}
@@ -797,102 +754,6 @@ class DiffusersPipeline:
             should_stop=should_stop,
         )
 
-    def _info(
-        self,
-        request: Request,
-        seeds: list[int],
-        texts: list[str],
-        subseeds: list[int],
-        *,
-        restored: bool = False,
-    ) -> dict[str, Any]:
-        sampler, schedule = split_sampler(request.effective_sampler, request.scheduler)
-        return {
-            "prompt": request.prompt,
-            "all_prompts": [request.prompt] * len(seeds),
-            "negative_prompt": request.negative_prompt,
-            "all_negative_prompts": [request.negative_prompt] * len(seeds),
-            "seed": seeds[0],
-            "all_seeds": seeds,
-            "subseed": subseeds[0],
-            "all_subseeds": subseeds,
-            "subseed_strength": request.subseed_strength,
-            "width": request.width,
-            "height": request.height,
-            "sampler_name": sampler,
-            "scheduler": schedule,
-            "cfg_scale": request.cfg_scale,
-            "steps": request.steps,
-            "batch_size": request.batch_size,
-            "n_iter": request.n_iter,
-            "restore_faces": restored,
-            "sd_model_name": Path(self.model_name).stem,
-            "sd_model_hash": self.model_hash,
-            "seed_resize_from_w": request.seed_resize_from_w,
-            "seed_resize_from_h": request.seed_resize_from_h,
-            "denoising_strength": request.denoising_strength,
-            "extra_generation_params": {},
-            "index_of_first_image": 0,
-            "warnings": _warnings(request, restored=restored),
-            "infotexts": texts,
-            "styles": request.styles,
-            "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
-            "version": VERSION,
-        }
-
-
-PREVIEW_OPTION = "show_progress_every_n_steps"
-
-
-def preview_every(request: Request) -> int | None:
-    """A1111's ``show_progress_every_n_steps`` option, when the request sets it."""
-    value = (request.override_settings or {}).get(PREVIEW_OPTION)
-    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def noise_seed_delta(request: Request) -> int:
-    """A1111's ``eta_noise_seed_delta`` option (ENSD): the samplers' noise seed offset."""
-    value = (request.override_settings or {}).get(ENSD_OPTION, 0)
-    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0
-
-
-def _churn(request: Request) -> dict[str, float] | None:
-    return churn_options(request.s_churn, request.s_tmin, request.s_tmax, request.s_noise)
-
-
-ANCESTRAL_SAMPLERS = frozenset({"Euler a", "DPM2 a", "DPM++ 2S a"})
-"""A1111 applies ``eta`` as their noise multiplier; their diffusers schedulers have none."""
-
-
-def _warnings(request: Request, *, restored: bool = False) -> list[str]:
-    """Parameters accepted but not honoured for this request (sdswarm extension)."""
-    warnings = []
-    sampler, _ = split_sampler(request.effective_sampler, request.scheduler)
-    if _churn(request) is not None and sampler != "Euler":
-        warnings.append(f"s_churn applies to Euler only here, not to {sampler}")
-    if sampler in ANCESTRAL_SAMPLERS and request.eta is not None and request.eta != 1:
-        warnings.append(f"eta {request.eta:g} is not applied: diffusers' {sampler} uses 1")
-    if request.s_min_uncond:
-        warnings.append("s_min_uncond is not applied: the negative prompt runs at every step")
-    if request.restore_faces and not restored:  # a command queued before restorers existed
-        warnings.append("restore_faces: no face-restoration model is available")
-    if isinstance(request, Img2ImgRequest) and noise_seed_delta(request):
-        warnings.append(
-            "eta_noise_seed_delta is not applied to img2img: diffusers draws its noise"
-            " from the seed"
-        )
-    scripts = {name.lower() for name in request.alwayson_scripts}
-    warnings += [
-        f"alwayson_scripts.{name} is not run: sdswarm runs ControlNet only"
-        for name in request.alwayson_scripts
-        if name.lower() != "controlnet"
-    ]
-    if request.script_name and request.script_name.strip().lower() != "none":
-        warnings.append(f"script_name {request.script_name!r} is not run: sdswarm runs no scripts")
-    if isinstance(request, Img2ImgRequest):
-        warnings += img2img.warnings(request, controlnet="controlnet" in scripts)
-    return warnings
-
 
 def _explicit_noise(request: Request) -> bool:
     """Whether the starting noise differs from diffusers' own draw from the seed."""
@@ -900,50 +761,10 @@ def _explicit_noise(request: Request) -> bool:
     return request.subseed_strength > 0 or resized or noise_seed_delta(request) != 0
 
 
-def _hires_infotext(request: Request) -> list[str]:
-    if not isinstance(request, Txt2ImgRequest) or not request.enable_hr:
-        return []
-    width, height = request.hr_size()
-    resized = request.hr_resize_x or request.hr_resize_y
-    return [
-        f"Denoising strength: {request.hires_strength:g}",
-        f"Hires resize: {width}x{height}" if resized else f"Hires upscale: {request.hr_scale:g}",
-        *([f"Hires steps: {request.hr_second_pass_steps}"] if request.hr_second_pass_steps else []),
-        f"Hires upscaler: {request.hr_upscaler or 'Latent'}",
-    ]
-
-
-def _img2img_infotext(request: Request) -> list[str]:
-    """A1111's img2img entries: resize mode, and for inpainting the mask settings."""
-    if not isinstance(request, Img2ImgRequest):
-        return []
-    parts = []
-    if request.resize_mode:
-        parts.append(f"Resize mode: {img2img.RESIZE_MODE_NAMES[request.resize_mode]}")
-    if request.initial_noise_multiplier not in (None, 1):
-        parts.append(f"Noise multiplier: {request.initial_noise_multiplier:g}")
-    if not request.mask:
-        return parts
-    blur = request.mask_blur if request.mask_blur is not None else request.mask_blur_x
-    parts += [
-        f"Mask blur: {blur}",
-        f"Masked content: {img2img.MASKED_CONTENT[request.inpainting_fill]}",
-        *(["Mask mode: Inpaint not masked"] if request.inpainting_mask_invert else []),
-    ]
-    if request.inpaint_full_res:
-        padding = request.inpaint_full_res_padding
-        parts += ["Inpaint area: Only masked", f"Masked area padding: {padding}"]
-    return parts
-
-
 def _call_parameters(pipe: Any) -> set[str]:
     import inspect
 
     return set(inspect.signature(pipe.__call__).parameters)
-
-
-def info_json(info: dict[str, Any]) -> str:
-    return json.dumps(info, ensure_ascii=False)
 
 
 def _load_images(request: Img2ImgRequest, inputs: Inputs) -> img2img.ImageInputs:

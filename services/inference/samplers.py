@@ -9,7 +9,6 @@ per request with ``from_config`` on the checkpoint's own scheduler config, so
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 from diffusers import (
@@ -94,21 +93,6 @@ def build_scheduler(
         # Its Brownian-tree noise is only reproducible when seeded explicitly.
         options["noise_sampler_seed"] = seed
     return cls.from_config(base_config, **options)
-
-
-def churn_options(
-    s_churn: float | None, s_tmin: float | None, s_tmax: float | None, s_noise: float | None
-) -> dict[str, float] | None:
-    """k-diffusion's stochastic churn for Euler as diffusers' ``step`` takes it, or None
-    when it changes nothing (A1111's defaults: churn 0, tmax 0 meaning infinity)."""
-    if not s_churn:
-        return None
-    return {
-        "s_churn": s_churn,
-        "s_tmin": s_tmin or 0.0,
-        "s_tmax": s_tmax or math.inf,
-        "s_noise": 1.0 if s_noise is None else s_noise,
-    }
 
 
 def apply_churn(scheduler: Any, options: dict[str, float] | None) -> bool:

@@ -63,6 +63,10 @@ class WorkerSettings(StoreSettings, kw_only=True, frozen=True):
     image at once), which bounds memory on large images (A1111's ``ESRGAN_tile``)."""
     upscale_tile_overlap_px: int = 16
     """Context around each tile, dropped from its output (A1111's ``ESRGAN_tile_overlap``)."""
+    vae_tile_px: int = 0
+    """Images wider or taller than this many pixels are decoded by the VAE in tiles of
+    this size, blended at the seams (diffusers' tiled VAE: bounded memory for large
+    images; faint seams are possible). 0: never. A cancel is honoured between tiles."""
     face_detector_path: str = ""
     """Face restoration: the OpenCV Haar cascade that finds faces; empty: the frontal-face
     cascade that ships in ``opencv-python-headless`` 4.x (``cv2.data``)."""

@@ -56,8 +56,8 @@ from services.inference.pipeline import (
     GenerationError,
     Pipeline,
     TaskCancelledError,
-    info_json,
 )
+from services.inference.presentation import info_json
 from services.inference.settings import WorkerSettings
 from services.storage.objects import ObjectNotFoundError, ObjectStore
 
@@ -387,15 +387,13 @@ class Worker:
                 task = await self._admit(message)
                 if task is not None:
                     held.append(task)
-            keeper = asyncio.create_task(self._keep_waiting_alive(held))
-            try:
-                for group in batching.group(held, lambda t: batching.batch_key(t.command)):
-                    ids = ",".join(t.command.task_id for t in group)
-                    await logs.with_fields(self._run_group(group, stop), task_id=ids)
-            finally:
-                keeper.cancel()
+            for group in batching.group(held, lambda t: batching.batch_key(t.command)):
+                ids = ",".join(t.command.task_id for t in group)
+                await logs.with_fields(self._run_group(group, stop), task_id=ids)
         finally:
             for task in held:
+                if task.command.task_id not in self._finishing:  # else its output stops it
+                    task.stop_keeping()
                 with contextlib.suppress(Exception):
                     await task.cancel_sub.unsubscribe()
 
@@ -430,18 +428,20 @@ class Worker:
         if await self._is_cancelled(command.task_id):
             await self._finish(task, TaskCancelled(**origin, at=time.time()))
             return None
+        task.keeper = asyncio.create_task(self._keep_alive(task))
         return task
 
-    async def _keep_waiting_alive(self, held: list[_Held]) -> None:
-        """Tasks held behind another group are not running yet: keep their ack deadline
-        away (a running task's in-progress acks come with its steps)."""
-        period = max(self.settings.ack_wait_s / 3, 0.5)
+    async def _keep_alive(self, task: _Held) -> None:
+        """One per held message, until it is settled: its ack deadline is kept away while
+        it waits behind another group and while its output is stored. While the pipeline
+        runs it, its steps send the in-progress acks instead, so a hung kernel stops them
+        and the task is redelivered after ``ack_wait``."""
+        period = max(self.settings.ack_wait_s / 3, 0.2)
         while True:
             await asyncio.sleep(period)
-            for task in held:
-                if not task.started and not task.done:
-                    with contextlib.suppress(Exception):
-                        await task.message.in_progress()
+            if not task.running:
+                with contextlib.suppress(Exception):
+                    await task.message.in_progress()
 
     async def _run_group(self, group: list[_Held], stop: asyncio.Event | None) -> None:
         ids = [t.command.task_id for t in group]
@@ -452,12 +452,15 @@ class Worker:
         for task in group:
             # The ack deadline starts over now; from here on every step renews it.
             await task.message.in_progress()
-            task.started = True
+            task.running = True
             await self._publish(
                 TaskStarted(**task.origin, at=time.time(), model_key=self.settings.model_key)
             )
+        # The liveness record is written beside the run, not before it: the task does not
+        # wait for a KV round trip (and again after it, see the end).
+        busy = None
         if self._load_error is None:
-            await self._set_state(WorkerState.BUSY, ids)
+            busy = asyncio.create_task(self._set_state(WorkerState.BUSY, ids))
         handing_back = asyncio.create_task(
             self._hand_back_on_stop(stop, [t.stop_flag for t in group])
         )
@@ -466,11 +469,24 @@ class Worker:
         except Exception as exc:
             handing_back.cancel()
             await self._crashed(group, exc, stop)
-            return
+            results = None
         finally:
             handing_back.cancel()
-            if self._load_error is None:
-                await self._set_state(WorkerState.READY)
+            if busy is not None:
+                await busy
+        if results is not None:
+            await self._answer(group, results, handing_back)
+        if self._load_error is None:
+            await self._set_state(WorkerState.READY)  # once the outputs are on their way
+
+    async def _answer(
+        self,
+        group: list[_Held],
+        results: list[TaskEvent | Generation],
+        handing_back: asyncio.Task[bool],
+    ) -> None:
+        """Each task's outcome: its output stored (beside the next batch), its terminal
+        event, or its message handed back when the worker stops mid-task."""
         stopping = handing_back.done() and not handing_back.cancelled() and handing_back.result()
         for task, result in zip(group, results, strict=True):
             if task.done:
@@ -526,7 +542,7 @@ class Worker:
     def _start_output(self, task: _Held, generation: Generation) -> None:
         """PNG encoding, uploads, the terminal event and the ack run beside the next
         batch's denoising (bounded: see :meth:`_output_room`)."""
-        task.done = True
+        task.done, task.running = True, False  # the keeper renews the deadline while storing
         task_id = task.command.task_id
         output = asyncio.create_task(self._output(task, generation))
         self._outputs.add(output)
@@ -550,21 +566,13 @@ class Worker:
             await asyncio.wait(set(self._outputs))
 
     async def _output(self, task: _Held, generation: Generation) -> None:
-        # Storing is part of the task: its ack deadline keeps moving until the ack.
-        keeper = asyncio.create_task(self._keep_alive(task.message))
+        # Storing is part of the task: its keeper moves the ack deadline until the ack.
         try:
             with contextlib.suppress(Exception):  # logged; an unsettled message comes back
                 stored = self._store(task, generation)
                 self.completed += await consumer.settle(task.message, stored)
         finally:
-            keeper.cancel()
-
-    async def _keep_alive(self, message: Msg) -> None:
-        period = max(self.settings.ack_wait_s / 3, 0.2)
-        while True:
-            with contextlib.suppress(Exception):
-                await message.in_progress()
-            await asyncio.sleep(period)
+            task.stop_keeping()
 
     async def _store(self, task: _Held, generation: Generation) -> None:
         """Encode and upload the images, then the terminal event (the ack follows)."""
@@ -721,9 +729,16 @@ class _Held:
     stop_flag: threading.Event
     skip_flag: threading.Event
     cancel_sub: Subscription
-    started: bool = False
+    keeper: asyncio.Task[None] | None = None
+    """Renews the ack deadline while the task is not running (:meth:`Worker._keep_alive`)."""
+    running: bool = False
+    """In the pipeline: its steps renew the ack deadline."""
     done: bool = False
     """Its terminal event is out and its message acked (or handed back)."""
+
+    def stop_keeping(self) -> None:
+        if self.keeper is not None:
+            self.keeper.cancel()
 
 
 @dataclass

@@ -264,18 +264,31 @@ def _family_from_diffusers(folder: Path) -> tuple[ModelFamily | None, dict[str, 
     """Family from the pipeline's configs (a diffusers folder names no LDM tensors)."""
     index = _read_json(folder / "model_index.json")
     unet = _read_json(folder / "unet" / "config.json")
-    in_channels = unet.get("in_channels")
-    if in_channels not in (4, 9):
+    if unet.get("in_channels") not in (4, 9):
         return None, unet
-    suffix = "_inpaint" if in_channels == 9 else ""
-    context = _config_int(unet, "cross_attention_dim")
     encoder = index.get("text_encoder")
     if not (isinstance(encoder, list) and encoder and encoder[0]):
         return None, unet  # e.g. the SDXL refiner (one OpenCLIP encoder): not supported
     text = _read_json(folder / "text_encoder" / "config.json")
-    base: str | None
+    text_2 = None
     if "text_encoder_2" in index or unet.get("addition_embed_type") == "text_time":
         text_2 = _read_json(folder / "text_encoder_2" / "config.json")
+    return family_from_configs(unet, text, text_2), unet
+
+
+def family_from_configs(
+    unet: dict[str, Any], text: dict[str, Any], text_2: dict[str, Any] | None
+) -> ModelFamily | None:
+    """The family of a diffusers pipeline from its UNet and text encoder configs (the
+    second encoder's is None when it has none): the registry reads them from a folder,
+    the worker from the loaded components."""
+    in_channels = unet.get("in_channels")
+    if in_channels not in (4, 9):
+        return None
+    suffix = "_inpaint" if in_channels == 9 else ""
+    context = _config_int(unet, "cross_attention_dim")
+    base: str | None
+    if text_2 is not None:
         widths = (_config_int(text, "hidden_size"), _config_int(text_2, "hidden_size"))
         # SDXL concatenates both encoders' features (768 + 1280 for the base model).
         agree = context is None or None in widths or context == sum(w or 0 for w in widths)
@@ -285,7 +298,7 @@ def _family_from_diffusers(folder: Path) -> tuple[ModelFamily | None, dict[str, 
     else:
         # SD2's OpenCLIP text encoder uses exact GELU; SD1's CLIP uses quick GELU.
         base = "sd2" if text.get("hidden_act") == "gelu" else "sd1"
-    return (ModelFamily(base + suffix) if base else None), unet
+    return ModelFamily(base + suffix) if base else None
 
 
 def inspect_checkpoint(path: Path, max_header_bytes: int = MAX_HEADER_BYTES) -> CheckpointInfo:

@@ -192,3 +192,109 @@ def test_skip_ends_the_current_job_only(runner: DiffusersPipeline) -> None:
     second = run_tiny(runner, seed=21)  # what job 2 alone makes (seed + 1)
     assert _pixels(second.images[0]) == _pixels(result.images[0])
     assert "Seed: 21" in result.info["infotexts"][1]
+
+
+def test_a_cancel_during_the_decode_stops_between_rows(runner: DiffusersPipeline) -> None:
+    """Issue 15, item 11: the VAE decodes row by row and a cancel is honoured between
+    rows, not only between steps."""
+    from services.inference.pipeline import TaskCancelledError
+    from tests.fixtures.tiny_runner import tiny_command
+
+    decoded: list[int] = []
+    steps: list[int] = []
+    hook = runner.pipe.vae.decoder.register_forward_hook(lambda *_: decoded.append(1))
+    try:
+        with pytest.raises(TaskCancelledError):
+            runner.generate(
+                tiny_command(batch_size=2),
+                {},
+                lambda j, step, t, p: steps.append(step),
+                lambda: bool(decoded),  # cancelled once the first row is decoded
+            )
+    finally:
+        hook.remove()
+    assert [1, 2, 3] == steps
+    assert 1 == len(decoded), "the second row was not decoded"
+    # Nothing is left behind: the next task decodes every row.
+    result = run_tiny(runner, batch_size=2)
+    assert 2 == len(result.images)
+
+
+def test_a_cancel_during_img2img_preparation_stops_before_denoising(
+    runner: DiffusersPipeline,
+) -> None:
+    """The init images are encoded row by row; a cancel seen there ends the task before
+    the first step."""
+    import msgspec
+
+    from proto import GenerateImage
+    from proto.requests import Img2ImgRequest
+    from services.inference.pipeline import TaskCancelledError
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(buffer, format="PNG")
+    request = msgspec.convert(
+        {
+            "stable_diffusion_model": "tiny.safetensors",
+            "prompt": "a cat",
+            "steps": 3,
+            "width": 64,
+            "height": 64,
+            "batch_size": 2,
+            "init_images": ["init"],
+        },
+        Img2ImgRequest,
+    )
+    command = GenerateImage(
+        task_id="t", user="u", model_name="tiny.safetensors", model_key="k", img2img=request
+    )
+    encoded: list[int] = []
+    denoised: list[int] = []
+    hooks = [
+        runner.pipe.vae.encoder.register_forward_hook(lambda *_: encoded.append(1)),
+        runner.pipe.unet.register_forward_hook(lambda *_: denoised.append(1)),
+    ]
+    try:
+        with pytest.raises(TaskCancelledError):
+            runner.generate(
+                command, {"init": buffer.getvalue()}, lambda *_: None, lambda: bool(encoded)
+            )
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert 1 == len(encoded), "the second row was not encoded"
+    assert [] == denoised
+
+
+def test_large_images_decode_in_tiles_and_a_cancel_stops_between_them(
+    runner: DiffusersPipeline,
+) -> None:
+    """``SDSWARM_VAE_TILE_PX``: an image larger than the tile decodes tile by tile (the
+    decoder runs once per tile), for that call only; a cancel is honoured between tiles."""
+    from services.inference.pipeline import TaskCancelledError
+    from tests.fixtures.tiny_runner import tiny_command
+
+    decoded: list[int] = []
+    hook = runner.pipe.vae.decoder.register_forward_hook(lambda *_: decoded.append(1))
+    runner.vae_tile_px = 64
+    try:
+        tiled = run_tiny(runner, width=128, height=64)
+        tiles = len(decoded)
+        decoded.clear()
+        with pytest.raises(TaskCancelledError):
+            runner.generate(
+                tiny_command(width=128, height=64), {}, lambda *_: None, lambda: bool(decoded)
+            )
+        cancelled_after = len(decoded)
+        runner.vae_tile_px = 0
+        decoded.clear()
+        whole = run_tiny(runner, width=128, height=64)
+    finally:
+        runner.vae_tile_px = 0
+        hook.remove()
+    assert tiles > 1
+    assert 1 == cancelled_after, "no tile after the cancel"
+    assert 1 == len(decoded), "without the setting the image decodes whole"
+    assert not runner.pipe.vae.use_tiling
+    sizes = [Image.open(io.BytesIO(r.images[0])).size for r in (tiled, whole)]
+    assert [(128, 64), (128, 64)] == sizes

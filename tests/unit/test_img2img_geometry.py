@@ -207,26 +207,6 @@ def test_full_res_prepares_the_crop_at_the_target_size() -> None:
     assert (40, 40) == prepared.overlay.size
 
 
-def test_what_is_not_honoured_is_a_warning() -> None:
-    from services.inference.img2img import warnings
-
-    plain = msgspec.convert({"stable_diffusion_model": "m", "mask": "m"}, Img2ImgRequest)
-    assert [] == warnings(plain, controlnet=False)
-    request = msgspec.convert(
-        {
-            "stable_diffusion_model": "m",
-            "mask": "m",
-            "mask_round": False,
-            "resize_mode": 3,
-            "inpainting_fill": 2,
-            "initial_noise_multiplier": 0.5,
-        },
-        Img2ImgRequest,
-    )
-    assert 1 == len(warnings(request, controlnet=False))
-    assert 4 == len(warnings(request, controlnet=True))
-
-
 def _reference_blur_rows(values: np.ndarray, sigma: float) -> np.ndarray:
     """A Gaussian along each row, written out: OpenCV's kernel size, mirrored borders."""
     radius = int(2.5 * sigma + 0.5)
