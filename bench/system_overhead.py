@@ -31,8 +31,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.system import started_system
-from proto import GenerateImage, names
+from proto import names
 from proto.codec import decode_generate
+from proto.commands import Txt2ImgTask
 from proto.events import TaskProgressed, TaskStarted, TaskSucceeded, decode_event
 from proto.requests import Txt2ImgRequest
 from services.inference.loader import load_pipeline
@@ -57,12 +58,12 @@ def direct_runner(checkpoint: Path, cache: Path, body: dict[str, Any]) -> Callab
     pipe = load_pipeline(checkpoint, cache_dir=cache)
     pipe.set_progress_bar_config(disable=True)
     runner = DiffusersPipeline(pipe, model_name="tiny.safetensors", model_hash="", device="cpu")
-    command = GenerateImage(
+    command = Txt2ImgTask(
         task_id="bench",
         user="bench",
         model_name="tiny.safetensors",
         model_key="tiny-000000",
-        txt2img=msgspec.convert(body, Txt2ImgRequest),
+        request=msgspec.convert(body, Txt2ImgRequest),
     )
 
     def call() -> float:

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.models import build_full_sd1
 from bench.system import started_system
 from proto import GenerateImage
+from proto.commands import Txt2ImgTask
 from proto.requests import Txt2ImgRequest
 from services.inference.batched import Member
 from services.inference.loader import load_pipeline
@@ -55,12 +56,12 @@ def _timed(call: Callable[[], object], repeats: int) -> float:
 
 
 def _command(body: dict[str, Any], n: int) -> GenerateImage:
-    return GenerateImage(
+    return Txt2ImgTask(
         task_id=f"bench{n}",
         user="bench",
         model_name=NAME,
         model_key="bench-000000",
-        txt2img=msgspec.convert({**body, "seed": n, "prompt": f"a cat, {n}"}, Txt2ImgRequest),
+        request=msgspec.convert({**body, "seed": n, "prompt": f"a cat, {n}"}, Txt2ImgRequest),
     )
 
 

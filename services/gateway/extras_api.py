@@ -17,8 +17,8 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from proto import GenerateImage, ModelType, TaskKind, names
-from proto.commands import AdapterRef
+from proto import ModelType, names
+from proto.commands import AdapterRef, ExtrasTask
 from proto.requests import (
     BUILTIN_UPSCALERS,
     ExtraBatchImagesRequest,
@@ -128,13 +128,12 @@ async def submit_extras(
         await upload_staged(res, staged)
         keys = staged.keys
         key = names.EXTRAS_MODEL_KEY
-        command = GenerateImage(
+        command = ExtrasTask(
             task_id=task_id,
             user=user,
             model_name=key,
             model_key=key,
-            kind=TaskKind.EXTRAS,
-            extras=extras_options(options),
+            request=extras_options(options),
             upscalers=upscalers,
             face_restorer=face_restorer,
             input_keys=keys,

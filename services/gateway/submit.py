@@ -27,9 +27,9 @@ from nats.errors import Error as NatsError
 from nats.js.errors import APIError
 from pymongo.errors import DuplicateKeyError
 
-from proto import GenerateImage, TaskKind, TaskStatus, names
+from proto import GenerateImage, TaskStatus, names
 from proto.codec import encode
-from proto.commands import AdapterRef
+from proto.commands import AdapterRef, DiffusionTask, Img2ImgTask, Txt2ImgTask
 from proto.requests import Img2ImgRequest, Txt2ImgRequest, to_builtins
 from services.common import bus
 from services.gateway import waiting
@@ -202,16 +202,11 @@ async def _submit_admitted(
     )
     input_keys += [u.image_key for u in controlnets if u.image_key not in input_keys]
     await upload_staged(res, *staged, *control_images)  # every check has passed
-    is_img2img = isinstance(body, Img2ImgRequest)
-    kind = TaskKind.IMG2IMG if is_img2img else TaskKind.TXT2IMG
-    command = GenerateImage(
+    common: dict[str, Any] = dict(
         task_id=task_id,
         user=user,
         model_name=model["name"],
         model_key=model["model_key"],
-        kind=kind,
-        txt2img=body if isinstance(body, Txt2ImgRequest) else None,
-        img2img=body if isinstance(body, Img2ImgRequest) else None,
         input_keys=input_keys,
         loras=loras,
         hr_loras=hr_loras,
@@ -221,6 +216,11 @@ async def _submit_admitted(
         embeddings=embeddings,
         controlnets=controlnets,
         submitted_at=time.time(),
+    )
+    command: DiffusionTask = (
+        Img2ImgTask(request=body, **common)
+        if isinstance(body, Img2ImgRequest)
+        else Txt2ImgTask(request=body, **common)
     )
 
     async def keep_overrides() -> None:
@@ -275,7 +275,7 @@ async def enqueue(
         client_id=task.client_id,
     )
     document["webhook"] = echo.webhook
-    request = command.txt2img or command.img2img or command.extras
+    request = command.request
     check_command(document["command"], request, res.settings, res.nc.max_payload)
     if res.nc.is_closed:  # while reconnecting, publishes wait in the client's buffer
         raise ApiError(503, "queue_unavailable", "the task queue is unreachable, retry later")

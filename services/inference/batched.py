@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from proto import GenerateImage
+from proto.commands import Txt2ImgTask
 from services.inference.decoding import interruptible_vae
 from services.inference.lora import LoraError
 from services.inference.pipeline import (
@@ -61,26 +62,34 @@ class Member:
     frames: list[tuple[Image.Image, str]] = field(default_factory=list)
 
 
+def _txt2img(member: Member) -> Txt2ImgTask:
+    command = member.command
+    assert isinstance(command, Txt2ImgTask)  # only txt2img members are live
+    return command
+
+
 class _Unstackable(Exception):
     """The members' prompt encodings differ in shape."""
 
 
 def run_batch(pipeline: DiffusersPipeline, members: list[Member]) -> None:
     """Run compatible txt2img tasks together; fills each member's outcome."""
-    leader = members[0].command
     live: list[Member] = []
     for member in members:
-        request = member.command.txt2img
-        if request is None:
+        command = member.command
+        if not isinstance(command, Txt2ImgTask):
             member.outcome = GenerationError("unsupported_task", "only txt2img is batched")
             continue
-        member.plan = pipeline.plan(member.command, request)
+        member.plan = pipeline.plan(command, command.request)
         try:  # kept loaded for every later task; a bad file fails its own task only
-            pipeline._load_embeddings(member.command.embeddings)
+            pipeline._load_embeddings(command.embeddings)
         except GenerationError as exc:
             member.outcome = exc
             continue
         live.append(member)
+    if not live:
+        return
+    leader = _txt2img(live[0])  # equal batch keys: the same LoRAs and VAE for all
     try:
         with pipeline.loras.applied(leader.loras), pipeline._vae(leader.vae):
             for job_no in range(max((_n_iter(m) for m in live), default=0)):
@@ -133,8 +142,7 @@ def _run_job(pipeline: DiffusersPipeline, active: list[Member], job_no: int) -> 
     """Job ``job_no`` of every active member, in one call."""
     plans = [m.plan for m in active]
     assert all(plans)
-    request = active[0].command.txt2img
-    assert request is not None
+    request = _txt2img(active[0]).request
     seeds: list[int] = []
     subseeds: list[int] = []
     spans: list[tuple[Member, int, int]] = []

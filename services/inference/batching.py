@@ -24,7 +24,8 @@ from typing import TypeVar
 
 import msgspec
 
-from proto import GenerateImage, TaskKind
+from proto import GenerateImage
+from proto.commands import Txt2ImgTask
 from proto.samplers import split_sampler
 
 CLIP_SKIP_OPTION = "CLIP_stop_at_last_layers"
@@ -38,9 +39,9 @@ SOLO_SAMPLERS = frozenset({"DPM++ SDE"})
 
 def batch_key(command: GenerateImage) -> str | None:
     """Equal for tasks that can share one diffusers call; None: the task runs alone."""
-    request = command.txt2img
-    if command.kind is not TaskKind.TXT2IMG or request is None:
+    if not isinstance(command, Txt2ImgTask):
         return None
+    request = command.request
     if request.enable_hr or command.controlnets or command.hr_loras is not None:
         return None
     if command.face_restorer is not None:  # restored per task, after its own decoding

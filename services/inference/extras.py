@@ -23,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
 from proto import GenerateImage
-from proto.commands import AdapterRef
+from proto.commands import AdapterRef, ExtrasTask
 from proto.requests import BUILTIN_UPSCALERS, ExtrasOptions
 from services.inference.faces import FaceRestoration
 from services.inference.pipeline import (
@@ -91,9 +91,9 @@ class ExtrasRunner:
         should_skip: Callable[[], bool] = lambda: False,
     ) -> Generation:
         # A1111's skip ends a job of a batch; an extras task has none to skip.
-        options = command.extras
-        if options is None:
+        if not isinstance(command, ExtrasTask):
             raise GenerationError("wrong_worker", "an extras worker got a task without extras")
+        options = command.request
         refusal = options.face_refusal(has_restorer=command.face_restorer is not None)
         if refusal is not None:
             raise GenerationError(refusal.code, refusal.message)

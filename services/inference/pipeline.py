@@ -22,7 +22,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from proto import GenerateImage, ModelFamily
-from proto.commands import AdapterRef
+from proto.commands import AdapterRef, DiffusionTask, ExtrasTask
 from proto.extra_networks import strip_tags
 from proto.requests import LATENT_UPSCALE_MODES, Img2ImgRequest, Txt2ImgRequest
 from services.inference import img2img
@@ -277,9 +277,9 @@ class DiffusersPipeline:
         should_stop: Callable[[], bool],
         should_skip: Callable[[], bool] = lambda: False,
     ) -> Generation:
-        request: Request | None = command.txt2img or command.img2img
-        if request is None:
-            raise GenerationError("unsupported_task", f"{command.kind} is not supported yet")
+        if isinstance(command, ExtrasTask):
+            raise GenerationError("wrong_worker", "a checkpoint's worker got an extras task")
+        request: Request = command.request
         images_in = _load_images(request, inputs) if isinstance(request, Img2ImgRequest) else None
         if should_stop():  # the inputs' preparation (masks, blurs) may have taken a while
             raise TaskCancelledError
@@ -331,7 +331,7 @@ class DiffusersPipeline:
 
         run_batch(self, members)
 
-    def plan(self, command: GenerateImage, request: Request) -> TaskPlan:
+    def plan(self, command: DiffusionTask, request: Request) -> TaskPlan:
         """The task's seeds, subseeds and infotexts (one per image of every job)."""
         first_seed = resolve_seed(request.seed)
         count = request.batch_size * request.n_iter
@@ -429,7 +429,7 @@ class DiffusersPipeline:
                 ) from exc
             self._embeddings[ref.name] = ref.sha256 or ref.path
 
-    def _control(self, command: GenerateImage, inputs: Inputs) -> Control | None:
+    def _control(self, command: DiffusionTask, inputs: Inputs) -> Control | None:
         """The task's ControlNet units with their models loaded and images decoded."""
         units = [unit for unit in command.controlnets if runs(unit)]
         if not units:

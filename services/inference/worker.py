@@ -36,7 +36,8 @@ from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from proto import GenerateImage, names
-from proto.codec import decode_generate, encode
+from proto.codec import SchemaTooNewError, decode_generate, encode
+from proto.commands import ExtrasTask
 from proto.events import (
     TERMINAL_KINDS,
     TaskCancelled,
@@ -123,6 +124,12 @@ def _file_identity(path: Path) -> tuple[int, int, int] | None:
     except OSError:
         return None
     return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+class _TaskId(msgspec.Struct):
+    """Just the task id of a command (one this worker cannot read whole)."""
+
+    task_id: str
 
 
 class _Origin(TypedDict):
@@ -366,6 +373,27 @@ class Worker:
         msg_id = f"{event.task_id}.{event_kind(event)}.{event.attempt}{dedupe_suffix}"
         await bus.publish_event(self.js, event, msg_id)
 
+    async def _refuse_newer(self, message: Msg, exc: SchemaTooNewError) -> None:
+        """A command from a newer gateway than this worker knows: the task ends ``failed``
+        saying so (code ``schema_unsupported``), rather than running half-understood."""
+        try:
+            task_id = msgspec.json.decode(message.data, type=_TaskId).task_id
+        except msgspec.DecodeError as error:
+            await consumer.settle(message, _poison(f"undecodable command: {error}"))
+            return
+        log.error("task %s: %s", task_id, exc)
+        attempt = message.metadata.num_delivered
+        failed = TaskFailed(
+            task_id=task_id,
+            attempt=attempt,
+            at=time.time(),
+            worker=self.settings.worker_id,
+            code="schema_unsupported",
+            message=str(exc),
+        )
+        await self._publish(failed)
+        await message.ack()
+
     async def _is_cancelled(self, task_id: str) -> bool:
         assert self._cancels is not None
         try:
@@ -403,6 +431,9 @@ class Worker:
             command = decode_generate(message.data)
         except msgspec.DecodeError as exc:
             await consumer.settle(message, _poison(f"undecodable command: {exc}"))
+            return None
+        except SchemaTooNewError as exc:
+            await self._refuse_newer(message, exc)
             return None
         attempt = message.metadata.num_delivered
         finishing = self._finishing.get(command.task_id)
@@ -756,7 +787,7 @@ class _Reporter:
     def __init__(self, worker: Worker, task: _Held, loop: asyncio.AbstractEventLoop) -> None:
         self.worker, self.task, self.loop = worker, task, loop
         command = task.command
-        request = command.txt2img or command.img2img
+        request = None if isinstance(command, ExtrasTask) else command.request
         self.steps: asyncio.Queue[Progress | None] = asyncio.Queue()
         # The last step reported (written and read on the pipeline thread only).
         self.last = Progress(0, 0, request.steps if request else 1)

@@ -12,6 +12,7 @@ from PIL import Image
 
 from proto import ModelType, names
 from proto.codec import decode_generate
+from proto.commands import Txt2ImgTask
 from services.storage.models import ModelStore
 from services.storage.scan import register_models
 from tests.fixtures.upscaler import save_compact
@@ -153,5 +154,6 @@ async def test_hires_fix_with_a_registered_model_upscaler(system: System, tmp_pa
     doc = await system.task(result["taskId"])
     assert doc is not None
     command = decode_generate(doc["command"])
+    assert isinstance(command, Txt2ImgTask)
     assert command.hr_upscaler is not None, "the worker is told which file to run"
     assert command.hr_upscaler.path.endswith("tiny_hr_x2.safetensors")

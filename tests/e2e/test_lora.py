@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from proto.codec import decode_generate
+from proto.commands import Txt2ImgTask
 from tests.fixtures.tiny_lora import write_tiny_lora
 from tests.fixtures.tiny_vae import (
     write_tiny_embedding,
@@ -133,5 +134,6 @@ async def test_hr_prompt_loras_are_resolved_too(system: System) -> None:
     document = await system.task(result["taskId"])
     assert document is not None
     command = decode_generate(bytes(document["command"]))
+    assert isinstance(command, Txt2ImgTask)
     assert ["ink style"] == [ref.name for ref in command.hr_loras or []]
     assert [] == command.loras

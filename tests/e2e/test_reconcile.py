@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from proto import GenerateImage
 from proto.codec import encode
+from proto.commands import Txt2ImgTask
 from proto.requests import Txt2ImgRequest, to_builtins
 from services.storage.models import ModelStore
 from tests.documents import task_document
@@ -31,12 +31,12 @@ async def test_a_task_stored_but_never_published_still_runs(system: System) -> N
     request = Txt2ImgRequest(
         prompt="x", steps=2, width=64, height=64, stable_diffusion_model=model["name"]
     )
-    command = GenerateImage(
+    command = Txt2ImgTask(
         task_id=task_id,
         user="default",
         model_name=model["name"],
         model_key=model["model_key"],
-        txt2img=request,
+        request=request,
     )
     # What the gateway had written when it died: the document, no publish.
     await system.db["tasks"].insert_one(

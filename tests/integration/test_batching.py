@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch")
 from PIL import Image  # noqa: E402
 
 from proto import GenerateImage  # noqa: E402
+from proto.commands import Txt2ImgTask  # noqa: E402
 from services.inference.batched import Member  # noqa: E402
 from services.inference.batching import batch_key  # noqa: E402
 from services.inference.pipeline import DiffusersPipeline, Generation  # noqa: E402
@@ -90,8 +91,8 @@ def test_batched_images_equal_unbatched(runner: DiffusersPipeline) -> None:
         assert alone.seeds == batched.seeds
         assert _max_difference(alone, batched) <= TOLERANCE, command.task_id
         assert alone.info["infotexts"] == batched.info["infotexts"]
-        request = command.txt2img
-        assert request is not None
+        assert isinstance(command, Txt2ImgTask)
+        request = command.request
         expected = [(j, s, 3) for j in range(request.n_iter) for s in (1, 2, 3)]
         assert expected == recorder.steps, "each task gets its own progress"
 

@@ -14,7 +14,7 @@ cv2 = pytest.importorskip("cv2")
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from proto.commands import AdapterRef  # noqa: E402
+from proto.commands import AdapterRef, Img2ImgTask  # noqa: E402
 from proto.controlnet import ControlUnit  # noqa: E402
 from services.inference.controlnet import load_controlnet  # noqa: E402
 from services.inference.pipeline import DiffusersPipeline, Generation  # noqa: E402
@@ -204,7 +204,6 @@ def test_controlnet_on_an_inpainting_checkpoint(controlnet_file: Path, tmp_path:
     import msgspec
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-    from proto import GenerateImage
     from proto.requests import Img2ImgRequest
     from services.inference.tiny import build_pipeline
 
@@ -235,12 +234,12 @@ def test_controlnet_on_an_inpainting_checkpoint(controlnet_file: Path, tmp_path:
     )
 
     def run(units: list[ControlUnit]) -> np.ndarray:
-        command = GenerateImage(
+        command = Img2ImgTask(
             task_id="t",
             user="u",
             model_name="inpaint.safetensors",
             model_key="k",
-            img2img=request,
+            request=request,
             controlnets=units,
         )
         result = runner.generate(command, inputs, lambda *_: None, lambda: False)

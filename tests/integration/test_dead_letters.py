@@ -12,6 +12,7 @@ from nats.js.errors import NotFoundError
 
 from proto import GenerateImage, names
 from proto.codec import encode
+from proto.commands import Txt2ImgTask
 from proto.requests import Txt2ImgRequest
 from services.common import bus
 from services.common.servers import NatsServer
@@ -40,12 +41,12 @@ async def test_max_deliveries_fails_the_task_and_keeps_a_dead_letter(
         tasks = TaskStore(db)
         task_id = secrets.token_hex(6)
         await tasks.insert(task_document(task_id))
-        command = GenerateImage(
+        command = Txt2ImgTask(
             task_id=task_id,
             user="u",
             model_name="m",
             model_key="m-000000",
-            txt2img=msgspec.convert({"stable_diffusion_model": "m"}, Txt2ImgRequest),
+            request=msgspec.convert({"stable_diffusion_model": "m"}, Txt2ImgRequest),
         )
         await js.publish(
             names.task_subject("m-000000"), encode(command), headers={names.MSG_ID_HEADER: task_id}

@@ -22,7 +22,7 @@ from PIL import Image  # noqa: E402
 from PIL.PngImagePlugin import PngInfo  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from proto import GenerateImage, TaskKind  # noqa: E402
+from proto.commands import ExtrasTask  # noqa: E402
 from proto.requests import ExtrasOptions  # noqa: E402
 from services.inference.extras import ExtrasRunner  # noqa: E402
 from services.inference.pipeline import GenerationError, TaskCancelledError  # noqa: E402
@@ -163,13 +163,12 @@ def test_upscaler_2_visibility_blends() -> None:
 
 
 def _command(options: ExtrasOptions, keys: list[str], upscalers: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
-    return GenerateImage(
+    return ExtrasTask(
         task_id="t1",
         user="u",
         model_name="extras",
         model_key="extras",
-        kind=TaskKind.EXTRAS,
-        extras=options,
+        request=options,
         upscalers=upscalers or {},
         input_keys=keys,
     )

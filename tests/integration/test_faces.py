@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 
 from PIL import Image  # noqa: E402
 
-from proto.commands import AdapterRef  # noqa: E402
+from proto.commands import AdapterRef, Img2ImgTask  # noqa: E402
 from proto.requests import ExtrasOptions  # noqa: E402
 from services.inference.extras import ExtrasRunner  # noqa: E402
 from services.inference.faces import (  # noqa: E402
@@ -140,7 +140,6 @@ def test_restore_faces_in_img2img_changes_only_the_face(
     and without ``restore_faces``: the two results differ only inside the face's crop."""
     import io
 
-    from proto import GenerateImage, TaskKind
     from proto.requests import Img2ImgRequest
     from tests.fixtures.tiny_runner import tiny_runner
 
@@ -165,13 +164,12 @@ def test_restore_faces_in_img2img_changes_only_the_face(
     ref = AdapterRef(name="tiny_gfpgan", path=str(gfpgan))
 
     def run(restorer: AdapterRef | None) -> tuple[Image.Image, dict[str, Any]]:
-        command = GenerateImage(
+        command = Img2ImgTask(
             task_id="t",
             user="u",
             model_name="tiny.safetensors",
             model_key="tiny-000000",
-            kind=TaskKind.IMG2IMG,
-            img2img=msgspec.convert(body, Img2ImgRequest),
+            request=msgspec.convert(body, Img2ImgRequest),
             face_restorer=restorer,
         )
         result = runner.generate(command, inputs, lambda *_: None, lambda: False)

@@ -20,7 +20,7 @@ import msgspec  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from proto import GenerateImage  # noqa: E402
+from proto.commands import Img2ImgTask  # noqa: E402
 from proto.requests import Img2ImgRequest  # noqa: E402
 from services.inference import img2img  # noqa: E402
 from services.inference.pipeline import DiffusersPipeline  # noqa: E402
@@ -102,12 +102,12 @@ def _run(
     if mask is not None:
         inputs["mask"] = _png(mask)
         fields["mask"] = "mask"
-    command = GenerateImage(
+    command = Img2ImgTask(
         task_id="t",
         user="u",
         model_name="tiny.safetensors",
         model_key="tiny-000000",
-        img2img=_request(**fields),
+        request=_request(**fields),
     )
     result = runner.generate(command, inputs, lambda *_: None, lambda: False)
     images = [

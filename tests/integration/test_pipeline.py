@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 
+from proto.commands import Img2ImgTask
+
 torch = pytest.importorskip("torch")
 
 from PIL import Image  # noqa: E402
@@ -227,7 +229,6 @@ def test_a_cancel_during_img2img_preparation_stops_before_denoising(
     the first step."""
     import msgspec
 
-    from proto import GenerateImage
     from proto.requests import Img2ImgRequest
     from services.inference.pipeline import TaskCancelledError
 
@@ -245,8 +246,8 @@ def test_a_cancel_during_img2img_preparation_stops_before_denoising(
         },
         Img2ImgRequest,
     )
-    command = GenerateImage(
-        task_id="t", user="u", model_name="tiny.safetensors", model_key="k", img2img=request
+    command = Img2ImgTask(
+        task_id="t", user="u", model_name="tiny.safetensors", model_key="k", request=request
     )
     encoded: list[int] = []
     denoised: list[int] = []

@@ -10,8 +10,9 @@ import nats.errors
 import pytest
 from nats.js import JetStreamContext
 
-from proto import GenerateImage, names
+from proto import names
 from proto.codec import encode
+from proto.commands import Txt2ImgTask
 from proto.events import TaskFailed, TaskStarted, decode_event, encode_event
 from proto.requests import Txt2ImgRequest
 from services.common import bus
@@ -40,12 +41,12 @@ async def _task(
     command ``raw`` instead of a real one when given)."""
     task_id = secrets.token_hex(12)
     command = encode(
-        GenerateImage(
+        Txt2ImgTask(
             task_id=task_id,
             user="u",
             model_name="m",
             model_key=KEY,
-            txt2img=Txt2ImgRequest(prompt=prompt, stable_diffusion_model="m"),
+            request=Txt2ImgRequest(prompt=prompt, stable_diffusion_model="m"),
         )
     )
     command = command if raw is None else raw

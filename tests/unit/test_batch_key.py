@@ -3,19 +3,19 @@
 import msgspec
 
 from proto import GenerateImage
-from proto.commands import AdapterRef
+from proto.commands import AdapterRef, Txt2ImgTask
 from proto.requests import Txt2ImgRequest
 from services.inference.batching import batch_key
 
 
 def _command(**fields: object) -> GenerateImage:
     body = {"stable_diffusion_model": "m.safetensors", "prompt": "a cat", "restore_faces": True}
-    return GenerateImage(
+    return Txt2ImgTask(
         task_id="t",
         user="u",
         model_name="m.safetensors",
         model_key="m-000000",
-        txt2img=msgspec.convert(body, Txt2ImgRequest),
+        request=msgspec.convert(body, Txt2ImgRequest),
         **fields,  # type: ignore[arg-type]
     )
 
