@@ -39,6 +39,13 @@ class BrokenGpu:
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
 
+def _command(task_id: str, key: str, **fields: Any) -> Txt2ImgTask:
+    request = Txt2ImgRequest(prompt="x", stable_diffusion_model="m")
+    return Txt2ImgTask(
+        task_id=task_id, user="u", model_name="m", model_key=key, request=request, **fields
+    )
+
+
 def test_which_errors_are_sticky() -> None:
     assert sticky_cuda_error(RuntimeError("CUDA error: device-side assert triggered"))
     assert not sticky_cuda_error(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"))
@@ -62,13 +69,7 @@ async def test_worker_hands_back_and_exits(nats_server: Any, tmp_path: Path) -> 
     task_id = secrets.token_hex(12)
     try:
         await bus.ensure_task_consumer(js, key, settings)
-        command = Txt2ImgTask(
-            task_id=task_id,
-            user="u",
-            model_name="m",
-            model_key=key,
-            request=Txt2ImgRequest(prompt="x", stable_diffusion_model="m"),
-        )
+        command = _command(task_id, key)
         await js.publish(names.task_subject(key), encode(command), stream=names.TASK_STREAM)
         stop = asyncio.Event()
         await asyncio.wait_for(worker.run(stop), 60)  # returns: the worker stopped itself
@@ -103,14 +104,7 @@ async def test_a_command_from_a_newer_gateway_fails_its_task_saying_so(
     task_id = secrets.token_hex(12)
     try:
         await bus.ensure_task_consumer(js, key, settings)
-        command = Txt2ImgTask(
-            task_id=task_id,
-            user="u",
-            model_name="m",
-            model_key=key,
-            request=Txt2ImgRequest(prompt="x", stable_diffusion_model="m"),
-            schema_version=SCHEMA_VERSION + 1,
-        )
+        command = _command(task_id, key, schema_version=SCHEMA_VERSION + 1)
         ack = await js.publish(names.task_subject(key), encode(command), stream=names.TASK_STREAM)
         subscription = await js.pull_subscribe_bind(names.consumer_name(key), names.TASK_STREAM)
         [message] = await subscription.fetch(1, timeout=10)
