@@ -94,6 +94,9 @@ class BusSettings(msgspec.Struct, kw_only=True, frozen=True):
     ack_wait_s: float = 60
     """No ack or in-progress ack for this long means the worker is gone: redeliver."""
     max_deliver: int = 3
+    stream_replicas: int = 1
+    """JetStream replicas of every stream and KV bucket the services create: 3 on a
+    3-node cluster (deploy/stack.yml), so one node down loses nothing; 1 on one server."""
 
 
 class StoreSettings(BusSettings, kw_only=True, frozen=True):
