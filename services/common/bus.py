@@ -37,6 +37,12 @@ from proto.workers import WorkerStatus, decode_worker_status
 from services.common.settings import BusSettings
 
 
+def server_urls(url: str) -> list[str]:
+    """``nats_url`` may list a cluster's servers, comma-separated: the client tries each
+    one to connect and to reconnect (a cluster node down is then no outage)."""
+    return [u.strip() for u in url.split(",") if u.strip()]
+
+
 async def connect(url: str, name: str, settings: BusSettings | None = None) -> Client:
     """A connection that reconnects forever (a NATS restart must not kill a worker or the
     gateway), with the deployment's credentials and TLS from ``settings``: user and
@@ -52,7 +58,7 @@ async def connect(url: str, name: str, settings: BusSettings | None = None) -> C
                 context.load_cert_chain(settings.nats_tls_cert, settings.nats_tls_key or None)
             options["tls"] = context
     return await nats.connect(
-        url,
+        server_urls(url),
         name=name,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
