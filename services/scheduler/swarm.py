@@ -40,6 +40,8 @@ from services.storage.mongo import Document
 
 log = logging.getLogger(__name__)
 KEY_LABEL = "sdswarm.model_key"
+STACK_LABEL = "com.docker.stack.namespace"
+"""What ``docker stack rm`` and ``docker stack services`` find a stack's services by."""
 SPEC_LABEL = "sdswarm.spec"
 STOP_GRACE_NS = 30 * 10**9
 """Docker's grace between SIGTERM and SIGKILL: the worker finishes or hands back its task."""
@@ -225,6 +227,8 @@ class SwarmBackend:
         template = task_template(self.settings, model, self.environ, secret_ids)
         digest = spec_hash(template)
         labels = {KEY_LABEL: key, SPEC_LABEL: digest}
+        if self.settings.swarm_stack:
+            labels[STACK_LABEL] = self.settings.swarm_stack
         if service is None:
             spec: dict[str, Any] = {
                 "Name": names.consumer_name(key),

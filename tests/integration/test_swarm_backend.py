@@ -384,7 +384,11 @@ async def test_settings_read_from_secret_files_reach_workers_as_the_same_secrets
     environ = {**ENVIRON, "SDSWARM_S3_SECRET_KEY_FILE": str(secret)}
     settings = from_environ(
         SchedulerSettings,
-        {**environ, "SDSWARM_SWARM_SECRETS": "sdswarm_s3_secret_key:s3_secret_key"},
+        {
+            **environ,
+            "SDSWARM_SWARM_SECRETS": "sdswarm_s3_secret_key:s3_secret_key",
+            "SDSWARM_SWARM_STACK": "sdswarm",
+        },
         docker_url=url,
     )
     assert "hunter2" == settings.s3_secret_key
@@ -395,6 +399,8 @@ async def test_settings_read_from_secret_files_reach_workers_as_the_same_secrets
     finally:
         await backend.aclose()
     [(_, _, _, spec)] = state.writes()
+    # docker stack rm removes the worker services with the stack.
+    assert "sdswarm" == spec["Labels"]["com.docker.stack.namespace"]
     container = spec["TaskTemplate"]["ContainerSpec"]
     assert [
         {
