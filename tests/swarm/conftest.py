@@ -13,11 +13,12 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import pytest
 
+from tests.e2e.conftest import System
 from tests.swarm import engine
 
 GATEWAY = "http://127.0.0.1:7860"
@@ -47,19 +48,9 @@ class Stack:
         return task_id
 
     async def events(self, task_id: str) -> list[tuple[str, dict[str, Any]]]:
-        """The task's SSE stream read to its end: (event, data) pairs."""
-        events: list[tuple[str, dict[str, Any]]] = []
-        async with self.http.get(f"{self.url}/tasks/{task_id}/events") as response:
-            assert 200 == response.status
-            assert response.headers["Content-Type"].startswith("text/event-stream")
-            name = ""
-            async for raw in response.content:
-                line = raw.decode().rstrip("\n")
-                if line.startswith("event: "):
-                    name = line[7:]
-                elif line.startswith("data: "):
-                    events.append((name, json.loads(line[6:])))
-        return events
+        """The task's SSE stream read to its end: (event, data) pairs (the e2e reader:
+        it needs only ``url`` and ``http``)."""
+        return await System.events(cast(System, self), task_id)
 
     async def status(self, task_id: str) -> str:
         _, answer = await self.call("GET", f"/tasks/{task_id}/progress")
