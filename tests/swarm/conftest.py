@@ -87,6 +87,10 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
         "IDLE_TIMEOUT_S": str(IDLE_TIMEOUT_S),
         "ACK_WAIT_S": str(ACK_WAIT_S),
         "ADMINS": "admin",
+        # This kernel has no IPVS (CONFIG_IP_VS unset): no virtual IPs, no routing mesh.
+        "ENDPOINT_MODE": "dnsrr",
+        "PUBLISH_MODE": "host",
+        "GATEWAY_REPLICAS": "1",
     }
     await asyncio.to_thread(engine.deploy, env)
     headers = {"Authorization": f"Bearer {api_key}"}

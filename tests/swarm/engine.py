@@ -179,7 +179,8 @@ def create_secrets(api_key: str) -> dict[str, str]:
     values = {
         "nats_auth": f'authorization {{ user: sdswarm, password: "{nats_password}" }}\n',
         "nats_url": ",".join(f"nats://sdswarm:{nats_password}@nats-{n}:4222" for n in (1, 2, 3)),
-        "mongodb_url": "mongodb://mongo:27017",
+        # SecantusDB answers as a replica set member named by its bind address (0.0.0.0).
+        "mongodb_url": "mongodb://mongo:27017/?directConnection=true",
         "s3_access_key": s3_key,
         "s3_secret_key": s3_secret,
         "s3_config": json.dumps({"identities": [identity]}),
