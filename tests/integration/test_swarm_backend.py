@@ -1,12 +1,13 @@
 """The Swarm backend against a stand-in of the Docker Engine API.
 
-No Docker engine runs on this machine, so this is a unit-level test of a client against
-the documented API shape (https://docs.docker.com/reference/api/engine/, v1.44): the
-stand-in below is an aiohttp app on a unix socket, as ``/var/run/docker.sock`` is, that
-serves only the versioned endpoints the backend uses, keeps services with a
-``Version.Index`` and refuses an update at a stale version like Swarm does ("update
-out of sequence"). The tests check the exact requests: method, path with the version
-prefix, the ``version`` query parameter of updates, and the JSON bodies.
+A fast unit-level test of the client against the documented API shape
+(https://docs.docker.com/reference/api/engine/, v1.44; the real engine is driven by
+tests/swarm, `make test-swarm`): the stand-in below is an aiohttp app on a unix socket,
+as ``/var/run/docker.sock`` is, that serves only the versioned endpoints the backend
+uses, keeps services with a ``Version.Index`` and refuses an update at a stale version
+like Swarm does ("update out of sequence"). The tests check the exact requests: method,
+path with the version prefix, the ``version`` query parameter of updates, and the JSON
+bodies.
 """
 
 from __future__ import annotations
