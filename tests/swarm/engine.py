@@ -29,6 +29,7 @@ STACK = "sdswarm"
 BASE_IMAGE = "sdswarm-base:bookworm"
 WHEELHOUSE = Path(os.environ.get("SDSWARM_WHEELHOUSE", ROOT / "deploy" / "wheelhouse"))
 BASE_DIR = Path(os.environ.get("SDSWARM_BASE_ROOTFS", "/var/tmp/sdswarm-base/rootfs"))
+WHEELHOUSE_PORT = int(os.environ.get("SDSWARM_WHEELHOUSE_PORT", "8765"))
 FIGURES: dict[str, Any] = {}
 """Measured figures (seconds, bytes), printed by conftest at the end of the run."""
 
@@ -139,7 +140,8 @@ def ensure_wheelhouse() -> None:
 def served_wheelhouse() -> Iterator[str]:
     """The wheelhouse over HTTP on loopback (builds run with host networking)."""
     handler = functools.partial(_QuietHandler, directory=str(WHEELHOUSE))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    # A fixed port: the URL is a build argument, and a new one would miss the build cache.
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", WHEELHOUSE_PORT), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
