@@ -49,9 +49,8 @@ async def _succeeded(stack: Stack, task_id: str) -> list[tuple[str, dict[str, An
 async def test_txt2img_sync_and_async_with_sse_creates_the_worker_service(
     stack: Stack, tiny_checkpoint: Any
 ) -> None:
-    status, answer = await stack.call(
-        "PUT", f"/models/{MODEL}?type=stableDiffusion", data=tiny_checkpoint.read_bytes()
-    )
+    with tiny_checkpoint.open("rb") as file:  # streamed, with its Content-Length
+        status, answer = await stack.call("PUT", f"/models/{MODEL}?type=stableDiffusion", data=file)
     assert status in (200, 201), answer
     STATE["service"] = service = f"sd_{answer['modelKey']}"
     started = time.monotonic()
