@@ -52,7 +52,9 @@ async def test_txt2img_sync_and_async_with_sse_creates_the_worker_service(
     with tiny_checkpoint.open("rb") as file:  # streamed, with its Content-Length
         status, answer = await stack.call("PUT", f"/models/{MODEL}?type=stableDiffusion", data=file)
     assert status in (200, 201), answer
-    STATE["service"] = service = f"sd_{answer['modelKey']}"
+    status, model = await stack.call("GET", f"/models/{MODEL}?type=stableDiffusion")
+    assert 200 == status, model
+    STATE["service"] = service = f"sd_{model['modelKey']}"
     started = time.monotonic()
     status, answer = await stack.call(
         "POST", "/txt2img", json=BODY, headers={"Request-Type": "sync"}
