@@ -214,3 +214,11 @@ def remove_stack() -> None:
     # The network goes once its last container has; volumes and secrets after that.
     wait_until(lambda: f"{STACK}_default" not in sh("docker", "network", "ls"), 120,
                "stack network gone")  # fmt: skip
+    # A fresh stack each run: its volumes go once their containers have.
+    volumes = sh(
+        "docker", "volume", "ls", "-q", "--filter", f"label=com.docker.stack.namespace={STACK}"
+    )
+    if volumes.split():
+        wait_until(lambda: subprocess.run(["docker", "volume", "rm", *volumes.split()],
+                                          capture_output=True, check=False).returncode == 0,
+                   60, "stack volumes removed")  # fmt: skip

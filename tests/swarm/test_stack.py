@@ -143,3 +143,19 @@ async def test_a_model_delete_removes_its_service(stack: Stack) -> None:
     status, answer = await stack.call("DELETE", f"/models/{MODEL}?type=stableDiffusion")
     assert 200 == status, answer
     await _until(lambda: service not in engine.services(), 120, f"{service} removed")
+
+
+async def test_stack_rm_leaves_no_worker_service(stack: Stack, tiny_checkpoint: Any) -> None:
+    name = "tiny-again.safetensors"
+    with tiny_checkpoint.open("rb") as file:
+        status, answer = await stack.call("PUT", f"/models/{name}?type=stableDiffusion", data=file)
+    assert status in (200, 201), answer
+    status, answer = await stack.call(
+        "POST", "/txt2img", json={**BODY, "stable_diffusion_model": name}
+    )
+    assert 200 == status, answer
+    assert any(n.startswith("sd_tiny-again") for n in engine.services())
+    started = time.monotonic()
+    await asyncio.to_thread(engine.remove_stack)
+    engine.FIGURES["stack_rm_s"] = round(time.monotonic() - started, 1)
+    assert [] == [n for n in engine.services() if n.startswith("sd_")]
