@@ -215,10 +215,12 @@ def remove_stack() -> None:
     wait_until(lambda: f"{STACK}_default" not in sh("docker", "network", "ls"), 120,
                "stack network gone")  # fmt: skip
     # A fresh stack each run: its volumes go once their containers have.
-    volumes = sh(
-        "docker", "volume", "ls", "-q", "--filter", f"label=com.docker.stack.namespace={STACK}"
-    )
-    if volumes.split():
-        wait_until(lambda: subprocess.run(["docker", "volume", "rm", *volumes.split()],
-                                          capture_output=True, check=False).returncode == 0,
-                   60, "stack volumes removed")  # fmt: skip
+    label = f"label=com.docker.stack.namespace={STACK}"
+
+    def volumes_gone() -> bool:
+        volumes = sh("docker", "volume", "ls", "-q", "--filter", label).split()
+        if volumes:
+            subprocess.run(["docker", "volume", "rm", *volumes], capture_output=True, check=False)
+        return not volumes
+
+    wait_until(volumes_gone, 120, "stack volumes removed")

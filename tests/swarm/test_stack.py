@@ -154,7 +154,8 @@ async def test_stack_rm_leaves_no_worker_service(stack: Stack, tiny_checkpoint: 
         "POST", "/txt2img", json={**BODY, "stable_diffusion_model": name}
     )
     assert 200 == status, answer
-    assert any(n.startswith("sd_tiny-again") for n in engine.services())
+    status, model = await stack.call("GET", f"/models/{name}?type=stableDiffusion")
+    assert f"sd_{model['modelKey']}" in engine.services()
     started = time.monotonic()
     await asyncio.to_thread(engine.remove_stack)
     engine.FIGURES["stack_rm_s"] = round(time.monotonic() - started, 1)
