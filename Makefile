@@ -5,7 +5,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install run lint typecheck system-packages test test-unit chaos bench clean
+.PHONY: install run lint typecheck system-packages test test-unit test-swarm chaos bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -43,6 +43,12 @@ test: lint typecheck system-packages
 
 test-unit: install
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+# The stack on a live one-node Docker swarm (root): installs docker.io when missing, starts
+# dockerd, builds the images from an imported Debian base and a wheelhouse, deploys
+# deploy/stack.yml and drives it through its gateway (README "Docker Swarm").
+test-swarm: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -m swarm tests/swarm $(PYTEST_ARGS)
 
 # The fault-injection suite at full size (CI runs it with 60 tasks per scenario).
 chaos: install

@@ -38,6 +38,12 @@ from proto.workers import WorkerStatus, decode_worker_status
 from services.common.settings import BusSettings
 
 
+def server_urls(url: str) -> list[str]:
+    """``nats_url`` may list a cluster's servers, comma-separated: the client tries each
+    one to connect and to reconnect (a cluster node down is then no outage)."""
+    return [u.strip() for u in url.split(",") if u.strip()]
+
+
 async def connect(url: str, name: str, settings: BusSettings | None = None) -> Client:
     """A connection that reconnects forever (a NATS restart must not kill a worker or the
     gateway), with the deployment's credentials and TLS from ``settings``: user and
@@ -53,7 +59,7 @@ async def connect(url: str, name: str, settings: BusSettings | None = None) -> C
                 context.load_cert_chain(settings.nats_tls_cert, settings.nats_tls_key or None)
             options["tls"] = context
     return await nats.connect(
-        url,
+        server_urls(url),
         name=name,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
@@ -71,6 +77,7 @@ def task_stream_config(settings: BusSettings) -> StreamConfig:
         max_msgs=settings.task_stream_max_msgs,
         discard=DiscardPolicy.NEW,
         duplicate_window=settings.dedupe_window_s,
+        num_replicas=settings.stream_replicas,
     )
 
 
@@ -82,6 +89,7 @@ def event_stream_config(settings: BusSettings) -> StreamConfig:
         storage=StorageType.FILE,
         max_age=settings.event_max_age_s,
         duplicate_window=min(settings.dedupe_window_s, settings.event_max_age_s),
+        num_replicas=settings.stream_replicas,
     )
 
 
@@ -97,7 +105,10 @@ async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
 async def ensure_streams(js: JetStreamContext, settings: BusSettings) -> None:
     await _ensure_stream(js, task_stream_config(settings))
     await _ensure_stream(js, event_stream_config(settings))
-    await _ensure_stream(js, advisory_stream_config())
+    await _ensure_stream(js, advisory_stream_config(settings.stream_replicas))
+    # Created here with the configured replicas, so later lookups find them replicated.
+    await worker_bucket(js, settings.stream_replicas)
+    await cancel_bucket(js, settings)
 
 
 PAUSED_FOREVER = "2999-01-01T00:00:00Z"
@@ -153,11 +164,13 @@ WORKER_TTL_S = 20.0
 """A worker record not refreshed for this long disappears: the worker is gone."""
 
 
-async def worker_bucket(js: JetStreamContext) -> KeyValue:
+async def worker_bucket(js: JetStreamContext, replicas: int = 1) -> KeyValue:
     try:
         return await js.key_value(names.WORKER_BUCKET)
     except BucketNotFoundError:
-        return await js.create_key_value(bucket=names.WORKER_BUCKET, ttl=WORKER_TTL_S, history=1)
+        return await js.create_key_value(
+            bucket=names.WORKER_BUCKET, ttl=WORKER_TTL_S, history=1, replicas=replicas
+        )
 
 
 async def publish_event(js: JetStreamContext, event: TaskEvent, msg_id: str) -> None:
@@ -202,13 +215,15 @@ async def worker_records(js: JetStreamContext) -> list[WorkerStatus]:
     return records
 
 
-async def lease_bucket(js: JetStreamContext, bucket: str, ttl_s: float) -> KeyValue:
+async def lease_bucket(
+    js: JetStreamContext, bucket: str, ttl_s: float, replicas: int = 1
+) -> KeyValue:
     """The bucket of leases: an entry not rewritten within ``ttl_s`` is gone (see
     services/scheduler/lease.py). Created by whichever replica comes first."""
     try:
         return await js.key_value(bucket)
     except BucketNotFoundError:
-        return await js.create_key_value(bucket=bucket, ttl=ttl_s, history=1)
+        return await js.create_key_value(bucket=bucket, ttl=ttl_s, history=1, replicas=replicas)
 
 
 async def cancel_bucket(js: JetStreamContext, settings: BusSettings) -> KeyValue:
@@ -216,11 +231,14 @@ async def cancel_bucket(js: JetStreamContext, settings: BusSettings) -> KeyValue
         return await js.key_value(names.CANCEL_BUCKET)
     except BucketNotFoundError:
         return await js.create_key_value(
-            bucket=names.CANCEL_BUCKET, ttl=settings.event_max_age_s, history=1
+            bucket=names.CANCEL_BUCKET,
+            ttl=settings.event_max_age_s,
+            history=1,
+            replicas=settings.stream_replicas,
         )
 
 
-def advisory_stream_config() -> StreamConfig:
+def advisory_stream_config(replicas: int = 1) -> StreamConfig:
     return StreamConfig(
         name=names.ADVISORY_STREAM,
         subjects=[
@@ -229,4 +247,5 @@ def advisory_stream_config() -> StreamConfig:
         ],
         retention=RetentionPolicy.WORK_QUEUE,
         storage=StorageType.FILE,
+        num_replicas=replicas,
     )

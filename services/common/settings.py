@@ -4,6 +4,9 @@ Business code never reads ``os.environ``; tests build settings from a dict.
 Every field ``foo`` is read from ``SDSWARM_FOO``; values are converted by msgspec with
 ``strict=False`` so ``"30"`` becomes ``30`` and ``"true"`` becomes ``True``; lists are
 comma-separated.
+A secret may instead come from a file, as Docker secrets are mounted: ``SDSWARM_FOO_FILE``
+names a file whose content (without the trailing newline) is the value of ``foo``; a
+variable set both ways is refused rather than guessed at.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any, TypeVar
 import msgspec
 
 PREFIX = "SDSWARM_"
+FILE_SUFFIX = "_FILE"
 T = TypeVar("T", bound=msgspec.Struct)
 
 
@@ -36,13 +40,29 @@ def _list_value(raw: str) -> Any:
     return [p.strip() for p in raw.split(",") if p.strip()]
 
 
+def _raw_value(env: Mapping[str, str], variable: str) -> str | None:
+    """``variable``'s value, or the content of the file ``variable_FILE`` names."""
+    path = env.get(variable + FILE_SUFFIX)
+    if path is None:
+        return env.get(variable)
+    if variable in env:
+        raise SystemExit(f"invalid setting: both {variable} and {variable}{FILE_SUFFIX} are set")
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.read().removesuffix("\n").removesuffix("\r")
+    except OSError as exc:
+        raise SystemExit(
+            f"invalid setting: {variable}{FILE_SUFFIX}={path!r} cannot be read ({exc.strerror})"
+        ) from exc
+
+
 def from_environ(cls: type[T], environ: Mapping[str, str] | None = None, **overrides: Any) -> T:
     """Build ``cls`` from ``SDSWARM_*`` variables; keyword overrides win (CLI flags)."""
     env = os.environ if environ is None else environ
     hints = typing.get_type_hints(cls, include_extras=True)
     values: dict[str, Any] = {}
     for name in cls.__struct_fields__:
-        raw = env.get(PREFIX + name.upper())
+        raw = _raw_value(env, PREFIX + name.upper())
         if raw is None:
             continue
         values[name] = _list_value(raw) if _is_list(hints[name]) else raw
@@ -90,6 +110,9 @@ class BusSettings(LogSettings, kw_only=True, frozen=True):
     record, and the scheduler's ``/targets`` lists it for Prometheus' ``http_sd_configs``)."""
     metrics_host: str = "127.0.0.1"
     """Address the metrics listener binds (``0.0.0.0`` in containers)."""
+    stream_replicas: int = 1
+    """JetStream replicas of every stream and KV bucket the services create: 3 on a
+    3-node cluster (deploy/stack.yml), so one node down loses nothing; 1 on one server."""
 
 
 class StoreSettings(BusSettings, kw_only=True, frozen=True):

@@ -52,7 +52,7 @@ async def serve(settings: SchedulerSettings) -> None:
         stack.push_async_callback(nc.drain)
         js = nc.jetstream()
         backend = await open_backend(settings, stack)
-        lease = Lease(js, settings.lease_ttl_s)
+        lease = Lease(js, settings.lease_ttl_s, replicas=settings.stream_replicas)
         scheduler = Scheduler(settings, js, models, backend, tasks, lease)
         log.info(
             "scheduler %s: %s backend, budget %d slots; waiting for the lease",

@@ -23,6 +23,7 @@ import nats
 
 from proto import names
 from proto.workers import WorkerState, WorkerStatus, decode_worker_status
+from services.common import bus
 from services.common.settings import from_environ
 
 TIMEOUT_S = 5.0
@@ -45,7 +46,7 @@ async def _quiet(_: Exception) -> None:
 async def _record(settings: HealthSettings) -> WorkerStatus | None:
     # One attempt, no reconnects: a check that cannot reach NATS ends at once (healthy).
     nc = await nats.connect(
-        settings.nats_url,
+        bus.server_urls(settings.nats_url),
         name="healthcheck",
         allow_reconnect=False,
         max_reconnect_attempts=1,

@@ -50,8 +50,10 @@ class Lease:
         bucket: str = names.LEADER_BUCKET,
         key: str = names.SCHEDULER_LEADER_KEY,
         margin: float = 0.2,
+        replicas: int = 1,
     ) -> None:
         self.js = js
+        self.replicas = replicas
         self.holder = holder or holder_id()
         self.bucket_name = bucket
         self.key = key
@@ -75,7 +77,7 @@ class Lease:
 
     async def _bucket(self) -> KeyValue:
         if self._kv is None:
-            kv = await bus.lease_bucket(self.js, self.bucket_name, self.ttl_s)
+            kv = await bus.lease_bucket(self.js, self.bucket_name, self.ttl_s, self.replicas)
             # The bucket's max_age is what the server enforces: a replica configured with a
             # longer TTL than the bucket was created with would outlive its own entry.
             ttl = (await kv.status()).ttl

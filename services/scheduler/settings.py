@@ -61,6 +61,13 @@ class SchedulerSettings(StoreSettings, kw_only=True, frozen=True):
     """Worker mounts ``source:target[:ro]``: a volume name, or a bind if it starts with /."""
     swarm_constraints: list[str] = msgspec.field(default_factory=list)
     """Placement constraints of worker tasks, e.g. ``node.labels.gpu==true``."""
+    swarm_stack: str = ""
+    """The stack the worker services belong to (label ``com.docker.stack.namespace``), so
+    ``docker stack rm`` removes them with the stack; deploy/stack.yml sets its own name."""
+    swarm_secrets: list[str] = msgspec.field(default_factory=list)
+    """Docker secrets workers get, ``secret_name:file`` (mounted at ``/run/secrets/<file>``).
+    A setting this scheduler reads from such a file (``SDSWARM_S3_SECRET_KEY_FILE=
+    /run/secrets/s3_secret_key``) reaches workers as the same file, never as plain env."""
     swarm_gpus: int = 1
     """GPUs reserved per worker as Swarm generic resources (0: none, CPU workers)."""
     swarm_gpu_kind: str = "NVIDIA-GPU"

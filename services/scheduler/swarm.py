@@ -13,7 +13,10 @@ new leader picks up exactly where the last one left off and every step is idempo
   fail instead of being lost);
 - idle checkpoints are scaled to 0 and keep their service; deleted ones are removed;
 - a change of the desired task template (a new image or env through the functions API)
-  is detected by the hash in label ``sdswarm.spec`` and rolled out by the same update.
+  is detected by the hash in label ``sdswarm.spec`` and rolled out by the same update;
+- connection secrets stay Docker secrets: a setting the scheduler reads from a file
+  (``SDSWARM_<NAME>_FILE``) is passed on as that file name, with the secret attached
+  (``swarm_secrets``), never as a plain value in the service's env.
 """
 
 from __future__ import annotations
@@ -30,13 +33,15 @@ import aiohttp
 
 from proto import ModelStatus, names
 from proto.workers import WorkerStatus
-from services.common.settings import PREFIX, StoreSettings
+from services.common.settings import FILE_SUFFIX, PREFIX, StoreSettings
 from services.scheduler.local import worker_settings
 from services.scheduler.settings import SchedulerSettings
 from services.storage.mongo import Document
 
 log = logging.getLogger(__name__)
 KEY_LABEL = "sdswarm.model_key"
+STACK_LABEL = "com.docker.stack.namespace"
+"""What ``docker stack rm`` and ``docker stack services`` find a stack's services by."""
 SPEC_LABEL = "sdswarm.spec"
 STOP_GRACE_NS = 30 * 10**9
 """Docker's grace between SIGTERM and SIGKILL: the worker finishes or hands back its task."""
@@ -65,14 +70,37 @@ def _mount(spec: str) -> dict[str, Any]:
     }
 
 
+def secret_references(settings: SchedulerSettings, ids: Mapping[str, str]) -> list[dict[str, Any]]:
+    """``ContainerSpec.Secrets`` for ``swarm_secrets``; ``ids``: secret id by name."""
+    references = []
+    for entry in settings.swarm_secrets:
+        name, _, file = entry.partition(":")
+        references.append(
+            {
+                "SecretID": ids[name],
+                "SecretName": name,
+                # Readable by the worker's non-root user; only inside its container.
+                "File": {"Name": file or name, "UID": "0", "GID": "0", "Mode": 0o444},
+            }
+        )
+    return references
+
+
 def task_template(
-    settings: SchedulerSettings, model: Document, environ: Mapping[str, str]
+    settings: SchedulerSettings,
+    model: Document,
+    environ: Mapping[str, str],
+    secret_ids: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The service's ``TaskTemplate`` for ``model`` (Engine API ``TaskSpec``)."""
     function = model.get("function") or {}
     # The operator's SDSWARM_* settings (those meant for workers) reach them, as locally.
     env = {k: v for k, v in environ.items() if k.startswith(PREFIX) and k not in _SCHEDULER_ONLY}
     env |= worker_settings(settings, model)
+    # A secret read from a file goes on as the file's name (SDSWARM_X_FILE, kept above),
+    # not as its value.
+    for key in [k for k in env if k + FILE_SUFFIX in env]:
+        del env[key]
     # Swarm expands the template per task: the worker's id names its task (hung workers).
     env[f"{PREFIX}WORKER_ID"] = "{{.Task.Name}}"
     env[f"{PREFIX}HUNG_AFTER_S"] = str(settings.hung_after_s)  # for the healthcheck
@@ -98,6 +126,8 @@ def task_template(
         "Mounts": [_mount(m) for m in settings.swarm_mounts],
         "StopGracePeriod": STOP_GRACE_NS,
     }
+    if settings.swarm_secrets:
+        container["Secrets"] = secret_references(settings, secret_ids or {})
     if settings.swarm_healthcheck and settings.hung_after_s:
         container["HealthCheck"] = {
             "Test": ["CMD", *settings.swarm_healthcheck],
@@ -137,6 +167,7 @@ class SwarmBackend:
         )
         self._services: dict[str, dict[str, Any]] = {}
         """Our services by model key, as of the last reconcile (or our own writes)."""
+        self._secret_ids: dict[str, str] = {}
 
     async def _call(
         self, method: str, path: str, body: Any = None, params: Mapping[str, str] | None = None
@@ -168,6 +199,19 @@ class SwarmBackend:
             if "Replicated" in s["Spec"].get("Mode", {})
         }
 
+    async def _secrets(self) -> dict[str, str]:
+        """Ids of the ``swarm_secrets`` (a missing one is an error naming it)."""
+        wanted = [entry.partition(":")[0] for entry in self.settings.swarm_secrets]
+        if any(name not in self._secret_ids for name in wanted):
+            filters = json.dumps({"name": wanted})
+            listed = await self._call("GET", "/secrets", params={"filters": filters})
+            # The name filter matches prefixes: keep exact names only.
+            self._secret_ids = {s["Spec"]["Name"]: s["ID"] for s in listed}
+            missing = [name for name in wanted if name not in self._secret_ids]
+            if missing:
+                raise DockerError(404, f"secrets not found: {', '.join(missing)} (swarm_secrets)")
+        return self._secret_ids
+
     async def ensure(self, model: Document, replicas: int) -> None:
         key = model["model_key"]
         service = self._services.get(key)
@@ -179,9 +223,12 @@ class SwarmBackend:
             return
         if service is None and replicas == 0:
             return
-        template = task_template(self.settings, model, self.environ)
+        secret_ids = await self._secrets() if self.settings.swarm_secrets else {}
+        template = task_template(self.settings, model, self.environ, secret_ids)
         digest = spec_hash(template)
         labels = {KEY_LABEL: key, SPEC_LABEL: digest}
+        if self.settings.swarm_stack:
+            labels[STACK_LABEL] = self.settings.swarm_stack
         if service is None:
             spec: dict[str, Any] = {
                 "Name": names.consumer_name(key),

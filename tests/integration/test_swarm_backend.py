@@ -1,12 +1,13 @@
 """The Swarm backend against a stand-in of the Docker Engine API.
 
-No Docker engine runs on this machine, so this is a unit-level test of a client against
-the documented API shape (https://docs.docker.com/reference/api/engine/, v1.44): the
-stand-in below is an aiohttp app on a unix socket, as ``/var/run/docker.sock`` is, that
-serves only the versioned endpoints the backend uses, keeps services with a
-``Version.Index`` and refuses an update at a stale version like Swarm does ("update
-out of sequence"). The tests check the exact requests: method, path with the version
-prefix, the ``version`` query parameter of updates, and the JSON bodies.
+A fast unit-level test of the client against the documented API shape
+(https://docs.docker.com/reference/api/engine/, v1.44; the real engine is driven by
+tests/swarm, `make test-swarm`): the stand-in below is an aiohttp app on a unix socket,
+as ``/var/run/docker.sock`` is, that serves only the versioned endpoints the backend
+uses, keeps services with a ``Version.Index`` and refuses an update at a stale version
+like Swarm does ("update out of sequence"). The tests check the exact requests: method,
+path with the version prefix, the ``version`` query parameter of updates, and the JSON
+bodies.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class Engine:
     """What the stand-in engine holds and what it was asked."""
 
     services: dict[str, dict[str, Any]] = field(default_factory=dict)
+    secrets: dict[str, str] = field(default_factory=dict)
+    """Secret id by name."""
     requests: list[tuple[str, str, dict[str, str], Any]] = field(default_factory=list)
     killed: list[str] = field(default_factory=list)
 
@@ -101,6 +104,17 @@ def engine_app(engine: Engine) -> web.Application:
             }
         )
 
+    async def list_secrets(request: web.Request) -> web.Response:
+        await record(request)
+        prefixes = json.loads(request.query.get("filters", "{}")).get("name", [])
+        # Like the engine: the name filter matches prefixes.
+        found = [
+            {"ID": sid, "Spec": {"Name": name}}
+            for name, sid in engine.secrets.items()
+            if any(name.startswith(p) for p in prefixes)
+        ]
+        return web.json_response(found)
+
     async def kill(request: web.Request) -> web.Response:
         await record(request)
         engine.killed.append(request.match_info["id"])
@@ -113,6 +127,7 @@ def engine_app(engine: Engine) -> web.Application:
     app.router.add_delete(f"{V}/services/{{id}}", delete)
     app.router.add_get(f"{V}/tasks/{{id}}", task)
     app.router.add_post(f"{V}/containers/{{id}}/kill", kill)
+    app.router.add_get(f"{V}/secrets", list_secrets)
     return app
 
 
@@ -358,3 +373,55 @@ async def test_the_scheduler_with_the_swarm_backend_starts_a_service_for_backlog
         await scheduler.tick()
         assert {} == state.services
         assert ("DELETE", f"{V}/services/{service['ID']}") == state.writes()[-1][:2]
+
+
+async def test_settings_read_from_secret_files_reach_workers_as_the_same_secrets(
+    engine: tuple[Engine, str], tmp_path: Path
+) -> None:
+    state, url = engine
+    state.secrets = {"sdswarm_s3_secret_key": "sec1", "sdswarm_s3_secret_key_old": "sec0"}
+    secret = tmp_path / "s3_secret_key"
+    secret.write_text("hunter2\n")
+    environ = {**ENVIRON, "SDSWARM_S3_SECRET_KEY_FILE": str(secret)}
+    settings = from_environ(
+        SchedulerSettings,
+        {
+            **environ,
+            "SDSWARM_SWARM_SECRETS": "sdswarm_s3_secret_key:s3_secret_key",
+            "SDSWARM_SWARM_STACK": "sdswarm",
+        },
+        docker_url=url,
+    )
+    assert "hunter2" == settings.s3_secret_key
+    backend = SwarmBackend(settings, environ)
+    try:
+        await backend.reconcile()
+        await backend.ensure(_model(), 1)
+    finally:
+        await backend.aclose()
+    [(_, _, _, spec)] = state.writes()
+    # docker stack rm removes the worker services with the stack.
+    assert "sdswarm" == spec["Labels"]["com.docker.stack.namespace"]
+    container = spec["TaskTemplate"]["ContainerSpec"]
+    assert [
+        {
+            "SecretID": "sec1",
+            "SecretName": "sdswarm_s3_secret_key",
+            "File": {"Name": "s3_secret_key", "UID": "0", "GID": "0", "Mode": 0o444},
+        }
+    ] == container["Secrets"]
+    env = dict(e.split("=", 1) for e in container["Env"])
+    assert str(secret) == env["SDSWARM_S3_SECRET_KEY_FILE"]
+    assert "SDSWARM_S3_SECRET_KEY" not in env
+    assert not any("hunter2" in e for e in container["Env"])
+
+
+async def test_a_missing_swarm_secret_is_an_error_naming_it(engine: tuple[Engine, str]) -> None:
+    _, url = engine
+    settings = SchedulerSettings(docker_url=url, swarm_secrets=["sdswarm_nats_url:nats_url"])
+    backend = SwarmBackend(settings, {})
+    try:
+        with pytest.raises(DockerError, match="secrets not found: sdswarm_nats_url"):
+            await backend.ensure(_model(), 1)
+    finally:
+        await backend.aclose()

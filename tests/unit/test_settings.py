@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from services.common.settings import from_environ
@@ -30,3 +32,32 @@ def test_list_settings_take_commas_or_a_json_array() -> None:
     for raw in ("1,5.5", "[1, 5.5]"):
         settings = from_environ(StoreSettings, {"SDSWARM_WEBHOOK_BACKOFF_S": raw})
         assert [1.0, 5.5] == settings.webhook_backoff_s
+
+
+def test_a_setting_can_come_from_a_file_as_docker_secrets_are_mounted(tmp_path: Path) -> None:
+    from services.common.settings import StoreSettings
+
+    secret = tmp_path / "s3_secret_key"
+    secret.write_text("s3cr3t:with colon\n")
+    settings = from_environ(
+        StoreSettings,
+        {"SDSWARM_S3_SECRET_KEY_FILE": str(secret), "SDSWARM_S3_ACCESS_KEY": "plain"},
+    )
+    assert "s3cr3t:with colon" == settings.s3_secret_key
+    assert "plain" == settings.s3_access_key
+
+
+def test_a_secret_file_that_cannot_be_read_or_a_double_setting_is_refused(
+    tmp_path: Path,
+) -> None:
+    from services.common.settings import StoreSettings
+
+    missing = str(tmp_path / "nope")
+    with pytest.raises(SystemExit, match=r"SDSWARM_S3_SECRET_KEY_FILE=.*cannot be read"):
+        from_environ(StoreSettings, {"SDSWARM_S3_SECRET_KEY_FILE": missing})
+    (tmp_path / "key").write_text("x")
+    with pytest.raises(SystemExit, match="both SDSWARM_S3_SECRET_KEY and"):
+        from_environ(
+            StoreSettings,
+            {"SDSWARM_S3_SECRET_KEY_FILE": str(tmp_path / "key"), "SDSWARM_S3_SECRET_KEY": "y"},
+        )
