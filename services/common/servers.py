@@ -150,6 +150,8 @@ class ManagedServer:
     name = "server"
     start_timeout_s = 30.0
     stop_grace_s = STOP_GRACE_S
+    death_signal = signal.SIGTERM
+    """What the kernel sends the server when its parent dies (even by kill -9)."""
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = Path(data_dir).resolve()
@@ -186,7 +188,7 @@ class ManagedServer:
             stderr=asyncio.subprocess.STDOUT,
             cwd=self.data_dir,
             start_new_session=True,  # its own process group: stop() kills all of it
-            preexec_fn=die_with_parent(signal.SIGTERM),  # and it dies with us, even on kill -9
+            preexec_fn=die_with_parent(self.death_signal),  # it dies with us, even on kill -9
         )
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
@@ -296,6 +298,9 @@ class NatsServer(ManagedServer):
 
 class MongoServer(ManagedServer):
     name = "secantusdb"
+    death_signal = signal.SIGKILL
+    """Its commits are synced (``--sync-on-commit``), so a kill loses nothing; its SIGTERM
+    handling was seen to hang after the parent's kill -9, outliving ``sdswarm up``."""
 
     def __init__(self, data_dir: Path, port: int = 0) -> None:
         super().__init__(data_dir)
