@@ -31,6 +31,19 @@ class SchemaTooNewError(ValueError):
         self.version = version
 
 
+class _TaskId(msgspec.Struct):
+    task_id: str
+
+
+_task_id_decoder = msgspec.json.Decoder(_TaskId)
+
+
+def command_task_id(data: bytes) -> str:
+    """The task id of a command, whatever its version (``msgspec.DecodeError`` when the
+    bytes are no command): enough to end a task whose command cannot be read whole."""
+    return _task_id_decoder.decode(data).task_id
+
+
 def encode(message: msgspec.Struct) -> bytes:
     return _encoder.encode(message)
 

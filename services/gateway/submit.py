@@ -262,6 +262,7 @@ async def enqueue(
     """Store the task's document, publish its command, then run ``accepted``; with
     ``sync``, its outcome (None: deadline passed or async)."""
     task_id = command.task_id
+    data = encode(command)  # once: stored (for the reconciler), checked, published
     document = new_task_document(
         task_id=task_id,
         user=command.user,
@@ -271,12 +272,11 @@ async def enqueue(
         parameters=echo.parameters,
         total_steps=echo.total_steps,
         job_count=echo.job_count,
-        command=encode(command),
+        command=data,
         client_id=task.client_id,
     )
     document["webhook"] = echo.webhook
-    request = command.request
-    check_command(document["command"], request, res.settings, res.nc.max_payload)
+    check_command(data, command.request, res.settings, res.nc.max_payload)
     if res.nc.is_closed:  # while reconnecting, publishes wait in the client's buffer
         raise ApiError(503, "queue_unavailable", "the task queue is unreachable, retry later")
     # Subscribe before publishing so a fast worker's terminal event cannot be missed.
@@ -286,7 +286,7 @@ async def enqueue(
             await res.tasks.insert(document)
         except DuplicateKeyError as exc:
             raise _task_exists(shown_task_id(document)) from exc
-        await _publish(res, command)
+        await _publish(res, command, data)
         if accepted is not None:
             await accepted()
         if waiter is None:
@@ -431,7 +431,7 @@ async def answer(res: Resources, submitted: Submitted) -> web.StreamResponse:
     return await _sync_response(res, user, task_id, outcome, headers)
 
 
-async def _publish(res: Resources, command: GenerateImage) -> None:
+async def _publish(res: Resources, command: GenerateImage, data: bytes) -> None:
     """Publish a task whose document is stored.
 
     A refusal by JetStream (queue full, no stream) removes the document and answers 4xx
@@ -442,7 +442,7 @@ async def _publish(res: Resources, command: GenerateImage) -> None:
     try:
         ack = await res.js.publish(
             names.task_subject(command.model_key),
-            encode(command),
+            data,
             stream=names.TASK_STREAM,
             headers={names.MSG_ID_HEADER: command.task_id},
         )

@@ -36,7 +36,7 @@ from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from proto import GenerateImage, names
-from proto.codec import SchemaTooNewError, decode_generate, encode
+from proto.codec import SchemaTooNewError, command_task_id, decode_generate, encode
 from proto.commands import ExtrasTask
 from proto.events import (
     TERMINAL_KINDS,
@@ -124,12 +124,6 @@ def _file_identity(path: Path) -> tuple[int, int, int] | None:
     except OSError:
         return None
     return stat.st_ino, stat.st_size, stat.st_mtime_ns
-
-
-class _TaskId(msgspec.Struct):
-    """Just the task id of a command (one this worker cannot read whole)."""
-
-    task_id: str
 
 
 class _Origin(TypedDict):
@@ -377,7 +371,7 @@ class Worker:
         """A command from a newer gateway than this worker knows: the task ends ``failed``
         saying so (code ``schema_unsupported``), rather than running half-understood."""
         try:
-            task_id = msgspec.json.decode(message.data, type=_TaskId).task_id
+            task_id = command_task_id(message.data)
         except msgspec.DecodeError as error:
             await consumer.settle(message, _poison(f"undecodable command: {error}"))
             return
