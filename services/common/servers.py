@@ -397,6 +397,9 @@ class SeaweedS3(ManagedServer):
             # Small volumes (tests write kilobytes, not the 30 GB default), and enough of them: each
             # bucket is its own collection, and SeaweedFS grows 7 volumes at a time.
             "-master.volumeSizeLimitMB=64", "-volume.max=200",
+            # The default (1 % of the host disk, 2.5 GB on a 250 GB disk) turned every volume
+            # read-only on a shared CI disk with 2 GB free; this store holds test data only.
+            "-volume.minFreeSpace=256MiB",
             "-master.telemetry=false",
         ]  # fmt: skip
 
