@@ -152,7 +152,6 @@ async def reset(db: AsyncDatabase[Document], js: JetStreamContext, key: str, dep
                 kind="txt2img",
                 model_name=MODEL,
                 model_key=key,
-                parameters=BODY,
                 total_steps=4,
                 job_count=1,
             )

@@ -20,14 +20,13 @@ def task_document(
     **fields: Any,
 ) -> Document:
     """A ``waiting`` txt2img task's document (a fresh id unless given); ``fields``: the
-    other arguments of :func:`new_task_document` (``parameters``, ``command`` …)."""
+    other arguments of :func:`new_task_document` (``command`` …)."""
     return new_task_document(
         task_id=task_id or secrets.token_hex(12),
         user=user,
         kind="txt2img",
         model_name=model_name,
         model_key=model_key,
-        parameters=fields.pop("parameters", {}),
         total_steps=total_steps,
         job_count=1,
         **fields,

@@ -18,6 +18,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from proto.codec import decode_generate
+from proto.commands import GenerateImage
 from proto.enums import TaskStatus
 from services.common.servers import NatsServer, free_port
 from services.common.settings import from_environ
@@ -49,6 +51,12 @@ class System:
         query = {"$or": [{"_id": task_id}, {"client_id": task_id}]}
         doc: Document | None = await self.db["tasks"].find_one(query)
         return doc
+
+    async def command(self, task_id: str) -> GenerateImage:
+        """The task's stored command: its one copy of the request."""
+        doc = await self.task(task_id)
+        assert doc is not None, f"no task {task_id}"
+        return decode_generate(doc["command"])
 
     async def submit(self, body: dict[str, Any], headers: dict[str, str] | None = None) -> str:
         """Queue a txt2img task asynchronously; its id."""

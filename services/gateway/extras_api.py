@@ -26,7 +26,6 @@ from proto.requests import (
     ExtrasOptions,
     Webhook,
     extras_options,
-    to_builtins,
 )
 from services.gateway.adapters import (
     resolve_face_restorer,
@@ -103,7 +102,6 @@ async def submit_extras(
     task: TaskRef,
     *,
     sync: bool,
-    parameters: dict[str, Any],
     webhook: Webhook | None = None,
 ) -> Document | None:
     """Queue an extras task for ``images`` (base64 or owned keys); with ``sync``, wait."""
@@ -139,8 +137,7 @@ async def submit_extras(
             input_keys=keys,
             submitted_at=time.time(),
         )
-        shown = parameters | {field: keys if field == "imageList" else keys[0]}
-        echo = Echo(shown, total_steps=1, job_count=len(keys), webhook=checked)
+        echo = Echo(total_steps=1, job_count=len(keys), webhook=checked, images_field=field)
         return await enqueue(res, command, task, echo, sync=sync)
 
 
@@ -149,8 +146,6 @@ async def extra_images(request: web.Request) -> web.StreamResponse:
     res = resources(request)
     user = await caller(request, res)
     body = decode(await read_body(request), ExtraImagesRequest)
-    parameters = to_builtins(body)
-    del parameters["image"]
 
     async def queue(task: TaskRef, sync: bool) -> Document | None:
         return await submit_extras(
@@ -161,7 +156,6 @@ async def extra_images(request: web.Request) -> web.StreamResponse:
             "image",
             task,
             sync=sync,
-            parameters=parameters,
             webhook=body.webhook,
         )
 
@@ -180,12 +174,10 @@ async def _a1111_extras(
     res = resources(request)
     user = await caller(request, res)
     body: ExtraImagesRequest | ExtraBatchImagesRequest = decode(await read_body(request), cls)
-    parameters = to_builtins(body)
     if isinstance(body, ExtraImagesRequest):
         field, images = "image", [body.image]
     else:
         field, images = "imageList", [entry.data for entry in body.imageList]
-    del parameters[field]
     # The seed's headers work here as on A1111's txt2img: `taskId` names the task,
     # `Idempotency-Key` makes retries safe, and `Request-Type: async` answers 202 at once
     # (the outcome is at /tasks/{taskId}/result).
@@ -193,9 +185,7 @@ async def _a1111_extras(
         request,
         res,
         user,
-        lambda task, sync: submit_extras(
-            res, user, body, images, field, task, sync=sync, parameters=parameters
-        ),
+        lambda task, sync: submit_extras(res, user, body, images, field, task, sync=sync),
     )
     if not submitted.sync:
         return await answer(res, submitted)

@@ -28,8 +28,8 @@ from nats.js.errors import APIError
 from pymongo.errors import DuplicateKeyError
 
 from proto import GenerateImage, TaskStatus, names
-from proto.codec import encode
-from proto.commands import AdapterRef, DiffusionTask, Img2ImgTask, Txt2ImgTask
+from proto.codec import SchemaTooNewError, decode_generate, encode
+from proto.commands import AdapterRef, DiffusionTask, ExtrasTask, Img2ImgTask, Txt2ImgTask
 from proto.requests import Img2ImgRequest, Txt2ImgRequest, to_builtins
 from services.common import bus
 from services.gateway import waiting
@@ -234,20 +234,42 @@ async def _submit_admitted(
         res,
         command,
         task,
-        Echo(to_builtins(body), total_steps=body.steps, job_count=body.n_iter, webhook=webhook),
+        Echo(total_steps=body.steps, job_count=body.n_iter, webhook=webhook),
         sync=sync,
         accepted=keep_overrides,
     )
 
 
 class Echo(NamedTuple):
-    """What the task document keeps beside its command: the request's parameters as the
-    client sees them echoed, progress totals, and the checked webhook."""
+    """What the task document keeps beside its command (the one copy of the request):
+    progress totals, the checked webhook and, for extras, the field that held the images
+    (``image`` or ``imageList``: how the result echoes their keys)."""
 
-    parameters: dict[str, Any]
     total_steps: int
     job_count: int
     webhook: dict[str, Any] | None
+    images_field: str | None = None
+
+
+def echoed_parameters(document: Document) -> dict[str, Any]:
+    """The request as the result's ``parameters`` show it (defaults filled in, input
+    images as their object keys), read from the task's command."""
+    if "parameters" in document:  # stored by a gateway from before the command was the copy
+        return dict(document["parameters"])
+    data = document.get("command")
+    if not data:
+        return {}
+    try:
+        command = decode_generate(bytes(data))
+    except (SchemaTooNewError, msgspec.DecodeError):
+        log.warning("task %s: its command cannot be read back", document["_id"])
+        return {}
+    shown = to_builtins(command.request)
+    if isinstance(command, ExtrasTask) and command.input_keys:
+        keys = command.input_keys
+        field = document.get("images_field") or "imageList"
+        shown[field] = keys if field == "imageList" else keys[0]
+    return shown
 
 
 async def enqueue(
@@ -269,13 +291,14 @@ async def enqueue(
         kind=command.kind.value,
         model_name=command.model_name,
         model_key=command.model_key,
-        parameters=echo.parameters,
         total_steps=echo.total_steps,
         job_count=echo.job_count,
         command=data,
         client_id=task.client_id,
     )
     document["webhook"] = echo.webhook
+    if echo.images_field is not None:
+        document["images_field"] = echo.images_field
     check_command(data, command.request, res.settings, res.nc.max_payload)
     if res.nc.is_closed:  # while reconnecting, publishes wait in the client's buffer
         raise ApiError(503, "queue_unavailable", "the task queue is unreachable, retry later")

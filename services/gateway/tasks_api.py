@@ -28,6 +28,7 @@ from services.gateway.resources import Resources, resources
 from services.gateway.submit import (
     TASK_ID_HEADER,
     answer,
+    echoed_parameters,
     submit,
     submit_once,
 )
@@ -82,7 +83,7 @@ async def task_result(request: web.Request) -> web.StreamResponse:
             status=status,
             images=images,
             ossUrl=[await res.objects.presign(k, res.settings.presign_ttl_s) for k in images],
-            parameters=document["parameters"] if succeeded else {},
+            parameters=echoed_parameters(document) if succeeded else {},
             info=info,
             message=document["message"],
             code=document["code"],

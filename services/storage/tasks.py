@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import AsyncIterator
-from typing import Any
 
 from pymongo import ASCENDING, DESCENDING
 from pymongo.asynchronous.collection import AsyncCollection
@@ -57,7 +56,6 @@ def new_task_document(
     kind: str,
     model_name: str,
     model_key: str,
-    parameters: dict[str, Any],
     total_steps: int,
     job_count: int,
     command: bytes = b"",
@@ -73,7 +71,6 @@ def new_task_document(
         "kind": kind,
         "model_name": model_name,
         "model_key": model_key,
-        "parameters": parameters,
         "created_at": dt.datetime.now(dt.UTC),
         "started_at": None,
         "finished_at": None,
@@ -95,7 +92,8 @@ def new_task_document(
         "message": "",
         "worker": None,
         # The encoded command and, once JetStream has it, its stream sequence: the
-        # reconciler publishes a command again if its publish was never confirmed.
+        # reconciler publishes a command again if its publish was never confirmed. It is
+        # the task's one copy of the request (the result's ``parameters`` are read from it).
         "command": command or None,
         "stream_seq": None,
     }

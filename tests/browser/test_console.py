@@ -17,6 +17,7 @@ from selenium.webdriver import Chrome as WebDriver
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.support.ui import Select
 
+from proto.commands import Img2ImgTask, Txt2ImgTask
 from services.storage.users import UserStore
 from tests.browser.conftest import ADMIN, MODEL, PASSWORD, USER, Console
 
@@ -187,9 +188,9 @@ async def test_txt2img_shows_progress_to_100_and_the_image(console: Console) -> 
     assert document is not None
     assert ("succeeded", USER) == (document["status"], document["user"])
     assert 128 == hires_width
-    hires_document = await console.system.task(hires)
-    assert hires_document is not None
-    assert hires_document["parameters"]["enable_hr"]
+    hires_command = await console.system.command(hires)
+    assert isinstance(hires_command, Txt2ImgTask)
+    assert hires_command.request.enable_hr
 
 
 async def test_cancel_stops_a_running_task(console: Console) -> None:
@@ -260,11 +261,13 @@ async def test_painted_mask_inpaints_only_the_painted_half(
     sent = await console.system.task(again)
     assert sent is not None
     assert ("img2img", "succeeded") == (sent["kind"], sent["status"])
-    assert sent["parameters"].get("mask") is None
-    document = await console.system.task(task_id)
-    assert document is not None
-    assert "img2img" == document["kind"]
-    mask = Image.open(io.BytesIO(await console.system.objects.get(document["parameters"]["mask"])))
+    sent_command = await console.system.command(again)
+    assert isinstance(sent_command, Img2ImgTask)
+    assert sent_command.request.mask is None
+    painted = await console.system.command(task_id)
+    assert isinstance(painted, Img2ImgTask)
+    assert painted.request.mask is not None
+    mask = Image.open(io.BytesIO(await console.system.objects.get(painted.request.mask)))
     gray = mask.convert("L")
     assert (64, 64) == gray.size
     assert 255 == gray.getpixel((8, 32))  # painted

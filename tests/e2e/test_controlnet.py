@@ -94,9 +94,9 @@ async def test_the_seed_example_unit_runs_and_steers(system: System) -> None:
     body = {**BODY, "alwayson_scripts": {"controlnet": {"args": [seed_unit(_drawing())]}}}
     status, controlled = await _post(system, "/txt2img", body)
     assert (200, "succeeded") == (status, controlled["status"]), controlled
-    doc = await system.task(controlled["taskId"])
-    assert doc is not None
-    [unit] = doc["parameters"]["alwayson_scripts"]["controlnet"]["args"]
+    async with system.http.get(f"{system.url}/tasks/{controlled['taskId']}/result") as response:
+        stored = await response.json()
+    [unit] = stored["parameters"]["alwayson_scripts"]["controlnet"]["args"]
     key = f"inputs/default/{controlled['taskId']}_0.png"
     assert key == unit["image"], "the stored parameters hold the key, not the base64"
     images = [await system.objects.get(r["images"][0]) for r in (plain, controlled)]

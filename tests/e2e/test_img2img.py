@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from proto.commands import Img2ImgTask
 from tests.system import System
 from tests.waiting import eventually
 
@@ -51,7 +52,9 @@ async def test_img2img_with_base64_and_data_url(system: System) -> None:
     assert doc is not None
     assert "img2img" == doc["kind"]
     assert 2 == doc["progress"]["total_steps"], "strength 0.5 of 4 steps runs 2"
-    assert [f"inputs/default/{result['taskId']}_0.png"] == doc["parameters"]["init_images"]
+    command = await system.command(result["taskId"])
+    assert isinstance(command, Img2ImgTask)
+    assert [f"inputs/default/{result['taskId']}_0.png"] == command.request.init_images
     image = Image.open(io.BytesIO(await system.objects.get(result["images"][0])))
     assert (64, 64) == image.size
     assert "Denoising strength: 0.5" in image.text["parameters"]  # type: ignore[attr-defined]
@@ -127,6 +130,7 @@ async def test_a1111_img2img(system: System) -> None:
     status, echoed = await _post(system, "/sdapi/v1/img2img", {**body, "include_init_images": True})
     assert 200 == status, echoed
     assert body["init_images"] == echoed["parameters"]["init_images"], "as the client sent them"
+
     # The queue is drained: nothing left behind by the sync call.
     async def drained() -> bool:
         query = {"status": {"$in": ["waiting", "running"]}}

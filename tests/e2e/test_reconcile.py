@@ -45,7 +45,6 @@ async def test_a_task_stored_but_never_published_still_runs(system: System) -> N
             user="default",
             model_name=model["name"],
             model_key=model["model_key"],
-            parameters=to_builtins(request),
             total_steps=2,
             command=encode(command),
         )
@@ -55,3 +54,4 @@ async def test_a_task_stored_but_never_published_still_runs(system: System) -> N
     async with system.http.get(f"{system.url}/tasks/{task_id}/result") as response:
         result = await response.json()
     assert 1 == len(result["images"])
+    assert to_builtins(request) == result["parameters"], "echoed from the stored command"

@@ -15,6 +15,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngImageFile
 
 from proto import names
+from proto.commands import Txt2ImgTask
 from proto.enums import TaskStatus
 from services.common import bus
 from tests.system import System
@@ -100,7 +101,9 @@ async def test_async_txt2img_progress_sse_and_result(system: System) -> None:
     assert doc is not None
     assert "succeeded" == doc["status"]
     assert doc["created_at"] <= doc["started_at"] <= doc["finished_at"]
-    assert MODEL == doc["parameters"]["stable_diffusion_model"]
+    command = await system.command(task_id)
+    assert isinstance(command, Txt2ImgTask)
+    assert MODEL == command.request.stable_diffusion_model
     assert json.loads(doc["info"])["seed"] == 1234
 
     async with system.http.get(f"{system.url}/tasks/{task_id}/progress") as response:
