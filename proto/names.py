@@ -28,6 +28,9 @@ SKIP_PAYLOAD = b"skip"
 """On a cancel subject: A1111's skip (end the current job of a batch), not a cancel."""
 # KV bucket holding one key per cancelled task: a queued task is skipped when fetched.
 CANCEL_BUCKET = "sd_cancel"
+# Core NATS (not stored): the sink has folded a task's terminal event into its document;
+# a sync request waiting for the task reads the document then (no polling).
+FOLDED_SUBJECT_PREFIX = "sd.folded"
 # Core NATS (not stored): every worker steps down, in turn within its pool, after its task.
 RESTART_SUBJECT = "sd.control.restart"
 
@@ -119,6 +122,10 @@ def event_subject(task_id: str, kind: str) -> str:
 def task_events_filter(task_id: str) -> str:
     """All events of one task (replay for SSE, wait for sync requests)."""
     return f"{EVENT_SUBJECT_PREFIX}.{check_task_id(task_id)}.>"
+
+
+def folded_subject(task_id: str) -> str:
+    return f"{FOLDED_SUBJECT_PREFIX}.{check_task_id(task_id)}"
 
 
 def cancel_subject(task_id: str) -> str:

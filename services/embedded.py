@@ -207,7 +207,7 @@ async def running_system(
             asyncio.create_task(
                 supervised("scheduler", lambda: scheduler.run(stop), stop), name="scheduler"
             ),
-            *start_storage_tasks(scheduler_settings, js, db, stop),
+            *start_storage_tasks(scheduler_settings, nc, db, stop),
         ]
 
         async def stop_background() -> None:

@@ -13,6 +13,7 @@ the seed's and A1111's answers.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import logging
@@ -153,10 +154,25 @@ async def submit(
     sync: bool,
 ) -> Document | None:
     """Queue a validated request; with ``sync``, wait for its outcome (None: deadline)."""
-    model = await resolve_checkpoint(res, body.stable_diffusion_model, "stable_diffusion_model")
+    # Independent reads at once: the caller's stored options do not depend on the model.
+    model, options = await asyncio.gather(
+        resolve_checkpoint(res, body.stable_diffusion_model, "stable_diffusion_model"),
+        res.options.get(user),
+    )
     hr_upscaler = await resolve_hr_upscaler(res, body) if isinstance(body, Txt2ImgRequest) else None
     async with admitted(res, user):
-        return await _submit_admitted(res, user, body, task, model, hr_upscaler, sync=sync)
+        return await _submit_admitted(
+            res, user, body, task, Resolved(model, options, hr_upscaler), sync=sync
+        )
+
+
+class Resolved(NamedTuple):
+    """What a submission read before its admission."""
+
+    model: Document
+    options: dict[str, Any]
+    """The caller's stored options (``POST /sdapi/v1/options``)."""
+    hr_upscaler: AdapterRef | None
 
 
 async def _submit_admitted(
@@ -164,11 +180,11 @@ async def _submit_admitted(
     user: str,
     body: Txt2ImgRequest | Img2ImgRequest,
     task: TaskRef,
-    model: Document,
-    hr_upscaler: AdapterRef | None,
+    resolved: Resolved,
     *,
     sync: bool,
 ) -> Document | None:
+    model, options, hr_upscaler = resolved
     webhook = await checked_webhook(res, body.webhook)
     if body.styles:
         prompt, negative = await apply_styles(res, body.styles, body.prompt, body.negative_prompt)
@@ -181,7 +197,6 @@ async def _submit_admitted(
         res, body.prompt, body.negative_prompt, family=model.get("family")
     )
     overrides = dict(body.override_settings or {})
-    options = await res.options.get(user)
     if overrides and not body.override_settings_restore_afterwards:
         check_options({**options, **overrides}, res.settings, "override_settings")
     if options:
@@ -408,7 +423,10 @@ async def submit_once(
         waiter = await waiting.TerminalWaiter.start(res.nc, earlier, user)
         try:
             return Submitted(
-                user, shown, await waiter.wait(res.tasks, res.settings.sync_timeout_s), sync
+                user,
+                shown,
+                await waiter.wait(res.tasks, res.settings.sync_timeout_s, read_first=True),
+                sync,
             )
         finally:
             await waiter.close()

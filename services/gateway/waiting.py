@@ -1,10 +1,12 @@
 """Waiting for a task to end (sync requests) and following it live (SSE).
 
-Both read ``sd.event.<task_id>.>``. Sync requests use a core-NATS subscription made
-before publishing (events reach core subscribers as they are stored) to learn that the
-task ended, then answer from the task document once the sink has folded the end in, so
-``GET /tasks/{id}/result`` agrees with every sync answer. MongoDB is also re-read
-periodically, so an event missed during a reconnect only delays the answer.
+Sync requests subscribe (core NATS, before publishing) to ``sd.folded.<task_id>``,
+which the sink publishes once the task's end is in its document, and answer from that
+document, so ``GET /tasks/{id}/result`` agrees with every sync answer: one read, no
+polling. They also hear the task's terminal event (``sd.event.<task_id>.>``) and then
+poll the document with backoff, in case the notice is lost (or the storage service
+predates it); MongoDB is re-read periodically too, so a message missed during a
+reconnect only delays the answer.
 SSE uses a JetStream ordered consumer over ``SD_EVENTS``: it replays the task's
 history first, and ``Last-Event-ID`` (the stream sequence) resumes after a reconnect.
 """
@@ -48,9 +50,9 @@ RECHECK_S = 5.0
 """How often a waiter re-reads MongoDB in case an event was missed."""
 
 
-FOLD_POLL_S = (0.005, 0.1)
-"""After the terminal event: first and longest pause between reads of the task document
-while the sink folds the event in (the pause doubles)."""
+FOLD_POLL_S = (0.05, 0.4)
+"""After the terminal event, without the sink's notice: first and longest pause between
+reads of the task document (the pause doubles)."""
 
 
 class TerminalWaiter:
@@ -65,46 +67,72 @@ class TerminalWaiter:
         self.task_id = task_id
         # Every read is scoped to the caller: a task id alone never reveals a task.
         self.user = user
-        self._heard = asyncio.Event()
-        self._subscription: Subscription | None = None
+        self._wake = asyncio.Event()
+        self._heard = False
+        """The terminal event went by."""
+        self._folded = False
+        """The sink said the document holds the end (since the last read)."""
+        self._subscriptions: list[Subscription] = []
 
     @classmethod
     async def start(cls, nc: Client, task_id: str, user: str) -> TerminalWaiter:
+        """Subscribed: start it before the task can end (before publishing), or pass
+        ``read_first`` to :meth:`wait`."""
         waiter = cls(task_id, user)
-        waiter._subscription = await nc.subscribe(
-            names.task_events_filter(task_id), cb=waiter._on_message
-        )
+        waiter._subscriptions = [
+            await nc.subscribe(names.folded_subject(task_id), cb=waiter._on_folded),
+            await nc.subscribe(names.task_events_filter(task_id), cb=waiter._on_event),
+        ]
         return waiter
 
-    async def _on_message(self, message: Msg) -> None:
+    async def _on_folded(self, message: Msg) -> None:
+        self._folded = True
+        self._wake.set()
+
+    async def _on_event(self, message: Msg) -> None:
         try:
             event = decode_event(message.data)
         except msgspec.DecodeError:
             return
         if isinstance(event, TaskSucceeded | TaskFailed | TaskCancelled):
-            self._heard.set()
+            self._heard = True
+            self._wake.set()
 
-    async def wait(self, tasks: TaskStore, timeout_s: float) -> Document | None:
-        """The terminal task document, or None when ``timeout_s`` passes first."""
+    async def wait(
+        self, tasks: TaskStore, timeout_s: float, *, read_first: bool = False
+    ) -> Document | None:
+        """The terminal task document, or None when ``timeout_s`` passes first.
+        ``read_first``: the task may have ended before :meth:`start`."""
         deadline = time.monotonic() + timeout_s
         pause = FOLD_POLL_S[0]
+        read = read_first
         while True:
-            document = await tasks.get(self.task_id, self.user)
-            if document is not None and TaskStatus(document["status"]).terminal:
-                return document
+            if read:
+                self._folded = False
+                document = await tasks.get(self.task_id, self.user)
+                if document is not None and TaskStatus(document["status"]).terminal:
+                    return document
             if (left := deadline - time.monotonic()) <= 0:
                 return None
-            if not self._heard.is_set():
+            # Wait for the sink's notice; once the terminal event is heard, only for
+            # `pause` (growing) before reading anyway; otherwise RECHECK_S at most.
+            self._wake.clear()
+            woke = False
+            if not self._folded:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._heard.wait(), min(left, RECHECK_S))
-            else:  # the event is out: the sink folds it in a moment
-                await asyncio.sleep(min(pause, left))
-                pause = min(pause * 2, FOLD_POLL_S[1])
+                    timeout = min(left, pause if self._heard else RECHECK_S)
+                    woke = await asyncio.wait_for(self._wake.wait(), timeout)
+            if self._folded or not woke:
+                read = True
+                if self._heard and not self._folded:
+                    pause = min(pause * 2, FOLD_POLL_S[1])
+            else:  # the terminal event, just now: the notice follows in a moment
+                read = False
 
     async def close(self) -> None:
-        if self._subscription is not None:
+        for subscription in self._subscriptions:
             with contextlib.suppress(Exception):
-                await self._subscription.unsubscribe()
+                await subscription.unsubscribe()
 
 
 def _sse_frame(event_name: str, data: dict[str, Any], event_id: int | None = None) -> bytes:

@@ -32,6 +32,7 @@ from services.inference.pipeline import (
     Inputs,
     StepCallback,
     TaskCancelledError,
+    on_this_thread,
 )
 from services.inference.presentation import extras_infotext, second_upscaler
 from services.inference.upscalers import (
@@ -93,6 +94,7 @@ class ExtrasRunner:
         # A1111's skip ends a job of a batch; an extras task has none to skip.
         if not isinstance(command, ExtrasTask):
             raise GenerationError("wrong_worker", "an extras worker got a task without extras")
+        on_this_thread(self.device)
         options = command.request
         refusal = options.face_refusal(has_restorer=command.face_restorer is not None)
         if refusal is not None:

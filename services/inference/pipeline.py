@@ -128,6 +128,15 @@ class Pipeline(Protocol):
         ...
 
 
+def on_this_thread(device: str) -> None:
+    """Per-thread settings for the thread about to run a task. On CPU, denormal floats
+    flushed to zero: random or tiny weights hit denormals and run many times slower. The
+    flag is per thread (threads inherit it only from the thread that starts them), and
+    a task runs on whichever executor thread is free."""
+    if device == "cpu":
+        torch.set_flush_denormal(True)
+
+
 def release_memory(device: str) -> None:
     """Between tasks: hand the CUDA allocator's cached blocks back (the loaded weights
     stay), so a task's activations do not hold GPU memory while the worker idles."""
@@ -279,6 +288,7 @@ class DiffusersPipeline:
     ) -> Generation:
         if isinstance(command, ExtrasTask):
             raise GenerationError("wrong_worker", "a checkpoint's worker got an extras task")
+        on_this_thread(self.device)
         request: Request = command.request
         images_in = _load_images(request, inputs) if isinstance(request, Img2ImgRequest) else None
         if should_stop():  # the inputs' preparation (masks, blurs) may have taken a while
@@ -329,6 +339,7 @@ class DiffusersPipeline:
         call per job; fills each member's outcome (see :mod:`services.inference.batched`)."""
         from services.inference.batched import run_batch
 
+        on_this_thread(self.device)
         run_batch(self, members)
 
     def plan(self, command: DiffusionTask, request: Request) -> TaskPlan:

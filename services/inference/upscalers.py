@@ -152,9 +152,7 @@ class LoadedModels(Generic[M]):
     """Loaded models by path, least recently used evicted past ``capacity``; ``loader``
     makes one from ``(name, path, device)``. Thread-safe (pipeline threads share it)."""
 
-    def __init__(
-        self, device: str, capacity: int, loader: Callable[[str, Path, str], M]
-    ) -> None:
+    def __init__(self, device: str, capacity: int, loader: Callable[[str, Path, str], M]) -> None:
         self.device = device
         self.capacity = capacity
         self._loader = loader

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import sys
 import threading
@@ -64,6 +65,9 @@ from services.storage.objects import ObjectNotFoundError, ObjectStore
 
 log = logging.getLogger(__name__)
 NAK_DELAY_S = 2.0
+IN_PROGRESS_EVERY_S = 1.0
+"""In-progress acks of a running task at most this often (a tenth of ``ack_wait`` if that
+is less): one per step cost the pipeline thread time on fast steps."""
 HEARTBEAT_S = 5.0
 """Liveness record refresh (well inside the bucket's TTL). Never used to ack tasks."""
 
@@ -774,9 +778,9 @@ class _Run:
 
 
 class _Reporter:
-    """One task's progress: steps from the pipeline thread, published in order on the
-    loop with an in-progress ack for each (a hung kernel stops them, and the task is
-    redelivered after ``ack_wait``)."""
+    """One task's progress: steps from the pipeline thread, each published in order on
+    the loop, with in-progress acks at most every ``IN_PROGRESS_EVERY_S`` (a hung kernel
+    stops them, and the task is redelivered after ``ack_wait``)."""
 
     def __init__(self, worker: Worker, task: _Held, loop: asyncio.AbstractEventLoop) -> None:
         self.worker, self.task, self.loop = worker, task, loop
@@ -789,18 +793,28 @@ class _Reporter:
         self.job_count = request.n_iter if request else max(len(command.input_keys), 1)
         self._publisher = loop.create_task(self._publish_all())
         self._acking: asyncio.Task[None] | None = None
+        self._acked_at = -math.inf
+        self._ack_every_s = min(IN_PROGRESS_EVERY_S, worker.settings.ack_wait_s / 10)
+        """When the last in-progress ack was sent (the pipeline thread's clock reading)."""
         self._closed = False
 
     def on_step(self, job_no: int, step: int, total: int, preview: bytes | None) -> None:
-        # Called from the pipeline thread: hand over to the event loop.
+        # Called from the pipeline thread: one hand-over to the event loop per step (its
+        # work there competes with this thread for the interpreter).
         self.last = Progress(job_no, step, total)
-        self.loop.call_soon_threadsafe(self._keep_alive)
-        self.loop.call_soon_threadsafe(
-            self.steps.put_nowait, Progress(job_no, step, total, preview)
-        )
+        now = time.monotonic()
+        ack = now - self._acked_at >= self._ack_every_s
+        if ack:
+            self._acked_at = now
+        self.loop.call_soon_threadsafe(self._stepped, Progress(job_no, step, total, preview), ack)
+
+    def _stepped(self, progress: Progress, ack: bool) -> None:
+        if ack:
+            self._keep_alive()
+        self.steps.put_nowait(progress)
 
     def _keep_alive(self) -> None:
-        """An in-progress ack per step, sent at once: it must not queue behind the
+        """An in-progress ack, sent at once: it must not queue behind the
         progress events (each waits for JetStream to store it, which may be slow), or a
         busy server would let the ack deadline pass while the task is making progress."""
         if self._acking is None or self._acking.done():

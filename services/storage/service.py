@@ -16,7 +16,7 @@ import contextlib
 import logging
 from pathlib import Path
 
-from nats.js import JetStreamContext
+from nats.aio.client import Client
 from pymongo.asynchronous.database import AsyncDatabase
 
 from services.common import bus, logs, metrics
@@ -37,14 +37,15 @@ log = logging.getLogger(__name__)
 
 def start_storage_tasks(
     settings: StoreSettings,
-    js: JetStreamContext,
+    nc: Client,
     db: AsyncDatabase[Document],
     stop: asyncio.Event,
 ) -> list[asyncio.Task[None]]:
     """Start the storage parts, each supervised (restarted on error) until ``stop``."""
+    js = nc.jetstream()
     models, tasks = ModelStore(db), TaskStore(db)
     parts = {
-        "storage sink": lambda: run_sink(js, tasks, stop),
+        "storage sink": lambda: run_sink(nc, tasks, stop),
         "dead letters": lambda: run_dead_letters(js, db, stop),
         "reconciler": lambda: run_reconciler(
             js,
@@ -80,7 +81,7 @@ async def serve(settings: StoreSettings) -> None:
         stack.push_async_callback(nc.drain)
         js = nc.jetstream()
         await bus.ensure_streams(js, settings)
-        running = start_storage_tasks(settings, js, stores.db, stop)
+        running = start_storage_tasks(settings, nc, stores.db, stop)
         log.info("storage service running (models folder %s)", settings.models_dir)
         await stop.wait()
         await asyncio.gather(*running, return_exceptions=True)

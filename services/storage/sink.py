@@ -2,7 +2,9 @@
 
 A durable pull consumer (``storage``) on ``SD_EVENTS``; the fold is idempotent
 (:meth:`TaskStore.apply`), so redelivery after a crash, several sink replicas and
-duplicate events are all harmless. Ack comes after the MongoDB write.
+duplicate events are all harmless. Ack comes after the MongoDB write. Once a terminal
+event is in, a core-NATS notice on ``sd.folded.<task_id>`` tells a sync request waiting
+for the task that its document is final.
 """
 
 from __future__ import annotations
@@ -11,13 +13,13 @@ import asyncio
 import logging
 
 import msgspec
+from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from pymongo.errors import PyMongoError
 
 from proto import names
-from proto.events import TaskEvent, TaskProgressed, decode_event
+from proto.events import TERMINAL_KINDS, TaskEvent, TaskProgressed, decode_event, event_kind
 from services.common import consumer
 from services.storage.tasks import TaskStore, progress_order
 
@@ -58,14 +60,14 @@ def _superseded(events: list[tuple[Msg, TaskEvent]]) -> set[int]:
 
 
 async def run_sink(
-    js: JetStreamContext,
+    nc: Client,
     tasks: TaskStore,
     stop: asyncio.Event,
     *,
     fetch_timeout_s: float = FETCH_TIMEOUT_S,
     retry_s: float = RETRY_S,
 ) -> None:
-    subscription = await js.pull_subscribe(
+    subscription = await nc.jetstream().pull_subscribe(
         names.EVENT_SUBJECTS,
         durable=names.STORAGE_CONSUMER,
         stream=names.EVENT_STREAM,
@@ -82,6 +84,8 @@ async def run_sink(
         except PyMongoError as exc:
             # MongoDB is down or failing over: keep the event, retry it shortly.
             raise consumer.Retry(retry_s, f"cannot fold yet: {exc}") from exc
+        if event_kind(event) in TERMINAL_KINDS:
+            await nc.publish(names.folded_subject(event.task_id))
 
     folded = 0
     try:

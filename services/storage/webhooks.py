@@ -33,6 +33,7 @@ import logging
 import socket
 import time
 import urllib.parse
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +64,9 @@ MAX_RESPONSE_BYTES = 64 * 1024
 FETCH_BATCH = 64
 """Events fetched per request; deliveries start as soon as each arrives."""
 DEFER_S = 1.0
+TASKS_REMEMBERED = 4096
+"""Tasks whose webhook (or its absence) the dispatcher remembers: a task's webhook never
+changes, and every event of a task would otherwise read its document again."""
 """An event for a receiver whose backlog is full comes back after this long."""
 COMPLETED = frozenset(TERMINAL_KINDS)
 
@@ -231,6 +235,19 @@ class Dispatcher:
         self.slots = asyncio.Semaphore(settings.webhook_max_concurrency)
         self.receivers: dict[tuple[str, str, str, int], _Receiver] = {}
         self.ack_wait_s = max(settings.webhook_timeout_s * 3, 30)
+        self._tasks_seen: OrderedDict[str, Document | None] = OrderedDict()
+
+    async def _task(self, task_id: str) -> Document | None:
+        """The fields of a task that its deliveries need, read once per task (a task's
+        document exists before its first event: the gateway stores it, then publishes)."""
+        if task_id in self._tasks_seen:
+            self._tasks_seen.move_to_end(task_id)
+            return self._tasks_seen[task_id]
+        task = await self.tasks.fields(task_id, "webhook", "user", "client_id")
+        self._tasks_seen[task_id] = task
+        if len(self._tasks_seen) > TASKS_REMEMBERED:
+            self._tasks_seen.popitem(last=False)
+        return task
 
     async def handle(self, message: Msg) -> None:
         """Deliver one event (raises :class:`~services.common.consumer.Retry` to try again
@@ -239,7 +256,7 @@ class Dispatcher:
             event = decode_event(message.data)
         except msgspec.DecodeError as exc:
             raise consumer.Poison(f"undecodable event: {exc}") from exc
-        task = await self.tasks.fields(event.task_id, "webhook", "user", "client_id")
+        task = await self._task(event.task_id)
         hook = (task or {}).get("webhook")
         if not task or not hook or not subscribed(event_kind(event), hook.get("events", [])):
             return

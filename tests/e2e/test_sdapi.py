@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from proto.requests import Txt2ImgRequest
 from tests.system import System
 from tests.waiting import eventually
 
@@ -204,12 +205,10 @@ async def test_prompt_styles_from_the_a1111_styles_file(system: System) -> None:
         "height": 64,
     }
     task_id = await system.submit(body)
-    document = await system.task(task_id)
-    assert document is not None
-    assert (
-        "film still of a fox, dramatic light, highly detailed" == document["parameters"]["prompt"]
-    )
-    assert "text, blurry" == document["parameters"]["negative_prompt"]
+    sent = (await system.command(task_id)).request
+    assert isinstance(sent, Txt2ImgRequest)
+    assert "film still of a fox, dramatic light, highly detailed" == sent.prompt
+    assert "text, blurry" == sent.negative_prompt
     async with system.http.post(
         f"{system.url}/txt2img",
         json={**body, "styles": ["nope"]},

@@ -128,9 +128,7 @@ def test_all_cancelled_stops_the_call(runner: DiffusersPipeline) -> None:
     assert all(len(r.steps) == 1 for r in recorders), "no step after everyone left"
 
 
-def test_a_bad_embedding_fails_its_own_task_only(
-    runner: DiffusersPipeline, tmp_path: Path
-) -> None:
+def test_a_bad_embedding_fails_its_own_task_only(runner: DiffusersPipeline, tmp_path: Path) -> None:
     from proto.commands import AdapterRef
 
     bad = tmp_path / "bad.pt"

@@ -56,8 +56,10 @@ def test_second_load_hits_the_cache_with_identical_images(
     second, warm = _load(tiny_checkpoint, tmp_path, sha256)
     assert True is warm.weights_cached
     assert first == second, "the cached copy gives bit-identical images"
-    print(f"\nweights phase: converted {cold.seconds()['weights']:.2f} s,"
-          f" cached {warm.seconds()['weights']:.2f} s")
+    print(
+        f"\nweights phase: converted {cold.seconds()['weights']:.2f} s,"
+        f" cached {warm.seconds()['weights']:.2f} s"
+    )
 
 
 def test_another_file_is_a_miss_and_a_stale_copy_is_dropped(

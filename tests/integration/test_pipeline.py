@@ -120,9 +120,7 @@ def test_a_cancel_between_the_passes_stops_before_the_second(
     from services.inference.pipeline import TaskCancelledError
     from tests.fixtures.tiny_runner import tiny_command
 
-    command = tiny_command(
-        enable_hr=True, hr_scale=2, hr_upscaler=upscaler, denoising_strength=0.5
-    )
+    command = tiny_command(enable_hr=True, hr_scale=2, hr_upscaler=upscaler, denoising_strength=0.5)
     asked: list[int] = []
     steps: list[int] = []
 

@@ -62,7 +62,10 @@ async def test_in_flight_stays_within_the_budget_across_a_leader_crash(
 ) -> None:
     command = stand_in_worker(tmp_path, "quick_worker", QUICK_WORKER)
     settings = scheduler_settings(
-        private_nats_url, mongo_server.url, fresh_db, tmp_path,
+        private_nats_url,
+        mongo_server.url,
+        fresh_db,
+        tmp_path,
         gpu_slots=BUDGET,
         # One task per slot: the consumer limit then caps tasks in flight at the budget
         # even while the new leader's workers run beside the old one's (local backend).
@@ -121,6 +124,7 @@ async def test_in_flight_stays_within_the_budget_across_a_leader_crash(
 
         sampler = asyncio.create_task(sample())
         index = 0
+
         async def at_most(count: int) -> bool:
             return await left() <= count
 

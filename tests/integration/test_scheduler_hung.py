@@ -70,7 +70,10 @@ async def test_a_worker_stuck_in_a_step_is_killed_and_its_task_delivered_again(
 ) -> None:
     command = stand_in_worker(tmp_path, "stuck_worker", STUCK_WORKER)
     settings = scheduler_settings(
-        private_nats_url, mongo_server.url, fresh_db, tmp_path,
+        private_nats_url,
+        mongo_server.url,
+        fresh_db,
+        tmp_path,
         poll_interval_s=0.2,
         hung_after_s=HUNG_AFTER_S,
         ack_wait_s=2,

@@ -41,7 +41,7 @@ async def sink(nats_server: Any, fresh_db: Any) -> AsyncIterator[tuple[NATS, Tas
     stop = asyncio.Event()
     # Short empty fetches: the test sees several of them without waiting a second each.
     runner = asyncio.create_task(
-        supervised("sink", lambda: run_sink(js, tasks, stop, fetch_timeout_s=0.1), stop)
+        supervised("sink", lambda: run_sink(nc, tasks, stop, fetch_timeout_s=0.1), stop)
     )
     yield nc, tasks
     stop.set()
@@ -107,3 +107,27 @@ async def test_events_are_folded_idempotently_after_idle_periods(
 async def _drained(js: JetStreamContext) -> bool:
     info = await js.consumer_info(names.EVENT_STREAM, names.STORAGE_CONSUMER)
     return not info.num_pending and not info.num_ack_pending
+
+
+async def test_a_folded_end_is_announced_once_it_is_in_the_document(
+    sink: tuple[NATS, TaskStore],
+) -> None:
+    nc, tasks = sink
+    task_id = secrets.token_hex(6)
+    await tasks.insert(task_document(task_id, total_steps=1))
+    seen: asyncio.Queue[str] = asyncio.Queue()
+
+    async def announced(message: Msg) -> None:
+        document = await tasks.get(task_id)
+        seen.put_nowait(document["status"] if document else "missing")
+
+    subscription = await nc.subscribe(names.folded_subject(task_id), cb=announced)
+    try:
+        await _publish(nc.jetstream(), TaskStarted(task_id=task_id, attempt=1))
+        await _publish(nc.jetstream(), TaskSucceeded(task_id=task_id, attempt=1, images=[]))
+        # Only the end is announced, and the document already says so when it is.
+        assert "succeeded" == await asyncio.wait_for(seen.get(), 15)
+        await eventually(lambda: _drained(nc.jetstream()), "every event settled")
+        assert seen.empty(), "started was not announced"
+    finally:
+        await subscription.unsubscribe()

@@ -27,9 +27,7 @@ async def store(fresh_db: Any) -> TaskStore:
 
 async def _new_task(store: TaskStore) -> str:
     task_id = secrets.token_hex(6)
-    await store.insert(
-        task_document(task_id, user="alice", total_steps=4)
-    )
+    await store.insert(task_document(task_id, user="alice", total_steps=4))
     return task_id
 
 

@@ -105,12 +105,15 @@ async def test_two_gib_upload_keeps_gateway_memory_flat(
             handle.close()
 
     started = time.monotonic()
-    async with aiohttp.ClientSession() as http, http.put(
-        f"{url}/models/big?type=lora",
-        data=chunks(),
-        headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
-        timeout=aiohttp.ClientTimeout(total=600),
-    ) as response:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.put(
+            f"{url}/models/big?type=lora",
+            data=chunks(),
+            headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+            timeout=aiohttp.ClientTimeout(total=600),
+        ) as response,
+    ):
         body = await response.json()
         assert 201 == response.status, body
     seconds = time.monotonic() - started

@@ -14,10 +14,13 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 from aiohttp import web
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from proto import names
@@ -25,8 +28,10 @@ from proto.events import TaskEvent, TaskProgressed, TaskSucceeded, encode_event
 from services.common import bus
 from services.common.servers import free_port
 from services.common.settings import StoreSettings, from_environ
-from services.storage.mongo import database, open_client
+from services.storage.mongo import Document, database, open_client
+from services.storage.tasks import TaskStore
 from services.storage.webhooks import Dispatcher
+from tests.documents import task_document
 from tests.waiting import eventually, until
 
 pytestmark = pytest.mark.integration
@@ -187,3 +192,22 @@ async def test_a_full_receiver_backlog_is_deferred_not_failed(
         assert 1 == receiver.most_concurrent
         assert 0 == await hooks.db["webhook_failures"].count_documents({})
         assert 0 == await hooks.db["webhook_attempts"].count_documents({})
+
+
+async def test_a_tasks_document_is_read_once_for_all_its_events(fresh_db: Any) -> None:
+    """A task's webhook never changes: its events after the first are not a read each."""
+    reads: list[str] = []
+
+    class Counted(TaskStore):
+        async def fields(self, task_id: str, *names: str) -> Document | None:
+            reads.append(task_id)
+            return await super().fields(task_id, *names)
+
+    dispatcher = Dispatcher(cast(JetStreamContext, None), fresh_db, StoreSettings())
+    dispatcher.tasks = Counted(fresh_db)
+    task_id = secrets.token_hex(6)
+    await dispatcher.tasks.insert(task_document(task_id))  # no webhook
+    for step in (1, 2, 3):
+        event = TaskProgressed(task_id=task_id, step=step, total_steps=3)
+        await dispatcher.handle(cast(Msg, SimpleNamespace(data=encode_event(event))))
+    assert [task_id] == reads
