@@ -3,13 +3,15 @@ and still answered by polling when no notice comes (a storage service from befor
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from nats.aio.client import Client as NATS
 from pymongo.asynchronous.database import AsyncDatabase
 
 from proto import names
-from proto.events import TaskSucceeded, encode_event
+from proto.events import TaskCancelled, encode_event
 from services.common import bus
 from services.gateway.waiting import TerminalWaiter
 from services.storage.mongo import Document
@@ -35,58 +37,51 @@ class Tasks(TaskStore):
         await self.collection.update_one({"_id": task_id}, {"$set": {"status": status}})
 
 
-async def test_the_notice_answers_with_one_read(
+@pytest.fixture
+async def waiter(
     nats_server: Any, fresh_db: AsyncDatabase[Document]
-) -> None:
+) -> AsyncIterator[tuple[NATS, Tasks, TerminalWaiter]]:
+    """A waiter for task ``t`` of alice (stored, running), subscribed."""
     nc = await bus.connect(nats_server.url, "test-waiter")
     tasks = Tasks(fresh_db)
-    await tasks.new("t1")
-    waiter = await TerminalWaiter.start(nc, "t1", "alice")
-    try:
-        await tasks.end("t1", "succeeded")  # folded, then announced
-        await nc.publish(names.folded_subject("t1"))
-        document = await waiter.wait(tasks, 10)
-        assert document is not None
-        assert "succeeded" == document["status"]
-        assert 1 == tasks.reads, "no read before the notice, one after"
-    finally:
-        await waiter.close()
-        await nc.close()
+    await tasks.new("t")
+    waiter = await TerminalWaiter.start(nc, "t", "alice")
+    yield nc, tasks, waiter
+    await waiter.close()
+    await nc.close()
+
+
+async def test_the_notice_answers_with_one_read(
+    waiter: tuple[NATS, Tasks, TerminalWaiter],
+) -> None:
+    nc, tasks, wait = waiter
+    await tasks.end("t", "succeeded")  # folded, then announced
+    await nc.publish(names.folded_subject("t"))
+    document = await wait.wait(tasks, 10)
+    assert document is not None
+    assert "succeeded" == document["status"]
+    assert 1 == tasks.reads, "no read before the notice, one after"
 
 
 async def test_without_a_notice_the_terminal_event_starts_polling(
-    nats_server: Any, fresh_db: AsyncDatabase[Document]
+    waiter: tuple[NATS, Tasks, TerminalWaiter],
 ) -> None:
-    nc = await bus.connect(nats_server.url, "test-waiter")
-    tasks = Tasks(fresh_db)
-    await tasks.new("t2")
-    waiter = await TerminalWaiter.start(nc, "t2", "alice")
-    try:
-        await tasks.end("t2", "succeeded")
-        event = TaskSucceeded(task_id="t2", images=[])
-        await nc.publish(names.event_subject("t2", "succeeded"), encode_event(event))
-        document = await waiter.wait(tasks, 10)
-        assert document is not None
-        assert "succeeded" == document["status"]
-        assert tasks.reads >= 1
-    finally:
-        await waiter.close()
-        await nc.close()
+    nc, tasks, wait = waiter
+    await tasks.end("t", "cancelled")
+    event = TaskCancelled(task_id="t")
+    await nc.publish(names.event_subject("t", "cancelled"), encode_event(event))
+    document = await wait.wait(tasks, 10)
+    assert document is not None
+    assert "cancelled" == document["status"]
+    assert tasks.reads >= 1
 
 
 async def test_a_task_that_may_have_ended_before_the_wait_is_read_first(
-    nats_server: Any, fresh_db: AsyncDatabase[Document]
+    waiter: tuple[NATS, Tasks, TerminalWaiter],
 ) -> None:
-    nc = await bus.connect(nats_server.url, "test-waiter")
-    tasks = Tasks(fresh_db)
-    await tasks.new("t3")
-    await tasks.end("t3", "failed")
-    waiter = await TerminalWaiter.start(nc, "t3", "alice")
-    try:
-        document = await waiter.wait(tasks, 10, read_first=True)
-        assert document is not None
-        assert "failed" == document["status"]
-        assert 1 == tasks.reads
-    finally:
-        await waiter.close()
-        await nc.close()
+    _, tasks, wait = waiter
+    await tasks.end("t", "failed")
+    document = await wait.wait(tasks, 10, read_first=True)
+    assert document is not None
+    assert "failed" == document["status"]
+    assert 1 == tasks.reads
