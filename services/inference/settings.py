@@ -49,7 +49,9 @@ class WorkerSettings(StoreSettings, kw_only=True, frozen=True):
     preview_interval_s: float = 1.0
     """Upload a live preview (``images/{user}/{task}_progress.png``) at most this often; 0: off."""
     worker_id: str = msgspec.field(default_factory=_default_worker_id)
-    fetch_timeout_s: float = 5.0
+    fetch_timeout_s: float = 1.0
+    """How long one fetch waits for a task: an idle worker notices SIGTERM (and its idle
+    time) after at most this (5 s cost every stop and every test system 4 s)."""
     restart_stagger_s: float = 20.0
     """On ``POST /restart`` the n-th worker of a pool steps down n × this after the first,
     so a pool never restarts all at once."""
