@@ -127,6 +127,10 @@ class StoreSettings(BusSettings, kw_only=True, frozen=True):
     s3_access_key: str = ""
     s3_secret_key: str = ""
     s3_region: str = "us-east-1"
+    s3_public_url: str = ""
+    """Where clients reach the S3 endpoint when that is not ``s3_endpoint_url`` (a stack
+    that talks to ``http://s3:8333`` inside, published as ``https://s3.example.com``):
+    result URLs are signed for it (SigV4 signs the host). Empty: ``s3_endpoint_url``."""
     public_url: str = "http://127.0.0.1:7860"
     """Base URL clients reach the gateway at; local-store download links point there."""
     url_secret: str = ""

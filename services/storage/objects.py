@@ -152,10 +152,15 @@ def _atomic_write(path: Path, data: bytes) -> None:
 class S3ObjectStore:
     """Any S3-compatible endpoint (SeaweedFS, MinIO, AWS S3, Alibaba OSS)."""
 
-    def __init__(self, client: Any, bucket: str, stack: AsyncExitStack) -> None:
+    def __init__(
+        self, client: Any, bucket: str, stack: AsyncExitStack, presigner: Any = None
+    ) -> None:
         self._client = client
         self.bucket = bucket
         self._stack = stack
+        self._presigner = presigner or client
+        """Signs result URLs: a client of the public endpoint when it differs (signing
+        is local: it never connects)."""
 
     @classmethod
     async def open(cls, settings: StoreSettings) -> S3ObjectStore:
@@ -166,18 +171,26 @@ class S3ObjectStore:
         from botocore.config import Config
 
         session = aioboto3.Session()
-        client = await stack.enter_async_context(
-            session.client(
-                "s3",
-                endpoint_url=settings.s3_endpoint_url,
-                aws_access_key_id=settings.s3_access_key or None,
-                aws_secret_access_key=settings.s3_secret_key or None,
-                region_name=settings.s3_region,
-                # SigV4 everywhere: botocore would presign with SigV2 for us-east-1.
-                config=Config(signature_version="s3v4"),
+
+        async def client_of(endpoint_url: str) -> Any:
+            return await stack.enter_async_context(
+                session.client(
+                    "s3",
+                    endpoint_url=endpoint_url,
+                    aws_access_key_id=settings.s3_access_key or None,
+                    aws_secret_access_key=settings.s3_secret_key or None,
+                    region_name=settings.s3_region,
+                    # SigV4 everywhere: botocore would presign with SigV2 for us-east-1.
+                    config=Config(signature_version="s3v4"),
+                )
             )
-        )
-        store = cls(client, settings.s3_bucket, stack)
+
+        client = await client_of(settings.s3_endpoint_url)
+        public = settings.s3_public_url.rstrip("/")
+        presigner = None
+        if public and public != settings.s3_endpoint_url.rstrip("/"):
+            presigner = await client_of(public)
+        store = cls(client, settings.s3_bucket, stack, presigner)
         try:
             await store._ensure_bucket()
         except BaseException:
@@ -233,7 +246,7 @@ class S3ObjectStore:
         return str(head.get("ETag", "")).strip('"') or None
 
     async def presign(self, key: str, ttl_s: int) -> str:
-        url: str = await self._client.generate_presigned_url(
+        url: str = await self._presigner.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": check_key(key)}, ExpiresIn=ttl_s
         )
         return url

@@ -32,6 +32,8 @@ from services.common.servers import (
     claim_port,
     port_free,
 )
+from services.common.settings import StoreSettings
+from services.storage.objects import open_object_store
 from tests.procs import processes
 from tests.servers import MongoInfo, NatsInfo, S3Info
 from tests.waiting import until
@@ -354,3 +356,31 @@ async def test_a_server_dies_with_its_parent_on_kill_9(tmp_path: Path) -> None:
     parent.kill()  # SIGKILL: no cleanup code of the parent runs
     await parent.wait()
     await until(lambda: not _live_members(child), "nats-server gone with its parent's kill -9")
+
+
+async def test_result_urls_are_signed_for_the_public_s3_endpoint(s3_server: S3Info) -> None:
+    """Services reach S3 at one address, clients at another: the URL must be signed for
+    the clients' host (SigV4 signs it), not have its host swapped afterwards."""
+    inside = s3_server.endpoint_url
+    public = inside.replace("127.0.0.1", "localhost")
+    assert public != inside
+    settings = StoreSettings(
+        s3_endpoint_url=inside,
+        s3_public_url=public,
+        s3_bucket=f"test-{secrets.token_hex(4)}",
+        s3_access_key=s3_server.access_key,
+        s3_secret_key=s3_server.secret_key,
+    )
+    store = await open_object_store(settings)
+    try:
+        await store.put("images/u/t_1.png", b"png bytes")
+        url = await store.presign("images/u/t_1.png", 60)
+        assert url.startswith(public + "/"), url
+        swapped = url.replace(public, inside)  # what rewriting the host would give
+        async with aiohttp.ClientSession() as http:
+            async with http.get(url) as response:
+                assert (200, b"png bytes") == (response.status, await response.read())
+            async with http.get(swapped) as wrong:
+                assert 403 == wrong.status, "the host is part of the signature"
+    finally:
+        await store.aclose()
