@@ -52,6 +52,8 @@ class ModelType(enum.StrEnum):
     EMBEDDING = "embedding"
     FACE_RESTORER = "faceRestorer"
     """GFPGAN-style face restoration networks (A1111's ``GFPGAN/`` folder)."""
+    VAE_APPROX = "vaeApprox"
+    """TAESD decoders for live previews (A1111's ``VAE-approx/`` folder)."""
 
 
 class ModelStatus(enum.StrEnum):

@@ -75,6 +75,7 @@ def make_pipeline_factory(  # type: ignore[no-untyped-def]
             model_hash=settings.model_hash,
             device=device,
             preview_interval_s=settings.preview_interval_s,
+            preview_decoder=settings.preview_decoder_path,
             cache_dir=Path(settings.cache_dir),
             png_compress_level=settings.png_compress_level,
             upscale_tile_px=settings.upscale_tile_px,

@@ -39,7 +39,6 @@ from services.inference.pipeline import (
     release_memory,
 )
 from services.inference.presentation import preview_every
-from services.inference.previews import latent_preview
 
 log = logging.getLogger(__name__)
 TEXT_KEYS = frozenset({"prompt", "negative_prompt"})
@@ -210,7 +209,7 @@ def _callback(
             due = (every > 0 and done % every == 0) if every is not None else timed
             preview = None
             if due and latents is not None:
-                preview = latent_preview(latents[start:end], pipeline.traits.preview_factors)
+                preview = pipeline.previews.render(latents[start:end])
             member.on_step(job_no, done, total, preview)
         if not left:
             raise JobSkippedError

@@ -46,7 +46,7 @@ from services.inference.presentation import (
     noise_seed_delta,
     preview_every,
 )
-from services.inference.previews import latent_preview
+from services.inference.previews import PreviewRenderer
 from services.inference.prompts import encode_weighted, encode_weighted_xl, needs_own_encoder
 from services.inference.samplers import apply_churn, build_scheduler
 from services.inference.upcast import guard_decode
@@ -236,6 +236,7 @@ class DiffusersPipeline:
         model_hash: str,
         device: str,
         preview_interval_s: float = 0.0,
+        preview_decoder: str = "",
         max_loras: int = 8,
         cache_dir: Path | None = None,
         png_compress_level: int = PNG_COMPRESS_LEVEL,
@@ -269,6 +270,10 @@ class DiffusersPipeline:
         self._embeddings: dict[str, str] = {}
         """Loaded textual inversions: name → file identity."""
         self.preview_interval_s = preview_interval_s
+        self.previews = PreviewRenderer(
+            self.traits.preview_factors, preview_decoder, device, pipe.unet.dtype
+        )
+        """Draws live previews (TAESD when given ``preview_decoder``, see :mod:`previews`)."""
         self._next_preview = 0.0
         self.model_name = model_name
         self.model_hash = model_hash
@@ -557,7 +562,7 @@ class DiffusersPipeline:
             now = time.monotonic()
             latents = kwargs.get("latents")
             if latents is not None and self._preview_due(every, done, now):
-                preview = latent_preview(latents, self.traits.preview_factors)
+                preview = self.previews.render(latents)
             on_step(job_no, done, total, preview)
             return kwargs
 

@@ -48,6 +48,9 @@ class WorkerSettings(StoreSettings, kw_only=True, frozen=True):
     """``v_prediction`` for v-models (SD2.x 768-v); empty: the family's default (epsilon)."""
     preview_interval_s: float = 1.0
     """Upload a live preview (``images/{user}/{task}_progress.png``) at most this often; 0: off."""
+    preview_decoder_path: str = ""
+    """A TAESD decoder (``vaeApprox``) drawing the previews; empty: the latent → RGB
+    approximation. The scheduler sets it from the registry."""
     worker_id: str = msgspec.field(default_factory=_default_worker_id)
     fetch_timeout_s: float = 1.0
     """How long one fetch waits for a task: an idle worker notices SIGTERM (and its idle

@@ -109,6 +109,27 @@ def build_tiny_sd1(out_dir: Path, seed: int = 0) -> TinyModel:
     return TinyModel(single_file=single, diffusers_dir=diffusers_dir)
 
 
+def build_taesd_decoder(path: Path, *, released: bool = True, seed: int = 0) -> Path:
+    """A random-weight TAESD decoder (the real architecture, ~1 M parameters) at ``path``:
+    laid out as released (a bare layer sequence after a parameterless clamp) or, with
+    ``released=False``, as diffusers' ``AutoencoderTiny`` saves it (``decoder.layers.*``)."""
+    from diffusers import AutoencoderTiny
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    decoder = AutoencoderTiny().decoder  # type: ignore[attr-defined]
+    state = {k: v.contiguous() for k, v in decoder.state_dict().items()}
+    if released:
+        state = {
+            f"{int(k.split('.')[1]) + 1}.{k.split('.', 2)[2]}": v for k, v in state.items()
+        }
+    else:
+        state = {f"decoder.{k}": v for k, v in state.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path))
+    return path
+
+
 def write_demo_checkpoint(models_dir: Path) -> Path:
     """Write the demo checkpoint into ``<models_dir>/Stable-diffusion/`` (idempotent)."""
     target = models_dir / "Stable-diffusion" / DEMO_NAME

@@ -25,7 +25,7 @@ from typing import Protocol
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerInfo
 
-from proto import ModelStatus, ModelType, names
+from proto import ModelFamily, ModelStatus, ModelType, names
 from proto.workers import WorkerState, WorkerStatus
 from services.common import bus, metrics
 from services.common.bus import worker_records
@@ -71,6 +71,24 @@ def warming(model: Document) -> bool:
 def _slots(tasks: int, batch: int) -> int:
     """Workers needed for ``tasks`` at ``batch`` tasks each."""
     return -(-tasks // max(batch, 1))
+
+
+def preview_decoder(family: str | None, decoders: list[Document]) -> str:
+    """The path of the TAESD decoder (``vaeApprox``) for a checkpoint of ``family``; empty
+    when none fits. TAESD and TAESDXL files have the same shapes, so the name tells them
+    apart as in A1111 (``taesdxl_decoder``): "xl" in it means SDXL; SD1 and SD2 share one
+    latent space; a name saying ``sd3`` or ``f1`` (other latent spaces) fits neither."""
+    xl = (family or "").startswith(ModelFamily.SDXL.value)  # inpainting ones too
+    for decoder in sorted(decoders, key=lambda d: str(d["name"])):
+        name = str(decoder["name"]).lower()
+        usable = decoder.get("status") not in (
+            ModelStatus.FAILED.value,
+            ModelStatus.REGISTERING.value,
+            ModelStatus.DELETED.value,
+        ) and not decoder.get("draining")
+        if usable and "sd3" not in name and "f1" not in name and ("xl" in name) == xl:
+            return str(decoder["path"])
+    return ""
 
 
 def extras_pool() -> Document:
@@ -195,6 +213,9 @@ class Scheduler:
         # Failed checkpoints stay scheduled: their worker fails queued tasks with the
         # reason at once (the gateway refuses new ones), so nothing waits forever.
         models = await self.models.list(ModelType.STABLE_DIFFUSION)
+        decoders = await self.models.list(ModelType.VAE_APPROX)
+        for model in models:  # what its workers draw live previews with
+            model["preview_decoder"] = preview_decoder(model.get("family"), decoders)
         records = await worker_records(self.js)
         await self._sync_statuses(models, records)
         await self._replace_hung(records)

@@ -65,6 +65,7 @@ def worker_settings(settings: SchedulerSettings, model: Document) -> dict[str, s
         f"{PREFIX}DEVICE": settings.device,
         f"{PREFIX}ALLOW_PICKLE": "true" if settings.allow_pickle else "false",
         f"{PREFIX}PREDICTION_TYPE": model.get("prediction_type") or "",
+        f"{PREFIX}PREVIEW_DECODER_PATH": model.get("preview_decoder") or "",
         f"{PREFIX}MAX_BATCH": str(max_batch(settings, model)),
         f"{PREFIX}METRICS_PORT": str(settings.worker_metrics_port),
     }

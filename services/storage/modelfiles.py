@@ -348,6 +348,10 @@ _FACE_RESTORER_KEYS = (
     ("toRGB.0.weight", "stylegan_decoder.style_mlp.1.weight"),  # GFPGAN (spandrel's test)
     ("quantize.embedding.weight", "quant_conv.weight"),  # RestoreFormer
 )
+_TAESD_BARE_KEY = re.compile(r"^\d+\.(?:conv\.\d+\.|skip\.)?(?:weight|bias)$")
+"""A TAESD decoder as released (``taesd_decoder.safetensors``): a bare layer sequence."""
+_TAESD_FIRST = (64, 4, 3, 3)
+"""The first convolution of a TAESD decoder: 4 latent channels in, 64 out."""
 _UPSCALER_MARKERS = ("conv_first.", "RRDB_trunk.", "model.0.weight", "body.0.", "layers.0.")
 _CONTEXT_BY_TYPE = {768: ModelFamily.SD1, 1024: ModelFamily.SD2, 2048: ModelFamily.SDXL}
 
@@ -390,6 +394,8 @@ def detect_model_type(tensors: dict[str, TensorInfo]) -> ModelType | None:
         return ModelType.CONTROL_NET
     if any(k in _EMBEDDING_KEYS or k.startswith("string_to_param.") for k in keys):
         return ModelType.EMBEDDING
+    if is_taesd(tensors):
+        return ModelType.VAE_APPROX  # before upscalers: both are bare layer sequences
     if any(all(k in tensors for k in marks) for marks in _FACE_RESTORER_KEYS):
         return ModelType.FACE_RESTORER  # before the VAE: RestoreFormer has a VAE's decoder
     if any(
@@ -401,6 +407,18 @@ def detect_model_type(tensors: dict[str, TensorInfo]) -> ModelType | None:
     if any(k.startswith(_UPSCALER_MARKERS) for k in keys):
         return ModelType.UPSCALER
     return None
+
+
+def is_taesd(tensors: dict[str, TensorInfo]) -> bool:
+    """A TAESD decoder: diffusers' ``AutoencoderTiny`` (``decoder.layers.*``, perhaps with
+    its encoder) or the bare decoder as released (``1.weight`` … ``N.conv.0.weight``)."""
+    if "decoder.layers.0.weight" in tensors:
+        first = tensors["decoder.layers.0.weight"]
+        layered = all(k.startswith(("decoder.layers.", "encoder.layers.")) for k in tensors)
+        return layered and tuple(first.shape) == _TAESD_FIRST
+    bare = tensors.get("1.weight")
+    layered = all(_TAESD_BARE_KEY.match(k) for k in tensors)
+    return layered and bare is not None and tuple(bare.shape) == _TAESD_FIRST
 
 
 def _adapter_family(model_type: ModelType, tensors: dict[str, TensorInfo]) -> ModelFamily | None:

@@ -43,6 +43,7 @@ FOLDERS: dict[ModelType, tuple[str, ...]] = {
     ModelType.UPSCALER: ("ESRGAN", "RealESRGAN", "SwinIR", "DAT", "ScuNET"),
     # A1111's Codeformer/ folder is left out: CodeFormer is not supported (licence, README).
     ModelType.FACE_RESTORER: ("GFPGAN",),
+    ModelType.VAE_APPROX: ("VAE-approx",),
 }
 """Where A1111 (and its ControlNet extension) keeps each type, under the models folder."""
 

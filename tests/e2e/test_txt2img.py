@@ -18,6 +18,7 @@ from proto import names
 from proto.commands import Txt2ImgTask
 from proto.enums import TaskStatus
 from services.common import bus
+from tests.e2e.test_preview_decoder import blocky
 from tests.system import System
 from tests.waiting import eventually
 
@@ -70,6 +71,7 @@ async def test_async_txt2img_progress_sse_and_result(system: System) -> None:
     assert [f"images/default/{task_id}_progress.png"] == sorted(set(previews))
     preview = Image.open(io.BytesIO(await system.objects.get(previews[0])))
     assert (64, 64) == preview.size, "8×8 latents shown ×8"
+    assert blocky(preview), "no TAESD registered: the latent approximation"
     assert kinds.index("started") < kinds.index("progress")
 
     result = await _poll_result(system, task_id)

@@ -6,7 +6,7 @@ import { $, fillSelect, h, notify, statusBadge } from "./dom.js";
 const TYPES = [
   ["stableDiffusion", "Checkpoints"], ["lora", "LoRAs"], ["embedding", "Embeddings"],
   ["sdVae", "VAEs"], ["controlNet", "ControlNets"], ["upscaler", "Upscalers"],
-  ["faceRestorer", "Face restorers"],
+  ["faceRestorer", "Face restorers"], ["vaeApprox", "Preview decoders (TAESD)"],
 ];
 const POLL_MS = 2000;
 let timer = null;
