@@ -220,7 +220,7 @@ class DetectRequest(Struct, kw_only=True, frozen=True):
     controlnet_threshold_b: Annotated[float, Meta(ge=-1, le=1024)] = -1
 
 
-class DetectResponse(Struct, kw_only=True, frozen=True):
+class DetectResponse(Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     images: list[str]
     """The maps as base64 PNGs, in order."""
     info: str = "Success"

@@ -26,6 +26,7 @@ from pathlib import Path
 from aiohttp import web
 
 from services.gateway.errors import ApiError, too_many
+from services.gateway.openapi import LoginResponse, respond
 from services.gateway.resources import Resources, resources
 from services.gateway.settings import GatewaySettings
 from services.gateway.validation import read_json
@@ -152,7 +153,7 @@ async def login(request: web.Request) -> web.StreamResponse:
         raise ApiError(401, "login_failed", "unknown user or wrong password")
     await res.logins.succeeded(user_key, address_key)
     token = await res.users.login(name, settings.session_ttl_s)
-    return web.json_response({"token": token, "userName": name, "message": "login success"})
+    return respond(LoginResponse(token=token, userName=name, message="login success"))
 
 
 async def caller_is_admin(request: web.Request, res: Resources) -> tuple[str, bool]:

@@ -13,7 +13,6 @@ import asyncio
 import base64
 import io
 from dataclasses import dataclass
-from typing import Any
 
 import msgspec
 from aiohttp import web
@@ -40,7 +39,16 @@ from services.gateway.adapters import base_family, families_match
 from services.gateway.auth import caller
 from services.gateway.errors import ApiError
 from services.gateway.images import StagedInputs, stage_inputs
+from services.gateway.openapi import respond
 from services.gateway.resources import Resources, resources
+from services.gateway.responses import (
+    ControlNetModels,
+    ControlNetModule,
+    ControlNetModules,
+    ControlNetSettings,
+    ControlNetSlider,
+    ControlNetVersion,
+)
 from services.gateway.validation import decode, read_body
 from services.storage.mongo import Document
 
@@ -228,36 +236,34 @@ async def model_list(request: web.Request) -> web.StreamResponse:
         for m in await res.models.list(ModelType.CONTROL_NET)
         if m["status"] not in (ModelStatus.FAILED.value, ModelStatus.DELETED.value)
     ]
-    return web.json_response({"model_list": [_title(m) for m in models]})
+    return respond(ControlNetModels(model_list=[_title(m) for m in models]))
 
 
-def _sliders(module: str) -> list[dict[str, Any]]:
-    sliders: list[dict[str, Any]] = []
+def _sliders(module: str) -> list[ControlNetSlider]:
+    sliders: list[ControlNetSlider] = []
     if module != "none":
         sliders.append(
-            {
-                "name": "Preprocessor Resolution",
-                "value": DEFAULT_PROCESSOR_RES,
-                "min": 64,
-                "max": 2048,
-            }
+            ControlNetSlider(
+                name="Preprocessor Resolution", value=DEFAULT_PROCESSOR_RES, min=64, max=2048
+            )
         )
     for name, default in zip(("Threshold A", "Threshold B"), BUILTIN_MODULES[module], strict=True):
         if default is not None:
-            sliders.append({"name": name, "value": default, "min": 0, "max": 255})
+            sliders.append(ControlNetSlider(name=name, value=default, min=0, max=255))
     return sliders
 
 
 async def module_list(request: web.Request) -> web.StreamResponse:
     res = resources(request)
     await caller(request, res)
-    return web.json_response(
-        {
-            "module_list": list(BUILTIN_MODULES),
-            "module_detail": {
-                name: {"model_free": False, "sliders": _sliders(name)} for name in BUILTIN_MODULES
+    return respond(
+        ControlNetModules(
+            module_list=list(BUILTIN_MODULES),
+            module_detail={
+                name: ControlNetModule(model_free=False, sliders=_sliders(name))
+                for name in BUILTIN_MODULES
             },
-        }
+        )
     )
 
 
@@ -304,14 +310,14 @@ async def detect(request: web.Request) -> web.StreamResponse:
         return maps
 
     maps = await asyncio.to_thread(run)
-    return web.json_response(msgspec.to_builtins(DetectResponse(images=maps)))
+    return respond(DetectResponse(images=maps))
 
 
 async def version(request: web.Request) -> web.StreamResponse:
-    return web.json_response({"version": EXTENSION_API_VERSION})
+    return respond(ControlNetVersion(version=EXTENSION_API_VERSION))
 
 
 async def settings(request: web.Request) -> web.StreamResponse:
     res = resources(request)
     await caller(request, res)
-    return web.json_response({"control_net_unit_count": res.settings.max_controlnet_units})
+    return respond(ControlNetSettings(control_net_unit_count=res.settings.max_controlnet_units))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 from pathlib import PurePath
-from typing import Any
 
 import msgspec
 from aiohttp import web
@@ -36,7 +35,9 @@ from services.gateway.auth import caller, caller_is_admin, server_paths
 from services.gateway.bounds import check_free_form
 from services.gateway.errors import ApiError
 from services.gateway.images import stage_inputs, upload_staged
+from services.gateway.openapi import A1111ExtrasBatchResponse, A1111ExtrasResponse, respond
 from services.gateway.resources import Resources, resources
+from services.gateway.responses import A1111FaceRestorer, A1111Upscaler
 from services.gateway.submit import (
     TASK_ID_HEADER,
     Echo,
@@ -191,12 +192,13 @@ async def _a1111_extras(
         return await answer(res, submitted)
     _, task_id, outcome, _ = submitted
     results = await a1111_images(res, task_id, outcome)
-    reply: dict[str, Any] = {"html_info": _html_info(outcome)}
-    if isinstance(body, ExtraImagesRequest):
-        reply["image"] = results[0]
-    else:
-        reply["images"] = results
-    return web.json_response(reply, headers={TASK_ID_HEADER: task_id})
+    html_info = _html_info(outcome)
+    reply: A1111ExtrasResponse | A1111ExtrasBatchResponse = (
+        A1111ExtrasResponse(html_info=html_info, image=results[0])
+        if isinstance(body, ExtraImagesRequest)
+        else A1111ExtrasBatchResponse(html_info=html_info, images=results)
+    )
+    return respond(reply, headers={TASK_ID_HEADER: task_id})
 
 
 async def extra_single_image(request: web.Request) -> web.StreamResponse:
@@ -214,21 +216,21 @@ async def upscalers(request: web.Request) -> web.StreamResponse:
     res = resources(request)
     shown = server_paths(res, (await caller_is_admin(request, res))[1])
     builtins = [
-        {"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+        A1111Upscaler(name=name, model_name=None, model_path=None, model_url=None, scale=4)
         for name in BUILTIN_UPSCALERS
     ]
     models = [
-        {
-            "name": m["name"],
-            "model_name": str(m["name"]).rsplit("/", 1)[-1].rsplit(".", 1)[0],
-            "model_path": shown(str(m.get("path") or "")),
-            "model_url": None,
-            "scale": m.get("scale") or DEFAULT_MODEL_SCALE,
-        }
+        A1111Upscaler(
+            name=m["name"],
+            model_name=str(m["name"]).rsplit("/", 1)[-1].rsplit(".", 1)[0],
+            model_path=shown(str(m.get("path") or "")),
+            model_url=None,
+            scale=m.get("scale") or DEFAULT_MODEL_SCALE,
+        )
         for m in await res.models.list(ModelType.UPSCALER)
         if usable(m)
     ]
-    return web.json_response(builtins + models)
+    return respond(builtins + models)
 
 
 async def face_restorers(request: web.Request) -> web.StreamResponse:
@@ -236,9 +238,11 @@ async def face_restorers(request: web.Request) -> web.StreamResponse:
     ``cmd_dir``: the folder of the file, as A1111 reports its models' folder)."""
     res = resources(request)
     await caller(request, res)
-    return web.json_response(
+    return respond(
         [
-            {"name": m["name"], "cmd_dir": str(PurePath(str(m.get("path") or "")).parent)}
+            A1111FaceRestorer(
+                name=m["name"], cmd_dir=str(PurePath(str(m.get("path") or "")).parent)
+            )
             for m in await res.models.list(ModelType.FACE_RESTORER)
             if usable(m)
         ]

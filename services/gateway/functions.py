@@ -21,7 +21,17 @@ from proto import ModelType, names
 from proto.requests import BatchUpdateSdResourceRequest, DeleteFunctionsRequest, WarmModelRequest
 from services.gateway.auth import require_admin
 from services.gateway.errors import ApiError
+from services.gateway.openapi import DeadLetter, Message, Warming, respond
 from services.gateway.resources import Resources
+from services.gateway.responses import (
+    FunctionFailure,
+    FunctionInfo,
+    FunctionMissing,
+    FunctionsDeleted,
+    FunctionsList,
+    FunctionsUpdate,
+    FunctionUpdated,
+)
 from services.gateway.validation import bounded_int, decode, read_body
 from services.storage.models import warm_until
 from services.storage.mongo import Document
@@ -36,7 +46,7 @@ LOCAL_FIELDS = frozenset({"env"})
 """What the local backend applies besides the scheduler fields."""
 
 
-async def _function(res: Resources, model: Document) -> dict[str, Any]:
+async def _function(res: Resources, model: Document) -> FunctionInfo:
     key = model["model_key"]
     backlog = running = share = 0
     try:
@@ -45,34 +55,33 @@ async def _function(res: Resources, model: Document) -> dict[str, Any]:
         share = 0 if getattr(info, "paused", False) else int(info.config.max_ack_pending or 0)
     except NotFoundError:
         pass
-    return {
-        "functionName": names.consumer_name(key),
-        "model": model["name"],
-        "state": model["status"],
-        "replicas": model.get("loaded_workers", 0),
-        "share": share,
-        "backlog": backlog,
-        "running": running,
-        "minInstances": model.get("min_instances") or 0,
-        "maxInstances": model.get("max_instances"),
-        "idleTimeout": model.get("idle_timeout_s"),
-        # Tasks a worker takes at once; null: the scheduler's default (SDSWARM_MAX_BATCH).
-        "maxBatch": model.get("max_batch"),
-        "warmUntil": until.isoformat() if (until := warm_until(model)) else None,
+    until = warm_until(model)
+    return FunctionInfo(
+        functionName=names.consumer_name(key),
+        model=model["name"],
+        state=model["status"],
+        replicas=model.get("loaded_workers", 0),
+        share=share,
+        backlog=backlog,
+        running=running,
+        minInstances=model.get("min_instances") or 0,
+        maxInstances=model.get("max_instances"),
+        idleTimeout=model.get("idle_timeout_s"),
+        maxBatch=model.get("max_batch"),
+        warmUntil=until.isoformat() if until else None,
         # The measured cold start (process start → ready) of the slowest live worker and
         # its phases (imports, device, config, weights, warmup); null until measured.
-        "coldStartSeconds": model.get("cold_start_s"),
-        "coldStartPhases": model.get("cold_start_phases") or {},
-        "resources": model.get("function") or {},
-    }
+        coldStartSeconds=model.get("cold_start_s"),
+        coldStartPhases=model.get("cold_start_phases") or {},
+        resources=model.get("function") or {},
+    )
 
 
 async def list_functions(request: web.Request) -> web.StreamResponse:
     res, _ = await require_admin(request, "manage functions")
     models = await res.models.list(ModelType.STABLE_DIFFUSION)
-    return web.json_response(
-        {"status": "success", "functions": [await _function(res, m) for m in models], "errMsg": ""}
-    )
+    functions = [await _function(res, m) for m in models]
+    return respond(FunctionsList(status="success", functions=functions, errMsg=""))
 
 
 async def batch_update(request: web.Request) -> web.StreamResponse:
@@ -92,7 +101,9 @@ async def batch_update(request: web.Request) -> web.StreamResponse:
     models = await res.models.list(ModelType.STABLE_DIFFUSION)
     by_name = {m["name"]: m for m in models}
     targets = body.models or list(by_name)
-    failed = [{"model": name, "err": "not registered"} for name in targets if name not in by_name]
+    failed = [
+        FunctionFailure(model=name, err="not registered") for name in targets if name not in by_name
+    ]
     updated = []
     for name in targets:
         model = by_name.get(name)
@@ -110,22 +121,21 @@ async def batch_update(request: web.Request) -> web.StreamResponse:
             k for k in given if k not in SCHEDULER_FIELDS and k not in LOCAL_FIELDS
         )
         updated.append(
-            {
-                "functionName": names.consumer_name(model["model_key"]),
-                "model": name,
-                "status": "success",
-                "unsupported": unsupported,
-            }
+            FunctionUpdated(
+                functionName=names.consumer_name(model["model_key"]),
+                model=name,
+                status="success",
+                unsupported=unsupported,
+            )
         )
-    status = 200 if not failed else 500
-    return web.json_response(
-        {
-            "status": "fail" if failed else "success",
-            "functions": updated,
-            "failFuncList": failed,
-            "errMsg": "|".join(f"{f['model']}: {f['err']}" for f in failed),
-        },
-        status=status,
+    return respond(
+        FunctionsUpdate(
+            status="fail" if failed else "success",
+            functions=updated,
+            failFuncList=failed,
+            errMsg="|".join(f"{f.model}: {f.err}" for f in failed),
+        ),
+        500 if failed else 200,
     )
 
 
@@ -138,15 +148,17 @@ async def delete_functions(request: web.Request) -> web.StreamResponse:
         for m in await res.models.list(ModelType.STABLE_DIFFUSION)
     }
     fails = [
-        {"functionName": f, "err": "no such function"} for f in body.functions if f not in models
+        FunctionMissing(functionName=f, err="no such function")
+        for f in body.functions
+        if f not in models
     ]
     for function in body.functions:
         model = models.get(function)
         if model is not None:
             await res.models.reset_function(model)
     if fails:
-        return web.json_response({"status": "fail", "fails": fails}, status=500)
-    return web.json_response({"status": "success"})
+        return respond(FunctionsDeleted(status="fail", fails=fails), 500)
+    return respond(FunctionsDeleted(status="success"))
 
 
 async def warm(request: web.Request) -> web.StreamResponse:
@@ -163,15 +175,15 @@ async def warm(request: web.Request) -> web.StreamResponse:
     model = await res.models.update(name, ModelType.STABLE_DIFFUSION, {"warm_until": until})
     if model is None:
         raise ApiError(404, "model_not_found", f"checkpoint {name!r} is not registered")
-    return web.json_response(
-        {
-            "message": "warming",
-            "model": name,
-            "functionName": names.consumer_name(model["model_key"]),
-            "warmUntil": until.isoformat(),
-            "coldStartSeconds": model.get("cold_start_s"),
-        },
-        status=202,
+    return respond(
+        Warming(
+            message="warming",
+            model=name,
+            functionName=names.consumer_name(model["model_key"]),
+            warmUntil=until.isoformat(),
+            coldStartSeconds=model.get("cold_start_s"),
+        ),
+        202,
     )
 
 
@@ -184,24 +196,24 @@ async def restart(request: web.Request) -> web.StreamResponse:
     res, user = await require_admin(request, "restart workers")
     await res.nc.publish(names.RESTART_SUBJECT, user.encode())
     await res.nc.flush()
-    return web.json_response({"message": "success"})
+    return respond(Message(message="success"))
 
 
 async def dead_letters(request: web.Request) -> web.StreamResponse:
     """Tasks JetStream gave up on (``services.storage.deadletters``), newest first."""
     res, _ = await require_admin(request, "list dead letters")
     limit = bounded_int(request.query.get("limit", "50"), "limit", 1, 500)
-    return web.json_response(
+    return respond(
         [
-            {
-                "id": doc["_id"],
-                "taskId": doc.get("task_id"),
-                "subject": doc.get("subject"),
-                "advisory": doc.get("advisory"),
-                "consumer": doc.get("consumer"),
-                "deliveries": doc.get("deliveries"),
-                "at": doc["at"].isoformat(),
-            }
+            DeadLetter(
+                id=doc["_id"],
+                taskId=doc.get("task_id"),
+                subject=doc["subject"],
+                advisory=doc["advisory"],
+                consumer=doc["consumer"],
+                deliveries=doc["deliveries"],
+                at=doc["at"].isoformat(),
+            )
             for doc in await res.dead_letters.recent(limit)
         ]
     )

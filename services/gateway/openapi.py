@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,9 +34,12 @@ class _Strict(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_def
     left out when they have it."""
 
 
-def respond(
-    body: msgspec.Struct, status: int = 200, headers: dict[str, str] | None = None
-) -> web.Response:
+Body = msgspec.Struct | Sequence[msgspec.Struct] | dict[str, Any] | None
+"""What a handler sends: a response Struct, a list of them, ``null``, or (A1111's
+options alone) an open mapping."""
+
+
+def respond(body: Body, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     """Send a response Struct as JSON: what the document describes is what is sent."""
     return web.Response(
         body=msgspec.json.encode(body),
@@ -96,7 +100,7 @@ class TaskProgressResponse(_Strict):
     """Waiting tasks with no worker loaded: the checkpoint's measured cold start."""
 
 
-class A1111ImageResponse(msgspec.Struct, kw_only=True):
+class A1111ImageResponse(_Strict):
     images: list[str]
     parameters: dict[str, Any]
     info: str
@@ -107,17 +111,17 @@ class LoginRequest(msgspec.Struct, kw_only=True):
     password: str
 
 
-class LoginResponse(msgspec.Struct, kw_only=True):
+class LoginResponse(_Strict):
     token: str
     userName: str
     message: str
 
 
-class Message(msgspec.Struct, kw_only=True):
+class Message(_Strict):
     message: str
 
 
-class TaskSummary(msgspec.Struct, kw_only=True):
+class TaskSummary(_Strict):
     taskId: str
     status: str
     kind: str
@@ -128,18 +132,18 @@ class TaskSummary(msgspec.Struct, kw_only=True):
     message: str
 
 
-class TaskList(msgspec.Struct, kw_only=True):
+class TaskList(_Strict):
     tasks: list[TaskSummary]
     nextCursor: str | None
 
 
-class CancelResponse(msgspec.Struct, kw_only=True):
+class CancelResponse(_Strict):
     taskId: str
     status: str
     message: str
 
 
-class ModelAttributes(msgspec.Struct, kw_only=True):
+class ModelAttributes(_Strict):
     """The seed's ``ModelAttributes`` plus sdswarm's fields (see ``registry.py``)."""
 
     type: ModelType
@@ -160,12 +164,12 @@ class ModelAttributes(msgspec.Struct, kw_only=True):
     predictionType: str
 
 
-class ModelChange(msgspec.Struct, kw_only=True):
+class ModelChange(_Strict):
     message: str
     model: ModelAttributes | None = None
 
 
-class ModelDeleted(msgspec.Struct, kw_only=True):
+class ModelDeleted(_Strict):
     """``failedTasks`` after a delete; ``openTasks`` (202) when draining."""
 
     message: str
@@ -173,11 +177,11 @@ class ModelDeleted(msgspec.Struct, kw_only=True):
     openTasks: int | None = None
 
 
-class WebhookSecret(msgspec.Struct, kw_only=True):
+class WebhookSecret(_Strict):
     secret: str
 
 
-class WebhookFailure(msgspec.Struct, kw_only=True):
+class WebhookFailure(_Strict):
     deliveryId: str
     taskId: str
     url: str
@@ -187,7 +191,7 @@ class WebhookFailure(msgspec.Struct, kw_only=True):
     at: str
 
 
-class DeadLetter(msgspec.Struct, kw_only=True):
+class DeadLetter(_Strict):
     id: str
     taskId: str | None
     subject: str
@@ -201,17 +205,17 @@ class SeedOptionsRequest(msgspec.Struct, kw_only=True):
     data: dict[str, Any]
 
 
-class SeedOptionsResponse(msgspec.Struct, kw_only=True):
+class SeedOptionsResponse(_Strict):
     message: str
     version: int
 
 
-class Health(msgspec.Struct, kw_only=True):
+class Health(_Strict):
     status: str
     checks: dict[str, str]
 
 
-class A1111Progress(msgspec.Struct, kw_only=True):
+class A1111Progress(_Strict):
     progress: float
     eta_relative: float
     state: ProgressState
@@ -224,46 +228,30 @@ class PngInfoRequest(msgspec.Struct, kw_only=True):
     """Base64 PNG (a ``data:`` prefix is fine)."""
 
 
-class PngInfoResponse(msgspec.Struct, kw_only=True):
+class PngInfoResponse(_Strict):
     info: str
     items: dict[str, str]
     parameters: dict[str, Any]
 
 
-class A1111ExtrasResponse(msgspec.Struct, kw_only=True):
+class A1111ExtrasResponse(_Strict):
     html_info: str
     image: str
 
 
-class A1111ExtrasBatchResponse(msgspec.Struct, kw_only=True):
+class A1111ExtrasBatchResponse(_Strict):
     html_info: str
     images: list[str]
 
 
-class FunctionsList(msgspec.Struct, kw_only=True):
-    status: str
-    functions: list[dict[str, Any]]
-    errMsg: str
-
-
-class FunctionsChange(msgspec.Struct, kw_only=True):
-    """``status: fail`` (HTTP 500, as the seed answers) when a named function failed."""
-
-    status: str
-    functions: list[dict[str, Any]] = []
-    failFuncList: list[dict[str, Any]] = []
-    fails: list[dict[str, Any]] = []
-    errMsg: str = ""
-
-
-class Warming(msgspec.Struct, kw_only=True):
+class Warming(_Strict):
     """``POST /models/{name}/warm`` (202): a worker is kept until ``warmUntil``."""
 
     message: str
     model: str
     functionName: str
     warmUntil: str
-    coldStartSeconds: float | None = None
+    coldStartSeconds: float | None
     """The last measured cold start (process start → ready), null until measured."""
 
 
@@ -275,8 +263,11 @@ TASK_HEADERS: tuple[Param, ...] = (
     ("Idempotency-Key", str, "the same key and body answer for the same task (48 h)"),
 )
 SUBMIT = "Request-Type: sync (default) waits for the outcome; async answers 202 at once"
-A1111_LIST = list[dict[str, Any]]
-A1111_OBJECT = dict[str, Any]
+NULL: Any = type(None)
+"""A response body of JSON ``null`` (A1111's answer to option updates and refreshes)."""
+A1111_OPTIONS = dict[str, Any]
+"""A1111's settings: an open mapping of option name to value, on purpose (``GET`` and
+``POST /sdapi/v1/options``); the one response that is no Struct."""
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from PIL import Image
 from services.gateway.auth import caller
 from services.gateway.errors import ApiError
 from services.gateway.images import read_image
+from services.gateway.openapi import PngInfoResponse, respond
 from services.gateway.resources import resources
 from services.gateway.validation import read_json
 
@@ -63,6 +64,6 @@ async def png_info(request: web.Request) -> web.StreamResponse:
     with Image.open(io.BytesIO(data)) as image:  # the header only: text chunks, no pixels
         items = {str(k): str(v) for k, v in (image.info or {}).items() if isinstance(v, str)}
     info = items.get("parameters", "")
-    return web.json_response(
-        {"info": info, "items": items, "parameters": parse_infotext(info) if info else {}}
+    return respond(
+        PngInfoResponse(info=info, items=items, parameters=parse_infotext(info) if info else {})
     )

@@ -27,7 +27,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
-from typing import Any
 
 from aiohttp import web
 from nats.js.errors import NotFoundError
@@ -38,6 +37,7 @@ from proto.requests import RegisterModelRequest
 from services.common import bus
 from services.gateway.auth import caller_is_admin, require_admin, server_paths
 from services.gateway.errors import ApiError
+from services.gateway.openapi import ModelAttributes, ModelChange, ModelDeleted, respond
 from services.gateway.resources import Resources, resources
 from services.gateway.validation import decode, read_body
 from services.storage.intake import IntakeError, install, receive, target_path
@@ -50,32 +50,33 @@ log = logging.getLogger(__name__)
 JOBS = web.AppKey("registry_jobs", set[asyncio.Task[None]])
 
 
-def model_attributes(doc: Document, shown: Callable[[str], str] = str) -> dict[str, Any]:
+def model_attributes(doc: Document, shown: Callable[[str], str] = str) -> ModelAttributes:
     """A registry document in the seed's ``ModelAttributes`` shape (plus our fields);
     ``shown`` hides server paths from non-administrators (``auth.server_paths``)."""
     stale = claim_interrupted(doc)
     error = "registration was interrupted; register it again" if stale else doc.get("error")
-    return {
-        "type": doc["type"],
-        "name": doc["name"],
+    source = str(doc.get("source") or "")
+    return ModelAttributes(
+        type=ModelType(doc["type"]),
+        name=doc["name"],
         # The object a model was registered from (the seed's meaning), else its file.
-        "ossPath": source.removeprefix("object:")
-        if (source := str(doc.get("source") or "")).startswith("object:")
+        ossPath=source.removeprefix("object:")
+        if source.startswith("object:")
         else shown(str(doc.get("path", ""))),
-        "source": doc.get("source") or "scan",
-        "etag": doc.get("sha256") or "",
-        "status": ModelStatus.FAILED.value if stale else doc["status"],
-        "registeredTime": doc["registered_at"].isoformat(),
-        "lastModificationTime": doc["modified_at"].isoformat(),
-        "family": doc.get("family"),
-        "modelKey": doc["model_key"],
-        "sha256": doc.get("sha256"),
-        "sizeBytes": doc.get("size_bytes"),
-        "error": shown(str(error)) if error else error,
-        "loadedWorkers": doc.get("loaded_workers", 0),
-        "draining": bool(doc.get("draining")),
-        "predictionType": doc.get("prediction_type") or "epsilon",
-    }
+        source=source or "scan",
+        etag=doc.get("sha256") or "",
+        status=ModelStatus.FAILED if stale else ModelStatus(doc["status"]),
+        registeredTime=doc["registered_at"].isoformat(),
+        lastModificationTime=doc["modified_at"].isoformat(),
+        family=doc.get("family"),
+        modelKey=doc["model_key"],
+        sha256=doc.get("sha256"),
+        sizeBytes=doc.get("size_bytes"),
+        error=shown(str(error)) if error else error,
+        loadedWorkers=doc.get("loaded_workers", 0),
+        draining=bool(doc.get("draining")),
+        predictionType=doc.get("prediction_type") or "epsilon",
+    )
 
 
 def _model_type(request: web.Request, default: ModelType | None) -> ModelType | None:
@@ -99,7 +100,7 @@ async def list_models(request: web.Request) -> web.StreamResponse:
     res = resources(request)
     shown = server_paths(res, (await caller_is_admin(request, res))[1])
     documents = await res.models.list(_model_type(request, None))
-    return web.json_response([model_attributes(d, shown) for d in documents])
+    return respond([model_attributes(d, shown) for d in documents])
 
 
 async def get_model(request: web.Request) -> web.StreamResponse:
@@ -109,7 +110,7 @@ async def get_model(request: web.Request) -> web.StreamResponse:
     doc = await res.models.get(name, model_type)
     if doc is None:
         raise ApiError(404, "model_not_found", f"{model_type.value} {name!r} is not registered")
-    return web.json_response(model_attributes(doc, shown))
+    return respond(model_attributes(doc, shown))
 
 
 def _target(res: Resources, model_type: ModelType, name: str, suffix: str = "") -> Path:
@@ -250,10 +251,8 @@ def _log_failure(job: asyncio.Task[None]) -> None:
 
 
 def _answer(document: Document | None, status: int, message: str) -> web.StreamResponse:
-    body: dict[str, Any] = {"message": message}
-    if document is not None:
-        body["model"] = model_attributes(document)
-    return web.json_response(body, status=status)
+    model = model_attributes(document) if document is not None else None
+    return respond(ModelChange(message=message, model=model), status)
 
 
 async def register_model(request: web.Request) -> web.StreamResponse:
@@ -339,7 +338,7 @@ async def delete_model(request: web.Request) -> web.StreamResponse:
     folder = Path(res.settings.models_dir)
     await asyncio.to_thread(remove_model_file, Path(document["path"]), folder)
     log.info("deleted %s %s (%d queued tasks failed)", model_type.value, name, failed)
-    return web.json_response({"message": "delete success", "failedTasks": failed})
+    return respond(ModelDeleted(message="delete success", failedTasks=failed))
 
 
 async def _drain(res: Resources, name: str, model_type: ModelType) -> web.StreamResponse:
@@ -352,7 +351,7 @@ async def _drain(res: Resources, name: str, model_type: ModelType) -> web.Stream
         raise ApiError(404, "model_not_found", f"{model_type.value} {name!r} is not registered")
     queued = await res.tasks.count_open({"model_key": document["model_key"]})
     log.info("draining %s %s (%d open tasks)", model_type.value, name, queued)
-    return web.json_response({"message": "draining", "openTasks": queued}, status=202)
+    return respond(ModelDeleted(message="draining", openTasks=queued), 202)
 
 
 async def _fail_queued(res: Resources, model: Document) -> int:

@@ -27,7 +27,29 @@ from services.gateway.adapters import families_match
 from services.gateway.auth import caller, caller_is_admin, server_paths
 from services.gateway.bounds import check_options
 from services.gateway.errors import ApiError, Handler, invalid_body
+from services.gateway.openapi import (
+    A1111ImageResponse,
+    A1111Progress,
+    ProgressState,
+    SeedOptionsResponse,
+    respond,
+)
 from services.gateway.resources import Resources, resources
+from services.gateway.responses import (
+    A1111Checkpoint,
+    A1111Embedding,
+    A1111Embeddings,
+    A1111Lora,
+    A1111Memory,
+    A1111Sampler,
+    A1111Scheduler,
+    A1111Vae,
+    CudaMemory,
+    Empty,
+    MemoryCurrent,
+    MemoryFigures,
+    WorkerMemory,
+)
 from services.gateway.submit import (
     a1111_images,
     answer,
@@ -119,8 +141,8 @@ async def _generate(request: web.Request, cls: type[Processing]) -> web.StreamRe
     if isinstance(body, Img2ImgRequest) and not body.include_init_images:
         # A1111 leaves the (large) input images out of the echoed parameters unless asked.
         parameters |= {"init_images": None, "mask": None}
-    return web.json_response(
-        {"images": images, "parameters": parameters, "info": info},
+    return respond(
+        A1111ImageResponse(images=images, parameters=parameters, info=info),
         headers={"taskId": task_id},
     )
 
@@ -138,32 +160,32 @@ async def progress(request: web.Request) -> web.StreamResponse:
     user = await caller(request, res)
     task_id = request.query.get("id_task")
     document = await res.tasks.get(task_id, user) if task_id else await res.tasks.current(user)
-    state: dict[str, Any] = {
-        "skipped": False,
-        "interrupted": False,
-        "job": "",
-        "job_count": 0,
-        "job_timestamp": "0",
-        "job_no": 0,
-        "sampling_step": 0,
-        "sampling_steps": 0,
-    }
+    state = ProgressState(
+        skipped=False,
+        interrupted=False,
+        job="",
+        job_count=0,
+        job_timestamp="0",
+        job_no=0,
+        sampling_step=0,
+        sampling_steps=0,
+    )
     fraction, eta = 0.0, 0.0
     current_image = None
     if document is not None:
         snapshot = document["progress"]
         status = TaskStatus(document["status"])
         started = document.get("started_at")
-        state |= {
-            "interrupted": status is TaskStatus.CANCELLED,
-            "skipped": bool(snapshot.get("skipped")),
-            "job": f"task({shown_task_id(document)})",
-            "job_count": snapshot["job_count"],
-            "job_timestamp": started.strftime("%Y%m%d%H%M%S") if started else "0",
-            "job_no": snapshot["job_no"],
-            "sampling_step": snapshot["step"],
-            "sampling_steps": snapshot["total_steps"],
-        }
+        state = ProgressState(
+            interrupted=status is TaskStatus.CANCELLED,
+            skipped=bool(snapshot.get("skipped")),
+            job=f"task({shown_task_id(document)})",
+            job_count=snapshot["job_count"],
+            job_timestamp=started.strftime("%Y%m%d%H%M%S") if started else "0",
+            job_no=snapshot["job_no"],
+            sampling_step=snapshot["step"],
+            sampling_steps=snapshot["total_steps"],
+        )
         fraction = 1.0 if status.terminal else min(float(snapshot["progress"]), 0.99)
         eta = float(snapshot.get("eta_seconds") or 0.0)
         preview = snapshot.get("preview_key")
@@ -171,14 +193,14 @@ async def progress(request: web.Request) -> web.StreamResponse:
         if preview and wants_image and not status.terminal:
             with contextlib.suppress(ObjectNotFoundError):
                 current_image = base64.b64encode(await res.objects.get(preview)).decode()
-    return web.json_response(
-        {
-            "progress": fraction,
-            "eta_relative": eta,
-            "state": state,
-            "current_image": current_image,
-            "textinfo": None,
-        }
+    return respond(
+        A1111Progress(
+            progress=fraction,
+            eta_relative=eta,
+            state=state,
+            current_image=current_image,
+            textinfo=None,
+        )
     )
 
 
@@ -189,7 +211,7 @@ async def interrupt(request: web.Request) -> web.StreamResponse:
     document = await res.tasks.current(user)
     if document is not None:
         await cancel_document(res, document)
-    return web.json_response({})
+    return respond(Empty())
 
 
 async def skip(request: web.Request) -> web.StreamResponse:
@@ -201,7 +223,7 @@ async def skip(request: web.Request) -> web.StreamResponse:
     if document is not None and document["status"] == TaskStatus.RUNNING.value:
         await res.nc.publish(names.cancel_subject(document["_id"]), names.SKIP_PAYLOAD)
         await res.nc.flush()
-    return web.json_response({})
+    return respond(Empty())
 
 
 async def get_options(request: web.Request) -> web.StreamResponse:
@@ -217,7 +239,7 @@ async def get_options(request: web.Request) -> web.StreamResponse:
         usable = await res.models.list(ModelType.STABLE_DIFFUSION)
         if len(usable) == 1:
             options[CHECKPOINT_OPTION] = model_title(usable[0])
-    return web.json_response(options)
+    return respond(options)
 
 
 async def set_options(request: web.Request) -> web.StreamResponse:
@@ -229,7 +251,7 @@ async def set_options(request: web.Request) -> web.StreamResponse:
     await _check_checkpoint_option(res, changes)
     check_options({**await res.options.get(user), **changes}, res.settings, "options")
     await res.options.update(user, changes)
-    return web.json_response(None)
+    return respond(None)
 
 
 async def _check_checkpoint_option(res: Resources, changes: dict[str, Any]) -> None:
@@ -255,21 +277,21 @@ async def seed_options(request: web.Request) -> web.StreamResponse:
     await _check_checkpoint_option(res, data)
     check_options(data, res.settings, "data")
     version = await res.options.update(user, data, replace=True)
-    return web.json_response({"message": "success", "version": version})
+    return respond(SeedOptionsResponse(message="success", version=version))
 
 
 async def sd_models(request: web.Request) -> web.StreamResponse:
     models, shown = await _registry_list(request, ModelType.STABLE_DIFFUSION)
-    return web.json_response(
+    return respond(
         [
-            {
-                "title": model_title(m),
-                "model_name": str(m["name"]).rsplit("/", 1)[-1].rsplit(".", 1)[0],
-                "hash": (m.get("sha256") or "")[:10] or None,
-                "sha256": m.get("sha256"),
-                "filename": shown(m["path"]),
-                "config": None,
-            }
+            A1111Checkpoint(
+                title=model_title(m),
+                model_name=str(m["name"]).rsplit("/", 1)[-1].rsplit(".", 1)[0],
+                hash=(m.get("sha256") or "")[:10] or None,
+                sha256=m.get("sha256"),
+                filename=shown(m["path"]),
+                config=None,
+            )
             for m in models
             if m["status"] != "failed"
         ]
@@ -287,21 +309,14 @@ async def _registry_list(
 
 async def sd_vae(request: web.Request) -> web.StreamResponse:
     models, shown = await _registry_list(request, ModelType.SD_VAE)
-    return web.json_response(
-        [{"model_name": m["name"], "filename": shown(m["path"])} for m in models]
-    )
+    return respond([A1111Vae(model_name=m["name"], filename=shown(m["path"])) for m in models])
 
 
 async def loras(request: web.Request) -> web.StreamResponse:
     models, shown = await _registry_list(request, ModelType.LORA)
-    return web.json_response(
+    return respond(
         [
-            {
-                "name": m["name"],
-                "alias": m["name"],
-                "path": shown(m["path"]),
-                "metadata": {},
-            }
+            A1111Lora(name=m["name"], alias=m["name"], path=shown(m["path"]), metadata={})
             for m in models
         ]
     )
@@ -337,30 +352,30 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     with contextlib.suppress(ApiError):  # no default checkpoint: no family to compare with
         checkpoint = await res.models.get(await _checkpoint_name(res, user, {}))
     family = checkpoint.get("family") if checkpoint else None
-    loaded: dict[str, Any] = {}
-    skipped: dict[str, Any] = {}
+    loaded: dict[str, A1111Embedding] = {}
+    skipped: dict[str, A1111Embedding] = {}
     for model in await res.models.list(ModelType.EMBEDDING):
         shape = await asyncio.to_thread(_embedding_shape, model["path"])
-        entry = {
-            "step": None,
-            "sd_checkpoint": None,
-            "sd_checkpoint_name": None,
-            "shape": shape[1] if shape else None,
-            "vectors": shape[0] if shape else None,
-        }
+        entry = A1111Embedding(
+            step=None,
+            sd_checkpoint=None,
+            sd_checkpoint_name=None,
+            shape=shape[1] if shape else None,
+            vectors=shape[0] if shape else None,
+        )
         usable = (
             shape is not None
             and model["status"] != "failed"
             and families_match(family, model.get("family"))
         )
         (loaded if usable else skipped)[model["name"]] = entry
-    return web.json_response({"loaded": loaded, "skipped": skipped})
+    return respond(A1111Embeddings(loaded=loaded, skipped=skipped))
 
 
 ADMINS_ONLY = "reported to administrators (SDSWARM_ADMINS) only"
 
 
-def _host_ram() -> dict[str, int]:
+def _host_ram() -> MemoryFigures:
     """The gateway host's memory, from /proc/meminfo (A1111's ``ram`` block)."""
     fields: dict[str, int] = {}
     with contextlib.suppress(OSError, ValueError):
@@ -368,7 +383,7 @@ def _host_ram() -> dict[str, int]:
             key, _, value = line.partition(":")
             fields[key] = int(value.split()[0]) * 1024
     total, free = fields.get("MemTotal", 0), fields.get("MemAvailable", 0)
-    return {"free": free, "used": total - free, "total": total}
+    return MemoryFigures(free=free, used=total - free, total=total)
 
 
 async def memory(request: web.Request) -> web.StreamResponse:
@@ -380,47 +395,47 @@ async def memory(request: web.Request) -> web.StreamResponse:
     _, admin = await caller_is_admin(request, res)
     records = await bus.worker_records(res.js)
     on_cuda = [r for r in records if r.cuda_total_bytes]
-    cuda: dict[str, Any] = {"error": "no worker runs on a CUDA device"}
+    cuda = CudaMemory(error="no worker runs on a CUDA device")
     if on_cuda:
         total = sum(r.cuda_total_bytes or 0 for r in on_cuda)
         free = sum(r.cuda_free_bytes or 0 for r in on_cuda)
         allocated = sum(r.cuda_allocated_bytes or 0 for r in on_cuda)
-        cuda = {
-            "system": {"free": free, "used": total - free, "total": total},
-            "active": {"current": allocated},
-            "allocated": {"current": allocated},
-        }
+        cuda = CudaMemory(
+            system=MemoryFigures(free=free, used=total - free, total=total),
+            active=MemoryCurrent(current=allocated),
+            allocated=MemoryCurrent(current=allocated),
+        )
+    if not admin:
+        return respond(A1111Memory(ram=MemoryFigures(error=ADMINS_ONLY), cuda=cuda))
     workers = [
-        {
-            "worker": r.worker,
-            "model": r.model_name,
-            "state": r.state.value,
-            "rss": r.rss_bytes,
-            "cudaFree": r.cuda_free_bytes,
-            "cudaTotal": r.cuda_total_bytes,
-            "cudaAllocated": r.cuda_allocated_bytes,
-        }
+        WorkerMemory(
+            worker=r.worker,
+            model=r.model_name,
+            state=r.state.value,
+            rss=r.rss_bytes,
+            cudaFree=r.cuda_free_bytes,
+            cudaTotal=r.cuda_total_bytes,
+            cudaAllocated=r.cuda_allocated_bytes,
+        )
         for r in records
     ]
-    if not admin:
-        return web.json_response({"ram": {"error": ADMINS_ONLY}, "cuda": cuda})
-    return web.json_response({"ram": _host_ram(), "cuda": cuda, "workers": workers})
+    return respond(A1111Memory(ram=_host_ram(), cuda=cuda, workers=workers))
 
 
 async def samplers(request: web.Request) -> web.StreamResponse:
-    return web.json_response([{"name": name, "aliases": [], "options": {}} for name in SAMPLERS])
+    return respond([A1111Sampler(name=name, aliases=[], options={}) for name in SAMPLERS])
 
 
 async def schedulers(request: web.Request) -> web.StreamResponse:
-    return web.json_response(
+    return respond(
         [
-            {
-                "name": label.lower().replace(" ", "_"),
-                "label": label,
-                "aliases": None,
-                "default_rho": -1,
-                "need_inner_model": False,
-            }
+            A1111Scheduler(
+                name=label.lower().replace(" ", "_"),
+                label=label,
+                aliases=None,
+                default_rho=-1,
+                need_inner_model=False,
+            )
             for label in SCHEDULE_TYPES
         ]
     )
@@ -434,6 +449,6 @@ def refresh(model_type: ModelType) -> Handler:
         await caller(request, res)
         folder = Path(res.settings.models_dir)
         await register_models(folder, res.models, res.settings.allow_pickle, (model_type,))
-        return web.json_response(None)
+        return respond(None)
 
     return refresh

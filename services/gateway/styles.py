@@ -19,7 +19,9 @@ from aiohttp import web
 
 from services.gateway.auth import caller
 from services.gateway.errors import ApiError
+from services.gateway.openapi import respond
 from services.gateway.resources import Resources, resources
+from services.gateway.responses import A1111PromptStyle
 from services.gateway.settings import GatewaySettings
 
 MAX_STYLES_BYTES = 4 * 1024 * 1024
@@ -93,9 +95,9 @@ async def prompt_styles(request: web.Request) -> web.StreamResponse:
     res = resources(request)
     await caller(request, res)
     styles = await load_styles(res.settings)
-    return web.json_response(
+    return respond(
         [
-            {"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt}
+            A1111PromptStyle(name=s.name, prompt=s.prompt, negative_prompt=s.negative_prompt)
             for s in styles.values()
         ]
     )

@@ -8,6 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from services.gateway.errors import ApiError
+from services.gateway.openapi import Health, respond
 from services.gateway.resources import resources
 from services.gateway.validation import bounded_int
 from services.storage.objects import LocalObjectStore, ObjectNotFoundError
@@ -34,9 +35,9 @@ async def healthz(request: web.Request) -> web.StreamResponse:
         probe("objects", res.objects.ping()),
     )
     healthy = all(v == "ok" for v in checks.values())
-    return web.json_response(
-        {"status": "ok" if healthy else "unavailable", "checks": checks},
-        status=200 if healthy else 503,
+    return respond(
+        Health(status="ok" if healthy else "unavailable", checks=checks),
+        200 if healthy else 503,
     )
 
 

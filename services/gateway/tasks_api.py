@@ -19,9 +19,12 @@ from services.common import bus
 from services.gateway.auth import caller
 from services.gateway.errors import ApiError
 from services.gateway.openapi import (
+    CancelResponse,
     ProgressState,
+    TaskList,
     TaskProgressResponse,
     TaskResultResponse,
+    TaskSummary,
     respond,
 )
 from services.gateway.resources import Resources, resources
@@ -159,10 +162,10 @@ async def cancel_document(res: Resources, document: Document) -> web.StreamRespo
     if status is TaskStatus.WAITING:
         event = TaskCancelled(task_id=task_id, attempt=0, at=time.time(), worker="gateway")
         await bus.publish_event(res.js, event, f"{task_id}.cancelled.0")
-    return web.json_response(
-        {"taskId": shown, "status": status.value, "message": "cancellation requested"},
-        status=202,
-        headers={TASK_ID_HEADER: shown},
+    return respond(
+        CancelResponse(taskId=shown, status=status.value, message="cancellation requested"),
+        202,
+        {TASK_ID_HEADER: shown},
     )
 
 
@@ -185,18 +188,18 @@ def _decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
         ) from exc
 
 
-def task_summary(document: Document) -> dict[str, Any]:
+def task_summary(document: Document) -> TaskSummary:
     finished = document.get("finished_at")
-    return {
-        "taskId": shown_task_id(document),
-        "status": document["status"],
-        "kind": document["kind"],
-        "model": document["model_name"],
-        "progress": document["progress"]["progress"],
-        "createdTime": document["created_at"].isoformat(),
-        "finishedTime": finished.isoformat() if finished else None,
-        "message": document["message"],
-    }
+    return TaskSummary(
+        taskId=shown_task_id(document),
+        status=document["status"],
+        kind=document["kind"],
+        model=document["model_name"],
+        progress=document["progress"]["progress"],
+        createdTime=document["created_at"].isoformat(),
+        finishedTime=finished.isoformat() if finished else None,
+        message=document["message"],
+    )
 
 
 async def list_tasks(request: web.Request) -> web.StreamResponse:
@@ -219,9 +222,9 @@ async def list_tasks(request: web.Request) -> web.StreamResponse:
     )
     more = len(documents) > limit
     documents = documents[:limit]
-    return web.json_response(
-        {
-            "tasks": [task_summary(d) for d in documents],
-            "nextCursor": _encode_cursor(documents[-1]) if more else None,
-        }
+    return respond(
+        TaskList(
+            tasks=[task_summary(d) for d in documents],
+            nextCursor=_encode_cursor(documents[-1]) if more else None,
+        )
     )

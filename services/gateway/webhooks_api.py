@@ -8,6 +8,7 @@ from aiohttp import web
 from proto.requests import Webhook
 from services.gateway.auth import caller
 from services.gateway.errors import ApiError
+from services.gateway.openapi import WebhookFailure, WebhookSecret, respond
 from services.gateway.resources import Resources, resources
 from services.storage.webhooks import WebhookRefusedError, check_url
 
@@ -28,23 +29,23 @@ async def checked_webhook(res: Resources, webhook: Webhook | None) -> dict[str, 
 async def secret(request: web.Request) -> web.StreamResponse:
     res = resources(request)
     user = await caller(request, res)
-    return web.json_response({"secret": await res.webhooks.secret(user)})
+    return respond(WebhookSecret(secret=await res.webhooks.secret(user)))
 
 
 async def failures(request: web.Request) -> web.StreamResponse:
     res = resources(request)
     user = await caller(request, res)
-    return web.json_response(
+    return respond(
         [
-            {
-                "deliveryId": doc["_id"],
-                "taskId": doc["task_id"],
-                "url": doc["url"],
-                "event": doc["event"],
-                "attempts": doc["attempts"],
-                "error": doc["error"],
-                "at": doc["at"].isoformat(),
-            }
+            WebhookFailure(
+                deliveryId=doc["_id"],
+                taskId=doc["task_id"],
+                url=doc["url"],
+                event=doc["event"],
+                attempts=doc["attempts"],
+                error=doc["error"],
+                at=doc["at"].isoformat(),
+            )
             for doc in await res.webhooks.list_failures(user, MAX_LISTED)
         ]
     )

@@ -1,11 +1,14 @@
 """The OpenAPI document is generated from the same Structs the gateway validates with."""
 
 import re
-from typing import Any
+from typing import Any, get_args, get_origin
+
+import msgspec
 
 from services.common.settings import from_environ
 from services.gateway.app import create_app
-from services.gateway.routes import UNDOCUMENTED_PATHS, document
+from services.gateway.openapi import A1111_OPTIONS, NULL
+from services.gateway.routes import ROUTES, UNDOCUMENTED_PATHS, document
 from services.gateway.settings import GatewaySettings
 
 
@@ -87,3 +90,60 @@ def test_request_bodies_are_the_proto_structs() -> None:
     assert "binary" == upload["application/octet-stream"]["schema"]["format"]
     model_type = paths["/models"]["get"]["parameters"][0]
     assert ("type", "query") == (model_type["name"], model_type["in"])
+
+
+NOT_JSON = {
+    ("get", "/tasks/{task_id}/events"),  # text/event-stream
+    ("get", "/metrics"),  # Prometheus text
+    ("get", "/files/{key:.+}"),  # the file itself
+}
+FREE_FORM = {("get", "/sdapi/v1/options")}
+"""A1111's settings: an open mapping of option name to value, on purpose."""
+
+
+def _struct(kind: Any) -> Any:
+    """The Struct a response type is made of (``list[S]`` → ``S``), else None."""
+    if get_origin(kind) is list:
+        (kind,) = get_args(kind)
+    return kind if isinstance(kind, type) and issubclass(kind, msgspec.Struct) else None
+
+
+def test_every_json_route_answers_a_strict_struct() -> None:
+    """A route added with a dict (or no) response type fails here: each JSON route's
+    handler encodes a Struct that forbids unknown fields, so the document says exactly
+    what is sent (the schemathesis run checks responses against it)."""
+    for route in ROUTES:
+        where = (route.method, route.path)
+        if route.response is None:
+            assert where in NOT_JSON, f"{where}: no response type"
+        elif route.response is NULL or where in FREE_FORM:
+            assert route.response in (NULL, A1111_OPTIONS), where
+        else:
+            struct = _struct(route.response)
+            assert struct is not None, f"{where}: {route.response} is no Struct"
+            assert struct.__struct_config__.forbid_unknown_fields, f"{where}: {struct}"
+
+
+def test_success_bodies_allow_no_other_fields() -> None:
+    """Every object a success body can hold, nested ones too, is closed."""
+    built = document()
+    schemas = built["components"]["schemas"]
+    seen: set[str] = set()
+    pending = [
+        ref
+        for operations in built["paths"].values()
+        for operation in operations.values()
+        for code, response in operation["responses"].items()
+        if code.startswith("2") or code == "500"
+        for ref in _refs(response)
+    ]
+    while pending:
+        name = pending.pop().rsplit("/", 1)[1]
+        if name in seen:
+            continue
+        seen.add(name)
+        schema = schemas[name]
+        if "properties" in schema:
+            assert schema.get("additionalProperties") is False, name
+        pending += _refs(schema)
+    assert {"A1111Memory", "WorkerMemory", "FunctionInfo", "ControlNetSlider"} <= seen
