@@ -120,9 +120,7 @@ def build_taesd_decoder(path: Path, *, released: bool = True, seed: int = 0) -> 
     decoder = AutoencoderTiny().decoder  # type: ignore[attr-defined]
     state = {k: v.contiguous() for k, v in decoder.state_dict().items()}
     if released:
-        state = {
-            f"{int(k.split('.')[1]) + 1}.{k.split('.', 2)[2]}": v for k, v in state.items()
-        }
+        state = {f"{int(k.split('.')[1]) + 1}.{k.split('.', 2)[2]}": v for k, v in state.items()}
     else:
         state = {f"decoder.{k}": v for k, v in state.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
