@@ -150,13 +150,17 @@ def plan(
     workers: dict[str, int] = {}
     reasons: dict[str, str] = {}
     for load in loads:
-        cap = load.max_instances if load.max_instances is not None else budget
-        wanted = max(shares[load.key], load.min_instances)
+        # A worker holds a GPU slot (its model in GPU memory) even when idle: no pool has
+        # more workers than the budget, whatever its min/maxInstances say (a minInstances
+        # of 10 000 once started that many local workers and exhausted the machine).
+        cap = budget if load.max_instances is None else min(load.max_instances, budget)
+        floor = min(load.min_instances, budget)
+        wanted = max(shares[load.key], floor)
         timeout = idle_timeout_s if load.idle_timeout_s is None else load.idle_timeout_s
         if load.backlog or load.running or load.idle_s < timeout:
             # Hysteresis: keep warm workers until the checkpoint has been idle long enough.
             wanted = max(wanted, min(load.workers, cap))
         elif wanted < load.workers:
             reasons[load.key] = f"idle for {load.idle_s:.0f} s"
-        workers[load.key] = min(wanted, max(cap, load.min_instances))
+        workers[load.key] = min(wanted, max(cap, floor))
     return Plan(shares=shares, workers=workers, reasons=reasons)

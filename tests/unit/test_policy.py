@@ -50,6 +50,7 @@ def test_budget_is_never_exceeded_randomized() -> None:
         assert _used(loads, result.shares) <= budget, (budget, loads, result)
         for load in loads:
             assert 0 <= result.shares[load.key]
+            assert result.workers[load.key] <= budget
             if load.max_instances is not None:
                 assert result.workers[load.key] <= max(load.max_instances, load.min_instances)
 
@@ -98,6 +99,16 @@ def test_scale_to_zero_after_idle_timeout(idle_s: float, min_instances: int, exp
     assert expected == result.workers["a"]
     # A warm pool keeps a spare slot (its next task starts at once); a cold one holds none.
     assert expected == result.shares["a"]
+
+
+def test_instances_settings_never_start_more_workers_than_the_budget() -> None:
+    """Each worker holds a GPU slot: minInstances and maxInstances beyond the budget (the
+    API allows 10 000) are capped at it, not obeyed to the machine's exhaustion."""
+    pinned = _load("a", workers=0, idle_s=IDLE + 1, min_instances=10_000)
+    wide = _load("b", backlog=50, workers=2, max_instances=10_000)
+    result = plan([pinned, wide], 3, idle_timeout_s=IDLE, starvation_s=STARVE)
+    assert result.workers["a"] <= 3
+    assert result.workers["b"] <= 3
 
 
 def test_spare_slots_never_delay_demand() -> None:
