@@ -39,10 +39,21 @@ Body = msgspec.Struct | Sequence[msgspec.Struct] | dict[str, Any] | None
 options alone) an open mapping."""
 
 
+def _builtin(value: Any) -> Any:
+    """What msgspec will not encode by itself: MongoDB's ``Int64`` (an ``int`` subclass
+    that PyMongo returns for 64-bit integers, such as a 2 GiB file's size)."""
+    if isinstance(value, int):
+        return int(value)
+    raise NotImplementedError(f"cannot encode {type(value).__name__} in a response")
+
+
+_encoder = msgspec.json.Encoder(enc_hook=_builtin)
+
+
 def respond(body: Body, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     """Send a response Struct as JSON: what the document describes is what is sent."""
     return web.Response(
-        body=msgspec.json.encode(body),
+        body=_encoder.encode(body),
         status=status,
         headers=headers,
         content_type="application/json",

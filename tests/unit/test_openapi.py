@@ -147,3 +147,16 @@ def test_success_bodies_allow_no_other_fields() -> None:
             assert schema.get("additionalProperties") is False, name
         pending += _refs(schema)
     assert {"A1111Memory", "WorkerMemory", "FunctionInfo", "ControlNetSlider"} <= seen
+
+
+def test_64_bit_integers_from_mongodb_are_encoded() -> None:
+    """PyMongo returns BSON int64 as ``bson.Int64`` (a 2 GiB file's size): msgspec alone
+    refuses it, and a registered big model answered 500."""
+    from bson.int64 import Int64
+
+    from services.gateway.openapi import respond
+
+    class Sized(msgspec.Struct):
+        sizeBytes: int
+
+    assert b'{"sizeBytes":2147483648}' == respond(Sized(sizeBytes=Int64(2**31))).body
