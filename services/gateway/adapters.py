@@ -22,6 +22,7 @@ from proto.requests import (
 )
 from services.gateway.errors import ApiError
 from services.gateway.resources import Resources
+from services.storage.models import usable
 
 MAX_LORAS = 16
 
@@ -140,15 +141,6 @@ async def resolve_embeddings(
         and _mentions(text, m["name"])
         and families_match(family, m.get("family"))
     ]
-
-
-def usable(model: dict[str, Any] | None) -> bool:
-    """Registered, readable and not being deleted."""
-    return (
-        model is not None
-        and model.get("status") not in (ModelStatus.FAILED.value, ModelStatus.REGISTERING.value)
-        and not model.get("draining")
-    )
 
 
 async def resolve_upscaler(

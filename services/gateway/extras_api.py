@@ -26,11 +26,7 @@ from proto.requests import (
     Webhook,
     extras_options,
 )
-from services.gateway.adapters import (
-    resolve_face_restorer,
-    resolve_upscaler,
-    usable,
-)
+from services.gateway.adapters import resolve_face_restorer, resolve_upscaler
 from services.gateway.auth import caller, caller_is_admin, server_paths
 from services.gateway.bounds import check_free_form
 from services.gateway.errors import ApiError
@@ -50,6 +46,7 @@ from services.gateway.submit import (
 )
 from services.gateway.validation import decode, read_body
 from services.gateway.webhooks_api import checked_webhook
+from services.storage.models import usable
 from services.storage.mongo import Document
 
 DEFAULT_MODEL_SCALE = 4

@@ -794,8 +794,8 @@ class _Reporter:
         self._publisher = loop.create_task(self._publish_all())
         self._acking: asyncio.Task[None] | None = None
         self._acked_at = -math.inf
-        self._ack_every_s = min(IN_PROGRESS_EVERY_S, worker.settings.ack_wait_s / 10)
         """When the last in-progress ack was sent (the pipeline thread's clock reading)."""
+        self._ack_every_s = min(IN_PROGRESS_EVERY_S, worker.settings.ack_wait_s / 10)
         self._closed = False
 
     def on_step(self, job_no: int, step: int, total: int, preview: bytes | None) -> None:

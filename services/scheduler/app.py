@@ -33,7 +33,7 @@ from services.scheduler.hung import StepWatch
 from services.scheduler.lease import Lease
 from services.scheduler.policy import CheckpointLoad, Plan, plan
 from services.scheduler.settings import SchedulerSettings, max_batch
-from services.storage.models import ModelStore, warm_until
+from services.storage.models import ModelStore, usable, warm_until
 from services.storage.mongo import Document
 from services.storage.tasks import TaskStore
 
@@ -77,16 +77,12 @@ def preview_decoder(family: str | None, decoders: list[Document]) -> str:
     """The path of the TAESD decoder (``vaeApprox``) for a checkpoint of ``family``; empty
     when none fits. TAESD and TAESDXL files have the same shapes, so the name tells them
     apart as in A1111 (``taesdxl_decoder``): "xl" in it means SDXL; SD1 and SD2 share one
-    latent space; a name saying ``sd3`` or ``f1`` (other latent spaces) fits neither."""
+    latent space; a name saying ``sd3`` or ``f1`` (other latent spaces) fits neither.
+    ``decoders`` as :meth:`ModelStore.list` gives them: by name, deleted ones left out."""
     xl = (family or "").startswith(ModelFamily.SDXL.value)  # inpainting ones too
-    for decoder in sorted(decoders, key=lambda d: str(d["name"])):
+    for decoder in decoders:
         name = str(decoder["name"]).lower()
-        usable = decoder.get("status") not in (
-            ModelStatus.FAILED.value,
-            ModelStatus.REGISTERING.value,
-            ModelStatus.DELETED.value,
-        ) and not decoder.get("draining")
-        if usable and "sd3" not in name and "f1" not in name and ("xl" in name) == xl:
+        if usable(decoder) and "sd3" not in name and "f1" not in name and ("xl" in name) == xl:
             return str(decoder["path"])
     return ""
 

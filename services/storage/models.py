@@ -120,6 +120,15 @@ def model_document(
     }
 
 
+def usable(model: dict[str, Any] | None) -> bool:
+    """Registered, readable and not being deleted."""
+    return (
+        model is not None
+        and model.get("status") not in (ModelStatus.FAILED.value, ModelStatus.REGISTERING.value)
+        and not model.get("draining")
+    )
+
+
 def warm_until(model: Document) -> dt.datetime | None:
     """Until when a pre-warmed checkpoint (``POST /models/{name}/warm``) keeps a worker."""
     until = model.get("warm_until")

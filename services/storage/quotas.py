@@ -83,11 +83,14 @@ class QuotaStore:
         would break a limit (0: none). A submission refused later must be released."""
         # Both counters at once (one round trip's wait, not three); the open-task counter
         # counts even with no limit, so that it is right when a limit is set.
-        minute = self._count_minute(user, per_minute) if per_minute > 0 else _admitted()
-        refusal, counter = await asyncio.gather(minute, count_up(self.open_counts, user, "n"))
-        if refusal is not None:
-            await self.open_counts.update_one({"_id": user, "n": {"$gt": 0}}, {"$inc": {"n": -1}})
-            return refusal
+        counting = count_up(self.open_counts, user, "n")
+        if per_minute > 0:
+            refusal, counter = await asyncio.gather(self._count_minute(user, per_minute), counting)
+            if refusal is not None:
+                await self._uncount(user, minute=False)  # the minute gave its count back
+                return refusal
+        else:
+            counter = await counting
         if max_open <= 0 or counter["n"] <= max_open:
             return None
         actual = await self.store.count_open({"user": user}, limit=max_open)
@@ -129,10 +132,6 @@ class QuotaStore:
         return Refusal(
             f"at most {per_minute} tasks per minute; retry in {wait} s", retry_after_s=wait
         )
-
-
-async def _admitted() -> Refusal | None:
-    return None
 
 
 class LoginThrottle:
