@@ -18,7 +18,7 @@ from proto import ModelType, names
 from services.common import bus
 from services.common.bus import worker_records
 from services.common.settings import from_environ
-from services.scheduler.app import current_share
+from services.scheduler.app import current_share, slots_of
 from services.scheduler.settings import SchedulerSettings, max_batch
 from services.storage.models import ModelStore
 from services.storage.mongo import Document, database, open_client
@@ -59,19 +59,20 @@ async def run_status(args: argparse.Namespace) -> int:
         workers = Counter((r.model_key, r.state.value) for r in await worker_records(js))
         header = (
             f"{'checkpoint':40} {'status':9} {'queued':>6} {'running':>7} {'share':>5}"
-            f" {'batch':>5}  workers"
+            f" {'limit':>5} {'batch':>5}  workers"
         )
         print(header)
         in_use = 0
         for model in models:
             key = model["model_key"]
             batch = max_batch(settings, model)
-            queued = running = share = 0
+            queued = running = share = limit = 0
             try:
                 info = await js.consumer_info(names.TASK_STREAM, names.consumer_name(key))
                 queued, running = int(info.num_pending or 0), int(info.num_ack_pending or 0)
                 limit, pinned = current_share(info)
-                share = -(-limit // batch)  # slots: workers of up to `batch` tasks each
+                # slots: workers of up to `batch` tasks each (limit: tasks in flight)
+                share = slots_of(info, limit, batch) if pinned is None else -(-limit // batch)
                 share_text = f"{share}{'*' if pinned is not None else ''}"
             except NotFoundError:
                 share_text = "-"
@@ -81,7 +82,7 @@ async def run_status(args: argparse.Namespace) -> int:
             )
             print(
                 f"{model['name'][:40]:40} {model['status']:9} {queued:>6} {running:>7}"
-                f" {share_text:>5} {batch:>5}  {states or '-'}"
+                f" {share_text:>5} {limit:>5} {batch:>5}  {states or '-'}"
             )
             if model.get("cold_start_s") is not None:
                 print(f"  cold start {cold_start_text(model)}")

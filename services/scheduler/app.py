@@ -31,7 +31,7 @@ from services.common import bus, metrics
 from services.common.bus import worker_records
 from services.scheduler.hung import StepWatch
 from services.scheduler.lease import Lease
-from services.scheduler.policy import CheckpointLoad, Plan, plan
+from services.scheduler.policy import CheckpointLoad, Plan, consumer_limit, plan
 from services.scheduler.settings import SchedulerSettings, max_batch
 from services.storage.models import ModelStore, usable, warm_until
 from services.storage.mongo import Document
@@ -39,6 +39,7 @@ from services.storage.tasks import TaskStore
 
 log = logging.getLogger(__name__)
 SHARE_METADATA = "sdswarm_share"
+SLOTS_METADATA = "sdswarm_slots"
 
 
 @dataclass
@@ -48,10 +49,12 @@ class _Memory:
     last_demand: float = -1e12
     held_since: float | None = None
     pin_logged: int | None = None
+    limit: int = 0
+    """The consumer's ``max_ack_pending`` as last read (0 while paused)."""
 
 
 def current_share(info: ConsumerInfo) -> tuple[int, int | None]:
-    """(share now, operator pin or None) read back from a consumer."""
+    """(limit now, operator pin or None) read back from a consumer."""
     config = info.config
     if getattr(info, "paused", False):
         return 0, None
@@ -60,6 +63,15 @@ def current_share(info: ConsumerInfo) -> tuple[int, int | None]:
     if recorded is not None and recorded.isdigit() and int(recorded) != limit:
         return limit, limit
     return limit, None
+
+
+def slots_of(info: ConsumerInfo, limit: int, batch: int) -> int:
+    """The share (slots) behind a consumer's ``limit``: as recorded when we set it (a
+    limit of one task per slot and one of ``batch`` per slot read alike otherwise)."""
+    recorded = (info.config.metadata or {}).get(SLOTS_METADATA)
+    if limit and recorded is not None and recorded.isdigit():
+        return int(recorded)
+    return _slots(limit, batch)
 
 
 def warming(model: Document) -> bool:
@@ -166,7 +178,8 @@ class Scheduler:
         metrics.consumer_seen(key, backlog, running)
         batch = max_batch(self.settings, model)
         limit, pinned = current_share(info)
-        share = _slots(limit, batch)
+        memory.limit = limit
+        share = slots_of(info, limit, batch) if pinned is None else _slots(limit, batch)
         if pinned is not None and memory.pin_logged != pinned:
             log.warning("%s: max_ack_pending %d set by an operator; honoured as a pin", key, pinned)
             memory.pin_logged = pinned
@@ -189,16 +202,16 @@ class Scheduler:
             idle_timeout_s=model.get("idle_timeout_s"),
         )
 
-    async def _set_share(self, model: Document, share: int) -> None:
-        """``share`` slots: each of its workers may hold ``max_batch`` tasks."""
+    async def _set_share(self, model: Document, share: int, limit: int) -> None:
+        """``share`` slots as ``limit`` tasks in flight (:func:`consumer_limit`)."""
         key = model["model_key"]
         consumer = names.consumer_name(key)
+        self._memory[key].limit = limit
         if share == 0:
             await self.js.pause_consumer(names.TASK_STREAM, consumer, bus.PAUSED_FOREVER)
             return
-        limit = share * max_batch(self.settings, model)
         config = bus.task_consumer_config(key, self.settings, max_ack_pending=limit)
-        config.metadata = {SHARE_METADATA: str(limit)}
+        config.metadata = {SHARE_METADATA: str(limit), SLOTS_METADATA: str(share)}
         await self.js.add_consumer(names.TASK_STREAM, config)  # an update: same durable
         await self.js.resume_consumer(names.TASK_STREAM, consumer)
 
@@ -217,7 +230,9 @@ class Scheduler:
         await self._replace_hung(records)
         models.append(extras_pool())
         busy: dict[str, int] = {}
+        alive: dict[str, int] = {}
         for record in records:
+            alive[record.model_key] = alive.get(record.model_key, 0) + 1
             if record.state is WorkerState.BUSY:
                 busy[record.model_key] = busy.get(record.model_key, 0) + 1
         loads = [
@@ -231,19 +246,31 @@ class Scheduler:
             starvation_s=self.settings.starvation_s,
         )
         by_key = {load.key: load for load in loads}
+        by_model = {m["model_key"]: m for m in models}
+        # Workers that could take a task now or soon: what the backend runs (a stopping
+        # one included), what the liveness records show (a previous leader's too), what
+        # the plan starts.
+        limits = {
+            key: consumer_limit(
+                share,
+                max_batch(self.settings, by_model[key]),
+                max(replicas.get(key, 0), alive.get(key, 0), result.workers[key]),
+            )
+            for key, share in result.shares.items()
+        }
         # Lower first, then raise: the budget holds between the two consumer updates.
         changes = sorted(
             (
                 k
                 for k in result.shares
-                if result.shares[k] != by_key[k].share and by_key[k].pinned is None
+                if (result.shares[k], limits[k]) != (by_key[k].share, self._memory[k].limit)
+                and by_key[k].pinned is None
             ),
-            key=lambda k: result.shares[k] - by_key[k].share,
+            key=lambda k: (result.shares[k] - by_key[k].share, limits[k] - self._memory[k].limit),
         )
-        by_model = {m["model_key"]: m for m in models}
         for key in changes:
             self._fence()
-            await self._set_share(by_model[key], result.shares[key])
+            await self._set_share(by_model[key], result.shares[key], limits[key])
         for key, share in result.shares.items():
             memory = self._memory[key]
             memory.held_since = (memory.held_since or now) if share > 0 else None

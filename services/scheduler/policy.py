@@ -5,6 +5,14 @@ lowered share stops new deliveries but never interrupts a task — never exceed 
 budget. So shares are lowered at once and raised only into slots that are free *now*;
 a slot taken from one checkpoint reaches another at the first's next task boundary.
 
+Busy workers never exceed the budget either. A worker holds up to ``max_batch`` tasks,
+so a checkpoint's consumer may have ``share × max_batch`` tasks in flight only while it
+has no more workers than slots; when it has more (warm workers kept while paused, a
+``minInstances`` floor, a worker still stopping), those tasks could each land on their
+own worker, so it gets one task per slot (:func:`consumer_limit`). And a checkpoint that
+holds slots keeps no more workers than that (or its floor): a surplus warm worker would
+only hold GPU memory and turn batching off.
+
 Allocation is weighted fair share by demand (D'Hondt: the next slot goes to the highest
 ``demand / (slots + 1)``), with two corrections: a checkpoint whose oldest task has
 waited past ``starvation_s`` gets one slot, taken from the checkpoint that has held
@@ -49,8 +57,7 @@ class Plan:
 
 
 def _cap(load: CheckpointLoad, budget: int) -> int:
-    cap = budget if load.max_instances is None else min(budget, load.max_instances)
-    return min(cap, load.backlog + load.running)
+    return min(_instances_cap(load, budget), load.backlog + load.running)
 
 
 def _starving(load: CheckpointLoad, starvation_s: float) -> bool:
@@ -109,16 +116,23 @@ def ideal_shares(
                 break
             ideal[victims[position].key] -= 1
             ideal[load.key] = 1
-    # Slots nobody is asking for stay with warm, idle pools (current holders first), so
-    # their next task starts at once instead of waiting a tick for the consumer to resume.
+    # Slots nobody is asking for stay with warm pools, one per warm worker (current
+    # holders first), so their next task starts at once instead of waiting a tick for the
+    # consumer to resume, and their workers are kept.
     spare = budget - sum(ideal.values())
     for load in sorted(loads, key=lambda w: (-w.share, w.key)):
         if spare <= 0:
             break
-        if ideal[load.key] == 0 and load.pinned is None and _warm(load, idle_timeout_s):
-            ideal[load.key] = 1
-            spare -= 1
+        if load.pinned is None and _warm(load, idle_timeout_s):
+            kept = min(load.workers, _instances_cap(load, budget)) - ideal[load.key]
+            if kept > 0:
+                ideal[load.key] += min(kept, spare)
+                spare -= min(kept, spare)
     return ideal
+
+
+def _instances_cap(load: CheckpointLoad, budget: int) -> int:
+    return budget if load.max_instances is None else min(budget, load.max_instances)
 
 
 def plan(
@@ -153,14 +167,29 @@ def plan(
         # A worker holds a GPU slot (its model in GPU memory) even when idle: no pool has
         # more workers than the budget, whatever its min/maxInstances say (a minInstances
         # of 10 000 once started that many local workers and exhausted the machine).
-        cap = budget if load.max_instances is None else min(load.max_instances, budget)
+        cap = _instances_cap(load, budget)
         floor = min(load.min_instances, budget)
-        wanted = max(shares[load.key], floor)
+        share = shares[load.key]
+        wanted = max(share, floor)
         timeout = idle_timeout_s if load.idle_timeout_s is None else load.idle_timeout_s
-        if load.backlog or load.running or load.idle_s < timeout:
-            # Hysteresis: keep warm workers until the checkpoint has been idle long enough.
+        if share == 0 and (load.backlog or load.running or load.idle_s < timeout):
+            # Hysteresis: a paused pool keeps its warm workers (they cannot take a task)
+            # until it has been idle long enough.
             wanted = max(wanted, min(load.workers, cap))
         elif wanted < load.workers:
-            reasons[load.key] = f"idle for {load.idle_s:.0f} s"
+            reasons[load.key] = (
+                f"idle for {load.idle_s:.0f} s" if share == 0 else f"{share} slot(s) now"
+            )
         workers[load.key] = min(wanted, max(cap, floor))
     return Plan(shares=shares, workers=workers, reasons=reasons)
+
+
+def consumer_limit(share: int, max_batch: int, workers: int) -> int:
+    """The tasks a checkpoint's consumer may have in flight (its ``max_ack_pending``) for
+    ``share`` slots, when ``workers`` of its workers are alive (the most of what the
+    backend runs, the liveness records show and the plan wants): ``max_batch`` per slot
+    while every worker has a slot of its own, else one per slot, so that however the
+    tasks spread over the workers, no more of them are busy than the share allows."""
+    if share <= 0:
+        return 0
+    return share * max(max_batch, 1) if workers <= share else share

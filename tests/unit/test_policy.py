@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import pytest
 
-from services.scheduler.policy import CheckpointLoad, plan
+from services.scheduler.policy import CheckpointLoad, consumer_limit, plan
 
 IDLE, STARVE = 300.0, 60.0
 
@@ -48,6 +48,15 @@ def test_budget_is_never_exceeded_randomized() -> None:
         assert _used(loads, {x.key: x.share for x in loads}) <= budget  # precondition
         result = plan(loads, budget, idle_timeout_s=IDLE, starvation_s=STARVE)
         assert _used(loads, result.shares) <= budget, (budget, loads, result)
+        # Busy workers: a checkpoint's are at most its live workers and at most the tasks
+        # its consumer lets out, besides the slots its running tasks already hold.
+        batch = rng.randint(1, 8)
+        busy = 0
+        for load in loads:
+            alive = max(load.workers, result.workers[load.key])
+            limit = consumer_limit(result.shares[load.key], batch, alive)
+            busy += max(min(alive, limit), load.running)
+        assert busy <= budget, (budget, batch, loads, result)
         for load in loads:
             assert 0 <= result.shares[load.key]
             assert result.workers[load.key] <= budget
@@ -121,3 +130,41 @@ def test_spare_slots_never_delay_demand() -> None:
 def test_an_operator_pin_is_honoured_and_counted() -> None:
     loads = [_load("pinned", backlog=9, pinned=1, share=1), _load("b", backlog=9)]
     assert {"pinned": 1, "b": 2} == plan(loads, 3, idle_timeout_s=IDLE, starvation_s=STARVE).shares
+
+
+@pytest.mark.parametrize(
+    ("share", "workers", "expected"),
+    [(0, 1, 0), (2, 2, 8), (2, 1, 8), (1, 2, 1), (2, 3, 2)],
+)
+def test_the_consumer_lets_out_a_batch_per_slot_only_while_each_worker_has_a_slot(
+    share: int, workers: int, expected: int
+) -> None:
+    """Two workers sharing one slot of batch 4 could each take a task: one task per slot
+    then, so busy workers stay within the share however the tasks spread."""
+    assert expected == consumer_limit(share, 4, workers)
+
+
+def test_a_pool_holding_slots_keeps_no_more_workers_than_its_share() -> None:
+    """Checkpoint a had the whole budget; b's demand takes a slot, and a's second worker
+    stops (it could only hold GPU memory and turn a's batching off)."""
+    a = _load("a", backlog=5, share=2, workers=2, held_since=1.0)
+    b = _load("b", backlog=5, oldest_wait_s=STARVE + 1)
+    result = plan([a, b], 2, idle_timeout_s=IDLE, starvation_s=STARVE)
+    assert {"a": 1, "b": 1} == result.shares
+    assert {"a": 1, "b": 1} == result.workers
+    assert "1 slot(s) now" == result.reasons["a"]
+
+
+def test_a_paused_pool_keeps_its_warm_workers_until_idle() -> None:
+    paused = _load("paused", backlog=3, share=0, workers=2, idle_s=5.0)
+    holder = _load("holder", backlog=9, running=2, share=2, workers=2, held_since=1.0)
+    result = plan([paused, holder], 2, idle_timeout_s=IDLE, starvation_s=STARVE)
+    assert 0 == result.shares["paused"]
+    assert 2 == result.workers["paused"]
+
+
+def test_spare_slots_keep_every_warm_worker_of_an_idle_pool() -> None:
+    idle = _load("a", workers=2, share=2, idle_s=5.0)
+    result = plan([idle], 2, idle_timeout_s=IDLE, starvation_s=STARVE)
+    assert {"a": 2} == result.shares
+    assert {"a": 2} == result.workers
