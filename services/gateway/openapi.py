@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from proto import ModelStatus, ModelType, TaskStatus
+from proto import ModelStatus, ModelType, TaskKind, TaskStatus
 from services.gateway.errors import Handler
 
 
@@ -134,8 +134,8 @@ class Message(_Strict):
 
 class TaskSummary(_Strict):
     taskId: str
-    status: str
-    kind: str
+    status: TaskStatus
+    kind: TaskKind
     model: str
     progress: float
     createdTime: str
@@ -150,7 +150,7 @@ class TaskList(_Strict):
 
 class CancelResponse(_Strict):
     taskId: str
-    status: str
+    status: TaskStatus
     message: str
 
 
@@ -297,8 +297,9 @@ class Route:
     headers: tuple[Param, ...] = ()
     upload: bool = False
     """The body may also be the raw file (``application/octet-stream``)."""
-    partial_failure: bool = False
-    """500 with the same body when some named item failed (the seed's contract)."""
+    also: tuple[tuple[int, str], ...] = ()
+    """Other statuses answered with the success body's type, and why: 500 when some
+    named item failed (the seed's functions contract), 503 when a dependency is down."""
 
 
 ERRORS = [
@@ -356,8 +357,8 @@ def build_document(routes: list[Route]) -> dict[str, Any]:
         if route.response is not None:
             ok["content"] = _json(schema_of[id(route.response)])
         operation["responses"][str(route.status)] = ok
-        if route.partial_failure:
-            operation["responses"]["500"] = {**ok, "description": "some named item failed"}
+        for status, reason in route.also:
+            operation["responses"][str(status)] = {**ok, "description": reason}
         for code, why in ERRORS:
             operation["responses"][code] = {"description": why, "content": _json(error)}
         paths.setdefault(path, {})[route.method] = operation

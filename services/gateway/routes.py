@@ -99,6 +99,8 @@ from services.gateway.responses import (
     FunctionsUpdate,
 )
 
+PARTIAL_FAILURE = "some named item failed (the same body, with each item's outcome)"
+
 ROUTES: list[Route] = [
     Route("post", "/login", auth.login, "Log in", LoginResponse, LoginRequest),
     Route(
@@ -256,7 +258,7 @@ ROUTES: list[Route] = [
         "Change worker pools' settings",
         FunctionsUpdate,
         BatchUpdateSdResourceRequest,
-        partial_failure=True,
+        also=((500, PARTIAL_FAILURE),),
     ),
     Route(
         "post",
@@ -265,7 +267,7 @@ ROUTES: list[Route] = [
         "Reset worker pools to their defaults",
         FunctionsDeleted,
         DeleteFunctionsRequest,
-        partial_failure=True,
+        also=((500, PARTIAL_FAILURE),),
     ),
     Route("post", "/restart", functions.restart, "Rolling restart of every worker", Message),
     Route(
@@ -290,6 +292,7 @@ ROUTES: list[Route] = [
         system_api.healthz,
         "Health of NATS, MongoDB and the object store",
         Health,
+        also=((503, "NATS, MongoDB or the object store does not answer"),),
     ),
     Route(
         "get",

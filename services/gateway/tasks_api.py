@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proto import TaskStatus, names
+from proto import TaskKind, TaskStatus, names
 from proto.events import TaskCancelled
 from proto.requests import Img2ImgRequest, Txt2ImgRequest
 from services.common import bus
@@ -163,7 +163,7 @@ async def cancel_document(res: Resources, document: Document) -> web.StreamRespo
         event = TaskCancelled(task_id=task_id, attempt=0, at=time.time(), worker="gateway")
         await bus.publish_event(res.js, event, f"{task_id}.cancelled.0")
     return respond(
-        CancelResponse(taskId=shown, status=status.value, message="cancellation requested"),
+        CancelResponse(taskId=shown, status=status, message="cancellation requested"),
         202,
         {TASK_ID_HEADER: shown},
     )
@@ -192,8 +192,8 @@ def task_summary(document: Document) -> TaskSummary:
     finished = document.get("finished_at")
     return TaskSummary(
         taskId=shown_task_id(document),
-        status=document["status"],
-        kind=document["kind"],
+        status=TaskStatus(document["status"]),
+        kind=TaskKind(document["kind"]),
         model=document["model_name"],
         progress=document["progress"]["progress"],
         createdTime=document["created_at"].isoformat(),

@@ -160,3 +160,16 @@ def test_64_bit_integers_from_mongodb_are_encoded() -> None:
         sizeBytes: int
 
     assert b'{"sizeBytes":2147483648}' == respond(Sized(sizeBytes=Int64(2**31))).body
+
+
+def test_an_unhealthy_answer_and_task_statuses_are_documented() -> None:
+    """``/healthz`` answers 503 with its usual body when a dependency is down; task
+    statuses and kinds are the enums, not any string."""
+    built = document()
+    unhealthy = built["paths"]["/healthz"]["get"]["responses"]["503"]
+    healthy = built["paths"]["/healthz"]["get"]["responses"]["200"]
+    assert healthy["content"] == unhealthy["content"]
+    schemas = built["components"]["schemas"]
+    for name in ("TaskSummary", "CancelResponse"):
+        assert {"$ref": "#/components/schemas/TaskStatus"} == schemas[name]["properties"]["status"]
+    assert {"$ref": "#/components/schemas/TaskKind"} == schemas["TaskSummary"]["properties"]["kind"]
