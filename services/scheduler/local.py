@@ -1,9 +1,10 @@
 """Local-process worker backend: worker subprocesses on this machine.
 
 Each worker is ``python -m services.inference`` with its settings in ``SDSWARM_*``
-variables. Crashed workers are reaped on every reconcile and replaced while demand
-lasts; scale-down sends SIGTERM (the worker finishes its step loop and naks or
-completes) and SIGKILL after a grace period.
+variables, forked from a server that has its imports done (``worker_preload``, see
+forkserver.py) or started as a fresh interpreter. Crashed workers are reaped on every
+reconcile and replaced while demand lasts; scale-down sends SIGTERM (the worker finishes
+its step loop and naks or completes) and SIGKILL after a grace period.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import msgspec
 
 from proto.workers import WorkerStatus
 from services.common.settings import PREFIX, StoreSettings
 from services.common.supervise import die_with_parent
+from services.scheduler.forkserver import ForkServer
 from services.scheduler.settings import SchedulerSettings, max_batch
 from services.storage.mongo import Document
 
@@ -72,9 +75,26 @@ def worker_settings(settings: SchedulerSettings, model: Document) -> dict[str, s
     return env
 
 
+class WorkerProcess(Protocol):
+    """What the backend needs of a worker process: an ``asyncio.subprocess.Process`` or a
+    :class:`~services.scheduler.forkserver.ForkedWorker`."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    def send_signal(self, sig: int) -> None: ...
+
+    def kill(self) -> None: ...
+
+    async def wait(self) -> int: ...
+
+
 @dataclass
 class _Pool:
-    processes: list[asyncio.subprocess.Process] = field(default_factory=list)
+    processes: list[WorkerProcess] = field(default_factory=list)
 
 
 class LocalBackend:
@@ -82,13 +102,15 @@ class LocalBackend:
         self.settings = settings
         self.command = command or [sys.executable, "-m", "services.inference"]
         """The worker's command line (tests run stand-in workers)."""
+        self.forks = ForkServer() if command is None and settings.worker_preload else None
+        """Workers are forks of the preloaded server (forkserver.py), not this command."""
         self._pools: dict[str, _Pool] = {}
         self._gpu_of: dict[int, str] = {}
         """pid → the GPU it was given (``settings.gpus``)."""
         self.started = 0
         self.crashed = 0
 
-    def _reap(self, key: str) -> list[asyncio.subprocess.Process]:
+    def _reap(self, key: str) -> list[WorkerProcess]:
         pool = self._pools.setdefault(key, _Pool())
         alive = []
         for process in pool.processes:
@@ -144,7 +166,7 @@ class LocalBackend:
         taken = set(self._gpu_of.values())
         return next((gpu for gpu in self.settings.gpus if gpu not in taken), None)
 
-    async def _spawn(self, model: Document) -> asyncio.subprocess.Process | None:
+    async def _spawn(self, model: Document) -> WorkerProcess | None:
         env = worker_environ(self.settings, model)
         gpu = None
         if self.settings.gpus:
@@ -160,24 +182,28 @@ class LocalBackend:
             env["CUDA_VISIBLE_DEVICES"] = gpu
         log_path = Path(self.settings.worker_log_dir) / f"worker-{model['model_key']}.log"
         await asyncio.to_thread(log_path.parent.mkdir, parents=True, exist_ok=True)
-        log_file = await asyncio.to_thread(open, log_path, "ab")
-        with log_file:
-            process = await asyncio.create_subprocess_exec(
-                *self.command,
-                env=env,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=log_file,
-                # Gone with the scheduler, even on its kill -9: its task is redelivered.
-                preexec_fn=die_with_parent(signal.SIGKILL),
-            )
+        process: WorkerProcess
+        if self.forks is not None:
+            process = await self.forks.fork(env, str(log_path))
+        else:
+            log_file = await asyncio.to_thread(open, log_path, "ab")
+            with log_file:
+                process = await asyncio.create_subprocess_exec(
+                    *self.command,
+                    env=env,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=log_file,
+                    # Gone with the scheduler, even on its kill -9: its task is redelivered.
+                    preexec_fn=die_with_parent(signal.SIGKILL),
+                )
         self.started += 1
         if gpu is not None:
             self._gpu_of[process.pid] = gpu
         log.info("started worker %s for %s (GPU %s)", process.pid, model["model_key"], gpu or "-")
         return process
 
-    async def _stop(self, process: asyncio.subprocess.Process) -> None:
+    async def _stop(self, process: WorkerProcess) -> None:
         if process.returncode is not None:
             return
         with contextlib.suppress(ProcessLookupError):
@@ -194,4 +220,6 @@ class LocalBackend:
         processes = [p for pool in self._pools.values() for p in pool.processes]
         await asyncio.gather(*(self._stop(p) for p in processes))
         self._pools.clear()
+        if self.forks is not None:
+            await self.forks.aclose()
         log.info("local backend closed: %d started, %d crashed", self.started, self.crashed)

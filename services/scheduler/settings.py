@@ -37,6 +37,10 @@ class SchedulerSettings(StoreSettings, kw_only=True, frozen=True):
     """Local backend: GPUs to hand out, one per worker, as ``CUDA_VISIBLE_DEVICES``
     (``0,1,2,3`` or UUIDs); no more workers run than listed. Empty: no pinning."""
     worker_log_dir: str = "./data/logs"
+    worker_preload: bool = True
+    """Local backend: fork workers from a server process that has imported torch and
+    diffusers once (services/scheduler/forkserver.py), instead of a fresh interpreter
+    each: most of a worker's cold start is those imports."""
     lease_ttl_s: float = 6.0
     """Leader lease (several replicas): a leader that stops renewing is replaced within
     about this long; a deposed one stops acting before the others can take over."""

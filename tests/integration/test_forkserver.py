@@ -1,0 +1,72 @@
+"""The local backend's fork server: workers forked with their imports done, reported like
+subprocesses, and gone with the server (a real ``services.inference.zygote``)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from services.common.servers import free_port
+from services.scheduler.forkserver import ForkServer
+from tests.waiting import until
+
+pytestmark = pytest.mark.integration
+
+
+def _cmdline(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie waiting for init to reap it."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
+def _waiting_worker_env(tmp_path: Path) -> dict[str, str]:
+    """A worker that starts and keeps trying to reach a NATS server nobody runs."""
+    return dict(os.environ) | {
+        "SDSWARM_NATS_URL": f"nats://127.0.0.1:{free_port()}",
+        "SDSWARM_MODEL_NAME": "tiny.safetensors",
+        "SDSWARM_MODEL_KEY": "tiny-000000",
+        "SDSWARM_CHECKPOINT_PATH": str(tmp_path / "tiny.safetensors"),
+        "SDSWARM_CACHE_DIR": str(tmp_path / "cache"),
+        "SDSWARM_DEVICE": "cpu",
+    }
+
+
+async def test_forked_workers_exit_like_subprocesses_and_die_with_the_server(
+    tmp_path: Path,
+) -> None:
+    server = ForkServer()
+    log = tmp_path / "worker.log"
+    try:
+        broken = await server.fork(dict(os.environ), str(log))
+        assert 1 == await asyncio.wait_for(broken.wait(), 60)
+        assert "invalid setting" in log.read_text()
+
+        waiting = await server.fork(_waiting_worker_env(tmp_path), str(log))
+        await asyncio.sleep(0.5)
+        assert waiting.returncode is None
+        # A fork, not a fresh interpreter: the server's own command line, and its child.
+        assert "services.inference.zygote" in _cmdline(waiting.pid)
+        assert "services.inference.zygote" in _cmdline(_parent(waiting.pid))
+        waiting.kill()
+        assert -9 == await asyncio.wait_for(waiting.wait(), 30)
+
+        orphan = await server.fork(_waiting_worker_env(tmp_path), str(log))
+    finally:
+        await server.aclose()
+    # The server is gone: the kernel kills what it forked (as for a dead scheduler).
+    assert -9 == await asyncio.wait_for(orphan.wait(), 30)
+    await until(lambda: not _running(orphan.pid), "the orphan killed", timeout_s=10)
