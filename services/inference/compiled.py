@@ -84,17 +84,15 @@ def compile_unet(
 ) -> CompiledUnet:
     """``pipe``'s UNet compiled for its planned shapes (see :mod:`compileplan`); call
     :meth:`CompiledUnet.start` once the worker has loaded."""
-    prediction_type = pipe.scheduler.config.get("prediction_type") or "epsilon"
     try:
-        shapes = plan(max_batch, sizes, base, prediction_type)
-    except ValueError as exc:
-        compiled = CompiledUnet(pipe.unet, device=device, shapes=[], compiler=compiler)
-        compiled.fail(str(exc))
-        return compiled
-    import torch._inductor.config
+        shapes = plan(max_batch, sizes, base, pipe.scheduler.config.get("prediction_type") or "")
+        import torch._inductor.config
 
-    persist_caches(cache_dir, torch.__version__)
-    torch._inductor.config.fx_graph_cache = True  # the persisted part
+        persist_caches(cache_dir, torch.__version__)
+        torch._inductor.config.fx_graph_cache = True  # the persisted part
+    except Exception as exc:  # a wrong SDSWARM_COMPILE_SIZES, an inductor that cannot load
+        off = _reason("compile is off", exc)
+        return CompiledUnet(pipe.unet, device=device, shapes=[], error=off)
     return CompiledUnet(
         pipe.unet, device=device, shapes=shapes, scale=pipe.vae_scale_factor, compiler=compiler
     )
@@ -111,7 +109,9 @@ class CompiledUnet:
         shapes: list[Shape],
         scale: int = 8,
         compiler: Compiler = inductor,
+        error: str = "",
     ) -> None:
+        """``error``: compile is off for this reason (nothing is installed)."""
         self.unet = unet
         self.device = device
         self.scale = scale
@@ -134,6 +134,9 @@ class CompiledUnet:
         self.thread: threading.Thread | None = None
         """The background compile, once started."""
         self._compiled: Callable[..., torch.Tensor] = fixed_call(self.eager_forward)
+        if error:
+            self.fail(error)
+            return
         try:
             import torch._dynamo.config
 
@@ -166,7 +169,7 @@ class CompiledUnet:
 
     def fail(self, what: str, exc: BaseException | None = None) -> None:
         """Eager from now on, with the reason (the first one is kept)."""
-        reason = what if exc is None else f"{what} ({type(exc).__name__}: {exc})"
+        reason = _reason(what, exc)
         with self._cond:
             if self._state is CompileState.FAILED:
                 return
@@ -368,6 +371,10 @@ def eager_unet(unet: Any) -> contextlib.AbstractContextManager[None]:
     """:meth:`CompiledUnet.eager` when ``unet`` is compiled, else nothing to do."""
     compiled = getattr(unet, "sdswarm_compiled", None)
     return compiled.eager() if isinstance(compiled, CompiledUnet) else contextlib.nullcontext()
+
+
+def _reason(what: str, exc: BaseException | None) -> str:
+    return what if exc is None else f"{what} ({type(exc).__name__}: {exc})"
 
 
 def _empty(value: Any) -> bool:

@@ -53,7 +53,7 @@ def test_compiled_unet_matches_eager_within_tolerance(
         assert CompileState.READY == compiled.wait(600), caplog.text
         with torch.inference_mode():
             image = _image(pipe)
-    assert 4 == compiled.compiled_calls, f"fell back to eager: {caplog.text}"
+    assert compiled.compiled_calls >= 4, f"fell back to eager: {caplog.text}"  # 4 steps
     assert int(np.abs(eager - image).max()) <= TOLERANCE
 
 

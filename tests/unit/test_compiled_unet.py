@@ -6,8 +6,10 @@ failures. No inductor here (tests/integration/test_compile_cache.py runs the rea
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -16,7 +18,7 @@ import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from proto.workers import CompileState
-from services.inference.compiled import CompiledUnet, eager_unet
+from services.inference.compiled import CompiledUnet, compile_unet, eager_unet
 from services.inference.compileplan import Shape
 from services.inference.pipeline import seamless
 
@@ -395,3 +397,43 @@ def test_status_waits_for_nothing() -> None:
     assert thread is not None
     thread.join(30)
     assert CompileState.READY == compiled.status().state
+
+
+def _pipe(unet: FakeUnet, prediction_type: str = "epsilon") -> Any:
+    scheduler = SimpleNamespace(config={"prediction_type": prediction_type})
+    return SimpleNamespace(unet=unet, scheduler=scheduler, vae_scale_factor=8)
+
+
+def test_the_worker_plans_buckets_and_sizes_and_persists_the_caches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "restored after the test")
+    monkeypatch.setenv("TRITON_CACHE_DIR", "restored after the test")
+    unet = FakeUnet()
+    compiled = compile_unet(
+        _pipe(unet, "v_prediction"),
+        device="cpu",
+        base="sd2",
+        max_batch=3,
+        sizes="",
+        cache_dir=tmp_path,
+        compiler=Compiler(),
+    )
+    assert compiled is getattr(unet, "sdswarm_compiled")  # noqa: B009 - set at run time
+    assert 3 == compiled.status().pending
+    _ready(compiled)
+    assert ["2@768x768", "4@768x768", "6@768x768"] == compiled.status().ready
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"].startswith(str(tmp_path.resolve() / "compile"))
+
+
+def test_a_wrong_size_setting_leaves_the_unet_eager_with_the_reason(tmp_path: Path) -> None:
+    unet = FakeUnet()
+    forward = unet.forward
+    compiled = compile_unet(
+        _pipe(unet), device="cpu", base="sd1", max_batch=1, sizes="500x512", cache_dir=tmp_path
+    )
+    assert forward == unet.forward
+    status = compiled.status()
+    assert CompileState.FAILED == status.state
+    assert "compile is off (ValueError: SDSWARM_COMPILE_SIZES: width and height" in status.error
+    assert None is compiled.start()

@@ -82,8 +82,8 @@ def test_the_plan_puts_a_single_task_at_the_first_size_first() -> None:
 def test_caches_go_under_the_cache_dir_per_torch_version(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
-    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "restored after the test")
+    monkeypatch.setenv("TRITON_CACHE_DIR", "restored after the test")
     root = persist_caches(tmp_path, "2.14.1+cu130")
     assert tmp_path.resolve() / "compile" / "torch-2.14.1+cu130" == root
     assert str(root / "inductor") == os.environ["TORCHINDUCTOR_CACHE_DIR"]
