@@ -44,6 +44,8 @@ runs it eagerly): a guard that fails unexpectedly cannot compile forever."""
 SDXL_TIME_IDS = 6
 """SDXL's micro-conditioning: original size, crop offset and target size, two numbers each."""
 
+LORA_APPLIED = "a LoRA was applied: its layers stay in the UNet, which serves eagerly"
+
 Compiler = Callable[[Callable[..., Any]], Callable[..., Any]]
 Inputs = dict[str, torch.Tensor | None]
 
@@ -131,6 +133,8 @@ class CompiledUnet:
         self._holds = 0
         """``eager()`` sections open now: calls run eagerly, no shape starts compiling."""
         self._tracing = False
+        self._lora = False
+        """A LoRA was loaded into the UNet: eager for good."""
         self.thread: threading.Thread | None = None
         """The background compile, once started."""
         self._compiled: Callable[..., torch.Tensor] = fixed_call(self.eager_forward)
@@ -178,17 +182,22 @@ class CompiledUnet:
         log.warning("%s; serving eagerly", reason)
 
     def _lora_applied(self) -> bool:
-        """PEFT wraps the UNet's modules for good once a LoRA is loaded: eager for good."""
-        if getattr(self.unet, "peft_config", None) is None:
-            return False
+        if not self._lora and getattr(self.unet, "peft_config", None) is not None:
+            self.lora_loading()  # loaded by someone other than LoraSet
+        return self._lora
+
+    def lora_loading(self) -> None:
+        """Eager for good: PEFT wraps the UNet's modules when a LoRA loads, and deleting the
+        LoRA leaves the wrappers, which the graphs do not have (LoraSet calls this first)."""
         with self._cond:
-            if self._state is CompileState.OFF:
-                return True
-            self._state = CompileState.OFF
-            self._error = "a LoRA was applied: its layers stay in the UNet, which serves eagerly"
+            if self._lora:
+                return
+            self._lora = True
+            if self._state in (CompileState.COMPILING, CompileState.READY):
+                self._state = CompileState.OFF
+                self._error = LORA_APPLIED
             self._cond.notify_all()
-        log.info("%s", self._error)
-        return True
+        log.info("%s", LORA_APPLIED)
 
     @contextlib.contextmanager
     def eager(self) -> Iterator[None]:
@@ -371,6 +380,13 @@ def eager_unet(unet: Any) -> contextlib.AbstractContextManager[None]:
     """:meth:`CompiledUnet.eager` when ``unet`` is compiled, else nothing to do."""
     compiled = getattr(unet, "sdswarm_compiled", None)
     return compiled.eager() if isinstance(compiled, CompiledUnet) else contextlib.nullcontext()
+
+
+def lora_loading(unet: Any) -> None:
+    """Before a LoRA is loaded into ``unet``: a compiled one serves eagerly for good."""
+    compiled = getattr(unet, "sdswarm_compiled", None)
+    if isinstance(compiled, CompiledUnet):
+        compiled.lora_loading()
 
 
 def _reason(what: str, exc: BaseException | None) -> str:

@@ -17,6 +17,7 @@ import pytest
 import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
+from proto.commands import AdapterRef
 from proto.workers import CompileState
 from services.inference.compiled import CompiledUnet, compile_unet, eager_unet
 from services.inference.compileplan import Shape
@@ -261,6 +262,19 @@ def test_a_unet_carrying_lora_layers_runs_eagerly_for_good(caplog: Any) -> None:
     assert CompileState.OFF == status.state
     assert "a LoRA was applied" in status.error
     assert "a LoRA was applied" in caplog.text
+
+
+def test_loading_a_lora_through_the_loraset_turns_compile_off_first() -> None:
+    from services.inference.lora import LoraError, LoraSet
+
+    unet = FakeUnet()
+    compiled = _ready(_compiled(unet))
+    loras = LoraSet(SimpleNamespace(unet=unet, delete_adapters=lambda names: None))
+    with pytest.raises(LoraError):  # a failed load may leave wrappers behind all the same
+        loras.activate([AdapterRef(name="x", path="/nowhere/x.safetensors", sha256="ab")])
+    unet(*_inputs(2))
+    assert 0 == compiled.compiled_calls
+    assert CompileState.OFF == compiled.status().state
 
 
 def test_a_lora_applied_before_the_background_compile_stops_it() -> None:
