@@ -451,3 +451,16 @@ def test_a_wrong_size_setting_leaves_the_unet_eager_with_the_reason(tmp_path: Pa
     assert CompileState.FAILED == status.state
     assert "compile is off (ValueError: SDSWARM_COMPILE_SIZES: width and height" in status.error
     assert None is compiled.start()
+
+
+def test_a_wide_size_is_width_by_height() -> None:
+    unet = FakeUnet()
+    wide = Shape(2, 128, 64)
+    compiled = _ready(CompiledUnet(unet, device="cpu", shapes=[wide], compiler=Compiler()))
+    dummy = compiled.dummy_inputs(wide)["sample"]
+    assert dummy is not None
+    assert (2, 4, 8, 16) == tuple(dummy.shape), "latents are (batch, channels, height, width)"
+    unet(torch.randn(2, 4, 16, 8), 1, torch.randn(2, 77, TEXT))  # tall: not planned
+    assert 0 == compiled.compiled_calls
+    unet(torch.randn(2, 4, 8, 16), 1, torch.randn(2, 77, TEXT))
+    assert 1 == compiled.compiled_calls
