@@ -44,6 +44,8 @@ class CompileStatus(Struct, kw_only=True, frozen=True, omit_defaults=True):
     seconds: float = 0.0
     """Time spent compiling so far (a cache hit is a fraction of a cold compile)."""
     error: str = ""
+    calls: int = 0
+    """UNet calls served by compiled graphs so far (the others ran eagerly)."""
 
 
 class WorkerStatus(Struct, kw_only=True, frozen=True, omit_defaults=True):

@@ -169,6 +169,7 @@ class CompiledUnet:
                 pending=len(self._pending) if self._state is CompileState.COMPILING else 0,
                 seconds=round(self._seconds, 1),
                 error=self._error,
+                calls=self.compiled_calls,
             )
 
     def fail(self, what: str, exc: BaseException | None = None) -> None:

@@ -211,8 +211,11 @@ class Worker:
     def _compile_status(self) -> CompileStatus | None:
         """The compiled UNet's progress, from pipelines that compile one (DiffusersPipeline);
         not part of the Pipeline protocol."""
-        status = getattr(self._pipeline, "compile_status", None)
-        return status() if callable(status) else None
+        read = getattr(self._pipeline, "compile_status", None)
+        status: CompileStatus | None = read() if callable(read) else None
+        if status is not None:
+            metrics.worker_compile(self.settings.model_key, status)
+        return status
 
     def _phases(self) -> dict[str, float] | None:
         return self.phases.seconds() if self.phases else None
