@@ -21,6 +21,33 @@ class WorkerState(enum.StrEnum):
     """The checkpoint cannot be loaded; ``error`` says why."""
 
 
+class CompileState(enum.StrEnum):
+    """Where a worker's compiled UNet stands (``SDSWARM_COMPILE``, README "Compiled UNet")."""
+
+    OFF = "off"
+    """Eager only: compile is off, or a LoRA was applied (``error`` says which)."""
+    COMPILING = "compiling"
+    """Planned shapes compile in the background; tasks run eagerly until theirs is ready."""
+    READY = "ready"
+    """Every planned shape is compiled; calls of those shapes run compiled."""
+    FAILED = "failed"
+    """Compilation failed (``error`` says why); the worker serves eagerly."""
+
+
+class CompileStatus(Struct, kw_only=True, frozen=True, omit_defaults=True):
+    state: CompileState
+    ready: list[str] = []
+    """Compiled shapes, ``<UNet batch>@<width>x<height>`` in pixels (``4@512x512``: two
+    rows with classifier-free guidance)."""
+    pending: int = 0
+    """Planned shapes still to compile."""
+    seconds: float = 0.0
+    """Time spent compiling so far (a cache hit is a fraction of a cold compile)."""
+    error: str = ""
+    calls: int = 0
+    """UNet calls served by compiled graphs so far (the others ran eagerly)."""
+
+
 class WorkerStatus(Struct, kw_only=True, frozen=True, omit_defaults=True):
     worker: str
     model_key: str
@@ -53,6 +80,9 @@ class WorkerStatus(Struct, kw_only=True, frozen=True, omit_defaults=True):
     """What this process's tensors hold on the device."""
     metrics_address: str = ""
     """``host:port`` of the worker's Prometheus listener ('' when off)."""
+    compile: CompileStatus | None = None
+    """The compiled UNet's progress (None: compile is off or the worker is not a
+    checkpoint's)."""
 
 
 _decoder = msgspec.json.Decoder(WorkerStatus)

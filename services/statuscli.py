@@ -15,6 +15,7 @@ from pathlib import Path
 from nats.js.errors import NotFoundError
 
 from proto import ModelType, names
+from proto.workers import WorkerStatus
 from services.common import bus
 from services.common.bus import worker_records
 from services.common.settings import from_environ
@@ -46,6 +47,21 @@ def cold_start_text(model: Document) -> str:
     return f"{float(model['cold_start_s']):.1f} s" + (f" = {parts}" if parts else "")
 
 
+def compile_text(record: WorkerStatus) -> str | None:
+    """``w1 compiling 1/4 shapes ready (2@512x512), 41.5 s`` (None: compile is off)."""
+    status = record.compile
+    if status is None:
+        return None
+    count = len(status.ready)
+    shapes = f"{count}/{count + status.pending}" if status.pending else f"{count}"
+    ready = f" ({', '.join(status.ready)})" if status.ready else ""
+    error = f": {status.error}" if status.error else ""
+    return (
+        f"{record.worker} {status.state.value} {shapes} shapes ready{ready},"
+        f" {status.seconds:.1f} s{error}"
+    )
+
+
 async def run_status(args: argparse.Namespace) -> int:
     settings, slots = _settings(args.data_dir)
     budget = slots if slots is not None else settings.gpu_slots
@@ -56,7 +72,8 @@ async def run_status(args: argparse.Namespace) -> int:
         models = await ModelStore(database(client, settings.mongodb_db)).list(
             ModelType.STABLE_DIFFUSION
         )
-        workers = Counter((r.model_key, r.state.value) for r in await worker_records(js))
+        records = await worker_records(js)
+        workers = Counter((r.model_key, r.state.value) for r in records)
         header = (
             f"{'checkpoint':40} {'status':9} {'queued':>6} {'running':>7} {'share':>5}"
             f" {'limit':>5} {'batch':>5}  workers"
@@ -86,6 +103,10 @@ async def run_status(args: argparse.Namespace) -> int:
             )
             if model.get("cold_start_s") is not None:
                 print(f"  cold start {cold_start_text(model)}")
+            for record in records:
+                compiled = compile_text(record) if record.model_key == key else None
+                if compiled is not None:
+                    print(f"  compile {compiled}")
         # share is in slots: workers of up to `batch` tasks each
         print(f"budget: {in_use} of {budget} slots in use   (* = operator pin)")
     finally:

@@ -42,7 +42,7 @@ from prometheus_client import generate_latest as _generate_latest
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from proto.workers import WorkerStatus
+    from proto.workers import CompileStatus, WorkerStatus
     from services.common.settings import BusSettings
     from services.scheduler.policy import CheckpointLoad, Plan
 
@@ -97,6 +97,22 @@ WORKER_COLD_START_PHASE = Gauge(
     "sdswarm_worker_cold_start_phase_seconds",
     "This worker's cold start, per phase (from the process's start; see coldstart.py).",
     ["model", "phase"],
+)
+WORKER_COMPILE_STATE = Gauge(
+    "sdswarm_worker_compile_state",
+    "1 for the compiled UNet's current state (SDSWARM_COMPILE: off, compiling, ready, failed).",
+    ["model", "state"],
+)
+WORKER_COMPILED_SHAPES = Gauge(
+    "sdswarm_worker_compiled_shapes", "Shapes the compiled UNet has ready.", ["model"]
+)
+WORKER_COMPILE_SECONDS = Gauge(
+    "sdswarm_worker_compile_seconds", "Seconds the compiled UNet spent compiling.", ["model"]
+)
+WORKER_COMPILED_CALLS = Gauge(
+    "sdswarm_worker_compiled_unet_calls",
+    "UNet calls served by compiled graphs since the worker started (others ran eagerly).",
+    ["model"],
 )
 
 # --- scheduler (the leading replica) -------------------------------------------------------
@@ -237,6 +253,17 @@ def worker_state(
     if state == WorkerState.READY and phases:
         for phase, seconds in phases.items():
             WORKER_COLD_START_PHASE.labels(model_key, phase).set(seconds)
+
+
+def worker_compile(model_key: str, status: CompileStatus) -> None:
+    """The compiled UNet's progress, with each liveness record (``SDSWARM_COMPILE``)."""
+    from proto.workers import CompileState
+
+    for each in CompileState:
+        WORKER_COMPILE_STATE.labels(model_key, each.value).set(each == status.state)
+    WORKER_COMPILED_SHAPES.labels(model_key).set(len(status.ready))
+    WORKER_COMPILE_SECONDS.labels(model_key).set(status.seconds)
+    WORKER_COMPILED_CALLS.labels(model_key).set(status.calls)
 
 
 def webhook(outcome: str) -> None:

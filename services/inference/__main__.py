@@ -65,10 +65,6 @@ def make_pipeline_factory(  # type: ignore[no-untyped-def]
         except CheckpointError as exc:
             raise GenerationError("model_load_failed", str(exc)) from exc
         pipe.set_progress_bar_config(disable=True)
-        if settings.compile:
-            from services.inference.compiled import compile_unet
-
-            compile_unet(pipe.unet, device)
         loaded = DiffusersPipeline(
             pipe,
             model_name=settings.model_name,
@@ -89,15 +85,28 @@ def make_pipeline_factory(  # type: ignore[no-untyped-def]
         if warmup_px > 0:
             warm_up(pipe, warmup_px)
         phases.lap("warmup")
+        if settings.compile:  # in the background, once loaded: never on the cold start
+            from services.inference.compiled import compile_unet
+
+            loaded.compiled = compile_unet(
+                pipe,
+                device=device,
+                base=loaded.traits.base,
+                max_batch=settings.max_batch,
+                sizes=settings.compile_sizes,
+                cache_dir=Path(settings.cache_dir),
+            )
+            loaded.compiled.start()
         return loaded
 
     return factory
 
 
 def warm_up(pipe: Any, size: int) -> None:
-    """One one-step generation: the first call's lazy initialisation (kernels, allocator,
-    compiled graphs of this shape) is paid here, not by the first task. Its failure is
-    logged only: a task meets the same error with a proper reason."""
+    """One one-step generation: the first call's lazy initialisation (kernels, allocator)
+    is paid here, not by the first task; it runs eagerly (a compiled UNet compiles after
+    it, in the background). Its failure is logged only: a task meets the same error with
+    a proper reason."""
     import inspect
 
     import torch

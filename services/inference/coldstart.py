@@ -11,7 +11,8 @@ with no gap, and the interpreter's own start and every import are counted.
 ``weights``  weights read, converted (or taken from the converted-weights cache), moved
              to the device
 ``warmup``   the first call (a one-step generation), which pays lazy initialisation
-             (kernels, allocator, compiled graphs) before the first task would
+             (kernels, allocator) before the first task would; a compiled UNet
+             compiles its shapes in the background after it, on no phase
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from proto.commands import AdapterRef
+from services.inference.compiled import lora_loading
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class LoraSet:
             raise LoraError(f"LoRA {ref.name!r}: only .safetensors files load")
         from safetensors.torch import load_file
 
+        lora_loading(self.pipe.unet)  # a compiled UNet's graphs lack the LoRA's layers
         try:
             state = load_file(str(path))
             with warnings.catch_warnings():

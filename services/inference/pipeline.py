@@ -25,7 +25,9 @@ from proto import GenerateImage, ModelFamily
 from proto.commands import AdapterRef, DiffusionTask, ExtrasTask
 from proto.extra_networks import strip_tags
 from proto.requests import LATENT_UPSCALE_MODES, Img2ImgRequest, Txt2ImgRequest
+from proto.workers import CompileStatus
 from services.inference import img2img
+from services.inference.compiled import CompiledUnet, eager_unet
 from services.inference.controlnet import (
     Control,
     ControlNetCache,
@@ -168,7 +170,8 @@ def encode_skipping(pipe: Any, prompts: list[str], skip: int) -> Any:
 
 @contextlib.contextmanager
 def seamless(pipe: Any, *, enabled: bool) -> Iterator[None]:
-    """A1111 ``tiling``: circular padding in every convolution, for this call only."""
+    """A1111 ``tiling``: circular padding in every convolution, for this call only (a
+    compiled UNet runs eagerly meanwhile: its graphs have the padding built in)."""
     if not enabled:
         yield
         return
@@ -179,13 +182,14 @@ def seamless(pipe: Any, *, enabled: bool) -> Iterator[None]:
         if isinstance(module, torch.nn.Conv2d)
     ]
     saved = [module.padding_mode for module in convolutions]
-    for module in convolutions:
-        module.padding_mode = "circular"
-    try:
-        yield
-    finally:
-        for module, mode in zip(convolutions, saved, strict=True):
-            module.padding_mode = mode
+    with eager_unet(pipe.unet):
+        for module in convolutions:
+            module.padding_mode = "circular"
+        try:
+            yield
+        finally:
+            for module, mode in zip(convolutions, saved, strict=True):
+                module.padding_mode = mode
 
 
 def encode_png(image: Image.Image, text: str, compress_level: int = PNG_COMPRESS_LEVEL) -> bytes:
@@ -282,6 +286,12 @@ class DiffusersPipeline:
         self._variants: dict[str, Any] = {}
         self.loras = LoraSet(pipe, max_loaded=max_loras)
         self.controlnets = ControlNetCache(pipe.unet, device, self.cache_dir)
+        self.compiled: CompiledUnet | None = None
+        """The UNet compiled in the background (``SDSWARM_COMPILE``); None: eager only."""
+
+    def compile_status(self) -> CompileStatus | None:
+        """Where the compiled UNet stands, for the worker's liveness record."""
+        return self.compiled.status() if self.compiled is not None else None
 
     def generate(
         self,

@@ -38,10 +38,18 @@ class WorkerSettings(StoreSettings, kw_only=True, frozen=True):
     warmup_px: int = -1
     """After loading, one one-step generation of this size (pixels a side) pays the first
     call's lazy initialisation before a task would. 0: off; -1: 64 on CUDA (kernels,
-    allocator, compiled graphs), off on CPU, where it only delays the worker's start."""
+    allocator), off on CPU, where it only delays the worker's start. It runs eagerly: a
+    compiled UNet compiles in the background afterwards (``compile``)."""
     compile: bool = False
-    """Wrap the UNet in ``torch.compile`` (inductor; channels_last on CUDA). A compile that
+    """Compile the UNet with ``torch.compile`` (inductor; channels_last on CUDA) for static
+    batch buckets (powers of two up to ``max_batch`` rows, and ``max_batch``) and the
+    sizes of ``compile_sizes``, in the background after loading; until a shape is ready
+    its calls run eagerly. Caches persist under ``cache_dir/compile``. A compile that
     fails falls back to eager with a logged reason, never a failed task."""
+    compile_sizes: str = ""
+    """Image sizes to compile, ``WIDTHxHEIGHT`` in pixels, comma-separated
+    (``512x512,768x512``); empty: the family's native size (SD1 512², SD2 768² for
+    v-prediction else 512², SDXL 1024²)."""
     device: str = "auto"
     """``auto`` picks CUDA when present, else the CPU."""
     prediction_type: str = ""

@@ -49,7 +49,7 @@ from proto.events import (
     TaskSucceeded,
     event_kind,
 )
-from proto.workers import WorkerState, WorkerStatus
+from proto.workers import CompileStatus, WorkerState, WorkerStatus
 from services.common import bus, consumer, logs, metrics
 from services.inference import batching
 from services.inference.coldstart import Phases
@@ -200,12 +200,22 @@ class Worker:
             load_phases=self.phases.seconds() if self.phases else {},
             weights_cached=self.phases.weights_cached if self.phases else None,
             metrics_address=metrics.listening_at(),
+            compile=self._compile_status(),
             **_memory(),
         )
         try:
             await self._workers.put(names.worker_kv_key(self.settings.worker_id), encode(status))
         except Exception as exc:  # liveness must never take a task down with it
             log.warning("cannot write the liveness record: %s", exc)
+
+    def _compile_status(self) -> CompileStatus | None:
+        """The compiled UNet's progress, from pipelines that compile one (DiffusersPipeline);
+        not part of the Pipeline protocol."""
+        read = getattr(self._pipeline, "compile_status", None)
+        status: CompileStatus | None = read() if callable(read) else None
+        if status is not None:
+            metrics.worker_compile(self.settings.model_key, status)
+        return status
 
     def _phases(self) -> dict[str, float] | None:
         return self.phases.seconds() if self.phases else None

@@ -1,5 +1,6 @@
 """``SDSWARM_COMPILE``: a compilation that fails falls back to eager with a logged reason
-and never fails a task (the worker's own factory, the tiny checkpoint on the CPU)."""
+and never fails a task (the worker's own factory, the tiny checkpoint on the CPU, a fake
+``torch.compile``; tests/integration/test_compile_cache.py runs the real one)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ torch = pytest.importorskip("torch")
 
 from PIL import Image  # noqa: E402
 
+from proto.workers import CompileState  # noqa: E402
 from services.inference.__main__ import make_pipeline_factory  # noqa: E402
 from services.inference.coldstart import PHASES, Phases  # noqa: E402
 from services.inference.pipeline import DiffusersPipeline  # noqa: E402
@@ -46,7 +48,7 @@ class CompileFailed(RuntimeError):
     pass
 
 
-def test_a_compile_failing_at_the_first_call_serves_the_task_eagerly(
+def test_a_compile_failing_in_the_background_leaves_the_worker_eager(
     tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: Any
 ) -> None:
     eager = _pixels(_runner(tiny_checkpoint, tmp_path, warmup_px=0))
@@ -61,14 +63,19 @@ def test_a_compile_failing_at_the_first_call_serves_the_task_eagerly(
         return compiled
 
     monkeypatch.setattr(torch, "compile", lazy_failure)
-    runner = _runner(tiny_checkpoint, tmp_path, compile=True, warmup_px=0)
-    assert ["inductor"] == calls
-    assert [True] == runner.pipe.unet.sdswarm_compiled
     with caplog.at_level(logging.WARNING, logger="services.inference.compiled"):
-        assert eager == _pixels(runner), "the task ran eagerly: the same image"
-    assert [False] == runner.pipe.unet.sdswarm_compiled, "serving eagerly from now on"
-    assert "CompileFailed: inductor: no C++ compiler here" in caplog.text
-    assert eager == _pixels(runner)
+        runner = _runner(
+            tiny_checkpoint, tmp_path, compile=True, compile_sizes="64x64", warmup_px=0
+        )
+        assert runner.compiled is not None
+        assert CompileState.FAILED == runner.compiled.wait(60)
+    assert ["inductor"] == calls
+    status = runner.compile_status()
+    assert status is not None
+    assert "CompileFailed: inductor: no C++ compiler here" in status.error
+    assert "compiling the UNet for 2@64x64 failed" in caplog.text
+    assert eager == _pixels(runner), "the task ran eagerly: the same image"
+    assert 0 == runner.compiled.compiled_calls
 
 
 def test_a_compile_failing_at_once_serves_eagerly(
@@ -82,6 +89,9 @@ def test_a_compile_failing_at_once_serves_eagerly(
     with caplog.at_level(logging.WARNING, logger="services.inference.compiled"):
         runner = _runner(tiny_checkpoint, tmp_path, phases, compile=True)
     assert "dynamo is not supported" in caplog.text
-    assert not hasattr(runner.pipe.unet, "sdswarm_compiled")
+    assert not hasattr(runner.pipe.unet, "sdswarm_compiled"), "the UNet as loaded"
+    status = runner.compile_status()
+    assert status is not None
+    assert CompileState.FAILED == status.state
     assert 64 * 64 * 3 == len(_pixels(runner))
     assert list(PHASES) == list(phases.seconds()), "every phase measured, warm-up included"

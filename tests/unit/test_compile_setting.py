@@ -35,3 +35,11 @@ def test_a_functions_env_sets_compile_for_its_workers(
     model["function"] = {"env": function_env}
     environ = worker_environ(SchedulerSettings(), model)
     assert expected is from_environ(WorkerSettings, environ).compile
+
+
+def test_a_functions_env_sets_the_sizes_to_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SDSWARM_COMPILE_SIZES", raising=False)
+    model = checkpoint("m.safetensors")
+    model["function"] = {"env": {"SDSWARM_COMPILE_SIZES": "512x512,768x512"}}
+    environ = worker_environ(SchedulerSettings(), model)
+    assert "512x512,768x512" == from_environ(WorkerSettings, environ).compile_sizes

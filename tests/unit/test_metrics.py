@@ -11,7 +11,7 @@ from pathlib import Path
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from proto.workers import WorkerState, WorkerStatus
+from proto.workers import CompileState, CompileStatus, WorkerState, WorkerStatus
 from services.common import metrics
 from services.scheduler.policy import CheckpointLoad, Plan
 
@@ -160,3 +160,14 @@ def test_the_dashboard_names_only_metrics_that_exist() -> None:
     named = {name for expr in dashboard_queries() for name in re.findall(r"sdswarm_\w+", expr)}
     assert 20 <= len(named)
     assert set() == named - exposed
+
+
+def test_a_workers_compile_progress_is_exported() -> None:
+    model = _model()
+    status = CompileStatus(state=CompileState.READY, ready=["2@512x512"], seconds=41.5, calls=60)
+    metrics.worker_compile(model, status)
+    assert 1 == _value("sdswarm_worker_compile_state", model=model, state="ready")
+    assert 0 == _value("sdswarm_worker_compile_state", model=model, state="compiling")
+    assert 1 == _value("sdswarm_worker_compiled_shapes", model=model)
+    assert 41.5 == _value("sdswarm_worker_compile_seconds", model=model)
+    assert 60 == _value("sdswarm_worker_compiled_unet_calls", model=model)
