@@ -3,7 +3,8 @@
 It imports what every worker imports (:mod:`services.inference.preload`: torch,
 diffusers, transformers, sdswarm's inference modules; no CUDA), says ``ready``, then
 forks one worker per request. Its protocol is JSON lines: requests on stdin
-(``{"env": {...}, "log": "path"}``), answers on stdout (``{"ready": true}`` once,
+(``{"env": {...}, "log": "path"}``, optionally ``"script": [file, arg, ...]``), answers
+on stdout (``{"ready": true}`` once,
 ``{"pid": n}`` per request in order, ``{"exit": pid, "code": c}`` when a worker ends; a
 code below 0 is the signal that killed it, as subprocess reports). It exits when its
 stdin closes (the scheduler is gone); the kernel then kills its workers (parent-death
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import runpy
 import selectors
 import signal
 import sys
@@ -27,9 +29,13 @@ from services.common.supervise import die_with_parent
 WORKER_COMMAND = [sys.executable, "-m", "services.inference"]
 
 
-def run_worker(env: dict[str, str], log_path: str, cuda_present: bool) -> int:
+def run_worker(
+    env: dict[str, str], log_path: str, cuda_present: bool, script: list[str] | None = None
+) -> int:
     """In a fresh fork: become the worker ``env`` describes, output appended to
-    ``log_path``; its exit code. ``cuda_present``: the server saw a CUDA device."""
+    ``log_path``; its exit code. ``cuda_present``: the server saw a CUDA device.
+    ``script``: run this Python file with these arguments instead of the worker (how
+    ``bench/cold_start.py`` times a forked start)."""
     log = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
@@ -47,12 +53,17 @@ def run_worker(env: dict[str, str], log_path: str, cuda_present: bool) -> int:
     # (an import's is_available() without NVML, as on hosts without a GPU). A worker that
     # may use CUDA then starts a fresh interpreter: it pays the imports, but works.
     poisoned = torch.cuda.is_initialized() or torch.cuda._is_in_bad_fork()  # type: ignore[no-untyped-call]
+    command = [sys.executable, *script] if script else WORKER_COMMAND
     if poisoned and cuda_present and env.get(f"{PREFIX}DEVICE", "auto") != "cpu":
-        os.execve(sys.executable, WORKER_COMMAND, dict(os.environ))
+        os.execve(sys.executable, command, dict(os.environ))
     from services.inference.__main__ import main
 
     try:
-        main()
+        if script:
+            sys.argv = list(script)
+            runpy.run_path(script[0], run_name="__main__")
+        else:
+            main()
     except SystemExit as exit_:
         code = exit_.code
         if code is None or isinstance(code, int):
@@ -93,7 +104,7 @@ def _fork(
             signal.signal(sig, signal.SIG_DFL)
         if preexec is not None:
             preexec()
-        code = run_worker(request["env"], request["log"], cuda_present)
+        code = run_worker(request["env"], request["log"], cuda_present, request.get("script"))
     finally:
         os._exit(code)
 

@@ -110,14 +110,25 @@ class ForkServer:
         self._workers.clear()
         self._forked.put_nowait(None)
 
-    async def fork(self, env: dict[str, str], log_path: str) -> ForkedWorker:
-        """A worker with ``env`` as its environment, its output appended to ``log_path``."""
+    async def ready(self) -> None:
+        """Started, its imports done."""
+        async with self._lock:
+            await self._start()
+            assert self._ready is not None
+            await self._ready
+
+    async def fork(
+        self, env: dict[str, str], log_path: str, script: list[str] | None = None
+    ) -> ForkedWorker:
+        """A worker with ``env`` as its environment, its output appended to ``log_path``
+        (``script``: a Python file and its arguments to run instead, for benches)."""
         async with self._lock:
             process = await self._start()
             assert self._ready is not None
             assert process.stdin is not None
             await self._ready
-            process.stdin.write(json.dumps({"env": env, "log": log_path}).encode() + b"\n")
+            request = {"env": env, "log": log_path, **({"script": script} if script else {})}
+            process.stdin.write(json.dumps(request).encode() + b"\n")
             await process.stdin.drain()
             worker = await self._forked.get()
             if worker is None:

@@ -1,5 +1,6 @@
 """The local backend's fork server: workers forked with their imports done, reported like
-subprocesses, and gone with the server (a real ``services.inference.zygote``)."""
+subprocesses, and gone with the server (a real ``services.inference.zygote``); a script
+run in a fork instead (bench/cold_start.py times forked starts so)."""
 
 from __future__ import annotations
 
@@ -63,6 +64,12 @@ async def test_forked_workers_exit_like_subprocesses_and_die_with_the_server(
         assert "services.inference.zygote" in _cmdline(_parent(waiting.pid))
         waiting.kill()
         assert -9 == await asyncio.wait_for(waiting.wait(), 30)
+
+        script = tmp_path / "script.py"
+        script.write_text("import sys, torch\nprint('ran', sys.argv[1:])\nsys.exit(3)\n")
+        ran = await server.fork(dict(os.environ), str(log), [str(script), "a", "b"])
+        assert 3 == await asyncio.wait_for(ran.wait(), 30)
+        assert "ran ['a', 'b']" in log.read_text()
 
         orphan = await server.fork(_waiting_worker_env(tmp_path), str(log))
     finally:
