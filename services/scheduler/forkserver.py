@@ -67,6 +67,7 @@ class ForkServer:
         self._forked: asyncio.Queue[ForkedWorker | None] = asyncio.Queue()
         self._workers: dict[int, ForkedWorker] = {}
         self._lock = asyncio.Lock()
+        self._closing = False
 
     async def _start(self) -> asyncio.subprocess.Process:
         process = self._process
@@ -102,7 +103,10 @@ class ForkServer:
                 if ended is not None:
                     ended.ended(int(message["code"]))
         code = await process.wait()
-        log.warning("fork server %s exited with %s; its workers are gone", process.pid, code)
+        if self._closing:
+            log.info("fork server %s stopped", process.pid)
+        else:
+            log.warning("fork server %s exited with %s; its workers are gone", process.pid, code)
         if not ready.done():
             ready.set_exception(RuntimeError(f"the fork server exited with {code}"))
         for worker in self._workers.values():  # killed by the kernel with the server
@@ -140,6 +144,7 @@ class ForkServer:
         process = self._process
         if process is None:
             return
+        self._closing = True
         if process.returncode is None and process.stdin is not None:
             process.stdin.close()
             try:
@@ -151,3 +156,4 @@ class ForkServer:
         if self._reader is not None:
             await self._reader
         self._process = None
+        self._closing = False
