@@ -21,7 +21,7 @@ import signal
 import sys
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TextIO
 
 from services.common.settings import PREFIX
 from services.common.supervise import die_with_parent
@@ -79,9 +79,13 @@ def run_worker(
     return 0
 
 
+_protocol: TextIO = sys.stdout
+"""Where answers go: the scheduler's pipe (a copy of stdout, see :func:`serve`)."""
+
+
 def _answer(message: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(message) + "\n")
-    sys.stdout.flush()
+    _protocol.write(json.dumps(message) + "\n")
+    _protocol.flush()
 
 
 def _fork(
@@ -98,7 +102,7 @@ def _fork(
     code = 1
     try:
         signal.set_wakeup_fd(-1)
-        for fd in wakeup:
+        for fd in (*wakeup, _protocol.fileno()):
             os.close(fd)
         for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_DFL)
@@ -110,6 +114,11 @@ def _fork(
 
 
 def serve() -> None:
+    global _protocol
+    # Answers go to a copy of stdout; stdout itself becomes stderr, so nothing an import
+    # prints can break the protocol.
+    _protocol = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
     import torch
 
     import services.inference.preload  # noqa: F401 - the point of this process

@@ -90,7 +90,11 @@ class ForkServer:
     async def _read(self, process: asyncio.subprocess.Process, ready: asyncio.Future[None]) -> None:
         assert process.stdout is not None
         while line := await process.stdout.readline():
-            message: dict[str, Any] = json.loads(line)
+            try:
+                message: dict[str, Any] = json.loads(line)
+            except ValueError:
+                log.warning("fork server: not a message: %r", line[:200])
+                continue
             if message.get("ready"):
                 ready.set_result(None)
             elif "pid" in message:

@@ -182,10 +182,15 @@ class LocalBackend:
             env["CUDA_VISIBLE_DEVICES"] = gpu
         log_path = Path(self.settings.worker_log_dir) / f"worker-{model['model_key']}.log"
         await asyncio.to_thread(log_path.parent.mkdir, parents=True, exist_ok=True)
-        process: WorkerProcess
+        process: WorkerProcess | None = None
         if self.forks is not None:
-            process = await self.forks.fork(env, str(log_path))
-        else:
+            try:
+                process = await self.forks.fork(env, str(log_path))
+            except (RuntimeError, OSError) as exc:
+                log.error("the fork server failed (%s): workers start as fresh processes", exc)
+                await self.forks.aclose()
+                self.forks = None
+        if process is None:
             log_file = await asyncio.to_thread(open, log_path, "ab")
             with log_file:
                 process = await asyncio.create_subprocess_exec(

@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 from services.common.servers import free_port
-from services.scheduler.forkserver import ForkServer
+from services.scheduler.forkserver import ForkedWorker, ForkServer
+from services.scheduler.local import LocalBackend
+from services.scheduler.settings import SchedulerSettings
+from tests.integration.scheduling import checkpoint
 from tests.waiting import until
 
 pytestmark = pytest.mark.integration
@@ -77,3 +81,32 @@ async def test_forked_workers_exit_like_subprocesses_and_die_with_the_server(
     # The server is gone: the kernel kills what it forked (as for a dead scheduler).
     assert -9 == await asyncio.wait_for(orphan.wait(), 30)
     await until(lambda: not _running(orphan.pid), "the orphan killed", timeout_s=10)
+
+
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
+
+
+async def test_a_failing_fork_server_leaves_workers_to_fresh_processes(tmp_path: Path) -> None:
+    settings = SchedulerSettings(worker_log_dir=str(tmp_path / "logs"))
+    backend = LocalBackend(settings, command=SLEEPER)
+    backend.forks = ForkServer([sys.executable, "-c", "import sys; sys.exit(3)"])
+    model = checkpoint("a.safetensors")
+    try:
+        await backend.ensure(model, 1)
+        assert {model["model_key"]: 1} == backend.replicas()
+        assert backend.forks is None
+        [process] = backend._pools[str(model["model_key"])].processes
+        assert not isinstance(process, ForkedWorker)
+    finally:
+        await backend.aclose()
+
+
+async def test_a_stray_line_on_the_protocol_is_skipped() -> None:
+    """An import printing to stdout cannot break it (the zygote also sends such output
+    to stderr); here a server whose first line is not a message still becomes ready."""
+    chatty = "print('hello'); print('{\"ready\": true}', flush=True); input()"
+    server = ForkServer([sys.executable, "-c", chatty])
+    try:
+        await asyncio.wait_for(server.ready(), 30)
+    finally:
+        await server.aclose()
