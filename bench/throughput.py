@@ -7,8 +7,11 @@ whole system, measured side by side in one run (compare the ratios, not the seco
 1. plain diffusers: one pipeline call with ``batch`` prompts (and one with 1);
 2. sdswarm's path: ``DiffusersPipeline.generate`` for one task, ``generate_batch`` for
    ``batch`` tasks (their PNGs encoded, as the worker does);
-3. the whole system (gateway → NATS → worker → store → MongoDB): ``depth`` sync
-   requests at once, for each queue depth, one worker of ``max_batch = batch``.
+3. the whole system (gateway → NATS → worker → store → MongoDB), one worker of
+   ``max_batch = batch``, at each queue depth D: D clients each send sync requests one
+   after another (a closed loop: D requests are always open), at least ``--rounds``
+   each and 32 in all, so the rate is the steady state's, not that of one burst's fill
+   and drain (a single burst of D requests understated it: 32 tiny images in ~2 s).
 """
 
 from __future__ import annotations
@@ -40,6 +43,10 @@ from services.inference.pipeline import DiffusersPipeline
 from services.inference.tiny import build_tiny_sd1
 
 NAME = "bench.safetensors"
+
+
+MIN_REQUESTS = 32
+"""Requests per queue depth, at least (depth 1: 32 one after another)."""
 
 
 def _timed(call: Callable[[], object], repeats: int) -> float:
@@ -111,10 +118,16 @@ def in_process(
 
 
 async def whole_system(
-    root: Path, models: Path, device: str, body: dict[str, Any], batch: int, depths: list[int]
+    root: Path,
+    models: Path,
+    device: str,
+    body: dict[str, Any],
+    batch: int,
+    depths: list[int],
+    rounds: int,
 ) -> dict[int, tuple[float, float, float]]:
-    """Per queue depth: images/s, p50 and p95 latency (s) of ``depth`` sync requests sent
-    at once (after a warm-up request that pays the worker's cold start)."""
+    """Per queue depth: images/s, p50 and p95 latency (s) of ``depth`` closed-loop
+    clients (after a warm-up request that pays the worker's cold start)."""
     out: dict[int, tuple[float, float, float]] = {}
     async with (
         started_system(
@@ -139,13 +152,18 @@ async def whole_system(
             assert result["status"] == "succeeded", result
             return time.perf_counter() - started
 
+        async def client(first: int, count: int) -> list[float]:
+            return [await one(first + i) for i in range(count)]
+
         await one(0)  # cold start
         for depth in depths:
+            each = max(rounds, -(-MIN_REQUESTS // depth))
             started = time.perf_counter()
-            latencies = sorted(await asyncio.gather(*(one(n) for n in range(depth))))
+            runs = await asyncio.gather(*(client(c * each, each) for c in range(depth)))
             wall = time.perf_counter() - started
+            latencies = sorted(seconds for run in runs for seconds in run)
             p95 = latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]
-            out[depth] = (depth / wall, statistics.median(latencies), p95)
+            out[depth] = (len(latencies) / wall, statistics.median(latencies), p95)
     return out
 
 
@@ -158,6 +176,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=0, help="default: 512 full size, 64 tiny")
     parser.add_argument("--depths", default="1,8,32")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=4, help="requests per client, at least")
     parser.add_argument("--skip-system", action="store_true")
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
@@ -189,7 +208,9 @@ def main() -> None:
         system = (
             {}
             if args.skip_system
-            else asyncio.run(whole_system(root, models, args.device, body, batch, depths))
+            else asyncio.run(
+                whole_system(root, models, args.device, body, batch, depths, args.rounds)
+            )
         )
     print(
         f"\nmodel={'SD1.5 random weights' if args.full_size else 'tiny'} device={args.device}"
