@@ -89,7 +89,7 @@ async def run_status(args: argparse.Namespace) -> int:
                 queued, running = int(info.num_pending or 0), int(info.num_ack_pending or 0)
                 limit, pinned = current_share(info)
                 # slots: workers of up to `batch` tasks each (limit: tasks in flight)
-                share = slots_of(info, limit, batch) if pinned is None else -(-limit // batch)
+                share = slots_of(info, limit, batch)
                 share_text = f"{share}{'*' if pinned is not None else ''}"
             except NotFoundError:
                 share_text = "-"

@@ -6,7 +6,7 @@ transformers and sdswarm's inference modules already in memory. Importing it mus
 touch CUDA: a CUDA context does not survive ``fork``. ``PYTORCH_NVML_BASED_CUDA_CHECK``
 makes any ``torch.cuda.is_available()`` during these imports ask NVML, which is fork-safe,
 instead of initialising the driver; a worker that finds CUDA initialised anyway starts a
-fresh interpreter instead (:func:`services.inference.forkchild.run_worker`).
+fresh interpreter instead (:func:`services.inference.zygote.run_worker`).
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@ It imports what every worker imports (:mod:`services.inference.preload`: torch,
 diffusers, transformers, sdswarm's inference modules; no CUDA), says ``ready``, then
 forks one worker per request. Its protocol is JSON lines: requests on stdin
 (``{"env": {...}, "log": "path"}``, optionally ``"script": [file, arg, ...]``), answers
-on stdout (``{"ready": true}`` once,
-``{"pid": n}`` per request in order, ``{"exit": pid, "code": c}`` when a worker ends; a
-code below 0 is the signal that killed it, as subprocess reports). It exits when its
+on stdout (``{"ready": true}`` once, ``{"pid": n}`` per request in order,
+``{"exit": pid, "code": c}`` when a worker ends; a code below 0 is the signal that
+killed it, as subprocess reports). It exits when its
 stdin closes (the scheduler is gone); the kernel then kills its workers (parent-death
 signal), as it kills an exec'd worker whose scheduler dies.
 """

@@ -50,7 +50,7 @@ class _Memory:
     held_since: float | None = None
     pin_logged: int | None = None
     limit: int = 0
-    """The consumer's ``max_ack_pending`` as last read (0 while paused)."""
+    """The consumer's ``max_ack_pending`` as read this tick (0 while paused)."""
 
 
 def current_share(info: ConsumerInfo) -> tuple[int, int | None]:
@@ -66,10 +66,13 @@ def current_share(info: ConsumerInfo) -> tuple[int, int | None]:
 
 
 def slots_of(info: ConsumerInfo, limit: int, batch: int) -> int:
-    """The share (slots) behind a consumer's ``limit``: as recorded when we set it (a
-    limit of one task per slot and one of ``batch`` per slot read alike otherwise)."""
-    recorded = (info.config.metadata or {}).get(SLOTS_METADATA)
-    if limit and recorded is not None and recorded.isdigit():
+    """The share (slots) behind a consumer's ``limit``: as recorded with the limit we set
+    (one task per slot and ``batch`` per slot cannot be told apart otherwise); a limit
+    we did not set (an operator's pin) counts as workers of ``batch`` tasks each."""
+    metadata = info.config.metadata or {}
+    recorded = metadata.get(SLOTS_METADATA)
+    ours = metadata.get(SHARE_METADATA) == str(limit)
+    if limit and ours and recorded is not None and recorded.isdigit():
         return int(recorded)
     return _slots(limit, batch)
 
@@ -179,7 +182,7 @@ class Scheduler:
         batch = max_batch(self.settings, model)
         limit, pinned = current_share(info)
         memory.limit = limit
-        share = slots_of(info, limit, batch) if pinned is None else _slots(limit, batch)
+        share = slots_of(info, limit, batch)
         if pinned is not None and memory.pin_logged != pinned:
             log.warning("%s: max_ack_pending %d set by an operator; honoured as a pin", key, pinned)
             memory.pin_logged = pinned
@@ -206,7 +209,6 @@ class Scheduler:
         """``share`` slots as ``limit`` tasks in flight (:func:`consumer_limit`)."""
         key = model["model_key"]
         consumer = names.consumer_name(key)
-        self._memory[key].limit = limit
         if share == 0:
             await self.js.pause_consumer(names.TASK_STREAM, consumer, bus.PAUSED_FOREVER)
             return

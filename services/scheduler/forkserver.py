@@ -118,12 +118,17 @@ class ForkServer:
         self._workers.clear()
         self._forked.put_nowait(None)
 
+    async def _started(self) -> asyncio.subprocess.Process:
+        """The server, started and its imports done (with the lock held)."""
+        process = await self._start()
+        assert self._ready is not None
+        await self._ready
+        return process
+
     async def ready(self) -> None:
         """Started, its imports done."""
         async with self._lock:
-            await self._start()
-            assert self._ready is not None
-            await self._ready
+            await self._started()
 
     async def fork(
         self, env: dict[str, str], log_path: str, script: list[str] | None = None
@@ -131,10 +136,8 @@ class ForkServer:
         """A worker with ``env`` as its environment, its output appended to ``log_path``
         (``script``: a Python file and its arguments to run instead, for benches)."""
         async with self._lock:
-            process = await self._start()
-            assert self._ready is not None
+            process = await self._started()
             assert process.stdin is not None
-            await self._ready
             request = {"env": env, "log": log_path, **({"script": script} if script else {})}
             process.stdin.write(json.dumps(request).encode() + b"\n")
             await process.stdin.drain()
