@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections import Counter
 from collections.abc import AsyncIterator
 
 import pytest
@@ -16,7 +17,7 @@ from nats.js import JetStreamContext
 from proto import names
 from proto.workers import WorkerState
 from services.common import bus
-from services.scheduler.app import current_share
+from services.scheduler.app import current_share, slots_of
 from tests.system import System, SystemFactory
 
 pytestmark = pytest.mark.e2e
@@ -76,10 +77,15 @@ async def test_in_flight_never_exceeds_the_budget(four_checkpoints: System) -> N
         # The premise, measured apart from the random bursts: those tasks are short and
         # a cold start takes seconds on a busy 2-core machine, so one warm worker can
         # empty the queue before a second is up (the bursts then never overlap, which
-        # says nothing about the budget). Once two checkpoints have live workers, longer
-        # tasks on both must run side by side: the budget is used when there is backlog.
-        pair = await _two_live_checkpoints(js)
-        probe = [await _submit(system, name, PROBE_STEPS, PROBE_PX) for name in pair * 2]
+        # says nothing about the budget). Once the slots are held by warm workers (one
+        # checkpoint may hold both), longer tasks queued on them, a full batch per slot,
+        # must run side by side: the budget is used when there is backlog.
+        holders = await _slot_holders(js)
+        probe = [
+            await _submit(system, name, PROBE_STEPS, PROBE_PX)
+            for name, slots in holders.items()
+            for _ in range(slots * MAX_BATCH)
+        ]
         await _all_succeeded(system, probe)
     finally:
         done.set()
@@ -99,7 +105,7 @@ async def test_in_flight_never_exceeds_the_budget(four_checkpoints: System) -> N
     print(
         f"tasks={len(task_ids)} samples={len(samples)} max in flight={max(samples)}"
         f" max busy workers={max(busy_samples)} max wait before start={max(waits):.1f} s"
-        f" probe on {pair}: most workers running at once={overlap}"
+        f" probe on {holders}: most workers running at once={overlap}"
     )
     assert len(samples) > 20
     assert max(busy_samples) <= BUDGET, busy_samples
@@ -121,22 +127,27 @@ async def _all_succeeded(system: System, task_ids: list[str]) -> None:
     ]
 
 
-async def _two_live_checkpoints(js: JetStreamContext) -> list[str]:
-    """Two checkpoints holding a slot (consumer not paused) with a worker up and idle
-    (``idle_timeout_s`` keeps them): tasks queued on both can start at once."""
+async def _slot_holders(js: JetStreamContext) -> dict[str, int]:
+    """Checkpoints holding the budget's slots (their consumers' shares), each with a
+    ready worker per slot (``idle_timeout_s`` keeps them): tasks queued on them can start
+    at once."""
     deadline = asyncio.get_running_loop().time() + 120
     while True:
-        ready = {r.model_name for r in await bus.worker_records(js) if r.state is WorkerState.READY}
-        holding = []
+        ready = Counter(
+            r.model_name for r in await bus.worker_records(js) if r.state is WorkerState.READY
+        )
+        holders = {}
         for name in sorted(ready):
             info = await js.consumer_info(
                 names.TASK_STREAM, names.consumer_name(names.model_key(name))
             )
-            if current_share(info)[0] > 0:
-                holding.append(name)
-        if len(holding) >= BUDGET:
-            return holding[:BUDGET]
-        assert asyncio.get_running_loop().time() < deadline, (ready, holding)
+            limit, _ = current_share(info)
+            slots = slots_of(info, limit, MAX_BATCH)
+            if slots and ready[name] >= slots:
+                holders[name] = slots
+        if sum(holders.values()) >= BUDGET:
+            return holders
+        assert asyncio.get_running_loop().time() < deadline, (ready, holders)
         await asyncio.sleep(0.2)
 
 
