@@ -19,7 +19,7 @@ from proto.workers import WorkerStatus
 from services.common import bus
 from services.common.bus import worker_records
 from services.common.settings import from_environ
-from services.scheduler.app import current_share, slots_of
+from services.scheduler.app import current_share, running_slots, slots_of
 from services.scheduler.settings import SchedulerSettings, max_batch
 from services.storage.models import ModelStore
 from services.storage.mongo import Document, database, open_client
@@ -93,7 +93,7 @@ async def run_status(args: argparse.Namespace) -> int:
                 share_text = f"{share}{'*' if pinned is not None else ''}"
             except NotFoundError:
                 share_text = "-"
-            in_use += max(share, -(-running // batch))
+            in_use += max(share, running_slots(running, batch))
             states = ", ".join(
                 f"{count} {state}" for (k, state), count in sorted(workers.items()) if k == key
             )

@@ -113,6 +113,10 @@ async def ensure_streams(js: JetStreamContext, settings: BusSettings) -> None:
 
 PAUSED_FOREVER = "2999-01-01T00:00:00Z"
 """A consumer paused until then gets no deliveries until it is resumed."""
+BATCHES_IN_FLIGHT = 2
+"""Batches a worker holds at once: the one on the GPU and the one before it, whose images
+are still being encoded and stored (its tasks are acked only after that). With one, the
+GPU would wait for every batch's uploads before its consumer let out the next."""
 
 
 def task_consumer_config(

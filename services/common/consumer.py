@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 
 from nats.aio.msg import Msg
@@ -68,11 +69,14 @@ async def batches(
     *,
     timeout_s: float = 1.0,
     linger_s: float = 0.0,
+    linger_while: Callable[[list[Msg]], bool] | None = None,
     idle: bool = False,
 ) -> AsyncGenerator[list[Msg], None]:
     """Messages as they come, until ``stop``: what is queued now (up to ``room()``), plus
-    what arrives within ``linger_s`` after the first. With ``idle``, an empty list after
-    each ``timeout_s`` without messages (for idle accounting). Unsubscribes at the end."""
+    what arrives within ``linger_s`` after the first, for as long as ``linger_while``
+    says the messages so far are worth waiting on (default: always). With ``idle``, an
+    empty list after each ``timeout_s`` without messages (for idle accounting).
+    Unsubscribes at the end."""
     try:
         while not stop.is_set():
             want = await room()
@@ -84,10 +88,36 @@ async def batches(
                 if idle:
                     yield []
                 continue
-            if len(messages) < want and linger_s > 0:
-                with contextlib.suppress(TimeoutError):
-                    messages += await subscription.fetch(want - len(messages), timeout=linger_s)
+            if linger_s > 0 and len(messages) < want:
+                messages = await _lingered(subscription, messages, want, linger_s, linger_while)
             yield messages
     finally:
         with contextlib.suppress(Exception):
             await subscription.unsubscribe()
+
+
+MIN_FETCH_S = 0.005
+"""A linger with less than this left ends: a shorter fetch is all overhead."""
+
+
+async def _lingered(
+    subscription: JetStreamContext.PullSubscription,
+    messages: list[Msg],
+    want: int,
+    linger_s: float,
+    linger_while: Callable[[list[Msg]], bool] | None,
+) -> list[Msg]:
+    """``messages`` and what arrives within ``linger_s``, up to ``want`` in all, while
+    ``linger_while`` holds. One fetch returns as soon as anything arrives, so this
+    fetches until the time is up."""
+    messages = list(messages)
+    deadline = time.monotonic() + linger_s
+    while len(messages) < want and (linger_while is None or linger_while(messages)):
+        left = deadline - time.monotonic()
+        if left < MIN_FETCH_S:
+            break
+        try:
+            messages += await subscription.fetch(want - len(messages), timeout=left)
+        except TimeoutError:
+            break
+    return messages

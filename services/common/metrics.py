@@ -197,7 +197,7 @@ def task_started(model_key: str) -> None:
 
 
 ENDED_FIELDS = {"user": 1, "model_key": 1, "created_at": 1, "started_at": 1}
-"""What the sink's terminal fold reads back of a task (before its update) for these."""
+"""What the sink's terminal fold reads back of a task (fields the fold leaves alone)."""
 
 
 def _seconds(later: Any, earlier: Any) -> float | None:

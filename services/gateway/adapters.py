@@ -53,7 +53,7 @@ async def resolve_loras(res: Resources, prompt: str, field: str = "prompt") -> l
                 f"`{field}`: LoRA {tag.name!r} weight must be between -10 and 10",
                 field=field,
             )
-        model = await res.models.get(tag.name, ModelType.LORA)
+        model = await res.models.get_recent(tag.name, ModelType.LORA)
         if model is None or model["status"] in (
             ModelStatus.FAILED.value,
             ModelStatus.REGISTERING.value,
@@ -92,12 +92,12 @@ async def resolve_vae(
         return None
     if not isinstance(name, str):
         raise ApiError(422, "invalid_field", f"`{field}` must be a VAE name", field=field)
-    model = await res.models.get(name, ModelType.SD_VAE)
+    model = await res.models.get_recent(name, ModelType.SD_VAE)
     if model is None:  # A1111 clients also send the bare stem
         model = next(
             (
                 m
-                for m in await res.models.list(ModelType.SD_VAE)
+                for m in await res.models.list_recent(ModelType.SD_VAE)
                 if PurePosixPath(m["name"]).stem == name
             ),
             None,
@@ -136,7 +136,7 @@ async def resolve_embeddings(
     text = "\n".join(texts)
     return [
         AdapterRef(name=m["name"], path=m["path"], sha256=m.get("sha256") or "")
-        for m in await res.models.list(ModelType.EMBEDDING)
+        for m in await res.models.list_recent(ModelType.EMBEDDING)
         if m["status"] not in (ModelStatus.FAILED.value, ModelStatus.REGISTERING.value)
         and _mentions(text, m["name"])
         and families_match(family, m.get("family"))
@@ -148,9 +148,9 @@ async def resolve_upscaler(
 ) -> AdapterRef:
     """The registered ``upscaler`` model ``name``; a 422 listing what is available (the
     ``builtins`` first, then the usable registered models) when there is none."""
-    model = await res.models.get(name, ModelType.UPSCALER)
+    model = await res.models.get_recent(name, ModelType.UPSCALER)
     if model is None or not usable(model):
-        known = [m["name"] for m in await res.models.list(ModelType.UPSCALER) if usable(m)]
+        known = [m["name"] for m in await res.models.list_recent(ModelType.UPSCALER) if usable(m)]
         raise ApiError(
             422,
             "upscaler_not_found",
@@ -185,7 +185,7 @@ async def resolve_face_restorer(res: Resources, wanted: Any, field: str) -> Adap
     if isinstance(wanted, str) and wanted.strip().lower() == "codeformer":
         raise ApiError(422, "unsupported", f"`{field}`: {CODEFORMER_REFUSAL}", field=field)
     models = sorted(
-        (m for m in await res.models.list(ModelType.FACE_RESTORER) if usable(m)),
+        (m for m in await res.models.list_recent(ModelType.FACE_RESTORER) if usable(m)),
         key=lambda m: str(m["name"]),
     )
     if not models:

@@ -43,7 +43,8 @@ async def _open_resources(app: web.Application) -> AsyncIterator[None]:
         mongo = open_client(settings.mongodb_url)
         stack.push_async_callback(mongo.close)
         db = database(mongo, settings.mongodb_db)
-        tasks, models, users = TaskStore(db), ModelStore(db), UserStore(db)
+        tasks, users = TaskStore(db), UserStore(db)
+        models = ModelStore(db, cache_s=settings.registry_cache_s)
         await users.ensure_indexes()
         idempotency = IdempotencyStore(db)
         await idempotency.ensure_indexes()
@@ -59,7 +60,7 @@ async def _open_resources(app: web.Application) -> AsyncIterator[None]:
         stack.push_async_callback(objects.aclose)
         app[RESOURCES] = Resources(
             settings=settings,
-            options=OptionStore(db),
+            options=OptionStore(db, cache_s=settings.registry_cache_s),
             idempotency=idempotency,
             quotas=quotas,
             nc=nc,

@@ -92,7 +92,7 @@ async def _model(res: Resources, request: ControlNetUnitRequest, field: str) -> 
     name = model_name(request.model)
     if not name or name == "None":
         raise _invalid(field, "an enabled unit needs a ControlNet model", "controlnet_not_found")
-    model = await res.models.get(name, ModelType.CONTROL_NET)
+    model = await res.models.get_recent(name, ModelType.CONTROL_NET)
     if model is None or model["status"] in (
         ModelStatus.FAILED.value,
         ModelStatus.REGISTERING.value,

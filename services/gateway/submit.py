@@ -101,7 +101,7 @@ def requested_task_id(request: web.Request) -> str | None:
 
 
 async def resolve_checkpoint(res: Resources, name: str, field: str) -> Document:
-    model = await res.models.get(name)
+    model = await res.models.get_recent(name)
     if model is None or model.get("type") != "stableDiffusion" or model.get("draining"):
         raise ApiError(404, "model_not_found", f"model {name!r} is not registered", field=field)
     if model.get("status") == "registering" and not model.get("sha256"):

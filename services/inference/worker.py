@@ -170,9 +170,12 @@ class Worker:
         self._state = WorkerState.LOADING
         self._task_ids: list[str] = []
         self._outputs: set[asyncio.Task[None]] = set()
+        """Finished tasks whose images are being encoded and stored (beside the GPU)."""
         self._finishing: dict[str, asyncio.Task[None]] = {}
         """Outputs in flight by task id: a redelivery of one of them waits for it."""
-        """Finished tasks whose images are being encoded and stored (beside the GPU)."""
+        self._beating: asyncio.Task[None] | None = None
+        self._beat_stale = False
+        """The state changed while a liveness write was under way: write it again."""
         self._last_step_at: float | None = None
         self._load_seconds: float | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -221,9 +224,24 @@ class Worker:
         return self.phases.seconds() if self.phases else None
 
     async def _set_state(self, state: WorkerState, task_ids: list[str] | None = None) -> None:
+        self._note_state(state, task_ids)
+        await self._beat()
+
+    def _note_state(self, state: WorkerState, task_ids: list[str] | None = None) -> None:
+        """The state between batches (busy, ready): its liveness write runs beside the
+        work, never before it; writes that pile up collapse into one of the latest."""
         self._state, self._task_ids = state, task_ids or []
         metrics.worker_state(self.settings.model_key, state, len(self._task_ids), self._phases())
-        await self._beat()
+        if self._beating is not None and not self._beating.done():
+            self._beat_stale = True
+        else:
+            self._beating = asyncio.create_task(self._beat_latest())
+
+    async def _beat_latest(self) -> None:
+        self._beat_stale = True
+        while self._beat_stale:
+            self._beat_stale = False
+            await self._beat()
 
     async def _hand_back_on_stop(
         self, stop: asyncio.Event | None, stop_flags: list[threading.Event]
@@ -363,6 +381,10 @@ class Worker:
                 task.cancel()
             with contextlib.suppress(Exception):
                 await restart_sub.unsubscribe()
+            if self._beating is not None:  # a late liveness write must not outlive the delete
+                self._beating.cancel()
+                with contextlib.suppress(BaseException):
+                    await self._beating
             with contextlib.suppress(Exception):
                 await self._workers.delete(names.worker_kv_key(self.settings.worker_id))
 
@@ -419,10 +441,15 @@ class Worker:
         compatible tasks (one diffusers call per job each), in arrival order."""
         held: list[_Held] = []
         try:
-            for message in messages:
-                task = await self._admit(message)
-                if task is not None:
-                    held.append(task)
+            # Each admission waits on NATS (the cancel flag, a redelivery's history):
+            # all at once, so a batch pays one round trip, not one per task.
+            admitted = await asyncio.gather(
+                *(self._admit(message) for message in messages), return_exceptions=True
+            )
+            held = [task for task in admitted if isinstance(task, _Held)]
+            for error in admitted:
+                if isinstance(error, BaseException):
+                    raise error
             for group in batching.group(held, lambda t: batching.batch_key(t.command)):
                 ids = ",".join(t.command.task_id for t in group)
                 await logs.with_fields(self._run_group(group, stop), task_id=ids)
@@ -488,18 +515,20 @@ class Worker:
             "running %s",
             ", ".join(f"{t.command.task_id} (attempt {t.origin['attempt']})" for t in group),
         )
-        for task in group:
+
+        async def start(task: _Held) -> None:
             # The ack deadline starts over now; from here on every step renews it.
             await task.message.in_progress()
             task.running = True
             await self._publish(
                 TaskStarted(**task.origin, at=time.time(), model_key=self.settings.model_key)
             )
+
+        await asyncio.gather(*(start(task) for task in group))  # one round trip, not one each
         # The liveness record is written beside the run, not before it: the task does not
-        # wait for a KV round trip (and again after it, see the end).
-        busy = None
+        # wait for a KV round trip (nor after it, see the end).
         if self._load_error is None:
-            busy = asyncio.create_task(self._set_state(WorkerState.BUSY, ids))
+            self._note_state(WorkerState.BUSY, ids)
         handing_back = asyncio.create_task(
             self._hand_back_on_stop(stop, [t.stop_flag for t in group])
         )
@@ -511,12 +540,10 @@ class Worker:
             results = None
         finally:
             handing_back.cancel()
-            if busy is not None:
-                await busy
         if results is not None:
             await self._answer(group, results, handing_back)
         if self._load_error is None:
-            await self._set_state(WorkerState.READY)  # once the outputs are on their way
+            self._note_state(WorkerState.READY)  # once the outputs are on their way
 
     async def _answer(
         self,
@@ -595,9 +622,11 @@ class Worker:
         output.add_done_callback(done)
 
     async def _output_room(self) -> None:
-        """At most ``max_batch`` tasks' outputs in flight: memory stays bounded and a
-        slow store slows the worker down instead of piling up images."""
-        while len(self._outputs) >= max(self.settings.max_batch, 1):
+        """Room for the next batch: the last batch's outputs are stored while it runs
+        (``bus.BATCHES_IN_FLIGHT``), so it never waits for an upload; more than that
+        and the worker waits: memory stays bounded and a slow store slows the worker
+        down instead of piling up images."""
+        while len(self._outputs) > (bus.BATCHES_IN_FLIGHT - 1) * max(self.settings.max_batch, 1):
             await asyncio.wait(set(self._outputs), return_when=asyncio.FIRST_COMPLETED)
 
     async def drain_outputs(self) -> None:

@@ -88,6 +88,12 @@ def _slots(tasks: int, batch: int) -> int:
     return -(-tasks // max(batch, 1))
 
 
+def running_slots(in_flight: int, batch: int) -> int:
+    """The slots (workers) that ``in_flight`` tasks of a consumer hold at least: a worker
+    holds ``bus.BATCHES_IN_FLIGHT`` batches (one running, one being stored)."""
+    return _slots(in_flight, max(batch, 1) * bus.BATCHES_IN_FLIGHT)
+
+
 def preview_decoder(family: str | None, decoders: list[Document]) -> str:
     """The path of the TAESD decoder (``vaeApprox``) for a checkpoint of ``family``; empty
     when none fits. TAESD and TAESDXL files have the same shapes, so the name tells them
@@ -171,9 +177,10 @@ class Scheduler:
             raise LeaseLost(self.lease.holder)
 
     async def _load(self, model: Document, workers: int, busy: int, now: float) -> CheckpointLoad:
-        """The checkpoint's load in slots (workers): a slot holds up to ``max_batch``
-        tasks, so tasks queued, in flight and allowed are divided by it (rounded up), and
-        in flight is at least its busy workers."""
+        """The checkpoint's load in slots (workers): a slot runs up to ``max_batch``
+        tasks, so tasks queued and allowed are divided by it (rounded up), tasks in
+        flight by the batches it holds (:func:`running_slots`), and in flight is at
+        least its busy workers."""
         key = model["model_key"]
         memory = self._memory.setdefault(key, _Memory())
         info = await bus.ensure_task_consumer(self.js, key, self.settings, paused=True)
@@ -193,7 +200,7 @@ class Scheduler:
         return CheckpointLoad(
             key=key,
             backlog=_slots(backlog, batch),
-            running=max(_slots(running, batch), busy),
+            running=max(running_slots(running, batch), busy),
             share=share,
             workers=workers,
             oldest_wait_s=max(wait, 0.0),
@@ -257,6 +264,7 @@ class Scheduler:
                 share,
                 max_batch(self.settings, by_model[key]),
                 max(replicas.get(key, 0), alive.get(key, 0), result.workers[key]),
+                bus.BATCHES_IN_FLIGHT,
             )
             for key, share in result.shares.items()
         }

@@ -5,13 +5,15 @@ lowered share stops new deliveries but never interrupts a task — never exceed 
 budget. So shares are lowered at once and raised only into slots that are free *now*;
 a slot taken from one checkpoint reaches another at the first's next task boundary.
 
-Busy workers never exceed the budget either. A worker holds up to ``max_batch`` tasks,
-so a checkpoint's consumer may have ``share × max_batch`` tasks in flight only while it
-has no more workers than slots; when it has more (warm workers kept while paused, a
-``minInstances`` floor, a worker still stopping), those tasks could each land on their
-own worker, so it gets one task per slot (:func:`consumer_limit`). And a checkpoint that
-holds slots keeps no more workers than that (or its floor): a surplus warm worker would
-only hold GPU memory and turn batching off.
+Busy workers never exceed the budget either. A worker runs up to ``max_batch`` tasks
+at once and holds ``batches`` of them (the one running, the one before it being
+stored), so a checkpoint's consumer may have ``share × max_batch × batches`` tasks in
+flight only while it has no more workers than slots; when it has more (warm workers
+kept while paused, a ``minInstances`` floor, a worker still stopping), those tasks
+could each land on their own worker, so it gets one task per slot
+(:func:`consumer_limit`). And a checkpoint that holds slots keeps no more workers than
+that (or its floor): a surplus warm worker would only hold GPU memory and turn batching
+off.
 
 Allocation is weighted fair share by demand (D'Hondt: the next slot goes to the highest
 ``demand / (slots + 1)``), with two corrections: a checkpoint whose oldest task has
@@ -154,8 +156,9 @@ def plan(
         key=lambda k: (not _starving(by_key[k], starvation_s), shares[k] - ideal[k], k),
     )
     for key in wanting:
-        if free <= 0:
-            break
+        # Even with no slot free, a share may rise up to the slots the checkpoint's own
+        # running tasks hold: that costs nothing, and a paused consumer would never
+        # redeliver a task whose worker died (it would stay in flight for good).
         in_use = max(shares[key], by_key[key].running)
         grant = min(ideal[key] - shares[key], free + (in_use - shares[key]))
         new_share = shares[key] + max(grant, 0)
@@ -184,12 +187,13 @@ def plan(
     return Plan(shares=shares, workers=workers, reasons=reasons)
 
 
-def consumer_limit(share: int, max_batch: int, workers: int) -> int:
+def consumer_limit(share: int, max_batch: int, workers: int, batches: int = 1) -> int:
     """The tasks a checkpoint's consumer may have in flight (its ``max_ack_pending``) for
     ``share`` slots, when ``workers`` of its workers are alive (the most of what the
-    backend runs, the liveness records show and the plan wants): ``max_batch`` per slot
-    while every worker has a slot of its own, else one per slot, so that however the
-    tasks spread over the workers, no more of them are busy than the share allows."""
+    backend runs, the liveness records show and the plan wants): ``batches`` of
+    ``max_batch`` per slot (a worker runs one and stores the one before) while every
+    worker has a slot of its own, else one per slot, so that however the tasks spread
+    over the workers, no more of them are busy than the share allows."""
     if share <= 0:
         return 0
-    return share * max(max_batch, 1) if workers <= share else share
+    return share * max(max_batch, 1) * max(batches, 1) if workers <= share else share

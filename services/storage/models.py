@@ -21,6 +21,7 @@ from pymongo.errors import DuplicateKeyError
 
 from proto import ModelStatus, ModelType, names
 from services.storage.mongo import Document
+from services.storage.readcache import ReadCache
 
 CHECKPOINT = ModelType.STABLE_DIFFUSION
 CLAIM_RENEW_S = 10.0
@@ -138,8 +139,12 @@ def warm_until(model: Document) -> dt.datetime | None:
 
 
 class ModelStore:
-    def __init__(self, db: AsyncDatabase[Document]) -> None:
+    def __init__(self, db: AsyncDatabase[Document], *, cache_s: float = 0.0) -> None:
+        """``cache_s``: how long :meth:`get_recent` and :meth:`list_recent` answers are
+        remembered (:class:`~services.storage.readcache.ReadCache`; writes here forget
+        them). The registry's own routes read fresh."""
         self.collection: AsyncCollection[Document] = db["models"]
+        self.reads = ReadCache(cache_s)
 
     async def ensure_indexes(self) -> None:
         await self.collection.create_index("model_key", unique=True)
@@ -158,6 +163,7 @@ class ModelStore:
             {"$set": fields, "$setOnInsert": {"registered_at": document["registered_at"]}},
             upsert=True,
         )
+        self.reads.forget()
 
     async def claim(
         self, model_type: ModelType, name: str, path: str, source: str
@@ -206,10 +212,12 @@ class ModelStore:
             )
         else:
             await self.collection.replace_one({"_id": known["_id"]}, known)
+        self.reads.forget()
 
     async def configure(self, model: Document, changes: dict[str, Any]) -> None:
         """Set a checkpoint's function settings (scheduler fields and ``function.*``)."""
         await self.collection.update_one({"_id": model["_id"]}, {"$set": changes})
+        self.reads.forget()
 
     async def reset_function(self, model: Document) -> None:
         """A checkpoint's function back to defaults and to zero workers."""
@@ -220,9 +228,17 @@ class ModelStore:
                 "$unset": {"function": ""},
             },
         )
+        self.reads.forget()
 
     async def get(self, name: str, model_type: ModelType = CHECKPOINT) -> Document | None:
         """A live (not deleted) model by name."""
+        return await self._live(name, model_type)
+
+    async def get_recent(self, name: str, model_type: ModelType = CHECKPOINT) -> Document | None:
+        """:meth:`get`, as read up to ``cache_s`` ago (every submission's lookups)."""
+        return await self.reads.get(("get", model_type, name), lambda: self._live(name, model_type))
+
+    async def _live(self, name: str, model_type: ModelType) -> Document | None:
         return await self.collection.find_one(
             {"_id": model_id(model_type, name), "status": {"$ne": ModelStatus.DELETED.value}}
         )
@@ -234,15 +250,23 @@ class ModelStore:
     async def by_key(self, model_key: str) -> Document | None:
         return await self.collection.find_one({"model_key": model_key})
 
-    async def list(
-        self, model_type: ModelType | None = None, *, include_deleted: bool = False
-    ) -> list[Document]:
+    async def _list(self, model_type: ModelType | None, include_deleted: bool) -> list[Document]:
         query: Document = {}
         if not include_deleted:
             query["status"] = {"$ne": ModelStatus.DELETED.value}
         if model_type is not None:
             query["type"] = model_type.value
         return [doc async for doc in self.collection.find(query).sort([("type", 1), ("name", 1)])]
+
+    async def list_recent(self, model_type: ModelType | None = None) -> list[Document]:
+        """:meth:`list` (live models), as read up to ``cache_s`` ago (every submission's
+        lookups: the embeddings a prompt may name, the adapters it may use)."""
+        return await self.reads.get(("list", model_type), lambda: self._list(model_type, False))
+
+    async def list(
+        self, model_type: ModelType | None = None, *, include_deleted: bool = False
+    ) -> list[Document]:
+        return await self._list(model_type, include_deleted)
 
     async def set_status(
         self,
@@ -264,16 +288,19 @@ class ModelStore:
                 }
             },
         )
+        self.reads.forget()
 
     async def update(
         self, name: str, model_type: ModelType, fields: dict[str, Any]
     ) -> Document | None:
         """Set fields of a live model; returns the new document (None when absent)."""
-        return await self.collection.find_one_and_update(
+        document = await self.collection.find_one_and_update(
             {"_id": model_id(model_type, name), "status": {"$ne": ModelStatus.DELETED.value}},
             {"$set": {**fields, "modified_at": dt.datetime.now(dt.UTC)}},
             return_document=ReturnDocument.AFTER,
         )
+        self.reads.forget()
+        return document
 
     async def record_cold_start(
         self, model: Document, seconds: float, phases: dict[str, float]
@@ -283,6 +310,7 @@ class ModelStore:
             {"_id": model["_id"]},
             {"$set": {"cold_start_s": seconds, "cold_start_phases": phases}},
         )
+        self.reads.forget()
 
     async def mark_deleted(self, name: str, model_type: ModelType) -> Document | None:
         """Mark a live model deleted (kept for history); None when there was none."""

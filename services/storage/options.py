@@ -14,19 +14,26 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 
 from services.storage.mongo import Document
+from services.storage.readcache import ReadCache
 
 
 class OptionStore:
-    def __init__(self, db: AsyncDatabase[Document]) -> None:
+    def __init__(self, db: AsyncDatabase[Document], *, cache_s: float = 0.0) -> None:
+        """``cache_s``: how long :meth:`get` answers are remembered (see
+        :class:`~services.storage.readcache.ReadCache`; writes here forget them)."""
         self.collection: AsyncCollection[Document] = db["options"]
+        self.reads = ReadCache(cache_s)
 
     async def get(self, user: str) -> dict[str, Any]:
+        return await self.reads.get(user, lambda: self._read(user))
+
+    async def _read(self, user: str) -> dict[str, Any]:
         document = await self.collection.find_one({"_id": user})
         return dict(document["data"]) if document else {}
 
     async def update(self, user: str, changes: dict[str, Any], *, replace: bool = False) -> int:
         """Store a new snapshot (``changes`` merged into the old one unless ``replace``)."""
-        data = changes if replace else {**await self.get(user), **changes}
+        data = changes if replace else {**await self._read(user), **changes}
         result = await self.collection.find_one_and_update(
             {"_id": user},
             {
@@ -36,5 +43,6 @@ class OptionStore:
             upsert=True,
             return_document=True,
         )
+        self.reads.forget()
         assert result is not None  # upsert with return_document=True always returns one
         return int(result["version"])

@@ -25,10 +25,15 @@ from services.storage.tasks import TaskStore, progress_order
 
 log = logging.getLogger(__name__)
 BATCH = 64
+PROGRESS_KIND = str(TaskProgressed.__struct_config__.tag)
 FETCH_TIMEOUT_S = 1.0
 """How long one fetch waits for events before the loop looks at ``stop`` again."""
 RETRY_S = 1.0
 """How soon an event that could not be folded (MongoDB down or failing over) comes back."""
+LINGER_S = 0.2
+"""How long a fetch of progress events waits for more before they are folded: a task's
+steps then cost one write, not one each (a batch of tasks sends one event per task per
+step). A terminal event or a skip marker ends the wait (see ``_none_urgent``)."""
 
 
 def sink_consumer_config() -> ConsumerConfig:
@@ -66,6 +71,7 @@ async def run_sink(
     *,
     fetch_timeout_s: float = FETCH_TIMEOUT_S,
     retry_s: float = RETRY_S,
+    linger_s: float = LINGER_S,
 ) -> None:
     subscription = await nc.jetstream().pull_subscribe(
         names.EVENT_SUBJECTS,
@@ -90,7 +96,12 @@ async def run_sink(
     folded = 0
     try:
         batches = consumer.batches(
-            subscription, stop, consumer.fixed(BATCH), timeout_s=fetch_timeout_s
+            subscription,
+            stop,
+            consumer.fixed(BATCH),
+            timeout_s=fetch_timeout_s,
+            linger_s=linger_s,
+            linger_while=_none_urgent,
         )
         async for messages in batches:
             events = [(message, _decoded(message)) for message in messages]
@@ -99,6 +110,23 @@ async def run_sink(
                 folded += await consumer.settle(message, fold(message, event, superseded))
     finally:
         log.info("event sink stopped after folding %d events", folded)
+
+
+def _none_urgent(messages: list[Msg]) -> bool:
+    """No message is one somebody waits on: a terminal event (sync requests wait on its
+    fold) or A1111's skip marker (progress says ``skipped`` only until the next job's
+    first step, which a longer wait would fold over it)."""
+    return not any(_urgent(message) for message in messages)
+
+
+def _urgent(message: Msg) -> bool:
+    kind = message.subject.rpartition(".")[2]  # the subject ends with the event's kind
+    if kind in TERMINAL_KINDS:
+        return True
+    if kind != PROGRESS_KIND:
+        return False
+    event = _decoded(message)
+    return isinstance(event, TaskProgressed) and event.skipped
 
 
 def _decoded(message: Msg) -> TaskEvent | None:

@@ -226,15 +226,20 @@ class TaskStore:
             case TaskSucceeded() | TaskFailed() | TaskCancelled():
                 query, update = self._finished(event)
                 # The one transition to a terminal state: the owner has one open task less.
-                ended = await self.collection.find_one_and_update(
-                    query, update, projection=metrics.ENDED_FIELDS
+                # An update then a read of fields the update leaves alone (the owner, the
+                # times), not ``find_one_and_update``: on SecantusDB that one command
+                # costs the server ~5× the CPU of both together.
+                if (await self.collection.update_one(query, update)).modified_count != 1:
+                    return False
+                ended = await self.collection.find_one(
+                    {"_id": event.task_id}, projection=metrics.ENDED_FIELDS
                 )
-                if ended is not None:
+                if ended is not None:  # None: deleted meanwhile (its owner's count is moot)
                     metrics.task_ended(ended, update["$set"]["status"], event.at, _code(event))
                     await self.open_counts.update_one(
                         {"_id": ended["user"], "n": {"$gt": 0}}, {"$inc": {"n": -1}}
                     )
-                return ended is not None
+                return True
         result = await self.collection.update_one(query, update)
         if result.modified_count == 1 and isinstance(event, TaskStarted):
             metrics.task_started(event.model_key)

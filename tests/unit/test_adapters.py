@@ -14,7 +14,7 @@ class _Models:
     def __init__(self, documents: list[dict[str, Any]]) -> None:
         self.documents = documents
 
-    async def list(self, model_type: ModelType) -> list[dict[str, Any]]:
+    async def list_recent(self, model_type: ModelType) -> list[dict[str, Any]]:
         assert ModelType.EMBEDDING == model_type
         return self.documents
 

@@ -5,6 +5,7 @@ from dataclasses import replace
 
 import pytest
 
+from services.common import bus
 from services.scheduler.policy import CheckpointLoad, consumer_limit, plan
 
 IDLE, STARVE = 300.0, 60.0
@@ -54,7 +55,7 @@ def test_budget_is_never_exceeded_randomized() -> None:
         busy = 0
         for load in loads:
             alive = max(load.workers, result.workers[load.key])
-            limit = consumer_limit(result.shares[load.key], batch, alive)
+            limit = consumer_limit(result.shares[load.key], batch, alive, bus.BATCHES_IN_FLIGHT)
             busy += max(min(alive, limit), load.running)
         assert busy <= budget, (budget, batch, loads, result)
         for load in loads:
@@ -168,3 +169,26 @@ def test_spare_slots_keep_every_warm_worker_of_an_idle_pool() -> None:
     result = plan([idle], 2, idle_timeout_s=IDLE, starvation_s=STARVE)
     assert {"a": 2} == result.shares
     assert {"a": 2} == result.workers
+
+
+def test_a_paused_checkpoint_gets_back_the_slot_its_running_task_holds() -> None:
+    """m1's only task is in flight on a worker that was stopped (its consumer paused, no
+    backlog), and m2 holds the other slot: no slot is free, yet m1's share must come back
+    to 1 (its running task holds that slot already), or the paused consumer would never
+    redeliver the task (seen as a hang once workers held two batches)."""
+    loads = [
+        _load("m1", running=1, share=0, workers=1, idle_s=0.0),
+        _load("m2", share=1, workers=1, idle_s=0.0),
+    ]
+    result = plan(loads, 2, idle_timeout_s=IDLE, starvation_s=STARVE)
+    assert 1 == result.shares["m1"]
+    assert _used(loads, result.shares) <= 2
+
+
+@pytest.mark.parametrize(
+    ("share", "workers", "expected"), [(0, 1, 0), (2, 2, 16), (2, 1, 16), (1, 2, 1)]
+)
+def test_a_slot_holds_a_batch_running_and_one_being_stored(
+    share: int, workers: int, expected: int
+) -> None:
+    assert expected == consumer_limit(share, 4, workers, 2)

@@ -1,0 +1,88 @@
+"""The read cache in front of the registry and options lookups of every submission."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from services.storage.readcache import ReadCache
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _Source:
+    """Counts reads; answers the current value."""
+
+    def __init__(self) -> None:
+        self.value: dict[str, Any] = {"status": "unloaded"}
+        self.reads = 0
+
+    async def read(self) -> dict[str, Any]:
+        self.reads += 1
+        return dict(self.value)
+
+
+async def test_answers_from_memory_until_the_ttl_passes() -> None:
+    clock, source = _Clock(), _Source()
+    cache = ReadCache(1.0, clock=clock)
+    assert {"status": "unloaded"} == await cache.get("m", source.read)
+    source.value = {"status": "loaded"}
+    clock.now = 0.9
+    assert {"status": "unloaded"} == await cache.get("m", source.read)
+    assert 1 == source.reads
+    clock.now = 1.0
+    assert {"status": "loaded"} == await cache.get("m", source.read)
+    assert 2 == source.reads
+
+
+async def test_forget_makes_the_next_read_fresh() -> None:
+    clock, source = _Clock(), _Source()
+    cache = ReadCache(10.0, clock=clock)
+    await cache.get("m", source.read)
+    source.value = {"status": "deleted"}
+    cache.forget()
+    assert {"status": "deleted"} == await cache.get("m", source.read)
+
+
+async def test_a_read_that_began_before_forget_is_not_kept() -> None:
+    """A read racing a write: its (possibly old) answer is returned but not remembered."""
+    cache, source = ReadCache(10.0, clock=_Clock()), _Source()
+    release = asyncio.Event()
+
+    async def slow_read() -> dict[str, Any]:
+        await release.wait()
+        return {"status": "old"}
+
+    pending = asyncio.create_task(cache.get("m", slow_read))
+    await asyncio.sleep(0)
+    cache.forget()
+    release.set()
+    assert {"status": "old"} == await pending
+    assert {"status": "unloaded"} == await cache.get("m", source.read)
+
+
+async def test_callers_get_copies() -> None:
+    cache, source = ReadCache(10.0, clock=_Clock()), _Source()
+    first = await cache.get("m", source.read)
+    first["status"] = "changed by a caller"
+    assert {"status": "unloaded"} == await cache.get("m", source.read)
+
+
+async def test_zero_ttl_reads_every_time_and_size_is_bounded() -> None:
+    source = _Source()
+    off = ReadCache(0.0)
+    await off.get("m", source.read)
+    await off.get("m", source.read)
+    assert 2 == source.reads
+    small = ReadCache(10.0, size=2, clock=_Clock())
+    for key in ("a", "b", "c"):
+        await small.get(key, source.read)
+    reads = source.reads
+    await small.get("a", source.read)  # the oldest went first
+    assert reads + 1 == source.reads
