@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import tempfile
@@ -178,7 +179,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=4, help="requests per client, at least")
     parser.add_argument("--skip-system", action="store_true")
+    parser.add_argument(
+        "--compute-threads",
+        type=int,
+        default=0,
+        help="torch threads for the ceiling and the worker (0: torch's default). On a CPU,"
+        " 1 leaves the other cores to the control plane, as a GPU would",
+    )
     args = parser.parse_args()
+    if args.compute_threads:
+        # Before any worker starts (they inherit it) and for the in-process ceiling.
+        os.environ["OMP_NUM_THREADS"] = str(args.compute_threads)
+        torch.set_num_threads(args.compute_threads)
     cuda = args.device.startswith("cuda")
     batch = args.batch or (8 if cuda else 4)
     size = args.size or (512 if args.full_size else 64)
@@ -215,6 +227,7 @@ def main() -> None:
     print(
         f"\nmodel={'SD1.5 random weights' if args.full_size else 'tiny'} device={args.device}"
         f" {size}x{size} steps={body['steps']} Euler cfg 7 batch={batch}"
+        f" compute threads={torch.get_num_threads()}"
     )
     ceiling = rates[f"diffusers batch {batch}"]
     for name, rate in rates.items():

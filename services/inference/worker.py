@@ -23,7 +23,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict
@@ -173,6 +173,11 @@ class Worker:
         """Finished tasks whose images are being encoded and stored (beside the GPU)."""
         self._finishing: dict[str, asyncio.Task[None]] = {}
         """Outputs in flight by task id: a redelivery of one of them waits for it."""
+        self._upcoming: asyncio.Task[tuple[int, list[_Held]] | None] | None = None
+        """The next batch, fetched and admitted while this one runs."""
+        self._returning: asyncio.Task[None] | None = None
+        """Handing back the next batch (the worker stops); tasks interrupted by the stop
+        go back after it, see :meth:`_hand_back_on_stop`."""
         self._beating: asyncio.Task[None] | None = None
         self._beat_stale = False
         """The state changed while a liveness write was under way: write it again."""
@@ -247,11 +252,16 @@ class Worker:
         self, stop: asyncio.Event | None, stop_flags: list[threading.Event]
     ) -> bool:
         """When the worker is asked to stop mid-task, let the tasks finish within the grace
-        period; past it, interrupt them (True) so they can be handed back."""
+        period; past it, interrupt them (True) so they can be handed back. The batch
+        fetched beside them goes back at once, and the interrupted tasks only after its
+        fetch (this worker's last pull request) ended: they are then redelivered to
+        another worker, not to this one (each delivery counts toward max_deliver)."""
         if stop is None:
             await asyncio.Event().wait()
             return False
         await stop.wait()
+        if self._upcoming is not None and self._returning is None:
+            self._returning = asyncio.create_task(self._hand_back(self._upcoming))
         await asyncio.sleep(self.settings.stop_grace_s)
         for flag in stop_flags:
             flag.set()
@@ -361,17 +371,34 @@ class Worker:
             linger_s=self.settings.batch_wait_ms / 1000,
             idle=True,
         )
+        upcoming: asyncio.Task[tuple[int, list[_Held]] | None] | None = None
         try:
-            async for messages in fetched:
-                if messages:
-                    await self.handle_batch(messages, stop)
+            while True:
+                if upcoming is None:
+                    upcoming = asyncio.create_task(self._next_admitted(fetched))
+                self._upcoming = upcoming
+                got = await upcoming
+                upcoming = self._upcoming = None
+                if got is None:
+                    break
+                count, held = got
+                if count:
+                    # The next batch is fetched and admitted while this one runs: the
+                    # GPU never waits for a fetch (the consumer lets it out once the
+                    # batch before this one is stored and acked, see BATCHES_IN_FLIGHT).
+                    upcoming = self._upcoming = asyncio.create_task(self._next_admitted(fetched))
+                    await self._run_held(held, stop)
                     idle_since = time.monotonic()
+                    if stop.is_set():
+                        break  # what was fetched meanwhile goes back (finally)
                     continue
                 idle = time.monotonic() - idle_since
                 if self.settings.idle_exit_s and idle > self.settings.idle_exit_s:
                     log.info("idle for %.0f s, exiting", idle)
                     break
         finally:
+            if upcoming is not None:
+                await self._hand_back(upcoming)
             await fetched.aclose()
             await self.drain_outputs()
             log.info("worker stopping after %d tasks", self.completed)
@@ -437,28 +464,74 @@ class Worker:
         await self.handle_batch([message], stop)
 
     async def handle_batch(self, messages: list[Msg], stop: asyncio.Event | None = None) -> None:
-        """Messages fetched together: admitted one by one, then run as groups of
-        compatible tasks (one diffusers call per job each), in arrival order."""
-        held: list[_Held] = []
+        """Messages fetched together: admitted, then run as groups of compatible tasks
+        (one diffusers call per job each), in arrival order."""
+        await self._run_held(await self._admit_all(messages), stop)
+
+    async def _admit_all(self, messages: list[Msg]) -> list[_Held]:
+        """The tasks of ``messages`` that need a run. Each admission waits on NATS (the
+        cancel flag, a redelivery's history): all at once, so a batch pays one round
+        trip, not one per task."""
+        admitted = await asyncio.gather(
+            *(self._admit(message) for message in messages), return_exceptions=True
+        )
+        held = [task for task in admitted if isinstance(task, _Held)]
+        for error in admitted:
+            if isinstance(error, BaseException):
+                await self._release(held)
+                raise error
+        return held
+
+    async def _run_held(self, held: list[_Held], stop: asyncio.Event | None) -> None:
         try:
-            # Each admission waits on NATS (the cancel flag, a redelivery's history):
-            # all at once, so a batch pays one round trip, not one per task.
-            admitted = await asyncio.gather(
-                *(self._admit(message) for message in messages), return_exceptions=True
-            )
-            held = [task for task in admitted if isinstance(task, _Held)]
-            for error in admitted:
-                if isinstance(error, BaseException):
-                    raise error
-            for group in batching.group(held, lambda t: batching.batch_key(t.command)):
+            # Looked at now, not when fetched: the earlier attempt of a redelivered task
+            # may have been running here meanwhile (a batch is fetched beside the last).
+            finished = await asyncio.gather(*(self._finished_before(t) for t in held))
+            runnable = [task for task, done in zip(held, finished, strict=True) if not done]
+            for group in batching.group(runnable, lambda t: batching.batch_key(t.command)):
                 ids = ",".join(t.command.task_id for t in group)
                 await logs.with_fields(self._run_group(group, stop), task_id=ids)
         finally:
-            for task in held:
-                if task.command.task_id not in self._finishing:  # else its output stops it
-                    task.stop_keeping()
-                with contextlib.suppress(Exception):
-                    await task.cancel_sub.unsubscribe()
+            await self._release(held)
+
+    async def _release(self, held: list[_Held]) -> None:
+        """Admitted tasks this worker no longer looks after (their outputs do, if any)."""
+        for task in held:
+            if task.command.task_id not in self._finishing:  # else its output stops it
+                task.stop_keeping()
+            with contextlib.suppress(Exception):
+                await task.cancel_sub.unsubscribe()
+
+    async def _next_admitted(
+        self, fetched: AsyncIterator[list[Msg]]
+    ) -> tuple[int, list[_Held]] | None:
+        """The next fetch (how many messages, the tasks among them that need a run); an
+        empty one after each fetch timeout; None once the fetching stopped."""
+        messages = await anext(fetched, None)
+        if messages is None:
+            return None
+        return len(messages), await self._admit_all(messages)
+
+    async def _hand_back(self, upcoming: asyncio.Task[tuple[int, list[_Held]] | None]) -> None:
+        """A fetch that will not run (the worker stops): its tasks go back at once, so
+        another worker takes them now, not after the ack deadline. It is waited for, not
+        cancelled: a message that reached this worker in the middle of a cancelled fetch
+        or admission would be in nobody's hands until its ack deadline (the task handed
+        back mid-run is redelivered at once, maybe to this very fetch)."""
+        with contextlib.suppress(Exception):  # a timeout, or the fetch's own error
+            await asyncio.wait_for(asyncio.shield(upcoming), self.settings.fetch_timeout_s + 5)
+        if not upcoming.done():
+            upcoming.cancel()  # a fetch that outlived its own timeout: give up on it
+        await asyncio.wait({upcoming})
+        if upcoming.cancelled() or upcoming.exception() is not None:
+            return
+        got = upcoming.result()
+        held = [task for task in (got[1] if got else []) if not task.done]
+        for task in held:
+            task.done = True  # handed back once, whoever asks again
+            with contextlib.suppress(Exception):
+                await task.message.nak()
+        await self._release(held)
 
     async def _admit(self, message: Msg) -> _Held | None:
         """Decode and look at one message; None when it needs no run (answered here)."""
@@ -471,16 +544,6 @@ class Worker:
             await self._refuse_newer(message, exc)
             return None
         attempt = message.metadata.num_delivered
-        finishing = self._finishing.get(command.task_id)
-        if finishing is not None:
-            # Redelivered while this worker still stores the earlier attempt's output
-            # (its ack deadline passed meanwhile): that attempt ends it; never run twice.
-            await asyncio.wait({finishing})
-        if attempt > 1 and await bus.has_event(self.js, command.task_id, TERMINAL_KINDS):
-            # An earlier attempt stored its outcome but died before its ack: done already.
-            log.info("task %s attempt %d: already finished, acking", command.task_id, attempt)
-            await message.ack()
-            return None
         origin = _Origin(task_id=command.task_id, attempt=attempt, worker=self.settings.worker_id)
         stop_flag, skip_flag = threading.Event(), threading.Event()
 
@@ -496,6 +559,24 @@ class Worker:
             return None
         task.keeper = asyncio.create_task(self._keep_alive(task))
         return task
+
+    async def _finished_before(self, task: _Held) -> bool:
+        """Whether an earlier attempt of this redelivered task ended it (then its message
+        is acked here): never run a task twice."""
+        finishing = self._finishing.get(task.command.task_id)
+        if finishing is not None:
+            # Redelivered while this worker still stores the earlier attempt's output
+            # (its ack deadline passed meanwhile): that attempt ends it.
+            await asyncio.wait({finishing})
+        attempt = task.origin["attempt"]
+        if attempt > 1 and await bus.has_event(self.js, task.command.task_id, TERMINAL_KINDS):
+            # An earlier attempt stored its outcome but died before its ack: done already.
+            log.info("task %s attempt %d: already finished, acking", task.command.task_id, attempt)
+            task.done = True
+            with contextlib.suppress(Exception):
+                await task.message.ack()
+            return True
+        return False
 
     async def _keep_alive(self, task: _Held) -> None:
         """One per held message, until it is settled: its ack deadline is kept away while
@@ -561,6 +642,8 @@ class Worker:
                 # Stopped mid-task and out of grace: give the task back at once so
                 # another worker takes it now, not after the ack deadline.
                 log.info("handing task %s back (worker stopping)", task.command.task_id)
+                if self._returning is not None:
+                    await self._returning
                 task.done = True
                 await task.message.nak()
             elif isinstance(result, Generation):
