@@ -10,6 +10,7 @@ for the task that its document is final.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import msgspec
@@ -19,7 +20,16 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from pymongo.errors import PyMongoError
 
 from proto import names
-from proto.events import TERMINAL_KINDS, TaskEvent, TaskProgressed, decode_event, event_kind
+from proto.events import (
+    TERMINAL_KINDS,
+    TaskCancelled,
+    TaskEvent,
+    TaskFailed,
+    TaskProgressed,
+    TaskStarted,
+    TaskSucceeded,
+    decode_event,
+)
 from services.common import consumer
 from services.storage.tasks import TaskStore, progress_order
 
@@ -33,7 +43,8 @@ RETRY_S = 1.0
 LINGER_S = 0.2
 """How long a fetch of progress events waits for more before they are folded: a task's
 steps then cost one write, not one each (a batch of tasks sends one event per task per
-step). A terminal event or a skip marker ends the wait (see ``_none_urgent``)."""
+step), and a task that ends within it costs one write in all (``_riders``). A terminal
+event or a skip marker ends the wait (see ``_none_urgent``)."""
 
 
 def sink_consumer_config() -> ConsumerConfig:
@@ -47,6 +58,12 @@ def sink_consumer_config() -> ConsumerConfig:
     )
 
 
+def _rank(event: TaskProgressed) -> tuple[int, bool]:
+    """Which of a task's progress events the fold keeps: the highest order, a skip marker
+    winning a tie."""
+    return progress_order(event.attempt, event.job_no, event.step), event.skipped
+
+
 def _superseded(events: list[tuple[Msg, TaskEvent]]) -> set[int]:
     """Progress events of one fetch that the fold would overwrite anyway: per task, only
     the one it keeps (highest order, a skip marker winning a tie) needs a write; a batch
@@ -54,7 +71,7 @@ def _superseded(events: list[tuple[Msg, TaskEvent]]) -> set[int]:
     kept: dict[str, tuple[tuple[int, bool], int]] = {}
     for index, (_, event) in enumerate(events):
         if isinstance(event, TaskProgressed):
-            rank = (progress_order(event.attempt, event.job_no, event.step), event.skipped)
+            rank = _rank(event)
             if event.task_id not in kept or rank >= kept[event.task_id][0]:
                 kept[event.task_id] = (rank, index)
     return {
@@ -62,6 +79,23 @@ def _superseded(events: list[tuple[Msg, TaskEvent]]) -> set[int]:
         for index, (message, event) in enumerate(events)
         if isinstance(event, TaskProgressed) and kept[event.task_id][1] != index
     }
+
+
+def _riders(events: list[tuple[Msg, TaskEvent]]) -> dict[int, list[tuple[Msg, TaskEvent]]]:
+    """Per terminal event of this fetch, the same attempt's ``started`` and progress
+    events that came before it: they are folded with it in one write (``TaskStore.finish``)
+    instead of one each, and are settled as it is."""
+    riding: dict[int, list[tuple[Msg, TaskEvent]]] = {}
+    for index, (message, event) in enumerate(events):
+        if not isinstance(event, TaskSucceeded | TaskFailed | TaskCancelled):
+            continue
+        riding[id(message)] = [
+            (m, e)
+            for m, e in events[:index]
+            if isinstance(e, TaskStarted | TaskProgressed)
+            and (e.task_id, e.attempt) == (event.task_id, event.attempt)
+        ]
+    return riding
 
 
 async def run_sink(
@@ -80,18 +114,28 @@ async def run_sink(
         config=sink_consumer_config(),
     )
 
-    async def fold(message: Msg, event: TaskEvent | None, superseded: set[int]) -> None:
+    async def fold(
+        message: Msg, event: TaskEvent | None, superseded: set[int], riders: list[TaskEvent]
+    ) -> None:
         if event is None:
             raise consumer.Poison("undecodable event")  # no retry can ever decode it
         if id(message) in superseded:
             return  # a later progress event of the same fetch covers it
         try:
-            await tasks.apply(event)
+            if isinstance(event, TaskSucceeded | TaskFailed | TaskCancelled):
+                started = next((e for e in riders if isinstance(e, TaskStarted)), None)
+                steps = [e for e in riders if isinstance(e, TaskProgressed)]
+                last = max(steps, key=_rank, default=None)
+
+                async def announce() -> None:
+                    await nc.publish(names.folded_subject(event.task_id))
+
+                await tasks.finish(event, started, last, written=announce)
+            else:
+                await tasks.apply(event)
         except PyMongoError as exc:
             # MongoDB is down or failing over: keep the event, retry it shortly.
             raise consumer.Retry(retry_s, f"cannot fold yet: {exc}") from exc
-        if event_kind(event) in TERMINAL_KINDS:
-            await nc.publish(names.folded_subject(event.task_id))
 
     folded = 0
     try:
@@ -105,9 +149,22 @@ async def run_sink(
         )
         async for messages in batches:
             events = [(message, _decoded(message)) for message in messages]
-            superseded = _superseded([(m, e) for m, e in events if e is not None])
+            decoded = [(m, e) for m, e in events if e is not None]
+            superseded = _superseded(decoded)
+            riding = _riders(decoded)
+            carried = {id(m) for ms in riding.values() for m, _ in ms}
             for message, event in events:
-                folded += await consumer.settle(message, fold(message, event, superseded))
+                if id(message) in carried:
+                    continue  # folded with its task's end, settled beside it
+                riders = riding.get(id(message), [])
+                acked = await consumer.settle(
+                    message, fold(message, event, superseded, [e for _, e in riders])
+                )
+                folded += acked
+                for rider, _ in riders:  # as their terminal event went
+                    with contextlib.suppress(Exception):
+                        await (rider.ack() if acked else rider.nak(delay=retry_s))
+                    folded += acked
     finally:
         log.info("event sink stopped after folding %d events", folded)
 

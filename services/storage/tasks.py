@@ -14,7 +14,7 @@ late deliveries are safe without transactions:
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from pymongo import ASCENDING, DESCENDING
 from pymongo.asynchronous.collection import AsyncCollection
@@ -224,26 +224,54 @@ class TaskStore:
             case TaskProgressed():
                 query, update = self._progressed(event)
             case TaskSucceeded() | TaskFailed() | TaskCancelled():
-                query, update = self._finished(event)
-                # The one transition to a terminal state: the owner has one open task less.
-                # An update then a read of fields the update leaves alone (the owner, the
-                # times), not ``find_one_and_update``: on SecantusDB that one command
-                # costs the server ~5× the CPU of both together.
-                if (await self.collection.update_one(query, update)).modified_count != 1:
-                    return False
-                ended = await self.collection.find_one(
-                    {"_id": event.task_id}, projection=metrics.ENDED_FIELDS
-                )
-                if ended is not None:  # None: deleted meanwhile (its owner's count is moot)
-                    metrics.task_ended(ended, update["$set"]["status"], event.at, _code(event))
-                    await self.open_counts.update_one(
-                        {"_id": ended["user"], "n": {"$gt": 0}}, {"$inc": {"n": -1}}
-                    )
-                return True
+                return await self.finish(event)
         result = await self.collection.update_one(query, update)
         if result.modified_count == 1 and isinstance(event, TaskStarted):
             metrics.task_started(event.model_key)
         return result.modified_count == 1
+
+    async def finish(
+        self,
+        event: TaskSucceeded | TaskFailed | TaskCancelled,
+        started: TaskStarted | None = None,
+        progress: TaskProgressed | None = None,
+        *,
+        written: Callable[[], Awaitable[None]] | None = None,
+    ) -> bool:
+        """Fold a terminal event, with the same attempt's ``started`` and last
+        ``progress`` events when they came together (one write, as if folded in order);
+        False when the rules say it changes nothing. ``written`` runs once the document
+        holds the end, before the bookkeeping that follows (metrics, the owner's count):
+        a sync request waiting on it need not wait for that."""
+        query, update = self._finished(event)
+        fields = update["$set"]
+        if started is not None and started.attempt == event.attempt:
+            fields |= {"started_at": _utc(started.at), "worker": started.worker}
+        if progress is not None and progress.attempt == event.attempt:
+            shown = self._progressed(progress)[1]["$set"]["progress"]
+            fields |= {f"progress.{k}": v for k, v in shown.items()}
+            if isinstance(event, TaskSucceeded):
+                fields["progress.progress"] = 1.0
+        # The one transition to a terminal state: the owner has one open task less.
+        # An update then a read of fields the update leaves alone (the owner, the
+        # times), not ``find_one_and_update``: on SecantusDB that one command costs the
+        # server ~5× the CPU of both together.
+        changed = (await self.collection.update_one(query, update)).modified_count == 1
+        if written is not None:
+            await written()
+        if not changed:
+            return False
+        if started is not None and started.attempt == event.attempt:
+            metrics.task_started(started.model_key)
+        ended = await self.collection.find_one(
+            {"_id": event.task_id}, projection=metrics.ENDED_FIELDS
+        )
+        if ended is not None:  # None: deleted meanwhile (its owner's count is moot)
+            metrics.task_ended(ended, fields["status"], event.at, _code(event))
+            await self.open_counts.update_one(
+                {"_id": ended["user"], "n": {"$gt": 0}}, {"$inc": {"n": -1}}
+            )
+        return True
 
     @staticmethod
     def _started(event: TaskStarted) -> tuple[Document, Document]:

@@ -131,3 +131,39 @@ async def test_a_folded_end_is_announced_once_it_is_in_the_document(
         assert seen.empty(), "started was not announced"
     finally:
         await subscription.unsubscribe()
+
+
+async def test_a_task_whose_events_come_together_is_folded_as_if_one_by_one(
+    sink: tuple[NATS, TaskStore],
+) -> None:
+    """Started, its steps and its end in one fetch (a whole task within the sink's
+    linger) fold in one write that leaves what the events one by one would have."""
+    nc, tasks = sink
+    js = nc.jetstream()
+    ids = [secrets.token_hex(6) for _ in range(2)]
+    for task_id in ids:
+        await tasks.insert(task_document(task_id, total_steps=3))
+    for task_id in ids:  # interleaved, as a batch's tasks are
+        await _publish(js, TaskStarted(task_id=task_id, attempt=1, at=1000.0, worker="w-1"))
+    for step in (1, 2, 3):
+        for task_id in ids:
+            await _publish(
+                js, TaskProgressed(task_id=task_id, step=step, total_steps=3, progress=step / 3)
+            )
+    for task_id in ids:
+        await _publish(js, TaskSucceeded(task_id=task_id, images=[f"{task_id}.png"]))
+    await eventually(lambda: _drained(js), "every event settled")
+    for task_id in ids:
+        doc = await tasks.get(task_id)
+        assert doc is not None
+        assert ("succeeded", [f"{task_id}.png"], "w-1") == (
+            doc["status"],
+            doc["images"],
+            doc["worker"],
+        )
+        assert 1000.0 == doc["started_at"].timestamp()
+        assert (3, 3, 1.0) == (
+            doc["progress"]["step"],
+            doc["progress"]["total_steps"],
+            doc["progress"]["progress"],
+        )
