@@ -65,6 +65,9 @@ from services.storage.objects import ObjectNotFoundError, ObjectStore
 
 log = logging.getLogger(__name__)
 NAK_DELAY_S = 2.0
+TOP_UP_S = 0.005
+"""How long a batch fetched ahead waits for more when it is about to run: only what is
+queued already comes (``Worker._top_up``)."""
 IN_PROGRESS_EVERY_S = 1.0
 """In-progress acks of a running task at most this often (a tenth of ``ack_wait`` if that
 is less): one per step cost the pipeline thread time on fast steps."""
@@ -372,6 +375,7 @@ class Worker:
             idle=True,
         )
         upcoming: asyncio.Task[tuple[int, list[_Held]] | None] | None = None
+        ahead = False  # the next batch was in hand before the last one ended
         try:
             while True:
                 if upcoming is None:
@@ -383,11 +387,14 @@ class Worker:
                     break
                 count, held = got
                 if count:
+                    if ahead:  # fetched before the last batch ended: what came since
+                        held += await self._top_up(subscription, count)
                     # The next batch is fetched and admitted while this one runs: the
                     # GPU never waits for a fetch (the consumer lets it out once the
                     # batch before this one is stored and acked, see BATCHES_IN_FLIGHT).
                     upcoming = self._upcoming = asyncio.create_task(self._next_admitted(fetched))
                     await self._run_held(held, stop)
+                    ahead = upcoming.done()
                     idle_since = time.monotonic()
                     if stop.is_set():
                         break  # what was fetched meanwhile goes back (finally)
@@ -511,6 +518,21 @@ class Worker:
         if messages is None:
             return None
         return len(messages), await self._admit_all(messages)
+
+    async def _top_up(
+        self, subscription: JetStreamContext.PullSubscription, count: int
+    ) -> list[_Held]:
+        """More tasks for a batch fetched while the last one ran, from what is queued
+        now: fetched early, a batch holds only what was queued then (often a task or
+        two at moderate load), and small batches waste the GPU."""
+        room = max(self.settings.max_batch, 1) - count
+        if room <= 0:
+            return []
+        try:
+            messages = await subscription.fetch(room, timeout=TOP_UP_S)
+        except TimeoutError:
+            return []
+        return await self._admit_all(messages)
 
     async def _hand_back(self, upcoming: asyncio.Task[tuple[int, list[_Held]] | None]) -> None:
         """A fetch that will not run (the worker stops): its tasks go back at once, so
