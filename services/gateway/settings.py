@@ -31,11 +31,12 @@ class GatewaySettings(StoreSettings, kw_only=True, frozen=True):
     cores for tens of ms); more logins wait their turn, other routes do not wait."""
     sync_timeout_s: float = 600
     """A sync request still unfinished after this answers 202 with its task id."""
-    registry_cache_s: float = 1.0
-    """How long this gateway remembers a model registry or options read (each
-    submission reads both): its own writes show at once, other processes' (another
-    replica, the storage service, the scheduler) within this. 0: every read goes to
-    MongoDB."""
+    registry_cache_s: float = 0.0
+    """How long this gateway remembers the registry and options reads each submission
+    makes: its own writes show at once, other processes' (another replica, the storage
+    service registering a file it found, the scheduler) only within this, so a model
+    registered elsewhere may be refused as unknown for that long. 0 (the default): every
+    read goes to MongoDB."""
 
     # Limits: bad input is refused at the edge and costs nothing.
     max_body_bytes: int = 32 * 1024 * 1024

@@ -36,6 +36,7 @@ from services.storage.tasks import TaskStore, progress_order
 log = logging.getLogger(__name__)
 BATCH = 64
 PROGRESS_KIND = str(TaskProgressed.__struct_config__.tag)
+STARTED_KIND = str(TaskStarted.__struct_config__.tag)
 FETCH_TIMEOUT_S = 1.0
 """How long one fetch waits for events before the loop looks at ``stop`` again."""
 RETRY_S = 1.0
@@ -43,8 +44,8 @@ RETRY_S = 1.0
 LINGER_S = 0.2
 """How long a fetch of progress events waits for more before they are folded: a task's
 steps then cost one write, not one each (a batch of tasks sends one event per task per
-step), and a task that ends within it costs one write in all (``_riders``). A terminal
-event or a skip marker ends the wait (see ``_none_urgent``)."""
+step), and a task whose start and end come in one fetch costs one write in all
+(``_riders``). A start, an end or a skip marker ends the wait (see ``_none_urgent``)."""
 
 
 def sink_consumer_config() -> ConsumerConfig:
@@ -171,15 +172,16 @@ async def run_sink(
 
 def _none_urgent(messages: list[Msg]) -> bool:
     """No message is one somebody waits on: a terminal event (sync requests wait on its
-    fold) or A1111's skip marker (progress says ``skipped`` only until the next job's
+    fold), a start (clients polling a task see it running; a console cancels a running
+    task) or A1111's skip marker (progress says ``skipped`` only until the next job's
     first step, which a longer wait would fold over it)."""
     return not any(_urgent(message) for message in messages)
 
 
 def _urgent(message: Msg) -> bool:
     kind = message.subject.rpartition(".")[2]  # the subject ends with the event's kind
-    if kind in TERMINAL_KINDS:
-        return True
+    if kind in TERMINAL_KINDS or kind == STARTED_KIND:
+        return True  # a task shows `running` at once, however short its run
     if kind != PROGRESS_KIND:
         return False
     event = _decoded(message)

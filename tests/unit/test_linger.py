@@ -61,11 +61,12 @@ async def test_without_a_linger_one_fetch_is_a_batch() -> None:
     assert 1 == len(await _first_batch(subscription))
 
 
-async def test_the_sink_stops_waiting_at_a_terminal_event_or_a_skip_marker() -> None:
+async def test_the_sink_stops_waiting_at_a_start_an_end_or_a_skip_marker() -> None:
     started = _message(TaskStarted(task_id="t1"))
     done = _message(TaskSucceeded(task_id="t1", images=[]))
-    assert _none_urgent([started, _progress(1), _progress(2)])
-    assert not _none_urgent([started, _progress(1), done])
+    assert _none_urgent([_progress(1), _progress(2)])
+    assert not _none_urgent([_progress(1), started]), "a task shows running at once"
+    assert not _none_urgent([_progress(1), done])
     assert not _none_urgent([_progress(1), _progress(1, skipped=True)])
     subscription = _Subscription([[_progress(1)], [done], [_progress(2)]])
     got = await _first_batch(subscription, linger_s=5.0, linger_while=_none_urgent)
