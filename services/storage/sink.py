@@ -82,6 +82,28 @@ def _superseded(events: list[tuple[Msg, TaskEvent]]) -> set[int]:
     }
 
 
+def _with_previews(
+    events: list[tuple[Msg, TaskEvent | None]],
+) -> list[tuple[Msg, TaskEvent | None]]:
+    """A step that rendered a preview may be superseded in its fetch by a later one that
+    did not: the one folded says the preview exists (its object key is the task's own)."""
+    previews = {
+        (e.task_id, e.attempt): e.preview_key
+        for _, e in events
+        if isinstance(e, TaskProgressed) and e.preview_key is not None
+    }
+    if not previews:
+        return events
+    return [
+        (m, msgspec.structs.replace(e, preview_key=previews[e.task_id, e.attempt]))
+        if isinstance(e, TaskProgressed)
+        and e.preview_key is None
+        and (e.task_id, e.attempt) in previews
+        else (m, e)
+        for m, e in events
+    ]
+
+
 def _riders(events: list[tuple[Msg, TaskEvent]]) -> dict[int, list[tuple[Msg, TaskEvent]]]:
     """Per terminal event of this fetch, the same attempt's ``started`` and progress
     events that came before it: they are folded with it in one write (``TaskStore.finish``)
@@ -149,7 +171,7 @@ async def run_sink(
             linger_while=_none_urgent,
         )
         async for messages in batches:
-            events = [(message, _decoded(message)) for message in messages]
+            events = _with_previews([(message, _decoded(message)) for message in messages])
             decoded = [(m, e) for m, e in events if e is not None]
             superseded = _superseded(decoded)
             riding = _riders(decoded)

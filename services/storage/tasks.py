@@ -247,16 +247,23 @@ class TaskStore:
         fields = update["$set"]
         if started is not None and started.attempt == event.attempt:
             fields |= {"started_at": _utc(started.at), "worker": started.worker}
-        if progress is not None and progress.attempt == event.attempt:
-            shown = self._progressed(progress)[1]["$set"]["progress"]
-            fields |= {f"progress.{k}": v for k, v in shown.items()}
-            if isinstance(event, TaskSucceeded):
-                fields["progress.progress"] = 1.0
         # The one transition to a terminal state: the owner has one open task less.
         # An update then a read of fields the update leaves alone (the owner, the
         # times), not ``find_one_and_update``: on SecantusDB that one command costs the
         # server ~5× the CPU of both together.
-        changed = (await self.collection.update_one(query, update)).modified_count == 1
+        changed = False
+        if progress is not None and progress.attempt == event.attempt:
+            # The step shown moves only forward, as when folded alone (``_progressed``):
+            # an earlier fetch may have folded a later step of this attempt already.
+            moved_query, moved = self._progressed(progress)
+            shown = {k: v for k, v in moved["$set"].items() if k.startswith("progress.")}
+            if isinstance(event, TaskSucceeded):
+                shown["progress.progress"] = 1.0
+            forward = query | {"progress.order": moved_query["progress.order"]}
+            result = await self.collection.update_one(forward, {"$set": fields | shown})
+            changed = result.modified_count == 1
+        if not changed:
+            changed = (await self.collection.update_one(query, update)).modified_count == 1
         if written is not None:
             await written()
         if not changed:
@@ -304,21 +311,26 @@ class TaskStore:
             # A skip marks the step already reported (the job ends after it).
             "progress.order": {"$lte" if event.skipped else "$lt": order},
         }
+        shown: Document = {
+            "order": order,
+            "step": event.step,
+            "total_steps": event.total_steps,
+            "job_no": event.job_no,
+            "job_count": event.job_count,
+            "progress": event.progress,
+            "eta_seconds": event.eta_seconds,
+            "skipped": event.skipped,
+        }
+        if event.preview_key is not None:
+            # Only some steps render a preview; the last one stays shown until the next
+            # replaces it (as A1111's current image does), or a client reading progress
+            # between two previews would see none.
+            shown["preview_key"] = event.preview_key
         update = {
             "$set": {
                 "status": TaskStatus.RUNNING.value,
                 "attempt": event.attempt,
-                "progress": {
-                    "order": order,
-                    "step": event.step,
-                    "total_steps": event.total_steps,
-                    "job_no": event.job_no,
-                    "job_count": event.job_count,
-                    "progress": event.progress,
-                    "eta_seconds": event.eta_seconds,
-                    "preview_key": event.preview_key,
-                    "skipped": event.skipped,
-                },
+                **{f"progress.{k}": v for k, v in shown.items()},
             }
         }
         return query, update

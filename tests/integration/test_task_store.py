@@ -59,6 +59,45 @@ async def test_duplicates_and_late_events_change_nothing(store: TaskStore) -> No
     assert ("succeeded", 3) == (doc["status"], doc["progress"]["step"])
 
 
+async def test_an_end_folded_with_its_steps_never_moves_the_step_back(store: TaskStore) -> None:
+    """The sink folds an end with the steps that came in the same fetch; a later step
+    folded from an earlier fetch stays (the CI run of session 8 saw step 2 become 1)."""
+    task_id = await _new_task(store)
+    await store.apply(TaskStarted(task_id=task_id, attempt=1))
+    assert await store.apply(TaskProgressed(task_id=task_id, step=3, total_steps=4))
+    late = TaskProgressed(task_id=task_id, step=2, total_steps=4, progress=0.5)
+    assert await store.finish(TaskSucceeded(task_id=task_id, images=["k"]), progress=late)
+    doc = await store.get(task_id)
+    assert doc is not None
+    assert ("succeeded", ["k"], 3, 1.0) == (
+        doc["status"],
+        doc["images"],
+        doc["progress"]["step"],
+        doc["progress"]["progress"],
+    )
+    # A step ahead of the document's still rides in with the end, in the same call.
+    other = await _new_task(store)
+    await store.apply(TaskStarted(task_id=other, attempt=1))
+    ahead = TaskProgressed(task_id=other, step=4, total_steps=4, progress=1.0)
+    assert await store.finish(TaskFailed(task_id=other, code="x", message="m"), progress=ahead)
+    doc = await store.get(other)
+    assert doc is not None
+    assert ("failed", 4) == (doc["status"], doc["progress"]["step"])
+    # Already ended: neither the end nor its steps change anything.
+    assert not await store.finish(TaskCancelled(task_id=other), progress=ahead)
+
+
+async def test_a_preview_stays_shown_until_a_newer_one(store: TaskStore) -> None:
+    task_id = await _new_task(store)
+    await store.apply(TaskStarted(task_id=task_id, attempt=1))
+    rendered = TaskProgressed(task_id=task_id, step=1, total_steps=4, preview_key="u/p.png")
+    assert await store.apply(rendered)
+    assert await store.apply(TaskProgressed(task_id=task_id, step=2, total_steps=4))
+    doc = await store.get(task_id)
+    assert doc is not None
+    assert (2, "u/p.png") == (doc["progress"]["step"], doc["progress"]["preview_key"])
+
+
 async def test_an_older_attempt_never_overwrites_a_newer_one(store: TaskStore) -> None:
     task_id = await _new_task(store)
     await store.apply(TaskStarted(task_id=task_id, attempt=1))

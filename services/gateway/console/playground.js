@@ -146,8 +146,10 @@ async function watch(taskId) {
   running?.controller.abort();
   const controller = new AbortController();
   running = { taskId, controller };
-  // A preview keeps its object key while its picture changes: re-read it at most once a
-  // second; the store may not have folded the first one in yet, so an empty answer retries.
+  // A preview keeps its object key while its picture changes: once one is announced,
+  // re-read it at most once a second, at the next steps too; the store may not have
+  // folded it in yet when the announcement comes, so an empty answer retries.
+  let previewed = false;
   let previewBusy = false;
   let previewAt = 0;
   const showPreview = async () => {
@@ -171,7 +173,8 @@ async function watch(taskId) {
       else if (name === "progress") {
         setStatus("running", taskId);
         setProgress(data.progress ?? 0, data.eta_seconds);
-        if (data.preview_key) showPreview().catch(() => {});
+        previewed ||= Boolean(data.preview_key);
+        if (previewed) showPreview().catch(() => {});
       } else if (name === "succeeded") {
         setProgress(1, null);
         showResult(taskId).catch((error) => notify(error.message, true));
