@@ -257,10 +257,9 @@ class TaskStore:
             # an earlier fetch may have folded a later step of this attempt already.
             moved_query, moved = self._progressed(progress)
             shown = {k: v for k, v in moved["$set"].items() if k.startswith("progress.")}
-            if isinstance(event, TaskSucceeded):
-                shown["progress.progress"] = 1.0
             forward = query | {"progress.order": moved_query["progress.order"]}
-            result = await self.collection.update_one(forward, {"$set": fields | shown})
+            # The end's own fields win (a success shows progress 1.0).
+            result = await self.collection.update_one(forward, {"$set": shown | fields})
             changed = result.modified_count == 1
         if not changed:
             changed = (await self.collection.update_one(query, update)).modified_count == 1
