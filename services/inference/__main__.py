@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,28 @@ def pick_device(setting: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def torch_threads(setting: int, cores: int, environ: Mapping[str, str]) -> int | None:
+    """How many threads torch computes with on the CPU (``cpu_threads``); None: leave
+    torch's own choice (``OMP_NUM_THREADS`` set by the operator, and no setting)."""
+    if setting > 0:
+        return setting
+    if environ.get("OMP_NUM_THREADS"):
+        return None
+    return max(cores - 1, 1)
+
+
+def _use_cpu(settings: WorkerSettings) -> None:
+    import torch
+
+    # Random or tiny weights hit denormals and run 10-50x slower without this.
+    torch.set_flush_denormal(True)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = torch_threads(settings.cpu_threads, cores or 1, os.environ)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    log.info("computing on the CPU with %d threads", torch.get_num_threads())
+
+
 def make_pipeline_factory(  # type: ignore[no-untyped-def]
     settings: WorkerSettings, phases: Phases | None = None
 ):
@@ -46,8 +70,7 @@ def make_pipeline_factory(  # type: ignore[no-untyped-def]
         phases.lap("imports")
         device = pick_device(settings.device)
         if device == "cpu":
-            # Random or tiny weights hit denormals and run 10-50x slower without this.
-            torch.set_flush_denormal(True)
+            _use_cpu(settings)
         elif device.startswith("cuda"):
             torch.zeros(1, device=device)  # the CUDA context, here rather than in a phase below
         phases.lap("device")
@@ -132,7 +155,6 @@ def make_extras_factory(settings: WorkerSettings):  # type: ignore[no-untyped-de
     """The extras pool's worker: no checkpoint, upscaler models loaded on demand."""
 
     def factory() -> Pipeline:
-        import torch
 
         from services.inference.extras import ExtrasRunner
         from services.inference.faces import FaceRestoration
@@ -140,7 +162,7 @@ def make_extras_factory(settings: WorkerSettings):  # type: ignore[no-untyped-de
 
         device = pick_device(settings.device)
         if device == "cpu":
-            torch.set_flush_denormal(True)
+            _use_cpu(settings)
         return ExtrasRunner(
             device=device,
             tile=settings.upscale_tile_px,

@@ -52,6 +52,13 @@ class WorkerSettings(StoreSettings, kw_only=True, frozen=True):
     v-prediction else 512², SDXL 1024²)."""
     device: str = "auto"
     """``auto`` picks CUDA when present, else the CPU."""
+    cpu_threads: int = 0
+    """Threads torch computes with when the worker runs on the CPU. 0: one less than the
+    cores this process may use (at least 1), unless ``OMP_NUM_THREADS`` is set: the
+    worker's own event loop and output threads, and a control plane on the same machine,
+    need a core, and torch's threads wait for each other at every operation, so one of
+    them descheduled stalls them all (2 cores, tiny model, 30 steps: the whole system
+    went from 0.47× to 0.76× of plain diffusers with 2 threads; README, *Batching*)."""
     prediction_type: str = ""
     """``v_prediction`` for v-models (SD2.x 768-v); empty: the family's default (epsilon)."""
     preview_interval_s: float = 1.0

@@ -33,6 +33,7 @@ def _runner(checkpoint: Path, cache: Path, phases: Phases | None = None, **optio
         checkpoint_path=str(checkpoint),
         cache_dir=str(cache),
         device="cpu",
+        cpu_threads=torch.get_num_threads(),  # as it was: this is the test's own process
         **options,
     )
     runner = make_pipeline_factory(settings, phases)()
