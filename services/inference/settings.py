@@ -57,8 +57,8 @@ class WorkerSettings(StoreSettings, kw_only=True, frozen=True):
     cores this process may use (at least 1), unless ``OMP_NUM_THREADS`` is set: the
     worker's own event loop and output threads, and a control plane on the same machine,
     need a core, and torch's threads wait for each other at every operation, so one of
-    them descheduled stalls them all (2 cores, tiny model, 30 steps: the whole system
-    went from 0.47× to 0.76× of plain diffusers with 2 threads; README, *Batching*)."""
+    them descheduled stalls them all (2 cores, tiny model, 30 steps, depth 32: the whole
+    system went from 0.38× to 0.74× of plain diffusers; README, *What the system adds*)."""
     prediction_type: str = ""
     """``v_prediction`` for v-models (SD2.x 768-v); empty: the family's default (epsilon)."""
     preview_interval_s: float = 1.0
