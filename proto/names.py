@@ -119,6 +119,15 @@ def event_subject(task_id: str, kind: str) -> str:
     return f"{EVENT_SUBJECT_PREFIX}.{check_task_id(task_id)}.{kind}"
 
 
+def end_msg_id(task_id: str) -> str:
+    """The ``Nats-Msg-Id`` of a worker's terminal event: one per task, whatever its kind
+    and attempt, so the event stream keeps only the first end within its dedupe window.
+    Two attempts can both run a task to its end: a nats-server killed with ``kill -9``
+    may lose a consumer's latest acks and deliveries, and hand out again a message whose
+    task is running or has just ended."""
+    return f"{check_task_id(task_id)}.end"
+
+
 def task_events_filter(task_id: str) -> str:
     """All events of one task (replay for SSE, wait for sync requests)."""
     return f"{EVENT_SUBJECT_PREFIX}.{check_task_id(task_id)}.>"

@@ -177,14 +177,22 @@ async def worker_bucket(js: JetStreamContext, replicas: int = 1) -> KeyValue:
         )
 
 
-async def publish_event(js: JetStreamContext, event: TaskEvent, msg_id: str) -> None:
-    """Store a task event on ``sd.event.<task_id>.<kind>``; ``msg_id`` de-duplicates it."""
-    await js.publish(
+async def publish_event(js: JetStreamContext, event: TaskEvent, msg_id: str) -> bool:
+    """Store a task event on ``sd.event.<task_id>.<kind>``; ``msg_id`` de-duplicates it:
+    False when an event of that id was stored already (within the dedupe window)."""
+    ack = await js.publish(
         names.event_subject(event.task_id, event_kind(event)),
         encode_event(event),
         stream=names.EVENT_STREAM,
         headers={names.MSG_ID_HEADER: msg_id},
     )
+    return not ack.duplicate
+
+
+async def publish_end(js: JetStreamContext, event: TaskEvent) -> bool:
+    """Store a worker's terminal event; False when the task had ended already (another
+    attempt's end is in the stream, see :func:`proto.names.end_msg_id`)."""
+    return await publish_event(js, event, names.end_msg_id(event.task_id))
 
 
 async def has_event(js: JetStreamContext, task_id: str, kinds: tuple[str, ...]) -> bool:

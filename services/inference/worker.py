@@ -434,8 +434,14 @@ class Worker:
         return self._pipeline
 
     async def _publish(self, event: TaskEvent, dedupe_suffix: str = "") -> None:
-        msg_id = f"{event.task_id}.{event_kind(event)}.{event.attempt}{dedupe_suffix}"
-        await bus.publish_event(self.js, event, msg_id)
+        kind = event_kind(event)
+        if kind not in TERMINAL_KINDS:
+            msg_id = f"{event.task_id}.{kind}.{event.attempt}{dedupe_suffix}"
+            await bus.publish_event(self.js, event, msg_id)
+        elif not await bus.publish_end(self.js, event):
+            # Another attempt ran it too (the bus handed the message out twice): its
+            # end stands, and this attempt's message is acked all the same.
+            log.warning("task %s attempt %d: ended already", event.task_id, event.attempt)
 
     async def _refuse_newer(self, message: Msg, exc: SchemaTooNewError) -> None:
         """A command from a newer gateway than this worker knows: the task ends ``failed``

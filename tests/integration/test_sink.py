@@ -13,7 +13,9 @@ from nats.js import JetStreamContext
 
 from proto import names
 from proto.events import (
+    TERMINAL_KINDS,
     TaskEvent,
+    TaskFailed,
     TaskProgressed,
     TaskStarted,
     TaskSucceeded,
@@ -167,3 +169,33 @@ async def test_a_task_whose_events_come_together_is_folded_as_if_one_by_one(
             doc["progress"]["total_steps"],
             doc["progress"]["progress"],
         )
+
+
+async def test_a_task_ends_once_whichever_attempts_end_it(
+    sink: tuple[NATS, TaskStore],
+) -> None:
+    """Two attempts can run one task to its end when nats-server, killed with kill -9,
+    hands its message out again: the stream keeps the first end only, and so does the
+    task (the sync waiter and SSE read the stream: they must see one end)."""
+    nc, tasks = sink
+    js = nc.jetstream()
+    task_id = secrets.token_hex(6)
+    await tasks.insert(task_document(task_id, total_steps=2))
+    first = TaskSucceeded(task_id=task_id, attempt=2, images=["k"])
+    assert await bus.publish_end(js, first)
+    # Another attempt (its delivery count reset by the lost consumer state), another kind.
+    assert not await bus.publish_end(js, TaskSucceeded(task_id=task_id, attempt=1, images=["k"]))
+    assert not await bus.publish_end(
+        js, TaskFailed(task_id=task_id, attempt=3, code="x", message="y")
+    )
+    await eventually(lambda: _drained(js), "every event settled")
+    ends = 0
+    for kind in TERMINAL_KINDS:
+        info = await js.stream_info(
+            names.EVENT_STREAM, subjects_filter=names.event_subject(task_id, kind)
+        )
+        ends += sum((info.state.subjects or {}).values())
+    assert 1 == ends
+    doc = await tasks.get(task_id)
+    assert doc is not None
+    assert ("succeeded", 2) == (doc["status"], doc["attempt"])
