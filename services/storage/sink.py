@@ -153,7 +153,14 @@ async def run_sink(
                 async def announce() -> None:
                     await nc.publish(names.folded_subject(event.task_id))
 
-                await tasks.finish(event, started, last, written=announce)
+                msg_id = (message.headers or {}).get(names.MSG_ID_HEADER)
+                await tasks.finish(
+                    event,
+                    started,
+                    last,
+                    written=announce,
+                    worker_end=msg_id == names.end_msg_id(event.task_id),
+                )
             else:
                 await tasks.apply(event)
         except PyMongoError as exc:

@@ -237,13 +237,21 @@ class TaskStore:
         progress: TaskProgressed | None = None,
         *,
         written: Callable[[], Awaitable[None]] | None = None,
+        worker_end: bool = False,
     ) -> bool:
         """Fold a terminal event, with the same attempt's ``started`` and last
         ``progress`` events when they came together (one write, as if folded in order);
         False when the rules say it changes nothing. ``written`` runs once the document
         holds the end, before the bookkeeping that follows (metrics, the owner's count):
-        a sync request waiting on it need not wait for that."""
+        a sync request waiting on it need not wait for that.
+
+        ``worker_end``: the event is the one worker end the stream keeps for the task
+        (``names.end_msg_id``). It ends an open task whichever attempt sent it: when two
+        attempts ran at once, the later one's end was dropped as a duplicate, so
+        refusing an older attempt's end would leave the task running for good."""
         query, update = self._finished(event)
+        if worker_end:
+            del query["attempt"]
         fields = update["$set"]
         if started is not None and started.attempt == event.attempt:
             fields |= {"started_at": _utc(started.at), "worker": started.worker}
