@@ -57,6 +57,32 @@ async def count_up(
     raise RuntimeError(f"counter {key!r} in {collection.name} could not be updated")
 
 
+async def count_below(
+    collection: AsyncCollection[Document],
+    key: str,
+    cap: int | None,
+    on_insert: Document | None = None,
+) -> bool:
+    """Add one to a counter ``n`` (created with ``on_insert`` if new) unless it has
+    reached ``cap`` (None: no cap); whether it counted. One conditional upsert and no
+    read back: a counter at its cap does not match, and the upsert's insert then fails
+    on the existing ``_id``; only that case (or a concurrent first upsert) reads it."""
+    query: Document = {"_id": key} if cap is None else {"_id": key, "n": {"$lt": cap}}
+    update: Document = {"$inc": {"n": 1}}
+    if on_insert:
+        update["$setOnInsert"] = on_insert
+    for _ in range(3):
+        try:
+            await collection.update_one(query, update, upsert=True)
+            return True
+        except DuplicateKeyError:
+            counter = await collection.find_one({"_id": key})
+            if counter is not None and cap is not None and counter["n"] >= cap:
+                return False
+            # A concurrent upsert created it first (MongoDB applies neither): again.
+    raise RuntimeError(f"counter {key!r} in {collection.name} could not be updated")
+
+
 @dataclass(frozen=True)
 class Refusal:
     reason: str
@@ -80,23 +106,25 @@ class QuotaStore:
     async def admit(self, user: str, *, max_open: int, per_minute: int) -> Refusal | None:
         """Count a submission of ``user`` in; a :class:`Refusal` (nothing counted) when it
         would break a limit (0: none). A submission refused later must be released."""
-        # Both counters at once (one round trip's wait, not three); the open-task counter
+        # Both counters at once (one round trip's wait, not two); the open-task counter
         # counts even with no limit, so that it is right when a limit is set.
-        counting = count_up(self.open_counts, user, "n")
+        counting = count_below(self.open_counts, user, max_open if max_open > 0 else None)
         if per_minute > 0:
-            refusal, counter = await asyncio.gather(self._count_minute(user, per_minute), counting)
+            refusal, counted = await asyncio.gather(self._count_minute(user, per_minute), counting)
             if refusal is not None:
-                await self._uncount(user, minute=False)  # the minute gave its count back
+                if counted:
+                    await self._uncount(user, minute=False)  # the minute refused it
                 return refusal
         else:
-            counter = await counting
-        if max_open <= 0 or counter["n"] <= max_open:
+            counted = await counting
+        if counted:
             return None
         actual = await self.store.count_open({"user": user}, limit=max_open)
         if actual < max_open:  # the counter ran ahead: correct it, this one is admitted
             await self.open_counts.update_one({"_id": user}, {"$set": {"n": actual + 1}})
             return None
-        await self._uncount(user, per_minute > 0)
+        if per_minute > 0:
+            await self._uncount_minute(user)
         return Refusal(
             f"you have {actual} unfinished tasks, the limit is {max_open}: wait for some to finish",
             retry_after_s=5,
@@ -109,8 +137,11 @@ class QuotaStore:
     async def _uncount(self, user: str, minute: bool) -> None:
         await self.open_counts.update_one({"_id": user, "n": {"$gt": 0}}, {"$inc": {"n": -1}})
         if minute:
-            key = f"{user}\n{int(time.time() // MINUTE_S)}"
-            await self.minutes.update_one({"_id": key, "n": {"$gt": 0}}, {"$inc": {"n": -1}})
+            await self._uncount_minute(user)
+
+    async def _uncount_minute(self, user: str) -> None:
+        key = f"{user}\n{int(time.time() // MINUTE_S)}"
+        await self.minutes.update_one({"_id": key, "n": {"$gt": 0}}, {"$inc": {"n": -1}})
 
     async def _previous_minute(self, user: str, minute: int) -> int:
         """The user's count in a minute that has passed, read once per minute: a count
@@ -128,14 +159,11 @@ class QuotaStore:
         inside = 1 - (now / MINUTE_S - minute)  # share of the previous minute still counted
         key = f"{user}\n{minute}"
         expires = dt.datetime.fromtimestamp((minute + 2) * MINUTE_S, dt.UTC)
-        current, previous = await asyncio.gather(
-            count_up(self.minutes, key, "n", {"expires": expires}),
-            self._previous_minute(user, minute - 1),
-        )
-        estimate = current["n"] + previous * inside
-        if estimate <= per_minute:
+        # Admitted while this minute's count after it plus the previous minute's weighted
+        # count stays within the limit: while this minute's count is below ``cap``.
+        cap = math.floor(per_minute - (await self._previous_minute(user, minute - 1)) * inside)
+        if cap > 0 and await count_below(self.minutes, key, cap, {"expires": expires}):
             return None
-        await self.minutes.update_one({"_id": key}, {"$inc": {"n": -1}})
         # The estimate falls as this minute ends (then the previous one's weight fades).
         wait = max(math.ceil(inside * MINUTE_S), 1)
         return Refusal(

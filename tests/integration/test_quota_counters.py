@@ -4,6 +4,7 @@ same whether the user has no open task or thousands, and the counters follow the
 from __future__ import annotations
 
 import secrets
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -34,11 +35,13 @@ class _Commands(monitoring.CommandListener):
 
     def __init__(self) -> None:
         self.collections: list[str] = []
+        self.commands: list[tuple[str, str]] = []
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
         target = event.command.get(event.command_name)
         if isinstance(target, str):
             self.collections.append(target)
+            self.commands.append((event.command_name, target))
 
     def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
         pass
@@ -47,11 +50,9 @@ class _Commands(monitoring.CommandListener):
         pass
 
 
-async def test_admission_never_reads_the_tasks(mongo_server: Any) -> None:
-    """Counting a user's open tasks and last minute's submissions on every request made
-    admission slower with every queued task (21-34/s with a deep queue). Admission now
-    touches only its counters, whatever the queue: checked by the commands it sends, not
-    by timing it (``bench/submit_rate.py`` measures the rate)."""
+@pytest.fixture
+async def watched(mongo_server: Any) -> AsyncIterator[tuple[QuotaStore, _Commands]]:
+    """A quota store whose client records every command it sends."""
     commands = _Commands()
     client: AsyncMongoClient[Document] = AsyncMongoClient(
         mongo_server.url, tz_aware=True, event_listeners=[commands]
@@ -61,18 +62,43 @@ async def test_admission_never_reads_the_tasks(mongo_server: Any) -> None:
         quotas = QuotaStore(database(client, name))
         await quotas.store.ensure_indexes()
         await quotas.ensure_indexes()
-        await quotas.tasks.insert_many([_task("busy") for _ in range(500)])
-        await quotas.open_counts.update_one({"_id": "busy"}, {"$set": {"n": 500}}, upsert=True)
-        commands.collections.clear()
-        for _ in range(20):
-            assert await quotas.admit("busy", max_open=100_000, per_minute=100_000) is None
-        touched = set(commands.collections)
-        assert "tasks" not in touched, touched
-        assert touched <= {quotas.open_counts.name, quotas.minutes.name}, touched
-        assert 500 + 20 == (await quotas.open_counts.find_one({"_id": "busy"}) or {})["n"]
+        yield quotas, commands
     finally:
         await client.drop_database(name)
         await client.close()
+
+
+async def test_admission_never_reads_the_tasks(watched: tuple[QuotaStore, _Commands]) -> None:
+    """Counting a user's open tasks and last minute's submissions on every request made
+    admission slower with every queued task (21-34/s with a deep queue). Admission now
+    touches only its counters, whatever the queue: checked by the commands it sends, not
+    by timing it (``bench/submit_rate.py`` measures the rate)."""
+    quotas, commands = watched
+    await quotas.tasks.insert_many([_task("busy") for _ in range(500)])
+    await quotas.open_counts.update_one({"_id": "busy"}, {"$set": {"n": 500}}, upsert=True)
+    commands.collections.clear()
+    for _ in range(20):
+        assert await quotas.admit("busy", max_open=100_000, per_minute=100_000) is None
+    touched = set(commands.collections)
+    assert "tasks" not in touched, touched
+    assert touched <= {quotas.open_counts.name, quotas.minutes.name}, touched
+    assert 500 + 20 == (await quotas.open_counts.find_one({"_id": "busy"}) or {})["n"]
+
+
+async def test_admission_below_the_limits_is_one_write_per_counter(
+    watched: tuple[QuotaStore, _Commands],
+) -> None:
+    """Each admission is a command of the task store (SecantusDB spends ~1 ms of CPU per
+    command): below its limits it writes each counter once and reads nothing back; the
+    previous minute's count is read once per minute."""
+    quotas, commands = watched
+    assert await quotas.admit("eve", max_open=100, per_minute=100) is None
+    commands.commands.clear()
+    for _ in range(5):
+        assert await quotas.admit("eve", max_open=100, per_minute=100) is None
+    writes = [("update", quotas.open_counts.name), ("update", quotas.minutes.name)] * 5
+    assert sorted(writes) == sorted(commands.commands)
+    assert 6 == (await quotas.open_counts.find_one({"_id": "eve"}) or {})["n"]
 
 
 async def test_counters_follow_admissions_the_fold_and_releases(quotas: QuotaStore) -> None:
