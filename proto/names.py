@@ -31,6 +31,9 @@ CANCEL_BUCKET = "sd_cancel"
 # Core NATS (not stored): the sink has folded a task's terminal event into its document;
 # a sync request waiting for the task reads the document then (no polling).
 FOLDED_SUBJECT_PREFIX = "sd.folded"
+# Core NATS (not stored): the registry or a user's options changed; gateways forget the
+# reads they remember (services/storage/readcache.py) at once instead of after their TTL.
+REGISTRY_CHANGED_SUBJECT = "sd.registry.changed"
 # Core NATS (not stored): every worker steps down, in turn within its pool, after its task.
 RESTART_SUBJECT = "sd.control.restart"
 

@@ -200,6 +200,7 @@ async def running_system(
         js = nc.jetstream()
         await bus.ensure_streams(js, scheduler_settings)
 
+        models.reads.announce = bus.registry_notice(nc)  # the model status, for the gateway
         backend = LocalBackend(scheduler_settings)
         stack.push_async_callback(backend.aclose)
         scheduler = Scheduler(scheduler_settings, js, models, backend, tasks)

@@ -20,14 +20,17 @@ import pytest
 
 from proto.codec import decode_generate
 from proto.commands import GenerateImage
-from proto.enums import TaskStatus
+from proto.enums import ModelType, TaskStatus
+from services.common import bus
 from services.common.servers import NatsServer, free_port
 from services.common.settings import from_environ
 from services.embedded import running_system
 from services.gateway.settings import GatewaySettings
 from services.scheduler.settings import SchedulerSettings
+from services.storage.models import ModelStore
 from services.storage.mongo import Document, database, open_client
 from services.storage.objects import ObjectStore, open_object_store
+from services.storage.scan import register_models
 from tests.servers import S3Info
 from tests.waiting import eventually
 
@@ -45,6 +48,18 @@ class System:
     db: Any
     nats_url: str
     nats_server: NatsServer
+
+    async def register_models(self, folder: Path, types: tuple[ModelType, ...]) -> None:
+        """Register the files under ``folder`` as the storage service does, announcing
+        each write to the gateways (they may remember the registry's earlier answers)."""
+        nc = await bus.connect(self.nats_url, "test-registrar")
+        try:
+            store = ModelStore(self.db)
+            store.reads.announce = bus.registry_notice(nc)
+            await register_models(folder, store, False, types)
+            await nc.flush()
+        finally:
+            await nc.close()
 
     async def task(self, task_id: str) -> Document | None:
         # A generated id, or one the client chose (stored under an internal id).

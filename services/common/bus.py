@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ssl
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -193,6 +194,16 @@ async def publish_end(js: JetStreamContext, event: TaskEvent) -> bool:
     """Store a worker's terminal event; False when the task had ended already (another
     attempt's end is in the stream, see :func:`proto.names.end_msg_id`)."""
     return await publish_event(js, event, names.end_msg_id(event.task_id))
+
+
+def registry_notice(nc: Client) -> Callable[[], Awaitable[None]]:
+    """What a store calls after writing the registry or a user's options: every gateway
+    forgets the reads it remembers (``services/storage/readcache.py``)."""
+
+    async def announce() -> None:
+        await nc.publish(names.REGISTRY_CHANGED_SUBJECT)
+
+    return announce
 
 
 async def has_event(js: JetStreamContext, task_id: str, kinds: tuple[str, ...]) -> bool:

@@ -8,7 +8,9 @@ import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from nats.aio.msg import Msg
 
+from proto import names
 from services.common import bus, logs
 from services.gateway import (
     observe,
@@ -45,6 +47,16 @@ async def _open_resources(app: web.Application) -> AsyncIterator[None]:
         db = database(mongo, settings.mongodb_db)
         tasks, users = TaskStore(db), UserStore(db)
         models = ModelStore(db, cache_s=settings.registry_cache_s)
+        options = OptionStore(db, cache_s=settings.registry_cache_s)
+        caches = (models.reads, options.reads)
+        for cache in caches:
+            cache.announce = bus.registry_notice(nc)
+
+        async def forget(_: Msg) -> None:  # a write anywhere, this gateway's own included
+            for cache in caches:
+                cache.forget()
+
+        await nc.subscribe(names.REGISTRY_CHANGED_SUBJECT, cb=forget)
         await users.ensure_indexes()
         idempotency = IdempotencyStore(db)
         await idempotency.ensure_indexes()
@@ -60,7 +72,7 @@ async def _open_resources(app: web.Application) -> AsyncIterator[None]:
         stack.push_async_callback(objects.aclose)
         app[RESOURCES] = Resources(
             settings=settings,
-            options=OptionStore(db, cache_s=settings.registry_cache_s),
+            options=options,
             idempotency=idempotency,
             quotas=quotas,
             nc=nc,

@@ -31,11 +31,12 @@ class GatewaySettings(StoreSettings, kw_only=True, frozen=True):
     cores for tens of ms); more logins wait their turn, other routes do not wait."""
     sync_timeout_s: float = 600
     """A sync request still unfinished after this answers 202 with its task id."""
-    registry_cache_s: float = 0.0
+    registry_cache_s: float = 5.0
     """How long this gateway remembers the registry and options reads each submission
-    makes: its own writes show at once, other processes' (another replica, the storage
-    service registering a file it found, the scheduler) only within this, so a model
-    registered elsewhere may be refused as unknown for that long. 0 (the default): every
+    makes (~3 MongoDB reads per task). Every write, in any process (another replica, the
+    storage service registering a file it found, the scheduler's model status), is
+    announced on ``sd.registry.changed`` and forgets them at once; this bounds how long a
+    notice lost while this gateway was away from NATS leaves a read stale. 0: every
     read goes to MongoDB."""
 
     # Limits: bad input is refused at the edge and costs nothing.

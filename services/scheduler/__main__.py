@@ -51,6 +51,7 @@ async def serve(settings: SchedulerSettings) -> None:
         nc = await bus.connect(settings.nats_url, "sdswarm-scheduler", settings)
         stack.push_async_callback(nc.drain)
         js = nc.jetstream()
+        models.reads.announce = bus.registry_notice(nc)  # the model status, for gateways
         backend = await open_backend(settings, stack)
         lease = Lease(js, settings.lease_ttl_s, replicas=settings.stream_replicas)
         scheduler = Scheduler(settings, js, models, backend, tasks, lease)

@@ -163,7 +163,7 @@ class ModelStore:
             {"$set": fields, "$setOnInsert": {"registered_at": document["registered_at"]}},
             upsert=True,
         )
-        self.reads.forget()
+        await self.reads.wrote()
 
     async def claim(
         self, model_type: ModelType, name: str, path: str, source: str
@@ -212,12 +212,12 @@ class ModelStore:
             )
         else:
             await self.collection.replace_one({"_id": known["_id"]}, known)
-        self.reads.forget()
+        await self.reads.wrote()
 
     async def configure(self, model: Document, changes: dict[str, Any]) -> None:
         """Set a checkpoint's function settings (scheduler fields and ``function.*``)."""
         await self.collection.update_one({"_id": model["_id"]}, {"$set": changes})
-        self.reads.forget()
+        await self.reads.wrote()
 
     async def reset_function(self, model: Document) -> None:
         """A checkpoint's function back to defaults and to zero workers."""
@@ -228,7 +228,7 @@ class ModelStore:
                 "$unset": {"function": ""},
             },
         )
-        self.reads.forget()
+        await self.reads.wrote()
 
     async def get(self, name: str, model_type: ModelType = CHECKPOINT) -> Document | None:
         """A live (not deleted) model by name."""
@@ -288,7 +288,7 @@ class ModelStore:
                 }
             },
         )
-        self.reads.forget()
+        await self.reads.wrote()
 
     async def update(
         self, name: str, model_type: ModelType, fields: dict[str, Any]
@@ -299,7 +299,7 @@ class ModelStore:
             {"$set": {**fields, "modified_at": dt.datetime.now(dt.UTC)}},
             return_document=ReturnDocument.AFTER,
         )
-        self.reads.forget()
+        await self.reads.wrote()
         return document
 
     async def record_cold_start(
@@ -310,7 +310,7 @@ class ModelStore:
             {"_id": model["_id"]},
             {"$set": {"cold_start_s": seconds, "cold_start_phases": phases}},
         )
-        self.reads.forget()
+        await self.reads.wrote()
 
     async def mark_deleted(self, name: str, model_type: ModelType) -> Document | None:
         """Mark a live model deleted (kept for history); None when there was none."""

@@ -43,6 +43,6 @@ class OptionStore:
             upsert=True,
             return_document=True,
         )
-        self.reads.forget()
+        await self.reads.wrote()
         assert result is not None  # upsert with return_document=True always returns one
         return int(result["version"])

@@ -2,20 +2,24 @@
 
 Each submission reads its checkpoint, the embeddings it might mention and its owner's
 options; under load those reads were a fifth of the task store's commands. A
-:class:`ReadCache` answers them from memory for ``ttl_s``. Writes through the same store
-forget everything at once, so this process never reads its own writes stale; writes by
-other processes (another gateway replica, the storage service finishing a registration,
-the scheduler's model status) show within ``ttl_s``. ``ttl_s = 0`` turns it off.
+:class:`ReadCache` answers them from memory for ``ttl_s``. A write through a store
+forgets everything at once, so this process never reads its own writes stale, and
+announces itself (``announce``: ``sd.registry.changed`` on NATS), so that every gateway
+forgets too: writes by other processes (another gateway replica, the storage service
+finishing a registration, the scheduler's model status) show at once, and within
+``ttl_s`` when a notice is lost (a gateway away from NATS). ``ttl_s = 0`` turns it off.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, TypeVar
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 SIZE = 1024
 """Entries kept at most (the oldest go first)."""
@@ -29,6 +33,9 @@ class ReadCache:
         self._entries: OrderedDict[Hashable, tuple[float, Any]] = OrderedDict()
         self._generation = 0
         """Counts :meth:`forget` calls: a read that began before one is not kept."""
+        self.announce: Callable[[], Awaitable[None]] | None = None
+        """Tells the other processes of a write (see :meth:`wrote`); set once the
+        process has its NATS connection."""
 
     async def get(self, key: Hashable, read: Callable[[], Awaitable[T]]) -> T:
         """``read()``'s answer, from memory while fresh; a copy each time, so a caller
@@ -49,6 +56,16 @@ class ReadCache:
         return value
 
     def forget(self) -> None:
-        """Drop every entry (after a write through this process)."""
+        """Drop every entry (a write here, or another process's notice of one)."""
         self._entries.clear()
         self._generation += 1
+
+    async def wrote(self) -> None:
+        """After a write through the store: forget, and tell the other processes. The
+        write stands whatever happens to the notice (``ttl_s`` bounds a lost one)."""
+        self.forget()
+        if self.announce is not None:
+            try:
+                await self.announce()
+            except Exception as exc:  # the notice is a nicety: the TTL bounds a lost one
+                log.warning("registry change notice not sent: %s", exc)

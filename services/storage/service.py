@@ -44,6 +44,7 @@ def start_storage_tasks(
     """Start the storage parts, each supervised (restarted on error) until ``stop``."""
     js = nc.jetstream()
     models, tasks = ModelStore(db), TaskStore(db)
+    models.reads.announce = bus.registry_notice(nc)  # registrations, for the gateways
     parts = {
         "storage sink": lambda: run_sink(nc, tasks, stop),
         "dead letters": lambda: run_dead_letters(js, db, stop),
@@ -76,9 +77,11 @@ async def serve(settings: StoreSettings) -> None:
     stop = stop_on_signals()
     async with contextlib.AsyncExitStack() as stack:
         stores = await open_stores(stack, settings)
-        await register_models(Path(settings.models_dir), stores.models, settings.allow_pickle)
         nc = await bus.connect(settings.nats_url, "sdswarm-storage", settings)
         stack.push_async_callback(nc.drain)
+        # Gateways already running forget what they knew of the models folder.
+        stores.models.reads.announce = bus.registry_notice(nc)
+        await register_models(Path(settings.models_dir), stores.models, settings.allow_pickle)
         js = nc.jetstream()
         await bus.ensure_streams(js, settings)
         running = start_storage_tasks(settings, nc, stores.db, stop)

@@ -117,6 +117,7 @@ async def split_system(
     await model_store.ensure_indexes()
     await register_models(models, model_store)
     nc = await bus.connect(nats_server.url, "chaos-scheduler")
+    model_store.reads.announce = bus.registry_notice(nc)  # as the scheduler's own process
     js = nc.jetstream()
     await bus.ensure_streams(js, scheduler_settings)
     backend = LocalBackend(scheduler_settings)

@@ -13,8 +13,6 @@ from PIL import Image
 from proto import ModelType, names
 from proto.codec import decode_generate
 from proto.commands import Txt2ImgTask
-from services.storage.models import ModelStore
-from services.storage.scan import register_models
 from tests.fixtures.upscaler import save_compact
 from tests.system import System
 
@@ -113,7 +111,7 @@ async def test_async_extras_and_batch(system: System) -> None:
 async def test_registered_model_upscaler(system: System, tmp_path: Path) -> None:
     """A file in ``ESRGAN/`` is an upscaler, run through spandrel."""
     save_compact(tmp_path / "ESRGAN" / "tiny_x2.safetensors")
-    await register_models(tmp_path, ModelStore(system.db), False, (ModelType.UPSCALER,))
+    await system.register_models(tmp_path, (ModelType.UPSCALER,))
     async with system.http.get(f"{system.url}/sdapi/v1/upscalers") as response:
         listed = {u["name"]: u["scale"] for u in await response.json()}
     assert 2 == listed["tiny_x2"], "the true scale, read from the weights at registration"
@@ -128,7 +126,7 @@ async def test_hires_fix_with_a_registered_model_upscaler(system: System, tmp_pa
     """``hr_upscaler`` may name a registered upscaler; an unknown name is a 422 that lists
     the built-ins and the registered models, and queues nothing."""
     save_compact(tmp_path / "ESRGAN" / "tiny_hr_x2.safetensors")
-    await register_models(tmp_path, ModelStore(system.db), False, (ModelType.UPSCALER,))
+    await system.register_models(tmp_path, (ModelType.UPSCALER,))
     body = {
         "stable_diffusion_model": "tiny.safetensors",
         "prompt": "a cat",

@@ -14,8 +14,6 @@ import pytest
 from PIL import Image
 
 from proto import ModelType
-from services.storage.models import ModelStore
-from services.storage.scan import register_models
 from tests.fixtures.faces import draw_face, save_gfpgan
 from tests.system import System
 
@@ -68,7 +66,7 @@ async def test_face_restoration_end_to_end(system: System, tmp_path: Path) -> No
     assert before == await system.db["tasks"].count_documents({})
 
     save_gfpgan(tmp_path / "GFPGAN" / "tiny_gfpgan.safetensors")
-    await register_models(tmp_path, ModelStore(system.db), False, (ModelType.FACE_RESTORER,))
+    await system.register_models(tmp_path, (ModelType.FACE_RESTORER,))
     assert [{"name": "tiny_gfpgan", "cmd_dir": str((tmp_path / "GFPGAN").resolve())}] == (
         await _restorers(system)
     )

@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 from PIL import Image
 
 from proto.requests import Txt2ImgRequest
+from tests.e2e.gateways import extra_gateway
 from tests.system import System
 from tests.waiting import eventually
 
@@ -100,6 +102,33 @@ async def test_options_choose_the_default_checkpoint(system: System) -> None:
     options = await _get(system, "/sdapi/v1/options")
     assert options["sd_model_checkpoint"].startswith("tiny.safetensors ["), "A1111's title"
     assert 2 == options["CLIP_stop_at_last_layers"]
+
+
+async def test_a_write_on_one_gateway_shows_at_once_on_another(system: System) -> None:
+    """Gateways remember registry and options reads (``SDSWARM_REGISTRY_CACHE_S``); a
+    write anywhere is announced on NATS and every gateway forgets. The second gateway
+    here remembers for an hour: only the notice can make it see the change."""
+    async with extra_gateway(system, registry_cache_s=3600) as other:
+
+        async def clip_skip() -> Any:
+            async with system.http.get(f"{other}/sdapi/v1/options") as response:
+                assert 200 == response.status, await response.text()
+                return (await response.json()).get("CLIP_stop_at_last_layers")
+
+        before = await clip_skip()  # now remembered there
+        async with system.http.post(
+            f"{system.url}/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 3}
+        ) as response:
+            assert 200 == response.status, await response.text()
+        assert 3 != before
+        assert 3 == await eventually(
+            lambda: _matching(clip_skip, 3), "the other gateway sees the write", timeout_s=10
+        )
+
+
+async def _matching(read: Callable[[], Awaitable[Any]], wanted: Any) -> Any:
+    value = await read()
+    return value if value == wanted else None
 
 
 async def test_txt2img_returns_base64_images_parameters_and_info(system: System) -> None:

@@ -86,3 +86,29 @@ async def test_zero_ttl_reads_every_time_and_size_is_bounded() -> None:
     reads = source.reads
     await small.get("a", source.read)  # the oldest went first
     assert reads + 1 == source.reads
+
+
+async def test_a_write_forgets_and_tells_the_other_processes() -> None:
+    cache, source = ReadCache(10.0, clock=_Clock()), _Source()
+    told: list[str] = []
+
+    async def announce() -> None:
+        told.append("changed")
+
+    cache.announce = announce
+    await cache.get("m", source.read)
+    source.value = {"status": "deleted"}
+    await cache.wrote()
+    assert ["changed"] == told
+    assert {"status": "deleted"} == await cache.get("m", source.read)
+
+
+async def test_a_lost_notice_does_not_fail_the_write(caplog: Any) -> None:
+    cache = ReadCache(10.0, clock=_Clock())
+
+    async def announce() -> None:
+        raise ConnectionError("nats is away")
+
+    cache.announce = announce
+    await cache.wrote()
+    assert "notice not sent" in caplog.text
