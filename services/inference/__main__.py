@@ -155,7 +155,6 @@ def make_extras_factory(settings: WorkerSettings):  # type: ignore[no-untyped-de
     """The extras pool's worker: no checkpoint, upscaler models loaded on demand."""
 
     def factory() -> Pipeline:
-
         from services.inference.extras import ExtrasRunner
         from services.inference.faces import FaceRestoration
         from services.inference.upscalers import ModelCache
