@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,25 +16,19 @@ from proto.codec import encode
 from proto.commands import Txt2ImgTask
 from proto.requests import Txt2ImgRequest
 from services.common import bus
-from services.inference.pipeline import Generation, Inputs, StepCallback
+from services.inference.pipeline import Generation
 from services.inference.settings import WorkerSettings
 from services.inference.worker import Worker, sticky_cuda_error
 from services.storage.objects import LocalObjectStore
+from tests.fakes import FakePipeline
 
 pytestmark = pytest.mark.integration
 
 
-class BrokenGpu:
+class BrokenGpu(FakePipeline):
     """A pipeline whose device failed the way a faulting kernel leaves it."""
 
-    def generate(
-        self,
-        command: GenerateImage,
-        inputs: Inputs,
-        on_step: StepCallback,
-        should_stop: Callable[[], bool],
-        should_skip: Callable[[], bool] = lambda: False,
-    ) -> Generation:
+    def answer(self, command: GenerateImage) -> Generation:
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
 
