@@ -45,12 +45,21 @@ def server_urls(url: str) -> list[str]:
     return [u.strip() for u in url.split(",") if u.strip()]
 
 
-async def connect(url: str, name: str, settings: BusSettings | None = None) -> Client:
+async def connect(
+    url: str,
+    name: str,
+    settings: BusSettings | None = None,
+    *,
+    reconnected: Callable[[], Awaitable[None]] | None = None,
+) -> Client:
     """A connection that reconnects forever (a NATS restart must not kill a worker or the
     gateway), with the deployment's credentials and TLS from ``settings``: user and
     password or a token in the URL, a ``.creds`` file (JWT + NKey), and TLS with a CA
-    and optionally a client certificate."""
+    and optionally a client certificate. ``reconnected`` runs after each reconnect
+    (core NATS notices sent meanwhile are lost)."""
     options: dict[str, Any] = {}
+    if reconnected is not None:
+        options["reconnected_cb"] = reconnected
     if settings is not None:
         if settings.nats_creds_file:
             options["user_credentials"] = settings.nats_creds_file

@@ -29,6 +29,7 @@ from services.storage.mongo import database, open_client
 from services.storage.objects import open_object_store
 from services.storage.options import OptionStore
 from services.storage.quotas import LoginThrottle, QuotaStore
+from services.storage.readcache import ReadCache
 from services.storage.tasks import TaskStore
 from services.storage.users import UserStore
 
@@ -37,8 +38,16 @@ log = logging.getLogger(__name__)
 
 async def _open_resources(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
+    caches: list[ReadCache] = []
+
+    async def forget(_: Msg | None = None) -> None:
+        # A write anywhere (this gateway's own included), or a reconnect: notices sent
+        # while this gateway was away from NATS are lost.
+        for cache in caches:
+            cache.forget()
+
     async with contextlib.AsyncExitStack() as stack:
-        nc = await bus.connect(settings.nats_url, "sdswarm-gateway", settings)
+        nc = await bus.connect(settings.nats_url, "sdswarm-gateway", settings, reconnected=forget)
         stack.push_async_callback(nc.drain)
         js = nc.jetstream()
         await bus.ensure_streams(js, settings)
@@ -48,14 +57,9 @@ async def _open_resources(app: web.Application) -> AsyncIterator[None]:
         tasks, users = TaskStore(db), UserStore(db)
         models = ModelStore(db, cache_s=settings.registry_cache_s)
         options = OptionStore(db, cache_s=settings.registry_cache_s)
-        caches = (models.reads, options.reads)
+        caches += (models.reads, options.reads)
         for cache in caches:
             cache.announce = bus.registry_notice(nc)
-
-        async def forget(_: Msg) -> None:  # a write anywhere, this gateway's own included
-            for cache in caches:
-                cache.forget()
-
         await nc.subscribe(names.REGISTRY_CHANGED_SUBJECT, cb=forget)
         await users.ensure_indexes()
         idempotency = IdempotencyStore(db)

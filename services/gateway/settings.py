@@ -35,9 +35,9 @@ class GatewaySettings(StoreSettings, kw_only=True, frozen=True):
     """How long this gateway remembers the registry and options reads each submission
     makes (~3 MongoDB reads per task). Every write, in any process (another replica, the
     storage service registering a file it found, the scheduler's model status), is
-    announced on ``sd.registry.changed`` and forgets them at once; this bounds how long a
-    notice lost while this gateway was away from NATS leaves a read stale. 0: every
-    read goes to MongoDB."""
+    announced on ``sd.registry.changed`` and forgets them at once, as does a reconnect to
+    NATS (notices sent meanwhile are lost); this bounds how long a notice lost otherwise
+    leaves a read stale. 0: every read goes to MongoDB."""
 
     # Limits: bad input is refused at the edge and costs nothing.
     max_body_bytes: int = 32 * 1024 * 1024

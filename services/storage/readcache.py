@@ -6,8 +6,9 @@ options; under load those reads were a fifth of the task store's commands. A
 forgets everything at once, so this process never reads its own writes stale, and
 announces itself (``announce``: ``sd.registry.changed`` on NATS), so that every gateway
 forgets too: writes by other processes (another gateway replica, the storage service
-finishing a registration, the scheduler's model status) show at once, and within
-``ttl_s`` when a notice is lost (a gateway away from NATS). ``ttl_s = 0`` turns it off.
+finishing a registration, the scheduler's model status) show at once. A gateway also
+forgets when it reconnects to NATS (notices sent while it was away are lost); ``ttl_s``
+bounds any other lost notice. ``ttl_s = 0`` turns it off.
 """
 
 from __future__ import annotations

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
 from proto.enums import TaskStatus
+from tests.e2e.gateways import extra_gateway
 from tests.system import System, SystemFactory
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -45,3 +48,31 @@ async def test_tasks_survive_a_nats_restart(restartable: System, hard: bool) -> 
 
     done = await system.all_finished(before + after, timeout_s=240)
     assert ["succeeded"] * 5 == [d["status"] for d in done], [d["message"] for d in done]
+
+
+async def test_a_gateway_back_on_nats_forgets_what_it_remembered(restartable: System) -> None:
+    """Registry and options writes announce themselves on core NATS; one made while a
+    gateway was away from NATS is never announced to it, so a gateway forgets what it
+    remembered when it reconnects. This one remembers for an hour: only that can make
+    it see a write its notice never reached."""
+    system = restartable
+    async with extra_gateway(system, registry_cache_s=3600) as other:
+
+        async def clip_skip() -> Any:
+            async with system.http.get(f"{other}/sdapi/v1/options") as response:
+                assert 200 == response.status, await response.text()
+                return (await response.json()).get("CLIP_stop_at_last_layers")
+
+        assert 4 != await clip_skip()  # now remembered there
+        await system.nats_server.stop()
+        # A write whose notice nobody hears (NATS is away), as a replica would make it.
+        await system.db["options"].update_one(
+            {"_id": "default"}, {"$set": {"data.CLIP_stop_at_last_layers": 4}}, upsert=True
+        )
+        assert 4 != await clip_skip()
+        await system.nats_server.start()
+
+        async def fresh() -> bool | None:
+            return True if await clip_skip() == 4 else None
+
+        await eventually(fresh, "the gateway forgets on reconnecting", timeout_s=30)
