@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -36,11 +37,25 @@ def worker_environ(settings: SchedulerSettings, model: Document) -> dict[str, st
     """The environment of a local worker for ``model``: ours plus its settings."""
     # Operators' SDSWARM_* settings reach the workers (e.g. SDSWARM_PREVIEW_INTERVAL_S);
     # connections and the checkpoint are then set from the scheduler's own view.
-    return (
+    env = (
         dict(os.environ)
         | worker_settings(settings, model)
         | {f"{PREFIX}PARENT_PID": str(os.getpid())}
     )
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return env | cpu_share(env, settings.gpu_slots, cores or 1)
+
+
+def cpu_share(env: Mapping[str, str], slots: int, cores: int) -> dict[str, str]:
+    """The compute threads of a local worker on the CPU: the machine's cores but one,
+    shared by the workers the budget lets run at once, so that they do not outnumber
+    the cores (torch's threads wait for each other at every operation, and an
+    oversubscribed one stalls them all). Nothing when the operator chose
+    (``SDSWARM_CPU_THREADS``, also as a function's env, or ``OMP_NUM_THREADS``); a
+    worker on a GPU does not use it."""
+    if env.get(f"{PREFIX}CPU_THREADS", "0") not in ("", "0") or env.get("OMP_NUM_THREADS"):
+        return {}
+    return {f"{PREFIX}CPU_THREADS": str(max((cores - 1) // max(slots, 1), 1))}
 
 
 def worker_settings(settings: SchedulerSettings, model: Document) -> dict[str, str]:
