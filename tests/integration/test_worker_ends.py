@@ -20,6 +20,7 @@ import pytest
 from proto import GenerateImage, names
 from proto.codec import decode_generate, encode
 from services.common import bus
+from services.inference.batched import Member
 from services.inference.pipeline import Generation
 from tests.fakes import FakePipeline, ends_stored, worker_on_bus
 from tests.waiting import eventually
@@ -121,3 +122,60 @@ async def test_a_stopping_worker_hands_back_what_it_fetched_ahead_at_once(
 
 async def _equal(read: Callable[[], Awaitable[int]], wanted: int) -> bool | None:
     return True if await read() == wanted else None
+
+
+class Batches(Held):
+    """Holds its first call until released; records which tasks each call ran together."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[list[str]] = []
+
+    def answer(self, command: GenerateImage) -> Generation:
+        self.calls.append([command.task_id])
+        return super().answer(command)
+
+    def generate_batch(self, members: list[Member]) -> None:
+        self.calls.append([member.command.task_id for member in members])
+        for member in members:
+            member.outcome = Generation(seeds=[1], images=[b"png"])
+
+
+async def test_a_batch_fetched_ahead_is_topped_up_with_what_came_since(
+    nats_server: Any, tmp_path: Path
+) -> None:
+    """The next batch is fetched while one runs, so it holds what was queued then (often
+    a task or two); when its turn comes it takes in what has been queued since, up to
+    ``max_batch``, instead of leaving it to a batch of its own after it."""
+    pipeline = Batches()
+    async with worker_on_bus(nats_server.url, tmp_path, lambda: pipeline, max_batch=4) as on:
+        js = on.js
+        consumer = names.consumer_name(on.key)
+        ids = [secrets.token_hex(12) for _ in range(4)]
+
+        async def queue(task_id: str) -> None:
+            command = encode(on.command(task_id))
+            await js.publish(names.task_subject(on.key), command, stream=names.TASK_STREAM)
+
+        async def counts(held: int, waiting: int) -> bool | None:
+            info = await js.consumer_info(names.TASK_STREAM, consumer)
+            return True if (info.num_ack_pending, info.num_pending) == (held, waiting) else None
+
+        try:
+            await bus.ensure_task_consumer(js, on.key, on.settings, max_ack_pending=8)
+            await queue(ids[0])
+            stop = asyncio.Event()
+            running = asyncio.create_task(on.worker.run(stop))
+            assert await asyncio.to_thread(pipeline.running.wait, 30), "the first never ran"
+            await queue(ids[1])
+            await eventually(lambda: counts(2, 0), "the second fetched ahead, alone")
+            for task_id in ids[2:]:
+                await queue(task_id)
+            await eventually(lambda: counts(2, 2), "two more queued behind it")
+            pipeline.release.set()
+            await eventually(lambda: counts(0, 0), "every task done")
+            stop.set()
+            await asyncio.wait_for(running, 30)
+            assert [ids[:1], ids[1:]] == pipeline.calls
+        finally:
+            pipeline.release.set()  # a failed check leaves no thread waiting
