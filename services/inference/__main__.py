@@ -13,6 +13,7 @@ import msgspec
 
 from proto import names
 from services.common import bus, logs, metrics
+from services.common.cores import compute_threads, usable_cores
 from services.common.settings import from_environ
 from services.common.supervise import stop_on_signals
 from services.inference.coldstart import Phases
@@ -40,7 +41,7 @@ def torch_threads(setting: int, cores: int, environ: Mapping[str, str]) -> int |
         return setting
     if environ.get("OMP_NUM_THREADS"):
         return None
-    return max(cores - 1, 1)
+    return compute_threads(cores)
 
 
 def _use_cpu(settings: WorkerSettings) -> None:
@@ -48,8 +49,7 @@ def _use_cpu(settings: WorkerSettings) -> None:
 
     # Random or tiny weights hit denormals and run 10-50x slower without this.
     torch.set_flush_denormal(True)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    threads = torch_threads(settings.cpu_threads, cores or 1, os.environ)
+    threads = torch_threads(settings.cpu_threads, usable_cores(), os.environ)
     if threads is not None:
         torch.set_num_threads(threads)
     log.info("computing on the CPU with %d threads", torch.get_num_threads())

@@ -23,6 +23,7 @@ from typing import Protocol
 import msgspec
 
 from proto.workers import WorkerStatus
+from services.common.cores import compute_threads, usable_cores
 from services.common.settings import PREFIX, StoreSettings
 from services.common.supervise import die_with_parent
 from services.scheduler.forkserver import ForkServer
@@ -42,20 +43,18 @@ def worker_environ(settings: SchedulerSettings, model: Document) -> dict[str, st
         | worker_settings(settings, model)
         | {f"{PREFIX}PARENT_PID": str(os.getpid())}
     )
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return env | cpu_share(env, settings.gpu_slots, cores or 1)
+    return env | cpu_share(env, settings.gpu_slots, usable_cores())
 
 
 def cpu_share(env: Mapping[str, str], slots: int, cores: int) -> dict[str, str]:
-    """The compute threads of a local worker on the CPU: the machine's cores but one,
-    shared by the workers the budget lets run at once, so that they do not outnumber
-    the cores (torch's threads wait for each other at every operation, and an
-    oversubscribed one stalls them all). Nothing when the operator chose
+    """The compute threads of a local worker on the CPU: the cores shared by the workers
+    the budget lets run at once, so that they do not outnumber the cores
+    (:func:`~services.common.cores.compute_threads`). Nothing when the operator chose
     (``SDSWARM_CPU_THREADS``, also as a function's env, or ``OMP_NUM_THREADS``); a
     worker on a GPU does not use it."""
     if env.get(f"{PREFIX}CPU_THREADS", "0") not in ("", "0") or env.get("OMP_NUM_THREADS"):
         return {}
-    return {f"{PREFIX}CPU_THREADS": str(max((cores - 1) // max(slots, 1), 1))}
+    return {f"{PREFIX}CPU_THREADS": str(compute_threads(cores, slots))}
 
 
 def worker_settings(settings: SchedulerSettings, model: Document) -> dict[str, str]:
