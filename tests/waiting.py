@@ -35,6 +35,28 @@ async def eventually(
         await asyncio.sleep(interval_s)
 
 
+async def until_read(
+    read: Callable[[], Awaitable[object]],
+    wanted: object,
+    what: str = "condition",
+    *,
+    timeout_s: float = 60,
+    interval_s: float = 0.05,
+) -> None:
+    """:func:`eventually` for a read (a status, a count, a setting) that must come to
+    equal ``wanted``; the failure shows the last value read."""
+    seen: list[object] = []
+
+    async def equal() -> bool:
+        seen[:] = [await read()]
+        return seen[0] == wanted
+
+    try:
+        await eventually(equal, what, timeout_s=timeout_s, interval_s=interval_s)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; read {seen[0]!r}, wanted {wanted!r}") from None
+
+
 async def until(
     predicate: Callable[[], bool],
     what: str = "condition",

@@ -10,7 +10,7 @@ import pytest
 from proto.enums import TaskStatus
 from tests.e2e.gateways import extra_gateway
 from tests.system import System, SystemFactory
-from tests.waiting import eventually
+from tests.waiting import until_read
 
 pytestmark = pytest.mark.e2e
 
@@ -72,7 +72,4 @@ async def test_a_gateway_back_on_nats_forgets_what_it_remembered(restartable: Sy
         assert 4 != await clip_skip()
         await system.nats_server.start()
 
-        async def fresh() -> bool | None:
-            return True if await clip_skip() == 4 else None
-
-        await eventually(fresh, "the gateway forgets on reconnecting", timeout_s=30)
+        await until_read(clip_skip, 4, "the gateway forgets on reconnecting", timeout_s=30)

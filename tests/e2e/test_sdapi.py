@@ -7,7 +7,6 @@ import base64
 import io
 import json
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ from PIL import Image
 from proto.requests import Txt2ImgRequest
 from tests.e2e.gateways import extra_gateway
 from tests.system import System
-from tests.waiting import eventually
+from tests.waiting import eventually, until_read
 
 pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("system", ["local"], indirect=True)]
 
@@ -121,14 +120,7 @@ async def test_a_write_on_one_gateway_shows_at_once_on_another(system: System) -
         ) as response:
             assert 200 == response.status, await response.text()
         assert 3 != before
-        assert 3 == await eventually(
-            lambda: _matching(clip_skip, 3), "the other gateway sees the write", timeout_s=10
-        )
-
-
-async def _matching(read: Callable[[], Awaitable[Any]], wanted: Any) -> Any:
-    value = await read()
-    return value if value == wanted else None
+        await until_read(clip_skip, 3, "the other gateway sees the write", timeout_s=10)
 
 
 async def test_txt2img_returns_base64_images_parameters_and_info(system: System) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import secrets
 import threading
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from services.common import bus
 from services.inference.batched import Member
 from services.inference.pipeline import Generation
 from tests.fakes import FakePipeline, ends_stored, worker_on_bus
-from tests.waiting import eventually
+from tests.waiting import until_read
 
 pytestmark = pytest.mark.integration
 
@@ -102,7 +101,7 @@ async def test_a_stopping_worker_hands_back_what_it_fetched_ahead_at_once(
             async def held() -> int:
                 return int((await js.consumer_info(names.TASK_STREAM, consumer)).num_ack_pending)
 
-            await eventually(lambda: _equal(held, 2), "the next task fetched ahead")
+            await until_read(held, 2, "the next task fetched ahead")
             stop.set()
             # Handed back at once: another worker gets it now, long before the grace
             # period or the ack deadline (60 s) would have let it go.
@@ -118,10 +117,6 @@ async def test_a_stopping_worker_hands_back_what_it_fetched_ahead_at_once(
             assert (1, 0) == (info.num_pending, info.num_ack_pending), "the third still queued"
         finally:
             pipeline.release.set()  # a failed check leaves no thread waiting
-
-
-async def _equal(read: Callable[[], Awaitable[int]], wanted: int) -> bool | None:
-    return True if await read() == wanted else None
 
 
 class Batches(Held):
@@ -157,9 +152,9 @@ async def test_a_batch_fetched_ahead_is_topped_up_with_what_came_since(
             command = encode(on.command(task_id))
             await js.publish(names.task_subject(on.key), command, stream=names.TASK_STREAM)
 
-        async def counts(held: int, waiting: int) -> bool | None:
+        async def counts() -> tuple[int, int]:
             info = await js.consumer_info(names.TASK_STREAM, consumer)
-            return True if (info.num_ack_pending, info.num_pending) == (held, waiting) else None
+            return info.num_ack_pending, info.num_pending
 
         try:
             await bus.ensure_task_consumer(js, on.key, on.settings, max_ack_pending=8)
@@ -168,12 +163,12 @@ async def test_a_batch_fetched_ahead_is_topped_up_with_what_came_since(
             running = asyncio.create_task(on.worker.run(stop))
             assert await asyncio.to_thread(pipeline.running.wait, 30), "the first never ran"
             await queue(ids[1])
-            await eventually(lambda: counts(2, 0), "the second fetched ahead, alone")
+            await until_read(counts, (2, 0), "the second fetched ahead, alone")
             for task_id in ids[2:]:
                 await queue(task_id)
-            await eventually(lambda: counts(2, 2), "two more queued behind it")
+            await until_read(counts, (2, 2), "two more queued behind it")
             pipeline.release.set()
-            await eventually(lambda: counts(0, 0), "every task done")
+            await until_read(counts, (0, 0), "every task done")
             stop.set()
             await asyncio.wait_for(running, 30)
             assert [ids[:1], ids[1:]] == pipeline.calls
