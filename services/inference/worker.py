@@ -435,15 +435,17 @@ class Worker:
 
     async def _publish(self, event: TaskEvent, dedupe_suffix: str = "") -> None:
         kind = event_kind(event)
+        if kind in TERMINAL_KINDS:  # one id per task (names.end_msg_id), not per attempt
+            if not await bus.publish_end(self.js, event):
+                # Another attempt ran it too (the bus handed the message out twice): its
+                # end stands, and this attempt's message is acked all the same.
+                log.warning("task %s attempt %d: ended already", event.task_id, event.attempt)
+            return
         msg_id = f"{event.task_id}.{kind}.{event.attempt}{dedupe_suffix}"
         if isinstance(event, TaskProgressed):
             await bus.publish_unconfirmed(self.nc, event, msg_id)
-        elif kind not in TERMINAL_KINDS:
+        else:
             await bus.publish_event(self.js, event, msg_id)
-        elif not await bus.publish_end(self.js, event):
-            # Another attempt ran it too (the bus handed the message out twice): its
-            # end stands, and this attempt's message is acked all the same.
-            log.warning("task %s attempt %d: ended already", event.task_id, event.attempt)
 
     async def _refuse_newer(self, message: Msg, exc: SchemaTooNewError) -> None:
         """A command from a newer gateway than this worker knows: the task ends ``failed``
