@@ -3,7 +3,8 @@
 - the event sink (task events → task documents);
 - the dead-letter handler (tasks JetStream gave up on end ``failed`` with a reason);
 - the reconciler (tasks whose publish never landed or whose message was lost);
-- the models-folder scanner (dropped-in and removed files).
+- the models-folder scanner (dropped-in and removed files);
+- the webhook dispatcher, only while webhooks are on (``webhook_allow_hosts``).
 
 ``sdswarm storage`` runs it on its own (Swarm: one or more replicas; every part is
 idempotent); ``sdswarm up`` runs the same tasks inside the embedded system.
@@ -14,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 from nats.aio.client import Client
 from pymongo.asynchronous.database import AsyncDatabase
@@ -35,13 +38,20 @@ from services.storage.webhooks import Dispatcher
 log = logging.getLogger(__name__)
 
 
-def start_storage_tasks(
+def storage_parts(
     settings: StoreSettings,
     nc: Client,
     db: AsyncDatabase[Document],
     stop: asyncio.Event,
-) -> list[asyncio.Task[None]]:
-    """Start the storage parts, each supervised (restarted on error) until ``stop``."""
+) -> dict[str, Callable[[], Coroutine[Any, Any, None]]]:
+    """The storage parts by name, each a coroutine factory (a restart calls it again).
+
+    With webhooks off (no ``webhook_allow_hosts``, the default) the gateway refuses a
+    task that names one, so the dispatcher does not run: it would fetch, decode and ack
+    every event for nothing. Its durable consumer, if an earlier run made one, keeps its
+    place; once webhooks are on again it delivers from there (within the stream's age
+    limit) the events of tasks accepted while they were on.
+    """
     js = nc.jetstream()
     models, tasks = ModelStore(db), TaskStore(db)
     models.reads.announce = bus.registry_notice(nc)  # registrations, for the gateways
@@ -67,9 +77,23 @@ def start_storage_tasks(
             settings.allow_pickle,
         ),
     }
+    if not settings.webhook_allow_hosts:
+        del parts["webhooks"]
+    return parts
+
+
+def start_storage_tasks(
+    settings: StoreSettings,
+    nc: Client,
+    db: AsyncDatabase[Document],
+    stop: asyncio.Event,
+) -> list[asyncio.Task[None]]:
+    """Start the storage parts, each supervised (restarted on error) until ``stop``."""
+    if not settings.webhook_allow_hosts:
+        log.info("webhooks are off (no SDSWARM_WEBHOOK_ALLOW_HOSTS): no webhook dispatcher")
     return [
         asyncio.create_task(supervised(name, run, stop), name=name.replace(" ", "-"))
-        for name, run in parts.items()
+        for name, run in storage_parts(settings, nc, db, stop).items()
     ]
 
 
