@@ -30,6 +30,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
+from services.storage.groupwrite import GroupWriter
 from services.storage.mongo import Document
 from services.storage.tasks import TaskStore
 
@@ -37,22 +38,22 @@ MINUTE_S = 60
 
 
 async def count_up(
-    collection: AsyncCollection[Document], key: str, field: str, on_insert: Document | None = None
+    writes: GroupWriter, key: str, field: str, on_insert: Document | None = None
 ) -> Document:
     """Add one to a counter document (created with ``on_insert`` if new); the document
     after, read back, so it may include concurrent counts too, which errs on the side of
     the limit. An upsert then a read, not ``find_one_and_update``: on SecantusDB that one
     command costs the server ~5× the CPU of both together."""
     for _ in range(3):
-        await count_below(collection, key, None, on_insert, field=field)
-        counter = await collection.find_one({"_id": key})
+        await count_below(writes, key, None, on_insert, field=field)
+        counter = await writes.collection.find_one({"_id": key})
         if counter is not None:  # else deleted meanwhile (a login cleared it): again
             return counter
-    raise RuntimeError(f"counter {key!r} in {collection.name} could not be updated")
+    raise RuntimeError(f"counter {key!r} in {writes.collection.name} could not be updated")
 
 
 async def count_below(
-    collection: AsyncCollection[Document],
+    writes: GroupWriter,
     key: str,
     cap: int | None,
     on_insert: Document | None = None,
@@ -62,22 +63,23 @@ async def count_below(
     """Add one to a counter ``field`` (created with ``on_insert`` if new) unless it has
     reached ``cap`` (None: no cap); whether it counted. One conditional upsert and no
     read back: a counter at its cap does not match, and the upsert's insert then fails
-    on the existing ``_id``; only that case reads it."""
+    on the existing ``_id``; only that case reads it. Concurrent counts (of one counter
+    or several) go to the server together (:class:`GroupWriter`)."""
     query: Document = {"_id": key} if cap is None else {"_id": key, field: {"$lt": cap}}
     update: Document = {"$inc": {field: 1}}
     if on_insert:
         update["$setOnInsert"] = on_insert
     for _ in range(3):
         try:
-            await collection.update_one(query, update, upsert=True)
+            await writes.update_one(query, update, upsert=True)
             return True
         except DuplicateKeyError:
             if cap is not None:
-                counter = await collection.find_one({"_id": key})
+                counter = await writes.collection.find_one({"_id": key})
                 if counter is not None and counter[field] >= cap:
                     return False
             # A concurrent upsert created it first (MongoDB applies neither): again.
-    raise RuntimeError(f"counter {key!r} in {collection.name} could not be updated")
+    raise RuntimeError(f"counter {key!r} in {writes.collection.name} could not be updated")
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,8 @@ class QuotaStore:
         self.tasks: AsyncCollection[Document] = self.store.collection
         self.open_counts = self.store.open_counts
         self.minutes: AsyncCollection[Document] = db["task_minutes"]
+        self.open_count_writes = GroupWriter(self.open_counts)
+        self.minute_writes = GroupWriter(self.minutes)
         self._minute = -1
         self._previous: dict[str, int] = {}
         """Per user, their count in the minute ``_minute`` (the one before this one)."""
@@ -105,7 +109,7 @@ class QuotaStore:
         would break a limit (0: none). A submission refused later must be released."""
         # Both counters at once (one round trip's wait, not two); the open-task counter
         # counts even with no limit, so that it is right when a limit is set.
-        counting = count_below(self.open_counts, user, max_open if max_open > 0 else None)
+        counting = count_below(self.open_count_writes, user, max_open if max_open > 0 else None)
         if per_minute > 0:
             refusal, counted = await asyncio.gather(self._count_minute(user, per_minute), counting)
             if refusal is not None:
@@ -159,7 +163,7 @@ class QuotaStore:
         # Admitted while this minute's count after it plus the previous minute's weighted
         # count stays within the limit: while this minute's count is below ``cap``.
         cap = math.floor(per_minute - (await self._previous_minute(user, minute - 1)) * inside)
-        if cap > 0 and await count_below(self.minutes, key, cap, {"expires": expires}):
+        if cap > 0 and await count_below(self.minute_writes, key, cap, {"expires": expires}):
             return None
         # The estimate falls as this minute ends (then the previous one's weight fades).
         wait = max(math.ceil(inside * MINUTE_S), 1)
@@ -179,6 +183,7 @@ class LoginThrottle:
 
     def __init__(self, db: AsyncDatabase[Document]) -> None:
         self.collection: AsyncCollection[Document] = db["login_attempts"]
+        self.writes = GroupWriter(self.collection)
 
     async def ensure_indexes(self) -> None:
         await self.collection.create_index("until", expireAfterSeconds=0)
@@ -195,7 +200,7 @@ class LoginThrottle:
             await self.collection.update_one(
                 {"_id": key, "until": {"$lte": now}}, {"$set": {"count": 0, "until": until}}
             )
-            counter = await count_up(self.collection, key, "count", {"until": until})
+            counter = await count_up(self.writes, key, "count", {"until": until})
             if counter["count"] > limit and refusal is None:
                 ends = counter["until"]
                 if ends.tzinfo is None:

@@ -31,6 +31,7 @@ from proto.events import (
     TaskSucceeded,
 )
 from services.common import metrics
+from services.storage.groupwrite import GroupWriter
 from services.storage.mongo import Document
 
 OPEN_STATUSES = [status.value for status in proto.OPEN_STATUSES]
@@ -107,6 +108,8 @@ def shown_task_id(document: Document) -> str:
 class TaskStore:
     def __init__(self, db: AsyncDatabase[Document]) -> None:
         self.collection: AsyncCollection[Document] = db["tasks"]
+        self.writes = GroupWriter(self.collection)
+        """Submissions' inserts and stream sequences, grouped under load (group commit)."""
         self.open_counts: AsyncCollection[Document] = db["task_open_counts"]
         """Per user, ``{_id: user, n}``: tasks admitted and not yet ended (the quota's
         counter; ``QuotaStore`` counts up at admission, a terminal fold counts down)."""
@@ -119,7 +122,7 @@ class TaskStore:
         )
 
     async def insert(self, document: Document) -> None:
-        await self.collection.insert_one(document)
+        await self.writes.insert_one(document)
         metrics.task_submitted(document["model_key"])
 
     async def count_open(self, match: Document, limit: int = 0) -> int:
@@ -131,7 +134,7 @@ class TaskStore:
 
     async def set_stream_seq(self, task_id: str, seq: int) -> None:
         """Record that JetStream holds the task's command (see the reconciler)."""
-        await self.collection.update_one({"_id": task_id}, {"$set": {"stream_seq": seq}})
+        await self.writes.update_one({"_id": task_id}, {"$set": {"stream_seq": seq}})
 
     async def get(self, task_id: str, user: str | None = None) -> Document | None:
         """One task by its internal id; with ``user`` the query is scoped to its owner

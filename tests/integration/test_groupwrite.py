@@ -1,0 +1,61 @@
+"""Group commit on a real MongoDB-wire server: writes asked for together go as one
+command, and each caller still gets its own write's outcome."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from pymongo.errors import DuplicateKeyError, WriteError
+
+from services.storage.groupwrite import GroupWriter
+from services.storage.quotas import count_below
+
+pytestmark = pytest.mark.integration
+
+
+async def test_a_lone_write_goes_at_once_alone(fresh_db: Any) -> None:
+    writes = GroupWriter(fresh_db["things"])
+    await writes.insert_one({"_id": "a"})
+    assert 1 == writes.commands
+    assert {"_id": "a"} == await fresh_db["things"].find_one({"_id": "a"})
+
+
+async def test_writes_asked_for_together_share_commands(fresh_db: Any) -> None:
+    writes = GroupWriter(fresh_db["things"])
+    await asyncio.gather(*(writes.insert_one({"_id": n}) for n in range(40)))
+    assert 40 == await fresh_db["things"].count_documents({})
+    # The first goes alone; the others wait behind it and go together.
+    assert writes.commands <= 3, writes.commands
+
+
+async def test_each_write_gets_its_own_error(fresh_db: Any) -> None:
+    """A duplicate id fails its own insert only, with the error insert_one raises; an
+    update the server refuses fails only its caller; the rest of the batch lands."""
+    collection = fresh_db["things"]
+    await collection.insert_one({"_id": "taken", "n": "text"})
+    writes = GroupWriter(collection)
+    outcomes = await asyncio.gather(
+        *(writes.insert_one({"_id": n}) for n in range(5)),
+        writes.insert_one({"_id": "taken"}),
+        writes.update_one({"_id": "taken"}, {"$inc": {"n": 1}}),  # $inc of a string
+        writes.update_one({"_id": 0}, {"$set": {"seen": True}}, upsert=True),
+        return_exceptions=True,
+    )
+    assert [None] * 5 == outcomes[:5]
+    assert isinstance(outcomes[5], DuplicateKeyError), outcomes[5]
+    assert isinstance(outcomes[6], WriteError), outcomes[6]
+    assert outcomes[7] is None
+    assert 6 == await collection.count_documents({})
+    assert {"_id": "taken", "n": "text"} == await collection.find_one({"_id": "taken"})
+
+
+async def test_a_capped_counter_counts_exactly_up_to_its_cap(fresh_db: Any) -> None:
+    """Concurrent counts of one counter share commands; the cap still holds exactly,
+    whether the counter is new (the first upserts race) or exists."""
+    writes = GroupWriter(fresh_db["counters"])
+    counted = await asyncio.gather(*(count_below(writes, "ann", 5) for _ in range(12)))
+    assert 5 == sum(counted)
+    assert {"_id": "ann", "n": 5} == await fresh_db["counters"].find_one({"_id": "ann"})
+    assert writes.commands < 12
