@@ -53,11 +53,15 @@ class GroupWriter:
 
     async def _write(self, write: _Write) -> None:
         loop = asyncio.get_running_loop()
+        sender = self._sender
+        if sender is not None and sender.get_loop() is not loop:
+            # Left behind by an event loop that has closed (tests run one per test): its
+            # sender never runs again, and its callers are gone.
+            self._pending = [p for p in self._pending if p[1].get_loop() is loop]
+            sender = None
         done: asyncio.Future[None] = loop.create_future()
         self._pending.append((write, done))
-        sender = self._sender
-        # A sender left behind by another event loop (tests run one per test) never runs.
-        if sender is None or sender.done() or sender.get_loop() is not loop:
+        if sender is None or sender.done():
             self._sender = loop.create_task(self._send_all())
         await done
 
