@@ -45,13 +45,14 @@ def test_a_writer_outlives_an_event_loop_closed_under_it() -> None:
     writes = GroupWriter(collection)  # type: ignore[arg-type]
     old = asyncio.new_event_loop()
 
-    async def stranded() -> None:
-        old.create_task(writes.insert_one({"_id": 0}))
-        await asyncio.sleep(0.01)  # in flight
-        old.create_task(writes.insert_one({"_id": 1}))  # pending behind it
+    async def stranded() -> list[asyncio.Task[None]]:
+        in_flight = old.create_task(writes.insert_one({"_id": 0}))
         await asyncio.sleep(0.01)
+        behind = old.create_task(writes.insert_one({"_id": 1}))
+        await asyncio.sleep(0.01)
+        return [in_flight, behind]
 
-    old.run_until_complete(stranded())
+    assert not any(task.done() for task in old.run_until_complete(stranded()))
     old.close()
 
     async def later() -> None:
