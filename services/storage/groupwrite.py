@@ -20,6 +20,7 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any
 
+from bson.errors import InvalidDocument
 from pymongo import InsertOne, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import BulkWriteError, DuplicateKeyError, WriteConcernError, WriteError
@@ -85,6 +86,17 @@ class GroupWriter:
             await self.collection.bulk_write([write for write, _ in batch], ordered=False)
         except BulkWriteError as exc:
             errors = _per_write(exc.details, len(batch))
+        except InvalidDocument as exc:
+            if len(batch) == 1:
+                errors = {0: exc}
+            else:
+                # A document the driver cannot encode (a value BSON has no type for)
+                # failed the batch before it left: each write alone, so only its own
+                # fails. (Over 16 MB is a write's own error already; a batch over 48 MB
+                # goes in parts, and a part before the bad document could have landed.)
+                for one in batch:
+                    await self._send([one])
+                return
         except Exception as exc:  # the whole command failed: every write of it did
             errors = dict.fromkeys(range(len(batch)), exc)
         for index, (_, done) in enumerate(batch):

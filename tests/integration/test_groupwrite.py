@@ -7,6 +7,7 @@ import asyncio
 from typing import Any
 
 import pytest
+from bson.errors import InvalidDocument
 from pymongo.errors import DuplicateKeyError, WriteError
 
 from services.storage.groupwrite import GroupWriter
@@ -59,3 +60,30 @@ async def test_a_capped_counter_counts_exactly_up_to_its_cap(fresh_db: Any) -> N
     assert 5 == sum(counted)
     assert {"_id": "ann", "n": 5} == await fresh_db["counters"].find_one({"_id": "ann"})
     assert writes.commands < 12
+
+
+@pytest.mark.parametrize(
+    ("bad", "error"),
+    [
+        # Over 16 MB: the driver reports it as that write's own error.
+        ({"_id": "huge", "blob": b"x" * (17 * 1024 * 1024)}, WriteError),
+        # Not encodable at all: the driver refuses the whole batch before sending it.
+        ({"_id": "odd", "value": object()}, InvalidDocument),
+    ],
+)
+async def test_a_document_the_driver_refuses_fails_its_own_write_only(
+    fresh_db: Any, bad: dict[str, Any], error: type[Exception]
+) -> None:
+    writes = GroupWriter(fresh_db["things"])
+    blocker = asyncio.create_task(writes.insert_one({"_id": "first"}))
+    await asyncio.sleep(0)  # in flight: the next three wait and go as one batch
+    outcomes = await asyncio.gather(
+        writes.insert_one({"_id": "a"}),
+        writes.insert_one(bad),
+        writes.insert_one({"_id": "b"}),
+        return_exceptions=True,
+    )
+    await blocker
+    assert [None, None] == [outcomes[0], outcomes[2]], outcomes
+    assert isinstance(outcomes[1], error), outcomes[1]
+    assert {"first", "a", "b"} == set(await fresh_db["things"].distinct("_id"))
