@@ -69,8 +69,13 @@ class GroupWriter:
     async def _send_all(self) -> None:
         """Send what is pending, one batch after another, until nothing is."""
         while self._pending:
+            # A write whose caller was cancelled before it left is not sent (as with
+            # ``insert_one``, which a cancelled caller never sends).
+            self._pending = [pending for pending in self._pending if not pending[1].done()]
             batch = self._pending[: self.max_batch]
             del self._pending[: self.max_batch]
+            if not batch:
+                break
             try:
                 await self._send(batch)
             except asyncio.CancelledError:  # the loop is closing: nobody is left to send

@@ -62,3 +62,19 @@ def test_a_writer_outlives_an_event_loop_closed_under_it() -> None:
 
     asyncio.run(later())
     assert [1, 1] == collection.sizes
+
+
+def test_a_write_cancelled_before_it_left_is_not_sent() -> None:
+    async def main() -> list[int]:
+        collection = _Collection()
+        writes = GroupWriter(collection)  # type: ignore[arg-type]
+        first = asyncio.create_task(writes.insert_one({"_id": 0}))
+        await asyncio.sleep(0)  # in flight
+        behind = [asyncio.create_task(writes.insert_one({"_id": n})) for n in (1, 2)]
+        await asyncio.sleep(0)
+        behind[0].cancel()
+        collection.gate.set()
+        await asyncio.gather(first, behind[1])
+        return collection.sizes
+
+    assert [1, 1] == asyncio.run(main())
