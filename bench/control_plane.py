@@ -2,7 +2,7 @@
 collection, from PyMongo's command monitoring) and each process's CPU per task, for the
 whole system at a queue depth, with the tiny model on the CPU.
 
-    .venv/bin/python bench/control_plane.py [--tasks 128] [--depth 8] [--steps 4]
+    .venv/bin/python bench/control_plane.py [--tasks 128] [--depth 8] [--steps 4] [--sites]
 
 The gateway, scheduler and storage service run in this process (``sdswarm up``'s
 embedded system), so every command they send is counted; workers, nats-server and the
@@ -20,6 +20,7 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -36,20 +37,37 @@ TICK_S = 1 / os.sysconf("SC_CLK_TCK")
 
 
 class Commands(monitoring.CommandListener):
-    """Counts the commands this process sends, by (command, collection)."""
+    """Counts the commands this process sends, by (command, collection); with
+    ``sites``, also by where in sdswarm's code they were sent from."""
 
-    def __init__(self) -> None:
+    def __init__(self, sites: bool = False) -> None:
         self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.sites: collections.Counter[tuple[str, str, str]] | None = (
+            collections.Counter() if sites else None
+        )
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
         target = event.command.get(event.command_name)
-        self.counts[event.command_name, target if isinstance(target, str) else ""] += 1
+        key = (event.command_name, target if isinstance(target, str) else "")
+        self.counts[key] += 1
+        if self.sites is not None:
+            self.sites[(*key, _call_site())] += 1
 
     def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
         pass
 
     def failed(self, event: monitoring.CommandFailedEvent) -> None:
         pass
+
+
+def _call_site(depth: int = 3) -> str:
+    """The innermost frames of sdswarm's own code on the stack, innermost first (the
+    monitoring callback runs in the task that sends the command)."""
+    ours = [f for f in traceback.extract_stack() if f"{os.sep}services{os.sep}" in f.filename]
+    return " < ".join(
+        f"{f.filename.rpartition(os.sep + 'services' + os.sep)[2]}:{f.name}"
+        for f in reversed(ours[-depth:])
+    )
 
 
 def _stat(pid: int) -> tuple[int, float] | None:
@@ -143,14 +161,18 @@ async def measure(args: argparse.Namespace, commands: Commands) -> None:
         f"{tasks} tasks at depth {args.depth} ({args.steps} steps, {args.size}², batch"
         f" {args.batch}) in {seconds:.2f} s: {tasks / seconds:.1f} tasks/s"
     )
-    cpu: collections.Counter[str] = collections.Counter()
+    cpu: collections.defaultdict[str, float] = collections.defaultdict(float)
     for pid, (name, total) in after.items():
         cpu[name] += total - before.get(pid, (name, 0.0))[1]
-    for name, total in cpu.most_common():
+    for name, total in sorted(cpu.items(), key=lambda item: -item[1]):
         print(f"  CPU {name:28} {total / tasks * 1000:7.1f} ms per task")
     print(f"MongoDB commands per task: {commands.counts.total() / tasks:.2f}")
     for (command, collection), count in commands.counts.most_common():
         print(f"  {count / tasks:6.2f}  {command} {collection}")
+    if commands.sites is not None:
+        print("by call site (innermost first):")
+        for (command, collection, site), count in commands.sites.most_common(20):
+            print(f"  {count / tasks:6.2f}  {command} {collection}: {site}")
 
 
 def main() -> None:
@@ -160,8 +182,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--sites", action="store_true", help="count by call site too")
     args = parser.parse_args()
-    commands = Commands()
+    commands = Commands(sites=args.sites)
     monitoring.register(commands)  # before any client exists: every client reports here
     asyncio.run(measure(args, commands))
 
