@@ -90,7 +90,10 @@ class GroupWriter:
         try:
             await self.collection.bulk_write([write for write, _ in batch], ordered=False)
         except BulkWriteError as exc:
-            errors = _per_write(exc.details, len(batch))
+            try:
+                errors = _per_write(exc.details, len(batch))
+            except (KeyError, TypeError, ValueError):  # a reply it cannot read: all failed
+                errors = dict.fromkeys(range(len(batch)), exc)
         except InvalidDocument as exc:
             if len(batch) == 1:
                 errors = {0: exc}
