@@ -78,6 +78,7 @@ def storage_parts(
         ),
     }
     if not settings.webhook_allow_hosts:
+        log.info("webhooks are off (no SDSWARM_WEBHOOK_ALLOW_HOSTS): no webhook dispatcher")
         del parts["webhooks"]
     return parts
 
@@ -89,8 +90,6 @@ def start_storage_tasks(
     stop: asyncio.Event,
 ) -> list[asyncio.Task[None]]:
     """Start the storage parts, each supervised (restarted on error) until ``stop``."""
-    if not settings.webhook_allow_hosts:
-        log.info("webhooks are off (no SDSWARM_WEBHOOK_ALLOW_HOSTS): no webhook dispatcher")
     return [
         asyncio.create_task(supervised(name, run, stop), name=name.replace(" ", "-"))
         for name, run in storage_parts(settings, nc, db, stop).items()
