@@ -14,7 +14,12 @@ Command lines and why:
   nats-server 2.15.1, which also rejects a misspelt field at start). ``http_port`` only
   when monitoring is asked for.
 - ``secantusd-py --host 127.0.0.1 --port P --storage-path DIR --sync-on-commit
-  --cache-size 256M``: durable commits, a cache sized for a laptop, not 1 GB.
+  --cache-size 256M --standalone``: durable commits, a cache sized for a laptop, not
+  1 GB. ``--standalone``: SecantusDB otherwise poses as a one-member replica set and
+  writes an oplog entry with every write, for change streams, which sdswarm never opens
+  (it costs the server about a fifth of its CPU per task: ``bench/control_plane.py``).
+  PyMongo then does not retry a write once after a dropped connection, as with any
+  standalone server: on loopback there is no failover for that retry to cover.
 - ``weed server -s3 -filer ...`` with every port given (master, volume, filer, s3 and
   their gRPC ports), so two instances never clash; ``-s3.port.iceberg=0
   -s3.port.lance=0`` because SeaweedFS 4.x otherwise opens an Iceberg catalog on 8181 and
@@ -324,6 +329,7 @@ class MongoServer(ManagedServer):
             "--sync-on-commit",
             "--cache-size", "256M",
             "--log-level", "WARNING",
+            "--standalone",
         ]  # fmt: skip
 
     async def ready(self) -> bool:
