@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import tempfile
@@ -36,6 +37,8 @@ from proto.codec import decode_generate
 from proto.commands import Txt2ImgTask
 from proto.events import TaskProgressed, TaskStarted, TaskSucceeded, decode_event
 from proto.requests import Txt2ImgRequest
+from services.common.cores import usable_cores
+from services.inference.__main__ import torch_threads
 from services.inference.loader import load_pipeline
 from services.inference.pipeline import DiffusersPipeline
 from services.inference.tiny import build_tiny_sd1
@@ -53,8 +56,14 @@ PHASES = (
 
 
 def direct_runner(checkpoint: Path, cache: Path, body: dict[str, Any]) -> Callable[[], float]:
-    """One direct call of the pipeline (with PNG encoding, as the worker does): seconds."""
+    """One direct call of the pipeline (with PNG encoding, as the worker does): seconds.
+    It computes with as many torch threads as the worker does (its own rule: cores − 1
+    unless ``OMP_NUM_THREADS`` says otherwise); with torch's default of one per core, the
+    direct calls' times swung between two modes (45 and 70 ms) from run to run."""
     torch.set_flush_denormal(True)
+    threads = torch_threads(0, usable_cores(), os.environ)
+    if threads is not None:
+        torch.set_num_threads(threads)
     pipe = load_pipeline(checkpoint, cache_dir=cache)
     pipe.set_progress_bar_config(disable=True)
     runner = DiffusersPipeline(pipe, model_name="tiny.safetensors", model_hash="", device="cpu")
@@ -166,7 +175,10 @@ def main() -> None:
         )
     d, s = statistics.median(direct_times), statistics.median(system_times)
     pairs = statistics.median(b / a for a, b in zip(direct_times, system_times, strict=True))
-    print(f"requests={args.requests} steps={args.steps} size={args.size}x{args.size}")
+    print(
+        f"requests={args.requests} steps={args.steps} size={args.size}x{args.size}"
+        f" torch threads={torch.get_num_threads()} (direct and worker)"
+    )
     print(f"direct pipeline   median {d * 1000:8.1f} ms")
     print(f"through sdswarm   median {s * 1000:8.1f} ms")
     print(f"ratio system/direct {s / d:6.2f}  (overhead {1000 * (s - d):.1f} ms per request)")
