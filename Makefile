@@ -55,7 +55,8 @@ chaos: install
 	CHAOS_TASKS=$${CHAOS_TASKS:-500} HF_HUB_OFFLINE=1 $(PY) -m pytest tests/chaos $(PYTEST_ARGS)
 
 bench: install
-	$(PY) bench/system_overhead.py
+	HF_HUB_OFFLINE=1 $(PY) bench/throughput.py --slots 1,2
+	HF_HUB_OFFLINE=1 $(PY) bench/system_overhead.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache build *.egg-info

@@ -7,11 +7,14 @@ whole system, measured side by side in one run (compare the ratios, not the seco
 1. plain diffusers: one pipeline call with ``batch`` prompts (and one with 1);
 2. sdswarm's path: ``DiffusersPipeline.generate`` for one task, ``generate_batch`` for
    ``batch`` tasks (their PNGs encoded, as the worker does);
-3. the whole system (gateway → NATS → worker → store → MongoDB), one worker of
-   ``max_batch = batch``, at each queue depth D: D clients each send sync requests one
-   after another (a closed loop: D requests are always open), at least ``--rounds``
-   each and 32 in all, so the rate is the steady state's, not that of one burst's fill
-   and drain (a single burst of D requests understated it: 32 tiny images in ~2 s).
+3. the whole system (gateway → NATS → worker → store → MongoDB), with ``--slots`` N
+   workers of ``max_batch = batch`` (``sdswarm up --gpu-slots N``; on a CPU each
+   computes with (cores − 1) / N threads, at least 1), all loaded before measuring, at
+   each queue depth D: D clients each send sync requests one after another (a closed
+   loop: D requests are always open), at least ``--rounds`` each and 64 in all, so the
+   rate is the steady state's, not that of one burst's fill and drain (a single burst
+   of D requests understated it: 32 tiny images in ~2 s). ``--slots 1,2`` measures the
+   system once per slot count, in the same run.
 """
 
 from __future__ import annotations
@@ -46,8 +49,10 @@ from services.inference.tiny import build_tiny_sd1
 NAME = "bench.safetensors"
 
 
-MIN_REQUESTS = 32
-"""Requests per queue depth, at least (depth 1: 32 one after another)."""
+MIN_REQUESTS = 64
+"""Requests per queue depth, at least (depth 1: 64 one after another). With 32, a depth
+took about a second on the tiny model, and one pause of the bench's own event loop
+(which serves the gateway too) could cut its rate by half."""
 
 
 def _timed(call: Callable[[], object], repeats: int) -> float:
@@ -126,9 +131,10 @@ async def whole_system(
     batch: int,
     depths: list[int],
     rounds: int,
+    slots: int = 1,
 ) -> dict[int, tuple[float, float, float]]:
     """Per queue depth: images/s, p50 and p95 latency (s) of ``depth`` closed-loop
-    clients (after a warm-up request that pays the worker's cold start)."""
+    clients, once ``slots`` workers are loaded (their cold starts are not measured)."""
     out: dict[int, tuple[float, float, float]] = {}
     async with (
         started_system(
@@ -140,7 +146,7 @@ async def whole_system(
                 "max_tasks_per_minute": 100_000,
                 "sync_timeout_s": 3600,
             },
-            scheduler={"gpu_slots": 1, "max_batch": batch},
+            scheduler={"gpu_slots": slots, "max_batch": batch},
         ) as system,
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as http,
     ):
@@ -156,7 +162,10 @@ async def whole_system(
         async def client(first: int, count: int) -> list[float]:
             return [await one(first + i) for i in range(count)]
 
-        await one(0)  # cold start
+        await warm(http, system.url, slots)
+        # Every worker's first tasks pay their own one-off costs (lazy imports, first
+        # allocations): a burst that reaches them all before anything is measured.
+        await asyncio.gather(*(one(1_000_000 + n) for n in range(2 * slots * batch)))
         for depth in depths:
             each = max(rounds, -(-MIN_REQUESTS // depth))
             started = time.perf_counter()
@@ -166,6 +175,22 @@ async def whole_system(
             p95 = latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]
             out[depth] = (len(latencies) / wall, statistics.median(latencies), p95)
     return out
+
+
+async def warm(http: aiohttp.ClientSession, url: str, slots: int) -> None:
+    """``slots`` workers of the checkpoint loaded (``minInstances``), as a busy system
+    keeps them; a worker started by the backlog mid-measurement would count its cold
+    start."""
+    update = {"models": [NAME], "minInstances": slots}
+    async with http.post(f"{url}/batch_update_sd_resource", json=update) as response:
+        assert response.status == 200, await response.text()
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        async with http.get(f"{url}/models/{NAME}") as response:
+            if (await response.json()).get("loadedWorkers", 0) >= slots:
+                return
+        await asyncio.sleep(0.2)
+    raise TimeoutError(f"{slots} workers did not load in 300 s")
 
 
 def main() -> None:
@@ -179,6 +204,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=4, help="requests per client, at least")
     parser.add_argument("--skip-system", action="store_true")
+    parser.add_argument(
+        "--slots",
+        default="1",
+        help="worker slots of the whole system, comma-separated to compare (1,2): on a"
+        " CPU, one single-thread worker per core may beat one worker with cores − 1 threads",
+    )
     parser.add_argument(
         "--compute-threads",
         type=int,
@@ -205,6 +236,7 @@ def main() -> None:
     if not cuda:
         torch.set_flush_denormal(True)
     depths = [int(d) for d in args.depths.split(",") if d]
+    slot_counts = [int(n) for n in args.slots.split(",") if n]
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         models = root / "models"
@@ -217,13 +249,12 @@ def main() -> None:
         started = time.perf_counter()
         rates = in_process(target, root / "cache-direct", args.device, body, batch, args.repeats)
         print(f"in-process measured in {time.perf_counter() - started:.0f} s", flush=True)
-        system = (
-            {}
-            if args.skip_system
-            else asyncio.run(
-                whole_system(root, models, args.device, body, batch, depths, args.rounds)
+        system = {
+            slots: asyncio.run(
+                whole_system(root, models, args.device, body, batch, depths, args.rounds, slots)
             )
-        )
+            for slots in ([] if args.skip_system else slot_counts)
+        }
     print(
         f"\nmodel={'SD1.5 random weights' if args.full_size else 'tiny'} device={args.device}"
         f" {size}x{size} steps={body['steps']} Euler cfg 7 batch={batch}"
@@ -231,12 +262,14 @@ def main() -> None:
     )
     ceiling = rates[f"diffusers batch {batch}"]
     for name, rate in rates.items():
-        print(f"{name:28} {rate:8.2f} images/s   {rate / ceiling:5.2f}x the ceiling")
-    for depth, (rate, p50, p95) in system.items():
-        print(
-            f"whole system depth {depth:<3}      {rate:8.2f} images/s   {rate / ceiling:5.2f}x"
-            f" the ceiling   p50 {p50:6.2f} s  p95 {p95:6.2f} s"
-        )
+        print(f"{name:30} {rate:8.2f} images/s   {rate / ceiling:5.2f}x the ceiling")
+    for slots, by_depth in system.items():
+        for depth, (rate, p50, p95) in by_depth.items():
+            name = f"whole system depth {depth}" + (f" slots {slots}" if len(system) > 1 else "")
+            print(
+                f"{name:30} {rate:8.2f} images/s   {rate / ceiling:5.2f}x"
+                f" the ceiling   p50 {p50:6.2f} s  p95 {p95:6.2f} s"
+            )
 
 
 if __name__ == "__main__":
