@@ -50,7 +50,6 @@ async def started_system(
             cache_dir=str(root / "cache"),
             device=device,
             worker_log_dir=str(root / "logs"),
-            poll_interval_s=0.2,
             **common,
             **(scheduler or {}),
         )
