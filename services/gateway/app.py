@@ -55,6 +55,7 @@ async def _open_resources(app: web.Application) -> AsyncIterator[None]:
         stack.push_async_callback(mongo.close)
         db = database(mongo, settings.mongodb_db)
         tasks, users = TaskStore(db), UserStore(db)
+        stack.push_async_callback(tasks.drain)  # before MongoDB closes
         models = ModelStore(db, cache_s=settings.registry_cache_s)
         options = OptionStore(db, cache_s=settings.registry_cache_s)
         caches += (models.reads, options.reads)

@@ -502,7 +502,7 @@ async def _publish(res: Resources, command: GenerateImage, data: bytes) -> None:
             "task %s: publish unconfirmed (%r), the reconciler resends it", command.task_id, exc
         )
         return
-    await res.tasks.set_stream_seq(command.task_id, ack.seq)
+    res.tasks.note_stream_seq(command.task_id, ack.seq)
 
 
 async def _sync_response(

@@ -12,11 +12,16 @@ a bulk reply counts matches for the whole batch, not per write. Each write's own
 ``update_one`` would have raised; an error of the whole command (the server away)
 reaches every caller of the batch. The writes of one batch are independent (unordered):
 a caller that needs one write before another awaits the first.
+
+A writer with a linger holds each batch's first write that long for company: for writes
+nobody waits on (:meth:`GroupWriter.update_later`), which then go in bigger groups. Their
+failures are logged; :meth:`GroupWriter.drain` waits for those still on their way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,6 +31,8 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import BulkWriteError, DuplicateKeyError, WriteConcernError, WriteError
 
 from services.storage.mongo import Document
+
+log = logging.getLogger(__name__)
 
 MAX_BATCH = 128
 """Writes per command at most: a batch never waits on an unbounded one before it."""
@@ -38,9 +45,18 @@ _Write = InsertOne[Document] | UpdateOne
 class GroupWriter:
     """Inserts and updates of one collection, sent in groups (see the module)."""
 
-    def __init__(self, collection: AsyncCollection[Document], max_batch: int = MAX_BATCH) -> None:
+    def __init__(
+        self,
+        collection: AsyncCollection[Document],
+        max_batch: int = MAX_BATCH,
+        *,
+        linger_s: float = 0.0,
+    ) -> None:
         self.collection = collection
         self.max_batch = max_batch
+        self.linger_s = linger_s
+        """How long a batch's first write waits for others before the batch goes."""
+        self._later: set[asyncio.Task[None]] = set()
         self._pending: list[tuple[_Write, asyncio.Future[None]]] = []
         self._sender: asyncio.Task[None] | None = None
         self.commands = 0
@@ -51,6 +67,25 @@ class GroupWriter:
 
     async def update_one(self, query: Document, update: Document, *, upsert: bool = False) -> None:
         await self._write(UpdateOne(query, update, upsert=upsert))
+
+    def update_later(self, query: Document, update: Document) -> None:
+        """The update, sent with the next batch; the caller does not wait for it. A
+        failure is logged (the write is for bookkeeping that can be repaired or redone:
+        say so where it is used)."""
+        task = asyncio.get_running_loop().create_task(self.update_one(query, update))
+        self._later.add(task)
+        task.add_done_callback(self._deferred_done)
+
+    def _deferred_done(self, task: asyncio.Task[None]) -> None:
+        self._later.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.warning("a deferred write to %s failed: %r", self.collection.name, exc)
+
+    async def drain(self) -> None:
+        """Every write of :meth:`update_later` sent (or failed)."""
+        loop = asyncio.get_running_loop()
+        while waiting := [t for t in self._later if t.get_loop() is loop]:
+            await asyncio.gather(*waiting, return_exceptions=True)
 
     async def _write(self, write: _Write) -> None:
         loop = asyncio.get_running_loop()
@@ -68,21 +103,24 @@ class GroupWriter:
 
     async def _send_all(self) -> None:
         """Send what is pending, one batch after another, until nothing is."""
-        while self._pending:
-            # A write whose caller was cancelled before it left is not sent (as with
-            # ``insert_one``, which a cancelled caller never sends).
-            self._pending = [pending for pending in self._pending if not pending[1].done()]
-            batch = self._pending[: self.max_batch]
-            del self._pending[: self.max_batch]
-            if not batch:
-                break
-            try:
+        batch: list[tuple[_Write, asyncio.Future[None]]] = []
+        try:
+            if self.linger_s > 0:
+                await asyncio.sleep(self.linger_s)
+            while self._pending:
+                # A write whose caller was cancelled before it left is not sent (as with
+                # ``insert_one``, which a cancelled caller never sends).
+                self._pending = [pending for pending in self._pending if not pending[1].done()]
+                batch = self._pending[: self.max_batch]
+                del self._pending[: self.max_batch]
+                if not batch:
+                    break
                 await self._send(batch)
-            except asyncio.CancelledError:  # the loop is closing: nobody is left to send
-                for _, done in batch + self._pending:
-                    done.cancel()
-                self._pending.clear()
-                raise
+        except asyncio.CancelledError:  # the loop is closing: nobody is left to send
+            for _, done in batch + self._pending:
+                done.cancel()
+            self._pending.clear()
+            raise
 
     async def _send(self, batch: list[tuple[_Write, asyncio.Future[None]]]) -> None:
         errors: dict[int, Exception] = {}

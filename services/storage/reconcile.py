@@ -1,10 +1,10 @@
 """The reconciler: no task stays ``waiting`` or ``running`` because a message went missing.
 
 The gateway inserts a task document (with the encoded command) and then publishes the
-command; once JetStream has it, the gateway records its stream sequence on the
-document. A crash, a NATS outage or a timeout between the two leaves a document with
-no sequence. Every ``interval_s`` the reconciler looks at open tasks older than
-``grace_s``:
+command; once JetStream has it, the gateway records its stream sequence on the document
+(within ``STREAM_SEQ_LINGER_S``, grouped, with no request waiting). A crash, a NATS
+outage or a timeout between the two leaves a document with no sequence. Every
+``interval_s`` the reconciler looks at open tasks older than ``grace_s``:
 
 - no stream sequence: the publish was never confirmed. If a worker has reported on the
   task, it did land; otherwise the command is published again with the same

@@ -45,6 +45,11 @@ def _code(event: TaskEvent) -> str:
     return event.code if isinstance(event, TaskFailed) else ""
 
 
+STREAM_SEQ_LINGER_S = 0.1
+"""How long a noted stream sequence waits for others to share its command: under load,
+the sequences of a tenth of a second cost one command, not one each."""
+
+
 def progress_order(attempt: int, job_no: int, step: int) -> int:
     """A number that grows with every real progress step across jobs and attempts."""
     return attempt * 1_000_000_000 + job_no * 1_000_000 + step
@@ -110,6 +115,8 @@ class TaskStore:
         self.collection: AsyncCollection[Document] = db["tasks"]
         self.writes = GroupWriter(self.collection)
         """Submissions' inserts and stream sequences, grouped under load (group commit)."""
+        self.deferred = GroupWriter(self.collection, linger_s=STREAM_SEQ_LINGER_S)
+        """Stream sequences that no request waits for (:meth:`note_stream_seq`)."""
         self.open_counts: AsyncCollection[Document] = db["task_open_counts"]
         """Per user, ``{_id: user, n}``: tasks admitted and not yet ended (the quota's
         counter; ``QuotaStore`` counts up at admission, a terminal fold counts down)."""
@@ -135,6 +142,20 @@ class TaskStore:
     async def set_stream_seq(self, task_id: str, seq: int) -> None:
         """Record that JetStream holds the task's command (see the reconciler)."""
         await self.writes.update_one({"_id": task_id}, {"$set": {"stream_seq": seq}})
+
+    def note_stream_seq(self, task_id: str, seq: int) -> None:
+        """:meth:`set_stream_seq` without waiting: written within
+        ``STREAM_SEQ_LINGER_S``, with the others of that time in one command. Should it
+        never be written (the process dies first, MongoDB refuses it), the task looks
+        like one whose publish was not confirmed, and the reconciler settles it so
+        after ``reconcile_grace_s`` (a worker's events prove it landed; otherwise it is
+        published again under the same message id, which JetStream drops as a
+        duplicate within ``dedupe_window_s``)."""
+        self.deferred.update_later({"_id": task_id}, {"$set": {"stream_seq": seq}})
+
+    async def drain(self) -> None:
+        """Every write noted for later is sent (or failed)."""
+        await self.deferred.drain()
 
     async def get(self, task_id: str, user: str | None = None) -> Document | None:
         """One task by its internal id; with ``user`` the query is scoped to its owner

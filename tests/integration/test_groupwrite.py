@@ -12,6 +12,7 @@ from pymongo.errors import DuplicateKeyError, WriteError
 
 from services.storage.groupwrite import GroupWriter
 from services.storage.quotas import count_below
+from services.storage.tasks import TaskStore
 
 pytestmark = pytest.mark.integration
 
@@ -87,3 +88,18 @@ async def test_a_document_the_driver_refuses_fails_its_own_write_only(
     assert [None, None] == [outcomes[0], outcomes[2]], outcomes
     assert isinstance(outcomes[1], error), outcomes[1]
     assert {"first", "a", "b"} == set(await fresh_db["things"].distinct("_id"))
+
+
+async def test_noted_stream_sequences_land_together(fresh_db: Any) -> None:
+    """What a burst of submissions notes without waiting is written in one command, and
+    ``drain`` (a gateway stopping) waits for it."""
+    tasks = TaskStore(fresh_db)
+    ids = [f"t{n}" for n in range(20)]
+    await asyncio.gather(*(tasks.collection.insert_one({"_id": i}) for i in ids))
+    for seq, task_id in enumerate(ids, start=1):
+        tasks.note_stream_seq(task_id, seq)
+    assert 0 == await tasks.collection.count_documents({"stream_seq": {"$exists": True}})
+    await tasks.drain()
+    written = {d["_id"]: d["stream_seq"] async for d in tasks.collection.find()}
+    assert {task_id: seq for seq, task_id in enumerate(ids, start=1)} == written
+    assert 1 == tasks.deferred.commands

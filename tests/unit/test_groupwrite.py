@@ -12,6 +12,8 @@ from services.storage.groupwrite import GroupWriter
 class _Collection:
     """Records each bulk_write's size; blocks them while ``gate`` is unset."""
 
+    name = "stand-in"
+
     def __init__(self) -> None:
         self.sizes: list[int] = []
         self.gate = asyncio.Event()
@@ -84,3 +86,53 @@ def test_a_write_cancelled_before_it_left_is_not_sent() -> None:
         return collection.sizes
 
     assert [1, 1] == asyncio.run(main())
+
+
+class _Failing(_Collection):
+    async def bulk_write(self, requests: list[Any], ordered: bool) -> None:
+        await super().bulk_write(requests, ordered)
+        raise ConnectionError("the server went away")
+
+
+def test_deferred_writes_linger_for_company_and_drain_waits_for_them() -> None:
+    async def main() -> tuple[list[int], bool]:
+        collection = _Collection()
+        collection.gate.set()
+        writes = GroupWriter(collection, linger_s=0.05)  # type: ignore[arg-type]
+        for n in range(5):
+            writes.update_later({"_id": n}, {"$set": {"seq": n}})
+            await asyncio.sleep(0.001)  # asked for one after another, not at once
+        sent_before_drain = list(collection.sizes)
+        await writes.drain()
+        return collection.sizes, sent_before_drain == []
+
+    sizes, nothing_sent_before = asyncio.run(main())
+    assert nothing_sent_before, "a deferred write waits out the linger"
+    assert [5] == sizes, "the five went in one command"
+
+
+def test_a_deferred_write_that_fails_is_logged_not_raised(caplog: Any) -> None:
+    async def main() -> None:
+        collection = _Failing()
+        collection.gate.set()
+        writes = GroupWriter(collection)  # type: ignore[arg-type]
+        writes.update_later({"_id": 1}, {"$set": {"seq": 1}})
+        await writes.drain()
+
+    asyncio.run(main())
+    assert "a deferred write to" in caplog.text
+    assert "the server went away" in caplog.text
+
+
+def test_a_loop_closing_during_the_linger_leaves_no_write_waiting() -> None:
+    async def main() -> list[asyncio.Future[None]]:
+        writes = GroupWriter(_Collection(), linger_s=10)  # type: ignore[arg-type]
+        waiting = asyncio.ensure_future(writes.insert_one({"_id": 0}))
+        await _run_ready()
+        assert writes._sender is not None
+        writes._sender.cancel()
+        await _run_ready()
+        return [waiting]
+
+    [waiting] = asyncio.run(main())
+    assert waiting.cancelled()
