@@ -11,22 +11,25 @@ whole system, measured side by side in one run (compare the ratios, not the seco
    workers of ``max_batch = batch`` (``sdswarm up --gpu-slots N``; on a CPU each
    computes with (cores − 1) / N threads, at least 1), all loaded before measuring, at
    each queue depth D: D clients each send sync requests one after another (a closed
-   loop: D requests are always open), at least ``--rounds`` each and 64 in all, so the
-   rate is the steady state's, not that of one burst's fill and drain (a single burst
-   of D requests understated it: 32 tiny images in ~2 s). ``--slots 1,2`` measures the
-   system once per slot count, in the same run.
+   loop: D requests are always open). After ``SETTLE_S`` of that load, a window counts
+   the answers (``--rounds`` per client and 64 in all, at least), so the rate is the
+   steady state's: not that of one burst's fill and drain (a single burst of D requests
+   understated it: 32 tiny images in ~2 s), nor of the scheduler's reaction to a new
+   load. ``--slots 1,2`` measures the system once per slot count, in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
+import math
 import os
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +53,11 @@ NAME = "bench.safetensors"
 
 
 MIN_REQUESTS = 64
-"""Requests per queue depth, at least (depth 1: 64 one after another). With 32, a depth
-took about a second on the tiny model, and one pause of the bench's own event loop
-(which serves the gateway too) could cut its rate by half."""
+"""Answers a queue depth's measurement window holds, at least."""
+SETTLE_S = 2.0
+"""Load before a depth's window opens: the scheduler (a tick a second) sets the consumer's
+limits for the new load. Measured from the start, a depth that followed a lighter one
+lost its first second to the old limits: depth 8 read 21 images/s one run, 29 the next."""
 
 
 def _timed(call: Callable[[], object], repeats: int) -> float:
@@ -151,30 +156,59 @@ async def whole_system(
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as http,
     ):
 
-        async def one(n: int) -> float:
-            started = time.perf_counter()
+        async def one(n: int) -> None:
             request = {**body, "seed": n, "prompt": f"a cat, {n}"}
             async with http.post(f"{system.url}/txt2img", json=request) as response:
                 result = await response.json()
             assert result["status"] == "succeeded", result
-            return time.perf_counter() - started
-
-        async def client(first: int, count: int) -> list[float]:
-            return [await one(first + i) for i in range(count)]
 
         await warm(http, system.url, slots)
         # Every worker's first tasks pay their own one-off costs (lazy imports, first
         # allocations): a burst that reaches them all before anything is measured.
         await asyncio.gather(*(one(1_000_000 + n) for n in range(2 * slots * batch)))
         for depth in depths:
-            each = max(rounds, -(-MIN_REQUESTS // depth))
-            started = time.perf_counter()
-            runs = await asyncio.gather(*(client(c * each, each) for c in range(depth)))
-            wall = time.perf_counter() - started
-            latencies = sorted(seconds for run in runs for seconds in run)
+            rate, latencies = await closed_loop(one, depth, max(MIN_REQUESTS, rounds * depth))
             p95 = latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]
-            out[depth] = (len(latencies) / wall, statistics.median(latencies), p95)
+            out[depth] = (rate, statistics.median(latencies), p95)
     return out
+
+
+async def closed_loop(
+    one: Callable[[int], Awaitable[None]], depth: int, answers: int
+) -> tuple[float, list[float]]:
+    """``depth`` clients, each sending a request as soon as its last one is answered.
+    After ``SETTLE_S`` and an answer for every client, a window opens; it closes once
+    ``answers`` answers came inside it. Answers per second in the window, and the sorted
+    latencies of the requests sent and answered inside it."""
+    seeds = itertools.count()
+    timings: list[tuple[float, float]] = []  # (sent, answered)
+    answered: set[int] = set()
+    stop, news = asyncio.Event(), asyncio.Event()
+
+    async def client(number: int) -> None:
+        while not stop.is_set():
+            sent = time.perf_counter()
+            await one(next(seeds))
+            timings.append((sent, time.perf_counter()))
+            answered.add(number)
+            news.set()
+
+    async def until(condition: Callable[[], bool]) -> None:
+        while not condition():
+            news.clear()
+            await news.wait()
+
+    clients = [asyncio.create_task(client(n)) for n in range(depth)]
+    await asyncio.sleep(SETTLE_S)
+    await until(lambda: len(answered) == depth)
+    opened = time.perf_counter()
+    await until(lambda: sum(1 for _, at in timings if at > opened) >= answers)
+    closed = time.perf_counter()
+    stop.set()
+    await asyncio.gather(*clients)
+    inside = [at for _, at in timings if opened < at <= closed]
+    latencies = sorted(at - sent for sent, at in timings if sent >= opened and at <= closed)
+    return len(inside) / (closed - opened), latencies or [math.nan]
 
 
 async def warm(http: aiohttp.ClientSession, url: str, slots: int) -> None:
@@ -202,7 +236,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=0, help="default: 512 full size, 64 tiny")
     parser.add_argument("--depths", default="1,8,32")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=4, help="requests per client, at least")
+    parser.add_argument(
+        "--rounds", type=int, default=4, help="answers per client in a window, at least"
+    )
     parser.add_argument("--skip-system", action="store_true")
     parser.add_argument(
         "--slots",
