@@ -31,7 +31,7 @@ from proto.events import (
     decode_event,
 )
 from services.common import consumer
-from services.storage.tasks import TaskStore, progress_order
+from services.storage.tasks import Ends, TaskStore, progress_order
 
 log = logging.getLogger(__name__)
 BATCH = 64
@@ -138,7 +138,11 @@ async def run_sink(
     )
 
     async def fold(
-        message: Msg, event: TaskEvent | None, superseded: set[int], riders: list[TaskEvent]
+        message: Msg,
+        event: TaskEvent | None,
+        superseded: set[int],
+        riders: list[TaskEvent],
+        ends: Ends,
     ) -> None:
         if event is None:
             raise consumer.Poison("undecodable event")  # no retry can ever decode it
@@ -160,6 +164,7 @@ async def run_sink(
                     last,
                     written=announce,
                     worker_end=msg_id == names.end_msg_id(event.task_id),
+                    ends=ends,
                 )
             else:
                 await tasks.apply(event)
@@ -183,18 +188,23 @@ async def run_sink(
             superseded = _superseded(decoded)
             riding = _riders(decoded)
             carried = {id(m) for ms in riding.values() for m, _ in ms}
+            ends = Ends(tasks)
             for message, event in events:
                 if id(message) in carried:
                     continue  # folded with its task's end, settled beside it
                 riders = riding.get(id(message), [])
                 acked = await consumer.settle(
-                    message, fold(message, event, superseded, [e for _, e in riders])
+                    message, fold(message, event, superseded, [e for _, e in riders], ends)
                 )
                 folded += acked
                 for rider, _ in riders:  # as their terminal event went
                     with contextlib.suppress(Exception):
                         await (rider.ack() if acked else rider.nak(delay=retry_s))
                     folded += acked
+            try:
+                await ends.settle()
+            except PyMongoError as exc:
+                log.warning("ended tasks' bookkeeping failed (owners' counts recount): %s", exc)
     finally:
         log.info("event sink stopped after folding %d events", folded)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from pymongo import ASCENDING, DESCENDING
+from pymongo import ASCENDING, DESCENDING, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 
@@ -262,12 +262,14 @@ class TaskStore:
         *,
         written: Callable[[], Awaitable[None]] | None = None,
         worker_end: bool = False,
+        ends: Ends | None = None,
     ) -> bool:
         """Fold a terminal event, with the same attempt's ``started`` and last
         ``progress`` events when they came together (one write, as if folded in order);
         False when the rules say it changes nothing. ``written`` runs once the document
         holds the end, before the bookkeeping that follows (metrics, the owner's count):
-        a sync request waiting on it need not wait for that.
+        a sync request waiting on it need not wait for that. With ``ends``, that
+        bookkeeping joins the others' there (:class:`Ends`); else it is done now.
 
         ``worker_end``: the event is the one worker end the stream keeps for the task
         (``names.end_msg_id``). It ends an open task whichever attempt sent it: when two
@@ -301,14 +303,12 @@ class TaskStore:
             return False
         if started is not None and started.attempt == event.attempt:
             metrics.task_started(started.model_key)
-        ended = await self.collection.find_one(
-            {"_id": event.task_id}, projection=metrics.ENDED_FIELDS
-        )
-        if ended is not None:  # None: deleted meanwhile (its owner's count is moot)
-            metrics.task_ended(ended, fields["status"], event.at, _code(event))
-            await self.open_counts.update_one(
-                {"_id": ended["user"], "n": {"$gt": 0}}, {"$inc": {"n": -1}}
-            )
+        if ends is not None:
+            ends.add(event, fields["status"])
+        else:
+            alone = Ends(self)
+            alone.add(event, fields["status"])
+            await alone.settle()
         return True
 
     @staticmethod
@@ -392,3 +392,38 @@ class TaskStore:
             "attempt": {"$lte": event.attempt},
         }
         return query, {"$set": fields}
+
+
+class Ends:
+    """The bookkeeping of tasks that ended (their folds changed them): the metrics, and
+    each owner's count of open tasks one down. The sink collects the ends of one fetch
+    (a batch's tasks end together) and settles them with one read and one write in all,
+    instead of one each, after their folds are acked. Should that fail or the process
+    die first, an owner's count stays too high, as when the sink dies between a fold and
+    its count: the quota recounts a count that reaches its limit (``QuotaStore.admit``)."""
+
+    def __init__(self, store: TaskStore) -> None:
+        self.store = store
+        self._ended: list[tuple[TaskSucceeded | TaskFailed | TaskCancelled, str]] = []
+
+    def add(self, event: TaskSucceeded | TaskFailed | TaskCancelled, status: str) -> None:
+        self._ended.append((event, status))
+
+    async def settle(self) -> None:
+        ended, self._ended = self._ended, []
+        if not ended:
+            return
+        ids = list({event.task_id for event, _ in ended})
+        query = {"_id": {"$in": ids}}
+        found = self.store.collection.find(query, projection=metrics.ENDED_FIELDS)
+        documents = {d["_id"]: d async for d in found}
+        counts: list[UpdateOne] = []
+        for event, status in ended:
+            document = documents.get(event.task_id)
+            if document is None:  # deleted meanwhile: its owner's count is moot
+                continue
+            metrics.task_ended(document, status, event.at, _code(event))
+            owner = {"_id": document["user"], "n": {"$gt": 0}}
+            counts.append(UpdateOne(owner, {"$inc": {"n": -1}}))
+        if counts:
+            await self.store.open_counts.bulk_write(counts, ordered=False)

@@ -13,6 +13,7 @@ from pymongo import AsyncMongoClient, monitoring
 from proto.events import TaskSucceeded
 from services.storage.mongo import Document, database
 from services.storage.quotas import QuotaStore
+from services.storage.tasks import Ends
 from tests.documents import task_document
 
 pytestmark = pytest.mark.integration
@@ -152,3 +153,26 @@ async def test_a_users_first_submissions_at_once_are_all_counted(quotas: QuotaSt
     counts = await quotas.open_counts.find_one({"_id": "racer"})
     assert counts is not None
     assert 8 == counts["n"]
+
+
+async def test_the_ends_of_a_fetch_cost_one_read_and_one_write(
+    watched: tuple[QuotaStore, _Commands],
+) -> None:
+    """The sink settles the tasks that one fetch ended together (``Ends``): each owner's
+    count goes down once per task that ended, with one read and one write in all; an
+    end that changes nothing (a duplicate delivery) counts nothing."""
+    quotas, commands = watched
+    owners = {"ann": [secrets.token_hex(6) for _ in range(4)], "bob": [secrets.token_hex(6)]}
+    for user, ids in owners.items():
+        for task_id in ids:
+            assert await quotas.admit(user, max_open=10, per_minute=0) is None
+            await quotas.store.insert(_task(user, task_id))
+    ending = [*owners["ann"][:3], *owners["bob"]]  # one of ann's stays open
+    ends = Ends(quotas.store)
+    for task_id in [*ending, ending[0]]:  # the first one's end delivered twice
+        await quotas.store.finish(TaskSucceeded(task_id=task_id, attempt=1, images=[]), ends=ends)
+    commands.commands.clear()
+    await ends.settle()
+    assert [("find", "tasks"), ("update", "task_open_counts")] == commands.commands
+    assert {"_id": "ann", "n": 1} == await quotas.open_counts.find_one({"_id": "ann"})
+    assert {"_id": "bob", "n": 0} == await quotas.open_counts.find_one({"_id": "bob"})
