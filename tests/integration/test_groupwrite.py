@@ -94,6 +94,7 @@ async def test_noted_stream_sequences_land_together(fresh_db: Any) -> None:
     """What a burst of submissions notes without waiting is written in one command, and
     ``drain`` (a gateway stopping) waits for it."""
     tasks = TaskStore(fresh_db)
+    tasks.deferred.linger_s = 1.0  # far longer than the read below, however slow the machine
     ids = [f"t{n}" for n in range(20)]
     await asyncio.gather(*(tasks.collection.insert_one({"_id": i}) for i in ids))
     for seq, task_id in enumerate(ids, start=1):

@@ -98,7 +98,8 @@ def test_deferred_writes_linger_for_company_and_drain_waits_for_them() -> None:
     async def main() -> tuple[list[int], bool]:
         collection = _Collection()
         collection.gate.set()
-        writes = GroupWriter(collection, linger_s=0.05)  # type: ignore[arg-type]
+        # A linger far longer than the 5 ms of asking, so a slow machine keeps the order.
+        writes = GroupWriter(collection, linger_s=0.5)  # type: ignore[arg-type]
         for n in range(5):
             writes.update_later({"_id": n}, {"$set": {"seq": n}})
             await asyncio.sleep(0.001)  # asked for one after another, not at once
