@@ -130,7 +130,7 @@ async def measure(args: argparse.Namespace, commands: Commands) -> None:
                 root,
                 models,
                 gateway=limits | {"sync_timeout_s": 3600},
-                scheduler={"gpu_slots": 1, "max_batch": args.batch},
+                scheduler={"gpu_slots": args.slots, "max_batch": args.batch},
             ) as system,
             aiohttp.ClientSession() as http,
         ):
@@ -182,6 +182,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--slots", type=int, default=1, help="workers (sdswarm up --gpu-slots)")
     parser.add_argument("--sites", action="store_true", help="count by call site too")
     args = parser.parse_args()
     commands = Commands(sites=args.sites)

@@ -51,7 +51,8 @@ PHASES = (
     ("steps", "the other steps: → the last TaskProgressed.at"),
     ("output", "VAE decode, PNG, upload: → TaskSucceeded.at"),
     ("event out", "terminal event stored and delivered: → heard on sd.event"),
-    ("answer", "fold into MongoDB, the waiter's read, presigning: → response"),
+    ("fold", "the sink folds the end into MongoDB: → heard on sd.folded"),
+    ("answer", "the waiter's read, presigning, HTTP: → response"),
 )
 
 
@@ -103,6 +104,10 @@ class Marks:
         elif isinstance(event, TaskSucceeded):
             self.seen[event.task_id] |= {"succeeded": event.at, "heard": time.time()}
 
+    async def on_folded(self, message: Any) -> None:
+        task_id = message.subject.removeprefix(names.FOLDED_SUBJECT_PREFIX + ".")
+        self.seen[task_id]["folded"] = time.time()
+
 
 async def measure(
     root: Path, models: Path, body: dict[str, Any], n: int, direct: Callable[[], float]
@@ -116,6 +121,7 @@ async def measure(
         nc = await nats.connect(system.nats_url)
         await nc.subscribe(names.TASK_SUBJECTS, cb=marks.on_command)
         await nc.subscribe(names.EVENT_SUBJECTS, cb=marks.on_event)
+        await nc.subscribe(names.FOLDED_SUBJECT_PREFIX + ".*", cb=marks.on_folded)
         try:
             for index in range(n + 1):  # the first pair warms caches and starts the worker
                 took = await asyncio.to_thread(direct)
@@ -137,6 +143,7 @@ async def measure(
                     "last step",
                     "succeeded",
                     "heard",
+                    "folded",
                 )
                 if all(key in seen for key in keys):
                     points = [sent, *(seen[key] for key in keys), received]

@@ -2,17 +2,19 @@
 the login throttle (:class:`LoginThrottle`).
 
 Two limits: how many of a user's tasks may be open (waiting or running) at once, and how
-many tasks a user may submit per minute. Each costs O(1) per submission, however long
-the queue (counting documents slowed submissions down as the queue grew):
+many tasks a user may submit per minute. Both are counted in one document per user in
+``task_open_counts``, so an admission below the limits is one conditional write, however
+long the queue (counting documents slowed submissions down as the queue grew):
 
-- open tasks: a counter per user, counted up at admission, down by the event fold when a
-  task ends (``TaskStore.apply``) or by :meth:`QuotaStore.release` when a submission is
-  refused after admission. Should it run ahead of the truth (a gateway died between
-  admission and insert), reaching the limit recounts the user's open tasks (an indexed
-  count of at most ``limit`` documents) and corrects it;
-- per minute: a counter per user and clock minute (expired by a TTL index); the last 60 s
-  are estimated as this minute's count plus the previous minute's, weighted by how much
-  of it is still inside the window (the sliding-window counter of rate limiters).
+- ``n``, open tasks: counted up at admission, down by the event fold when a task ends
+  (``TaskStore.finish``) or by :meth:`QuotaStore.release` when a submission is refused
+  after admission. Should it run ahead of the truth (a gateway died between admission and
+  insert), reaching the limit recounts the user's open tasks (an indexed count of at most
+  ``limit`` documents) and corrects it;
+- ``m``, submissions in the clock minute ``minute``, and ``prev``, those of the minute
+  before it: the last 60 s are estimated as this minute's count plus the previous
+  minute's, weighted by how much of it is still inside the window (the sliding-window
+  counter of rate limiters). The first admission of a new minute rolls the document over.
 
 Both are soft limits: two submissions racing on two replicas may both pass the last free
 place. A refusal says how long to wait, and counts nothing.
@@ -20,10 +22,10 @@ place. A refusal says how long to wait, and counts nothing.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pymongo.asynchronous.collection import AsyncCollection
@@ -89,43 +91,82 @@ class Refusal:
 
 
 class QuotaStore:
-    def __init__(self, db: AsyncDatabase[Document]) -> None:
+    def __init__(self, db: AsyncDatabase[Document], clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        """Seconds since the epoch: clock minutes are counted in it."""
         self.store = TaskStore(db)
         self.tasks: AsyncCollection[Document] = self.store.collection
-        self.open_counts = self.store.open_counts
-        self.minutes: AsyncCollection[Document] = db["task_minutes"]
-        self.open_count_writes = GroupWriter(self.open_counts)
-        self.minute_writes = GroupWriter(self.minutes)
+        self.counts = self.store.open_counts
+        """Per user ``{_id: user, n, minute, m, prev}`` (see the module)."""
+        self.count_writes = GroupWriter(self.counts)
         self._minute = -1
         self._previous: dict[str, int] = {}
-        """Per user, their count in the minute ``_minute`` (the one before this one)."""
+        """Per user, their count in the minute before ``_minute`` (read once a minute)."""
 
     async def ensure_indexes(self) -> None:
         await self.tasks.create_index([("user", 1), ("status", 1)])
-        await self.minutes.create_index("expires", expireAfterSeconds=0)
 
     async def admit(self, user: str, *, max_open: int, per_minute: int) -> Refusal | None:
         """Count a submission of ``user`` in; a :class:`Refusal` (nothing counted) when it
-        would break a limit (0: none). A submission refused later must be released."""
-        # Both counters at once (one round trip's wait, not two); the open-task counter
-        # counts even with no limit, so that it is right when a limit is set.
-        counting = count_below(self.open_count_writes, user, max_open if max_open > 0 else None)
-        if per_minute > 0:
-            refusal, counted = await asyncio.gather(self._count_minute(user, per_minute), counting)
-            if refusal is not None:
-                if counted:
-                    await self._uncount(user, minute=False)  # the minute refused it
-                return refusal
-        else:
-            counted = await counting
-        if counted:
-            return None
+        would break a limit (0: none). A submission refused later must be released.
+        The open-task count counts even with no limit, so that it is right when a limit
+        is set."""
+        if per_minute <= 0:
+            if await count_below(self.count_writes, user, max_open if max_open > 0 else None):
+                return None
+            return await self._recounted(user, max_open, {"_id": user}, {})
+        ahead = -1  # the minute of a gateway whose clock is ahead of this one's
+        for _ in range(3):
+            now = self.clock()
+            minute = max(int(now // MINUTE_S), ahead)
+            inside = min(1 - (now / MINUTE_S - minute), 1.0)  # the previous minute's share
+            # Admitted while this minute's count after it plus the previous minute's
+            # weighted count stays within the limit: while ``m`` is below ``cap``.
+            previous = await self._previous_count(user, minute)
+            cap = math.floor(per_minute - previous * inside)
+            if cap <= 0:
+                return _per_minute_refusal(per_minute, inside)
+            this_minute = {"_id": user, "minute": minute, "m": {"$lt": cap}}
+            query = this_minute | ({"n": {"$lt": max_open}} if max_open > 0 else {})
+            update = {"$inc": {"n": 1, "m": 1}, "$setOnInsert": {"prev": previous}}
+            try:
+                # One conditional upsert: a document that does not match (a limit
+                # reached, another minute) fails the upsert's insert on its ``_id``.
+                await self.count_writes.update_one(query, update, upsert=True)
+                return None
+            except DuplicateKeyError:
+                pass
+            counts = await self.counts.find_one({"_id": user})
+            if counts is None:
+                continue  # deleted meanwhile: again
+            if (was := counts.get("minute")) is not None and was > minute:
+                ahead = was  # another gateway's clock is ahead: count in its minute
+                continue
+            if was != minute:
+                await self._roll_over(user, counts, minute)
+                continue
+            if counts.get("m", 0) >= cap:
+                return _per_minute_refusal(per_minute, inside)
+            if max_open > 0 and counts.get("n", 0) >= max_open:
+                return await self._recounted(user, max_open, this_minute, {"$inc": {"m": 1}})
+            # Neither limit: a concurrent upsert created the document first (MongoDB
+            # applies neither write): again.
+        raise RuntimeError(f"the counts of {user!r} could not be updated")
+
+    async def _recounted(
+        self, user: str, max_open: int, query: Document, update: Document
+    ) -> Refusal | None:
+        """The open-task limit is reached by the counter: recount the user's open
+        tasks; if the counter ran ahead, correct it and admit (with ``update`` too, on
+        the document matching ``query``)."""
         actual = await self.store.count_open({"user": user}, limit=max_open)
-        if actual < max_open:  # the counter ran ahead: correct it, this one is admitted
-            await self.open_counts.update_one({"_id": user}, {"$set": {"n": actual + 1}})
+        if actual < max_open:
+            corrected = {"$set": {"n": actual + 1}} | update
+            if (await self.counts.update_one(query, corrected)).matched_count:
+                return None
+            # The minute filled up or rolled over meanwhile: soft limits, let it pass.
+            await self.counts.update_one({"_id": user}, {"$set": {"n": actual + 1}})
             return None
-        if per_minute > 0:
-            await self._uncount_minute(user)
         return Refusal(
             f"you have {actual} unfinished tasks, the limit is {max_open}: wait for some to finish",
             retry_after_s=5,
@@ -133,43 +174,43 @@ class QuotaStore:
 
     async def release(self, user: str, *, per_minute: int) -> None:
         """Give back an admission whose submission was refused after all."""
-        await self._uncount(user, per_minute > 0)
+        await self.counts.update_one({"_id": user, "n": {"$gt": 0}}, {"$inc": {"n": -1}})
+        if per_minute > 0:
+            minute = int(self.clock() // MINUTE_S)
+            await self.counts.update_one(
+                {"_id": user, "minute": minute, "m": {"$gt": 0}}, {"$inc": {"m": -1}}
+            )
 
-    async def _uncount(self, user: str, minute: bool) -> None:
-        await self.open_counts.update_one({"_id": user, "n": {"$gt": 0}}, {"$inc": {"n": -1}})
-        if minute:
-            await self._uncount_minute(user)
-
-    async def _uncount_minute(self, user: str) -> None:
-        key = f"{user}\n{int(time.time() // MINUTE_S)}"
-        await self.minutes.update_one({"_id": key, "n": {"$gt": 0}}, {"$inc": {"n": -1}})
-
-    async def _previous_minute(self, user: str, minute: int) -> int:
-        """The user's count in a minute that has passed, read once per minute: a count
-        that can no longer grow (but for submissions racing the minute's end)."""
+    async def _previous_count(self, user: str, minute: int) -> int:
+        """The user's count in the minute before ``minute``, read once per minute: a
+        count that can no longer grow (but for submissions racing the minute's end)."""
         if self._minute != minute:
             self._minute, self._previous = minute, {}
         if user not in self._previous:
-            counter = await self.minutes.find_one({"_id": f"{user}\n{minute}"})
-            self._previous[user] = int(counter["n"]) if counter else 0
+            counts = await self.counts.find_one({"_id": user}) or {}
+            if counts.get("minute") == minute:
+                self._previous[user] = int(counts.get("prev", 0))
+            elif counts.get("minute") == minute - 1:
+                self._previous[user] = int(counts.get("m", 0))
+            else:
+                self._previous[user] = 0
         return self._previous[user]
 
-    async def _count_minute(self, user: str, per_minute: int) -> Refusal | None:
-        now = time.time()
-        minute = int(now // MINUTE_S)
-        inside = 1 - (now / MINUTE_S - minute)  # share of the previous minute still counted
-        key = f"{user}\n{minute}"
-        expires = dt.datetime.fromtimestamp((minute + 2) * MINUTE_S, dt.UTC)
-        # Admitted while this minute's count after it plus the previous minute's weighted
-        # count stays within the limit: while this minute's count is below ``cap``.
-        cap = math.floor(per_minute - (await self._previous_minute(user, minute - 1)) * inside)
-        if cap > 0 and await count_below(self.minute_writes, key, cap, {"expires": expires}):
-            return None
-        # The estimate falls as this minute ends (then the previous one's weight fades).
-        wait = max(math.ceil(inside * MINUTE_S), 1)
-        return Refusal(
-            f"at most {per_minute} tasks per minute; retry in {wait} s", retry_after_s=wait
+    async def _roll_over(self, user: str, counts: Document, minute: int) -> None:
+        """Start ``minute`` in the user's document (one from before it), keeping the
+        count of the minute before it. Only the first of racing gateways does (the old
+        minute is in the query)."""
+        was = counts.get("minute")
+        previous = int(counts.get("m", 0)) if was == minute - 1 else 0
+        await self.counts.update_one(
+            {"_id": user, "minute": was}, {"$set": {"minute": minute, "m": 0, "prev": previous}}
         )
+
+
+def _per_minute_refusal(per_minute: int, inside: float) -> Refusal:
+    # The estimate falls as this minute ends (then the previous one's weight fades).
+    wait = max(math.ceil(inside * MINUTE_S), 1)
+    return Refusal(f"at most {per_minute} tasks per minute; retry in {wait} s", retry_after_s=wait)
 
 
 class LoginThrottle:

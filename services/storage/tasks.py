@@ -118,8 +118,9 @@ class TaskStore:
         self.deferred = GroupWriter(self.collection, linger_s=STREAM_SEQ_LINGER_S)
         """Stream sequences that no request waits for (:meth:`note_stream_seq`)."""
         self.open_counts: AsyncCollection[Document] = db["task_open_counts"]
-        """Per user, ``{_id: user, n}``: tasks admitted and not yet ended (the quota's
-        counter; ``QuotaStore`` counts up at admission, a terminal fold counts down)."""
+        """Per user, ``{_id: user, n, …}``: ``n`` tasks admitted and not yet ended (the
+        quota's counter; ``QuotaStore`` counts up at admission, a terminal fold counts
+        down), beside the per-minute counts (``services.storage.quotas``)."""
 
     async def ensure_indexes(self) -> None:
         await self.collection.create_index([("user", ASCENDING), ("created_at", DESCENDING)])

@@ -76,30 +76,31 @@ async def test_admission_never_reads_the_tasks(watched: tuple[QuotaStore, _Comma
     by timing it (``bench/submit_rate.py`` measures the rate)."""
     quotas, commands = watched
     await quotas.tasks.insert_many([_task("busy") for _ in range(500)])
-    await quotas.open_counts.update_one({"_id": "busy"}, {"$set": {"n": 500}}, upsert=True)
+    await quotas.counts.update_one({"_id": "busy"}, {"$set": {"n": 500}}, upsert=True)
     commands.collections.clear()
     for _ in range(20):
         assert await quotas.admit("busy", max_open=100_000, per_minute=100_000) is None
     touched = set(commands.collections)
     assert "tasks" not in touched, touched
-    assert touched <= {quotas.open_counts.name, quotas.minutes.name}, touched
-    assert 500 + 20 == (await quotas.open_counts.find_one({"_id": "busy"}) or {})["n"]
+    assert touched == {quotas.counts.name}, touched
+    assert 500 + 20 == (await quotas.counts.find_one({"_id": "busy"}) or {})["n"]
 
 
-async def test_admission_below_the_limits_is_one_write_per_counter(
+async def test_admission_below_the_limits_is_one_write(
     watched: tuple[QuotaStore, _Commands],
 ) -> None:
     """Each admission is a command of the task store (SecantusDB spends ~1 ms of CPU per
-    command): below its limits it writes each counter once and reads nothing back; the
-    previous minute's count is read once per minute."""
+    command): below its limits it writes the user's one counts document once (both
+    counters) and reads nothing back; the previous minute's count is read once per
+    minute."""
     quotas, commands = watched
     assert await quotas.admit("eve", max_open=100, per_minute=100) is None
     commands.commands.clear()
     for _ in range(5):
         assert await quotas.admit("eve", max_open=100, per_minute=100) is None
-    writes = [("update", quotas.open_counts.name), ("update", quotas.minutes.name)] * 5
-    assert sorted(writes) == sorted(commands.commands)
-    assert 6 == (await quotas.open_counts.find_one({"_id": "eve"}) or {})["n"]
+    assert [("update", quotas.counts.name)] * 5 == commands.commands
+    counts = await quotas.counts.find_one({"_id": "eve"}) or {}
+    assert (6, 6) == (counts["n"], counts["m"])
 
 
 async def test_counters_follow_admissions_the_fold_and_releases(quotas: QuotaStore) -> None:
@@ -120,16 +121,72 @@ async def test_counters_follow_admissions_the_fold_and_releases(quotas: QuotaSto
     # A submission refused after admission gives its place back.
     await quotas.store.apply(TaskSucceeded(task_id=ids[1], attempt=1, images=[]))
     assert await quotas.admit("ann", **limits) is None
-    assert {"_id": "ann", "n": 2} == await quotas.open_counts.find_one({"_id": "ann"})
+    assert 2 == await _open(quotas, "ann")
     await quotas.release("ann", per_minute=100)
-    assert {"_id": "ann", "n": 1} == await quotas.open_counts.find_one({"_id": "ann"})
+    assert 1 == await _open(quotas, "ann")
+
+
+async def _open(quotas: QuotaStore, user: str) -> int:
+    counts = await quotas.counts.find_one({"_id": user})
+    assert counts is not None
+    return int(counts["n"])
+
+
+MINUTE_600 = 600 * 60.0
+
+
+async def test_a_new_minute_keeps_the_last_ones_count(fresh_db: Any) -> None:
+    """The first admission of a minute rolls the user's document over: the minute that
+    ended weighs in by the share of it still inside the last 60 s."""
+    quotas = QuotaStore(fresh_db, clock=lambda: MINUTE_600 + 30)  # half of 599 counts
+    await quotas.counts.insert_one({"_id": "fay", "n": 4, "minute": 599, "m": 10, "prev": 3})
+    # 12 per minute, 10 in the minute before weighing 0.5: 7 more now.
+    for _ in range(7):
+        assert await quotas.admit("fay", max_open=0, per_minute=12) is None
+    refusal = await quotas.admit("fay", max_open=0, per_minute=12)
+    assert refusal is not None
+    assert "per minute" in refusal.reason
+    assert 30 == refusal.retry_after_s
+    expected = {"_id": "fay", "n": 11, "minute": 600, "m": 7, "prev": 10}
+    assert expected == await quotas.counts.find_one({"_id": "fay"})
+    # A second gateway (nothing cached) reads the same weight from the document.
+    other = QuotaStore(fresh_db, clock=lambda: MINUTE_600 + 30)
+    assert await other.admit("fay", max_open=0, per_minute=12) is not None
+    await quotas.release("fay", per_minute=12)
+    assert await other.admit("fay", max_open=0, per_minute=12) is None
+
+
+async def test_counts_from_before_the_minute_fields_go_on(fresh_db: Any) -> None:
+    """A counts document written before it held the minute's count (``{_id, n}``)."""
+    quotas = QuotaStore(fresh_db, clock=lambda: MINUTE_600 + 1)
+    await quotas.counts.insert_one({"_id": "gus", "n": 3})
+    assert await quotas.admit("gus", max_open=10, per_minute=5) is None
+    expected = {"_id": "gus", "n": 4, "minute": 600, "m": 1, "prev": 0}
+    assert expected == await quotas.counts.find_one({"_id": "gus"})
+
+
+async def test_a_gateway_whose_clock_is_behind_counts_in_the_later_minute(
+    fresh_db: Any,
+) -> None:
+    """Two replicas' clocks a little apart must not reset each other's minute."""
+    quotas = QuotaStore(fresh_db, clock=lambda: MINUTE_600 + 59)
+    await quotas.counts.insert_one({"_id": "hal", "n": 0, "minute": 601, "m": 2, "prev": 0})
+    assert await quotas.admit("hal", max_open=0, per_minute=3) is None
+    assert await quotas.admit("hal", max_open=0, per_minute=3) is not None
+    expected = {"_id": "hal", "n": 1, "minute": 601, "m": 3, "prev": 0}
+    assert expected == await quotas.counts.find_one({"_id": "hal"})
 
 
 async def test_a_counter_ahead_of_the_truth_is_corrected(quotas: QuotaStore) -> None:
     """A gateway that died between admission and insert left the counter too high."""
-    await quotas.open_counts.update_one({"_id": "cid"}, {"$set": {"n": 50}}, upsert=True)
+    await quotas.counts.update_one({"_id": "cid"}, {"$set": {"n": 50}}, upsert=True)
     assert await quotas.admit("cid", max_open=2, per_minute=0) is None
-    assert {"_id": "cid", "n": 1} == await quotas.open_counts.find_one({"_id": "cid"})
+    assert {"_id": "cid", "n": 1} == await quotas.counts.find_one({"_id": "cid"})
+    # With a per-minute limit too, the correction counts the minute as well.
+    await quotas.counts.update_one({"_id": "cid"}, {"$set": {"n": 50}})
+    assert await quotas.admit("cid", max_open=2, per_minute=10) is None
+    counts = await quotas.counts.find_one({"_id": "cid"}) or {}
+    assert (1, 1) == (counts["n"], counts["m"])
 
 
 async def test_submissions_per_minute(quotas: QuotaStore) -> None:
@@ -150,7 +207,7 @@ async def test_a_users_first_submissions_at_once_are_all_counted(quotas: QuotaSt
         *(quotas.admit("racer", max_open=100, per_minute=100) for _ in range(8))
     )
     assert [None] * 8 == refusals
-    counts = await quotas.open_counts.find_one({"_id": "racer"})
+    counts = await quotas.counts.find_one({"_id": "racer"})
     assert counts is not None
     assert 8 == counts["n"]
 
@@ -174,5 +231,5 @@ async def test_the_ends_of_a_fetch_cost_one_read_and_one_write(
     commands.commands.clear()
     await ends.settle()
     assert [("find", "tasks"), ("update", "task_open_counts")] == commands.commands
-    assert {"_id": "ann", "n": 1} == await quotas.open_counts.find_one({"_id": "ann"})
-    assert {"_id": "bob", "n": 0} == await quotas.open_counts.find_one({"_id": "bob"})
+    assert {"_id": "ann", "n": 1} == await quotas.counts.find_one({"_id": "ann"})
+    assert {"_id": "bob", "n": 0} == await quotas.counts.find_one({"_id": "bob"})
