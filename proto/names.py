@@ -132,7 +132,7 @@ def end_msg_id(task_id: str) -> str:
 
 
 def task_events_filter(task_id: str) -> str:
-    """All events of one task (replay for SSE, wait for sync requests)."""
+    """All events of one task (replay for SSE)."""
     return f"{EVENT_SUBJECT_PREFIX}.{check_task_id(task_id)}.>"
 
 

@@ -1,12 +1,14 @@
 """Waiting for a task to end (sync requests) and following it live (SSE).
 
 Sync requests subscribe (core NATS, before publishing) to ``sd.folded.<task_id>``,
-which the sink publishes once the task's end is in its document, and answer from that
-document, so ``GET /tasks/{id}/result`` agrees with every sync answer: one read, no
-polling. They also hear the task's terminal event (``sd.event.<task_id>.>``) and then
-poll the document with backoff, in case the notice is lost (or the storage service
-predates it); MongoDB is re-read periodically too, so a message missed during a
-reconnect only delays the answer.
+which the sink publishes once the task's end is in its document, carrying the document
+as read back after the fold, and answer from that document, so
+``GET /tasks/{id}/result`` agrees with every sync answer: no read, no polling (one read
+when the notice carries no document). They also hear the task's terminal event (its
+terminal subjects only: not a message per step) and then poll the document with
+backoff, in case the notice is lost (or the storage service predates it); MongoDB is
+re-read periodically too, so a message missed during a reconnect only delays the
+answer.
 SSE uses a JetStream ordered consumer over ``SD_EVENTS``: it replays the task's
 history first, and ``Last-Event-ID`` (the stream sequence) resumes after a reconnect.
 """
@@ -27,6 +29,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from proto import TaskStatus, names
 from proto.events import (
+    TERMINAL_KINDS,
     TaskCancelled,
     TaskEvent,
     TaskFailed,
@@ -35,12 +38,13 @@ from proto.events import (
     event_kind,
     event_to_builtins,
 )
+from proto.notices import decode_folded
 from services.gateway.auth import caller
 from services.gateway.errors import ApiError, too_many
 from services.gateway.resources import Resources, resources
 from services.gateway.validation import bounded_int
 from services.storage.mongo import Document
-from services.storage.tasks import TaskStore, shown_task_id
+from services.storage.tasks import TaskStore, folded_document, shown_task_id
 
 MAX_EVENT_ID = 2**53 - 1
 """Event ids are JetStream sequences (uint64); a client's ``Last-Event-ID`` is at most
@@ -75,6 +79,8 @@ class TerminalWaiter:
         """The terminal event went by."""
         self._folded = False
         """The sink said the document holds the end (since the last read)."""
+        self._document: Document | None = None
+        """The terminal document the sink's notice carried (then no read is needed)."""
         self._subscriptions: list[Subscription] = []
 
     @classmethod
@@ -84,11 +90,16 @@ class TerminalWaiter:
         waiter = cls(task_id, user)
         waiter._subscriptions = [
             await nc.subscribe(names.folded_subject(task_id), cb=waiter._on_folded),
-            await nc.subscribe(names.task_events_filter(task_id), cb=waiter._on_event),
+            *[
+                await nc.subscribe(names.event_subject(task_id, kind), cb=waiter._on_event)
+                for kind in TERMINAL_KINDS
+            ],
         ]
         return waiter
 
     async def _on_folded(self, message: Msg) -> None:
+        with contextlib.suppress(msgspec.DecodeError):  # an empty notice: read it
+            self._document = folded_document(decode_folded(message.data), self.user)
         self._folded = True
         self._wake.set()
 
@@ -112,7 +123,7 @@ class TerminalWaiter:
         while True:
             if read:
                 self._folded = False
-                document = await tasks.get(self.task_id, self.user)
+                document = self._document or await tasks.get(self.task_id, self.user)
                 if document is not None and TaskStatus(document["status"]).terminal:
                     return document
             if (left := deadline - time.monotonic()) <= 0:

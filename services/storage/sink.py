@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 
+import bson
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -30,7 +31,9 @@ from proto.events import (
     TaskSucceeded,
     decode_event,
 )
+from proto.notices import MAX_FOLDED_DOCUMENT, TaskFolded, encode_folded
 from services.common import consumer
+from services.storage.mongo import Document
 from services.storage.tasks import Ends, TaskStore, progress_order
 
 log = logging.getLogger(__name__)
@@ -154,8 +157,10 @@ async def run_sink(
                 steps = [e for e in riders if isinstance(e, TaskProgressed)]
                 last = max(steps, key=_rank, default=None)
 
-                async def announce() -> None:
-                    await nc.publish(names.folded_subject(event.task_id))
+                async def announce(document: Document | None) -> None:
+                    await nc.publish(
+                        names.folded_subject(event.task_id), folded_notice(event, document)
+                    )
 
                 msg_id = (message.headers or {}).get(names.MSG_ID_HEADER)
                 await tasks.finish(
@@ -207,6 +212,14 @@ async def run_sink(
                 log.warning("ended tasks' bookkeeping failed (owners' counts recount): %s", exc)
     finally:
         log.info("event sink stopped after folding %d events", folded)
+
+
+def folded_notice(event: TaskEvent, document: Document | None) -> bytes:
+    """The notice that ``event``'s task has its end in ``document``, carrying it."""
+    encoded = b"" if document is None else bson.encode(document)
+    if len(encoded) > MAX_FOLDED_DOCUMENT:
+        encoded = b""  # the waiter reads it
+    return encode_folded(TaskFolded(task_id=event.task_id, document=encoded))
 
 
 def _none_urgent(messages: list[Msg]) -> bool:

@@ -14,8 +14,11 @@ late deliveries are safe without transactions:
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import bson
+from bson.codec_options import CodecOptions
 from pymongo import ASCENDING, DESCENDING, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
@@ -30,9 +33,12 @@ from proto.events import (
     TaskStarted,
     TaskSucceeded,
 )
+from proto.notices import TaskFolded
 from services.common import metrics
 from services.storage.groupwrite import GroupWriter
 from services.storage.mongo import Document
+
+log = logging.getLogger(__name__)
 
 OPEN_STATUSES = [status.value for status in proto.OPEN_STATUSES]
 
@@ -103,6 +109,27 @@ def new_task_document(
         "command": command or None,
         "stream_seq": None,
     }
+
+
+_READ_AS: CodecOptions[Document] = CodecOptions(document_class=dict, tz_aware=True)
+"""As the store's client reads documents (``services.storage.mongo.open_client``)."""
+
+
+def folded_document(notice: TaskFolded, user: str) -> Document | None:
+    """The terminal task document a fold notice carries, if it is ``user``'s; None when
+    it carries none (too large, unread, an older sink) or not one to answer with: then
+    read it."""
+    if not notice.document:
+        return None
+    try:
+        document: Document = bson.decode(notice.document, codec_options=_READ_AS)
+    except bson.errors.BSONError:
+        return None
+    if document.get("_id") != notice.task_id or document.get("user") != user:
+        return None
+    if document.get("status") not in proto.TERMINAL_STATUSES:
+        return None
+    return document
 
 
 def shown_task_id(document: Document) -> str:
@@ -261,16 +288,17 @@ class TaskStore:
         started: TaskStarted | None = None,
         progress: TaskProgressed | None = None,
         *,
-        written: Callable[[], Awaitable[None]] | None = None,
+        written: Written | None = None,
         worker_end: bool = False,
         ends: Ends | None = None,
     ) -> bool:
         """Fold a terminal event, with the same attempt's ``started`` and last
         ``progress`` events when they came together (one write, as if folded in order);
         False when the rules say it changes nothing. ``written`` runs once the document
-        holds the end, before the bookkeeping that follows (metrics, the owner's count):
-        a sync request waiting on it need not wait for that. With ``ends``, that
-        bookkeeping joins the others' there (:class:`Ends`); else it is done now.
+        holds the end (whether or not this fold changed it), with the document read
+        back, before the bookkeeping that follows (metrics, the owner's count): a sync
+        request waiting on it need not wait for that. With ``ends``, the read and that
+        bookkeeping join the others' there (:class:`Ends`); else they are done now.
 
         ``worker_end``: the event is the one worker end the stream keeps for the task
         (``names.end_msg_id``). It ends an open task whichever attempt sent it: when two
@@ -298,19 +326,17 @@ class TaskStore:
             changed = result.modified_count == 1
         if not changed:
             changed = (await self.collection.update_one(query, update)).modified_count == 1
-        if written is not None:
-            await written()
-        if not changed:
-            return False
-        if started is not None and started.attempt == event.attempt:
+        if started is not None and started.attempt == event.attempt and changed:
             metrics.task_started(started.model_key)
-        if ends is not None:
+        alone = ends is None
+        ends = Ends(self) if ends is None else ends
+        if written is not None:
+            ends.written(event.task_id, written)
+        if changed:
             ends.add(event, fields["status"])
-        else:
-            alone = Ends(self)
-            alone.add(event, fields["status"])
-            await alone.settle()
-        return True
+        if alone:
+            await ends.settle()
+        return changed
 
     @staticmethod
     def _started(event: TaskStarted) -> tuple[Document, Document]:
@@ -395,29 +421,51 @@ class TaskStore:
         return query, {"$set": fields}
 
 
+Written = Callable[[Document | None], Awaitable[None]]
+"""Told that a task's end is in its document, with the document read back after the
+fold (None when it could not be read)."""
+
+
 class Ends:
-    """The bookkeeping of tasks that ended (their folds changed them): the metrics, and
-    each owner's count of open tasks one down. The sink collects the ends of one fetch
-    (a batch's tasks end together) and settles them with one read and one write in all,
-    instead of one each, after their folds are acked. Should that fail or the process
-    die first, an owner's count stays too high, as when the sink dies between a fold and
-    its count: the quota recounts a count that reaches its limit (``QuotaStore.admit``)."""
+    """After terminal folds: the documents read back (for those ``written`` waits on:
+    the sink's notices to sync requests), and the bookkeeping of tasks that ended (their
+    folds changed them): the metrics, and each owner's count of open tasks one down.
+    The sink collects the ends of one fetch (a batch's tasks end together) and settles
+    them with one read and one write in all, instead of one each, after their folds are
+    acked. Should that fail or the process die first, an owner's count stays too high,
+    as when the sink dies between a fold and its count: the quota recounts a count that
+    reaches its limit (``QuotaStore.admit``)."""
 
     def __init__(self, store: TaskStore) -> None:
         self.store = store
         self._ended: list[tuple[TaskSucceeded | TaskFailed | TaskCancelled, str]] = []
+        self._written: list[tuple[str, Written]] = []
 
     def add(self, event: TaskSucceeded | TaskFailed | TaskCancelled, status: str) -> None:
         self._ended.append((event, status))
 
+    def written(self, task_id: str, written: Written) -> None:
+        """Run ``written`` with the task's document when settling."""
+        self._written.append((task_id, written))
+
     async def settle(self) -> None:
         ended, self._ended = self._ended, []
-        if not ended:
+        told, self._written = self._written, []
+        ids = list({event.task_id for event, _ in ended} | {task_id for task_id, _ in told})
+        if not ids:
             return
-        ids = list({event.task_id for event, _ in ended})
-        query = {"_id": {"$in": ids}}
-        found = self.store.collection.find(query, projection=metrics.ENDED_FIELDS)
-        documents = {d["_id"]: d async for d in found}
+        # Whole documents when somebody waits on them, else only what the metrics need.
+        projection = None if told else metrics.ENDED_FIELDS
+        documents: dict[str, Document] = {}
+        try:
+            found = self.store.collection.find({"_id": {"$in": ids}}, projection=projection)
+            documents = {d["_id"]: d async for d in found}
+        finally:
+            for task_id, written in told:  # after a failed read, without the document
+                try:
+                    await written(documents.get(task_id))
+                except Exception as exc:  # the others are told all the same
+                    log.warning("task %s: telling that its end is written failed: %r", task_id, exc)
         counts: list[UpdateOne] = []
         for event, status in ended:
             document = documents.get(event.task_id)

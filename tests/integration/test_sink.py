@@ -21,12 +21,13 @@ from proto.events import (
     encode_event,
     event_kind,
 )
+from proto.notices import decode_folded
 from services.common import bus
 from services.common.settings import BusSettings
 from services.common.supervise import supervised
 from services.storage.mongo import Document
 from services.storage.sink import run_sink
-from services.storage.tasks import TaskStore
+from services.storage.tasks import TaskStore, folded_document
 from tests.documents import task_document
 from tests.fakes import ends_stored
 from tests.waiting import eventually
@@ -122,6 +123,8 @@ async def test_a_folded_end_is_announced_once_it_is_in_the_document(
     async def announced(message: Msg) -> None:
         document = await tasks.get(task_id)
         seen.put_nowait(document["status"] if document else "missing")
+        carried = folded_document(decode_folded(message.data), "u")
+        seen.put_nowait("carried the same" if carried == document else f"carried {carried}")
 
     subscription = await nc.subscribe(names.folded_subject(task_id), cb=announced)
     try:
@@ -129,6 +132,7 @@ async def test_a_folded_end_is_announced_once_it_is_in_the_document(
         await _publish(nc.jetstream(), TaskSucceeded(task_id=task_id, attempt=1, images=[]))
         # Only the end is announced, and the document already says so when it is.
         assert "succeeded" == await asyncio.wait_for(seen.get(), 15)
+        assert "carried the same" == seen.get_nowait()
         await eventually(lambda: _drained(nc.jetstream()), "every event settled")
         assert seen.empty(), "started was not announced"
     finally:

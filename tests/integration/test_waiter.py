@@ -1,5 +1,5 @@
-"""A sync request's wait: answered on the sink's notice with one read of the document,
-and still answered by polling when no notice comes (a storage service from before it)."""
+"""A sync request's wait: answered from the document the sink's notice carries (one read
+when it carries none), and still answered by polling when no notice comes."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ from nats.aio.client import Client as NATS
 from pymongo.asynchronous.database import AsyncDatabase
 
 from proto import names
-from proto.events import TaskCancelled, encode_event
+from proto.events import TaskCancelled, TaskSucceeded, encode_event
 from services.common import bus
 from services.gateway.waiting import TerminalWaiter
 from services.storage.mongo import Document
+from services.storage.sink import folded_notice
 from services.storage.tasks import TaskStore
 from tests.documents import task_document
 
@@ -51,9 +52,40 @@ async def waiter(
     await nc.close()
 
 
-async def test_the_notice_answers_with_one_read(
+async def test_the_notice_carries_the_document_to_answer_with(
     waiter: tuple[NATS, Tasks, TerminalWaiter],
 ) -> None:
+    nc, tasks, wait = waiter
+    await tasks.end("t", "succeeded")
+    document = await tasks.collection.find_one({"_id": "t"})
+    await nc.publish(
+        names.folded_subject("t"), folded_notice(TaskSucceeded(task_id="t", images=[]), document)
+    )
+    answer = await wait.wait(tasks, 10)
+    assert document == answer  # dates and bytes as the store's client reads them
+    assert 0 == tasks.reads
+
+
+async def test_a_notice_carrying_another_users_document_is_not_the_answer(
+    waiter: tuple[NATS, Tasks, TerminalWaiter],
+) -> None:
+    nc, tasks, wait = waiter
+    await tasks.end("t", "succeeded")
+    forged = task_document("t", user="mallory") | {"status": "succeeded", "images": ["x"]}
+    await nc.publish(
+        names.folded_subject("t"), folded_notice(TaskSucceeded(task_id="t", images=[]), forged)
+    )
+    answer = await wait.wait(tasks, 10)
+    assert answer is not None
+    assert ("alice", []) == (answer["user"], answer["images"])
+    assert 1 == tasks.reads
+
+
+async def test_a_notice_without_the_document_answers_with_one_read(
+    waiter: tuple[NATS, Tasks, TerminalWaiter],
+) -> None:
+    """A notice of a sink from before it carried the document, or of a document too
+    large to carry."""
     nc, tasks, wait = waiter
     await tasks.end("t", "succeeded")  # folded, then announced
     await nc.publish(names.folded_subject("t"))
