@@ -25,6 +25,10 @@ class _Event(Struct, kw_only=True, frozen=True, omit_defaults=True, tag_field="k
 
 class TaskStarted(_Event, tag="started", kw_only=True, frozen=True, omit_defaults=True):
     model_key: str = ""
+    stream_seq: int = 0
+    """The command's sequence in ``SD_TASKS`` (0: not said). The fold records it on the
+    task, so the gateway's own record of it (for the reconciler) is needed only for a
+    task that has not started yet."""
 
 
 class TaskProgressed(_Event, tag="progress", kw_only=True, frozen=True, omit_defaults=True):

@@ -634,7 +634,12 @@ class Worker:
             await task.message.in_progress()
             task.running = True
             await self._publish(
-                TaskStarted(**task.origin, at=time.time(), model_key=self.settings.model_key)
+                TaskStarted(
+                    **task.origin,
+                    at=time.time(),
+                    model_key=self.settings.model_key,
+                    stream_seq=task.message.metadata.sequence.stream,
+                )
             )
 
         await asyncio.gather(*(start(task) for task in group))  # one round trip, not one each

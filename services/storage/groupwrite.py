@@ -21,6 +21,7 @@ failures are logged; :meth:`GroupWriter.drain` waits for those still on their wa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -57,6 +58,8 @@ class GroupWriter:
         self.linger_s = linger_s
         """How long a batch's first write waits for others before the batch goes."""
         self._later: set[asyncio.Task[None]] = set()
+        self._lingering: asyncio.Future[None] | None = None
+        """While a batch lingers: done by :meth:`drain`, so that it goes now."""
         self._pending: list[tuple[_Write, asyncio.Future[None]]] = []
         self._sender: asyncio.Task[None] | None = None
         self.commands = 0
@@ -82,9 +85,12 @@ class GroupWriter:
             log.warning("a deferred write to %s failed: %r", self.collection.name, exc)
 
     async def drain(self) -> None:
-        """Every write of :meth:`update_later` sent (or failed)."""
+        """Every write of :meth:`update_later` sent (or failed), without lingering."""
         loop = asyncio.get_running_loop()
         while waiting := [t for t in self._later if t.get_loop() is loop]:
+            lingering = self._lingering
+            if lingering is not None and lingering.get_loop() is loop and not lingering.done():
+                lingering.set_result(None)
             await asyncio.gather(*waiting, return_exceptions=True)
 
     async def _write(self, write: _Write) -> None:
@@ -106,7 +112,10 @@ class GroupWriter:
         batch: list[tuple[_Write, asyncio.Future[None]]] = []
         try:
             if self.linger_s > 0:
-                await asyncio.sleep(self.linger_s)
+                self._lingering = asyncio.get_running_loop().create_future()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._lingering, self.linger_s)
+                self._lingering = None
             while self._pending:
                 # A write whose caller was cancelled before it left is not sent (as with
                 # ``insert_one``, which a cancelled caller never sends).

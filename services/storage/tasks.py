@@ -51,9 +51,11 @@ def _code(event: TaskEvent) -> str:
     return event.code if isinstance(event, TaskFailed) else ""
 
 
-STREAM_SEQ_LINGER_S = 0.1
+STREAM_SEQ_LINGER_S = 2.0
 """How long a noted stream sequence waits for others to share its command: under load,
-the sequences of a tenth of a second cost one command, not one each."""
+the sequences of a second or two cost one command, not one each, and a task a worker
+has started meanwhile needs none (the start records it, see ``TaskStarted.stream_seq``).
+The reconciler looks at a task only after ``reconcile_grace_s`` (30 s)."""
 
 
 def progress_order(attempt: int, job_no: int, step: int) -> int:
@@ -115,6 +117,15 @@ _READ_AS: CodecOptions[Document] = CodecOptions(document_class=dict, tz_aware=Tr
 """As the store's client reads documents (``services.storage.mongo.open_client``)."""
 
 
+def _started_fields(event: TaskStarted) -> Document:
+    """What a start says of its task, besides its status: when, where, and the
+    command's stream sequence when the worker gave it (``set_stream_seq``)."""
+    fields = {"started_at": _utc(event.at), "worker": event.worker}
+    if event.stream_seq > 0:
+        fields["stream_seq"] = event.stream_seq
+    return fields
+
+
 def folded_document(notice: TaskFolded, user: str) -> Document | None:
     """The terminal task document a fold notice carries, if it is ``user``'s; None when
     it carries none (too large, unread, an older sink) or not one to answer with: then
@@ -173,13 +184,17 @@ class TaskStore:
 
     def note_stream_seq(self, task_id: str, seq: int) -> None:
         """:meth:`set_stream_seq` without waiting: written within
-        ``STREAM_SEQ_LINGER_S``, with the others of that time in one command. Should it
+        ``STREAM_SEQ_LINGER_S``, with the others of that time in one command, unless a
+        worker's start recorded it first. Should it
         never be written (the process dies first, MongoDB refuses it), the task looks
         like one whose publish was not confirmed, and the reconciler settles it so
         after ``reconcile_grace_s`` (a worker's events prove it landed; otherwise it is
         published again under the same message id, which JetStream drops as a
         duplicate within ``dedupe_window_s``)."""
-        self.deferred.update_later({"_id": task_id}, {"$set": {"stream_seq": seq}})
+        # Not over a start's record: the filter then matches nothing, and nothing is
+        # written (a write costs a document's every index entry twice on SecantusDB).
+        query = {"_id": task_id, "stream_seq": None}
+        self.deferred.update_later(query, {"$set": {"stream_seq": seq}})
 
     async def drain(self) -> None:
         """Every write noted for later is sent (or failed)."""
@@ -309,7 +324,7 @@ class TaskStore:
             del query["attempt"]
         fields = update["$set"]
         if started is not None and started.attempt == event.attempt:
-            fields |= {"started_at": _utc(started.at), "worker": started.worker}
+            fields |= _started_fields(started)
         # The one transition to a terminal state: the owner has one open task less.
         # An update then a read of fields the update leaves alone (the owner, the
         # times), not ``find_one_and_update``: on SecantusDB that one command costs the
@@ -349,8 +364,7 @@ class TaskStore:
             "$set": {
                 "status": TaskStatus.RUNNING.value,
                 "attempt": event.attempt,
-                "started_at": _utc(event.at),
-                "worker": event.worker,
+                **_started_fields(event),
                 "progress.order": progress_order(event.attempt, 0, 0),
                 "progress.step": 0,
                 "progress.job_no": 0,

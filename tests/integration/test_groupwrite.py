@@ -10,9 +10,11 @@ import pytest
 from bson.errors import InvalidDocument
 from pymongo.errors import DuplicateKeyError, WriteError
 
+from proto.events import TaskStarted
 from services.storage.groupwrite import GroupWriter
 from services.storage.quotas import count_below
 from services.storage.tasks import TaskStore
+from tests.documents import task_document
 
 pytestmark = pytest.mark.integration
 
@@ -104,3 +106,19 @@ async def test_noted_stream_sequences_land_together(fresh_db: Any) -> None:
     written = {d["_id"]: d["stream_seq"] async for d in tasks.collection.find()}
     assert {task_id: seq for seq, task_id in enumerate(ids, start=1)} == written
     assert 1 == tasks.deferred.commands
+
+
+async def test_a_started_task_needs_no_noted_stream_sequence(fresh_db: Any) -> None:
+    """A worker's start records its command's sequence; the gateway's noted one, still
+    lingering then, writes nothing over it."""
+    tasks = TaskStore(fresh_db)
+    started, waiting = task_document(), task_document()
+    await tasks.insert(started)
+    await tasks.insert(waiting)
+    tasks.note_stream_seq(started["_id"], 7)
+    tasks.note_stream_seq(waiting["_id"], 8)
+    event = TaskStarted(task_id=started["_id"], attempt=1, at=1.0, stream_seq=7)
+    assert await tasks.apply(event)
+    await tasks.drain()  # at once, not after the linger
+    found = {d["_id"]: d["stream_seq"] async for d in tasks.collection.find()}
+    assert {started["_id"]: 7, waiting["_id"]: 8} == found

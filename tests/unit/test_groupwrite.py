@@ -112,6 +112,21 @@ def test_deferred_writes_linger_for_company_and_drain_waits_for_them() -> None:
     assert [5] == sizes, "the five went in one command"
 
 
+def test_drain_does_not_wait_out_the_linger() -> None:
+    """A gateway stopping sends what lingers at once (a linger of 60 s, a drain given 30)."""
+
+    async def main() -> list[int]:
+        collection = _Collection()
+        collection.gate.set()
+        writes = GroupWriter(collection, linger_s=60)  # type: ignore[arg-type]
+        writes.update_later({"_id": 1}, {"$set": {"seq": 1}})
+        await _run_ready()
+        await asyncio.wait_for(writes.drain(), 30)
+        return collection.sizes
+
+    assert [1] == asyncio.run(main())
+
+
 def test_a_deferred_write_that_fails_is_logged_not_raised(caplog: Any) -> None:
     async def main() -> None:
         collection = _Failing()
