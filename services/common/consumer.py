@@ -67,7 +67,7 @@ async def batches(
     stop: asyncio.Event,
     room: Room,
     *,
-    timeout_s: float = 1.0,
+    timeout_s: float | Callable[[], float] = 1.0,
     linger_s: float = 0.0,
     linger_while: Callable[[list[Msg]], bool] | None = None,
     idle: bool = False,
@@ -75,15 +75,17 @@ async def batches(
     """Messages as they come, until ``stop``: what is queued now (up to ``room()``), plus
     what arrives within ``linger_s`` after the first, for as long as ``linger_while``
     says the messages so far are worth waiting on (default: always). With ``idle``, an
-    empty list after each ``timeout_s`` without messages (for idle accounting).
+    empty list after each ``timeout_s`` without messages (for idle accounting, or a
+    consumer's own deadlines: ``timeout_s`` may be a function, asked before each fetch).
     Unsubscribes at the end."""
     try:
         while not stop.is_set():
             want = await room()
             if stop.is_set():
                 break
+            timeout = timeout_s() if callable(timeout_s) else timeout_s
             try:
-                messages = await subscription.fetch(want, timeout=timeout_s)
+                messages = await subscription.fetch(want, timeout=timeout)
             except TimeoutError:  # nats raises its own subclass or the builtin, by code path
                 if idle:
                     yield []

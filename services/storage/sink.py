@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 import bson
 import msgspec
@@ -22,7 +23,6 @@ from pymongo.errors import PyMongoError
 
 from proto import names
 from proto.events import (
-    TERMINAL_KINDS,
     TaskCancelled,
     TaskEvent,
     TaskFailed,
@@ -38,17 +38,18 @@ from services.storage.tasks import Ends, TaskStore, progress_order
 
 log = logging.getLogger(__name__)
 BATCH = 64
-PROGRESS_KIND = str(TaskProgressed.__struct_config__.tag)
-STARTED_KIND = str(TaskStarted.__struct_config__.tag)
 FETCH_TIMEOUT_S = 1.0
 """How long one fetch waits for events before the loop looks at ``stop`` again."""
 RETRY_S = 1.0
 """How soon an event that could not be folded (MongoDB down or failing over) comes back."""
 LINGER_S = 0.2
-"""How long a fetch of progress events waits for more before they are folded: a task's
+"""How long a task's progress events wait for more before the latest is folded: a task's
 steps then cost one write, not one each (a batch of tasks sends one event per task per
-step), and a task whose start and end come in one fetch costs one write in all
-(``_riders``). A start, an end or a skip marker ends the wait (see ``_none_urgent``)."""
+step), and steps that its end catches up with ride on the end's write (``_riders``).
+They wait across fetches (:class:`_Waiting`): other tasks' starts and ends, which are
+folded at once, do not cut the wait short. A skip marker is folded at once."""
+MIN_WAIT_S = 0.005
+"""A fetch waits at least this long (a shorter one is all overhead)."""
 
 
 def sink_consumer_config() -> ConsumerConfig:
@@ -124,6 +125,42 @@ def _riders(events: list[tuple[Msg, TaskEvent]]) -> dict[int, list[tuple[Msg, Ta
     return riding
 
 
+class _Waiting:
+    """Progress events held back (unacked) for company, at most ``linger_s`` per task:
+    each fetch looks at them again beside what it brought (a newer step supersedes them,
+    the task's end carries them), and the latest is folded once its task's wait is over."""
+
+    def __init__(self, linger_s: float) -> None:
+        self.linger_s = linger_s
+        self.events: list[tuple[Msg, TaskEvent | None]] = []
+        self._since: dict[str, float] = {}
+        """Per task, when its first progress event still waiting was held."""
+
+    def take(self) -> list[tuple[Msg, TaskEvent | None]]:
+        events, self.events = self.events, []
+        return events
+
+    def hold(self, message: Msg, event: TaskProgressed, now: float) -> bool:
+        """Hold ``event`` back, unless its task's wait is over (then fold it now)."""
+        since = self._since.setdefault(event.task_id, now)
+        if now - since < self.linger_s:
+            self.events.append((message, event))
+            return True
+        return False
+
+    def settled(self) -> None:
+        """After a fetch: a task with nothing held waits afresh next time."""
+        waiting = {e.task_id for _, e in self.events if e is not None}
+        self._since = {t: since for t, since in self._since.items() if t in waiting}
+
+    def timeout(self, longest: float) -> float:
+        """How long the next fetch may wait: until the first wait is over."""
+        if not self._since:
+            return longest
+        left = min(self._since.values()) + self.linger_s - time.monotonic()
+        return max(min(longest, left), MIN_WAIT_S)
+
+
 async def run_sink(
     nc: Client,
     tasks: TaskStore,
@@ -178,17 +215,19 @@ async def run_sink(
             raise consumer.Retry(retry_s, f"cannot fold yet: {exc}") from exc
 
     folded = 0
+    waiting = _Waiting(linger_s)
     try:
         batches = consumer.batches(
             subscription,
             stop,
             consumer.fixed(BATCH),
-            timeout_s=fetch_timeout_s,
-            linger_s=linger_s,
-            linger_while=_none_urgent,
+            timeout_s=lambda: waiting.timeout(fetch_timeout_s),
+            idle=True,  # an empty fetch ends the waits that are over
         )
         async for messages in batches:
-            events = _with_previews([(message, _decoded(message)) for message in messages])
+            now = time.monotonic()
+            fetched = [(message, _decoded(message)) for message in messages]
+            events = _with_previews(waiting.take() + fetched)
             decoded = [(m, e) for m, e in events if e is not None]
             superseded = _superseded(decoded)
             riding = _riders(decoded)
@@ -197,6 +236,13 @@ async def run_sink(
             for message, event in events:
                 if id(message) in carried:
                     continue  # folded with its task's end, settled beside it
+                if (
+                    isinstance(event, TaskProgressed)
+                    and not event.skipped  # A1111's skip marker shows at once
+                    and id(message) not in superseded
+                    and waiting.hold(message, event, now)
+                ):
+                    continue
                 riders = riding.get(id(message), [])
                 acked = await consumer.settle(
                     message, fold(message, event, superseded, [e for _, e in riders], ends)
@@ -206,11 +252,15 @@ async def run_sink(
                     with contextlib.suppress(Exception):
                         await (rider.ack() if acked else rider.nak(delay=retry_s))
                     folded += acked
+            waiting.settled()
             try:
                 await ends.settle()
             except PyMongoError as exc:
                 log.warning("ended tasks' bookkeeping failed (owners' counts recount): %s", exc)
     finally:
+        for message, _ in waiting.take():  # another sink (or the next start) folds them
+            with contextlib.suppress(Exception):
+                await message.nak()
         log.info("event sink stopped after folding %d events", folded)
 
 
@@ -220,24 +270,6 @@ def folded_notice(event: TaskEvent, document: Document | None) -> bytes:
     if len(encoded) > MAX_FOLDED_DOCUMENT:
         encoded = b""  # the waiter reads it
     return encode_folded(TaskFolded(task_id=event.task_id, document=encoded))
-
-
-def _none_urgent(messages: list[Msg]) -> bool:
-    """No message is one somebody waits on: a terminal event (sync requests wait on its
-    fold), a start (clients polling a task see it running; a console cancels a running
-    task) or A1111's skip marker (progress says ``skipped`` only until the next job's
-    first step, which a longer wait would fold over it)."""
-    return not any(_urgent(message) for message in messages)
-
-
-def _urgent(message: Msg) -> bool:
-    kind = message.subject.rpartition(".")[2]  # the subject ends with the event's kind
-    if kind in TERMINAL_KINDS or kind == STARTED_KIND:
-        return True  # a task shows `running` at once, however short its run
-    if kind != PROGRESS_KIND:
-        return False
-    event = _decoded(message)
-    return isinstance(event, TaskProgressed) and event.skipped
 
 
 def _decoded(message: Msg) -> TaskEvent | None:

@@ -1,5 +1,4 @@
-"""How long a consumer waits for more messages (``consumer.batches``' linger) and when
-the event sink stops waiting (a terminal event or a skip marker is in)."""
+"""How long a consumer waits for more messages (``consumer.batches``' linger)."""
 
 from __future__ import annotations
 
@@ -9,9 +8,8 @@ from typing import Any
 from nats.aio.msg import Msg
 
 from proto import names
-from proto.events import TaskProgressed, TaskStarted, TaskSucceeded, encode_event, event_kind
+from proto.events import TaskProgressed, encode_event, event_kind
 from services.common import consumer
-from services.storage.sink import _none_urgent
 
 
 def _message(event: Any) -> Msg:
@@ -59,15 +57,3 @@ async def test_a_linger_gathers_what_arrives_in_several_fetches() -> None:
 async def test_without_a_linger_one_fetch_is_a_batch() -> None:
     subscription = _Subscription([[_progress(1)], [_progress(2)]])
     assert 1 == len(await _first_batch(subscription))
-
-
-async def test_the_sink_stops_waiting_at_a_start_an_end_or_a_skip_marker() -> None:
-    started = _message(TaskStarted(task_id="t1"))
-    done = _message(TaskSucceeded(task_id="t1", images=[]))
-    assert _none_urgent([_progress(1), _progress(2)])
-    assert not _none_urgent([_progress(1), started]), "a task shows running at once"
-    assert not _none_urgent([_progress(1), done])
-    assert not _none_urgent([_progress(1), _progress(1, skipped=True)])
-    subscription = _Subscription([[_progress(1)], [done], [_progress(2)]])
-    got = await _first_batch(subscription, linger_s=5.0, linger_while=_none_urgent)
-    assert [_progress(1).subject, done.subject] == [m.subject for m in got]
