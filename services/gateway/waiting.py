@@ -99,7 +99,7 @@ class TerminalWaiter:
 
     async def _on_folded(self, message: Msg) -> None:
         with contextlib.suppress(msgspec.DecodeError):  # an empty notice: read it
-            self._document = folded_document(decode_folded(message.data), self.user)
+            self._document = folded_document(decode_folded(message.data), self.task_id, self.user)
         self._folded = True
         self._wake.set()
 

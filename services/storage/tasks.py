@@ -126,17 +126,17 @@ def _started_fields(event: TaskStarted) -> Document:
     return fields
 
 
-def folded_document(notice: TaskFolded, user: str) -> Document | None:
-    """The terminal task document a fold notice carries, if it is ``user``'s; None when
-    it carries none (too large, unread, an older sink) or not one to answer with: then
-    read it."""
+def folded_document(notice: TaskFolded, task_id: str, user: str) -> Document | None:
+    """The terminal document of task ``task_id`` that a fold notice carries, if it is
+    ``user``'s; None when it carries none (too large, unread, an older sink) or not one
+    to answer with: then read it."""
     if not notice.document:
         return None
     try:
         document: Document = bson.decode(notice.document, codec_options=_READ_AS)
     except bson.errors.BSONError:
         return None
-    if document.get("_id") != notice.task_id or document.get("user") != user:
+    if not task_id == notice.task_id == document.get("_id") or document.get("user") != user:
         return None
     if document.get("status") not in proto.TERMINAL_STATUSES:
         return None

@@ -123,7 +123,7 @@ async def test_a_folded_end_is_announced_once_it_is_in_the_document(
     async def announced(message: Msg) -> None:
         document = await tasks.get(task_id)
         seen.put_nowait(document["status"] if document else "missing")
-        carried = folded_document(decode_folded(message.data), "u")
+        carried = folded_document(decode_folded(message.data), task_id, "u")
         seen.put_nowait("carried the same" if carried == document else f"carried {carried}")
 
     subscription = await nc.subscribe(names.folded_subject(task_id), cb=announced)
