@@ -6,6 +6,7 @@ no service then depends on another having started first.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ssl
 from collections.abc import Awaitable, Callable
@@ -197,6 +198,32 @@ async def publish_event(js: JetStreamContext, event: TaskEvent, msg_id: str) -> 
         headers={names.MSG_ID_HEADER: msg_id},
     )
     return not ack.duplicate
+
+
+EVENT_CONFIRM_S = 5.0
+"""How long :func:`send_event`'s confirmation waits for JetStream (``js.publish``'s own
+default)."""
+
+
+async def send_event(
+    js: JetStreamContext, event: TaskEvent, msg_id: str
+) -> Callable[[], Awaitable[bool]]:
+    """:func:`publish_event` in two halves, so that work can go on between them: when
+    this returns, the event is on its way, ahead of whatever the connection sends after
+    it; awaiting the returned confirmation waits for JetStream's answer (False: a
+    duplicate; an error or no answer in ``EVENT_CONFIRM_S`` raises)."""
+    answer = await js.publish_async(
+        names.event_subject(event.task_id, event_kind(event)),
+        encode_event(event),
+        stream=names.EVENT_STREAM,
+        headers={names.MSG_ID_HEADER: msg_id},
+    )
+
+    async def confirmed() -> bool:
+        ack = await asyncio.wait_for(answer, EVENT_CONFIRM_S)
+        return not ack.duplicate
+
+    return confirmed
 
 
 async def publish_unconfirmed(nc: Client, event: TaskEvent, msg_id: str) -> None:

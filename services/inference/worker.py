@@ -23,7 +23,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict
@@ -441,7 +441,7 @@ class Worker:
                 # end stands, and this attempt's message is acked all the same.
                 log.warning("task %s attempt %d: ended already", event.task_id, event.attempt)
             return
-        msg_id = f"{event.task_id}.{kind}.{event.attempt}{dedupe_suffix}"
+        msg_id = _msg_id(event, dedupe_suffix)
         if isinstance(event, TaskProgressed):
             await bus.publish_unconfirmed(self.nc, event, msg_id)
         else:
@@ -629,20 +629,21 @@ class Worker:
             ", ".join(f"{t.command.task_id} (attempt {t.origin['attempt']})" for t in group),
         )
 
-        async def start(task: _Held) -> None:
+        async def start(task: _Held) -> Callable[[], Awaitable[bool]]:
             # The ack deadline starts over now; from here on every step renews it.
             await task.message.in_progress()
             task.running = True
-            await self._publish(
-                TaskStarted(
-                    **task.origin,
-                    at=time.time(),
-                    model_key=self.settings.model_key,
-                    stream_seq=task.message.metadata.sequence.stream,
-                )
+            started = TaskStarted(
+                **task.origin,
+                at=time.time(),
+                model_key=self.settings.model_key,
+                stream_seq=task.message.metadata.sequence.stream,
             )
+            return await bus.send_event(self.js, started, _msg_id(started))
 
-        await asyncio.gather(*(start(task) for task in group))  # one round trip, not one each
+        # The starts are sent (ahead of the steps' events, on the same connection) and
+        # JetStream's answers are awaited after the run: the run does not wait for them.
+        confirmations = await asyncio.gather(*(start(task) for task in group))
         # The liveness record is written beside the run, not before it: the task does not
         # wait for a KV round trip (nor after it, see the end).
         if self._load_error is None:
@@ -658,6 +659,8 @@ class Worker:
             results = None
         finally:
             handing_back.cancel()
+        for confirmed in confirmations:  # stored, or raise: as when the run waited for it
+            await confirmed()
         if results is not None:
             await self._answer(group, results, handing_back)
         if self._load_error is None:
@@ -1036,6 +1039,11 @@ class _Reporter:
                 ),
                 dedupe_suffix=f".{item.job_no}.{item.step}" + (".skipped" if item.skipped else ""),
             )
+
+
+def _msg_id(event: TaskEvent, suffix: str = "") -> str:
+    """The ``Nats-Msg-Id`` of a worker's non-terminal event: per task, kind and attempt."""
+    return f"{event.task_id}.{event_kind(event)}.{event.attempt}{suffix}"
 
 
 async def _poison(reason: str) -> None:
