@@ -659,8 +659,11 @@ class Worker:
             results = None
         finally:
             handing_back.cancel()
-        for confirmed in confirmations:  # stored, or raise: as when the run waited for it
-            await confirmed()
+        for task, confirmed in zip(group, confirmations, strict=True):
+            try:
+                await confirmed()
+            except Exception as exc:  # the end, stored before the ack, says it all the same
+                log.warning("task %s: its start was not confirmed: %r", task.command.task_id, exc)
         if results is not None:
             await self._answer(group, results, handing_back)
         if self._load_error is None:
