@@ -188,15 +188,21 @@ async def worker_bucket(js: JetStreamContext, replicas: int = 1) -> KeyValue:
         )
 
 
+def _stored_event(event: TaskEvent, msg_id: str) -> dict[str, Any]:
+    """How a task event is stored: its subject, payload, stream and de-duplicating id
+    (the arguments of ``js.publish`` and ``js.publish_async``)."""
+    return {
+        "subject": names.event_subject(event.task_id, event_kind(event)),
+        "payload": encode_event(event),
+        "stream": names.EVENT_STREAM,
+        "headers": {names.MSG_ID_HEADER: msg_id},
+    }
+
+
 async def publish_event(js: JetStreamContext, event: TaskEvent, msg_id: str) -> bool:
     """Store a task event on ``sd.event.<task_id>.<kind>``; ``msg_id`` de-duplicates it:
     False when an event of that id was stored already (within the dedupe window)."""
-    ack = await js.publish(
-        names.event_subject(event.task_id, event_kind(event)),
-        encode_event(event),
-        stream=names.EVENT_STREAM,
-        headers={names.MSG_ID_HEADER: msg_id},
-    )
+    ack = await js.publish(**_stored_event(event, msg_id))
     return not ack.duplicate
 
 
@@ -212,12 +218,7 @@ async def send_event(
     this returns, the event is on its way, ahead of whatever the connection sends after
     it; awaiting the returned confirmation waits for JetStream's answer (False: a
     duplicate; an error or no answer in ``EVENT_CONFIRM_S`` raises)."""
-    answer = await js.publish_async(
-        names.event_subject(event.task_id, event_kind(event)),
-        encode_event(event),
-        stream=names.EVENT_STREAM,
-        headers={names.MSG_ID_HEADER: msg_id},
-    )
+    answer = await js.publish_async(**_stored_event(event, msg_id))
 
     async def confirmed() -> bool:
         ack = await asyncio.wait_for(answer, EVENT_CONFIRM_S)

@@ -34,7 +34,7 @@ from pymongo.errors import DuplicateKeyError
 
 from services.storage.groupwrite import GroupWriter
 from services.storage.mongo import Document
-from services.storage.tasks import TaskStore
+from services.storage.tasks import TaskStore, one_open_task_less
 
 MINUTE_S = 60
 
@@ -174,7 +174,7 @@ class QuotaStore:
 
     async def release(self, user: str, *, per_minute: int) -> None:
         """Give back an admission whose submission was refused after all."""
-        await self.counts.update_one({"_id": user, "n": {"$gt": 0}}, {"$inc": {"n": -1}})
+        await self.counts.bulk_write([one_open_task_less(user)])
         if per_minute > 0:
             minute = int(self.clock() // MINUTE_S)
             await self.counts.update_one(

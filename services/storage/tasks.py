@@ -33,7 +33,7 @@ from proto.events import (
     TaskStarted,
     TaskSucceeded,
 )
-from proto.notices import TaskFolded
+from proto.notices import MAX_FOLDED_DOCUMENT, TaskFolded, encode_folded
 from services.common import metrics
 from services.storage.groupwrite import GroupWriter
 from services.storage.mongo import Document
@@ -126,6 +126,14 @@ def _started_fields(event: TaskStarted) -> Document:
     return fields
 
 
+def folded_notice(event: TaskEvent, document: Document | None) -> bytes:
+    """The notice that ``event``'s task has its end in ``document``, carrying it."""
+    encoded = b"" if document is None else bson.encode(document)
+    if len(encoded) > MAX_FOLDED_DOCUMENT:
+        encoded = b""  # the waiter reads it
+    return encode_folded(TaskFolded(task_id=event.task_id, document=encoded))
+
+
 def folded_document(notice: TaskFolded, task_id: str, user: str) -> Document | None:
     """The terminal document of task ``task_id`` that a fold notice carries, if it is
     ``user``'s; None when it carries none (too large, unread, an older sink) or not one
@@ -143,6 +151,12 @@ def folded_document(notice: TaskFolded, task_id: str, user: str) -> Document | N
     return document
 
 
+def one_open_task_less(user: str) -> UpdateOne:
+    """``user``'s count of open tasks one down, never below zero (a task ended, or a
+    submission was refused after its admission)."""
+    return UpdateOne({"_id": user, "n": {"$gt": 0}}, {"$inc": {"n": -1}})
+
+
 def shown_task_id(document: Document) -> str:
     """The task's id as its owner knows it: the one they chose, else the generated one."""
     return str(document.get("client_id") or document["_id"])
@@ -152,7 +166,8 @@ class TaskStore:
     def __init__(self, db: AsyncDatabase[Document]) -> None:
         self.collection: AsyncCollection[Document] = db["tasks"]
         self.writes = GroupWriter(self.collection)
-        """Submissions' inserts and stream sequences, grouped under load (group commit)."""
+        """Submissions' inserts and the reconciler's stream sequences, grouped under load
+        (group commit)."""
         self.deferred = GroupWriter(self.collection, linger_s=STREAM_SEQ_LINGER_S)
         """Stream sequences that no request waits for (:meth:`note_stream_seq`)."""
         self.open_counts: AsyncCollection[Document] = db["task_open_counts"]
@@ -486,7 +501,6 @@ class Ends:
             if document is None:  # deleted meanwhile: its owner's count is moot
                 continue
             metrics.task_ended(document, status, event.at, _code(event))
-            owner = {"_id": document["user"], "n": {"$gt": 0}}
-            counts.append(UpdateOne(owner, {"$inc": {"n": -1}}))
+            counts.append(one_open_task_less(document["user"]))
         if counts:
             await self.store.open_counts.bulk_write(counts, ordered=False)
