@@ -1,8 +1,9 @@
 """The reconciler: no task stays ``waiting`` or ``running`` because a message went missing.
 
 The gateway inserts a task document (with the encoded command) and then publishes the
-command; once JetStream has it, the gateway records its stream sequence on the document
-(within ``STREAM_SEQ_LINGER_S``, grouped, with no request waiting). A crash, a NATS
+command; once JetStream has it, its stream sequence is recorded on the document: by the
+worker's start (``TaskStarted.stream_seq``), else by the gateway within
+``STREAM_SEQ_LINGER_S`` (grouped, with no request waiting). A crash, a NATS
 outage or a timeout between the two leaves a document with no sequence. Every
 ``interval_s`` the reconciler looks at open tasks older than ``grace_s``:
 

@@ -14,7 +14,6 @@ import contextlib
 import logging
 import time
 
-import bson
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -31,10 +30,9 @@ from proto.events import (
     TaskSucceeded,
     decode_event,
 )
-from proto.notices import MAX_FOLDED_DOCUMENT, TaskFolded, encode_folded
 from services.common import consumer
 from services.storage.mongo import Document
-from services.storage.tasks import Ends, TaskStore, progress_order
+from services.storage.tasks import Ends, TaskStore, folded_notice, progress_order
 
 log = logging.getLogger(__name__)
 BATCH = 64
@@ -262,14 +260,6 @@ async def run_sink(
             with contextlib.suppress(Exception):
                 await message.nak()
         log.info("event sink stopped after folding %d events", folded)
-
-
-def folded_notice(event: TaskEvent, document: Document | None) -> bytes:
-    """The notice that ``event``'s task has its end in ``document``, carrying it."""
-    encoded = b"" if document is None else bson.encode(document)
-    if len(encoded) > MAX_FOLDED_DOCUMENT:
-        encoded = b""  # the waiter reads it
-    return encode_folded(TaskFolded(task_id=event.task_id, document=encoded))
 
 
 def _decoded(message: Msg) -> TaskEvent | None:

@@ -15,8 +15,7 @@ from proto.events import TaskCancelled, TaskSucceeded, encode_event
 from services.common import bus
 from services.gateway.waiting import TerminalWaiter
 from services.storage.mongo import Document
-from services.storage.sink import folded_notice
-from services.storage.tasks import TaskStore
+from services.storage.tasks import TaskStore, folded_notice
 from tests.documents import task_document
 
 pytestmark = pytest.mark.integration

@@ -8,8 +8,7 @@ import datetime as dt
 from proto.events import TaskSucceeded
 from proto.notices import MAX_FOLDED_DOCUMENT, TaskFolded, decode_folded
 from services.storage.mongo import Document
-from services.storage.sink import folded_notice
-from services.storage.tasks import folded_document
+from services.storage.tasks import folded_document, folded_notice
 from tests.documents import task_document
 
 
