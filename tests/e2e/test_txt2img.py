@@ -73,6 +73,8 @@ async def test_async_txt2img_progress_sse_and_result(system: System) -> None:
     assert (64, 64) == preview.size, "8×8 latents shown ×8"
     assert blocky(preview), "no TAESD registered: the latent approximation"
     assert kinds.index("started") < kinds.index("progress")
+    start = next(data for name, data in events if name == "started")
+    assert start["stream_seq"] > 0, "a start records its command's stream sequence"
 
     result = await _poll_result(system, task_id)
     assert "succeeded" == result["status"]

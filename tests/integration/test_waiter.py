@@ -11,7 +11,7 @@ from nats.aio.client import Client as NATS
 from pymongo.asynchronous.database import AsyncDatabase
 
 from proto import names
-from proto.events import TaskCancelled, TaskSucceeded, encode_event
+from proto.events import TERMINAL_KINDS, TaskCancelled, TaskSucceeded, encode_event
 from services.common import bus
 from services.gateway.waiting import TerminalWaiter
 from services.storage.mongo import Document
@@ -78,6 +78,15 @@ async def test_a_notice_carrying_another_users_document_is_not_the_answer(
     assert answer is not None
     assert ("alice", []) == (answer["user"], answer["images"])
     assert 1 == tasks.reads
+
+
+async def test_the_waiter_hears_its_tasks_end_not_every_step(
+    waiter: tuple[NATS, Tasks, TerminalWaiter],
+) -> None:
+    _, _, wait = waiter
+    ends = [names.event_subject("t", kind) for kind in TERMINAL_KINDS]
+    subjects = [subscription.subject for subscription in wait._subscriptions]
+    assert sorted([names.folded_subject("t"), *ends]) == sorted(subjects)
 
 
 async def test_a_notice_without_the_document_answers_with_one_read(
