@@ -70,17 +70,21 @@ def _rank(event: TaskProgressed) -> tuple[int, bool]:
 def _superseded(events: list[tuple[Msg, TaskEvent]]) -> set[int]:
     """Progress events of one fetch that the fold would overwrite anyway: per task, only
     the one it keeps (highest order, a skip marker winning a tie) needs a write; a batch
-    of tasks sends one progress event per task per step."""
-    kept: dict[str, tuple[tuple[int, bool], int]] = {}
+    of tasks sends one progress event per task per step. A skip marker is written even
+    when the next job's steps came with it: progress says ``skipped`` until those are
+    shown, and they wait for company (:class:`_Waiting`)."""
+    kept: dict[str, tuple[tuple[int, bool], int, TaskProgressed]] = {}
     for index, (_, event) in enumerate(events):
         if isinstance(event, TaskProgressed):
             rank = _rank(event)
             if event.task_id not in kept or rank >= kept[event.task_id][0]:
-                kept[event.task_id] = (rank, index)
+                kept[event.task_id] = (rank, index, event)
     return {
         id(message)
         for index, (message, event) in enumerate(events)
-        if isinstance(event, TaskProgressed) and kept[event.task_id][1] != index
+        if isinstance(event, TaskProgressed)
+        and kept[event.task_id][1] != index
+        and not (event.skipped and event.job_no < kept[event.task_id][2].job_no)
     }
 
 
