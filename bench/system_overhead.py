@@ -56,8 +56,17 @@ PHASES = (
 )
 
 
-def direct_runner(checkpoint: Path, cache: Path, body: dict[str, Any]) -> Callable[[], float]:
-    """One direct call of the pipeline (with PNG encoding, as the worker does): seconds.
+DIRECT_PHASES = ("first step", "steps", "output")
+"""The phases a direct call has too: ``--breakdown`` prints its medians beside the
+worker's, so the worker's own cost shows phase by phase."""
+
+Timed = tuple[float, dict[str, float]]
+
+
+def direct_runner(checkpoint: Path, cache: Path, body: dict[str, Any]) -> Callable[[], Timed]:
+    """One direct call of the pipeline (with PNG encoding, as the worker does): seconds,
+    and its :data:`DIRECT_PHASES` (from the call to the first step's callback, to the
+    last's, to the encoded images).
     It computes with as many torch threads as the worker does (its own rule: cores − 1
     unless ``OMP_NUM_THREADS`` says otherwise); with torch's default of one per core, the
     direct calls' times swung between two modes (45 and 70 ms) from run to run."""
@@ -76,10 +85,18 @@ def direct_runner(checkpoint: Path, cache: Path, body: dict[str, Any]) -> Callab
         request=msgspec.convert(body, Txt2ImgRequest),
     )
 
-    def call() -> float:
+    def call() -> Timed:
+        steps: list[float] = []
         started = time.perf_counter()
-        assert runner.generate(command, {}, lambda *_: None, lambda: False).images
-        return time.perf_counter() - started
+        generation = runner.generate(
+            command, {}, lambda *_: steps.append(time.perf_counter()), lambda: False
+        )
+        assert generation.images
+        ended = time.perf_counter()
+        points = (started, steps[0], steps[-1], ended)
+        return ended - started, {
+            name: b - a for name, a, b in zip(DIRECT_PHASES, points, points[1:], strict=False)
+        }
 
     return call
 
@@ -110,12 +127,14 @@ class Marks:
 
 
 async def measure(
-    root: Path, models: Path, body: dict[str, Any], n: int, direct: Callable[[], float]
-) -> tuple[list[float], list[float], dict[str, list[float]]]:
-    """Alternating direct calls and sync requests: their seconds, and the phases'."""
+    root: Path, models: Path, body: dict[str, Any], n: int, direct: Callable[[], Timed]
+) -> tuple[list[float], list[float], dict[str, list[float]], dict[str, list[float]]]:
+    """Alternating direct calls and sync requests: their seconds, and the phases' (the
+    system's, the direct calls')."""
     direct_times: list[float] = []
     system_times: list[float] = []
     phases: dict[str, list[float]] = {name: [] for name, _ in PHASES}
+    direct_phases: dict[str, list[float]] = {name: [] for name in DIRECT_PHASES}
     marks = Marks()
     async with started_system(root, models) as system, aiohttp.ClientSession() as http:
         nc = await nats.connect(system.nats_url)
@@ -124,7 +143,7 @@ async def measure(
         await nc.subscribe(names.FOLDED_SUBJECT_PREFIX + ".*", cb=marks.on_folded)
         try:
             for index in range(n + 1):  # the first pair warms caches and starts the worker
-                took = await asyncio.to_thread(direct)
+                took, took_phases = await asyncio.to_thread(direct)
                 sent, started = time.time(), time.perf_counter()
                 async with http.post(f"{system.url}/txt2img", json=body) as response:
                     result = await response.json()
@@ -133,6 +152,8 @@ async def measure(
                 if index == 0:
                     continue
                 direct_times.append(took)
+                for name, value in took_phases.items():
+                    direct_phases[name].append(value)
                 system_times.append(elapsed)
                 seen = marks.seen[result["taskId"]]
                 keys = (
@@ -151,7 +172,7 @@ async def measure(
                         phases[name].append(b - a)
         finally:
             await nc.close()
-    return direct_times, system_times, phases
+    return direct_times, system_times, phases, direct_phases
 
 
 def main() -> None:
@@ -177,7 +198,7 @@ def main() -> None:
         tiny.single_file.rename(models / "Stable-diffusion" / "tiny.safetensors")
         checkpoint = models / "Stable-diffusion" / "tiny.safetensors"
         direct = direct_runner(checkpoint, root / "cache-direct", body)
-        direct_times, system_times, phases = asyncio.run(
+        direct_times, system_times, phases, direct_phases = asyncio.run(
             measure(root, models, body, args.requests, direct)
         )
     d, s = statistics.median(direct_times), statistics.median(system_times)
@@ -194,7 +215,13 @@ def main() -> None:
         for name, meaning in PHASES:
             values = phases[name]
             if values:
-                print(f"  {name:10} median {1000 * statistics.median(values):7.1f} ms  {meaning}")
+                alone = ""
+                if direct_phases.get(name):
+                    alone = f" (direct {1000 * statistics.median(direct_phases[name]):5.1f})"
+                print(
+                    f"  {name:10} median {1000 * statistics.median(values):7.1f} ms{alone:16}"
+                    f"  {meaning}"
+                )
 
 
 if __name__ == "__main__":
