@@ -56,6 +56,8 @@ PHASES = (
 )
 
 
+SETTLE_S = 0.05
+"""The pause before each pair."""
 DIRECT_PHASES = ("first step", "steps", "output")
 """The phases a direct call has too: ``--breakdown`` prints its medians beside the
 worker's, so the worker's own cost shows phase by phase."""
@@ -143,6 +145,9 @@ async def measure(
         await nc.subscribe(names.FOLDED_SUBJECT_PREFIX + ".*", cb=marks.on_folded)
         try:
             for index in range(n + 1):  # the first pair warms caches and starts the worker
+                # What the system does after an answer (the sink's bookkeeping) is over
+                # before the direct call: it must not slow the call it is compared with.
+                await asyncio.sleep(SETTLE_S)
                 took, took_phases = await asyncio.to_thread(direct)
                 sent, started = time.time(), time.perf_counter()
                 async with http.post(f"{system.url}/txt2img", json=body) as response:

@@ -18,6 +18,7 @@ import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from pymongo import UpdateOne
 from pymongo.errors import PyMongoError
 
 from proto import names
@@ -41,13 +42,52 @@ FETCH_TIMEOUT_S = 1.0
 RETRY_S = 1.0
 """How soon an event that could not be folded (MongoDB down or failing over) comes back."""
 LINGER_S = 0.2
-"""How long a task's progress events wait for more before the latest is folded: a task's
-steps then cost one write, not one each (a batch of tasks sends one event per task per
-step), and steps that its end catches up with ride on the end's write (``_riders``).
-They wait across fetches (:class:`_Waiting`): other tasks' starts and ends, which are
-folded at once, do not cut the wait short. A skip marker is folded at once."""
+"""How long a task's start and progress events wait for more before they are folded: a
+task's steps then cost one write, not one each (a batch of tasks sends one event per task
+per step), its start rides on the write of its latest step (``_starts_riding``), and
+what its end catches up with rides on the end's write (``_riders``): a short task costs
+one write of its document. They wait across fetches (:class:`_Waiting`): other tasks'
+ends, which are folded at once, do not cut the wait short. A skip marker is folded at
+once."""
 MIN_WAIT_S = 0.005
 """A fetch waits at least this long (a shorter one is all overhead)."""
+COUNTS_AFTER_S = 0.005
+"""How long after its notices the owners' open-task counts of ended tasks are written
+(:class:`_LaterCounts`): the answers to sync requests go out first (measured with
+``bench/system_overhead.py``: the notice reached the waiter 0.35 ms after it was sent,
+not 1.3 ms, when the write did not follow it at once), and the counts of several
+fetches share one write."""
+
+
+class _LaterCounts:
+    """Owners' open-task counts one down for tasks that ended, written together
+    ``after_s`` after the first of them is handed over, off the path of the notices.
+    A sink that dies first leaves the counts too high, as a sink dying between a fold
+    and its count always could: the quota recounts a count that reaches its limit."""
+
+    def __init__(self, tasks: TaskStore, after_s: float) -> None:
+        self.tasks, self.after_s = tasks, after_s
+        self._pending: list[UpdateOne] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    def add(self, counts: list[UpdateOne]) -> None:
+        self._pending += counts
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write())
+
+    async def _write(self) -> None:
+        await asyncio.sleep(self.after_s)
+        while self._pending:
+            counts, self._pending = self._pending, []
+            try:
+                await self.tasks.open_counts.bulk_write(counts, ordered=False)
+            except PyMongoError as exc:
+                log.warning("owners' counts of ended tasks not written (they recount): %s", exc)
+
+    async def close(self) -> None:
+        """What is handed over is written (or failed) before this returns."""
+        if self._writer is not None:
+            await self._writer
 
 
 def sink_consumer_config() -> ConsumerConfig:
@@ -127,10 +167,35 @@ def _riders(events: list[tuple[Msg, TaskEvent]]) -> dict[int, list[tuple[Msg, Ta
     return riding
 
 
+def _starts_riding(
+    events: list[tuple[Msg, TaskEvent]], superseded: set[int], carried: set[int], over: set[str]
+) -> dict[int, list[tuple[Msg, TaskEvent]]]:
+    """Per progress event written now (a skip marker, or the step kept of a task whose
+    wait is over), the same attempt's start that waited with it: folded with it in one
+    write (``TaskStore.begin``). A start never waits behind a step of its attempt that is
+    written without it: one-by-one, the start would have come first."""
+    starts = {
+        (e.task_id, e.attempt): (m, e)
+        for m, e in events
+        if isinstance(e, TaskStarted) and id(m) not in carried
+    }
+    riding: dict[int, list[tuple[Msg, TaskEvent]]] = {}
+    for message, event in events:
+        if (
+            isinstance(event, TaskProgressed)
+            and id(message) not in carried | superseded
+            and (event.skipped or event.task_id in over)
+            and (start := starts.pop((event.task_id, event.attempt), None)) is not None
+        ):
+            riding[id(message)] = [start]
+    return riding
+
+
 class _Waiting:
-    """Progress events held back (unacked) for company, at most ``linger_s`` per task:
-    each fetch looks at them again beside what it brought (a newer step supersedes them,
-    the task's end carries them), and the latest is folded once its task's wait is over."""
+    """Starts and progress events held back (unacked) for company, at most ``linger_s``
+    per task: each fetch looks at them again beside what it brought (a newer step
+    supersedes them, the task's end carries them), and the latest step is folded, with
+    the start, once its task's wait is over."""
 
     def __init__(self, linger_s: float) -> None:
         self.linger_s = linger_s
@@ -142,13 +207,17 @@ class _Waiting:
         events, self.events = self.events, []
         return events
 
-    def hold(self, message: Msg, event: TaskProgressed, now: float) -> bool:
+    def hold(self, message: Msg, event: TaskStarted | TaskProgressed, now: float) -> bool:
         """Hold ``event`` back, unless its task's wait is over (then fold it now)."""
         since = self._since.setdefault(event.task_id, now)
         if now - since < self.linger_s:
             self.events.append((message, event))
             return True
         return False
+
+    def over(self, now: float) -> set[str]:
+        """The tasks whose wait is over: what they hold is folded now."""
+        return {t for t, since in self._since.items() if now - since >= self.linger_s}
 
     def settled(self) -> None:
         """After a fetch: a task with nothing held waits afresh next time."""
@@ -190,9 +259,11 @@ async def run_sink(
             raise consumer.Poison("undecodable event")  # no retry can ever decode it
         if id(message) in superseded:
             return  # a later progress event of the same fetch covers it
+        started = next((e for e in riders if isinstance(e, TaskStarted)), None)
         try:
-            if isinstance(event, TaskSucceeded | TaskFailed | TaskCancelled):
-                started = next((e for e in riders if isinstance(e, TaskStarted)), None)
+            if isinstance(event, TaskProgressed) and started is not None:
+                await tasks.begin(started, event)
+            elif isinstance(event, TaskSucceeded | TaskFailed | TaskCancelled):
                 steps = [e for e in riders if isinstance(e, TaskProgressed)]
                 last = max(steps, key=_rank, default=None)
 
@@ -218,6 +289,7 @@ async def run_sink(
 
     folded = 0
     waiting = _Waiting(linger_s)
+    counts = _LaterCounts(tasks, COUNTS_AFTER_S)
     try:
         batches = consumer.batches(
             subscription,
@@ -234,17 +306,19 @@ async def run_sink(
             superseded = _superseded(decoded)
             riding = _riders(decoded)
             carried = {id(m) for ms in riding.values() for m, _ in ms}
-            ends = Ends(tasks)
+            riding |= _starts_riding(decoded, superseded, carried, waiting.over(now))
+            carried = {id(m) for ms in riding.values() for m, _ in ms}
+            ends = Ends(tasks, counts.add)
             for message, event in events:
                 if id(message) in carried:
-                    continue  # folded with its task's end, settled beside it
+                    continue  # folded with its task's end or step, settled beside it
                 if (
-                    isinstance(event, TaskProgressed)
-                    and not event.skipped  # A1111's skip marker shows at once
+                    isinstance(event, TaskStarted | TaskProgressed)
+                    and not (isinstance(event, TaskProgressed) and event.skipped)
                     and id(message) not in superseded
                     and waiting.hold(message, event, now)
                 ):
-                    continue
+                    continue  # A1111's skip marker shows at once
                 riders = riding.get(id(message), [])
                 acked = await consumer.settle(
                     message, fold(message, event, superseded, [e for _, e in riders], ends)
@@ -263,6 +337,7 @@ async def run_sink(
         for message, _ in waiting.take():  # another sink (or the next start) folds them
             with contextlib.suppress(Exception):
                 await message.nak()
+        await counts.close()
         log.info("event sink stopped after folding %d events", folded)
 
 

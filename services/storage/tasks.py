@@ -312,6 +312,19 @@ class TaskStore:
             metrics.task_started(event.model_key)
         return result.modified_count == 1
 
+    async def begin(self, started: TaskStarted, progress: TaskProgressed) -> bool:
+        """Fold a start with a progress event of the same attempt in one write, as if
+        folded one after the other (the sink holds a start with its task's steps, see
+        ``services.storage.sink``); False when the rules say it changes nothing."""
+        query, update = self._started(started)
+        moved_query, moved = self._progressed(progress)
+        result = await self.collection.update_one(query, {"$set": update["$set"] | moved["$set"]})
+        if result.modified_count == 1:
+            metrics.task_started(started.model_key)
+            return True
+        # Started already (folded before, or by another sink), or ended: the step alone.
+        return (await self.collection.update_one(moved_query, moved)).modified_count == 1
+
     async def finish(
         self,
         event: TaskSucceeded | TaskFailed | TaskCancelled,
@@ -465,8 +478,13 @@ class Ends:
     as when the sink dies between a fold and its count: the quota recounts a count that
     reaches its limit (``QuotaStore.admit``)."""
 
-    def __init__(self, store: TaskStore) -> None:
+    def __init__(
+        self, store: TaskStore, counts: Callable[[list[UpdateOne]], None] | None = None
+    ) -> None:
         self.store = store
+        self.counts = counts
+        """Takes the owners' counts to write them later (the sink's, see there); else
+        :meth:`settle` writes them."""
         self._ended: list[tuple[TaskSucceeded | TaskFailed | TaskCancelled, str]] = []
         self._written: list[tuple[str, Written]] = []
 
@@ -502,5 +520,7 @@ class Ends:
                 continue
             metrics.task_ended(document, status, event.at, _code(event))
             counts.append(one_open_task_less(document["user"]))
-        if counts:
+        if counts and self.counts is not None:
+            self.counts(counts)
+        elif counts:
             await self.store.open_counts.bulk_write(counts, ordered=False)

@@ -13,6 +13,7 @@ from pymongo import AsyncMongoClient, monitoring
 from proto.events import TaskSucceeded
 from services.storage.mongo import Document, database
 from services.storage.quotas import QuotaStore
+from services.storage.sink import _LaterCounts
 from services.storage.tasks import Ends
 from tests.documents import task_document
 
@@ -233,3 +234,27 @@ async def test_the_ends_of_a_fetch_cost_one_read_and_one_write(
     assert [("find", "tasks"), ("update", "task_open_counts")] == commands.commands
     assert {"_id": "ann", "n": 1} == await quotas.counts.find_one({"_id": "ann"})
     assert {"_id": "bob", "n": 0} == await quotas.counts.find_one({"_id": "bob"})
+
+
+async def test_the_sinks_counts_follow_its_notices_in_one_write(
+    watched: tuple[QuotaStore, _Commands],
+) -> None:
+    """The sink hands the counts over (``Ends(counts=...)``): settling a fetch's ends
+    reads, and the counts of several fetches are written together a moment later, off
+    the path of the notices to sync requests."""
+    quotas, commands = watched
+    ids = [secrets.token_hex(6) for _ in range(3)]
+    for task_id in ids:
+        assert await quotas.admit("cy", max_open=10, per_minute=0) is None
+        await quotas.store.insert(_task("cy", task_id))
+    later = _LaterCounts(quotas.store, after_s=1.0)
+    for task_id in ids:  # three fetches, an end each
+        ends = Ends(quotas.store, later.add)
+        await quotas.store.finish(TaskSucceeded(task_id=task_id, attempt=1, images=[]), ends=ends)
+        commands.commands.clear()
+        await ends.settle()
+        assert [("find", "tasks")] == commands.commands
+    commands.commands.clear()
+    await later.close()
+    assert [("update", "task_open_counts")] == commands.commands
+    assert {"_id": "cy", "n": 0} == await quotas.counts.find_one({"_id": "cy"})

@@ -176,19 +176,25 @@ async def test_a_task_whose_events_come_together_is_folded_as_if_one_by_one(
 
 
 class _Counted(TaskStore):
-    """The task store, the progress events it folds alone counted."""
+    """The task store, the starts and progress events it folds alone counted, and the
+    starts it folds with a step."""
 
-    progress_folds = 0
+    progress_folds = start_folds = begins = 0
 
     async def apply(self, event: TaskEvent) -> bool:
         self.progress_folds += isinstance(event, TaskProgressed)
+        self.start_folds += isinstance(event, TaskStarted)
         return await super().apply(event)
+
+    async def begin(self, started: TaskStarted, progress: TaskProgressed) -> bool:
+        self.begins += 1
+        return await super().begin(started, progress)
 
 
 @pytest.fixture
 async def held(nats_server: Any, fresh_db: Any) -> AsyncIterator[tuple[NATS, _Counted]]:
-    """A sink whose progress events wait 5 s for company (far longer than a test's
-    publishing, however slow the machine)."""
+    """A sink whose starts and progress events wait 5 s for company (far longer than a
+    test's publishing, however slow the machine)."""
     nc = await bus.connect(nats_server.url, "test-sink")
     await bus.ensure_streams(nc.jetstream(), BusSettings())
     tasks = _Counted(fresh_db)
@@ -207,45 +213,56 @@ async def held(nats_server: Any, fresh_db: Any) -> AsyncIterator[tuple[NATS, _Co
 async def test_steps_wait_for_their_end_across_other_tasks_events(
     held: tuple[NATS, _Counted],
 ) -> None:
-    """Other tasks' starts and ends (folded at once) do not cut a running task's wait
-    short: its steps ride on its end's write (a batch's tasks start and end while
-    others run)."""
+    """Other tasks' ends (folded at once) do not cut a running task's wait short: its
+    start and steps ride on its end's write (a batch's tasks start and end while others
+    run), one write for the whole task."""
     nc, tasks = held
     js = nc.jetstream()
     running, short = (secrets.token_hex(6) for _ in range(2))
     for task_id in (running, short):
         await tasks.insert(task_document(task_id, total_steps=2))
-    await _publish(js, TaskStarted(task_id=running, attempt=1))
+    await _publish(js, TaskStarted(task_id=running, attempt=1, at=1000.0))
     await _publish(js, TaskProgressed(task_id=running, step=1, total_steps=2, progress=0.5))
-    await _publish(js, TaskStarted(task_id=short, attempt=1))
-    await eventually(lambda: _status(tasks, short, "running"), "a start folded at once")
+    await _publish(js, TaskStarted(task_id=short, attempt=1, at=1001.0))
     await _publish(js, TaskSucceeded(task_id=short, images=[]))
     await eventually(lambda: _status(tasks, short, "succeeded"), "an end folded at once")
+    doc = await tasks.get(short)
+    assert doc is not None
+    assert 1001.0 == doc["started_at"].timestamp()
+    assert await _status(tasks, running, "waiting"), "its start waits with its steps"
     await _publish(js, TaskProgressed(task_id=running, step=2, total_steps=2, progress=1.0))
     await _publish(js, TaskSucceeded(task_id=running, images=["r.png"]))
     await eventually(lambda: _drained(js), "every event settled")
     doc = await tasks.get(running)
     assert doc is not None
-    assert ("succeeded", 2) == (doc["status"], doc["progress"]["step"])
-    assert 0 == tasks.progress_folds
+    assert ("succeeded", 2, 1000.0) == (
+        doc["status"],
+        doc["progress"]["step"],
+        doc["started_at"].timestamp(),
+    )
+    assert (0, 0, 0) == (tasks.progress_folds, tasks.start_folds, tasks.begins)
 
 
-async def test_a_step_waits_no_longer_than_the_linger(nats_server: Any, fresh_db: Any) -> None:
+async def test_a_start_and_its_step_wait_no_longer_than_the_linger(
+    nats_server: Any, fresh_db: Any
+) -> None:
+    """Once the wait is over, the start rides on the step's write: one write."""
     nc = await bus.connect(nats_server.url, "test-sink")
     await bus.ensure_streams(nc.jetstream(), BusSettings())
-    tasks = TaskStore(fresh_db)
+    tasks = _Counted(fresh_db)
     stop = asyncio.Event()
     # A fetch timeout longer than the wait for the step: the linger's end wakes the sink.
     runner = asyncio.create_task(
-        supervised("sink", lambda: run_sink(nc, tasks, stop, fetch_timeout_s=5, linger_s=0.3), stop)
+        supervised("sink", lambda: run_sink(nc, tasks, stop, fetch_timeout_s=8, linger_s=1), stop)
     )
     try:
         task_id = secrets.token_hex(6)
         await tasks.insert(task_document(task_id, total_steps=4))
-        await _publish(nc.jetstream(), TaskStarted(task_id=task_id, attempt=1))
+        await _publish(nc.jetstream(), TaskStarted(task_id=task_id, attempt=1, at=1000.0))
         await _publish(nc.jetstream(), TaskProgressed(task_id=task_id, step=1, total_steps=4))
-        doc = await eventually(lambda: _at_step(tasks, task_id, 1), "the step folded", timeout_s=4)
-        assert "running" == doc["status"]
+        doc = await eventually(lambda: _at_step(tasks, task_id, 1), "the step folded", timeout_s=6)
+        assert ("running", 1000.0) == (doc["status"], doc["started_at"].timestamp())
+        assert (0, 0, 1) == (tasks.progress_folds, tasks.start_folds, tasks.begins)
     finally:
         stop.set()
         await runner

@@ -87,6 +87,39 @@ async def test_an_end_folded_with_its_steps_never_moves_the_step_back(store: Tas
     assert not await store.finish(TaskCancelled(task_id=other), progress=ahead)
 
 
+async def test_a_start_folded_with_a_step_leaves_what_one_by_one_would(store: TaskStore) -> None:
+    """The sink holds a start with its task's steps and writes them together."""
+    together, apart = await _new_task(store), await _new_task(store)
+    started = {"attempt": 1, "at": 1000.0, "worker": "w-1", "stream_seq": 7}
+    step = {"step": 2, "total_steps": 4, "progress": 0.5, "eta_seconds": 1.5}
+    assert await store.begin(
+        TaskStarted(task_id=together, **started), TaskProgressed(task_id=together, **step)
+    )
+    assert await store.apply(TaskStarted(task_id=apart, **started))
+    assert await store.apply(TaskProgressed(task_id=apart, **step))
+    one, other = await store.get(together), await store.get(apart)
+    assert one is not None
+    assert other is not None
+    for doc in (one, other):
+        del doc["_id"], doc["created_at"]
+    assert other == one
+    assert ("running", 2, "w-1", 7) == (
+        one["status"],
+        one["progress"]["step"],
+        one["worker"],
+        one["stream_seq"],
+    )
+    # Started already (another sink folded it): the step alone still moves forward.
+    later = TaskProgressed(task_id=together, step=3, total_steps=4)
+    assert await store.begin(TaskStarted(task_id=together, **started), later)
+    doc = await store.get(together)
+    assert doc is not None
+    assert (3, 1000.0) == (doc["progress"]["step"], doc["started_at"].timestamp())
+    # Ended: nothing changes.
+    await store.apply(TaskSucceeded(task_id=together, images=["k"]))
+    assert not await store.begin(TaskStarted(task_id=together, attempt=2), later)
+
+
 async def test_a_preview_stays_shown_until_a_newer_one(store: TaskStore) -> None:
     task_id = await _new_task(store)
     await store.apply(TaskStarted(task_id=task_id, attempt=1))
