@@ -112,3 +112,66 @@ async def test_a_lost_notice_does_not_fail_the_write(caplog: Any) -> None:
     cache.announce = announce
     await cache.wrote()
     assert "notice not sent" in caplog.text
+
+
+async def test_callers_that_miss_at_once_share_one_read() -> None:
+    """A burst of submissions finding an entry expired reads it once, each caller
+    getting its own copy; a read that fails fails for each of them."""
+    cache, source = ReadCache(10.0, clock=_Clock()), _Source()
+    release = asyncio.Event()
+
+    async def slow_read() -> dict[str, Any]:
+        await release.wait()
+        return await source.read()
+
+    pending = [asyncio.create_task(cache.get("m", slow_read)) for _ in range(8)]
+    await asyncio.sleep(0)
+    release.set()
+    answers = await asyncio.gather(*pending)
+    assert 1 == source.reads
+    assert [{"status": "unloaded"}] * 8 == answers
+    answers[0]["status"] = "changed by a caller"
+    assert {"status": "unloaded"} == answers[1]
+
+    async def failing_read() -> dict[str, Any]:
+        await asyncio.sleep(0)
+        raise ConnectionError("MongoDB is away")
+
+    failing = [asyncio.create_task(cache.get("other", failing_read)) for _ in range(3)]
+    outcomes = await asyncio.gather(*failing, return_exceptions=True)
+    assert all(isinstance(o, ConnectionError) for o in outcomes)
+    assert {"status": "unloaded"} == await cache.get("other", source.read)  # read afresh
+
+
+async def test_a_caller_after_forget_does_not_share_an_older_read() -> None:
+    cache, source = ReadCache(10.0, clock=_Clock()), _Source()
+    release = asyncio.Event()
+
+    async def slow_read() -> dict[str, Any]:
+        await release.wait()
+        return {"status": "old"}
+
+    older = asyncio.create_task(cache.get("m", slow_read))
+    await asyncio.sleep(0)
+    cache.forget()  # a write: what was on its way may be stale
+    assert {"status": "unloaded"} == await cache.get("m", source.read)
+    release.set()
+    assert {"status": "old"} == await older
+
+
+async def test_a_shared_read_goes_on_when_its_first_caller_is_cancelled() -> None:
+    cache, source = ReadCache(10.0, clock=_Clock()), _Source()
+    release = asyncio.Event()
+
+    async def slow_read() -> dict[str, Any]:
+        await release.wait()
+        return await source.read()
+
+    first = asyncio.create_task(cache.get("m", slow_read))
+    await asyncio.sleep(0)
+    second = asyncio.create_task(cache.get("m", slow_read))
+    await asyncio.sleep(0)
+    first.cancel()
+    release.set()
+    assert {"status": "unloaded"} == await second
+    assert 1 == source.reads
