@@ -87,16 +87,20 @@ async def test_an_end_folded_with_its_steps_never_moves_the_step_back(store: Tas
     assert not await store.finish(TaskCancelled(task_id=other), progress=ahead)
 
 
+def _started(task_id: str) -> TaskStarted:
+    return TaskStarted(task_id=task_id, attempt=1, at=1000.0, worker="w-1", stream_seq=7)
+
+
+def _second_step(task_id: str) -> TaskProgressed:
+    return TaskProgressed(task_id=task_id, step=2, total_steps=4, progress=0.5, eta_seconds=1.5)
+
+
 async def test_a_start_folded_with_a_step_leaves_what_one_by_one_would(store: TaskStore) -> None:
     """The sink holds a start with its task's steps and writes them together."""
     together, apart = await _new_task(store), await _new_task(store)
-    started = {"attempt": 1, "at": 1000.0, "worker": "w-1", "stream_seq": 7}
-    step = {"step": 2, "total_steps": 4, "progress": 0.5, "eta_seconds": 1.5}
-    assert await store.begin(
-        TaskStarted(task_id=together, **started), TaskProgressed(task_id=together, **step)
-    )
-    assert await store.apply(TaskStarted(task_id=apart, **started))
-    assert await store.apply(TaskProgressed(task_id=apart, **step))
+    assert await store.begin(_started(together), _second_step(together))
+    assert await store.apply(_started(apart))
+    assert await store.apply(_second_step(apart))
     one, other = await store.get(together), await store.get(apart)
     assert one is not None
     assert other is not None
@@ -111,10 +115,10 @@ async def test_a_start_folded_with_a_step_leaves_what_one_by_one_would(store: Ta
     )
     # Started already (another sink folded it): the step alone still moves forward.
     later = TaskProgressed(task_id=together, step=3, total_steps=4)
-    assert await store.begin(TaskStarted(task_id=together, **started), later)
-    doc = await store.get(together)
-    assert doc is not None
-    assert (3, 1000.0) == (doc["progress"]["step"], doc["started_at"].timestamp())
+    assert await store.begin(_started(together), later)
+    moved = await store.get(together)
+    assert moved is not None
+    assert (3, 1000.0) == (moved["progress"]["step"], moved["started_at"].timestamp())
     # Ended: nothing changes.
     await store.apply(TaskSucceeded(task_id=together, images=["k"]))
     assert not await store.begin(TaskStarted(task_id=together, attempt=2), later)
