@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from services.storage.readcache import ReadCache
@@ -26,6 +27,23 @@ class _Source:
     async def read(self) -> dict[str, Any]:
         self.reads += 1
         return dict(self.value)
+
+
+Read = Callable[[], Awaitable[dict[str, Any]]]
+
+
+def _after(release: asyncio.Event, answer: Read) -> Read:
+    """A read that answers once ``release`` is set."""
+
+    async def read() -> dict[str, Any]:
+        await release.wait()
+        return await answer()
+
+    return read
+
+
+async def _old() -> dict[str, Any]:
+    return {"status": "old"}
 
 
 async def test_answers_from_memory_until_the_ttl_passes() -> None:
@@ -54,10 +72,7 @@ async def test_a_read_that_began_before_forget_is_not_kept() -> None:
     """A read racing a write: its (possibly old) answer is returned but not remembered."""
     cache, source = ReadCache(10.0, clock=_Clock()), _Source()
     release = asyncio.Event()
-
-    async def slow_read() -> dict[str, Any]:
-        await release.wait()
-        return {"status": "old"}
+    slow_read = _after(release, _old)
 
     pending = asyncio.create_task(cache.get("m", slow_read))
     await asyncio.sleep(0)
@@ -119,10 +134,7 @@ async def test_callers_that_miss_at_once_share_one_read() -> None:
     getting its own copy; a read that fails fails for each of them."""
     cache, source = ReadCache(10.0, clock=_Clock()), _Source()
     release = asyncio.Event()
-
-    async def slow_read() -> dict[str, Any]:
-        await release.wait()
-        return await source.read()
+    slow_read = _after(release, source.read)
 
     pending = [asyncio.create_task(cache.get("m", slow_read)) for _ in range(8)]
     await asyncio.sleep(0)
@@ -146,10 +158,7 @@ async def test_callers_that_miss_at_once_share_one_read() -> None:
 async def test_a_caller_after_forget_does_not_share_an_older_read() -> None:
     cache, source = ReadCache(10.0, clock=_Clock()), _Source()
     release = asyncio.Event()
-
-    async def slow_read() -> dict[str, Any]:
-        await release.wait()
-        return {"status": "old"}
+    slow_read = _after(release, _old)
 
     older = asyncio.create_task(cache.get("m", slow_read))
     await asyncio.sleep(0)
@@ -162,10 +171,7 @@ async def test_a_caller_after_forget_does_not_share_an_older_read() -> None:
 async def test_a_shared_read_goes_on_when_its_first_caller_is_cancelled() -> None:
     cache, source = ReadCache(10.0, clock=_Clock()), _Source()
     release = asyncio.Event()
-
-    async def slow_read() -> dict[str, Any]:
-        await release.wait()
-        return await source.read()
+    slow_read = _after(release, source.read)
 
     first = asyncio.create_task(cache.get("m", slow_read))
     await asyncio.sleep(0)
