@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import TypeGuard
 
 import msgspec
 from nats.aio.client import Client
@@ -167,6 +168,14 @@ def _riders(events: list[tuple[Msg, TaskEvent]]) -> dict[int, list[tuple[Msg, Ta
     return riding
 
 
+def _waits(event: TaskEvent | None) -> TypeGuard[TaskStarted | TaskProgressed]:
+    """Whether ``event`` waits for company (:class:`_Waiting`): a start or a step does,
+    an end and A1111's skip marker are folded at once."""
+    return isinstance(event, TaskStarted) or (
+        isinstance(event, TaskProgressed) and not event.skipped
+    )
+
+
 def _starts_riding(
     events: list[tuple[Msg, TaskEvent]], superseded: set[int], carried: set[int], over: set[str]
 ) -> dict[int, list[tuple[Msg, TaskEvent]]]:
@@ -184,7 +193,7 @@ def _starts_riding(
         if (
             isinstance(event, TaskProgressed)
             and id(message) not in carried | superseded
-            and (event.skipped or event.task_id in over)
+            and (not _waits(event) or event.task_id in over)
             and (start := starts.pop((event.task_id, event.attempt), None)) is not None
         ):
             riding[id(message)] = [start]
@@ -313,18 +322,17 @@ async def run_sink(
                 if id(message) in carried:
                     continue  # folded with its task's end or step, settled beside it
                 if (
-                    isinstance(event, TaskStarted | TaskProgressed)
-                    and not (isinstance(event, TaskProgressed) and event.skipped)
+                    _waits(event)
                     and id(message) not in superseded
                     and waiting.hold(message, event, now)
                 ):
-                    continue  # A1111's skip marker shows at once
+                    continue
                 riders = riding.get(id(message), [])
                 acked = await consumer.settle(
                     message, fold(message, event, superseded, [e for _, e in riders], ends)
                 )
                 folded += acked
-                for rider, _ in riders:  # as their terminal event went
+                for rider, _ in riders:  # as the event they rode on went
                     with contextlib.suppress(Exception):
                         await (rider.ack() if acked else rider.nak(delay=retry_s))
                     folded += acked
