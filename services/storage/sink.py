@@ -19,7 +19,6 @@ import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from pymongo import UpdateOne
 from pymongo.errors import PyMongoError
 
 from proto import names
@@ -32,9 +31,9 @@ from proto.events import (
     TaskSucceeded,
     decode_event,
 )
+from proto.notices import TaskFolded, encode_folded
 from services.common import consumer
-from services.storage.mongo import Document
-from services.storage.tasks import Ends, TaskStore, folded_notice, progress_order
+from services.storage.tasks import Ended, Ends, TaskStore, keep_books, progress_order
 
 log = logging.getLogger(__name__)
 BATCH = 64
@@ -52,41 +51,42 @@ ends, which are folded at once, do not cut the wait short. A skip marker is fold
 once."""
 MIN_WAIT_S = 0.005
 """A fetch waits at least this long (a shorter one is all overhead)."""
-COUNTS_AFTER_S = 0.005
-"""How long after its notices the owners' open-task counts of ended tasks are written
-(:class:`_LaterCounts`): the answers to sync requests go out first (measured with
-``bench/system_overhead.py``: the notice reached the waiter 0.35 ms after it was sent,
-not 1.3 ms, when the write did not follow it at once), and the counts of several
-fetches share one write."""
+BOOKS_AFTER_S = 0.005
+"""How long after its notices the bookkeeping of ended tasks (a read for the metrics,
+the owners' open-task counts one down) is done (:class:`_LaterBooks`): the answers to
+sync requests go out first (measured with ``bench/system_overhead.py``: the notice
+reached the waiter 0.35 ms after it was sent, not 1.3 ms, when the count write did not
+follow it at once; 0.4 ms, not 1.5, when the read did not), and several fetches' ends
+share one read and one write."""
 
 
-class _LaterCounts:
-    """Owners' open-task counts one down for tasks that ended, written together
-    ``after_s`` after the first of them is handed over, off the path of the notices.
-    A sink that dies first leaves the counts too high, as a sink dying between a fold
-    and its count always could: the quota recounts a count that reaches its limit."""
+class _LaterBooks:
+    """The bookkeeping of tasks that ended (``keep_books``), done together ``after_s``
+    after the first of them is handed over, off the path of the notices. A sink that
+    dies first leaves the counts too high, as a sink dying between a fold and its count
+    always could: the quota recounts a count that reaches its limit."""
 
     def __init__(self, tasks: TaskStore, after_s: float) -> None:
         self.tasks, self.after_s = tasks, after_s
-        self._pending: list[UpdateOne] = []
+        self._pending: list[Ended] = []
         self._writer: asyncio.Task[None] | None = None
 
-    def add(self, counts: list[UpdateOne]) -> None:
-        self._pending += counts
+    def add(self, ended: list[Ended]) -> None:
+        self._pending += ended
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write())
 
     async def _write(self) -> None:
         await asyncio.sleep(self.after_s)
         while self._pending:
-            counts, self._pending = self._pending, []
+            ended, self._pending = self._pending, []
             try:
-                await self.tasks.open_counts.bulk_write(counts, ordered=False)
+                await keep_books(self.tasks, ended)
             except PyMongoError as exc:
-                log.warning("owners' counts of ended tasks not written (they recount): %s", exc)
+                log.warning("ended tasks' bookkeeping failed (owners' counts recount): %s", exc)
 
     async def close(self) -> None:
-        """What is handed over is written (or failed) before this returns."""
+        """What is handed over is done (or failed) before this returns."""
         if self._writer is not None:
             await self._writer
 
@@ -276,10 +276,8 @@ async def run_sink(
                 steps = [e for e in riders if isinstance(e, TaskProgressed)]
                 last = max(steps, key=_rank, default=None)
 
-                async def announce(document: Document | None) -> None:
-                    await nc.publish(
-                        names.folded_subject(event.task_id), folded_notice(event, document)
-                    )
+                async def announce(notice: TaskFolded) -> None:
+                    await nc.publish(names.folded_subject(notice.task_id), encode_folded(notice))
 
                 msg_id = (message.headers or {}).get(names.MSG_ID_HEADER)
                 await tasks.finish(
@@ -298,7 +296,7 @@ async def run_sink(
 
     folded = 0
     waiting = _Waiting(linger_s)
-    counts = _LaterCounts(tasks, COUNTS_AFTER_S)
+    books = _LaterBooks(tasks, BOOKS_AFTER_S)
     try:
         batches = consumer.batches(
             subscription,
@@ -317,7 +315,7 @@ async def run_sink(
             carried = {id(m) for ms in riding.values() for m, _ in ms}
             riding |= _starts_riding(decoded, superseded, carried, waiting.over(now))
             carried = {id(m) for ms in riding.values() for m, _ in ms}
-            ends = Ends(tasks, counts.add)
+            ends = Ends(tasks, books.add)
             for message, event in events:
                 if id(message) in carried:
                     continue  # folded with its task's end or step, settled beside it
@@ -339,13 +337,13 @@ async def run_sink(
             waiting.settled()
             try:
                 await ends.settle()
-            except PyMongoError as exc:
-                log.warning("ended tasks' bookkeeping failed (owners' counts recount): %s", exc)
+            except PyMongoError as exc:  # the waiters were told all the same, unread
+                log.warning("ended tasks' documents not read back: %s", exc)
     finally:
         for message, _ in waiting.take():  # another sink (or the next start) folds them
             with contextlib.suppress(Exception):
                 await message.nak()
-        await counts.close()
+        await books.close()
         log.info("event sink stopped after folding %d events", folded)
 
 

@@ -18,6 +18,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import bson
+import msgspec
 from bson.codec_options import CodecOptions
 from pymongo import ASCENDING, DESCENDING, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
@@ -33,7 +34,7 @@ from proto.events import (
     TaskStarted,
     TaskSucceeded,
 )
-from proto.notices import MAX_FOLDED_DOCUMENT, TaskFolded, encode_folded
+from proto.notices import MAX_FOLDED_DOCUMENT, TaskFolded, TaskOutcome
 from services.common import metrics
 from services.storage.groupwrite import GroupWriter
 from services.storage.mongo import Document
@@ -126,18 +127,37 @@ def _started_fields(event: TaskStarted) -> Document:
     return fields
 
 
-def folded_notice(event: TaskEvent, document: Document | None) -> bytes:
-    """The notice that ``event``'s task has its end in ``document``, carrying it."""
+def folded_notice(task_id: str, document: Document | None) -> TaskFolded:
+    """The notice that task ``task_id`` has its end in ``document`` (read back), carrying
+    it."""
     encoded = b"" if document is None else bson.encode(document)
     if len(encoded) > MAX_FOLDED_DOCUMENT:
         encoded = b""  # the waiter reads it
-    return encode_folded(TaskFolded(task_id=event.task_id, document=encoded))
+    return TaskFolded(task_id=task_id, document=encoded)
+
+
+def outcome_of(event: TaskSucceeded | TaskFailed | TaskCancelled) -> TaskOutcome:
+    """What an end writes into its task's document (all of it: see ``TaskOutcome``)."""
+    match event:
+        case TaskSucceeded(images=images, info=info, seeds=seeds):
+            done = TaskStatus.SUCCEEDED.value
+            return TaskOutcome(status=done, images=images, info=info, seeds=seeds)
+        case TaskFailed(code=code, message=message):
+            return TaskOutcome(status=TaskStatus.FAILED.value, code=code, message=message)
+        case TaskCancelled(reason=reason):
+            return TaskOutcome(status=TaskStatus.CANCELLED.value, message=reason)
 
 
 def folded_document(notice: TaskFolded, task_id: str, user: str) -> Document | None:
-    """The terminal document of task ``task_id`` that a fold notice carries, if it is
+    """The terminal document of task ``task_id`` that a fold notice tells of, if it is
     ``user``'s; None when it carries none (too large, unread, an older sink) or not one
-    to answer with: then read it."""
+    to answer with: then read it. From an ``outcome``: the outcome's fields of the
+    document (all an answer reads), with its id and owner (the waiter's own: the notice
+    is for the task the waiter submitted)."""
+    if notice.outcome is not None:
+        if task_id != notice.task_id or notice.outcome.status not in proto.TERMINAL_STATUSES:
+            return None
+        return {"_id": task_id, "user": user, **msgspec.structs.asdict(notice.outcome)}
     if not notice.document:
         return None
     try:
@@ -338,9 +358,10 @@ class TaskStore:
         """Fold a terminal event, with the same attempt's ``started`` and last
         ``progress`` events when they came together (one write, as if folded in order);
         False when the rules say it changes nothing. ``written`` runs once the document
-        holds the end (whether or not this fold changed it), with the document read
-        back, before the bookkeeping that follows (metrics, the owner's count): a sync
-        request waiting on it need not wait for that. With ``ends``, the read and that
+        holds the end (whether or not this fold changed it), before the bookkeeping
+        that follows (metrics, the owner's count): a sync request waiting on it need not
+        wait for that. When this fold ended the task, it runs at once with the outcome
+        written; else with the document read back. With ``ends``, that read and the
         bookkeeping join the others' there (:class:`Ends`); else they are done now.
 
         ``worker_end``: the event is the one worker end the stream keeps for the task
@@ -371,9 +392,14 @@ class TaskStore:
             changed = (await self.collection.update_one(query, update)).modified_count == 1
         if started is not None and started.attempt == event.attempt and changed:
             metrics.task_started(started.model_key)
+        if written is not None and changed:
+            # This fold ended the task: what it wrote is the outcome, nothing to read.
+            await _tell(
+                event.task_id, written, TaskFolded(task_id=event.task_id, outcome=outcome_of(event))
+            )
         alone = ends is None
         ends = Ends(self) if ends is None else ends
-        if written is not None:
+        if written is not None and not changed:
             ends.written(event.task_id, written)
         if changed:
             ends.add(event, fields["status"])
@@ -437,24 +463,15 @@ class TaskStore:
 
     @staticmethod
     def _finished(event: TaskSucceeded | TaskFailed | TaskCancelled) -> tuple[Document, Document]:
-        fields: Document = {"finished_at": _utc(event.at), "attempt": event.attempt}
-        match event:
-            case TaskSucceeded():
-                fields |= {
-                    "status": TaskStatus.SUCCEEDED.value,
-                    "images": event.images,
-                    "info": event.info,
-                    "seeds": event.seeds,
-                    "progress.progress": 1.0,
-                }
-            case TaskFailed():
-                fields |= {
-                    "status": TaskStatus.FAILED.value,
-                    "code": event.code,
-                    "message": event.message,
-                }
-            case TaskCancelled():
-                fields |= {"status": TaskStatus.CANCELLED.value, "message": event.reason}
+        # Every field of the outcome, so the document holds exactly what the sink's
+        # notice tells (``TaskOutcome``) whatever it held before.
+        fields: Document = {
+            "finished_at": _utc(event.at),
+            "attempt": event.attempt,
+            **msgspec.structs.asdict(outcome_of(event)),
+        }
+        if isinstance(event, TaskSucceeded):
+            fields["progress.progress"] = 1.0
         query = {
             "_id": event.task_id,
             "status": {"$in": OPEN_STATUSES},
@@ -463,29 +480,60 @@ class TaskStore:
         return query, {"$set": fields}
 
 
-Written = Callable[[Document | None], Awaitable[None]]
-"""Told that a task's end is in its document, with the document read back after the
-fold (None when it could not be read)."""
+Written = Callable[[TaskFolded], Awaitable[None]]
+"""Told that a task's end is in its document: with the outcome the fold wrote when it
+ended the task, else with the document read back after the fold (none when it could not
+be read)."""
+
+
+async def _tell(task_id: str, written: Written, notice: TaskFolded) -> None:
+    try:
+        await written(notice)
+    except Exception as exc:  # the others are told all the same
+        log.warning("task %s: telling that its end is written failed: %r", task_id, exc)
+
+
+Ended = tuple[TaskSucceeded | TaskFailed | TaskCancelled, str]
+"""A terminal event whose fold ended its task, and the status it left."""
+
+
+async def keep_books(store: TaskStore, ended: list[Ended]) -> None:
+    """The bookkeeping of tasks that ended: the metrics, and each owner's count of open
+    tasks one down; one read and one write for all of them."""
+    ids = list({event.task_id for event, _ in ended})
+    if not ids:
+        return
+    found = store.collection.find({"_id": {"$in": ids}}, projection=metrics.ENDED_FIELDS)
+    documents = {d["_id"]: d async for d in found}
+    counts: list[UpdateOne] = []
+    for event, status in ended:
+        document = documents.get(event.task_id)
+        if document is None:  # deleted meanwhile: its owner's count is moot
+            continue
+        metrics.task_ended(document, status, event.at, _code(event))
+        counts.append(one_open_task_less(document["user"]))
+    if counts:
+        await store.open_counts.bulk_write(counts, ordered=False)
 
 
 class Ends:
-    """After terminal folds: the documents read back (for those ``written`` waits on:
-    the sink's notices to sync requests), and the bookkeeping of tasks that ended (their
-    folds changed them): the metrics, and each owner's count of open tasks one down.
-    The sink collects the ends of one fetch (a batch's tasks end together) and settles
-    them with one read and one write in all, instead of one each, after their folds are
-    acked. Should that fail or the process die first, an owner's count stays too high,
-    as when the sink dies between a fold and its count: the quota recounts a count that
-    reaches its limit (``QuotaStore.admit``)."""
+    """After terminal folds: the documents read back for those ``written`` waits on whose
+    folds changed nothing (the sink's notices to sync requests), and the bookkeeping of
+    tasks that ended (:func:`keep_books`). The sink collects the ends of one fetch (a
+    batch's tasks end together) and settles them with one read (and one of the
+    bookkeeping) in all, instead of one each, after their folds are acked. Should the
+    bookkeeping fail or the process die first, an owner's count stays too high, as when
+    the sink dies between a fold and its count: the quota recounts a count that reaches
+    its limit (``QuotaStore.admit``)."""
 
     def __init__(
-        self, store: TaskStore, counts: Callable[[list[UpdateOne]], None] | None = None
+        self, store: TaskStore, books: Callable[[list[Ended]], None] | None = None
     ) -> None:
         self.store = store
-        self.counts = counts
-        """Takes the owners' counts to write them later (the sink's, see there); else
-        :meth:`settle` writes them."""
-        self._ended: list[tuple[TaskSucceeded | TaskFailed | TaskCancelled, str]] = []
+        self.books = books
+        """Takes the bookkeeping to do it later (the sink's, see there); else
+        :meth:`settle` does it."""
+        self._ended: list[Ended] = []
         self._written: list[tuple[str, Written]] = []
 
     def add(self, event: TaskSucceeded | TaskFailed | TaskCancelled, status: str) -> None:
@@ -498,29 +546,17 @@ class Ends:
     async def settle(self) -> None:
         ended, self._ended = self._ended, []
         told, self._written = self._written, []
-        ids = list({event.task_id for event, _ in ended} | {task_id for task_id, _ in told})
-        if not ids:
-            return
-        # Whole documents when somebody waits on them, else only what the metrics need.
-        projection = None if told else metrics.ENDED_FIELDS
-        documents: dict[str, Document] = {}
-        try:
-            found = self.store.collection.find({"_id": {"$in": ids}}, projection=projection)
-            documents = {d["_id"]: d async for d in found}
-        finally:
-            for task_id, written in told:  # after a failed read, without the document
-                try:
-                    await written(documents.get(task_id))
-                except Exception as exc:  # the others are told all the same
-                    log.warning("task %s: telling that its end is written failed: %r", task_id, exc)
-        counts: list[UpdateOne] = []
-        for event, status in ended:
-            document = documents.get(event.task_id)
-            if document is None:  # deleted meanwhile: its owner's count is moot
-                continue
-            metrics.task_ended(document, status, event.at, _code(event))
-            counts.append(one_open_task_less(document["user"]))
-        if counts and self.counts is not None:
-            self.counts(counts)
-        elif counts:
-            await self.store.open_counts.bulk_write(counts, ordered=False)
+        if told:
+            documents: dict[str, Document] = {}
+            try:
+                ids = list({task_id for task_id, _ in told})
+                documents = {
+                    d["_id"]: d async for d in self.store.collection.find({"_id": {"$in": ids}})
+                }
+            finally:
+                for task_id, written in told:  # after a failed read, without the document
+                    await _tell(task_id, written, folded_notice(task_id, documents.get(task_id)))
+        if ended and self.books is not None:
+            self.books(ended)
+        elif ended:
+            await keep_books(self.store, ended)

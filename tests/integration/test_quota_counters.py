@@ -13,7 +13,7 @@ from pymongo import AsyncMongoClient, monitoring
 from proto.events import TaskSucceeded
 from services.storage.mongo import Document, database
 from services.storage.quotas import QuotaStore
-from services.storage.sink import _LaterCounts
+from services.storage.sink import _LaterBooks
 from services.storage.tasks import Ends
 from tests.documents import task_document
 
@@ -236,25 +236,25 @@ async def test_the_ends_of_a_fetch_cost_one_read_and_one_write(
     assert {"_id": "bob", "n": 0} == await quotas.counts.find_one({"_id": "bob"})
 
 
-async def test_the_sinks_counts_follow_its_notices_in_one_write(
+async def test_the_sinks_bookkeeping_follows_its_notices_in_one_read_and_write(
     watched: tuple[QuotaStore, _Commands],
 ) -> None:
-    """The sink hands the counts over (``Ends(counts=...)``): settling a fetch's ends
-    reads, and the counts of several fetches are written together a moment later, off
-    the path of the notices to sync requests."""
+    """The sink hands the bookkeeping over (``Ends(books=...)``): settling a fetch's ends
+    costs nothing, and several fetches' ends are read and counted together a moment
+    later, off the path of the notices to sync requests."""
     quotas, commands = watched
     ids = [secrets.token_hex(6) for _ in range(3)]
     for task_id in ids:
         assert await quotas.admit("cy", max_open=10, per_minute=0) is None
         await quotas.store.insert(_task("cy", task_id))
-    later = _LaterCounts(quotas.store, after_s=1.0)
+    later = _LaterBooks(quotas.store, after_s=1.0)
     for task_id in ids:  # three fetches, an end each
         ends = Ends(quotas.store, later.add)
         await quotas.store.finish(TaskSucceeded(task_id=task_id, attempt=1, images=[]), ends=ends)
         commands.commands.clear()
         await ends.settle()
-        assert [("find", "tasks")] == commands.commands
+        assert [] == commands.commands
     commands.commands.clear()
     await later.close()
-    assert [("update", "task_open_counts")] == commands.commands
+    assert [("find", "tasks"), ("update", "task_open_counts")] == commands.commands
     assert {"_id": "cy", "n": 0} == await quotas.counts.find_one({"_id": "cy"})

@@ -21,7 +21,7 @@ from proto.events import (
     encode_event,
     event_kind,
 )
-from proto.notices import decode_folded
+from proto.notices import TaskOutcome, decode_folded
 from services.common import bus
 from services.common.settings import BusSettings
 from services.common.supervise import supervised
@@ -124,7 +124,11 @@ async def test_a_folded_end_is_announced_once_it_is_in_the_document(
         document = await tasks.get(task_id)
         seen.put_nowait(document["status"] if document else "missing")
         carried = folded_document(decode_folded(message.data), task_id, "u")
-        seen.put_nowait("carried the same" if carried == document else f"carried {carried}")
+        # The fold ended the task: the notice tells its outcome, all of it as stored.
+        told = {"_id", "user", *TaskOutcome.__struct_fields__}
+        stored = {k: v for k, v in (document or {}).items() if k in told}
+        same = carried == stored and told == set(stored)
+        seen.put_nowait("carried the same" if same else f"carried {carried}")
 
     subscription = await nc.subscribe(names.folded_subject(task_id), cb=announced)
     try:
@@ -135,6 +139,30 @@ async def test_a_folded_end_is_announced_once_it_is_in_the_document(
         assert "carried the same" == seen.get_nowait()
         await eventually(lambda: _drained(nc.jetstream()), "every event settled")
         assert seen.empty(), "started was not announced"
+    finally:
+        await subscription.unsubscribe()
+
+
+async def test_an_end_folded_already_is_announced_with_the_document_read_back(
+    sink: tuple[NATS, TaskStore],
+) -> None:
+    """A duplicate end (or one that lost to another writer) changes nothing: the notice
+    carries the document as stored, not the duplicate's outcome."""
+    nc, tasks = sink
+    task_id = secrets.token_hex(6)
+    ended = {"status": "cancelled", "message": "by the owner", "attempt": 1}
+    await tasks.insert(task_document(task_id, total_steps=1) | ended)
+    notices: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def heard(message: Msg) -> None:
+        notices.put_nowait(message.data)
+
+    subscription = await nc.subscribe(names.folded_subject(task_id), cb=heard)
+    try:
+        await _publish(nc.jetstream(), TaskSucceeded(task_id=task_id, attempt=1, images=["k"]))
+        notice = decode_folded(await asyncio.wait_for(notices.get(), 15))
+        assert notice.outcome is None
+        assert await tasks.get(task_id) == folded_document(notice, task_id, "u")
     finally:
         await subscription.unsubscribe()
 

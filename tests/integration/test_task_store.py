@@ -3,6 +3,7 @@
 import secrets
 from typing import Any
 
+import msgspec
 import pytest
 
 from proto.events import (
@@ -12,7 +13,8 @@ from proto.events import (
     TaskStarted,
     TaskSucceeded,
 )
-from services.storage.tasks import TaskStore
+from proto.notices import TaskFolded, TaskOutcome
+from services.storage.tasks import TaskStore, folded_document, outcome_of
 from tests.documents import task_document
 
 pytestmark = pytest.mark.integration
@@ -57,6 +59,39 @@ async def test_duplicates_and_late_events_change_nothing(store: TaskStore) -> No
     doc = await store.get(task_id)
     assert doc is not None
     assert ("succeeded", 3) == (doc["status"], doc["progress"]["step"])
+
+
+@pytest.mark.parametrize(
+    "end",
+    [
+        TaskSucceeded(task_id="", images=["k1", "k2"], info="{}", seeds=[1, 2]),
+        TaskFailed(task_id="", code="bad_image", message="cannot decode"),
+        TaskCancelled(task_id="", reason="by the owner"),
+    ],
+)
+async def test_the_fold_that_ends_a_task_tells_exactly_what_it_holds(
+    store: TaskStore, end: TaskSucceeded | TaskFailed | TaskCancelled
+) -> None:
+    """What a sync answer reads (the notice's outcome) is what the document holds, even
+    where the open document held something else in those fields."""
+    task_id = await _new_task(store)
+    stale = {"images": ["old"], "info": "old", "seeds": [9], "code": "old", "message": "old"}
+    await store.collection.update_one({"_id": task_id}, {"$set": stale})
+    told: list[TaskFolded] = []
+
+    async def written(notice: TaskFolded) -> None:
+        told.append(notice)
+
+    assert await store.finish(msgspec.structs.replace(end, task_id=task_id), written=written)
+    doc = await store.get(task_id)
+    assert doc is not None
+    assert [TaskFolded(task_id=task_id, outcome=outcome_of(end))] == told
+    assert {k: doc[k] for k in TaskOutcome.__struct_fields__} == msgspec.structs.asdict(
+        outcome_of(end)
+    )
+    answer = folded_document(told[0], task_id, "alice")
+    assert answer is not None
+    assert doc == doc | answer, "the answer agrees with the document"
 
 
 async def test_an_end_folded_with_its_steps_never_moves_the_step_back(store: TaskStore) -> None:

@@ -11,7 +11,8 @@ from nats.aio.client import Client as NATS
 from pymongo.asynchronous.database import AsyncDatabase
 
 from proto import names
-from proto.events import TERMINAL_KINDS, TaskCancelled, TaskSucceeded, encode_event
+from proto.events import TERMINAL_KINDS, TaskCancelled, encode_event
+from proto.notices import TaskFolded, TaskOutcome, encode_folded
 from services.common import bus
 from services.gateway.waiting import TerminalWaiter
 from services.storage.mongo import Document
@@ -57,12 +58,46 @@ async def test_the_notice_carries_the_document_to_answer_with(
     nc, tasks, wait = waiter
     await tasks.end("t", "succeeded")
     document = await tasks.collection.find_one({"_id": "t"})
-    await nc.publish(
-        names.folded_subject("t"), folded_notice(TaskSucceeded(task_id="t", images=[]), document)
-    )
+    await nc.publish(names.folded_subject("t"), encode_folded(folded_notice("t", document)))
     answer = await wait.wait(tasks, 10)
     assert document == answer  # dates and bytes as the store's client reads them
     assert 0 == tasks.reads
+
+
+async def test_the_notice_of_the_fold_that_ended_the_task_is_the_answer(
+    waiter: tuple[NATS, Tasks, TerminalWaiter],
+) -> None:
+    """The sink tells the outcome it wrote, without reading the document back."""
+    nc, tasks, wait = waiter
+    outcome = TaskOutcome(status="succeeded", images=["images/alice/t_1.png"], seeds=[7])
+    await nc.publish(
+        names.folded_subject("t"), encode_folded(TaskFolded(task_id="t", outcome=outcome))
+    )
+    answer = await wait.wait(tasks, 10)
+    assert answer is not None
+    assert ("t", "alice", "succeeded", ["images/alice/t_1.png"], [7], "", None) == (
+        answer["_id"],
+        answer["user"],
+        answer["status"],
+        answer["images"],
+        answer["seeds"],
+        answer["message"],
+        answer["code"],
+    )
+    assert 0 == tasks.reads
+
+
+async def test_an_outcome_that_is_no_end_is_not_the_answer(
+    waiter: tuple[NATS, Tasks, TerminalWaiter],
+) -> None:
+    nc, tasks, wait = waiter
+    await tasks.end("t", "cancelled")
+    running = TaskFolded(task_id="t", outcome=TaskOutcome(status="running"))
+    await nc.publish(names.folded_subject("t"), encode_folded(running))
+    answer = await wait.wait(tasks, 10)
+    assert answer is not None
+    assert "cancelled" == answer["status"]
+    assert 1 == tasks.reads, "read instead"
 
 
 async def test_a_notice_carrying_another_users_document_is_not_the_answer(
@@ -71,9 +106,7 @@ async def test_a_notice_carrying_another_users_document_is_not_the_answer(
     nc, tasks, wait = waiter
     await tasks.end("t", "succeeded")
     forged = task_document("t", user="mallory") | {"status": "succeeded", "images": ["x"]}
-    await nc.publish(
-        names.folded_subject("t"), folded_notice(TaskSucceeded(task_id="t", images=[]), forged)
-    )
+    await nc.publish(names.folded_subject("t"), encode_folded(folded_notice("t", forged)))
     answer = await wait.wait(tasks, 10)
     assert answer is not None
     assert ("alice", []) == (answer["user"], answer["images"])

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import datetime as dt
 
-from proto.events import TaskSucceeded
-from proto.notices import MAX_FOLDED_DOCUMENT, TaskFolded, decode_folded
+from proto.events import TaskCancelled, TaskFailed, TaskSucceeded
+from proto.notices import MAX_FOLDED_DOCUMENT, TaskFolded, TaskOutcome, decode_folded, encode_folded
 from services.storage.mongo import Document
-from services.storage.tasks import folded_document, folded_notice
+from services.storage.tasks import folded_document, folded_notice, outcome_of
 from tests.documents import task_document
 
 
@@ -24,7 +24,7 @@ def _ended(**fields: object) -> Document:
 
 
 def _taken(document: Document | None, task_id: str = "t1", user: str = "ann") -> Document | None:
-    notice = decode_folded(folded_notice(TaskSucceeded(task_id="t1", images=[]), document))
+    notice = decode_folded(encode_folded(folded_notice("t1", document)))
     return folded_document(notice, task_id, user)
 
 
@@ -45,3 +45,39 @@ def test_nothing_to_answer_with_is_nothing() -> None:
     assert _taken(_ended(info="x" * MAX_FOLDED_DOCUMENT)) is None, "too large to carry"
     garbled = TaskFolded(task_id="t1", document=b"\x05\x00\x00")
     assert folded_document(garbled, "t1", "ann") is None
+
+
+def _told(outcome: TaskOutcome, task_id: str = "t1") -> Document | None:
+    notice = decode_folded(encode_folded(TaskFolded(task_id="t1", outcome=outcome)))
+    return folded_document(notice, task_id, "ann")
+
+
+def test_an_outcome_answers_as_the_document_would() -> None:
+    """Every field of the outcome, the waiter's own task id and user."""
+    ended = TaskSucceeded(task_id="t1", images=["images/ann/t1_1.png"], info="{}", seeds=[3])
+    assert {
+        "_id": "t1",
+        "user": "ann",
+        "status": "succeeded",
+        "images": ["images/ann/t1_1.png"],
+        "info": "{}",
+        "seeds": [3],
+        "code": None,
+        "message": "",
+    } == _told(outcome_of(ended))
+    failed = _told(outcome_of(TaskFailed(task_id="t1", code="oom", message="out of memory")))
+    assert failed is not None
+    assert ("failed", "oom", "out of memory", []) == (
+        failed["status"],
+        failed["code"],
+        failed["message"],
+        failed["images"],
+    )
+    cancelled = _told(outcome_of(TaskCancelled(task_id="t1", reason="by user")))
+    assert cancelled is not None
+    assert ("cancelled", "by user") == (cancelled["status"], cancelled["message"])
+
+
+def test_an_outcome_of_another_task_or_no_end_is_nothing() -> None:
+    assert _told(TaskOutcome(status="succeeded"), task_id="t2") is None
+    assert _told(TaskOutcome(status="running")) is None
