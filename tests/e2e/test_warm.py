@@ -65,7 +65,10 @@ async def test_warm_starts_a_worker_with_no_task_queued(system: System) -> None:
 
     # The worker measured its start in phases, from its own process's start.
     assert list(PHASES) == list(worker.load_phases)
-    assert worker.load_phases["imports"] > 0.3, "the interpreter and torch's import count"
+    # Forked from the preloaded server (the default), its imports are done before it
+    # starts: the phase is its own start up to its NATS connection, 0.15 s on a fast
+    # machine (an exec'd worker counts the interpreter and torch's import, over 1 s).
+    assert worker.load_phases["imports"] > 0, "the process's own start counts"
     assert sum(worker.load_phases.values()) < ready_after
 
     async def listed() -> dict[str, Any] | None:
