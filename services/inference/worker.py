@@ -786,9 +786,7 @@ class Worker:
             keys = [
                 names.image_key(command.user, command.task_id, n) for n in range(1, len(pngs) + 1)
             ]
-            await asyncio.gather(
-                *(self.objects.put(k, png) for k, png in zip(keys, pngs, strict=True))
-            )
+            await self.objects.put_all(list(zip(keys, pngs, strict=True)))
             await self._publish(
                 TaskSucceeded(
                     **task.origin,

@@ -16,7 +16,7 @@ import re
 import secrets
 import time
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, suppress
 from pathlib import Path
 from typing import Any, Protocol
@@ -41,6 +41,12 @@ def check_key(key: str) -> str:
 
 class ObjectStore(Protocol):
     async def put(self, key: str, data: bytes, content_type: str = "image/png") -> None: ...
+    async def put_all(
+        self, objects: Sequence[tuple[str, bytes]], content_type: str = "image/png"
+    ) -> None:
+        """Several objects (a task's images), each whole or absent, in no order."""
+        ...
+
     async def get(self, key: str, limit: int | None = None) -> bytes:
         """The object's bytes (its first ``limit`` bytes only, when given)."""
         ...
@@ -82,6 +88,12 @@ class LocalObjectStore:
     async def put(self, key: str, data: bytes, content_type: str = "image/png") -> None:
         path = self._path(key)
         await asyncio.to_thread(_atomic_write, path, data)
+
+    async def put_all(
+        self, objects: Sequence[tuple[str, bytes]], content_type: str = "image/png"
+    ) -> None:
+        # One trip to a thread for all of them: a worker's loop woken once, not per image.
+        await asyncio.to_thread(_atomic_writes, [(self._path(k), data) for k, data in objects])
 
     async def get(self, key: str, limit: int | None = None) -> bytes:
         path = self._path(key)
@@ -139,6 +151,11 @@ class LocalObjectStore:
 
     async def aclose(self) -> None:
         return None
+
+
+def _atomic_writes(objects: list[tuple[Path, bytes]]) -> None:
+    for path, data in objects:
+        _atomic_write(path, data)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -209,6 +226,11 @@ class S3ObjectStore:
         await self._client.put_object(
             Bucket=self.bucket, Key=check_key(key), Body=data, ContentType=content_type
         )
+
+    async def put_all(
+        self, objects: Sequence[tuple[str, bytes]], content_type: str = "image/png"
+    ) -> None:
+        await asyncio.gather(*(self.put(key, data, content_type) for key, data in objects))
 
     async def get(self, key: str, limit: int | None = None) -> bytes:
         ranged = {} if limit is None else {"Range": f"bytes=0-{max(limit, 1) - 1}"}
