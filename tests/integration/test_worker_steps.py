@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from nats.aio.msg import Msg
 
 from proto import GenerateImage, names
 from proto.codec import encode
 from proto.events import TaskProgressed, decode_event
 from services.common import bus
 from services.inference.pipeline import Generation, Inputs, StepCallback
-from tests.fakes import FakePipeline, worker_on_bus
+from tests.fakes import FakePipeline, OnBus, worker_on_bus
 
 pytestmark = pytest.mark.integration
 
@@ -48,20 +49,26 @@ class Stepping(FakePipeline):
         return Generation(seeds=[1], images=[b"png"])
 
 
+async def _one_task(on: OnBus) -> tuple[str, Msg]:
+    """A task queued for the worker, and its message as the worker fetches it."""
+    on.worker._cancels = await bus.cancel_bucket(on.js, on.settings)  # as run() sets it up
+    task_id = secrets.token_hex(12)
+    await bus.ensure_task_consumer(on.js, on.key, on.settings)
+    await on.js.publish(
+        names.task_subject(on.key), encode(on.command(task_id)), stream=names.TASK_STREAM
+    )
+    subscription = await on.js.pull_subscribe_bind(names.consumer_name(on.key), names.TASK_STREAM)
+    [message] = await subscription.fetch(1, timeout=10)
+    return task_id, message
+
+
 async def test_every_step_is_published_in_order_without_a_wake_per_step(
     nats_server: Any, tmp_path: Path
 ) -> None:
     pipeline = Stepping()
     async with worker_on_bus(nats_server.url, tmp_path, lambda: pipeline) as on:
         js, worker = on.js, on.worker
-        worker._cancels = await bus.cancel_bucket(js, on.settings)  # as run() sets it up
-        task_id = secrets.token_hex(12)
-        await bus.ensure_task_consumer(js, on.key, on.settings)
-        await js.publish(
-            names.task_subject(on.key), encode(on.command(task_id)), stream=names.TASK_STREAM
-        )
-        subscription = await js.pull_subscribe_bind(names.consumer_name(on.key), names.TASK_STREAM)
-        [message] = await subscription.fetch(1, timeout=10)
+        task_id, message = await _one_task(on)
 
         loop = asyncio.get_running_loop()
         wakes = 0
@@ -121,15 +128,8 @@ async def test_the_images_encoding_starts_on_the_pipeline_thread(
     (``Generation.encode_in``); the loop's output step takes it up."""
     pipeline = Finishing()
     async with worker_on_bus(nats_server.url, tmp_path, lambda: pipeline) as on:
-        js, worker = on.js, on.worker
-        worker._cancels = await bus.cancel_bucket(js, on.settings)  # as run() sets it up
-        task_id = secrets.token_hex(12)
-        await bus.ensure_task_consumer(js, on.key, on.settings)
-        await js.publish(
-            names.task_subject(on.key), encode(on.command(task_id)), stream=names.TASK_STREAM
-        )
-        subscription = await js.pull_subscribe_bind(names.consumer_name(on.key), names.TASK_STREAM)
-        [message] = await subscription.fetch(1, timeout=10)
+        worker = on.worker
+        task_id, message = await _one_task(on)
         await worker.handle_batch([message])
         await asyncio.wait_for(worker.drain_outputs(), 30)
         assert 1 == len(pipeline.generation.encoded_on)
