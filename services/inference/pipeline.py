@@ -7,9 +7,7 @@ progress and checks the cancel flag between steps.
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import concurrent.futures
 import contextlib
 import io
 import random
@@ -104,7 +102,6 @@ class Generation:
         self.frames = frames or []
         self.compress_level = compress_level
         self._images = images
-        self._encoding: concurrent.futures.Future[list[bytes]] | None = None
 
     @property
     def images(self) -> list[bytes]:
@@ -113,20 +110,6 @@ class Generation:
             self._images = [encode_png(im, text, self.compress_level) for im, text in self.frames]
             self.frames = []
         return self._images
-
-    def encode_in(self, executor: concurrent.futures.Executor) -> None:
-        """Start encoding in ``executor`` now: called on the pipeline thread as soon as
-        the images exist, the encoding does not wait for a trip through the worker's
-        event loop (:meth:`encoded` takes it up)."""
-        if self._encoding is None:
-            self._encoding = executor.submit(lambda: self.images)
-
-    async def encoded(self) -> list[bytes]:
-        """:attr:`images` off the event loop: the encoding :meth:`encode_in` started, else
-        one in a thread now."""
-        if self._encoding is None:
-            return await asyncio.to_thread(lambda: self.images)
-        return await asyncio.wrap_future(self._encoding)
 
 
 Inputs = dict[str, bytes]

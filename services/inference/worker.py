@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import contextlib
 import logging
 import math
@@ -80,9 +79,6 @@ Python, and each wake cost that thread about 0.3 ms of the interpreter (tiny mod
 CPU, 30 steps: 222 → 231 ms a call, ``bench/system_overhead.py`` 1.07× → 1.16× with the
 events published); collected on a timer, 1 ms in all. Each step is still published,
 stamped with its own time, at most this much later."""
-ENCODERS = 4
-"""Threads encoding finished tasks' PNGs (zlib releases the GIL): a batch's tasks are
-encoded side by side."""
 HEARTBEAT_S = 5.0
 """Liveness record refresh (well inside the bucket's TTL). Never used to ack tasks."""
 
@@ -188,9 +184,6 @@ class Worker:
         self._task_ids: list[str] = []
         self._outputs: set[asyncio.Task[None]] = set()
         """Finished tasks whose images are being encoded and stored (beside the GPU)."""
-        self._encoder = concurrent.futures.ThreadPoolExecutor(ENCODERS, thread_name_prefix="encode")
-        """Encodes finished tasks' PNGs, started from the pipeline thread
-        (``Generation.encode_in``)."""
         self._finishing: dict[str, asyncio.Task[None]] = {}
         """Outputs in flight by task id: a redelivery of one of them waits for it."""
         self._upcoming: asyncio.Task[tuple[int, list[_Held]] | None] | None = None
@@ -425,7 +418,6 @@ class Worker:
                 await self._hand_back(upcoming)
             await fetched.aclose()
             await self.drain_outputs()
-            self._encoder.shutdown(wait=False)
             log.info("worker stopping after %d tasks", self.completed)
             heartbeat.cancel()
             checkpoint_watch.cancel()
@@ -790,7 +782,7 @@ class Worker:
         """Encode and upload the images, then the terminal event (the ack follows)."""
         command, started = task.command, time.monotonic()
         try:
-            pngs = await generation.encoded()
+            pngs = await asyncio.to_thread(lambda: generation.images)
             keys = [
                 names.image_key(command.user, command.task_id, n) for n in range(1, len(pngs) + 1)
             ]
@@ -856,20 +848,15 @@ class Worker:
         self, pipeline: Pipeline, run: _Run, inputs: dict[str, bytes]
     ) -> TaskEvent | Generation:
         task = run.task
-
-        def generate() -> Generation:
-            generation = pipeline.generate(
+        try:
+            return await asyncio.to_thread(
+                pipeline.generate,
                 task.command,
                 inputs,
                 run.reporter.on_step,
                 task.stop_flag.is_set,
                 run.reporter.should_skip,
             )
-            generation.encode_in(self._encoder)
-            return generation
-
-        try:
-            return await asyncio.to_thread(generate)
         except TaskCancelledError:
             return TaskCancelled(**task.origin, at=time.time())
         except GenerationError as exc:
@@ -902,14 +889,7 @@ class Worker:
             for run in runs
         ]
         log.info("batch of %d tasks: %s", len(runs), [r.task.command.task_id for r in runs])
-
-        def generate() -> None:
-            pipeline.generate_batch(members)  # type: ignore[attr-defined]
-            for member in members:
-                if isinstance(member.outcome, Generation) and not member.cancelled:
-                    member.outcome.encode_in(self._encoder)
-
-        await asyncio.to_thread(generate)
+        await asyncio.to_thread(pipeline.generate_batch, members)  # type: ignore[attr-defined]
         for run, member in zip(runs, members, strict=True):
             if member.cancelled:
                 results[run.index] = TaskCancelled(**run.task.origin, at=time.time())

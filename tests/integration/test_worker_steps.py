@@ -1,13 +1,11 @@
-"""How a worker hands a running task's work between its threads, on a real bus: every
-step is published, in order and stamped with its own time, without waking the event loop
-once per step (each wake cost the pipeline thread about 0.3 ms of the interpreter); the
-images' encoding starts from the pipeline thread, not after a trip through the loop."""
+"""How a worker reports a running task's steps, on a real bus: every step is published,
+in order and stamped with its own time, without waking the event loop once per step
+(each wake cost the pipeline thread about 0.3 ms of the interpreter)."""
 
 from __future__ import annotations
 
 import asyncio
 import secrets
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -99,40 +97,3 @@ async def test_every_step_is_published_in_order_without_a_wake_per_step(
         assert all(abs(e.at - at) < 0.001 for e, at in zip(steps, pipeline.times, strict=True)), [
             (e.at, at) for e, at in zip(steps, pipeline.times, strict=True)
         ][:5]
-
-
-class Watched(Generation):
-    """Remembers the thread its images were encoded on."""
-
-    encoded_on: list[str]
-
-    @property
-    def images(self) -> list[bytes]:
-        self.encoded_on.append(threading.current_thread().name)
-        return [b"png"]
-
-
-class Finishing(FakePipeline):
-    def __init__(self) -> None:
-        self.generation = Watched(seeds=[1])
-        self.generation.encoded_on = []
-
-    def answer(self, command: GenerateImage) -> Generation:
-        return self.generation
-
-
-async def test_the_images_encoding_starts_on_the_pipeline_thread(
-    nats_server: Any, tmp_path: Path
-) -> None:
-    """The pipeline thread hands the encoding to the worker's encoders as the task ends
-    (``Generation.encode_in``); the loop's output step takes it up."""
-    pipeline = Finishing()
-    async with worker_on_bus(nats_server.url, tmp_path, lambda: pipeline) as on:
-        worker = on.worker
-        task_id, message = await _one_task(on)
-        await worker.handle_batch([message])
-        await asyncio.wait_for(worker.drain_outputs(), 30)
-        assert 1 == len(pipeline.generation.encoded_on)
-        assert pipeline.generation.encoded_on[0].startswith("encode_")
-        stored = await worker.objects.get(names.image_key(on.command(task_id).user, task_id, 1))
-        assert b"png" == stored
