@@ -4,10 +4,10 @@ Sync requests subscribe (core NATS, before publishing) to ``sd.folded.<task_id>`
 which the sink publishes once the task's end is in its document, carrying the outcome
 its write set (or, when the task had ended already, the document read back), and answer
 from that, so ``GET /tasks/{id}/result`` agrees with every sync answer: no read, no
-polling (one read when the notice carries neither). They also hear the task's terminal event (its
-terminal subjects only: not a message per step) and then poll the document with
-backoff, in case the notice is lost (or the storage service predates it); MongoDB is
-re-read periodically too, so a message missed during a reconnect only delays the
+polling (one read when the notice carries neither). They also hear the task's terminal
+event (its terminal subjects only: not a message per step) and then poll the document
+with backoff, in case the notice is lost (or the storage service predates it); MongoDB
+is re-read periodically too, so a message missed during a reconnect only delays the
 answer.
 SSE uses a JetStream ordered consumer over ``SD_EVENTS``: it replays the task's
 history first, and ``Last-Event-ID`` (the stream sequence) resumes after a reconnect.

@@ -368,7 +368,8 @@ class TaskStore:
         (``names.end_msg_id``). It ends an open task whichever attempt sent it: when two
         attempts ran at once, the later one's end was dropped as a duplicate, so
         refusing an older attempt's end would leave the task running for good."""
-        query, update = self._finished(event)
+        outcome = outcome_of(event)
+        query, update = self._finished(event, outcome)
         if worker_end:
             del query["attempt"]
         fields = update["$set"]
@@ -392,17 +393,15 @@ class TaskStore:
             changed = (await self.collection.update_one(query, update)).modified_count == 1
         if started is not None and started.attempt == event.attempt and changed:
             metrics.task_started(started.model_key)
-        if written is not None and changed:
-            # This fold ended the task: what it wrote is the outcome, nothing to read.
-            await _tell(
-                event.task_id, written, TaskFolded(task_id=event.task_id, outcome=outcome_of(event))
-            )
         alone = ends is None
         ends = Ends(self) if ends is None else ends
-        if written is not None and not changed:
+        if written is not None and changed:
+            # This fold ended the task: what it wrote is the outcome, nothing to read.
+            await _tell(event.task_id, written, TaskFolded(task_id=event.task_id, outcome=outcome))
+        elif written is not None:
             ends.written(event.task_id, written)
         if changed:
-            ends.add(event, fields["status"])
+            ends.add(event, outcome.status)
         if alone:
             await ends.settle()
         return changed
@@ -462,13 +461,15 @@ class TaskStore:
         return query, update
 
     @staticmethod
-    def _finished(event: TaskSucceeded | TaskFailed | TaskCancelled) -> tuple[Document, Document]:
+    def _finished(
+        event: TaskSucceeded | TaskFailed | TaskCancelled, outcome: TaskOutcome
+    ) -> tuple[Document, Document]:
         # Every field of the outcome, so the document holds exactly what the sink's
         # notice tells (``TaskOutcome``) whatever it held before.
         fields: Document = {
             "finished_at": _utc(event.at),
             "attempt": event.attempt,
-            **msgspec.structs.asdict(outcome_of(event)),
+            **msgspec.structs.asdict(outcome),
         }
         if isinstance(event, TaskSucceeded):
             fields["progress.progress"] = 1.0
