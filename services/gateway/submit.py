@@ -51,6 +51,7 @@ from services.gateway.styles import apply_styles
 from services.gateway.validation import read_body
 from services.gateway.webhooks_api import checked_webhook
 from services.storage.idempotency import IdempotencyConflictError, request_hash
+from services.storage.models import unregistered
 from services.storage.mongo import Document
 from services.storage.tasks import new_task_document, shown_task_id
 
@@ -104,7 +105,7 @@ async def resolve_checkpoint(res: Resources, name: str, field: str) -> Document:
     model = await res.models.get_recent(name)
     if model is None or model.get("type") != "stableDiffusion" or model.get("draining"):
         raise ApiError(404, "model_not_found", f"model {name!r} is not registered", field=field)
-    if model.get("status") == "registering" and not model.get("sha256"):
+    if unregistered(model):
         raise ApiError(
             409,
             "model_registering",

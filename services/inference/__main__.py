@@ -17,6 +17,7 @@ from services.common.cores import compute_threads, usable_cores
 from services.common.settings import from_environ
 from services.common.supervise import stop_on_signals
 from services.inference.coldstart import Phases
+from services.inference.identity import FileIdentity, described
 from services.inference.pipeline import DiffusersPipeline, GenerationError, Pipeline
 from services.inference.settings import WorkerSettings
 from services.inference.worker import Worker
@@ -200,6 +201,7 @@ async def amain(settings: WorkerSettings) -> None:
     stop = stop_on_signals()
     nc = await bus.connect(settings.nats_url, f"sdswarm-worker-{settings.model_key}", settings)
     objects = await open_object_store(settings)
+    checkpoint: FileIdentity | None = None
     try:
         if settings.model_key == names.EXTRAS_MODEL_KEY:
             factory = make_extras_factory(settings)
@@ -208,9 +210,13 @@ async def amain(settings: WorkerSettings) -> None:
             fetched = await local_checkpoint(settings, objects)
             if fetched.checkpoint_path != settings.checkpoint_path:
                 phases.lap("fetch")  # a copy from the object store, not an import
+            else:  # the shared folder's file: the one the record's hash describes?
+                fetched, checkpoint = await asyncio.to_thread(described, fetched)
+                if fetched.model_sha256 != settings.model_sha256:
+                    phases.lap("hash")  # replaced since the record was read
             settings = fetched
             factory = make_pipeline_factory(settings, phases)
-        worker = Worker(settings, nc, objects, factory, phases)
+        worker = Worker(settings, nc, objects, factory, phases, checkpoint=checkpoint)
         await worker.run(stop)
         if worker.fatal:
             raise SystemExit(70)  # EX_SOFTWARE: the backend replaces a crashed worker

@@ -6,6 +6,8 @@ with no gap, and the interpreter's own start and every import are counted.
 
 ``imports``  interpreter, service imports, NATS connection, torch + diffusers imports
 ``fetch``    only when the checkpoint was copied from the object store into the cache
+``hash``     only when the file was replaced after the registry's record was read: the
+             worker hashes it (identity.py)
 ``device``   device selection and initialisation (CUDA context)
 ``config``   reading the checkpoint's header, family detection, config materialisation
 ``weights``  weights read, converted (or taken from the converted-weights cache), moved

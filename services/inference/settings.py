@@ -29,6 +29,11 @@ class WorkerSettings(StoreSettings, kw_only=True, frozen=True):
     is not on this node (a model registered from the object store)."""
     model_sha256: str = ""
     """The registry's SHA-256 of the checkpoint; a fetched copy must match it."""
+    model_size: int = 0
+    model_mtime: float = 0.0
+    """Size and mtime (``st_mtime``) of the file ``model_sha256`` was computed from, as
+    the registry recorded them; a file at ``checkpoint_path`` with others (replaced since
+    the record was read) is hashed before loading (identity.py). 0: not known."""
     model_cache_bytes: int = 200 * 1024**3
     """Fetched checkpoints kept in ``cache_dir`` (least recently used evicted first)."""
     converted_cache_bytes: int = 50 * 1024**3

@@ -54,6 +54,7 @@ from proto.workers import CompileStatus, WorkerState, WorkerStatus
 from services.common import bus, consumer, logs, metrics
 from services.inference import batching
 from services.inference.coldstart import Phases
+from services.inference.identity import FileIdentity, file_identity
 from services.inference.pipeline import (
     Generation,
     GenerationError,
@@ -132,15 +133,6 @@ def sticky_cuda_error(exc: BaseException) -> bool:
     return ("CUDA" in text or "CUBLAS" in text) and any(m in text for m in STICKY_CUDA_ERRORS)
 
 
-def _file_identity(path: Path) -> tuple[int, int, int] | None:
-    """Inode, size and mtime: a rename over the file (an upload) changes them."""
-    try:
-        stat = path.stat()
-    except OSError:
-        return None
-    return stat.st_ino, stat.st_size, stat.st_mtime_ns
-
-
 class _Origin(TypedDict):
     """Fields every event of one delivery attempt shares."""
 
@@ -168,8 +160,13 @@ class Worker:
         objects: ObjectStore,
         pipeline_factory: Callable[[], Pipeline],
         phases: Phases | None = None,
+        *,
+        checkpoint: FileIdentity | None = None,
     ) -> None:
         self.settings = settings
+        self._checkpoint = checkpoint
+        """The checkpoint file's identity when its hash was checked (identity.py), from
+        before loading; None: read when the watch starts."""
         self.phases = phases
         """The cold start's phases, filled by ``pipeline_factory`` (coldstart.py)."""
         self.nc = nc
@@ -300,13 +297,13 @@ class Worker:
         if not self.settings.checkpoint_path:
             return  # an extras worker has no checkpoint (Path("") would watch the cwd)
         path = Path(self.settings.checkpoint_path)
-        loaded = await asyncio.to_thread(_file_identity, path)
+        loaded = self._checkpoint or await asyncio.to_thread(file_identity, path)
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), CHECKPOINT_WATCH_S)
             if stop.is_set():
                 return
-            now = await asyncio.to_thread(_file_identity, path)
+            now = await asyncio.to_thread(file_identity, path)
             if now != loaded:
                 log.warning("checkpoint %s was %s; exiting", path, "replaced" if now else "removed")
                 stop.set()

@@ -33,7 +33,7 @@ from services.scheduler.hung import StepWatch
 from services.scheduler.lease import Lease
 from services.scheduler.policy import CheckpointLoad, Plan, consumer_limit, plan
 from services.scheduler.settings import SchedulerSettings, max_batch
-from services.storage.models import ModelStore, usable, warm_until
+from services.storage.models import ModelStore, unregistered, usable, warm_until
 from services.storage.mongo import Document
 from services.storage.tasks import TaskStore
 
@@ -286,16 +286,22 @@ class Scheduler:
             memory.held_since = (memory.held_since or now) if share > 0 else None
         for model in models:
             key = model["model_key"]
+            workers = result.workers[key]
+            if unregistered(model):
+                # Listed while its first file was being registered (the tasks that want
+                # it came after): a worker started from this record would serve no hash.
+                # The next tick reads the finished record.
+                workers = min(workers, replicas.get(key, 0))
             if key in result.reasons:
                 log.info(
                     "%s: scaling to %d workers (%s)",
                     key,
-                    result.workers[key],
+                    workers,
                     result.reasons[key],
                     extra={"model_key": key},
                 )
             self._fence()
-            await self.backend.ensure(model, result.workers[key])
+            await self.backend.ensure(model, workers)
         await self._stop_orphans(replicas, {m["model_key"] for m in models})
         self.last_plan = result
         metrics.scheduled(self.settings.gpu_slots, loads, result, records, replicas)

@@ -76,6 +76,9 @@ def worker_settings(settings: SchedulerSettings, model: Document) -> dict[str, s
         f"{PREFIX}CHECKPOINT_PATH": model["path"],
         f"{PREFIX}MODEL_HASH": (model.get("sha256") or "")[:10],
         f"{PREFIX}MODEL_SHA256": model.get("sha256") or "",
+        # The file that hash describes: a worker hashes one renamed over it since.
+        f"{PREFIX}MODEL_SIZE": str(model.get("size_bytes") or 0),
+        f"{PREFIX}MODEL_MTIME": repr(float(model.get("mtime") or 0)),
         # Registered from the object store: nodes without the models folder fetch it.
         f"{PREFIX}MODEL_OBJECT": source.removeprefix("object:") if from_store else "",
         f"{PREFIX}CACHE_DIR": settings.cache_dir,

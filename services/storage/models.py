@@ -130,6 +130,14 @@ def usable(model: dict[str, Any] | None) -> bool:
     )
 
 
+def unregistered(model: Document) -> bool:
+    """Being registered for the first time: no file is described yet (no SHA-256). The
+    gateway refuses tasks for it and the scheduler starts no worker from this record (one
+    would report no model hash); a re-registration keeps describing the old file until
+    the new one is in place."""
+    return model.get("status") == ModelStatus.REGISTERING.value and not model.get("sha256")
+
+
 def warm_until(model: Document) -> dt.datetime | None:
     """Until when a pre-warmed checkpoint (``POST /models/{name}/warm``) keeps a worker."""
     until = model.get("warm_until")
@@ -188,7 +196,7 @@ class ModelStore:
         )
         document["registering_until"] = _claim_deadline()
         if known:
-            document |= {k: known.get(k) for k in ("family", "size_bytes", "sha256")}
+            document |= {k: known.get(k) for k in ("family", "size_bytes", "sha256", "mtime")}
         free = {
             "$or": [
                 {"status": {"$ne": ModelStatus.REGISTERING.value}},
