@@ -355,8 +355,8 @@ class Worker:
             await self._pipeline_or_error()
         self._load_seconds = round(time.monotonic() - started, 3)
         await self._set_state(WorkerState.FAILED if self._load_error else WorkerState.READY)
-        subscription = await self.js.pull_subscribe_bind(
-            durable=names.consumer_name(self.settings.model_key), stream=names.TASK_STREAM
+        subscription = consumer.Puller(
+            self.nc, names.TASK_STREAM, names.consumer_name(self.settings.model_key)
         )
         log.info(
             "worker %s serving %s (loaded in %.2f s; from process start: %s)",
@@ -536,9 +536,7 @@ class Worker:
             return None
         return len(messages), await self._admit_all(messages)
 
-    async def _top_up(
-        self, subscription: JetStreamContext.PullSubscription, count: int
-    ) -> list[_Held]:
+    async def _top_up(self, subscription: consumer.Puller, count: int) -> list[_Held]:
         """More tasks for a batch fetched while the last one ran, from what is queued
         now: fetched early, a batch holds only what was queued then (often a task or
         two at moderate load), and small batches waste the GPU."""

@@ -17,6 +17,7 @@ import logging
 import time
 
 import msgspec
+from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
@@ -105,10 +106,10 @@ class DeadLetterStore:
         return [doc async for doc in cursor]
 
 
-async def run_dead_letters(
-    js: JetStreamContext, db: AsyncDatabase[Document], stop: asyncio.Event
-) -> None:
-    subscription = await js.pull_subscribe(
+async def run_dead_letters(nc: Client, db: AsyncDatabase[Document], stop: asyncio.Event) -> None:
+    js = nc.jetstream()
+    subscription = await consumer.Puller.durable(
+        nc,
         ">",
         durable=names.DEAD_LETTER_CONSUMER,
         stream=names.ADVISORY_STREAM,

@@ -57,7 +57,7 @@ def storage_parts(
     models.reads.announce = bus.registry_notice(nc)  # registrations, for the gateways
     parts = {
         "storage sink": lambda: run_sink(nc, tasks, stop),
-        "dead letters": lambda: run_dead_letters(js, db, stop),
+        "dead letters": lambda: run_dead_letters(nc, db, stop),
         "reconciler": lambda: run_reconciler(
             js,
             tasks,
@@ -67,7 +67,7 @@ def storage_parts(
             lost_after_s=settings.lost_after_s,
             max_errors=settings.reconcile_max_errors,
         ),
-        "webhooks": lambda: Dispatcher(js, db, settings).run(stop),
+        "webhooks": lambda: Dispatcher(nc, db, settings).run(stop),
         "model drains": lambda: run_drains(Path(settings.models_dir), models, tasks, stop),
         "model scanner": lambda: run_scanner(
             Path(settings.models_dir),

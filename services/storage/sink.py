@@ -250,7 +250,8 @@ async def run_sink(
     retry_s: float = RETRY_S,
     linger_s: float = LINGER_S,
 ) -> None:
-    subscription = await nc.jetstream().pull_subscribe(
+    subscription = await consumer.Puller.durable(
+        nc,
         names.EVENT_SUBJECTS,
         durable=names.STORAGE_CONSUMER,
         stream=names.EVENT_STREAM,

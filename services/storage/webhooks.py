@@ -40,8 +40,8 @@ from typing import Any
 import aiohttp
 import msgspec
 from aiohttp.abc import AbstractResolver, ResolveResult
+from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from pymongo.asynchronous.database import AsyncDatabase
 
@@ -227,10 +227,8 @@ class Dispatcher:
     Failed attempts are counted in MongoDB (``webhook_attempts``), not by redeliveries.
     """
 
-    def __init__(
-        self, js: JetStreamContext, db: AsyncDatabase[Document], settings: StoreSettings
-    ) -> None:
-        self.js, self.settings = js, settings
+    def __init__(self, nc: Client, db: AsyncDatabase[Document], settings: StoreSettings) -> None:
+        self.nc, self.settings = nc, settings
         self.tasks, self.store = TaskStore(db), WebhookStore(db)
         self.slots = asyncio.Semaphore(settings.webhook_max_concurrency)
         self.receivers: dict[tuple[str, str, str, int], _Receiver] = {}
@@ -370,7 +368,8 @@ class Dispatcher:
 
     async def run(self, stop: asyncio.Event) -> None:
         limit = self.settings.webhook_max_in_flight
-        subscription = await self.js.pull_subscribe(
+        subscription = await consumer.Puller.durable(
+            self.nc,
             names.EVENT_SUBJECTS,
             durable=names.WEBHOOK_CONSUMER,
             stream=names.EVENT_STREAM,

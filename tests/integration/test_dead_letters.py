@@ -54,7 +54,7 @@ async def test_max_deliveries_fails_the_task_and_keeps_a_dead_letter(
         stop = asyncio.Event()
         services = [
             asyncio.create_task(run_sink(nc, tasks, stop)),
-            asyncio.create_task(run_dead_letters(js, db, stop)),
+            asyncio.create_task(run_dead_letters(nc, db, stop)),
         ]
         # A "worker" that takes the task and dies every time (never acks).
         pull = await js.pull_subscribe_bind(

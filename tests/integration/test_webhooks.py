@@ -19,8 +19,8 @@ from typing import Any, cast
 
 import pytest
 from aiohttp import web
+from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from proto import names
@@ -119,7 +119,7 @@ async def dispatching(
     client = open_client(mongo_url)
     db = database(client, f"hooks_{secrets.token_hex(4)}")
     stop = asyncio.Event()
-    dispatcher = asyncio.create_task(Dispatcher(js, db, settings).run(stop))
+    dispatcher = asyncio.create_task(Dispatcher(nc, db, settings).run(stop))
     try:
 
         async def subscribed() -> bool:
@@ -203,7 +203,7 @@ async def test_a_tasks_document_is_read_once_for_all_its_events(fresh_db: Any) -
             reads.append(task_id)
             return await super().fields(task_id, *names)
 
-    dispatcher = Dispatcher(cast(JetStreamContext, None), fresh_db, StoreSettings())
+    dispatcher = Dispatcher(cast(Client, None), fresh_db, StoreSettings())
     dispatcher.tasks = Counted(fresh_db)
     task_id = secrets.token_hex(6)
     await dispatcher.tasks.insert(task_document(task_id))  # no webhook

@@ -31,9 +31,6 @@ class _Subscription:
             raise TimeoutError
         return self.arrivals.pop(0)[:batch]
 
-    async def unsubscribe(self) -> None:
-        pass
-
 
 def _progress(step: int, skipped: bool = False) -> Msg:
     return _message(TaskProgressed(task_id="t1", step=step, total_steps=9, skipped=skipped))
@@ -41,7 +38,7 @@ def _progress(step: int, skipped: bool = False) -> Msg:
 
 async def _first_batch(subscription: _Subscription, **linger: Any) -> list[Msg]:
     stop = asyncio.Event()
-    batches = consumer.batches(subscription, stop, consumer.fixed(64), **linger)  # type: ignore[arg-type]
+    batches = consumer.batches(subscription, stop, consumer.fixed(64), **linger)
     try:
         return await anext(batches)
     finally:
