@@ -133,9 +133,11 @@ async def _answered(
             messages.append(answer)
         elif status == "100":
             continue  # a heartbeat (never asked for)
-        elif status in ("404", "408") or messages:
-            break  # the request is over (a 409 after messages: over as well)
-        else:  # e.g. 409 Consumer Deleted, with nothing delivered
+        elif status in ("404", "408", "409") or messages:
+            # The request is over: nothing pending, expired, or a conflict (a limit of
+            # the consumer's, a leadership change), which a later fetch may not meet.
+            break
+        else:  # e.g. 503 No Responders (no such consumer), with nothing delivered
             raise APIError.from_msg(answer)
 
 

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 import pytest
 from nats.aio.client import Client
 from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
+from nats.js.errors import APIError
 
 from services.common import bus
 from services.common.consumer import Puller
@@ -92,3 +93,10 @@ async def test_a_cancelled_fetch_leaves_no_request_to_swallow_a_message(nc: Clie
     await nc.jetstream().publish(SUBJECT, b"next")
     again = await puller.fetch(64, timeout=2)
     assert [b"next"] == [m.data for m in again]
+
+
+async def test_a_fetch_from_a_consumer_that_is_gone_says_so(nc: Client) -> None:
+    puller = await _puller(nc)
+    await nc.jetstream().delete_consumer(STREAM, "c")
+    with pytest.raises(APIError):
+        await puller.fetch(4, timeout=1)
