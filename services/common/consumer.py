@@ -107,7 +107,8 @@ class Puller:
                         await message.nak()
             raise
         finally:
-            await subscription.unsubscribe()
+            with contextlib.suppress(Exception):  # a connection closing meanwhile
+                await subscription.unsubscribe()
         if not messages:
             raise TimeoutError
         return messages
