@@ -11,6 +11,7 @@ record, and hashes a file that is not the one described (once, only then).
 from __future__ import annotations
 
 import logging
+import os
 import stat
 from pathlib import Path
 
@@ -30,9 +31,12 @@ ATTEMPTS = 3
 
 def file_identity(path: Path) -> FileIdentity | None:
     try:
-        found = path.stat()
+        return _identity(path.stat())
     except OSError:
         return None
+
+
+def _identity(found: os.stat_result) -> FileIdentity:
     return found.st_ino, found.st_size, found.st_mtime_ns
 
 
@@ -47,7 +51,7 @@ def described(settings: WorkerSettings) -> tuple[WorkerSettings, FileIdentity | 
             before = path.stat()
         except OSError:
             return settings, None
-        identity = (before.st_ino, before.st_size, before.st_mtime_ns)
+        identity = _identity(before)
         if not stat.S_ISREG(before.st_mode) or settings.model_mtime <= 0:
             return settings, identity
         if (before.st_size, before.st_mtime) == (settings.model_size, settings.model_mtime):

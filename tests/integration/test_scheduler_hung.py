@@ -19,13 +19,13 @@ import pytest
 
 from proto import names
 from proto.workers import WorkerStatus
-from services.common import bus
 from services.common.bus import worker_records
-from services.scheduler.app import Scheduler
-from services.scheduler.local import LocalBackend
-from services.storage.models import ModelStore
-from services.storage.tasks import TaskStore
-from tests.integration.scheduling import checkpoint, scheduler_settings, stand_in_worker
+from tests.integration.scheduling import (
+    checkpoint,
+    scheduler_settings,
+    scheduling_a_task,
+    stand_in_worker,
+)
 
 pytestmark = pytest.mark.integration
 HUNG_AFTER_S = 1.5
@@ -79,18 +79,10 @@ async def test_a_worker_stuck_in_a_step_is_killed_and_its_task_delivered_again(
         ack_wait_s=2,
     )
     async with contextlib.AsyncExitStack() as stack:
-        models = ModelStore(fresh_db)
         model = checkpoint("stuck.safetensors")
-        await models.upsert(model)
         key = model["model_key"]
-        nc = await bus.connect(private_nats_url, "hung-test")
-        stack.push_async_callback(nc.close)
-        js = nc.jetstream()
-        await bus.ensure_streams(js, settings)
-        ack = await js.publish(names.task_subject(key), b"{}")
-        backend = LocalBackend(settings, command=command)
-        stack.push_async_callback(backend.aclose)
-        scheduler = Scheduler(settings, js, models, backend, TaskStore(fresh_db))
+        on = await scheduling_a_task(stack, settings, fresh_db, model, command)
+        scheduler, backend, js = on.scheduler, on.backend, on.js
         stop = asyncio.Event()
         run = asyncio.create_task(scheduler.run(stop))
 
@@ -104,14 +96,14 @@ async def test_a_worker_stuck_in_a_step_is_killed_and_its_task_delivered_again(
             raise AssertionError(f"no worker took delivery {task} in {timeout_s} s")
 
         try:
-            first, busy_at = await record_of(f"{ack.seq}-1", 30)
+            first, busy_at = await record_of(f"{on.task_seq}-1", 30)
             while not scheduler.replaced:
                 assert time.monotonic() - busy_at < 10 * HUNG_AFTER_S, "never replaced"
                 await asyncio.sleep(0.05)
             replaced_after = time.monotonic() - busy_at
             # Not before the limit (less the scheduler seeing it a poll earlier than we did).
             assert replaced_after >= HUNG_AFTER_S - 0.3
-            second, _ = await record_of(f"{ack.seq}-2", 30)  # redelivered to it
+            second, _ = await record_of(f"{on.task_seq}-2", 30)  # redelivered to it
             # The hung one and its replacement (started on a tick after the kill).
             assert 2 == backend.started
             assert first.pid != second.pid

@@ -15,13 +15,13 @@ from typing import Any
 
 import pytest
 
-from proto import ModelStatus, ModelType, names
-from services.common import bus
-from services.scheduler.app import Scheduler
-from services.scheduler.local import LocalBackend
-from services.storage.models import ModelStore
-from services.storage.tasks import TaskStore
-from tests.integration.scheduling import checkpoint, scheduler_settings, stand_in_worker
+from proto import ModelStatus, ModelType
+from tests.integration.scheduling import (
+    checkpoint,
+    scheduler_settings,
+    scheduling_a_task,
+    stand_in_worker,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -47,19 +47,12 @@ async def test_a_checkpoint_being_registered_gets_its_worker_from_the_finished_r
     command = stand_in_worker(tmp_path, "recording_worker", RECORDING_WORKER)
     settings = scheduler_settings(private_nats_url, mongo_server.url, fresh_db, tmp_path)
     async with contextlib.AsyncExitStack() as stack:
-        models = ModelStore(fresh_db)
         model = checkpoint("new.safetensors")
         model |= {"status": ModelStatus.REGISTERING.value, "sha256": None}
-        await models.upsert(model)
         key = model["model_key"]
-        nc = await bus.connect(private_nats_url, "registering-test")
-        stack.push_async_callback(nc.close)
-        js = nc.jetstream()
-        await bus.ensure_streams(js, settings)
-        await js.publish(names.task_subject(key), b"{}")  # a task wants a worker
-        backend = LocalBackend(settings, command=command)
-        stack.push_async_callback(backend.aclose)
-        scheduler = Scheduler(settings, js, models, backend, TaskStore(fresh_db))
+        # A task that wants a worker.
+        on = await scheduling_a_task(stack, settings, fresh_db, model, command)
+        scheduler, backend, models = on.scheduler, on.backend, on.models
 
         plan = await scheduler.tick()
         assert 1 == plan.workers[key], "the plan wants one"

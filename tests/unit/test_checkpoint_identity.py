@@ -20,15 +20,17 @@ from services.storage.mongo import Document
 
 
 def _registered(path: Path) -> Document:
-    """The record the storage service writes for ``path`` (scan.register's values)."""
+    """The record the storage service writes for ``path`` (scan.register's values: a
+    diffusers folder has no size and no hash)."""
     found = path.stat()
+    folder = path.is_dir()
     return model_document(
         name=path.name,
         model_type=ModelType.STABLE_DIFFUSION,
         path=str(path.resolve()),
         family="sd1",
-        size_bytes=found.st_size,
-        sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+        size_bytes=0 if folder else found.st_size,
+        sha256=None if folder else hashlib.sha256(path.read_bytes()).hexdigest(),
         mtime=found.st_mtime,
     )
 
@@ -76,7 +78,7 @@ def test_a_file_renamed_over_the_path_since_is_hashed(tmp_path: Path) -> None:
 def test_no_described_file_leaves_the_settings_alone(tmp_path: Path) -> None:
     folder = tmp_path / "diffusers-folder"
     folder.mkdir()
-    as_folder = _worker_settings(_registered_folder(folder))
+    as_folder = _worker_settings(_registered(folder))
     assert (as_folder, file_identity(folder)) == described(as_folder)
     path = tmp_path / "m.safetensors"
     path.write_bytes(b"weights")
@@ -95,15 +97,3 @@ def test_no_described_file_leaves_the_settings_alone(tmp_path: Path) -> None:
         )
     )
     assert (missing, None) == described(missing)  # loading it reports why
-
-
-def _registered_folder(folder: Path) -> Document:
-    return model_document(
-        name=folder.name,
-        model_type=ModelType.STABLE_DIFFUSION,
-        path=str(folder),
-        family="sd1",
-        size_bytes=0,
-        sha256=None,
-        mtime=folder.stat().st_mtime,
-    )
