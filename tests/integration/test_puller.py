@@ -19,6 +19,7 @@ from nats.js.errors import APIError
 
 from services.common import bus
 from services.common.consumer import Puller
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
 STREAM, SUBJECT = "PULLS", "pulls.x"
@@ -85,12 +86,18 @@ async def test_a_cancelled_fetch_leaves_no_request_to_swallow_a_message(nc: Clie
     does not deliver the next message to that request, which nobody would ack before its
     ack_wait (30 s here); the next fetch gets it at once."""
     puller = await _puller(nc)
+    js = nc.jetstream()
     fetching = asyncio.create_task(puller.fetch(64, timeout=5))
-    await asyncio.sleep(0.05)
+
+    async def held() -> bool:
+        info = await js.consumer_info(STREAM, "c")
+        return bool(info.num_waiting == 1)
+
+    await eventually(held, "the server holds the request", timeout_s=5, interval_s=0.01)
     fetching.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await fetching
-    await nc.jetstream().publish(SUBJECT, b"next")
+    await js.publish(SUBJECT, b"next")
     again = await puller.fetch(64, timeout=2)
     assert [b"next"] == [m.data for m in again]
 
