@@ -101,6 +101,7 @@ def make_pipeline_factory(  # type: ignore[no-untyped-def]
             upscale_tile_px=settings.upscale_tile_px,
             upscale_tile_overlap_px=settings.upscale_tile_overlap_px,
             vae_tile_px=settings.vae_tile_px,
+            vae_batch_px=settings.vae_batch_px,
             face_detector_path=settings.face_detector_path,
         )
         warmup_px = settings.warmup_px

@@ -35,7 +35,7 @@ from services.inference.controlnet import (
     runs,
     with_control,
 )
-from services.inference.decoding import decode_by_rows, interruptible_vae, tiled_decode
+from services.inference.decoding import interruptible_vae, rows_apart, tiled_decode
 from services.inference.family import Variant, detect_loaded, traits
 from services.inference.lora import LoraError, LoraSet
 from services.inference.noise import initial_noise
@@ -57,6 +57,9 @@ if TYPE_CHECKING:
     from services.inference.batched import Member
 
 PNG_COMPRESS_LEVEL = 6
+VAE_BATCH_PX = 1024 * 1024
+"""A batch's pixels (all its images together) up to which the VAE codes it in one forward
+(``SDSWARM_VAE_BATCH_PX``): four 512² images, one 1024²."""
 """zlib level of output PNGs (Pillow's default); lower is faster and larger."""
 MAX_VAES = 2
 """Extra VAEs kept loaded per worker (each is ~160 MB for SD)."""
@@ -248,6 +251,7 @@ class DiffusersPipeline:
         upscale_tile_overlap_px: int = 16,
         face_detector_path: str = "",
         vae_tile_px: int = 0,
+        vae_batch_px: int = VAE_BATCH_PX,
         family: ModelFamily | None = None,
     ) -> None:
         self.pipe = pipe
@@ -261,6 +265,9 @@ class DiffusersPipeline:
         self.vae_tile_px = vae_tile_px
         """Images larger than this a side decode in tiles of this size (0: never; see
         :mod:`decoding`)."""
+        self.vae_batch_px = vae_batch_px
+        """A batch with more pixels than this is coded by the VAE row by row (0: always;
+        see :mod:`decoding`)."""
         self._upscalers: Any = None
         """Hires fix's model upscalers (``upscalers.ModelCache``), made on first use."""
         self.png_compress_level = png_compress_level
@@ -269,7 +276,6 @@ class DiffusersPipeline:
         self.vae_upcasts = 0
         """Decodes redone in float32 because the half-precision one was not finite."""
         guard_decode(pipe.vae, self._count_upcast)
-        decode_by_rows(pipe.vae)
         self._vaes: collections.OrderedDict[str, Any] = collections.OrderedDict()
         self._embeddings: dict[str, str] = {}
         """Loaded textual inversions: name → file identity."""
@@ -409,7 +415,6 @@ class DiffusersPipeline:
                 raise GenerationError("vae_failed", f"VAE {ref.name!r}: {exc}") from exc
             vae = vae.to(self.device)
             guard_decode(vae, self._count_upcast)
-            decode_by_rows(vae)
             self._vaes[key] = vae
             while len(self._vaes) > MAX_VAES:
                 self._vaes.popitem(last=False)
@@ -582,6 +587,7 @@ class DiffusersPipeline:
             torch.inference_mode(),
             seamless(pipe, enabled=bool(request.tiling)),
             tiled_decode(pipe.vae, self.vae_tile_px),
+            rows_apart(pipe.vae, len(seeds) * _largest_px(request), self.vae_batch_px),
         ):
             if prompt_options is None:
                 prompt_options = self._prompt_options(
@@ -779,6 +785,15 @@ class DiffusersPipeline:
             overlap=self.upscale_tile_overlap_px,
             should_stop=should_stop,
         )
+
+
+def _largest_px(request: Request) -> int:
+    """The pixels of the largest image the VAE codes for one row of ``request``."""
+    pixels = request.width * request.height
+    if isinstance(request, Txt2ImgRequest) and request.enable_hr:
+        width, height = request.hr_size()
+        pixels = max(pixels, width * height)
+    return pixels
 
 
 def _explicit_noise(request: Request) -> bool:

@@ -92,6 +92,11 @@ class WorkerSettings(StoreSettings, kw_only=True, frozen=True):
     """Images wider or taller than this many pixels are decoded by the VAE in tiles of
     this size, blended at the seams (diffusers' tiled VAE: bounded memory for large
     images; faint seams are possible). 0: never. A cancel is honoured between tiles."""
+    vae_batch_px: int = 1024 * 1024
+    """A batch whose images together have at most this many pixels is encoded and
+    decoded by the VAE in one forward (four 512² images, one 1024²); a larger one image
+    by image (its activations are then one image's; a cancel is honoured between
+    images). 0: always image by image."""
     face_detector_path: str = ""
     """Face restoration: the OpenCV Haar cascade that finds faces; empty: the frontal-face
     cascade that ships in ``opencv-python-headless`` 4.x (``cv2.data``)."""

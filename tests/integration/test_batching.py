@@ -18,14 +18,16 @@ from proto.commands import Txt2ImgTask  # noqa: E402
 from services.inference.batched import Member  # noqa: E402
 from services.inference.batching import batch_key  # noqa: E402
 from services.inference.pipeline import DiffusersPipeline, Generation  # noqa: E402
-from tests.fixtures.tiny_runner import tiny_command, tiny_runner  # noqa: E402
+from tests.fixtures.tiny_runner import (  # noqa: E402
+    BATCH_TOLERANCE,
+    max_difference,
+    tiny_command,
+    tiny_runner,
+)
 
 pytestmark = pytest.mark.integration
 
-TOLERANCE = 2
-"""Largest per-channel difference (of 255) allowed between a task's image batched and
-alone. Measured on this tiny model on CPU: 0 or 1 (float summation order differs with the
-batch size); stated in the README."""
+TOLERANCE = BATCH_TOLERANCE
 
 
 @pytest.fixture(scope="module")
@@ -68,12 +70,6 @@ class Recorder:
         self.cancelled_at = len(self.steps)
 
 
-def _max_difference(a: Generation, b: Generation) -> int:
-    assert len(a.images) == len(b.images)
-    pairs = zip(a.images, b.images, strict=True)
-    return max(int(np.abs(_pixels(x) - _pixels(y)).max()) for x, y in pairs)
-
-
 def test_batched_images_equal_unbatched(runner: DiffusersPipeline) -> None:
     commands = [
         tiny_command("a", prompt="a cat", seed=11),
@@ -89,7 +85,7 @@ def test_batched_images_equal_unbatched(runner: DiffusersPipeline) -> None:
         assert isinstance(batched, Generation), batched
         alone = _alone(runner, command)
         assert alone.seeds == batched.seeds
-        assert _max_difference(alone, batched) <= TOLERANCE, command.task_id
+        assert max_difference(alone, batched) <= TOLERANCE, command.task_id
         assert alone.info["infotexts"] == batched.info["infotexts"]
         assert isinstance(command, Txt2ImgTask)
         request = command.request
@@ -106,7 +102,7 @@ def test_a_different_seed_is_a_different_image_in_the_same_batch(
     first, second = (r.member.outcome for r in recorders)
     assert isinstance(first, Generation)
     assert isinstance(second, Generation)
-    assert _max_difference(first, second) > 10
+    assert max_difference(first, second) > 10
 
 
 def test_cancelling_one_task_leaves_the_others(runner: DiffusersPipeline) -> None:
@@ -117,7 +113,7 @@ def test_cancelling_one_task_leaves_the_others(runner: DiffusersPipeline) -> Non
     assert 2 == cancel.cancelled_at, "dropped at the step boundary after its cancel"
     assert cancel.member.outcome is None
     assert isinstance(keep.member.outcome, Generation)
-    assert _max_difference(_alone(runner, keep.member.command), keep.member.outcome) <= TOLERANCE
+    assert max_difference(_alone(runner, keep.member.command), keep.member.outcome) <= TOLERANCE
     assert 4 == len(keep.steps)
 
 
@@ -178,7 +174,7 @@ def test_out_of_memory_retries_as_smaller_batches(
     for command, recorder in zip(commands, recorders, strict=True):
         outcome = recorder.member.outcome
         assert isinstance(outcome, Generation), outcome
-        assert _max_difference(_alone(runner, command), outcome) <= TOLERANCE
+        assert max_difference(_alone(runner, command), outcome) <= TOLERANCE
 
 
 def test_out_of_memory_of_a_single_task_is_its_error(

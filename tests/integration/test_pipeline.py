@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,12 @@ torch = pytest.importorskip("torch")
 from PIL import Image  # noqa: E402
 
 from services.inference.pipeline import DiffusersPipeline  # noqa: E402
-from tests.fixtures.tiny_runner import run_tiny, tiny_runner  # noqa: E402
+from tests.fixtures.tiny_runner import (  # noqa: E402
+    BATCH_TOLERANCE,
+    max_difference,
+    run_tiny,
+    tiny_runner,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -194,9 +201,40 @@ def test_skip_ends_the_current_job_only(runner: DiffusersPipeline) -> None:
     assert "Seed: 21" in result.info["infotexts"][1]
 
 
+@contextlib.contextmanager
+def _vae_batch_px(runner: DiffusersPipeline, limit: int) -> Iterator[None]:
+    saved, runner.vae_batch_px = runner.vae_batch_px, limit
+    try:
+        yield
+    finally:
+        runner.vae_batch_px = saved
+
+
+def test_a_small_batch_decodes_at_once_a_large_one_row_by_row(
+    runner: DiffusersPipeline,
+) -> None:
+    """``SDSWARM_VAE_BATCH_PX``: a batch within it is decoded in one forward of the VAE's
+    decoder, one over it image by image (the decoder runs once per image), for that call
+    only; the images agree either way (within the batching tolerance)."""
+    decoded: list[int] = []
+    hook = runner.pipe.vae.decoder.register_forward_hook(lambda *_: decoded.append(1))
+    try:
+        at_once = run_tiny(runner, batch_size=2, seed=30)  # 2 × 64² within the default
+        forwards_at_once = len(decoded)
+        decoded.clear()
+        with _vae_batch_px(runner, 64 * 64):
+            by_rows = run_tiny(runner, batch_size=2, seed=30)
+    finally:
+        hook.remove()
+    assert 1 == forwards_at_once
+    assert 2 == len(decoded)
+    assert not runner.pipe.vae.use_slicing, "the setting holds for that call only"
+    assert max_difference(at_once, by_rows) <= BATCH_TOLERANCE
+
+
 def test_a_cancel_during_the_decode_stops_between_rows(runner: DiffusersPipeline) -> None:
-    """Issue 15, item 11: the VAE decodes row by row and a cancel is honoured between
-    rows, not only between steps."""
+    """Issue 15, item 11: a batch the VAE decodes row by row (over
+    ``SDSWARM_VAE_BATCH_PX``) honours a cancel between rows, not only between steps."""
     from services.inference.pipeline import TaskCancelledError
     from tests.fixtures.tiny_runner import tiny_command
 
@@ -204,7 +242,7 @@ def test_a_cancel_during_the_decode_stops_between_rows(runner: DiffusersPipeline
     steps: list[int] = []
     hook = runner.pipe.vae.decoder.register_forward_hook(lambda *_: decoded.append(1))
     try:
-        with pytest.raises(TaskCancelledError):
+        with _vae_batch_px(runner, 0), pytest.raises(TaskCancelledError):
             runner.generate(
                 tiny_command(batch_size=2),
                 {},
@@ -223,8 +261,8 @@ def test_a_cancel_during_the_decode_stops_between_rows(runner: DiffusersPipeline
 def test_a_cancel_during_img2img_preparation_stops_before_denoising(
     runner: DiffusersPipeline,
 ) -> None:
-    """The init images are encoded row by row; a cancel seen there ends the task before
-    the first step."""
+    """Init images encoded row by row (over ``SDSWARM_VAE_BATCH_PX``): a cancel seen
+    there ends the task before the first step."""
     import msgspec
 
     from proto.requests import Img2ImgRequest
@@ -254,7 +292,7 @@ def test_a_cancel_during_img2img_preparation_stops_before_denoising(
         runner.pipe.unet.register_forward_hook(lambda *_: denoised.append(1)),
     ]
     try:
-        with pytest.raises(TaskCancelledError):
+        with _vae_batch_px(runner, 0), pytest.raises(TaskCancelledError):
             runner.generate(
                 command, {"init": buffer.getvalue()}, lambda *_: None, lambda: bool(encoded)
             )
