@@ -35,6 +35,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
   | tee -a "$out/gpu.txt"
 step gpu_tests 180 "$py" -m pytest tests/gpu -q -p no:cacheprovider -rs
 step cold_start 150 "$py" bench/cold_start.py $model
-step throughput 300 "$py" bench/throughput.py $model --depths 1,8,32 --repeats 1
+step throughput 300 "$py" bench/throughput.py $model --depths 1,8,32 --repeats 1 --no-ceiling-beside
 step compile 300 "$py" bench/cold_start.py $model --compile
 cat "$out/summary.txt"
