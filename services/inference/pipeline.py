@@ -57,10 +57,10 @@ if TYPE_CHECKING:
     from services.inference.batched import Member
 
 PNG_COMPRESS_LEVEL = 6
+"""zlib level of output PNGs (Pillow's default); lower is faster and larger."""
 VAE_BATCH_PX = 1024 * 1024
 """A batch's pixels (all its images together) up to which the VAE codes it in one forward
 (``SDSWARM_VAE_BATCH_PX``): four 512² images, one 1024²."""
-"""zlib level of output PNGs (Pillow's default); lower is faster and larger."""
 MAX_VAES = 2
 """Extra VAEs kept loaded per worker (each is ~160 MB for SD)."""
 MAX_SEED = 2**32 - 1
