@@ -116,6 +116,13 @@ def _plain_call(pipe: Any, body: dict[str, Any], n: int) -> Callable[[], object]
     return call
 
 
+def _loaded(checkpoint: Path, cache: Path, device: str) -> Any:
+    """The checkpoint's diffusers pipeline, as diffusers loads it, without progress bars."""
+    pipe = load_pipeline(checkpoint, cache_dir=cache, device=device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def _plain_ceiling(pipe: Any, body: dict[str, Any], batch: int, repeats: int) -> Ceiling:
     def ceiling() -> float:
         return batch / _timed(_plain_call(pipe, body, batch), repeats)
@@ -130,8 +137,7 @@ def in_process(
     Plain diffusers is measured first, as diffusers loads it: sdswarm's pipeline sets its
     own options on the components it is given (the VAE's, say), and before session 17 the
     ceiling was measured after that, with them."""
-    pipe = load_pipeline(checkpoint, cache_dir=cache, device=device)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = _loaded(checkpoint, cache, device)
     rates = {
         "diffusers batch 1": 1 / _timed(_plain_call(pipe, body, 1), repeats),
         f"diffusers batch {batch}": _plain_ceiling(pipe, body, batch, repeats)(),
@@ -165,9 +171,7 @@ def _load_ceiling(
     global _child_ceiling
     if not device.startswith("cuda"):
         torch.set_flush_denormal(True)
-    pipe = load_pipeline(checkpoint, cache_dir=cache, device=device)
-    pipe.set_progress_bar_config(disable=True)
-    _child_ceiling = _plain_ceiling(pipe, body, batch, repeats)
+    _child_ceiling = _plain_ceiling(_loaded(checkpoint, cache, device), body, batch, repeats)
 
 
 def _measure_child_ceiling() -> float:

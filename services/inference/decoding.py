@@ -24,6 +24,10 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
+VAE_BATCH_PX = 1024 * 1024
+"""A batch's pixels (all its images together) up to which the VAE codes it in one forward
+(``SDSWARM_VAE_BATCH_PX``): four 512² images, one 1024²."""
+
 
 @contextlib.contextmanager
 def rows_apart(vae: Any, pixels: int, limit_px: int) -> Iterator[None]:

@@ -35,7 +35,12 @@ from services.inference.controlnet import (
     runs,
     with_control,
 )
-from services.inference.decoding import interruptible_vae, rows_apart, tiled_decode
+from services.inference.decoding import (
+    VAE_BATCH_PX,
+    interruptible_vae,
+    rows_apart,
+    tiled_decode,
+)
 from services.inference.family import Variant, detect_loaded, traits
 from services.inference.lora import LoraError, LoraSet
 from services.inference.noise import initial_noise
@@ -58,9 +63,6 @@ if TYPE_CHECKING:
 
 PNG_COMPRESS_LEVEL = 6
 """zlib level of output PNGs (Pillow's default); lower is faster and larger."""
-VAE_BATCH_PX = 1024 * 1024
-"""A batch's pixels (all its images together) up to which the VAE codes it in one forward
-(``SDSWARM_VAE_BATCH_PX``): four 512² images, one 1024²."""
 MAX_VAES = 2
 """Extra VAEs kept loaded per worker (each is ~160 MB for SD)."""
 MAX_SEED = 2**32 - 1

@@ -8,6 +8,7 @@ import socket
 import msgspec
 
 from services.common.settings import StoreSettings
+from services.inference.decoding import VAE_BATCH_PX
 
 
 def _default_worker_id() -> str:
@@ -92,7 +93,7 @@ class WorkerSettings(StoreSettings, kw_only=True, frozen=True):
     """Images wider or taller than this many pixels are decoded by the VAE in tiles of
     this size, blended at the seams (diffusers' tiled VAE: bounded memory for large
     images; faint seams are possible). 0: never. A cancel is honoured between tiles."""
-    vae_batch_px: int = 1024 * 1024
+    vae_batch_px: int = VAE_BATCH_PX
     """A batch whose images together have at most this many pixels is encoded and
     decoded by the VAE in one forward (four 512² images, one 1024²); a larger one image
     by image (its activations are then one image's; a cancel is honoured between
