@@ -21,7 +21,7 @@ Each window is also compared with the ceiling measured just before and just afte
 while the system stands idle (its clients stopped), by a process of its own (in the
 bench's process, which hosts the gateway, scheduler and storage service, their event
 loop took the interpreter from the ceiling's pipeline: 15–20 images/s instead of 24–32).
-Measured only once, before the system started, the ceiling moved between 24 and 38
+Measured only once, before the system started, the ceiling moved between 24 and 45
 images/s from run to run, and the ratio with it (0.88–1.51× for the same code) said more
 about the machine's moment than about sdswarm. The table's first rows are still that
 first measurement.
